@@ -1,0 +1,142 @@
+"""EmuDataModule: the one LightningDataModule every stage uses.
+
+Batches are dicts: ``image`` (float in [-1, 1], B x 3 x H x W), ``caption`` (list of str), ``key`` (list of
+str) and ``meta`` (list of the samples' metadata dicts). Samples that cannot be used are skipped and counted
+per reason in :attr:`EmuDataModule.skipped` (``{"train": Counter, "val": Counter}``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from emu.data.samples import SKIPPED, SamplePreparer, collate
+from emu.data.sources import IndexedSource, PreparedDataset, WebDatasetSource
+from emu.errors import ConfigError
+
+
+class EmuDataModule(L.LightningDataModule):
+    """Shared data pipeline.
+
+    Args:
+        source: a :class:`~emu.data.sources.IndexedSource` or :class:`~emu.data.sources.WebDatasetSource`.
+        resolution: square output size; must be a multiple of ``resolution_multiple``.
+        resolution_multiple: what the model needs the resolution divisible by (8 for an f=8 autoencoder).
+        crop: ``center`` or ``random`` for training (validation always crops the center).
+        hflip: flip probability for training; captions get 'left'/'right' swapped (``flip_captions``).
+        min_size: images with a shorter side below this many pixels are skipped.
+        require_caption: skip samples without a usable caption.
+        batch_size, val_batch_size, num_workers, pin_memory, persistent_workers, drop_last: loader settings.
+    """
+
+    def __init__(
+        self,
+        source: IndexedSource | WebDatasetSource,
+        resolution: int = 64,
+        resolution_multiple: int = 8,
+        crop: str = "center",
+        hflip: float = 0.0,
+        flip_captions: bool = True,
+        min_size: int = 0,
+        require_caption: bool = True,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        if resolution <= 0 or resolution % resolution_multiple:
+            raise ConfigError(
+                "data.resolution",
+                f"{resolution} is not a positive multiple of {resolution_multiple} (the model's downsampling); "
+                f"try {max(resolution_multiple, round(resolution / resolution_multiple) * resolution_multiple)}",
+            )
+        if crop not in ("center", "random"):
+            raise ConfigError("data.crop", f"must be 'center' or 'random', got {crop!r}")
+        if not 0.0 <= hflip <= 1.0:
+            raise ConfigError("data.hflip", f"is a probability in [0, 1], got {hflip}")
+        if batch_size <= 0:
+            raise ConfigError("data.batch_size", f"must be positive, got {batch_size}")
+        if isinstance(source, IndexedSource) and source.size("train") < batch_size and drop_last:
+            raise ConfigError(
+                "data.batch_size",
+                f"{batch_size} is larger than the {source.size('train')} training samples (with drop_last)",
+            )
+        self.source = source
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.persistent_workers = persistent_workers and num_workers > 0
+        common = dict(resolution=resolution, min_size=min_size, require_caption=require_caption)
+        self.train_prepare = SamplePreparer(crop=crop, hflip=hflip, flip_captions=flip_captions, **common)
+        self.val_prepare = SamplePreparer(crop="center", hflip=0.0, **common)
+        self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
+
+    # ---------------------------------------------------------------------------------------- loaders
+    def has_split(self, split: str) -> bool:
+        if isinstance(self.source, IndexedSource):
+            return self.source.size(split) > 0
+        return self.source.has_split(split)
+
+    def dataloader(self, split: str, shuffle: bool | None = None) -> DataLoader:
+        """A loader over ``split`` (``train`` shuffles and uses the training transform)."""
+        train = split == "train"
+        prepare = self.train_prepare if train else self.val_prepare
+        batch_size = self.batch_size if train else self.val_batch_size
+        drop_last = self.drop_last and train
+        common: dict[str, Any] = dict(
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers
+        )
+        if isinstance(self.source, WebDatasetSource):
+            world = self.trainer.world_size if self.trainer is not None else 1
+            stream = self.source.stream(split, prepare, batch_size, drop_last, world, self.num_workers)
+            return DataLoader(stream, batch_size=None, **common)
+        dataset = PreparedDataset(self.source, split, prepare)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train if shuffle is None else shuffle,
+            drop_last=drop_last,
+            collate_fn=collate,
+            **common,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.dataloader("val") if self.has_split("val") else []
+
+    # ------------------------------------------------------------------------------------ skip counts
+    def record_skips(self, batch: dict[str, Any], split: str = "train") -> dict[str, Any]:
+        """Move a batch's ``skipped`` counts into :attr:`skipped`; call this when iterating without a Trainer."""
+        self.skipped[split].update(batch.pop(SKIPPED, None) or {})
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):
+            split = "train" if self.trainer is not None and self.trainer.training else "val"
+            self.record_skips(batch, split)
+        return batch
+
+    def skip_summary(self) -> str:
+        """One line per split with counts per reason, e.g. ``train: 3 skipped (corrupt_image 2, empty_file 1)``."""
+        lines = []
+        for split, counts in self.skipped.items():
+            if counts:
+                detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                lines.append(f"{split}: {sum(counts.values())} skipped ({detail})")
+        return "\n".join(lines) if lines else "no samples skipped"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": {k: dict(v) for k, v in self.skipped.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for split, counts in state_dict.get("skipped", {}).items():
+            self.skipped[split] = Counter(counts)

@@ -1,0 +1,173 @@
+"""Turning raw samples from any source into checked, transformed training samples.
+
+A raw sample is a dict with ``key``, ``image`` (encoded bytes or a PIL image), ``caption`` (str, bytes or
+None) and ``meta`` (dict). :class:`SamplePreparer` decodes and checks it and either returns the training
+sample (``image`` as a float tensor in [-1, 1], ``caption``, ``key``, ``meta``) or raises :class:`BadSample`
+with a short reason name; the data sources skip and count those. :func:`collate` stacks samples into the
+batch dict every stage consumes and sums the skip counts that travelled with them.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
+
+SKIPPED = "skipped"  # key under which a sample or batch carries {reason: count} of samples dropped before it
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is a short name used for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha is composited on white, 16/32-bit scaled, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        x = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or x.max() > 255 else 255.0
+        if img.mode == "F" and x.max() <= 1.0:
+            hi = 1.0
+        return Image.fromarray(np.clip(x / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes | Image.Image) -> Image.Image:
+    """Bytes or a PIL image -> fully loaded, EXIF-upright RGB PIL image, or :class:`BadSample`."""
+    if isinstance(data, Image.Image):
+        img = data
+    else:
+        if data is None or len(data) == 0:
+            raise BadSample("empty_file")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as e:
+            raise BadSample("not_an_image", str(e)) from e
+        except Image.DecompressionBombError as e:
+            raise BadSample("too_large", str(e)) from e
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+            raise BadSample("corrupt_image", str(e)) from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF and palette images; we convert them
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
+        raise BadSample(reason, str(e)) from e
+    return to_rgb(img)
+
+
+def decode_caption(caption: str | bytes | None) -> str:
+    if caption is None:
+        raise BadSample("missing_caption")
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadSample("caption_not_utf8", str(e)) from e
+    caption = caption.strip()
+    if not caption:
+        raise BadSample("empty_caption")
+    return caption
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def swap_left_right(caption: str) -> str:
+    """The caption of a horizontally flipped image: 'left' and 'right' exchanged."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+@dataclass
+class SamplePreparer:
+    """Decode, check and transform a raw sample (picklable, so it runs inside DataLoader workers).
+
+    Args:
+        resolution: output side length (images are square after the crop).
+        crop: ``center`` or ``random``.
+        hflip: probability of a horizontal flip.
+        flip_captions: when flipping, swap 'left' and 'right' in the caption so it stays true.
+        min_size: images whose shorter side is below this are skipped (``too_small``).
+        require_caption: skip samples without a usable caption (stages that ignore text may turn it off).
+    """
+
+    resolution: int = 64
+    crop: str = "center"
+    hflip: float = 0.0
+    flip_captions: bool = True
+    min_size: int = 0
+    require_caption: bool = True
+
+    def __post_init__(self):
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"data.hflip is a probability in [0, 1], got {self.hflip}")
+        crop = v2.CenterCrop(self.resolution) if self.crop == "center" else v2.RandomCrop(self.resolution)
+        self._transform = v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize(self.resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                crop,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize([0.5] * 3, [0.5] * 3),
+            ]
+        )
+
+    def __call__(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        key = str(raw.get("key", "?"))
+        if raw.get("image") is None:
+            raise BadSample("missing_image")
+        img = decode_image(raw["image"])
+        if min(img.size) < self.min_size:
+            raise BadSample("too_small", f"{img.size} < {self.min_size}")
+        if self.require_caption:
+            caption = decode_caption(raw.get("caption"))
+        else:
+            try:
+                caption = decode_caption(raw.get("caption"))
+            except BadSample:
+                caption = ""
+        meta = raw.get("meta")
+        meta = dict(meta) if isinstance(meta, Mapping) else {}
+        image = self._transform(img).clamp_(-1.0, 1.0)
+        if self.hflip > 0 and torch.rand(()) < self.hflip:
+            image = image.flip(-1)
+            meta["flipped"] = True
+            if self.flip_captions:
+                caption = swap_left_right(caption)
+        return {"image": image, "caption": caption, "key": key, "meta": meta}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch dict: ``image`` B x 3 x H x W, ``caption``/``key``/``meta`` lists, ``skipped`` counts."""
+    skipped: Counter = Counter()
+    for s in samples:
+        skipped.update(s.get(SKIPPED) or {})
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+        SKIPPED: dict(skipped),
+    }

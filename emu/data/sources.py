@@ -1,0 +1,348 @@
+"""Data sources: where raw samples come from. The DataModule turns them into batches.
+
+Two kinds:
+
+* :class:`IndexedSource` (map-style): ``size(split)`` and ``raw(split, i)``. :class:`HaystackSource` renders
+  the miniature on the fly; :class:`FolderSource` reads a folder of images with captions.
+* :class:`WebDatasetSource` (streaming): img2dataset-layout tar shards through the ``webdataset`` library;
+  it batches inside the workers so the counts of skipped samples always reach the main process.
+
+A bad sample is never fed to the model: map-style sources replace it with the next good index and count
+it; streaming sources drop it and count it. Counts travel in each batch under ``skipped``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+from torch.utils.data import Dataset, IterableDataset
+
+from emu.data import haystack
+from emu.data.samples import SKIPPED, BadSample, collate
+from emu.errors import ConfigError
+
+log = logging.getLogger("emu.data")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+SPLITS = ("train", "val")
+_WARN_LIMIT = 10  # warnings printed per skip reason and process before going quiet
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and warns about the first few of each."""
+
+    def __init__(self) -> None:
+        self.pending: Counter = Counter()
+        self.warned: Counter = Counter()
+
+    def count(self, reason: str, where: str, detail: str = "") -> None:
+        self.pending[reason] += 1
+        self.warned[reason] += 1
+        if self.warned[reason] <= _WARN_LIMIT:
+            more = " (further ones of this kind are counted silently)" if self.warned[reason] == _WARN_LIMIT else ""
+            log.warning("skipping %s: %s %s%s", where, reason, detail[:200], more)
+
+    def drain(self) -> dict[str, int]:
+        out = dict(self.pending)
+        self.pending.clear()
+        return out
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset error handler: count the shard-level failure and keep going."""
+        if isinstance(exn, FileNotFoundError):
+            reason = "missing_shard"
+        elif isinstance(exn, (tarfile.ReadError, EOFError)) or "truncat" in str(exn).lower():
+            reason = "truncated_shard"
+        else:
+            reason = "shard_error"
+        self.count(reason, str(exn.args[-1]) if exn.args else "shard", repr(exn))
+        return True
+
+
+def in_split(key: str, split: str, val_fraction: float) -> bool:
+    """Deterministic train/val split by a hash of the sample key (stable across runs and machines)."""
+    is_val = zlib.crc32(key.encode()) % 100_000 < val_fraction * 100_000
+    return is_val if split == "val" else not is_val
+
+
+# ------------------------------------------------------------------------------------------ map-style
+class IndexedSource:
+    """A map-style source: ``size(split)`` samples, each read by ``raw(split, i)``."""
+
+    def size(self, split: str) -> int:
+        raise NotImplementedError
+
+    def raw(self, split: str, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class PreparedDataset(Dataset):
+    """``source`` samples passed through ``prepare``; a bad one is replaced by the next good one and counted.
+
+    Only the sample asked for is counted when bad (a replacement that is also bad is counted when it is
+    itself asked for), so one pass over the dataset counts each bad sample exactly once.
+    """
+
+    def __init__(self, source: IndexedSource, split: str, prepare: Callable, max_consecutive_bad: int = 64):
+        self.source, self.split, self.prepare = source, split, prepare
+        self.max_consecutive_bad = max_consecutive_bad
+        self.skips = SkipCounter()
+        self.n = source.size(split)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for offset in range(min(self.max_consecutive_bad, self.n)):
+            i = (index + offset) % self.n
+            try:
+                sample = self.prepare(self.source.raw(self.split, i))
+            except BadSample as e:
+                if offset == 0:
+                    self.skips.count(e.reason, f"{self.split}[{i}]", str(e))
+                continue
+            sample[SKIPPED] = self.skips.drain()
+            return sample
+        raise RuntimeError(
+            f"{self.max_consecutive_bad} consecutive unusable samples in the {self.split} split from index "
+            f"{index}; the dataset looks broken (reasons so far: {dict(self.skips.pending)})"
+        )
+
+
+class HaystackSource(IndexedSource):
+    """The built-in miniature, rendered on the fly: train is indices [0, n_train), val the next n_val."""
+
+    def __init__(self, n_train: int = 4096, n_val: int = 256, seed: int = 0, resolution: int = 64):
+        if n_train <= 0:
+            raise ConfigError("data.source.n_train", f"must be positive, got {n_train}")
+        if n_val < 0:
+            raise ConfigError("data.source.n_val", f"must be >= 0, got {n_val}")
+        self.n_train, self.n_val, self.seed, self.resolution = n_train, n_val, seed, resolution
+
+    def size(self, split: str) -> int:
+        return self.n_train if split == "train" else self.n_val
+
+    def raw(self, split: str, index: int) -> dict[str, Any]:
+        offset = 0 if split == "train" else self.n_train
+        image, meta = haystack.make_sample(self.seed, offset + index, self.resolution)
+        return {"key": meta["key"], "image": image, "caption": meta["caption"], "meta": meta}
+
+
+class FolderSource(IndexedSource):
+    """A folder of images (searched recursively) with captions.
+
+    Captions come from ``metadata.jsonl`` files (Hugging Face imagefolder: ``file_name`` relative to the
+    jsonl's folder, ``text``; other fields become ``meta``) or from ``.txt`` files beside the images.
+    The val split is a deterministic ``val_fraction`` of files by hash of their relative path.
+    """
+
+    def __init__(self, root: str, val_fraction: float = 0.05, caption_column: str = "text"):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ConfigError("data.source.root", f"'{self.root}' is not a directory")
+        self.val_fraction, self.caption_column = val_fraction, caption_column
+        self.metadata: dict[str, dict] = {}
+        self.malformed_metadata = 0
+        for jsonl in sorted(self.root.rglob("metadata.jsonl")):
+            self._read_metadata(jsonl)
+        files = sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not files:
+            raise ConfigError(
+                "data.source.root", f"'{self.root}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        self.files = {s: [f for f in files if in_split(f, s, val_fraction)] for s in SPLITS}
+        if not self.files["train"]:
+            raise ConfigError("data.source.val_fraction", f"leaves no training images in '{self.root}'")
+
+    def _read_metadata(self, jsonl: Path) -> None:
+        base = jsonl.parent.relative_to(self.root)
+        for lineno, line in enumerate(jsonl.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = (base / row["file_name"]).as_posix()
+            except (ValueError, KeyError, TypeError) as e:
+                self.malformed_metadata += 1
+                log.warning("%s:%d: malformed metadata line skipped (%s)", jsonl, lineno, e)
+                continue
+            self.metadata[name] = row
+
+    def size(self, split: str) -> int:
+        return len(self.files[split])
+
+    def raw(self, split: str, index: int) -> dict[str, Any]:
+        name = self.files[split][index]
+        path = self.root / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BadSample("unreadable_file", f"{path}: {e}") from e
+        row = self.metadata.get(name)
+        if row is not None:
+            caption = row.get(self.caption_column)
+            meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
+        else:
+            txt = path.with_suffix(".txt")
+            caption = txt.read_bytes() if txt.is_file() else None
+            meta = {}
+        return {"key": name, "image": data, "caption": caption, "meta": meta}
+
+
+# ----------------------------------------------------------------------------------------- streaming
+def expand_shards(spec: str | list[str], what: str = "data.source.shards") -> list[str]:
+    """Brace- and glob-expand shard specs (``/d/{00000..00099}.tar``, ``/d/*.tar``, or lists of them)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        for u in braceexpand.braceexpand(str(s)):
+            if "://" in u or u.startswith("pipe:"):
+                urls.append(u)
+            elif any(c in u for c in "*?["):
+                urls.extend(sorted(glob.glob(os.path.expanduser(u))))
+            else:
+                urls.append(os.path.expanduser(u))
+    if not urls:
+        raise ConfigError(what, f"'{spec}' matches no shards")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and not any(os.path.exists(u) for u in local):
+        raise ConfigError(what, f"none of the {len(local)} shard paths exists (first: '{local[0]}')")
+    return urls
+
+
+def _raw_from_wds(sample: dict[str, Any]) -> dict[str, Any]:
+    image = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
+    meta: Any = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as e:
+            raise BadSample("corrupt_metadata", str(e)) from e
+    return {"key": sample.get("__key__", "?"), "image": image, "caption": sample.get("txt"), "meta": meta}
+
+
+def _prepare_and_batch(
+    src: Iterator[dict],
+    *,
+    prepare: Callable,
+    skips: SkipCounter,
+    split: str,
+    val_fraction: float,
+    use_key_split: bool,
+    batch_size: int,
+    drop_last: bool,
+) -> Iterator[dict[str, Any]]:
+    """Decode, check and batch a stream; skip counts ride on the next batch (the last batch waits for them)."""
+    buf: list[dict] = []
+    ready = None
+    for sample in src:
+        key = sample.get("__key__", "?")
+        if use_key_split and not in_split(key, split, val_fraction):
+            continue
+        try:
+            buf.append(prepare(_raw_from_wds(sample)))
+        except BadSample as e:
+            skips.count(e.reason, f"{sample.get('__url__', '?')}:{key}", str(e))
+            continue
+        if len(buf) == batch_size:
+            if ready is not None:
+                yield ready
+            buf[0][SKIPPED] = skips.drain()
+            ready, buf = collate(buf), []
+    if buf and not drop_last:
+        if ready is not None:
+            yield ready
+        buf[0][SKIPPED] = skips.drain()
+        ready = collate(buf)
+    if ready is not None:
+        ready[SKIPPED] = dict(Counter(ready[SKIPPED]) + Counter(skips.drain()))
+        yield ready
+
+
+class WebDatasetSource:
+    """img2dataset-layout tar shards (``{key}.jpg|png|webp`` + ``.txt`` + ``.json``) via ``webdataset``.
+
+    Args:
+        shards: brace/glob pattern(s) of the training shards (local paths, URLs or ``pipe:`` commands).
+        val_shards: shards of the val split; when absent, a ``val_fraction`` of samples by key hash is held
+            out of ``shards`` (fine for small corpora; large ones should name val shards).
+        resampled: draw shards with replacement forever (multi-node pre-training); needs ``epoch_size``.
+        epoch_size: samples per epoch across all ranks; sets the epoch length of resampled streams.
+        shuffle_buffer: samples in the shuffle buffer (train only).
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        val_fraction: float = 0.02,
+        resampled: bool = False,
+        epoch_size: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
+        self.shards = expand_shards(shards)
+        self.val_shards = expand_shards(val_shards, "data.source.val_shards") if val_shards else None
+        if resampled and not epoch_size:
+            raise ConfigError("data.source.epoch_size", "is required when data.source.resampled=true")
+        self.val_fraction, self.resampled, self.epoch_size = val_fraction, resampled, epoch_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def has_split(self, split: str) -> bool:
+        return split == "train" or self.val_shards is not None or self.val_fraction > 0
+
+    def stream(
+        self, split: str, prepare: Callable, batch_size: int, drop_last: bool, world_size: int = 1, workers: int = 0
+    ) -> IterableDataset:
+        import webdataset as wds
+
+        train = split == "train"
+        urls = self.val_shards if (not train and self.val_shards) else self.shards
+        skips = SkipCounter()
+        if train and self.resampled:
+            stages: list = [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]
+        else:
+            stages = [wds.SimpleShardList(urls)]
+            if train:
+                stages.append(wds.shuffle(len(urls), seed=self.seed))
+            if len(urls) < max(1, world_size) * max(1, workers):
+                log.warning(
+                    "%d %s shards for %d ranks x %d workers: some workers get no data; write more, smaller shards",
+                    len(urls), split, world_size, workers,
+                )  # fmt: skip
+            stages += [wds.split_by_node, wds.split_by_worker]
+        stages.append(wds.tarfile_to_samples(handler=skips.handler))
+        if train and self.shuffle_buffer > 1:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed))
+        stages.append(
+            partial(
+                _prepare_and_batch,
+                prepare=prepare,
+                skips=skips,
+                split=split,
+                val_fraction=self.val_fraction,
+                use_key_split=self.val_shards is None,
+                batch_size=batch_size,
+                drop_last=drop_last,
+            )
+        )
+        pipeline = wds.DataPipeline(*stages)
+        if train and self.epoch_size:
+            per_worker = self.epoch_size // (batch_size * max(1, world_size) * max(1, workers))
+            pipeline = pipeline.with_epoch(max(1, per_worker)).with_length(max(1, per_worker) * max(1, workers))
+        return pipeline
+

@@ -1,0 +1,128 @@
+"""Pixel judges for the miniature: predict the haystack's hidden appeal and its scene attributes from pixels.
+
+The evaluation (issue 7) needs judges that are independent of everything curation used: these are trained
+from scratch on pixels of a separate haystack sample (its own seed), never on CLIP features. One network
+with several heads:
+
+* ``appeal``: regression of the hidden appeal score (0-10);
+* ``background``: which named background (softmax);
+* presence of each ``shape``, ``color``, ``size``, ``position`` and ``shape+color`` pair among the objects
+  (multi-label), which scores text faithfulness GenEval-style: the fraction of a prompt's attributes shown.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from emu.utils.images import image_grid, log_image
+
+MIRROR = {p: p.replace("left", "#").replace("right", "left").replace("#", "right") for p in POSITIONS}
+PRESENCE_GROUPS: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "size": tuple(SIZES),
+    "position": POSITIONS,
+    "shape_color": tuple(f"{c} {s}" for c in COLORS for s in SHAPES),
+}
+
+
+def presence_targets(metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Multi-hot presence of each attribute value among a sample's objects (positions mirrored if flipped)."""
+    out = {g: torch.zeros(len(metas), len(v)) for g, v in PRESENCE_GROUPS.items()}
+    for i, meta in enumerate(metas):
+        for obj in meta["objects"]:
+            pos = MIRROR[obj["position"]] if meta.get("flipped") else obj["position"]
+            values = {"shape": obj["shape"], "color": obj["color"], "size": obj["size"], "position": pos,
+                      "shape_color": f"{obj['color']} {obj['shape']}"}  # fmt: skip
+            for g, v in values.items():
+                out[g][i, PRESENCE_GROUPS[g].index(v)] = 1.0
+    return out
+
+
+class HaystackJudge(L.LightningModule):
+    """A small CNN (any timm backbone, from scratch) with appeal, background and attribute-presence heads."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet10t",
+        lr: float = 2e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 50,
+        appeal_weight: float = 1.0,
+        attribute_weight: float = 1.0,
+        num_logged_images: int = 16,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        width = self.backbone.num_features
+        self.appeal_head = nn.Linear(width, 1)
+        self.background_head = nn.Linear(width, len(BACKGROUNDS))
+        self.presence_heads = nn.ModuleDict({g: nn.Linear(width, len(v)) for g, v in PRESENCE_GROUPS.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images in [-1, 1] -> ``appeal`` (B,), ``background`` logits, and presence logits per group."""
+        h = self.backbone(images)
+        out = {"appeal": self.appeal_head(h).squeeze(-1) + 5.0, "background": self.background_head(h)}
+        out.update({g: head(h) for g, head in self.presence_heads.items()})
+        return out
+
+    def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        pred = self(batch["image"])
+        metas = batch["meta"]
+        dev = batch["image"].device
+        appeal = torch.tensor([m["appeal"] for m in metas], device=dev, dtype=torch.float32)
+        background = torch.tensor([list(BACKGROUNDS).index(m["background"]) for m in metas], device=dev)
+        presence = {g: t.to(dev) for g, t in presence_targets(metas).items()}
+        logs = {
+            "appeal_mse": F.mse_loss(pred["appeal"], appeal),
+            "background_ce": F.cross_entropy(pred["background"], background),
+        }
+        for g in PRESENCE_GROUPS:
+            logs[f"{g}_bce"] = F.binary_cross_entropy_with_logits(pred[g], presence[g])
+        attr = logs["background_ce"] + sum(logs[f"{g}_bce"] for g in PRESENCE_GROUPS) * 10.0 / len(PRESENCE_GROUPS)
+        loss = self.hparams.appeal_weight * logs["appeal_mse"] / 4.0 + self.hparams.attribute_weight * attr
+        with torch.no_grad():
+            logs["appeal_mae"] = (pred["appeal"] - appeal).abs().mean()
+            logs["background_acc"] = (pred["background"].argmax(-1) == background).float().mean()
+            for g in ("shape", "color", "position"):  # the predicted set of values equals the true set
+                logs[f"{g}_exact"] = ((pred[g] > 0) == (presence[g] > 0.5)).all(-1).float().mean()
+        return loss, logs, {"pred": pred, "appeal": appeal}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, logs, _ = self._losses(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=len(batch["key"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, logs, extra = self._losses(batch)
+        bs = len(batch["key"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs)
+        if batch_idx == 0 and self.trainer is not None and not self.trainer.sanity_checking:
+            n = self.hparams.num_logged_images
+            order = extra["appeal"][:n].argsort(descending=True)  # the grid runs from most to least appealing
+            log_image(self.trainer, "val/by_true_appeal", image_grid(batch["image"][:n][order]))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
+        warmup = self.hparams.warmup_steps
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,66 @@
+"""Helpers shared by the entry points: required-value checks, group instantiation, one-line config errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from emu.errors import ConfigError
+
+EXAMPLES = {  # shown with a missing value, to say what a good one looks like
+    "data.source.shards": "data.source.shards='/data/laion/{00000..00999}.tar'",
+    "data.source.root": "data.source.root=/path/to/images",
+    "ckpt": "ckpt=outputs/.../checkpoints/last.ckpt",
+}
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming every required value (``???``) the composed config leaves unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = "; e.g. " + " ".join(EXAMPLES[k] for k in missing if k in EXAMPLES) if set(missing) & set(EXAMPLES) else ""
+        raise ConfigError(", ".join(missing), f"required value not set: add it to the command line{hint}")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group made of named ``_target_`` nodes (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def _config_error(exc: BaseException) -> ConfigError | MissingMandatoryValue | None:
+    while exc is not None:
+        if isinstance(exc, (ConfigError, MissingMandatoryValue)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def config_errors_as_messages(fn: Callable) -> Callable:
+    """Turn configuration errors raised by an entry point into one clear line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - only config errors are rewritten, the rest re-raised
+            err = _config_error(e)
+            if err is None:
+                raise
+            msg = str(err).splitlines()[0] if isinstance(err, ConfigError) else _missing_message(err)
+            print(f"config error: {msg}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _missing_message(err: MissingMandatoryValue) -> str:
+    key = getattr(err, "full_key", None) or str(err)
+    return f"{key}: required value not set: add it to the command line"

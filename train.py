@@ -1,0 +1,58 @@
+"""Train any stage of the recipe: ``python train.py experiment=<name> [key=value ...]``.
+
+The experiment picks the data, model, trainer and logger groups (conf/); this file only composes,
+instantiates and fits. ``python train.py -m experiment=<name> key=a,b`` runs a sweep, one folder per job.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from emu.utils.config import check_required, config_errors_as_messages, instantiate_group
+
+log = logging.getLogger("emu.train")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
+    check_required(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("data: %s", cfg.data.source._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    log.info("model: %s", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint = trainer.checkpoint_callback
+    best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
+    print(f"\n[{cfg.task_name}] finished at step {trainer.global_step}")
+    print(f"  outputs:    {cfg.paths.output_dir}")
+    if best:
+        print(f"  checkpoint: {best}")
+    print(f"  data:       {datamodule.skip_summary()}" if hasattr(datamodule, "skip_summary") else "", end="\n")
+    for k in sorted(m for m in metrics if m.startswith("val/")):
+        print(f"  {k:<24} {metrics[k]:.4f}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@config_errors_as_messages
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
