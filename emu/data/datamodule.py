@@ -2,7 +2,8 @@
 
 Batches are dicts: ``image`` (float in [-1, 1], B x 3 x H x W), ``caption`` (list of str), ``key`` (list of
 str) and ``meta`` (list of the samples' metadata dicts). Samples that cannot be used are skipped and counted
-per reason in :attr:`EmuDataModule.skipped` (``{"train": Counter, "val": Counter}``).
+per reason in :attr:`EmuDataModule.skipped` (``{"train": Counter, "val": Counter}``), exactly, whichever
+worker met them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from emu.data.samples import SKIPPED, SamplePreparer, collate
-from emu.data.sources import IndexedSource, PreparedDataset, WebDatasetSource
+from emu.data.samples import SamplePreparer, collate
+from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, WebDatasetSource
 from emu.errors import ConfigError
 
 
@@ -76,7 +77,8 @@ class EmuDataModule(L.LightningDataModule):
         common = dict(resolution=resolution, min_size=min_size, require_caption=require_caption)
         self.train_prepare = SamplePreparer(crop=crop, hflip=hflip, flip_captions=flip_captions, **common)
         self.val_prepare = SamplePreparer(crop="center", hflip=0.0, **common)
-        self.skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
+        self._skips = {split: SkipCounter(num_workers) for split in ("train", "val")}
+        self._restored: dict[str, Counter] = {"train": Counter(), "val": Counter()}
 
     # ---------------------------------------------------------------------------------------- loaders
     def has_split(self, split: str) -> bool:
@@ -93,11 +95,12 @@ class EmuDataModule(L.LightningDataModule):
         common: dict[str, Any] = dict(
             num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers
         )
+        skips = self._skips["train" if train else "val"]
         if isinstance(self.source, WebDatasetSource):
             world = self.trainer.world_size if self.trainer is not None else 1
-            stream = self.source.stream(split, prepare, batch_size, drop_last, world, self.num_workers)
+            stream = self.source.stream(split, prepare, skips, batch_size, drop_last, world, self.num_workers)
             return DataLoader(stream, batch_size=None, **common)
-        dataset = PreparedDataset(self.source, split, prepare)
+        dataset = PreparedDataset(self.source, split, prepare, skips)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -114,29 +117,23 @@ class EmuDataModule(L.LightningDataModule):
         return self.dataloader("val") if self.has_split("val") else []
 
     # ------------------------------------------------------------------------------------ skip counts
-    def record_skips(self, batch: dict[str, Any], split: str = "train") -> dict[str, Any]:
-        """Move a batch's ``skipped`` counts into :attr:`skipped`; call this when iterating without a Trainer."""
-        self.skipped[split].update(batch.pop(SKIPPED, None) or {})
-        return batch
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict):
-            split = "train" if self.trainer is not None and self.trainer.training else "val"
-            self.record_skips(batch, split)
-        return batch
+    @property
+    def skipped(self) -> dict[str, Counter]:
+        """Samples skipped so far, per split and reason (exact across workers; restored from checkpoints)."""
+        return {split: self._restored[split] + c.totals() for split, c in self._skips.items()}
 
     def skip_summary(self) -> str:
-        """One line per split with counts per reason, e.g. ``train: 3 skipped (corrupt_image 2, empty_file 1)``."""
+        """One line per split with counts per reason, e.g. ``train: 3 skipped (empty_file 1, not_an_image 2)``."""
         lines = []
         for split, counts in self.skipped.items():
             if counts:
                 detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                 lines.append(f"{split}: {sum(counts.values())} skipped ({detail})")
-        return "\n".join(lines) if lines else "no samples skipped"
+        return "; ".join(lines) if lines else "no samples skipped"
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": {k: dict(v) for k, v in self.skipped.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for split, counts in state_dict.get("skipped", {}).items():
-            self.skipped[split] = Counter(counts)
+            self._restored[split] = Counter(counts) - self._skips[split].totals()

@@ -4,7 +4,7 @@ A raw sample is a dict with ``key``, ``image`` (encoded bytes or a PIL image), `
 None) and ``meta`` (dict). :class:`SamplePreparer` decodes and checks it and either returns the training
 sample (``image`` as a float tensor in [-1, 1], ``caption``, ``key``, ``meta``) or raises :class:`BadSample`
 with a short reason name; the data sources skip and count those. :func:`collate` stacks samples into the
-batch dict every stage consumes and sums the skip counts that travelled with them.
+batch dict every stage consumes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
-
-SKIPPED = "skipped"  # key under which a sample or batch carries {reason: count} of samples dropped before it
-
 
 class BadSample(Exception):
     """A sample that cannot be used; ``reason`` is a short name used for counting."""
@@ -160,14 +156,10 @@ class SamplePreparer:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch dict: ``image`` B x 3 x H x W, ``caption``/``key``/``meta`` lists, ``skipped`` counts."""
-    skipped: Counter = Counter()
-    for s in samples:
-        skipped.update(s.get(SKIPPED) or {})
+    """Batch dict: ``image`` B x 3 x H x W, and ``caption``, ``key``, ``meta`` lists."""
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
-        SKIPPED: dict(skipped),
     }

@@ -5,10 +5,10 @@ Two kinds:
 * :class:`IndexedSource` (map-style): ``size(split)`` and ``raw(split, i)``. :class:`HaystackSource` renders
   the miniature on the fly; :class:`FolderSource` reads a folder of images with captions.
 * :class:`WebDatasetSource` (streaming): img2dataset-layout tar shards through the ``webdataset`` library;
-  it batches inside the workers so the counts of skipped samples always reach the main process.
+  it batches inside the workers.
 
-A bad sample is never fed to the model: map-style sources replace it with the next good index and count
-it; streaming sources drop it and count it. Counts travel in each batch under ``skipped``.
+A bad sample is never fed to the model: map-style sources replace it with the next good index, streaming
+sources drop it; both count it by reason in a :class:`SkipCounter` shared with the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import glob
 import json
 import logging
 import os
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-from torch.utils.data import Dataset, IterableDataset
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu.data import haystack
-from emu.data.samples import SKIPPED, BadSample, collate
+from emu.data.samples import BadSample, collate
 from emu.errors import ConfigError
 
 log = logging.getLogger("emu.data")
@@ -38,34 +40,54 @@ SPLITS = ("train", "val")
 _WARN_LIMIT = 10  # warnings printed per skip reason and process before going quiet
 
 
-class SkipCounter:
-    """Counts skipped samples by reason and warns about the first few of each."""
+SKIP_REASONS = (
+    "empty_file", "not_an_image", "corrupt_image", "truncated_image", "too_large", "too_small", "missing_image",
+    "missing_caption", "empty_caption", "caption_not_utf8", "corrupt_metadata", "unreadable_file",
+    "missing_shard", "truncated_shard", "shard_error", "other",
+)  # fmt: skip
 
-    def __init__(self) -> None:
-        self.pending: Counter = Counter()
-        self.warned: Counter = Counter()
+
+class SkipCounter:
+    """Counts skipped samples by reason across DataLoader workers, and warns about the first few of each.
+
+    The counts live in a shared-memory table with one row per process (main + each worker), so the main
+    process reads exact totals at any time, even for workers that never produced a batch.
+    """
+
+    def __init__(self, workers: int = 0) -> None:
+        self.table = torch.zeros(workers + 1, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+        self._warned: Counter = Counter()
+        self._last_shard_error: tuple | None = None
 
     def count(self, reason: str, where: str, detail: str = "") -> None:
-        self.pending[reason] += 1
-        self.warned[reason] += 1
-        if self.warned[reason] <= _WARN_LIMIT:
-            more = " (further ones of this kind are counted silently)" if self.warned[reason] == _WARN_LIMIT else ""
+        info = get_worker_info()
+        row = 0 if info is None else min(info.id + 1, self.table.shape[0] - 1)
+        col = SKIP_REASONS.index(reason) if reason in SKIP_REASONS else len(SKIP_REASONS) - 1
+        self.table[row, col] += 1
+        self._warned[reason] += 1
+        if self._warned[reason] <= _WARN_LIMIT:
+            more = " (further ones are counted silently)" if self._warned[reason] == _WARN_LIMIT else ""
             log.warning("skipping %s: %s %s%s", where, reason, detail[:200], more)
 
-    def drain(self) -> dict[str, int]:
-        out = dict(self.pending)
-        self.pending.clear()
-        return out
+    def totals(self) -> Counter:
+        sums = self.table.sum(0).tolist()
+        return Counter({r: int(n) for r, n in zip(SKIP_REASONS, sums, strict=True) if n})
 
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler: count the shard-level failure and keep going."""
+        text = " ".join(map(str, exn.args))
+        named = re.search(r"name='([^']+)'", text)
+        shard = named.group(1) if named else (str(exn.args[-1]) if exn.args else "shard")
+        if (shard, type(exn)) == self._last_shard_error:
+            return True  # webdataset reports one broken tar to the handler at two levels: count it once
+        self._last_shard_error = (shard, type(exn))
         if isinstance(exn, FileNotFoundError):
             reason = "missing_shard"
-        elif isinstance(exn, (tarfile.ReadError, EOFError)) or "truncat" in str(exn).lower():
+        elif isinstance(exn, (tarfile.ReadError, EOFError)) or "truncat" in text.lower():
             reason = "truncated_shard"
         else:
             reason = "shard_error"
-        self.count(reason, str(exn.args[-1]) if exn.args else "shard", repr(exn))
+        self.count(reason, shard, repr(exn))
         return True
 
 
@@ -93,10 +115,11 @@ class PreparedDataset(Dataset):
     itself asked for), so one pass over the dataset counts each bad sample exactly once.
     """
 
-    def __init__(self, source: IndexedSource, split: str, prepare: Callable, max_consecutive_bad: int = 64):
-        self.source, self.split, self.prepare = source, split, prepare
+    def __init__(
+        self, source: IndexedSource, split: str, prepare: Callable, skips: SkipCounter, max_consecutive_bad: int = 64
+    ):
+        self.source, self.split, self.prepare, self.skips = source, split, prepare, skips
         self.max_consecutive_bad = max_consecutive_bad
-        self.skips = SkipCounter()
         self.n = source.size(split)
 
     def __len__(self) -> int:
@@ -111,11 +134,10 @@ class PreparedDataset(Dataset):
                 if offset == 0:
                     self.skips.count(e.reason, f"{self.split}[{i}]", str(e))
                 continue
-            sample[SKIPPED] = self.skips.drain()
             return sample
         raise RuntimeError(
             f"{self.max_consecutive_bad} consecutive unusable samples in the {self.split} split from index "
-            f"{index}; the dataset looks broken (reasons so far: {dict(self.skips.pending)})"
+            f"{index}; the dataset looks broken (skipped so far: {dict(self.skips.totals())})"
         )
 
 
@@ -235,42 +257,18 @@ def _raw_from_wds(sample: dict[str, Any]) -> dict[str, Any]:
     return {"key": sample.get("__key__", "?"), "image": image, "caption": sample.get("txt"), "meta": meta}
 
 
-def _prepare_and_batch(
-    src: Iterator[dict],
-    *,
-    prepare: Callable,
-    skips: SkipCounter,
-    split: str,
-    val_fraction: float,
-    use_key_split: bool,
-    batch_size: int,
-    drop_last: bool,
+def _prepare_stream(
+    src: Iterator[dict], *, prepare: Callable, skips: SkipCounter, split: str, val_fraction: float, key_split: bool
 ) -> Iterator[dict[str, Any]]:
-    """Decode, check and batch a stream; skip counts ride on the next batch (the last batch waits for them)."""
-    buf: list[dict] = []
-    ready = None
+    """Decode and check a stream of webdataset samples, dropping (and counting) the bad ones."""
     for sample in src:
         key = sample.get("__key__", "?")
-        if use_key_split and not in_split(key, split, val_fraction):
+        if key_split and not in_split(key, split, val_fraction):
             continue
         try:
-            buf.append(prepare(_raw_from_wds(sample)))
+            yield prepare(_raw_from_wds(sample))
         except BadSample as e:
             skips.count(e.reason, f"{sample.get('__url__', '?')}:{key}", str(e))
-            continue
-        if len(buf) == batch_size:
-            if ready is not None:
-                yield ready
-            buf[0][SKIPPED] = skips.drain()
-            ready, buf = collate(buf), []
-    if buf and not drop_last:
-        if ready is not None:
-            yield ready
-        buf[0][SKIPPED] = skips.drain()
-        ready = collate(buf)
-    if ready is not None:
-        ready[SKIPPED] = dict(Counter(ready[SKIPPED]) + Counter(skips.drain()))
-        yield ready
 
 
 class WebDatasetSource:
@@ -306,13 +304,20 @@ class WebDatasetSource:
         return split == "train" or self.val_shards is not None or self.val_fraction > 0
 
     def stream(
-        self, split: str, prepare: Callable, batch_size: int, drop_last: bool, world_size: int = 1, workers: int = 0
+        self,
+        split: str,
+        prepare: Callable,
+        skips: SkipCounter,
+        batch_size: int,
+        drop_last: bool,
+        world_size: int = 1,
+        workers: int = 0,
     ) -> IterableDataset:
+        """A webdataset pipeline yielding collated batches (batching happens in the workers)."""
         import webdataset as wds
 
         train = split == "train"
         urls = self.val_shards if (not train and self.val_shards) else self.shards
-        skips = SkipCounter()
         if train and self.resampled:
             stages: list = [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]
         else:
@@ -328,18 +333,12 @@ class WebDatasetSource:
         stages.append(wds.tarfile_to_samples(handler=skips.handler))
         if train and self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed))
+        key_split = self.val_shards is None
         stages.append(
-            partial(
-                _prepare_and_batch,
-                prepare=prepare,
-                skips=skips,
-                split=split,
-                val_fraction=self.val_fraction,
-                use_key_split=self.val_shards is None,
-                batch_size=batch_size,
-                drop_last=drop_last,
-            )
+            partial(_prepare_stream, prepare=prepare, skips=skips, split=split, val_fraction=self.val_fraction,
+                    key_split=key_split)  # fmt: skip
         )
+        stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
         pipeline = wds.DataPipeline(*stages)
         if train and self.epoch_size:
             per_worker = self.epoch_size // (batch_size * max(1, world_size) * max(1, workers))

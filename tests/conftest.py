@@ -1,0 +1,98 @@
+"""Fixtures: tiny data the tests write themselves (images, a bad-input corpus, WebDataset shards)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb_image(w: int = 64, h: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 48 wide x 64 high JPEG whose EXIF says 'rotate 90° CW' (orientation 6): upright it is 64 x 48."""
+    img = rgb_image(48, 64, seed=7)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return png_bytes(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def bad_corpus() -> list[tuple[str, bytes, bytes | None, str | None]]:
+    """(name, image bytes, caption bytes or None, expected skip reason or None when usable)."""
+    good = png_bytes(rgb_image())
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    gray16 = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    items = [(f"good_{i}.png", png_bytes(rgb_image(seed=i)), b"a good image", None) for i in range(4)]
+    items += [
+        ("cmyk.jpg", png_bytes(rgb_image(seed=11).convert("CMYK"), "JPEG"), b"a cmyk image", None),
+        ("gray16.png", png_bytes(gray16), b"a 16-bit image", None),
+        ("gray.png", png_bytes(rgb_image(seed=12).convert("L")), b"a grayscale image", None),
+        ("palette_alpha.png", png_bytes(palette), b"a palette image with alpha", None),
+        ("exif.jpg", exif_rotated_jpeg(), b"an exif-rotated image", None),
+        ("empty.png", b"", b"an empty file", "empty_file"),
+        ("garbage.jpg", bytes(np.random.default_rng(3).integers(0, 256, 500, dtype=np.uint8)), b"noise", "not_an_image"),
+        ("text.jpg", b"this is not an image at all\n", b"a text file", "not_an_image"),
+        ("truncated.png", good[: len(good) // 2], b"a truncated png", "truncated_image"),
+        ("tiny.png", png_bytes(rgb_image(8, 8)), b"a tiny image", "too_small"),
+        ("nocaption.png", good, None, "missing_caption"),
+        ("blankcaption.png", good, b"   \n", "empty_caption"),
+        ("latin1caption.png", good, "caf\xe9 cr\xe8me".encode("latin-1"), "caption_not_utf8"),
+    ]
+    return items
+
+
+def expected_skips() -> Counter:
+    return Counter(reason for *_, reason in bad_corpus() if reason)
+
+
+@pytest.fixture
+def bad_folder(tmp_path: Path) -> Path:
+    """The bad-input corpus as a folder of images with .txt captions."""
+    root = tmp_path / "bad_folder"
+    root.mkdir()
+    for name, data, caption, _ in bad_corpus():
+        (root / name).write_bytes(data)
+        if caption is not None:
+            (root / name).with_suffix(".txt").write_bytes(caption)
+    return root
+
+
+def write_shards(folder: Path, samples: list[dict], per_shard: int) -> str:
+    """Write samples with webdataset's own writer; returns a brace pattern of the shards."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for s in samples:
+            sink.write(s)
+    n = (len(samples) + per_shard - 1) // per_shard
+    return str(folder / f"{{00000..{n - 1:05d}}}.tar")
+
+
+@pytest.fixture
+def bad_shards(tmp_path: Path) -> str:
+    samples = []
+    for name, data, caption, _ in bad_corpus():
+        stem, ext = name.rsplit(".", 1)
+        s = {"__key__": stem, ext: data, "json": b'{"source": "test"}'}
+        if caption is not None:
+            s["txt"] = caption
+        samples.append(s)
+    return write_shards(tmp_path / "bad_shards", samples, per_shard=6)

@@ -1,0 +1,131 @@
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from emu.data import EmuDataModule, FolderSource, HaystackSource, WebDatasetSource
+from emu.errors import ConfigError
+from tests.conftest import expected_skips, png_bytes, rgb_image, write_shards
+
+GOOD_KEYS = {"good_0", "good_1", "good_2", "good_3", "cmyk", "gray16", "gray", "palette_alpha", "exif"}
+
+
+def check_batch(batch, batch_size, resolution):
+    assert set(batch) == {"image", "caption", "key", "meta"}
+    assert batch["image"].shape == (batch_size, 3, resolution, resolution)
+    assert batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert len(batch["caption"]) == len(batch["key"]) == len(batch["meta"]) == batch_size
+    assert all(isinstance(c, str) and c for c in batch["caption"])
+    assert all(isinstance(m, dict) for m in batch["meta"])
+
+
+def iterate(dm, split="train"):
+    return list(dm.dataloader(split))
+
+
+def test_haystack_source_yields_documented_batches():
+    dm = EmuDataModule(HaystackSource(n_train=16, n_val=8, seed=3, resolution=32), resolution=32, batch_size=4)
+    batches = iterate(dm)
+    assert len(batches) == 4
+    for b in batches:
+        check_batch(b, 4, 32)
+        for caption, meta in zip(b["caption"], b["meta"]):
+            assert caption == meta["caption"] and {"appeal", "needle", "flaws", "objects"} <= set(meta)
+    val = iterate(dm, "val")
+    assert sorted(k for b in val for k in b["key"]) == [f"{i:09d}" for i in range(16, 24)]  # disjoint from train
+
+
+def test_folder_with_metadata_jsonl(tmp_path):
+    rows = []
+    for i in range(10):
+        (tmp_path / f"img{i}.png").write_bytes(png_bytes(rgb_image(40, 30, seed=i)))
+        rows.append({"file_name": f"img{i}.png", "text": f"caption {i}", "score": i})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    source = FolderSource(str(tmp_path), val_fraction=0.3)
+    assert source.malformed_metadata == 1
+    assert source.size("train") + source.size("val") == 10 and source.size("val") > 0
+    dm = EmuDataModule(source, resolution=16, batch_size=2, drop_last=False)
+    batches = iterate(dm)
+    for b in batches:
+        check_batch(b, len(b["key"]), 16)
+        for key, caption, meta in zip(b["key"], b["caption"], b["meta"]):
+            i = int(key[3:-4])
+            assert caption == f"caption {i}" and meta == {"score": i}
+    assert sum(len(b["key"]) for b in batches) == source.size("train")
+
+
+def test_bad_folder_is_skipped_with_exact_counts(bad_folder):
+    dm = EmuDataModule(FolderSource(str(bad_folder), val_fraction=0.0), resolution=16, min_size=16,
+                       batch_size=3, drop_last=False)  # fmt: skip
+    loader = dm.dataloader("train", shuffle=False)
+    keys = []
+    for b in loader:
+        check_batch(b, len(b["key"]), 16)
+        keys += b["key"]
+    assert dm.skipped["train"] == expected_skips()
+    assert {k.rsplit(".", 1)[0] for k in keys} == GOOD_KEYS  # replacements are good samples only
+    assert "corrupt_image" not in dm.skip_summary() and "not_an_image 2" in dm.skip_summary()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_bad_shards_skipped_and_counted(bad_shards, workers):
+    dm = EmuDataModule(WebDatasetSource(bad_shards, val_fraction=0.0, shuffle_buffer=0), resolution=16,
+                       min_size=16, batch_size=2, drop_last=False, num_workers=workers)  # fmt: skip
+    keys = [k for b in iterate(dm) for k in b["key"]]
+    assert sorted(keys) == sorted(GOOD_KEYS)
+    assert dm.skipped["train"] == expected_skips()
+
+
+def test_webdataset_truncated_and_missing_shards(tmp_path):
+    samples = [{"__key__": f"s{i:03d}", "png": png_bytes(rgb_image(seed=i)), "txt": f"c{i}".encode()} for i in range(12)]
+    write_shards(tmp_path, samples, per_shard=6)
+    shard = tmp_path / "00001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # cut mid-member
+    spec = [str(tmp_path / "{00000..00001}.tar"), str(tmp_path / "00009.tar")]  # the last one is missing
+    dm = EmuDataModule(WebDatasetSource(spec, val_fraction=0.0, shuffle_buffer=0), resolution=16, batch_size=4,
+                       drop_last=False)  # fmt: skip
+    keys = [k for b in iterate(dm) for k in b["key"]]
+    assert set(keys) >= {f"s{i:03d}" for i in range(6)} and 6 <= len(keys) < 12  # shard 0 whole, 1 in part
+    assert dm.skipped["train"]["truncated_shard"] == 1 and dm.skipped["train"]["missing_shard"] == 1
+
+
+def test_webdataset_split_by_key_and_val_shards(tmp_path):
+    samples = [{"__key__": f"k{i:04d}", "png": png_bytes(rgb_image(16, 16, i)), "txt": b"x", "json": b"{}"} for i in range(200)]
+    pattern = write_shards(tmp_path / "a", samples, per_shard=50)
+    dm = EmuDataModule(WebDatasetSource(pattern, val_fraction=0.1), resolution=16, batch_size=8, drop_last=False)
+    train = {k for b in iterate(dm) for k in b["key"]}
+    val = {k for b in iterate(dm, "val") for k in b["key"]}
+    assert not train & val and len(train | val) == 200 and 5 <= len(val) <= 40
+    other = write_shards(tmp_path / "b", samples[:20], per_shard=50)
+    dm = EmuDataModule(WebDatasetSource(pattern, val_shards=other), resolution=16, batch_size=8, drop_last=False)
+    assert {k for b in iterate(dm, "val") for k in b["key"]} == {f"k{i:04d}" for i in range(20)}
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="data.source.root.*not a directory"):
+        FolderSource(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no image files"):
+        FolderSource(str(tmp_path))
+    with pytest.raises(ConfigError, match="data.source.shards.*no shards|none of the"):
+        WebDatasetSource(str(tmp_path / "*.tar"))
+    with pytest.raises(ConfigError, match="none of the 3 shard paths"):
+        WebDatasetSource(str(tmp_path / "{0..2}.tar"))
+    with pytest.raises(ConfigError, match=r"data.resolution: 60 is not a positive multiple of 8 .*; try 64"):
+        EmuDataModule(HaystackSource(n_train=8, n_val=0), resolution=60)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        EmuDataModule(HaystackSource(n_train=8, n_val=0), batch_size=16)
+    with pytest.raises(ConfigError, match="epoch_size"):
+        (tmp_path / "0.tar").write_bytes(b"")
+        WebDatasetSource(str(tmp_path / "0.tar"), resampled=True)
+
+
+def test_skip_counts_survive_checkpoint_state():
+    dm = EmuDataModule(HaystackSource(n_train=8, n_val=0), batch_size=4)
+    dm.load_state_dict({"skipped": {"train": {"corrupt_image": 3}}})
+    dm._skips["train"].count("empty_file", "test")
+    other = EmuDataModule(HaystackSource(n_train=8, n_val=0), batch_size=4)
+    other.load_state_dict(dm.state_dict())
+    assert other.skipped["train"] == Counter({"corrupt_image": 3, "empty_file": 1})
