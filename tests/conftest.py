@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -67,11 +68,22 @@ def bad_folder(tmp_path: Path) -> Path:
     """The bad-input corpus as a folder of images with .txt captions."""
     root = tmp_path / "bad_folder"
     root.mkdir()
-    for name, data, caption, _ in bad_corpus():
+    rows = []
+    for i, (name, data, caption, _) in enumerate(bad_corpus()):
         (root / name).write_bytes(data)
         if caption is not None:
             (root / name).with_suffix(".txt").write_bytes(caption)
+        rows.append(json.dumps({"file_name": name, **haystack_labels(i)}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")  # labels only: captions come from the .txt files
     return root
+
+
+def haystack_labels(i: int) -> dict:
+    """Haystack-style metadata (what the pixel judge learns from) for a non-haystack test image."""
+    from emu.data.haystack import metadata, scene_spec
+
+    meta = metadata(scene_spec(0, i), 64, 64)
+    return {k: meta[k] for k in ("appeal", "objects", "background")}
 
 
 def write_shards(folder: Path, samples: list[dict], per_shard: int) -> str:

@@ -164,7 +164,8 @@ class FolderSource(IndexedSource):
     """A folder of images (searched recursively) with captions.
 
     Captions come from ``metadata.jsonl`` files (Hugging Face imagefolder: ``file_name`` relative to the
-    jsonl's folder, ``text``; other fields become ``meta``) or from ``.txt`` files beside the images.
+    jsonl's folder, ``text``; other fields become ``meta``) or, for rows without ``text``, from ``.txt`` files
+    beside the images.
     The val split is a deterministic ``val_fraction`` of files by hash of their relative path.
     """
 
@@ -214,14 +215,12 @@ class FolderSource(IndexedSource):
             data = path.read_bytes()
         except OSError as e:
             raise BadSample("unreadable_file", f"{path}: {e}") from e
-        row = self.metadata.get(name)
-        if row is not None:
-            caption = row.get(self.caption_column)
-            meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
-        else:
+        row = self.metadata.get(name, {})
+        caption = row.get(self.caption_column)
+        if caption is None:  # no caption in metadata.jsonl: a .txt file beside the image
             txt = path.with_suffix(".txt")
             caption = txt.read_bytes() if txt.is_file() else None
-            meta = {}
+        meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
         return {"key": name, "image": data, "caption": caption, "meta": meta}
 
 

@@ -78,6 +78,12 @@ class HaystackJudge(L.LightningModule):
     def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         pred = self(batch["image"])
         metas = batch["meta"]
+        for key, meta in zip(batch["key"], metas):
+            if not {"appeal", "objects", "background"} <= set(meta):
+                raise ValueError(
+                    f"HaystackJudge learns from haystack metadata (appeal, objects, background); sample '{key}' has "
+                    "none. Train it on data=haystack or on shards written by `python -m emu.data.haystack`."
+                )
         dev = batch["image"].device
         appeal = torch.tensor([m["appeal"] for m in metas], device=dev, dtype=torch.float32)
         background = torch.tensor([list(BACKGROUNDS).index(m["background"]) for m in metas], device=dev)

@@ -1,0 +1,109 @@
+"""The entry point: every experiment composes and runs; config errors are one clear line; sweeps work."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from emu.data.samples import SamplePreparer, collate
+from emu.data.sources import HaystackSource
+from tests.conftest import ROOT, expected_skips
+
+EXPERIMENTS = sorted(p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
+                     for p in (ROOT / "conf/experiment").rglob("*.yaml"))  # fmt: skip
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_there_are_experiments():
+    assert "mini/judge" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_survives_fast_dev_run(experiment, tmp_path):
+    import train
+
+    cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", f"paths.output_dir={tmp_path}"])
+    assert cfg.data.source._target_ and cfg.model._target_ and cfg.trainer._target_
+    metrics = train.train(cfg)
+    assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("group,options", [("trainer", ["cpu", "gpu", "ddp", "fsdp"]), ("logger", ["csv", "tensorboard", "wandb"]),
+                                           ("data", ["haystack", "folder", "webdataset"])])  # fmt: skip
+def test_every_group_option_composes(group, options):
+    for option in options:
+        cfg = compose_train([f"{group}={option}"])
+        assert cfg[group]
+
+
+def test_missing_required_value_is_one_clear_line(tmp_path):
+    out = run_train("data=webdataset", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "config error: data.source.shards: required value not set: add it to the command line; "
+        "e.g. data.source.shards='/data/laion/{00000..00999}.tar'"
+    ]
+
+
+def test_bad_path_and_unknown_experiment(tmp_path):
+    out = run_train("data=folder", f"data.source.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert out.returncode == 2 and "config error: data.source.root:" in out.stderr and "not a directory" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_train("experiment=no_such_experiment", cwd=tmp_path)
+    assert out.returncode != 0 and "experiment/no_such_experiment" in out.stderr
+
+
+def test_training_on_the_bad_corpus_skips_counts_and_finishes(bad_folder, tmp_path):
+    run = tmp_path / "run"
+    out = run_train("data=folder", f"data.source.root={bad_folder}", "data.source.val_fraction=0", "data.min_size=16",
+                    "data.resolution=32", "data.batch_size=3", "data.drop_last=false", "trainer.max_epochs=1",
+                    f"hydra.run.dir={run}", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = ", ".join(f"{k} {v}" for k, v in sorted(expected_skips().items()))
+    assert f"train: {sum(expected_skips().values())} skipped ({expected})" in out.stdout
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    logged = [float(r["data/skipped/train"]) for r in rows if r.get("data/skipped/train")]
+    assert logged and logged[-1] == sum(expected_skips().values())
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_two_job_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_train("-m", "experiment=mini/judge", "debug=fast_dev_run", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                    cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job, seed in (("0", 0), ("1", 1)):
+        config = (sweep / job / ".hydra" / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in config
+    assert out.stdout.count("finished at step 1") == 2
+
+
+def test_judge_overfits_a_batch():
+    from emu.evaluation.judges import HaystackJudge
+
+    torch.manual_seed(0)
+    source, prepare = HaystackSource(n_train=8, n_val=0, resolution=64), SamplePreparer(resolution=64)
+    batch = collate([prepare(source.raw("train", i)) for i in range(8)])
+    model = HaystackJudge(backbone="resnet10t")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss, _, _ = model._losses(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
