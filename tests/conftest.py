@@ -48,7 +48,12 @@ def bad_corpus() -> list[tuple[str, bytes, bytes | None, str | None]]:
         ("palette_alpha.png", png_bytes(palette), b"a palette image with alpha", None),
         ("exif.jpg", exif_rotated_jpeg(), b"an exif-rotated image", None),
         ("empty.png", b"", b"an empty file", "empty_file"),
-        ("garbage.jpg", bytes(np.random.default_rng(3).integers(0, 256, 500, dtype=np.uint8)), b"noise", "not_an_image"),
+        (
+            "garbage.jpg",
+            bytes(np.random.default_rng(3).integers(0, 256, 500, dtype=np.uint8)),
+            b"noise",
+            "not_an_image",
+        ),
         ("text.jpg", b"this is not an image at all\n", b"a text file", "not_an_image"),
         ("truncated.png", good[: len(good) // 2], b"a truncated png", "truncated_image"),
         ("tiny.png", png_bytes(rgb_image(8, 8)), b"a tiny image", "too_small"),

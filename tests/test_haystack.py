@@ -98,7 +98,7 @@ def test_cli_writes_valid_shards(tmp_path, capsys):
                 members[ext] += 1
                 if ext == "json":
                     meta = json.loads(tar.extractfile(member).read())
-                    assert META_FIELDS <= set(meta) and meta["key"] == key
+                    assert set(meta) >= META_FIELDS and meta["key"] == key
                     assert {"shape", "color", "size", "position"} == set(meta["objects"][0])
     assert members == {"png": 64, "txt": 64, "json": 64}
     summary = json.loads((tmp_path / "haystack.json").read_text())

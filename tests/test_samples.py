@@ -13,7 +13,7 @@ def test_each_bad_input_is_converted_or_skipped_with_its_reason(name, data, capt
     if reason is None:
         out = prepare(raw)
         assert out["image"].shape == (3, 32, 32) and out["image"].dtype == torch.float32
-        assert -1.0 <= out["image"].min() and out["image"].max() <= 1.0
+        assert out["image"].min() >= -1.0 and out["image"].max() <= 1.0
     else:
         with pytest.raises(BadSample) as e:
             prepare(raw)
@@ -22,9 +22,9 @@ def test_each_bad_input_is_converted_or_skipped_with_its_reason(name, data, capt
 
 def test_conversions_keep_content():
     assert decode_image(exif_rotated_jpeg()).size == (64, 48)  # EXIF transpose applied
-    from tests.conftest import png_bytes
-
     import numpy as np
+
+    from tests.conftest import png_bytes
 
     gray16 = Image.fromarray(np.full((8, 8), 65535, np.uint16))
     assert np.asarray(decode_image(png_bytes(gray16))).min() == 255  # scaled, not clipped at 255/65535
@@ -48,7 +48,9 @@ def test_preparer_crop_flip_and_caption_swap():
 
 def test_collate_builds_the_documented_batch():
     prepare = SamplePreparer(resolution=16)
-    samples = [prepare({"key": str(i), "image": rgb_image(seed=i), "caption": f"c{i}", "meta": {"i": i}}) for i in range(3)]
+    samples = [
+        prepare({"key": str(i), "image": rgb_image(seed=i), "caption": f"c{i}", "meta": {"i": i}}) for i in range(3)
+    ]
     batch = collate(samples)
     assert batch["image"].shape == (3, 3, 16, 16)
     assert batch["caption"] == ["c0", "c1", "c2"] and batch["key"] == ["0", "1", "2"]

@@ -13,8 +13,10 @@ from emu.data.samples import SamplePreparer, collate
 from emu.data.sources import HaystackSource
 from tests.conftest import ROOT, expected_skips
 
-EXPERIMENTS = sorted(p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
-                     for p in (ROOT / "conf/experiment").rglob("*.yaml"))  # fmt: skip
+EXPERIMENTS = sorted(
+    p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
+    for p in (ROOT / "conf/experiment").rglob("*.yaml")
+)
 
 
 def compose_train(overrides: list[str]):
@@ -23,8 +25,9 @@ def compose_train(overrides: list[str]):
 
 
 def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_there_are_experiments():
@@ -41,8 +44,14 @@ def test_experiment_composes_and_survives_fast_dev_run(experiment, tmp_path):
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
-@pytest.mark.parametrize("group,options", [("trainer", ["cpu", "gpu", "ddp", "fsdp"]), ("logger", ["csv", "tensorboard", "wandb"]),
-                                           ("data", ["haystack", "folder", "webdataset"])])  # fmt: skip
+@pytest.mark.parametrize(
+    "group,options",
+    [
+        ("trainer", ["cpu", "gpu", "ddp", "fsdp"]),
+        ("logger", ["csv", "tensorboard", "wandb"]),
+        ("data", ["haystack", "folder", "webdataset"]),
+    ],
+)
 def test_every_group_option_composes(group, options):
     for option in options:
         cfg = compose_train([f"{group}={option}"])
@@ -59,7 +68,9 @@ def test_missing_required_value_is_one_clear_line(tmp_path):
 
 
 def test_bad_path_and_unknown_experiment(tmp_path):
-    out = run_train("data=folder", f"data.source.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    out = run_train(
+        "data=folder", f"data.source.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+    )
     assert out.returncode == 2 and "config error: data.source.root:" in out.stderr and "not a directory" in out.stderr
     assert "Traceback" not in out.stderr
     out = run_train("experiment=no_such_experiment", cwd=tmp_path)
@@ -68,13 +79,23 @@ def test_bad_path_and_unknown_experiment(tmp_path):
 
 def test_training_on_the_bad_corpus_skips_counts_and_finishes(bad_folder, tmp_path):
     run = tmp_path / "run"
-    out = run_train("data=folder", f"data.source.root={bad_folder}", "data.source.val_fraction=0", "data.min_size=16",
-                    "data.resolution=32", "data.batch_size=3", "data.drop_last=false", "trainer.max_epochs=1",
-                    f"hydra.run.dir={run}", cwd=tmp_path)  # fmt: skip
+    out = run_train(
+        "data=folder",
+        f"data.source.root={bad_folder}",
+        "data.source.val_fraction=0",
+        "data.min_size=16",
+        "data.resolution=32",
+        "data.batch_size=3",
+        "data.drop_last=false",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     expected = ", ".join(f"{k} {v}" for k, v in sorted(expected_skips().items()))
     assert f"train: {sum(expected_skips().values())} skipped ({expected})" in out.stdout
-    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     logged = [float(r["data/skipped/train"]) for r in rows if r.get("data/skipped/train")]
     assert logged and logged[-1] == sum(expected_skips().values())
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -82,8 +103,9 @@ def test_training_on_the_bad_corpus_skips_counts_and_finishes(bad_folder, tmp_pa
 
 def test_two_job_multirun(tmp_path):
     sweep = tmp_path / "sweep"
-    out = run_train("-m", "experiment=mini/judge", "debug=fast_dev_run", "seed=0,1", f"hydra.sweep.dir={sweep}",
-                    cwd=tmp_path)  # fmt: skip
+    out = run_train(
+        "-m", "experiment=mini/judge", "debug=fast_dev_run", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for job, seed in (("0", 0), ("1", 1)):
         config = (sweep / job / ".hydra" / "config.yaml").read_text()

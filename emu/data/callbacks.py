@@ -16,7 +16,9 @@ class DataHealth(L.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "skipped"):
             return
-        metrics = {f"data/skipped/{split}/{reason}": float(n) for split, c in dm.skipped.items() for reason, n in c.items()}
+        metrics = {
+            f"data/skipped/{split}/{reason}": float(n) for split, c in dm.skipped.items() for reason, n in c.items()
+        }
         metrics.update({f"data/skipped/{split}": float(sum(c.values())) for split, c in dm.skipped.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -54,10 +54,16 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = {"small": 0.085, "large": 0.15}  # object radius as a fraction of the shorter image side
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
 POSITION_PHRASES = {
     "top left": "in the top left",
     "top": "at the top",
@@ -271,15 +277,15 @@ def _object_centre(obj: dict, w: float, h: float, jitter: list[float]) -> tuple[
 
 
 def _mix(a, b, t: float) -> tuple[int, int, int]:
-    return tuple(int(round((1 - t) * x + t * y)) for x, y in zip(a, b, strict=True))
+    return tuple(round((1 - t) * x + t * y) for x, y in zip(a, b, strict=True))
 
 
 def render(spec: dict[str, Any], resolution: int = 64) -> Image.Image:
     """Render a scene spec at ``resolution`` (the shorter side; odd aspect ratios widen one side)."""
     rng = _rng(*spec["render_seed"], stream=1)
     flaws = set(spec["flaws"])
-    width = int(round(resolution * spec["aspect"][0]))
-    height = int(round(resolution * spec["aspect"][1]))
+    width = round(resolution * spec["aspect"][0])
+    height = round(resolution * spec["aspect"][1])
     base_w, base_h = (width // 4, height // 4) if "low_res" in flaws else (width, height)
     ss = SUPERSAMPLE
     W, H = base_w * ss, base_h * ss
@@ -328,8 +334,11 @@ def render(spec: dict[str, Any], resolution: int = 64) -> Image.Image:
             mask = Image.new("L", (W, H), 0)
             _draw_shape(ImageDraw.Draw(mask), obj["shape"], cx, cy, r, 255)
             hl = hl.filter(ImageFilter.GaussianBlur(r * 0.2))
-            hl = Image.fromarray((np.asarray(hl, np.float32) * np.asarray(mask, np.float32) / 255.0
-                                  * 0.55 * style["light"]).astype(np.uint8))  # fmt: skip
+            hl = Image.fromarray(
+                (np.asarray(hl, np.float32) * np.asarray(mask, np.float32) / 255.0 * 0.55 * style["light"]).astype(
+                    np.uint8
+                )
+            )
             img.paste(Image.new("RGB", (W, H), (255, 255, 255)), (0, 0), hl)
 
     if "off_balance" in flaws:  # a heavy dark mass on one side

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
+
 class BadSample(Exception):
     """A sample that cannot be used; ``reason`` is a short name used for counting."""
 
@@ -59,7 +60,7 @@ def decode_image(data: bytes | Image.Image) -> Image.Image:
             raise BadSample("not_an_image", str(e)) from e
         except Image.DecompressionBombError as e:
             raise BadSample("too_large", str(e)) from e
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+        except Exception as e:
             raise BadSample("corrupt_image", str(e)) from e
     try:
         with warnings.catch_warnings():

@@ -41,10 +41,23 @@ _WARN_LIMIT = 10  # warnings printed per skip reason and process before going qu
 
 
 SKIP_REASONS = (
-    "empty_file", "not_an_image", "corrupt_image", "truncated_image", "too_large", "too_small", "missing_image",
-    "missing_caption", "empty_caption", "caption_not_utf8", "corrupt_metadata", "unreadable_file",
-    "missing_shard", "truncated_shard", "shard_error", "other",
-)  # fmt: skip
+    "empty_file",
+    "not_an_image",
+    "corrupt_image",
+    "truncated_image",
+    "too_large",
+    "too_small",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "caption_not_utf8",
+    "corrupt_metadata",
+    "unreadable_file",
+    "missing_shard",
+    "truncated_shard",
+    "shard_error",
+    "other",
+)
 
 
 class SkipCounter:
@@ -184,9 +197,7 @@ class FolderSource(IndexedSource):
             if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file()
         )
         if not files:
-            raise ConfigError(
-                "data.source.root", f"'{self.root}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
-            )
+            raise ConfigError("data.source.root", f"'{self.root}' holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         self.files = {s: [f for f in files if in_split(f, s, val_fraction)] for s in SPLITS}
         if not self.files["train"]:
             raise ConfigError("data.source.val_fraction", f"leaves no training images in '{self.root}'")
@@ -326,16 +337,25 @@ class WebDatasetSource:
             if len(urls) < max(1, world_size) * max(1, workers):
                 log.warning(
                     "%d %s shards for %d ranks x %d workers: some workers get no data; write more, smaller shards",
-                    len(urls), split, world_size, workers,
-                )  # fmt: skip
+                    len(urls),
+                    split,
+                    world_size,
+                    workers,
+                )
             stages += [wds.split_by_node, wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=skips.handler))
         if train and self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed))
         key_split = self.val_shards is None
         stages.append(
-            partial(_prepare_stream, prepare=prepare, skips=skips, split=split, val_fraction=self.val_fraction,
-                    key_split=key_split)  # fmt: skip
+            partial(
+                _prepare_stream,
+                prepare=prepare,
+                skips=skips,
+                split=split,
+                val_fraction=self.val_fraction,
+                key_split=key_split,
+            )
         )
         stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
         pipeline = wds.DataPipeline(*stages)
@@ -343,4 +363,3 @@ class WebDatasetSource:
             per_worker = self.epoch_size // (batch_size * max(1, world_size) * max(1, workers))
             pipeline = pipeline.with_epoch(max(1, per_worker)).with_length(max(1, per_worker) * max(1, workers))
         return pipeline
-

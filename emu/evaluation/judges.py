@@ -40,8 +40,13 @@ def presence_targets(metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     for i, meta in enumerate(metas):
         for obj in meta["objects"]:
             pos = MIRROR[obj["position"]] if meta.get("flipped") else obj["position"]
-            values = {"shape": obj["shape"], "color": obj["color"], "size": obj["size"], "position": pos,
-                      "shape_color": f"{obj['color']} {obj['shape']}"}  # fmt: skip
+            values = {
+                "shape": obj["shape"],
+                "color": obj["color"],
+                "size": obj["size"],
+                "position": pos,
+                "shape_color": f"{obj['color']} {obj['shape']}",
+            }
             for g, v in values.items():
                 out[g][i, PRESENCE_GROUPS[g].index(v)] = 1.0
     return out

@@ -24,7 +24,9 @@ def check_required(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming every required value (``???``) the composed config leaves unset."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        hint = "; e.g. " + " ".join(EXAMPLES[k] for k in missing if k in EXAMPLES) if set(missing) & set(EXAMPLES) else ""
+        hint = (
+            "; e.g. " + " ".join(EXAMPLES[k] for k in missing if k in EXAMPLES) if set(missing) & set(EXAMPLES) else ""
+        )
         raise ConfigError(", ".join(missing), f"required value not set: add it to the command line{hint}")
 
 
@@ -50,7 +52,7 @@ def config_errors_as_messages(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - only config errors are rewritten, the rest re-raised
+        except Exception as e:
             err = _config_error(e)
             if err is None:
                 raise

@@ -1,0 +1,47 @@
+# emu: `make demo` runs the miniature end to end; `make test` runs the fast tests. Both install first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := outputs/demo
+DEMO_CORPUS ?= 20000
+
+.PHONY: install test test-all lint format demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: install  ## fast tests (< 10 min on 2 cores)
+	$(PY) -m pytest
+
+test-all: install  ## everything, slow tests included
+	$(PY) -m pytest -m "not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The miniature end to end, as far as the recipe is built so far. Stages whose outputs exist are skipped.
+demo: install
+	@test -f $(DEMO)/haystack/haystack.json || $(PY) -m emu.data.haystack --n $(DEMO_CORPUS) --seed 0 \
+		--out $(DEMO)/haystack --workers 2
+	$(PY) bench/data_throughput.py data=webdataset "data.source.shards=$(DEMO)/haystack/*.tar" \
+		data.num_workers=2 batches=50 grid=$(DEMO)/haystack/first_batch.png
+	@test -f $(DEMO)/judge/checkpoints/last.ckpt || $(PY) train.py experiment=mini/judge hydra.run.dir=$(DEMO)/judge
+	@echo "demo outputs in $(DEMO)/"
+
+bench: install
+	$(PY) bench/data_throughput.py data=haystack data.num_workers=2 batches=50
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache
