@@ -7,12 +7,14 @@ instantiates and fits. ``python train.py -m experiment=<name> key=a,b`` runs a s
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from emu.utils.config import check_required, config_errors_as_messages, instantiate_group
+from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages, instantiate_group
 
 log = logging.getLogger("emu.train")
 
@@ -55,4 +57,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_experiment_args(sys.argv[1:], str(Path(__file__).parent / "conf"))
     main()

@@ -74,7 +74,11 @@ def test_bad_path_and_unknown_experiment(tmp_path):
     assert out.returncode == 2 and "config error: data.source.root:" in out.stderr and "not a directory" in out.stderr
     assert "Traceback" not in out.stderr
     out = run_train("experiment=no_such_experiment", cwd=tmp_path)
-    assert out.returncode != 0 and "experiment/no_such_experiment" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "config error: experiment=no_such_experiment: no conf/experiment/no_such_experiment.yaml; "
+        f"available: {', '.join(EXPERIMENTS)}"
+    ]
 
 
 def test_training_on_the_bad_corpus_skips_counts_and_finishes(bad_folder, tmp_path):

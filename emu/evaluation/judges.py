@@ -6,8 +6,9 @@ with several heads:
 
 * ``appeal``: regression of the hidden appeal score (0-10);
 * ``background``: which named background (softmax);
-* presence of each ``shape``, ``color``, ``size``, ``position`` and ``shape+color`` pair among the objects
-  (multi-label), which scores text faithfulness GenEval-style: the fraction of a prompt's attributes shown.
+* which ``shape``, ``color``, ``size``, ``position`` and ``shape+color`` pair the objects show (a softmax per
+  group, trained against the multi-hot target spread over its values), which scores text faithfulness
+  GenEval-style: the fraction of a prompt's attributes an image shows.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class HaystackJudge(L.LightningModule):
         self.presence_heads = nn.ModuleDict({g: nn.Linear(width, len(v)) for g, v in PRESENCE_GROUPS.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images in [-1, 1] -> ``appeal`` (B,), ``background`` logits, and presence logits per group."""
+        """Images in [-1, 1] -> ``appeal`` (B,), ``background`` logits, and attribute logits per group."""
         h = self.backbone(images)
         out = {"appeal": self.appeal_head(h).squeeze(-1) + 5.0, "background": self.background_head(h)}
         out.update({g: head(h) for g, head in self.presence_heads.items()})
@@ -97,15 +98,18 @@ class HaystackJudge(L.LightningModule):
             "appeal_mse": F.mse_loss(pred["appeal"], appeal),
             "background_ce": F.cross_entropy(pred["background"], background),
         }
-        for g in PRESENCE_GROUPS:
-            logs[f"{g}_bce"] = F.binary_cross_entropy_with_logits(pred[g], presence[g])
-        attr = logs["background_ce"] + sum(logs[f"{g}_bce"] for g in PRESENCE_GROUPS) * 10.0 / len(PRESENCE_GROUPS)
+        for g in PRESENCE_GROUPS:  # cross-entropy against the multi-hot target spread evenly over its values
+            target = presence[g] / presence[g].sum(-1, keepdim=True)
+            logs[f"{g}_ce"] = F.cross_entropy(pred[g], target)
+        attr = logs["background_ce"] + sum(logs[f"{g}_ce"] for g in PRESENCE_GROUPS)
         loss = self.hparams.appeal_weight * logs["appeal_mse"] / 4.0 + self.hparams.attribute_weight * attr
         with torch.no_grad():
             logs["appeal_mae"] = (pred["appeal"] - appeal).abs().mean()
             logs["background_acc"] = (pred["background"].argmax(-1) == background).float().mean()
-            for g in ("shape", "color", "position"):  # the predicted set of values equals the true set
-                logs[f"{g}_exact"] = ((pred[g] > 0) == (presence[g] > 0.5)).all(-1).float().mean()
+            single = torch.tensor([len(m["objects"]) == 1 for m in metas], device=dev)
+            for g in ("shape", "color", "size", "position"):  # top-1 accuracy on one-object scenes
+                hit = (pred[g].argmax(-1) == presence[g].argmax(-1)).float()
+                logs[f"{g}_acc"] = (hit * single).sum() / single.sum().clamp(min=1)
         return loss, logs, {"pred": pred, "appeal": appeal}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -66,3 +66,26 @@ def config_errors_as_messages(fn: Callable) -> Callable:
 def _missing_message(err: MissingMandatoryValue) -> str:
     key = getattr(err, "full_key", None) or str(err)
     return f"{key}: required value not set: add it to the command line"
+
+
+def check_experiment_args(argv: list[str], conf_dir: str) -> None:
+    """Exit with one line naming the available experiments when ``experiment=X`` names none of them.
+
+    Runs before Hydra composes, whose own message for this case is a search-path dump.
+    """
+    from pathlib import Path
+
+    root = Path(conf_dir) / "experiment"
+    available = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key != "experiment" or not value or value == "null":
+            continue
+        for name in value.split(","):  # a sweep over experiments: experiment=a,b
+            if name not in available:
+                print(
+                    f"config error: experiment={name}: no conf/experiment/{name}.yaml; "
+                    f"available: {', '.join(available) or 'none'}",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
