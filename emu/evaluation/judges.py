@@ -124,9 +124,10 @@ class HaystackJudge(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs)
         if batch_idx == 0 and self.trainer is not None and not self.trainer.sanity_checking:
-            n = self.hparams.num_logged_images
-            order = extra["appeal"][:n].argsort(descending=True)  # the grid runs from most to least appealing
-            log_image(self.trainer, "val/by_true_appeal", image_grid(batch["image"][:n][order]))
+            n = self.hparams.num_logged_images  # the same images each time, most to least appealing to the judge
+            order = extra["pred"]["appeal"][:n].argsort(descending=True)
+            caption = " ".join(f"{p:.1f}/{t:.1f}" for p, t in zip(extra["pred"]["appeal"][order], extra["appeal"][order]))
+            log_image(self.trainer, "val/by_predicted_appeal", image_grid(batch["image"][:n][order]), caption)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
