@@ -126,7 +126,8 @@ class HaystackJudge(L.LightningModule):
         if batch_idx == 0 and self.trainer is not None and not self.trainer.sanity_checking:
             n = self.hparams.num_logged_images  # the same images each time, most to least appealing to the judge
             order = extra["pred"]["appeal"][:n].argsort(descending=True)
-            caption = " ".join(f"{p:.1f}/{t:.1f}" for p, t in zip(extra["pred"]["appeal"][order], extra["appeal"][order]))
+            pairs = zip(extra["pred"]["appeal"][order].tolist(), extra["appeal"][order].tolist())
+            caption = "predicted/true appeal: " + " ".join(f"{p:.1f}/{t:.1f}" for p, t in pairs)
             log_image(self.trainer, "val/by_predicted_appeal", image_grid(batch["image"][:n][order]), caption)
 
     def configure_optimizers(self):
