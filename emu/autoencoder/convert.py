@@ -1,0 +1,63 @@
+"""Weights between emu's :class:`~emu.autoencoder.model.AutoencoderKL` and diffusers' ``AutoencoderKL``.
+
+The two share block structure and parameter names, so conversion maps the configs and loads the state dict
+as it is. Models with Fourier-feature input have no diffusers counterpart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from emu.autoencoder.model import AutoencoderKL
+
+_OURS_ONLY = ("latent_mean", "latent_std")
+
+
+def from_diffusers(vae) -> AutoencoderKL:
+    """A diffusers ``AutoencoderKL`` -> ours, with identical outputs."""
+    c = vae.config
+    if set(c.down_block_types) != {"DownEncoderBlock2D"} or set(c.up_block_types) != {"UpDecoderBlock2D"}:
+        raise ValueError(f"only DownEncoderBlock2D/UpDecoderBlock2D autoencoders convert, got {c.down_block_types}")
+    if c.act_fn != "silu" or not getattr(c, "use_quant_conv", True) or not getattr(c, "use_post_quant_conv", True):
+        raise ValueError("only SiLU autoencoders with quant_conv and post_quant_conv convert")
+    model = AutoencoderKL(
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        latent_channels=c.latent_channels,
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_num_groups,
+        mid_block_attention=getattr(c, "mid_block_add_attention", True),
+    )
+    missing, unexpected = model.load_state_dict(vae.state_dict(), strict=False)
+    if unexpected or set(missing) - set(_OURS_ONLY):
+        raise ValueError(f"state dicts differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    if getattr(c, "latents_mean", None) is not None and getattr(c, "latents_std", None) is not None:
+        model.set_latent_statistics(torch.tensor(c.latents_mean).float(), torch.tensor(c.latents_std).float())
+    return model.to(next(vae.parameters()).dtype)
+
+
+def to_diffusers(model: AutoencoderKL):
+    """Ours -> a diffusers ``AutoencoderKL`` (latent statistics go to ``latents_mean`` / ``latents_std``)."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    if model.fourier is not None:
+        raise ValueError("an autoencoder with Fourier-feature input has no diffusers counterpart")
+    c = model.config
+    n = len(c["block_out_channels"])
+    vae = DiffusersAutoencoderKL(
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(c["block_out_channels"]),
+        layers_per_block=c["layers_per_block"],
+        latent_channels=c["latent_channels"],
+        norm_num_groups=c["norm_num_groups"],
+        mid_block_add_attention=c["mid_block_attention"],
+        latents_mean=model.latent_mean.tolist(),
+        latents_std=model.latent_std.tolist(),
+    )
+    state = {k: v for k, v in model.state_dict().items() if k not in _OURS_ONLY}
+    vae.load_state_dict(state, strict=True)
+    return vae.to(next(model.parameters()).dtype)

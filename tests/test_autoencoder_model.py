@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from emu.autoencoder import AutoencoderKL, FourierFeatures
+from emu.autoencoder.convert import from_diffusers, to_diffusers
+
+TINY = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+@pytest.mark.parametrize("channels", [4, 8, 16])
+@pytest.mark.parametrize("fourier", [(), (64.0, 128.0)])
+def test_shapes(channels, fourier):
+    model = AutoencoderKL(latent_channels=channels, fourier_frequencies=fourier, **TINY)
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    posterior = model.encode(x)
+    assert posterior.mode().shape == posterior.sample().shape == (2, channels, 4, 6)
+    assert posterior.kl().shape == (2,) and (posterior.kl() >= 0).all()
+    assert model.decode(posterior.mode()).shape == x.shape == model(x).shape
+    assert model.downsample_factor == 8
+    if fourier:
+        assert model.encoder.conv_in.in_channels == 15  # 3 + 3 * 2 * 2: five times the RGB channels
+
+
+def test_fourier_features_are_fixed_sin_cos():
+    ff = FourierFeatures((1.0, 2.0))
+    x = torch.tensor([0.25, -0.1, 0.5]).view(1, 3, 1, 1)
+    out = ff(x).flatten()
+    assert out.shape == (15,) and not list(ff.parameters())
+    torch.testing.assert_close(out[:3], x.flatten())
+    # channel 0's features: sin(2π·1·x), sin(2π·2·x), cos(2π·1·x), cos(2π·2·x)
+    torch.testing.assert_close(out[3:7], torch.tensor([1.0, 0.0, 0.0, -1.0]), atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = AutoencoderKL(latent_channels=4, **TINY)
+    x = torch.randn(1, 3, 16, 16)
+    model(x).square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_gradient_checkpointing(True)
+    model(x).square().mean().backward()
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model = AutoencoderKL(latent_channels=16, fourier_frequencies=(64.0, 128.0), **TINY).eval()
+    model.set_latent_statistics(torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16))
+    model.save_pretrained(tmp_path / "ae")
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "ae").eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.latent_std, model.latent_std)
+    with pytest.raises(FileNotFoundError, match="not an exported emu autoencoder"):
+        AutoencoderKL.from_pretrained(tmp_path)
+
+
+def test_diffusers_equivalence_both_ways():
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    torch.manual_seed(0)
+    vae = DiffusersAutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, latent_channels=8, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # random weights everywhere, not the zero-initialised defaults of some layers
+        for p in vae.parameters():
+            p.normal_(0, 0.1)
+    ours = from_diffusers(vae).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        ref_post = vae.encode(x).latent_dist
+        post = ours.encode(x)
+        torch.testing.assert_close(post.mean, ref_post.mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(post.std, ref_post.std, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(post.mean), vae.decode(ref_post.mean).sample, atol=1e-5, rtol=1e-5)
+        back = to_diffusers(ours).eval()
+        torch.testing.assert_close(back(x).sample, vae(x).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_fourier_model_refuses_diffusers_export():
+    with pytest.raises(ValueError, match="Fourier"):
+        to_diffusers(AutoencoderKL(latent_channels=4, fourier_frequencies=(64.0,), **TINY))
