@@ -121,7 +121,9 @@ class UNetMidBlock2D(nn.Module):
 
     def __init__(self, channels: int, groups: int, attention: bool = True):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups), ResnetBlock2D(channels, channels, groups)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(channels, channels, groups), ResnetBlock2D(channels, channels, groups)]
+        )
         self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)]) if attention else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +334,9 @@ class AutoencoderKL(nn.Module):
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"'{folder}' is not an exported emu autoencoder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"'{folder}' is not an exported emu autoencoder (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
         config = json.loads(config_path.read_text())
         if config.pop("_class_name", None) != "emu.AutoencoderKL":
             raise ValueError(f"'{config_path}' describes another kind of model, not an emu autoencoder")

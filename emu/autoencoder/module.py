@@ -1,0 +1,230 @@
+"""Stage 0 LightningModule: trains the autoencoder with a PatchGAN (two optimizers, manual optimization).
+
+Validation logs PSNR and SSIM (torchmetrics), LPIPS when the loss has it, rFID when Inception weights are
+given, a grid of inputs over reconstructions, and measures the per-channel mean and std of ``encode(x).mode()``
+over the validation set; they are stored in the autoencoder's buffers and so in every checkpoint and export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from emu.autoencoder.losses import AutoencoderLoss
+from emu.autoencoder.model import AutoencoderKL
+from emu.errors import ConfigError
+from emu.utils.images import image_grid, log_image
+
+KIND = "autoencoder"
+
+
+class LatentStatistics:
+    """Running per-channel mean and std of latents (float64 sums)."""
+
+    def __init__(self, channels: int):
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sumsq = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, z: torch.Tensor) -> None:
+        z = z.detach().double().cpu().transpose(0, 1).flatten(1)  # C x (B*H*W)
+        self.sum += z.sum(1)
+        self.sumsq += z.square().sum(1)
+        self.count += z.shape[1]
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean.square()).clamp(min=0)
+        return mean.float(), var.sqrt().float()
+
+
+class AutoencoderModule(L.LightningModule):
+    """Trains :class:`~emu.autoencoder.model.AutoencoderKL` with :class:`~emu.autoencoder.losses.AutoencoderLoss`.
+
+    Args:
+        autoencoder, loss: the network and its losses (built by Hydra from the model config).
+        lr, betas, weight_decay, warmup_steps: AdamW of the autoencoder (linear warm-up, then constant).
+        disc_lr: learning rate of the discriminator (default: ``lr``).
+        grad_clip: gradient-norm clip for both optimizers (0: off).
+        init_from: an autoencoder checkpoint or export folder to initialise the weights from.
+        rfid_weights: a local Inception FID weights file (torch-fidelity's ``pt_inception-2015-12-05``);
+            rFID is computed at validation when given.
+        num_logged_images: images in the validation grid.
+        export_on_fit_end: write ``export/`` (safetensors + config.json) into the run folder at the end.
+    """
+
+    def __init__(
+        self,
+        autoencoder: AutoencoderKL,
+        loss: AutoencoderLoss,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        disc_lr: float | None = None,
+        grad_clip: float = 0.0,
+        init_from: str | None = None,
+        rfid_weights: str | None = None,
+        num_logged_images: int = 8,
+        export_on_fit_end: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["autoencoder", "loss"])
+        self.automatic_optimization = False
+        self.autoencoder = autoencoder
+        self.loss = loss
+        if init_from:
+            self.autoencoder.load_state_dict(load_autoencoder(init_from, expect=autoencoder.config).state_dict())
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.rfid = _make_rfid(rfid_weights) if rfid_weights else None
+        self._stats: LatentStatistics | None = None
+        self._lpips_sum = 0.0
+        self._lpips_n = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if self.trainer is not None else ""
+        if precision.startswith("16"):
+            raise ConfigError("trainer.precision", f"{precision} is not supported here; use bf16-mixed or 32-true")
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        resolution = getattr(dm, "resolution", None)
+        f = self.autoencoder.downsample_factor
+        if resolution is not None and resolution % f:
+            raise ConfigError(
+                "data.resolution",
+                f"{resolution} is not divisible by the autoencoder's downsampling factor {f}; "
+                f"try {max(f, round(resolution / f) * f)}",
+            )
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt_ae = torch.optim.AdamW(
+            self.autoencoder.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay
+        )
+        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas))
+        warmup = max(1, h.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lambda s: min(1.0, (s + 1) / warmup))
+        return [opt_ae, opt_d], [{"scheduler": sched, "interval": "step"}]
+
+    # --------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        opt_ae, opt_d = self.optimizers()
+        # global_step counts autoencoder steps only: the discriminator steps its raw optimizer below.
+        step = self.global_step
+        posterior = self.autoencoder.encode(x)
+        recon = self.autoencoder.decode(posterior.sample())
+        last_layer = self.autoencoder.decoder.conv_out.weight
+        loss, logs = self.loss.generator_loss(x, recon, posterior, step, last_layer)
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_ae.step()
+        self.lr_schedulers().step()
+
+        if self.loss.adversarial_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, recon)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            if self.hparams.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.loss.discriminator.parameters(), self.hparams.grad_clip)
+            opt_d.optimizer.step()
+            logs.update(d_logs)
+        bs = x.shape[0]
+        self.log("train/loss", logs["total"], prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "total"}, batch_size=bs)
+        return loss.detach()
+
+    # ------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._stats = LatentStatistics(self.autoencoder.latent_channels)
+        self._lpips_sum, self._lpips_n = 0.0, 0
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        posterior = self.autoencoder.encode(x)
+        z = posterior.mode()
+        recon = self.autoencoder.decode(z).clamp(-1, 1)
+        self._stats.update(z)
+        rec, logs = self.loss.reconstruction(x, recon)
+        bs = x.shape[0]
+        self.log("val/rec", rec, prog_bar=True, batch_size=bs)
+        if "lpips" in logs:
+            self._lpips_sum += float(logs["lpips"]) * bs
+            self._lpips_n += bs
+        x01, r01 = (x.float() + 1) / 2, (recon.float() + 1) / 2
+        self.psnr.update(r01, x01)
+        self.ssim.update(r01, x01)
+        if self.rfid is not None:
+            self.rfid.update(x01, real=True)
+            self.rfid.update(r01, real=False)
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            n = self.hparams.num_logged_images
+            grid = image_grid(torch.cat([x[:n], recon[:n]]), nrow=min(n, bs))
+            log_image(self.trainer, "val/inputs_over_reconstructions", grid)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.psnr.compute(), prog_bar=True)
+        self.log("val/ssim", self.ssim.compute())
+        self.psnr.reset()
+        self.ssim.reset()
+        if self._lpips_n:
+            self.log("val/lpips", self._lpips_sum / self._lpips_n)
+        if self.rfid is not None:
+            self.log("val/rfid", self.rfid.compute())
+            self.rfid.reset()
+        if self._stats is not None and self._stats.count and not self.trainer.sanity_checking:
+            mean, std = self._stats.compute()
+            self.autoencoder.set_latent_statistics(mean.to(self.device), std.to(self.device))
+            self.log("val/latent_std_mean", std.mean())
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["emu"] = {"kind": KIND, "autoencoder_config": self.autoencoder.config}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_on_fit_end and self.trainer.is_global_zero and self.trainer.default_root_dir:
+            folder = self.autoencoder.save_pretrained(Path(self.trainer.default_root_dir) / "export")
+            print(f"  exported autoencoder to {folder}")
+
+
+def _make_rfid(weights: str):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if not Path(weights).expanduser().is_file():
+        raise ConfigError("model.rfid_weights", f"'{weights}' is not a file (Inception weights for FID)")
+    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
+
+
+def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> AutoencoderKL:
+    """An :class:`AutoencoderKL` from a stage-0 Lightning checkpoint (``.ckpt``) or an export folder.
+
+    ``expect``: a config the loaded model must match (e.g. the U-Net's latent channels); a mismatch raises
+    :class:`ConfigError` naming the key. A checkpoint of another stage raises ``ValueError``.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        model = AutoencoderKL.from_pretrained(path)
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        info = ckpt.get("emu", {}) if isinstance(ckpt, dict) else {}
+        if info.get("kind") != KIND:
+            raise ValueError(f"'{path}' is a {info.get('kind', 'non-emu')} checkpoint, not a stage-0 autoencoder")
+        model = AutoencoderKL(**info["autoencoder_config"])
+        prefix = "autoencoder."
+        model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    else:
+        raise FileNotFoundError(f"no autoencoder checkpoint or export folder at '{path}'")
+    for key, value in (expect or {}).items():
+        if key in model.config and model.config[key] != value:
+            raise ConfigError(
+                f"model.autoencoder.{key}",
+                f"is {value} but the checkpoint '{path}' has {model.config[key]}; set it to match or use another checkpoint",
+            )
+    return model.eval()

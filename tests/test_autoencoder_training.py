@@ -1,0 +1,144 @@
+import lightning as L
+import pytest
+import torch
+
+from emu.autoencoder import AutoencoderKL
+from emu.autoencoder.losses import AutoencoderLoss, PerceptualLoss
+from emu.autoencoder.module import AutoencoderModule, load_autoencoder
+from emu.autoencoder.stats import measure_latent_statistics
+from emu.data import EmuDataModule, HaystackSource
+from emu.errors import ConfigError
+
+TINY = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def haystack_batch(n=4, resolution=32):
+    dm = EmuDataModule(HaystackSource(n_train=n, n_val=0, resolution=resolution), resolution=resolution, batch_size=n)
+    return next(iter(dm.dataloader("train", shuffle=False)))
+
+
+def test_overfitting_one_batch_halves_the_reconstruction_loss():
+    torch.manual_seed(0)
+    x = haystack_batch()["image"]
+    model = AutoencoderKL(latent_channels=16, fourier_frequencies=(64.0, 128.0), **TINY)
+    loss_fn = AutoencoderLoss(disc_start=10**9)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        posterior = model.encode(x)
+        loss, logs = loss_fn.generator_loss(x, model.decode(posterior.sample()), posterior, step=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(logs["l1"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+class Snapshots(L.Callback):
+    """Discriminator weights after every training step, keyed by the step that produced them."""
+
+    def __init__(self):
+        self.disc = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.disc[trainer.global_step - 1] = [p.detach().clone() for p in module.loss.discriminator.parameters()]
+
+
+def tiny_module(tmp_path, disc_start=3, **kw):
+    ae = AutoencoderKL(latent_channels=8, **TINY)
+    loss = AutoencoderLoss(disc_start=disc_start, disc_width=8, disc_layers=2)
+    return AutoencoderModule(ae, loss, lr=1e-3, **kw)
+
+
+def tiny_trainer(tmp_path, max_steps, callbacks=()):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
+                     limit_val_batches=2, num_sanity_val_steps=0)  # fmt: skip
+
+
+def tiny_data(n_train=16, n_val=8):
+    return EmuDataModule(HaystackSource(n_train=n_train, n_val=n_val, resolution=32), resolution=32, batch_size=4,
+                         require_caption=False)  # fmt: skip
+
+
+def test_discriminator_trains_only_from_disc_start(tmp_path):
+    torch.manual_seed(0)
+    module, snaps = tiny_module(tmp_path, disc_start=3), Snapshots()
+    initial = [p.detach().clone() for p in module.loss.discriminator.parameters()]
+    tiny_trainer(tmp_path, max_steps=6, callbacks=[snaps]).fit(module, datamodule=tiny_data())
+    assert sorted(snaps.disc) == [0, 1, 2, 3, 4, 5]  # global_step counts autoencoder steps only
+    for step in (0, 1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(initial, snaps.disc[step])), step
+    for step in (3, 4, 5):
+        before = snaps.disc[step - 1]
+        assert any(not torch.equal(a, b) for a, b in zip(before, snaps.disc[step])), step
+
+
+def test_checkpoint_round_trip_and_latent_statistics(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_module(tmp_path, disc_start=2)
+    data = tiny_data()
+    trainer = tiny_trainer(tmp_path, max_steps=4)
+    trainer.fit(module, datamodule=data)
+    trainer.validate(module, datamodule=data)
+    # the statistics are those of encode(x).mode() over the validation images
+    mean, std, n = measure_latent_statistics(module.autoencoder, data.dataloader("val"), 10**6, progress=False)
+    assert n == 8
+    torch.testing.assert_close(module.autoencoder.latent_mean, mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(module.autoencoder.latent_std, std, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(std, torch.ones_like(std))
+    ckpt = tmp_path / "ae.ckpt"
+    trainer.save_checkpoint(ckpt)
+    loaded = load_autoencoder(ckpt)
+    x = haystack_batch(2)["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), module.autoencoder.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.latent_std, module.autoencoder.latent_std)
+    normalized = loaded.normalize(loaded.encode(haystack_batch(8)["image"]).mode())
+    torch.testing.assert_close(loaded.denormalize(normalized), loaded.encode(haystack_batch(8)["image"]).mode())
+    exported = load_autoencoder(module.autoencoder.save_pretrained(tmp_path / "export"))
+    torch.testing.assert_close(exported.latent_mean, module.autoencoder.latent_mean)
+    assert (tmp_path / "export" / "model.safetensors").exists()  # on_fit_end wrote one into the run dir too
+    assert (tmp_path / "export" / "config.json").exists()
+
+
+def test_bad_checkpoints_and_settings(tmp_path):
+    torch.save({"state_dict": {}, "emu": {"kind": "diffusion"}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="is a diffusion checkpoint, not a stage-0 autoencoder"):
+        load_autoencoder(tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError):
+        load_autoencoder(tmp_path / "missing.ckpt")
+    folder = AutoencoderKL(latent_channels=4, **TINY).save_pretrained(tmp_path / "ae4")
+    with pytest.raises(ConfigError, match="model.autoencoder.latent_channels: is 16 but the checkpoint .* has 4"):
+        AutoencoderModule(AutoencoderKL(latent_channels=16, **TINY), AutoencoderLoss(), init_from=str(folder))
+    module = tiny_module(tmp_path)
+    data = EmuDataModule(HaystackSource(n_train=8, n_val=0, resolution=36), resolution=36, resolution_multiple=4,
+                         batch_size=4, require_caption=False)  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="data.resolution: 36 is not divisible by the autoencoder's downsampling factor 8"
+    ):
+        tiny_trainer(tmp_path, 1).fit(module, datamodule=data)
+    with pytest.raises(ConfigError, match="norm_num_groups"):
+        AutoencoderKL(block_out_channels=(12, 24), norm_num_groups=8)
+
+
+def test_lpips_needs_local_weights_and_loads_them_from_a_path(tmp_path):
+    import torchvision
+
+    with pytest.raises(ConfigError, match=r"squeezenet1_1 weights at .* \(no downloads at run time\)"):
+        PerceptualLoss("squeeze", weights_dir=str(tmp_path / "empty"))
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), hub / "checkpoints" / weights.url.rsplit("/", 1)[-1])
+    previous = torch.hub.get_dir()
+    lpips = PerceptualLoss("squeeze", weights_dir=str(hub))
+    assert torch.hub.get_dir() == previous
+    x = haystack_batch(2, 64)["image"]
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
+    d_same, d_noisy = lpips(x, x), lpips(x, y)
+    assert d_same.shape == (2,) and torch.allclose(d_same, torch.zeros(2), atol=1e-6)
+    assert (d_noisy > d_same).all()
+    d_noisy.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lpips.parameters())
