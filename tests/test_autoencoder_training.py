@@ -51,14 +51,23 @@ def tiny_module(tmp_path, disc_start=3, **kw):
 
 
 def tiny_trainer(tmp_path, max_steps, callbacks=()):
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
-                     limit_val_batches=2, num_sanity_val_steps=0)  # fmt: skip
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=list(callbacks),
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
 
 
 def tiny_data(n_train=16, n_val=8):
-    return EmuDataModule(HaystackSource(n_train=n_train, n_val=n_val, resolution=32), resolution=32, batch_size=4,
-                         require_caption=False)  # fmt: skip
+    return EmuDataModule(
+        HaystackSource(n_train=n_train, n_val=n_val, resolution=32), resolution=32, batch_size=4, require_caption=False
+    )
 
 
 def test_discriminator_trains_only_from_disc_start(tmp_path):
@@ -109,13 +118,18 @@ def test_bad_checkpoints_and_settings(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_autoencoder(tmp_path / "missing.ckpt")
     folder = AutoencoderKL(latent_channels=4, **TINY).save_pretrained(tmp_path / "ae4")
-    with pytest.raises(ConfigError, match="model.autoencoder.latent_channels: is 16 but the checkpoint .* has 4"):
+    with pytest.raises(ConfigError, match=r"model\.autoencoder\.latent_channels: is 16 but the checkpoint .* has 4"):
         AutoencoderModule(AutoencoderKL(latent_channels=16, **TINY), AutoencoderLoss(), init_from=str(folder))
     module = tiny_module(tmp_path)
-    data = EmuDataModule(HaystackSource(n_train=8, n_val=0, resolution=36), resolution=36, resolution_multiple=4,
-                         batch_size=4, require_caption=False)  # fmt: skip
+    data = EmuDataModule(
+        HaystackSource(n_train=8, n_val=0, resolution=36),
+        resolution=36,
+        resolution_multiple=4,
+        batch_size=4,
+        require_caption=False,
+    )
     with pytest.raises(
-        ConfigError, match="data.resolution: 36 is not divisible by the autoencoder's downsampling factor 8"
+        ConfigError, match=r"data\.resolution: 36 is not divisible by the autoencoder's downsampling factor 8"
     ):
         tiny_trainer(tmp_path, 1).fit(module, datamodule=data)
     with pytest.raises(ConfigError, match="norm_num_groups"):

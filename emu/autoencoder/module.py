@@ -225,6 +225,7 @@ def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> 
         if key in model.config and model.config[key] != value:
             raise ConfigError(
                 f"model.autoencoder.{key}",
-                f"is {value} but the checkpoint '{path}' has {model.config[key]}; set it to match or use another checkpoint",
+                f"is {value} but the checkpoint '{path}' has {model.config[key]}; "
+                "set it to match or use another checkpoint",
             )
     return model.eval()
