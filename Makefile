@@ -38,6 +38,12 @@ demo: install
 	$(PY) bench/data_throughput.py data=webdataset "data.source.shards=$(DEMO)/haystack/*.tar" \
 		data.num_workers=2 batches=50 grid=$(DEMO)/haystack/first_batch.png
 	@test -f $(DEMO)/judge/checkpoints/last.ckpt || $(PY) train.py experiment=mini/judge hydra.run.dir=$(DEMO)/judge
+	@test -f $(DEMO)/autoencoder_16ch/export/config.json || $(PY) train.py experiment=mini/autoencoder \
+		hydra.run.dir=$(DEMO)/autoencoder_16ch
+	@test -f $(DEMO)/autoencoder_4ch/export/config.json || $(PY) train.py experiment=mini/autoencoder_4ch \
+		hydra.run.dir=$(DEMO)/autoencoder_4ch
+	$(PY) -m emu.evaluation.reconstruction $(DEMO)/autoencoder_16ch/export $(DEMO)/autoencoder_4ch/export \
+		--haystack 512 --photos --out $(DEMO)/autoencoder_eval.json
 	@echo "demo outputs in $(DEMO)/"
 
 bench: install

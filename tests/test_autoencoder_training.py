@@ -156,3 +156,21 @@ def test_lpips_needs_local_weights_and_loads_them_from_a_path(tmp_path):
     d_noisy.sum().backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in lpips.parameters())
+
+
+def test_reconstruction_cli_compares_checkpoints_on_the_same_images(tmp_path, capsys):
+    import json
+
+    from emu.evaluation.reconstruction import main
+
+    a = AutoencoderKL(latent_channels=4, **TINY).save_pretrained(tmp_path / "a")
+    b = AutoencoderKL(latent_channels=16, **TINY).save_pretrained(tmp_path / "b")
+    out = tmp_path / "eval.json"
+    main([str(a), str(b), "--haystack", "4", "--resolution", "32", "--photos", "--photo-resolution", "32",
+          "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["latent_channels"] for r in results] == [4, 16]
+    for r in results:
+        assert r["haystack@32"]["images"] == 4 and r["photos@32"]["images"] == 8
+        assert 0 < r["haystack@32"]["psnr"] < 60 and -1 <= r["photos@32"]["ssim"] <= 1
+    assert "photos@32 PSNR/SSIM" in capsys.readouterr().out

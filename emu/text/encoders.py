@@ -1,0 +1,108 @@
+"""Frozen text encoders loaded through transformers by hub name or local folder: CLIP text and T5.
+
+The paper-scale configs name ``openai/clip-vit-large-patch14`` and ``google/t5-v1_1-xxl``; the miniature's own
+encoders are folders in the same formats, loaded by exactly this code. Nothing is downloaded: a name must be in
+the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from emu.errors import ConfigError
+
+log = logging.getLogger("emu.text")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TextEmbedding:
+    """Per-token hidden states (B x L x D), their attention mask (B x L, bool) and a pooled vector (B x P) or None."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+class FrozenTextEncoder(nn.Module):
+    """A frozen CLIP text tower (``kind="clip"``) or T5 encoder (``kind="t5"``) with its tokenizer.
+
+    Args:
+        name_or_path: hub name (from the local cache) or a folder written by ``save_pretrained``.
+        kind: ``clip`` or ``t5``.
+        max_length: tokens per prompt (77 for CLIP); longer prompts are truncated with one warning.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (bf16 on GPU).
+    """
+
+    def __init__(self, name_or_path: str, kind: str = "clip", max_length: int = 77, dtype: str = "float32"):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        if kind not in ("clip", "t5"):
+            raise ConfigError("model.text.kind", f"must be 'clip' or 't5', got {kind!r}")
+        if dtype not in DTYPES:
+            raise ConfigError("model.text.dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.name_or_path, self.kind, self.max_length = str(name_or_path), kind, max_length
+        path = Path(name_or_path).expanduser()
+        looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
+        if looks_local and not (path / "config.json").is_file():
+            raise ConfigError("text encoder path", f"'{name_or_path}' is not a model folder (no config.json)")
+        model_cls = CLIPTextModelWithProjection if kind == "clip" else T5EncoderModel
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # loading a text tower out of a full CLIP checkpoint warns
+                self.model = model_cls.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
+        except OSError as e:
+            raise ConfigError(
+                "text encoder path",
+                f"could not load '{name_or_path}' ({kind}): not a local folder nor in the Hugging Face cache "
+                f"(no downloads at run time): {str(e).splitlines()[0]}",
+            ) from e
+        vocab = self.model.config.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise ConfigError(
+                "text encoder path",
+                f"the tokenizer of '{name_or_path}' has {len(self.tokenizer)} tokens but the model only {vocab}: "
+                "they do not belong together",
+            )
+        self.model.requires_grad_(False).eval()
+        self._warned_truncation = False
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size if self.kind == "clip" else self.model.config.d_model
+
+    @property
+    def pooled_size(self) -> int | None:
+        return self.model.config.projection_dim if self.kind == "clip" else None
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode
+        return super().train(False)
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if not self._warned_truncation:
+            lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+            if max(lengths, default=0) > self.max_length:
+                log.warning("prompts longer than %d tokens are truncated (longest: %d)", self.max_length, max(lengths))
+                self._warned_truncation = True
+        return self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextEmbedding:
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in self.tokenize(prompts).items()}
+        mask = batch["attention_mask"].bool()
+        if self.kind == "clip":
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return TextEmbedding(out.last_hidden_state, mask, out.text_embeds)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return TextEmbedding(out.last_hidden_state, mask, None)
