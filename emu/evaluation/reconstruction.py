@@ -25,7 +25,16 @@ from emu.autoencoder.module import load_autoencoder
 from emu.data.haystack import make_sample
 from emu.data.samples import SamplePreparer
 
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "cat", "hubble_deep_field")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "retina",
+    "cat",
+    "hubble_deep_field",
+)
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ the local Hugging Face cache.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,8 @@ class FrozenTextEncoder(nn.Module):
 
     def __init__(self, name_or_path: str, kind: str = "clip", max_length: int = 77, dtype: str = "float32"):
         super().__init__()
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        from transformers.utils import logging as hf_logging
 
         if kind not in ("clip", "t5"):
             raise ConfigError("model.text.kind", f"must be 'clip' or 't5', got {kind!r}")
@@ -56,9 +56,17 @@ class FrozenTextEncoder(nn.Module):
         model_cls = CLIPTextModelWithProjection if kind == "clip" else T5EncoderModel
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # loading a text tower out of a full CLIP checkpoint warns
-                self.model = model_cls.from_pretrained(str(name_or_path), dtype=DTYPES[dtype])
+            config = AutoConfig.from_pretrained(str(name_or_path))
+            if kind == "clip" and config.model_type == "clip":  # the text tower out of a full CLIP checkpoint
+                text_config = config.text_config
+                text_config.projection_dim = config.projection_dim
+                config = text_config
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the unused vision weights of a full CLIP are expected
+            try:
+                self.model = model_cls.from_pretrained(str(name_or_path), config=config, dtype=DTYPES[dtype])
+            finally:
+                hf_logging.set_verbosity(verbosity)
         except OSError as e:
             raise ConfigError(
                 "text encoder path",

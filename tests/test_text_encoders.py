@@ -1,0 +1,84 @@
+import logging
+
+import pytest
+import torch
+
+from emu.errors import ConfigError
+from emu.text.encoders import FrozenTextEncoder
+from emu.text.tokenizer import build_word_tokenizer
+
+CAPTIONS = ["a large red circle in the top left on a navy background", "a small blue star at the bottom"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = build_word_tokenizer(CAPTIONS)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    from transformers import T5Config, T5EncoderModel
+
+    tok = build_word_tokenizer(CAPTIONS, add_bos=False)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    folder = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_clip_and_t5_load_by_path_and_encode(tiny_clip, tiny_t5):
+    clip = FrozenTextEncoder(str(tiny_clip), "clip", max_length=16)
+    out = clip(CAPTIONS + [""])
+    assert out.tokens.shape == (3, 16, 32) and out.pooled.shape == (3, 24) and out.mask.dtype == torch.bool
+    assert out.mask[0].sum() == len(CAPTIONS[0].split()) + 2 and out.mask[2].sum() == 2  # bos + eos only
+    assert not any(p.requires_grad for p in clip.parameters()) and not clip.train().training
+    from transformers import CLIPModel
+
+    full = CLIPModel.from_pretrained(tiny_clip).eval()  # the same weights as the full model's text tower
+    ids = clip.tokenize(CAPTIONS)
+    with torch.no_grad():
+        expected = full.get_text_features(**ids).pooler_output  # projected pooled text embedding
+    torch.testing.assert_close(expected, clip(CAPTIONS).pooled)
+    t5 = FrozenTextEncoder(str(tiny_t5), "t5", max_length=12)
+    out = t5(CAPTIONS)
+    assert out.tokens.shape == (2, 12, 32) and out.pooled is None
+    assert out.mask[1].sum() == len(CAPTIONS[1].split()) + 1  # eos
+
+
+def test_long_prompts_truncate_with_one_warning(tiny_clip, caplog):
+    clip = FrozenTextEncoder(str(tiny_clip), "clip", max_length=8)
+    with caplog.at_level(logging.WARNING, logger="emu.text"):
+        out = clip([CAPTIONS[0], CAPTIONS[0]])
+        clip([CAPTIONS[0]])
+    assert out.mask.all() and out.tokens.shape[1] == 8
+    assert sum("truncated" in r.message for r in caplog.records) == 1
+
+
+def test_bad_paths_and_mismatched_tokenizers(tmp_path, tiny_clip):
+    with pytest.raises(ConfigError, match="not a model folder"):
+        FrozenTextEncoder(str(tmp_path), "clip")
+    import shutil
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_clip, folder)
+    build_word_tokenizer(CAPTIONS + ["many more words than the model knows " * 3 + "zebra yak"]).save_pretrained(folder)
+    with pytest.raises(ConfigError, match="do not belong together"):
+        FrozenTextEncoder(str(folder), "clip")
+    with pytest.raises(ConfigError, match="must be 'clip' or 't5'"):
+        FrozenTextEncoder(str(tiny_clip), "bert")
