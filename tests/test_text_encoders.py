@@ -44,7 +44,7 @@ def tiny_t5(tmp_path_factory):
 
 def test_clip_and_t5_load_by_path_and_encode(tiny_clip, tiny_t5):
     clip = FrozenTextEncoder(str(tiny_clip), "clip", max_length=16)
-    out = clip(CAPTIONS + [""])
+    out = clip([*CAPTIONS, ""])
     assert out.tokens.shape == (3, 16, 32) and out.pooled.shape == (3, 24) and out.mask.dtype == torch.bool
     assert out.mask[0].sum() == len(CAPTIONS[0].split()) + 2 and out.mask[2].sum() == 2  # bos + eos only
     assert not any(p.requires_grad for p in clip.parameters()) and not clip.train().training
@@ -77,7 +77,7 @@ def test_bad_paths_and_mismatched_tokenizers(tmp_path, tiny_clip):
 
     folder = tmp_path / "mismatch"
     shutil.copytree(tiny_clip, folder)
-    build_word_tokenizer(CAPTIONS + ["many more words than the model knows " * 3 + "zebra yak"]).save_pretrained(folder)
+    build_word_tokenizer([*CAPTIONS, "many more words than the model knows zebra yak"]).save_pretrained(folder)
     with pytest.raises(ConfigError, match="do not belong together"):
         FrozenTextEncoder(str(folder), "clip")
     with pytest.raises(ConfigError, match="must be 'clip' or 't5'"):
