@@ -174,3 +174,16 @@ def test_reconstruction_cli_compares_checkpoints_on_the_same_images(tmp_path, ca
         assert r["haystack@32"]["images"] == 4 and r["photos@32"]["images"] == 8
         assert 0 < r["haystack@32"]["psnr"] < 60 and -1 <= r["photos@32"]["ssim"] <= 1
     assert "photos@32 PSNR/SSIM" in capsys.readouterr().out
+
+
+def test_latent_statistics_cli_writes_an_export_with_them(tmp_path, capsys):
+    from emu.autoencoder.stats import main
+
+    src = AutoencoderKL(latent_channels=4, **TINY).save_pretrained(tmp_path / "src")
+    main(["--ckpt", str(src), "--out", str(tmp_path / "out"), "--images", "12", "--device", "cpu",
+          "data.resolution=32", "data.batch_size=4", "data.source.n_train=8", "data.source.n_val=12"])  # fmt: skip
+    out = AutoencoderKL.from_pretrained(tmp_path / "out")
+    assert "latent statistics over 12 val images" in capsys.readouterr().out
+    mean, std, _ = measure_latent_statistics(out, tiny_data(n_train=8, n_val=12).dataloader("val"), 12, progress=False)
+    torch.testing.assert_close(out.latent_mean, mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.latent_std, std, atol=1e-5, rtol=1e-4)
