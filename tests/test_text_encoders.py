@@ -82,3 +82,66 @@ def test_bad_paths_and_mismatched_tokenizers(tmp_path, tiny_clip):
         FrozenTextEncoder(str(folder), "clip")
     with pytest.raises(ConfigError, match="must be 'clip' or 't5'"):
         FrozenTextEncoder(str(tiny_clip), "bert")
+
+
+def make_conditioner(tiny_clip, tiny_t5, **kw):
+    from emu.text.conditioner import TextConditioner
+
+    encoders = {"clip": FrozenTextEncoder(str(tiny_clip), "clip", 16), "t5": FrozenTextEncoder(str(tiny_t5), "t5", 16)}
+    return TextConditioner(encoders, context_dim=20, **kw)
+
+
+def test_conditioner_shapes_masks_and_pooled(tiny_clip, tiny_t5):
+    cond = make_conditioner(tiny_clip, tiny_t5, dropout=0.0)
+    out = cond.condition(CAPTIONS)
+    assert out.context.shape == (2, 16 + 16, 20) and out.mask.shape == (2, 32) and out.pooled.shape == (2, 24)
+    n0 = len(CAPTIONS[0].split())
+    assert out.mask[0, :16].sum() == n0 + 2 and out.mask[0, 16:].sum() == n0 + 1  # clip then t5 tokens
+    out.context.sum().backward()  # the projections train, the encoders do not
+    assert all(p.grad is not None for p in cond.proj.parameters())
+    assert all(p.grad is None for p in cond.encoders.parameters())
+    uncond = cond.unconditional_batch(3)
+    assert uncond.context.shape == (3, 32, 20) and uncond.mask[0, :16].sum() == 2
+
+
+def test_cfg_dropout_rate_per_encoder(tiny_clip, tiny_t5):
+    cond = make_conditioner(tiny_clip, tiny_t5, dropout={"clip": 0.3, "t5": 0.0})
+    embs = cond.encode(CAPTIONS[:1] * 1000)
+    embs = {k: v for k, v in embs.items()}
+    out = cond(embs, drop=True, generator=torch.Generator().manual_seed(0))
+    empty = cond.unconditional("clip")
+    dropped_clip = (out.pooled == empty.pooled).all(-1).float().mean()
+    assert 0.26 < dropped_clip < 0.34
+    ref = cond(embs, drop=False)
+    torch.testing.assert_close(out.context[:, 16:], ref.context[:, 16:])  # t5 never dropped
+    dropped_rows = (out.pooled == empty.pooled).all(-1)
+    assert (out.mask[dropped_rows, :16].sum(-1) == 2).all()  # the empty prompt's mask
+    zeros = make_conditioner(tiny_clip, tiny_t5, dropout=1.0, uncond="zeros")
+    z = zeros(zeros.encode(CAPTIONS), drop=True)
+    assert (z.pooled == 0).all() and z.mask.all()
+
+
+def test_cached_embeddings_equal_fresh_ones(tiny_clip, tiny_t5, tmp_path):
+    from emu.text.conditioner import EmbeddingCache, precompute_embeddings
+
+    cond = make_conditioner(tiny_clip, tiny_t5)
+    prompts = [*CAPTIONS, CAPTIONS[0], "a small red star on the left"]
+    cache = EmbeddingCache(precompute_embeddings(cond, prompts, tmp_path / "emb.safetensors", batch_size=2))
+    assert len(cache.prompts) == 3
+    fresh, cached = cond.encode(prompts[::-1]), cache(prompts[::-1])
+    for name in ("clip", "t5"):
+        torch.testing.assert_close(cached[name].tokens, fresh[name].tokens)
+        assert torch.equal(cached[name].mask, fresh[name].mask)
+    torch.testing.assert_close(cached["clip"].pooled, fresh["clip"].pooled)
+    torch.testing.assert_close(cond(cached).context, cond(fresh).context)
+    with pytest.raises(KeyError, match="not in the embedding cache"):
+        cache(["never seen"])
+
+
+def test_conditioner_config_errors(tiny_clip, tiny_t5):
+    with pytest.raises(ConfigError, match="uncond"):
+        make_conditioner(tiny_clip, tiny_t5, uncond="noise")
+    with pytest.raises(ConfigError, match="pooled_from"):
+        make_conditioner(tiny_clip, tiny_t5, pooled_from="t5")
+    with pytest.raises(ConfigError, match="unknown encoders"):
+        make_conditioner(tiny_clip, tiny_t5, dropout={"bert": 0.1})

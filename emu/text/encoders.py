@@ -63,10 +63,12 @@ class FrozenTextEncoder(nn.Module):
                 config = text_config
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # the unused vision weights of a full CLIP are expected
+            hf_logging.disable_progress_bar()
             try:
                 self.model = model_cls.from_pretrained(str(name_or_path), config=config, dtype=DTYPES[dtype])
             finally:
                 hf_logging.set_verbosity(verbosity)
+                hf_logging.enable_progress_bar()
         except OSError as e:
             raise ConfigError(
                 "text encoder path",

@@ -1,0 +1,176 @@
+"""The text conditioner: frozen encoders (CLIP, T5, ...) -> one context sequence for cross-attention + a pooled vector.
+
+Each encoder's per-token hidden states are projected (trainable) to the U-Net's context width and concatenated
+along the sequence with their masks; the pooled CLIP text embedding conditions globally. Classifier-free
+guidance dropout replaces an encoder's output, per sample and per encoder with its own probability, by the
+unconditional embedding (the empty prompt's, or zeros). The frozen part (:meth:`TextConditioner.encode`) can be
+precomputed for a dataset and cached (:func:`precompute_embeddings`, :class:`EmbeddingCache`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from emu.errors import ConfigError
+from emu.text.encoders import FrozenTextEncoder, TextEmbedding
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor  # B x L x C, the concatenated projected tokens
+    mask: torch.Tensor  # B x L, True where a token is real
+    pooled: torch.Tensor | None  # B x P
+
+
+class TextConditioner(nn.Module):
+    """Frozen text encoders with trainable projections to ``context_dim``.
+
+    Args:
+        encoders: name -> :class:`~emu.text.encoders.FrozenTextEncoder` (e.g. ``clip``, ``t5``), in sequence order.
+        context_dim: width of the U-Net's cross-attention context.
+        dropout: CFG dropout probability per encoder (a dict) or one value for all.
+        uncond: ``empty`` (the empty prompt's embedding) or ``zeros``.
+        pooled_from: the encoder whose pooled embedding is returned (None: no pooled vector).
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, FrozenTextEncoder],
+        context_dim: int,
+        dropout: dict[str, float] | float = 0.1,
+        uncond: str = "empty",
+        pooled_from: str | None = "clip",
+    ):
+        super().__init__()
+        if not encoders:
+            raise ConfigError("model.conditioner.encoders", "needs at least one text encoder")
+        if uncond not in ("empty", "zeros"):
+            raise ConfigError("model.conditioner.uncond", f"must be 'empty' or 'zeros', got {uncond!r}")
+        if pooled_from is not None and (pooled_from not in encoders or encoders[pooled_from].pooled_size is None):
+            raise ConfigError(
+                "model.conditioner.pooled_from", f"{pooled_from!r} is not an encoder with a pooled output"
+            )
+        self.encoders = nn.ModuleDict(encoders)
+        self.proj = nn.ModuleDict({n: nn.Linear(e.hidden_size, context_dim) for n, e in encoders.items()})
+        rates = dropout if isinstance(dropout, dict) else dict.fromkeys(encoders, float(dropout))
+        unknown = set(rates) - set(encoders)
+        if unknown:
+            raise ConfigError("model.conditioner.dropout", f"names unknown encoders {sorted(unknown)}")
+        self.dropout = {n: float(rates.get(n, 0.0)) for n in encoders}
+        self.uncond, self.pooled_from, self.context_dim = uncond, pooled_from, context_dim
+        self._uncond_cache: dict[str, TextEmbedding] = {}
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.encoders[self.pooled_from].pooled_size if self.pooled_from else None
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, TextEmbedding]:
+        """The frozen part: each encoder's output for ``prompts`` (what a cache stores)."""
+        return {name: enc(list(prompts)) for name, enc in self.encoders.items()}
+
+    def unconditional(self, name: str) -> TextEmbedding:
+        """The unconditional embedding of one encoder, batch size 1."""
+        if name not in self._uncond_cache:
+            emb = self.encoders[name]([""])
+            if self.uncond == "zeros":
+                emb = TextEmbedding(
+                    torch.zeros_like(emb.tokens),
+                    torch.ones_like(emb.mask),
+                    None if emb.pooled is None else torch.zeros_like(emb.pooled),
+                )
+            self._uncond_cache[name] = emb
+        return self._uncond_cache[name]
+
+    def forward(
+        self, embeddings: dict[str, TextEmbedding], drop: bool = False, generator: torch.Generator | None = None
+    ) -> Conditioning:
+        """Project and concatenate; with ``drop``, apply CFG dropout per sample and encoder."""
+        contexts, masks, pooled = [], [], None
+        for name, emb in embeddings.items():
+            tokens, mask, pool = emb.tokens, emb.mask, emb.pooled
+            p = self.dropout[name]
+            if drop and p > 0:
+                u = self.unconditional(name)
+                keep = torch.rand(tokens.shape[0], generator=generator, device="cpu") >= p
+                keep = keep.to(tokens.device)
+                tokens = torch.where(keep[:, None, None], tokens, u.tokens.to(tokens))
+                mask = torch.where(keep[:, None], mask, u.mask.to(mask.device))
+                if pool is not None:
+                    pool = torch.where(keep[:, None], pool, u.pooled.to(pool))
+            proj = self.proj[name]
+            contexts.append(proj(tokens.to(proj.weight.dtype)))
+            masks.append(mask)
+            if name == self.pooled_from:
+                pooled = pool
+        return Conditioning(torch.cat(contexts, 1), torch.cat(masks, 1), pooled)
+
+    def condition(self, prompts: list[str], drop: bool = False) -> Conditioning:
+        return self(self.encode(prompts), drop=drop)
+
+    def unconditional_batch(self, batch_size: int) -> Conditioning:
+        """The conditioning of ``batch_size`` empty prompts (for classifier-free guidance at sampling)."""
+        embs = {}
+        for n in self.encoders:
+            u = self.unconditional(n)
+            pooled = None if u.pooled is None else u.pooled.expand(batch_size, -1)
+            embs[n] = TextEmbedding(u.tokens.expand(batch_size, -1, -1), u.mask.expand(batch_size, -1), pooled)
+        return self(embs)
+
+
+# --------------------------------------------------------------------------------------------- caching
+def precompute_embeddings(
+    conditioner: TextConditioner, prompts: list[str], path: str | Path, batch_size: int = 256
+) -> Path:
+    """Encode ``prompts`` once with the frozen encoders and save them (safetensors + the prompt list)."""
+    from safetensors.torch import save_file
+
+    unique = list(dict.fromkeys(prompts))
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(unique), batch_size):
+        for name, emb in conditioner.encode(unique[i : i + batch_size]).items():
+            parts.setdefault(f"{name}.tokens", []).append(emb.tokens.cpu())
+            parts.setdefault(f"{name}.mask", []).append(emb.mask.cpu())
+            if emb.pooled is not None:
+                parts.setdefault(f"{name}.pooled", []).append(emb.pooled.cpu())
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors, str(path), metadata={"prompts": json.dumps(unique), "encoders": json.dumps(list(conditioner.encoders))}
+    )
+    return path
+
+
+class EmbeddingCache:
+    """Cached frozen-encoder outputs, looked up by prompt; a drop-in for :meth:`TextConditioner.encode`."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        self.prompts = {p: i for i, p in enumerate(json.loads(meta["prompts"]))}
+        self.names = json.loads(meta["encoders"])
+        self.tensors = load_file(str(path))
+
+    def __call__(self, prompts: list[str]) -> dict[str, TextEmbedding]:
+        missing = [p for p in prompts if p not in self.prompts]
+        if missing:
+            raise KeyError(f"{len(missing)} prompts are not in the embedding cache, e.g. {missing[0]!r}")
+        idx = torch.tensor([self.prompts[p] for p in prompts])
+        out = {}
+        for n in self.names:
+            pooled = self.tensors.get(f"{n}.pooled")
+            out[n] = TextEmbedding(
+                self.tensors[f"{n}.tokens"][idx],
+                self.tensors[f"{n}.mask"][idx],
+                None if pooled is None else pooled[idx],
+            )
+        return out
