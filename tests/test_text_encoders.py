@@ -145,3 +145,35 @@ def test_conditioner_config_errors(tiny_clip, tiny_t5):
         make_conditioner(tiny_clip, tiny_t5, pooled_from="t5")
     with pytest.raises(ConfigError, match="unknown encoders"):
         make_conditioner(tiny_clip, tiny_t5, dropout={"bert": 0.1})
+
+
+def test_mini_clip_exports_a_folder_public_loaders_read(tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from emu.text.mini_clip import MiniClipModule, attribute_prompts
+
+    module = MiniClipModule(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
+                            projection_dim=16, max_length=20)  # fmt: skip
+    folder = module.save_pretrained(tmp_path / "clip")
+    assert isinstance(CLIPModel.from_pretrained(folder), CLIPModel)
+    caption = "a large red circle in the top left on a navy background"
+    assert AutoTokenizer.from_pretrained(folder)(caption)["input_ids"] == module.tokenizer(caption)["input_ids"]
+    assert module.tokenizer.unk_token_id not in module.tokenizer(caption)["input_ids"]
+    enc = FrozenTextEncoder(str(folder), "clip", max_length=20)
+    with torch.no_grad():
+        expected = module.embed_texts([caption])
+    torch.testing.assert_close(torch.nn.functional.normalize(enc([caption]).pooled, dim=-1), expected)
+    prompts = attribute_prompts("color", "red")
+    assert len(prompts) == 2 * 5 * 9 * 8 and all(" red " in p for p in prompts)
+
+
+def test_mini_clip_metrics_on_constructed_embeddings():
+    from emu.text.mini_clip import MiniClipModule
+
+    module = MiniClipModule(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
+                            projection_dim=16, max_length=20, retrieval_candidates=4)  # fmt: skip
+    emb = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    captions = [f"c{i}" for i in range(8)]
+    assert module.evaluate(emb, emb, captions, [{}] * 8)["t2i_top1"] == 1.0
+    shuffled = module.evaluate(emb, emb.roll(1, 0), captions, [{}] * 8)["t2i_top1"]
+    assert shuffled < 0.5

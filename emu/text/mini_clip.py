@@ -1,0 +1,206 @@
+"""The miniature's own CLIP: a few-million-parameter ``transformers.CLIPModel`` trained contrastively on haystack pairs.
+
+It is saved with ``save_pretrained`` (model, tokenizer, image processor) into ``<run>/export`` and loaded by path
+through the code that loads ``openai/clip-vit-large-patch14``; curation (CLIP score, aesthetic features) and
+evaluation (CLIP score) use it. Validation measures text-to-image top-1 retrieval among 100 candidates and
+zero-shot attribute accuracy (colour, shape, background of one-object scenes), each class embedded as the mean
+over captions that vary every other attribute (prompt ensembling).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from emu.data import haystack
+from emu.text.tokenizer import build_word_tokenizer
+from emu.utils.images import image_grid, log_image
+
+ATTRIBUTES = {"color": tuple(haystack.COLORS), "shape": haystack.SHAPES, "background": tuple(haystack.BACKGROUNDS)}
+
+
+def haystack_vocabulary_text() -> list[str]:
+    """Every word a haystack caption can use."""
+    words = [*haystack.SHAPES, *haystack.COLORS, *haystack.SIZES, *haystack.BACKGROUNDS]
+    words += [w for phrase in haystack.POSITION_PHRASES.values() for w in phrase.split()]
+    return [" ".join([*words, "a", "and", "on", "background"])]
+
+
+def attribute_prompts(attribute: str, value: str) -> list[str]:
+    """All one-object captions with ``attribute`` = ``value`` and every other attribute varied."""
+    grid = {
+        "size": tuple(haystack.SIZES),
+        "color": ATTRIBUTES["color"],
+        "shape": ATTRIBUTES["shape"],
+        "position": haystack.POSITIONS,
+        "background": ATTRIBUTES["background"],
+    }
+    grid[attribute] = (value,)
+    out = []
+    for size, color, shape, pos, bg in itertools.product(*grid.values()):
+        obj = {"size": size, "color": color, "shape": shape, "position": pos}
+        out.append(haystack.caption_for([obj], bg))
+    return out
+
+
+class MiniClipModule(L.LightningModule):
+    """Contrastive training of a small ``CLIPModel`` on haystack image-caption batches."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        patch_size: int = 8,
+        vision_width: int = 192,
+        vision_layers: int = 4,
+        text_width: int = 128,
+        text_layers: int = 3,
+        heads: int = 4,
+        projection_dim: int = 128,
+        max_length: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        retrieval_candidates: int = 100,
+        export_on_fit_end: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        self.tokenizer = build_word_tokenizer(haystack_vocabulary_text())
+        self.tokenizer.model_max_length = max_length
+        tok = self.tokenizer
+        config = CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tok), hidden_size=text_width, intermediate_size=4 * text_width,
+                num_hidden_layers=text_layers, num_attention_heads=heads, max_position_embeddings=max_length,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            ),
+            vision_config=dict(
+                hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
+                num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+            ),
+            projection_dim=projection_dim,
+        )  # fmt: skip
+        self.clip = CLIPModel(config)
+        # our batches are already in [-1, 1]: the processor does the same for consumers that load the folder
+        self.processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True,
+        )  # fmt: skip
+        self._val: dict[str, list] = {}
+
+    def _tokens(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        t = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.hparams.max_length,
+                           return_tensors="pt")  # fmt: skip
+        return {k: v.to(self.device) for k, v in t.items()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.clip(**self._tokens(batch["caption"]), pixel_values=batch["image"], return_loss=True)
+        bs = len(batch["caption"])
+        with torch.no_grad():
+            acc = (out.logits_per_text.argmax(-1) == torch.arange(bs, device=self.device)).float().mean()
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/batch_t2i_acc", acc, batch_size=bs)
+        self.log("train/logit_scale", self.clip.logit_scale.exp(), batch_size=bs)
+        return out.loss
+
+    # ------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
+        chunks = [
+            self.clip.get_text_features(**self._tokens(texts[i : i + batch_size]))
+            for i in range(0, len(texts), batch_size)
+        ]
+        return F.normalize(torch.cat([_features(c) for c in chunks]), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(_features(self.clip.get_image_features(pixel_values=images.to(self.device))), dim=-1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"image": [], "text": [], "caption": [], "meta": []}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.clip(**self._tokens(batch["caption"]), pixel_values=batch["image"], return_loss=True)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=len(batch["caption"]))
+        self._val["image"].append(F.normalize(out.image_embeds, dim=-1).cpu())
+        self._val["text"].append(F.normalize(out.text_embeds, dim=-1).cpu())
+        self._val["caption"] += batch["caption"]
+        self._val["meta"] += batch["meta"]
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            log_image(self.trainer, "val/images", image_grid(batch["image"][:16]), " | ".join(batch["caption"][:16]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val["image"]:
+            return
+        metrics = self.evaluate(torch.cat(self._val["image"]), torch.cat(self._val["text"]), self._val["caption"],
+                                self._val["meta"])  # fmt: skip
+        for k, v in metrics.items():
+            self.log(f"val/{k}", v, prog_bar=k in ("t2i_top1", "zeroshot_color", "zeroshot_shape"))
+
+    def evaluate(self, image_emb, text_emb, captions, metas) -> dict[str, float]:
+        """Retrieval top-1 among ``retrieval_candidates`` and zero-shot attribute accuracies (one-object scenes)."""
+        n = self.hparams.retrieval_candidates
+        hits, total = 0, 0
+        for start in range(0, len(captions) - n + 1, n):
+            sims = text_emb[start : start + n] @ image_emb[start : start + n].T
+            best = sims.argmax(-1)
+            group = captions[start : start + n]
+            hits += sum(group[int(b)] == group[i] for i, b in enumerate(best))  # a twin caption counts too
+            total += n
+        metrics = {"t2i_top1": hits / total} if total else {}
+        single = [i for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
+        if single:
+            for attribute, values in ATTRIBUTES.items():
+                classes = torch.stack([self.embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
+                pred = (image_emb[single].to(classes) @ F.normalize(classes, dim=-1).T).argmax(-1).cpu()
+                truth = torch.tensor([values.index(_attr(metas[i], attribute)) for i in single])
+                metrics[f"zeroshot_{attribute}"] = float((pred == truth).float().mean())
+        return metrics
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        rest = [p for n, p in self.clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}], lr=self.hparams.lr)  # fmt: skip
+        total = max(1, self.trainer.estimated_stepping_batches) if self.trainer is not None else 1000
+        warmup = self.hparams.warmup_steps
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                                                   "interval": "step"}}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ export
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Model, tokenizer and image processor in Hugging Face format (``CLIPModel.from_pretrained`` loads it)."""
+        folder = Path(folder)
+        self.clip.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        return folder
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_on_fit_end and self.trainer.is_global_zero and self.trainer.default_root_dir:
+            folder = self.save_pretrained(Path(self.trainer.default_root_dir) / "export")
+            print(f"  exported mini CLIP to {folder}")
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5 returns model outputs from get_*_features; older versions a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _attr(meta: dict, attribute: str) -> str:
+    value = meta["background"] if attribute == "background" else meta["objects"][0][attribute]
+    return value
