@@ -177,3 +177,18 @@ def test_mini_clip_metrics_on_constructed_embeddings():
     assert module.evaluate(emb, emb, captions, [{}] * 8)["t2i_top1"] == 1.0
     shuffled = module.evaluate(emb, emb.roll(1, 0), captions, [{}] * 8)["t2i_top1"]
     assert shuffled < 0.5
+
+
+def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tmp_path):
+    from transformers import AutoTokenizer
+
+    from emu.text.mini_t5 import caption_corpus, main
+
+    main(["--out", str(tmp_path / "t5"), "--d-model", "32", "--layers", "1"])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "t5")
+    for caption in caption_corpus(50, seed=5):  # another haystack's captions
+        ids = tok(caption)["input_ids"]
+        assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id
+    enc = FrozenTextEncoder(str(tmp_path / "t5"), "t5", max_length=32)
+    out = enc(["a small red star on the left on a navy background", ""])
+    assert out.tokens.shape == (2, 32, 32) and out.mask[1].sum() == 1
