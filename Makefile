@@ -44,6 +44,8 @@ demo: install
 		hydra.run.dir=$(DEMO)/autoencoder_4ch
 	$(PY) -m emu.evaluation.reconstruction $(DEMO)/autoencoder_16ch/export $(DEMO)/autoencoder_4ch/export \
 		--haystack 512 --photos --out $(DEMO)/autoencoder_eval.json
+	@test -f $(DEMO)/clip/export/config.json || $(PY) train.py experiment=mini/clip hydra.run.dir=$(DEMO)/clip
+	@test -f $(DEMO)/t5/config.json || $(PY) -m emu.text.mini_t5 --out $(DEMO)/t5
 	@echo "demo outputs in $(DEMO)/"
 
 bench: install

@@ -192,3 +192,18 @@ def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tm
     enc = FrozenTextEncoder(str(tmp_path / "t5"), "t5", max_length=32)
     out = enc(["a small red star on the left on a navy background", ""])
     assert out.tokens.shape == (2, 32, 32) and out.mask[1].sum() == 1
+
+
+def test_hard_negatives_differ_in_one_shape_or_colour():
+    import random
+
+    from emu.data.haystack import make_sample
+    from emu.text.mini_clip import hard_negative_captions
+
+    metas = [make_sample(0, i, 16)[1] for i in range(20)]
+    negs = hard_negative_captions(metas, random.Random(0))
+    assert len(negs) == 20
+    for meta, neg in zip(metas, negs):
+        diff = [(a, b) for a, b in zip(meta["caption"].split(), neg.split()) if a != b]
+        assert len(diff) == 1 and len(neg.split()) == len(meta["caption"].split())
+    assert hard_negative_captions([{}], random.Random(0)) == []

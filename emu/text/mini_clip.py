@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from emu.data import haystack
+from emu.data.samples import swap_left_right
 from emu.text.tokenizer import build_word_tokenizer
 from emu.utils.images import image_grid, log_image
 
@@ -67,6 +69,7 @@ class MiniClipModule(L.LightningModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
         retrieval_candidates: int = 100,
+        hard_negatives: bool = True,
         export_on_fit_end: bool = True,
     ):
         super().__init__()
@@ -95,6 +98,7 @@ class MiniClipModule(L.LightningModule):
             image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True,
         )  # fmt: skip
         self._val: dict[str, list] = {}
+        self._rng = random.Random(0)
 
     def _tokens(self, captions: list[str]) -> dict[str, torch.Tensor]:
         t = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.hparams.max_length,
@@ -102,14 +106,18 @@ class MiniClipModule(L.LightningModule):
         return {k: v.to(self.device) for k, v in t.items()}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.clip(**self._tokens(batch["caption"]), pixel_values=batch["image"], return_loss=True)
-        bs = len(batch["caption"])
+        captions, bs = list(batch["caption"]), len(batch["caption"])
+        negatives = hard_negative_captions(batch["meta"], self._rng) if self.hparams.hard_negatives else []
+        out = self.clip(**self._tokens(captions + negatives), pixel_values=batch["image"])
+        logits_i2t = out.logits_per_image  # B x (B + negatives)
+        target = torch.arange(bs, device=self.device)
+        loss = 0.5 * (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_i2t[:, :bs].T, target))
         with torch.no_grad():
-            acc = (out.logits_per_text.argmax(-1) == torch.arange(bs, device=self.device)).float().mean()
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+            acc = (logits_i2t[:, :bs].T.argmax(-1) == target).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/batch_t2i_acc", acc, batch_size=bs)
         self.log("train/logit_scale", self.clip.logit_scale.exp(), batch_size=bs)
-        return out.loss
+        return loss
 
     # ------------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -157,12 +165,15 @@ class MiniClipModule(L.LightningModule):
             total += n
         metrics = {"t2i_top1": hits / total} if total else {}
         single = [i for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
+        clean = torch.tensor([not metas[i].get("flaws") for i in single], dtype=torch.bool)
         if single:
             for attribute, values in ATTRIBUTES.items():
                 classes = torch.stack([self.embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
                 pred = (image_emb[single].to(classes) @ F.normalize(classes, dim=-1).T).argmax(-1).cpu()
                 truth = torch.tensor([values.index(_attr(metas[i], attribute)) for i in single])
                 metrics[f"zeroshot_{attribute}"] = float((pred == truth).float().mean())
+                if clean.any():  # flaw-free images: colour is not hidden by monochrome, darkness, low contrast
+                    metrics[f"zeroshot_{attribute}_clean"] = float((pred == truth)[clean].float().mean())
         return metrics
 
     def configure_optimizers(self):
@@ -194,6 +205,26 @@ class MiniClipModule(L.LightningModule):
         if self.hparams.export_on_fit_end and self.trainer.is_global_zero and self.trainer.default_root_dir:
             folder = self.save_pretrained(Path(self.trainer.default_root_dir) / "export")
             print(f"  exported mini CLIP to {folder}")
+
+
+def hard_negative_captions(metas: list[dict], rng: random.Random) -> list[str]:
+    """Per haystack image, one caption that differs from its own only in one object's shape or colour.
+
+    In-batch negatives rarely differ in shape alone (colour, position and background already tell pairs
+    apart), so without these the towers learn shape late; NegCLIP-style text negatives force it.
+    """
+    out = []
+    for meta in metas:
+        objects = meta.get("objects")
+        if not objects or "background" not in meta:
+            continue
+        objects = [dict(o) for o in objects]
+        obj = rng.choice(objects)
+        attribute = rng.choice(("shape", "color"))
+        obj[attribute] = rng.choice([v for v in ATTRIBUTES[attribute] if v != obj[attribute]])
+        caption = haystack.caption_for(objects, meta["background"])
+        out.append(swap_left_right(caption) if meta.get("flipped") else caption)
+    return out
 
 
 def _features(out) -> torch.Tensor:
