@@ -7,6 +7,7 @@ over the validation set; they are stored in the autoencoder's buffers and so in 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from emu.autoencoder.losses import AutoencoderLoss
 from emu.autoencoder.model import AutoencoderKL
 from emu.errors import ConfigError
 from emu.utils.images import image_grid, log_image
+from emu.utils.schedules import warmup_constant
 
 KIND = "autoencoder"
 
@@ -108,7 +110,7 @@ class AutoencoderModule(L.LightningModule):
         )
         opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas))
         warmup = max(1, h.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lambda s: min(1.0, (s + 1) / warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, partial(warmup_constant, warmup=warmup))
         return [opt_ae, opt_d], [{"scheduler": sched, "interval": "step"}]
 
     # --------------------------------------------------------------------------------------- training

@@ -13,7 +13,7 @@ with several heads:
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -24,6 +24,7 @@ from torch import nn
 
 from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 from emu.utils.images import image_grid, log_image
+from emu.utils.schedules import warmup_cosine
 
 MIRROR = {p: p.replace("left", "#").replace("right", "left").replace("#", "right") for p in POSITIONS}
 PRESENCE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -135,11 +136,5 @@ class HaystackJudge(L.LightningModule):
         total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
         warmup = self.hparams.warmup_steps
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -10,8 +10,8 @@ over captions that vary every other attribute (prompt ensembling).
 from __future__ import annotations
 
 import itertools
-import math
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from emu.data import haystack
 from emu.data.samples import swap_left_right
 from emu.text.tokenizer import build_word_tokenizer
 from emu.utils.images import image_grid, log_image
+from emu.utils.schedules import warmup_cosine
 
 ATTRIBUTES = {"color": tuple(haystack.COLORS), "shape": haystack.SHAPES, "background": tuple(haystack.BACKGROUNDS)}
 
@@ -184,13 +185,8 @@ class MiniClipModule(L.LightningModule):
         total = max(1, self.trainer.estimated_stepping_batches) if self.trainer is not None else 1000
         warmup = self.hparams.warmup_steps
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                                                   "interval": "step"}}  # fmt: skip
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=warmup, total=total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------ export
     def save_pretrained(self, folder: str | Path) -> Path:
