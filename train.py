@@ -43,7 +43,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print(f"  outputs:    {cfg.paths.output_dir}")
     if best:
         print(f"  checkpoint: {best}")
-    print(f"  data:       {datamodule.skip_summary()}" if hasattr(datamodule, "skip_summary") else "", end="\n")
+    if hasattr(datamodule, "skip_summary"):
+        print(f"  data:       {datamodule.skip_summary()}")
     for k in sorted(m for m in metrics if m.startswith("val/")):
         print(f"  {k:<24} {metrics[k]:.4f}")
     return metrics
