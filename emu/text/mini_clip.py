@@ -229,5 +229,4 @@ def _features(out) -> torch.Tensor:
 
 
 def _attr(meta: dict, attribute: str) -> str:
-    value = meta["background"] if attribute == "background" else meta["objects"][0][attribute]
-    return value
+    return meta["background"] if attribute == "background" else meta["objects"][0][attribute]
