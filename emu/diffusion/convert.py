@@ -1,0 +1,83 @@
+"""Weights between emu's :class:`~emu.diffusion.unet.UNet` and diffusers' ``UNet2DConditionModel``.
+
+The two share block structure and parameter names, so conversion maps the configs and loads the state dict as
+it is. Supported diffusers models: ``DownBlock2D`` / ``CrossAttnDownBlock2D`` levels, a
+``UNetMidBlock2DCrossAttn`` mid block, SiLU, GEGLU, no addition embedding, and optionally a pooled text
+embedding through ``class_embed_type="projection"``.
+"""
+
+from __future__ import annotations
+
+from emu.diffusion.unet import UNet
+
+
+def _heads_per_level(c) -> list[int]:
+    heads = c.num_attention_heads or c.attention_head_dim  # diffusers' legacy name: attention_head_dim = heads
+    return [heads] * len(c.block_out_channels) if isinstance(heads, int) else list(heads)
+
+
+def from_diffusers(unet) -> UNet:
+    """A diffusers ``UNet2DConditionModel`` -> ours, with identical outputs."""
+    c = unet.config
+    n = len(c.block_out_channels)
+    allowed_down = {"DownBlock2D", "CrossAttnDownBlock2D"}
+    if not set(c.down_block_types) <= allowed_down or c.mid_block_type != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"unsupported block types {c.down_block_types} / {c.mid_block_type}")
+    if c.act_fn != "silu" or c.addition_embed_type is not None or c.class_embed_type not in (None, "projection"):
+        raise ValueError("only SiLU U-Nets without addition embeddings (class_embed_type None or 'projection') convert")
+    if not c.flip_sin_to_cos or c.freq_shift != 0 or c.time_embedding_type != "positional":
+        raise ValueError("only positional time embeddings with flip_sin_to_cos=True, freq_shift=0 convert")
+    heads = _heads_per_level(c)
+    head_dims = {ch // h for ch, h in zip(c.block_out_channels, heads, strict=True)}
+    if len(head_dims) != 1:
+        raise ValueError(f"emu's U-Net has one head width for all levels; this model has {sorted(head_dims)}")
+    tdepth = c.transformer_layers_per_block
+    tdepth = [tdepth] * n if isinstance(tdepth, int) else list(tdepth)
+    depth = [d if t == "CrossAttnDownBlock2D" else 0 for d, t in zip(tdepth, c.down_block_types, strict=True)]
+    model = UNet(
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        block_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        transformer_depth=depth,
+        head_dim=head_dims.pop(),
+        context_dim=c.cross_attention_dim,
+        pooled_dim=c.projection_class_embeddings_input_dim if c.class_embed_type == "projection" else None,
+        norm_groups=c.norm_num_groups,
+        norm_eps=c.norm_eps,
+        linear_projection=c.use_linear_projection,
+    )
+    if tdepth[-1] != max(depth[-1], 1):
+        raise ValueError("the mid block's transformer depth must equal the last level's")
+    model.load_state_dict(unet.state_dict())  # strict: any naming difference is an error
+    return model.to(next(unet.parameters()).dtype)
+
+
+def to_diffusers(model: UNet):
+    """Ours -> a diffusers ``UNet2DConditionModel`` with the same weights."""
+    from diffusers import UNet2DConditionModel
+
+    c = model.config
+    depth = c["transformer_depth"]
+    heads = [ch // c["head_dim"] for ch in c["block_channels"]]
+    unet = UNet2DConditionModel(
+        sample_size=None,
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in depth[::-1]),
+        block_out_channels=tuple(c["block_channels"]),
+        layers_per_block=tuple(c["layers_per_block"]),
+        transformer_layers_per_block=tuple(max(d, 1) if i == len(depth) - 1 else d for i, d in enumerate(depth)),
+        attention_head_dim=tuple(heads),
+        cross_attention_dim=c["context_dim"],
+        norm_num_groups=c["norm_groups"],
+        norm_eps=c["norm_eps"],
+        use_linear_projection=c["linear_projection"],
+        class_embed_type="projection" if c["pooled_dim"] else None,
+        projection_class_embeddings_input_dim=c["pooled_dim"],
+        dropout=c["dropout"],
+    )
+    unet.load_state_dict(model.state_dict())
+    return unet.to(next(model.parameters()).dtype)

@@ -1,0 +1,127 @@
+"""Preconditioning and loss weighting: a network becomes a k-diffusion denoiser ``D(x, sigma) -> x0``.
+
+``D(x, sigma) = c_skip * x + c_out * F(c_in * x, c_noise)`` with, for data std ``sigma_data``:
+
+=====  =================================  ===================================  ==================  ====================
+kind   c_skip                             c_out                                c_in                c_noise
+=====  =================================  ===================================  ==================  ====================
+eps    1                                  -sigma                               1/sqrt(sigma^2+1)   t(sigma) (discrete)
+v      sd^2/(sigma^2+sd^2)                -sigma*sd/sqrt(sigma^2+sd^2)         1/sqrt(sigma^2+sd^2) t(sigma) (discrete)
+edm    sd^2/(sigma^2+sd^2)                sigma*sd/sqrt(sigma^2+sd^2)          1/sqrt(sigma^2+sd^2) ln(sigma)/4
+=====  =================================  ===================================  ==================  ====================
+
+The training loss is the MSE in the network's output space, ``|F - (x0 - c_skip x)/c_out|^2``, times
+``weight(sigma) * c_out^2`` where ``weight`` is the weighting in x0 space: ``uniform`` (1 in the network's own
+space, i.e. the plain eps- / v-MSE), ``min_snr`` (min(SNR, gamma), Hang et al. 2023) or ``edm``
+((sigma^2 + sd^2) / (sigma sd)^2, Karras et al. 2022).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from emu.diffusion.noise import DiscreteSchedule, lognormal_sigmas, snr
+
+PARAMETERIZATIONS = ("eps", "v", "edm")
+WEIGHTINGS = ("uniform", "min_snr", "edm")
+
+
+def preconditioning(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0):
+    """``(c_skip, c_out, c_in)`` for a parameterisation, broadcast like ``sigma``."""
+    s2, sd2 = sigma**2, sigma_data**2
+    if kind == "eps":
+        return torch.ones_like(sigma), -sigma, (s2 + 1) ** -0.5
+    c_skip = sd2 / (s2 + sd2)
+    c_out = sigma * sigma_data * (s2 + sd2) ** -0.5
+    c_in = (s2 + sd2) ** -0.5
+    if kind == "v":
+        return c_skip, -c_out, c_in
+    if kind == "edm":
+        return c_skip, c_out, c_in
+    raise ValueError(f"unknown parameterization {kind!r}; choose one of {PARAMETERIZATIONS}")
+
+
+def loss_weight(kind: str, sigma: torch.Tensor, c_out: torch.Tensor, sigma_data: float = 1.0, gamma: float = 5.0):
+    """The weight of the network-space MSE: ``uniform`` 1, else the x0-space weighting times ``c_out^2``."""
+    if kind == "uniform":
+        return torch.ones_like(sigma)
+    if kind == "min_snr":
+        return snr(sigma, sigma_data).clamp(max=gamma) * c_out**2
+    if kind == "edm":
+        return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * c_out**2
+    raise ValueError(f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}")
+
+
+class Denoiser(nn.Module):
+    """Wraps a network ``net(x, c_noise, **cond)`` into ``D(x, sigma, **cond) -> x0`` and its training loss.
+
+    Args:
+        net: the U-Net (or any callable with that signature).
+        parameterization: ``eps``, ``v`` or ``edm``.
+        schedule: the discrete schedule for eps / v (timesteps from sigmas; training noise levels); ``None`` for
+            edm (log-normal training noise, continuous sigma).
+        sigma_data: the data std (latents are normalised per channel, so 1.0; EDM's pixel default is 0.5).
+        weighting / min_snr_gamma: the loss weighting (see the module docstring).
+        p_mean / p_std: EDM's log-normal training distribution.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        parameterization: str = "eps",
+        schedule: DiscreteSchedule | None = None,
+        sigma_data: float = 1.0,
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+    ):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
+        if parameterization != "edm" and schedule is None:
+            raise ValueError(f"the {parameterization}-parameterization needs a discrete schedule")
+        self.net, self.schedule = net, schedule
+        self.parameterization, self.sigma_data, self.weighting = parameterization, sigma_data, weighting
+        self.min_snr_gamma, self.p_mean, self.p_std = min_snr_gamma, p_mean, p_std
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min if self.schedule is not None else 0.002
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max if self.schedule is not None else 80.0
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.parameterization == "edm":
+            return sigma.log() / 4
+        return self.schedule.sigma_to_t(sigma)
+
+    def _scalings(self, sigma: torch.Tensor, ndim: int):
+        shape = (-1,) + (1,) * (ndim - 1)
+        return [c.view(shape) for c in preconditioning(self.parameterization, sigma, self.sigma_data)]
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        c_skip, c_out, c_in = self._scalings(sigma.float(), x.ndim)
+        out = self.net((x * c_in).to(x.dtype), self.c_noise(sigma), **cond)
+        return (c_skip * x + c_out * out.float()).to(x.dtype)
+
+    def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training noise levels: uniform timesteps (discrete) or log-normal (EDM)."""
+        if self.schedule is not None and self.parameterization != "edm":
+            return self.schedule.sample_training_sigmas(n, generator)
+        return lognormal_sigmas(n, self.p_mean, self.p_std, generator)
+
+    def loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        """Per-sample weighted MSE in the network's output space (see the module docstring)."""
+        c_skip, c_out, c_in = self._scalings(sigma.float(), x0.ndim)
+        x = x0 + noise * sigma.view(-1, *([1] * (x0.ndim - 1))).to(x0)
+        out = self.net((x * c_in).to(x0.dtype), self.c_noise(sigma), **cond).float()
+        target = (x0.float() - c_skip * x.float()) / c_out
+        mse = (out - target).square().flatten(1).mean(1)
+        return mse * loss_weight(self.weighting, sigma.float(), c_out.flatten(), self.sigma_data, self.min_snr_gamma)

@@ -1,0 +1,124 @@
+"""Diffusion pieces: schedules, preconditioning, loss weighting, noise offset and the samplers (analytic check)."""
+
+import math
+
+import pytest
+import torch
+
+from emu.diffusion.denoiser import Denoiser, loss_weight, preconditioning
+from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
+from emu.diffusion.sampling import (
+    CFGDenoiser,
+    get_sampler,
+    get_sigmas_discrete,
+    get_sigmas_karras,
+)
+
+
+def test_scaled_linear_matches_diffusers_and_zero_snr():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ours = scaled_linear_alphas_cumprod(1000)
+    torch.testing.assert_close(ours.float(), ref.alphas_cumprod, atol=1e-6, rtol=1e-5)
+    zsnr = scaled_linear_alphas_cumprod(1000, zero_terminal_snr=True)
+    ref_z = diffusers.DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
+    ).alphas_cumprod
+    torch.testing.assert_close(zsnr[:-1].float(), ref_z[:-1], atol=1e-6, rtol=1e-4)
+    assert zsnr[-1] < 1e-7 and ref_z[-1] < 1e-7  # terminal SNR ~ 0 (clamped finite for k-diffusion samplers)
+
+
+def test_sigma_t_round_trip():
+    s = DiscreteSchedule(scaled_linear_alphas_cumprod(1000))
+    t = torch.tensor([0.0, 1.5, 420.25, 999.0])
+    torch.testing.assert_close(s.sigma_to_t(s.t_to_sigma(t)), t, atol=1e-3, rtol=0)
+    sig = get_sigmas_discrete(s, 10)
+    assert len(sig) == 11 and sig[-1] == 0 and torch.all(sig[:-1].diff() < 0)
+    assert math.isclose(float(sig[0]), s.sigma_max, rel_tol=1e-5)  # trailing spacing starts at the last step
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "edm"])
+def test_perfect_network_gives_exact_x0_and_zero_loss(kind):
+    """A network that outputs its exact target makes D(x, sigma) = x0 and the loss 0, for every weighting."""
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    sigma = torch.tensor([0.05, 0.7, 3.0, 14.0])
+    c_skip, c_out, _ = (c.view(-1, 1, 1, 1) for c in preconditioning(kind, sigma))
+    x = x0 + sigma.view(-1, 1, 1, 1) * noise
+    target = (x0 - c_skip * x) / c_out
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_in, c_noise):
+            return target
+
+    schedule = DiscreteSchedule(scaled_linear_alphas_cumprod())
+    for weighting in ("uniform", "min_snr", "edm"):
+        d = Denoiser(Oracle(), kind, schedule if kind != "edm" else None, weighting=weighting)
+        torch.testing.assert_close(d(x, sigma), x0, atol=1e-5, rtol=1e-5)
+        assert d.loss(x0, noise, sigma).abs().max() < 1e-8
+    if kind == "eps":  # eps-target is the noise, v-target is the usual v
+        torch.testing.assert_close(target, noise)
+    if kind == "v":
+        a = (1 / (1 + sigma**2)).sqrt().view(-1, 1, 1, 1)
+        torch.testing.assert_close(target, a * noise - (1 - a**2).sqrt() * x0, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_weights():
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    _, c_out, _ = preconditioning("eps", sigma)
+    # min-SNR-5 on eps: min(SNR, 5) / SNR
+    torch.testing.assert_close(loss_weight("min_snr", sigma, c_out), torch.tensor([0.05, 1.0, 1.0]))
+    _, c_out, _ = preconditioning("edm", sigma, 0.5)
+    torch.testing.assert_close(loss_weight("edm", sigma, c_out, 0.5), torch.ones(3))  # EDM: 1 in F space
+
+
+def test_offset_noise():
+    g = torch.Generator().manual_seed(0)
+    like = torch.zeros(512, 4, 8, 8)
+    plain = offset_noise(like, 0.0, g)
+    off = offset_noise(like, 0.1, torch.Generator().manual_seed(0))
+    # the channel means of plain noise have std 1/8; the offset adds 0.1 std per sample and channel
+    assert abs(float(plain.mean((2, 3)).std()) - 1 / 8) < 0.01
+    assert abs(float(off.mean((2, 3)).std()) - math.sqrt(1 / 64 + 0.01)) < 0.01
+
+
+def _gaussian_denoiser(mu: float, std: float):
+    """The exact denoiser E[x0 | x0 + sigma n] for x0 ~ N(mu, std^2) per dimension."""
+
+    def model(x, sigma):
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        return mu + std**2 / (std**2 + s**2) * (x - mu)
+
+    return model
+
+
+@pytest.mark.parametrize("name,steps", [("euler", 300), ("ddim", 300), ("heun", 30), ("dpmpp_2m", 30)])
+def test_samplers_recover_gaussian_data(name, steps):
+    """First-order samplers need more steps for the same error; that is the point of the second-order ones."""
+    mu, std, sigma_max = 0.7, 0.4, 80.0
+    sigmas = get_sigmas_karras(steps, 0.002, sigma_max)
+    x = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0)) * sigma_max
+    out = get_sampler(name)(_gaussian_denoiser(mu, std), x, sigmas, disable=True)
+    assert abs(float(out.mean()) - mu) < 0.02
+    assert abs(float(out.std()) - std) < 0.02
+
+
+def test_ddim_eta_stays_on_distribution():
+    mu, std = -0.3, 1.5
+    sigmas = get_sigmas_karras(500, 0.002, 80.0)
+    x = torch.randn(20000, 1, generator=torch.Generator().manual_seed(1)) * 80.0
+    out = get_sampler("ddim")(_gaussian_denoiser(mu, std), x, sigmas, disable=True, eta=1.0,
+                              generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert abs(float(out.mean()) - mu) < 0.05 and abs(float(out.std()) - std) < 0.05
+
+
+def test_cfg_scale_one_is_conditional_and_scale_extrapolates():
+    def denoiser(x, sigma, context):
+        return x * 0 + context
+
+    cond, uncond = {"context": torch.full((2, 3), 2.0)}, {"context": torch.full((2, 3), 1.0)}
+    x, sigma = torch.zeros(2, 3), torch.ones(2)
+    torch.testing.assert_close(CFGDenoiser(denoiser, 1.0)(x, sigma, cond, uncond), cond["context"])
+    torch.testing.assert_close(CFGDenoiser(denoiser, 3.0)(x, sigma, cond, uncond), torch.full((2, 3), 4.0))
+    with pytest.raises(ValueError, match="guidance scale"):
+        CFGDenoiser(denoiser, -1.0)

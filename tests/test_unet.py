@@ -1,0 +1,79 @@
+"""The U-Net: shapes, gradient checkpointing, and numerical equivalence with diffusers' UNet2DConditionModel."""
+
+import pytest
+import torch
+
+from emu.diffusion.convert import from_diffusers, to_diffusers
+from emu.diffusion.unet import UNet
+
+TINY = dict(in_channels=4, out_channels=4, block_channels=(32, 64), layers_per_block=1, transformer_depth=(0, 1),
+            head_dim=16, context_dim=24, norm_groups=8)  # fmt: skip
+
+
+def _inputs(b=2, c=4, hw=8, length=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, hw, hw, generator=g)
+    t = torch.tensor([10.0, 731.5])[:b]
+    ctx = torch.randn(b, length, 24, generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[0, 3:] = False
+    return x, t, ctx, mask
+
+
+@pytest.mark.parametrize("pooled", [None, 12])
+def test_unet_shapes_and_mask(pooled):
+    torch.manual_seed(0)
+    net = UNet(**TINY, pooled_dim=pooled).eval()
+    x, t, ctx, mask = _inputs()
+    kw = {"pooled": torch.randn(2, 12)} if pooled else {}
+    out = net(x, t, ctx, mask, **kw)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # masked tokens do not matter; real ones do
+    ctx2 = ctx.clone()
+    ctx2[0, 4] += 5.0
+    assert torch.allclose(net(x, t, ctx2, mask, **kw)[0], out[0], atol=1e-6)
+    ctx2[0, 1] += 5.0
+    assert not torch.allclose(net(x, t, ctx2, mask, **kw)[0], out[0], atol=1e-4)
+    # odd latent sizes go through (upsampling to the skip's size)
+    kw = {k: v[:1] for k, v in kw.items()}
+    assert net(torch.randn(1, 4, 6, 10), t[:1], ctx[:1], **kw).shape == (1, 4, 6, 10)
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    net = UNet(**TINY)
+    x, t, ctx, mask = _inputs()
+    net(x, t, ctx, mask).square().mean().backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.set_gradient_checkpointing(True)
+    net(x, t, ctx, mask).square().mean().backward()
+    for a, p in zip(ref, net.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("linear,pooled,depth", [(True, None, (0, 1)), (False, 12, (1, 2))])
+def test_matches_diffusers(linear, pooled, depth):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in depth[::-1]),
+        transformer_layers_per_block=depth, attention_head_dim=(2, 4), cross_attention_dim=24, norm_num_groups=8,
+        use_linear_projection=linear, class_embed_type="projection" if pooled else None,
+        projection_class_embeddings_input_dim=pooled,
+    ).eval()  # fmt: skip
+    for p in ref.parameters():  # diffusers zero-initialises some outputs; make every weight matter
+        p.data.normal_(0, 0.05)
+    ours = from_diffusers(ref).eval()
+    x, t, ctx, mask = _inputs()
+    pool = torch.randn(2, pooled) if pooled else None
+    with torch.no_grad():
+        expected = ref(x, t, ctx, class_labels=pool, encoder_attention_mask=mask.float()).sample
+        got = ours(x, t, ctx, mask, pooled=pool)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    back = to_diffusers(ours).eval()
+    with torch.no_grad():
+        again = back(x, t, ctx, class_labels=pool, encoder_attention_mask=mask.float()).sample
+    torch.testing.assert_close(again, expected, atol=1e-6, rtol=1e-6)
