@@ -113,3 +113,80 @@ def bad_shards(tmp_path: Path) -> str:
             s["txt"] = caption
         samples.append(s)
     return write_shards(tmp_path / "bad_shards", samples, per_shard=6)
+
+
+def haystack_batch(n=4, resolution=32):
+    """The first ``n`` haystack images as one batch, through the DataModule."""
+    from emu.data.datamodule import EmuDataModule
+    from emu.data.sources import HaystackSource
+
+    dm = EmuDataModule(HaystackSource(n_train=n, n_val=0, resolution=resolution), resolution=resolution, batch_size=n)
+    return next(iter(dm.dataloader("train", shuffle=False)))
+
+
+# ------------------------------------------------------------------------------------ tiny models, saved by path
+CAPTIONS = ["a large red circle in the top left on a navy background", "a small blue star at the bottom"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A CLIPModel folder (text width 32, projection 24, 16 positions) with a word tokenizer over the haystack."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from emu.text.mini_clip import haystack_vocabulary_text
+    from emu.text.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    from transformers import T5Config, T5EncoderModel
+
+    from emu.text.mini_clip import haystack_vocabulary_text
+    from emu.text.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()], add_bos=False)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    folder = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory) -> Path:
+    """A random 16-channel f=8 autoencoder export folder."""
+    import torch
+
+    from emu.autoencoder.model import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    return ae.save_pretrained(tmp_path_factory.mktemp("autoencoder"))
+
+
+def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path) -> list[str]:
+    """Hydra overrides that point the mini stage-1 model at the tiny test models."""
+    return [
+        f"model.autoencoder={tiny_autoencoder}",
+        f"model.text.encoders.clip.name_or_path={tiny_clip}",
+        "model.text.encoders.clip.max_length=16",
+        f"model.text.encoders.t5.name_or_path={tiny_t5}",
+        "model.text.encoders.t5.max_length=16",
+        "model.unet.pooled_dim=24",
+        "model.val_steps=2",
+    ]

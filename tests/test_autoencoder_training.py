@@ -8,13 +8,9 @@ from emu.autoencoder.module import AutoencoderModule, load_autoencoder
 from emu.autoencoder.stats import measure_latent_statistics
 from emu.data import EmuDataModule, HaystackSource
 from emu.errors import ConfigError
+from tests.conftest import haystack_batch
 
 TINY = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
-
-
-def haystack_batch(n=4, resolution=32):
-    dm = EmuDataModule(HaystackSource(n_train=n, n_val=0, resolution=resolution), resolution=resolution, batch_size=n)
-    return next(iter(dm.dataloader("train", shuffle=False)))
 
 
 def test_overfitting_one_batch_halves_the_reconstruction_loss():

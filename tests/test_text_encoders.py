@@ -6,40 +6,7 @@ import torch
 from emu.errors import ConfigError
 from emu.text.encoders import FrozenTextEncoder
 from emu.text.tokenizer import build_word_tokenizer
-
-CAPTIONS = ["a large red circle in the top left on a navy background", "a small blue star at the bottom"]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    tok = build_word_tokenizer(CAPTIONS)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
-    from transformers import T5Config, T5EncoderModel
-
-    tok = build_word_tokenizer(CAPTIONS, add_bos=False)
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+from tests.conftest import CAPTIONS
 
 
 def test_clip_and_t5_load_by_path_and_encode(tiny_clip, tiny_t5):

@@ -211,8 +211,9 @@ class DiagonalGaussian:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+        device = generator.device if generator is not None else self.mean.device  # a CPU generator: CPU noise
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
         """KL to N(0, I), summed over latent elements: shape (B,)."""

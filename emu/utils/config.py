@@ -17,6 +17,8 @@ EXAMPLES = {  # shown with a missing value, to say what a good one looks like
     "data.source.shards": "data.source.shards='/data/laion/{00000..00999}.tar'",
     "data.source.root": "data.source.root=/path/to/images",
     "ckpt": "ckpt=outputs/.../checkpoints/last.ckpt",
+    "model.autoencoder": "model.autoencoder=outputs/autoencoder/runs/<run>/export",
+    "model.init_from": "model.init_from=outputs/<previous stage>/runs/<run>/checkpoints/last.ckpt",
 }
 
 

@@ -1,0 +1,70 @@
+"""Exponential moving average of weights, by half-life in images (Karras et al., EDM2 convention).
+
+Per optimizer step of ``n`` images the average moves by ``1 - beta`` with ``beta = 0.5 ** (n / half_life)``;
+with ``ramp`` the half-life is at most ``ramp * images_seen``, so early averages do not drag the random init
+along. The averaged copies are submodules, hence in every checkpoint's ``state_dict`` (``ema.shadow.*``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def ema_beta(images_per_step: float, half_life_images: float, images_seen: float, ramp: float | None) -> float:
+    """The decay for one step."""
+    half_life = half_life_images
+    if ramp is not None:
+        half_life = min(half_life, ramp * images_seen)
+    return 0.5 ** (images_per_step / max(half_life, 1e-8))
+
+
+class EMA(nn.Module):
+    """Averaged copies of ``modules`` (name -> module); :meth:`update` after each step, :meth:`swapped` to use them."""
+
+    def __init__(self, modules: dict[str, nn.Module], half_life_images: float, ramp: float | None = 0.05):
+        super().__init__()
+        self.shadow = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in modules.items()})
+        self.half_life_images, self.ramp = float(half_life_images), ramp
+        self.register_buffer("images_seen", torch.zeros((), dtype=torch.float64))
+
+    def train(self, mode: bool = True):  # the shadow never trains (dropout off)
+        return super().train(False)
+
+    def _pairs(self, modules: dict[str, nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        live, avg = [], []
+        for k, m in modules.items():
+            for (n, p), (n2, q) in zip(m.named_parameters(), self.shadow[k].named_parameters(), strict=True):
+                assert n == n2, (n, n2)
+                live.append(p.detach())
+                avg.append(q.data)
+        return live, avg
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], images: int) -> float:
+        self.images_seen += images
+        beta = ema_beta(images, self.half_life_images, float(self.images_seen), self.ramp)
+        live, avg = self._pairs(modules)
+        torch._foreach_lerp_(avg, [p.to(a.dtype) for p, a in zip(live, avg, strict=True)], 1.0 - beta)
+        return beta
+
+    @torch.no_grad()
+    def copy_to(self, modules: dict[str, nn.Module]) -> None:
+        live, avg = self._pairs(modules)
+        torch._foreach_copy_(live, avg)
+
+    @contextmanager
+    def swapped(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Use the averaged weights inside the block; the live weights come back after it, even on error."""
+        live, _ = self._pairs(modules)
+        backup = [p.clone() for p in live]
+        self.copy_to(modules)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, backup)

@@ -1,0 +1,278 @@
+"""Stage 1 LightningModule: text-to-image latent diffusion on a frozen autoencoder's normalised latents.
+
+Images are encoded by the stage-0 autoencoder (frozen, no grad) and normalised per channel with its stored
+statistics; captions go through the frozen text encoders and the trainable projections of the conditioner
+(with classifier-free-guidance dropout). The loss is the denoiser's weighted MSE at noise levels drawn from the
+training distribution, with the configured noise offset. An EMA of the U-Net and projections (half-life in
+images) is kept in the checkpoint and used for validation and sampling. Validation reports the loss at fixed
+noise and samples a fixed set of prompts with fixed seeds into a logged grid.
+
+Checkpoints hold the trainable weights and the EMA; the frozen autoencoder and text encoders are referenced by
+path in the hyperparameters (a T5-XXL is not copied into every checkpoint). ``checkpoint["emu"]["kind"]`` is
+``"diffusion"``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from emu.autoencoder.module import load_autoencoder
+from emu.diffusion.denoiser import Denoiser
+from emu.diffusion.ema import EMA
+from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
+from emu.diffusion.pipeline import generate
+from emu.diffusion.prompts import read_prompts
+from emu.diffusion.unet import UNet
+from emu.errors import ConfigError
+from emu.text.conditioner import TextConditioner
+from emu.text.encoders import FrozenTextEncoder
+from emu.utils.images import image_grid, log_image
+from emu.utils.schedules import warmup_constant, warmup_cosine
+
+KIND = "diffusion"
+FROZEN_PREFIXES = ("autoencoder.", "conditioner.encoders.")
+
+
+def _plain(x):
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
+
+
+def build_conditioner(text: dict[str, Any], context_dim: int) -> TextConditioner:
+    """A :class:`TextConditioner` from ``{encoders: {name: {name_or_path, kind, max_length, dtype}}, dropout, ...}``."""
+    text = dict(text)
+    encoders = {name: FrozenTextEncoder(**cfg) for name, cfg in dict(text.pop("encoders")).items()}
+    return TextConditioner(encoders, context_dim=context_dim, **text)
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains the U-Net of :mod:`emu.diffusion.unet` as a k-diffusion-style denoiser.
+
+    Args:
+        unet: :class:`~emu.diffusion.unet.UNet` keyword arguments.
+        text: the conditioner: ``encoders`` (name -> FrozenTextEncoder kwargs), ``dropout``, ``uncond``,
+            ``pooled_from``.
+        autoencoder: the stage-0 checkpoint or export folder (frozen).
+        parameterization: ``eps``, ``v`` or ``edm``; schedule: the discrete DDPM schedule (``steps``,
+            ``beta_start``, ``beta_end``, ``zero_terminal_snr``) for eps / v; weighting: ``uniform``,
+            ``min_snr`` or ``edm``; sigma_data, min_snr_gamma, p_mean, p_std: see :class:`Denoiser`.
+        noise_offset: per-sample, per-channel noise offset (0.02 late in pre-training, 0.1 in quality-tuning).
+        sample_latents: draw latents from the autoencoder's posterior (else its mode).
+        lr, betas, weight_decay, warmup_steps, lr_schedule: AdamW; ``constant`` or ``cosine`` after warm-up.
+        ema_half_life_images, ema_ramp: the EMA (see :mod:`emu.diffusion.ema`); 0 disables it.
+        val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
+        val_sampler, val_steps, val_guidance, val_schedule: how they are sampled.
+        init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2).
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any],
+        text: dict[str, Any],
+        autoencoder: str,
+        parameterization: str = "eps",
+        schedule: dict[str, Any] | None = None,
+        weighting: str = "uniform",
+        sigma_data: float = 1.0,
+        min_snr_gamma: float = 5.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        noise_offset: float = 0.0,
+        sample_latents: bool = True,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        warmup_steps: int = 1000,
+        lr_schedule: str = "constant",
+        ema_half_life_images: float = 500_000,
+        ema_ramp: float | None = 0.05,
+        val_prompts: list[str] | str | None = None,
+        val_seeds: list[int] | None = None,
+        val_sampler: str = "dpmpp_2m",
+        val_steps: int = 25,
+        val_guidance: float = 5.0,
+        val_schedule: str = "karras",
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        unet, text, schedule = _plain(unet), _plain(text), _plain(schedule) or {}
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if schedule.get("zero_terminal_snr") and parameterization == "eps":
+            raise ConfigError("model.schedule.zero_terminal_snr", "needs v- or edm-parameterization (eps is undefined "
+                              "at SNR 0); set model.parameterization=v")  # fmt: skip
+
+        self.unet = UNet(**unet)
+        self.conditioner = build_conditioner(text, context_dim=self.unet.config["context_dim"])
+        if self.unet.config["pooled_dim"] != self.conditioner.pooled_dim:
+            raise ConfigError(
+                "model.unet.pooled_dim",
+                f"is {self.unet.config['pooled_dim']} but the conditioner's pooled embedding "
+                f"({text.get('pooled_from', 'clip')}) has {self.conditioner.pooled_dim}",
+            )
+        self.autoencoder = load_autoencoder(autoencoder, expect={"latent_channels": self.unet.config["in_channels"]})
+        self.autoencoder.requires_grad_(False)
+        disc = None if parameterization == "edm" else DiscreteSchedule(scaled_linear_alphas_cumprod(**schedule))
+        self.denoiser = Denoiser(self.unet, parameterization, disc, sigma_data, weighting, min_snr_gamma, p_mean, p_std)
+        self.ema = EMA(self.trained_modules(), ema_half_life_images, ema_ramp) if ema_half_life_images > 0 else None
+        self.val_prompts = _read_prompts(val_prompts)
+        self.val_seeds = list(val_seeds) if val_seeds else list(range(len(self.val_prompts)))
+        if len(self.val_seeds) != len(self.val_prompts):
+            raise ConfigError("model.val_seeds", f"has {len(self.val_seeds)} seeds for {len(self.val_prompts)} prompts")
+        self.train_resolution: int | None = None  # set from the datamodule at setup; stored in checkpoints
+        if init_from:
+            self.initialise_from(init_from)
+
+    # ------------------------------------------------------------------------------------------ parts
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """What the optimizer and the EMA see: the U-Net and the text projections."""
+        return {"unet": self.unet, "text_proj": self.conditioner.proj}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()  # frozen parts never switch to training behaviour
+        return self
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.autoencoder.downsample_factor * self.unet.downsample_factor
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        res = getattr(dm, "resolution", None)
+        if res is not None:
+            self.train_resolution = int(res)
+        if res is not None and res % self.resolution_multiple:
+            raise ConfigError("data.resolution", f"is {res}; the autoencoder (f={self.autoencoder.downsample_factor}) "
+                              f"and U-Net ({self.unet.downsample_factor}x) need a multiple of "
+                              f"{self.resolution_multiple}")  # fmt: skip
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        posterior = self.autoencoder.encode(images.to(self.device))
+        z = posterior.sample(generator) if self.hparams.sample_latents else posterior.mode()
+        return self.autoencoder.normalize(z)
+
+    def conditioning(self, captions: list[str], drop: bool) -> dict[str, torch.Tensor | None]:
+        c = self.conditioner(self.conditioner.encode(list(captions)), drop=drop)
+        return {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
+
+    # ------------------------------------------------------------------------------------------ training
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, drop: bool = True):
+        z = self.encode_images(batch["image"], generator)
+        cond = self.conditioning(batch["caption"], drop=drop)
+        noise = offset_noise(z, self.hparams.noise_offset, generator)
+        sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
+        return self.denoiser.loss(z, noise, sigma, **cond).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        bs = len(batch["caption"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.ema is not None:
+            images = len(batch["caption"]) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+            if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+                self.log("train/ema_beta", self.ema.update(self.trained_modules(), images), batch_size=1)
+
+    def configure_optimizers(self):
+        params = [p for m in self.trained_modules().values() for p in m.parameters()]
+        hp = self.hparams
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                fused=self.device.type == "cuda")  # fmt: skip
+        if hp.lr_schedule == "cosine":
+            total = max(1, self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+            fn = partial(warmup_cosine, warmup=hp.warmup_steps, total=total)
+        else:
+            fn = partial(warmup_constant, warmup=hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:
+            self._ema_ctx = self.ema.swapped(self.trained_modules())
+            self._ema_ctx.__enter__()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator().manual_seed(10_000 + batch_idx)  # the same noise every validation
+        loss = self.diffusion_loss(batch, generator=g, drop=False)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        try:
+            if self.val_prompts and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+                images = self.sample(self.val_prompts, self.val_seeds)
+                caption = " | ".join(self.val_prompts)
+                log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)
+        finally:
+            if self.ema is not None:
+                self._ema_ctx.__exit__(None, None, None)
+
+    def sample(self, prompts: list[str], seeds: list[int], resolution: int | None = None, **kw) -> torch.Tensor:
+        hp = self.hparams
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        res = resolution or getattr(dm, "resolution", None) or self.train_resolution or 64
+        kw = {"sampler": hp.val_sampler, "steps": hp.val_steps, "guidance": hp.val_guidance,
+              "schedule": hp.val_schedule, "progress": False, **kw}  # fmt: skip
+        return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, res, res, **kw)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[k]
+        checkpoint["emu"] = {"kind": KIND, "unet_config": self.unet.config, "resolution": self.train_resolution}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        kind = checkpoint.get("emu", {}).get("kind")
+        if kind != KIND:
+            raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
+
+    def initialise_from(self, path: str) -> None:
+        """Weights (EMA where present) from a diffusion checkpoint: initialisation, not resume."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("emu", {}).get("kind") != KIND:
+            raise ConfigError("model.init_from", f"'{path}' is not a diffusion checkpoint")
+        sd = ckpt["state_dict"]
+        for name, module in self.trained_modules().items():
+            prefix = f"ema.shadow.{name}." if any(k.startswith(f"ema.shadow.{name}.") for k in sd) else None
+            prefix = prefix or {"unet": "unet.", "text_proj": "conditioner.proj."}[name]
+            module.load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
+        if self.ema is not None:
+            self.ema = EMA(self.trained_modules(), self.hparams.ema_half_life_images, self.hparams.ema_ramp)
+
+
+def _read_prompts(prompts: list[str] | str | None) -> list[str]:
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        return read_prompts(prompts, "model.val_prompts")
+    return [str(p) for p in prompts]
+
+
+def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
+    """A :class:`DiffusionModule` from a stage-1/2 Lightning checkpoint (EMA kept separate; see ``use_ema``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at '{path}'")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt or not a torch file at all
+        raise ValueError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    kind = ckpt.get("emu", {}).get("kind") if isinstance(ckpt, dict) else None
+    if kind != KIND:
+        raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
+    module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, **overrides)
+    module.train_resolution = ckpt["emu"].get("resolution")
+    return module

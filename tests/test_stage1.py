@@ -1,0 +1,169 @@
+"""Stage 1: the LightningModule overfits, keeps an EMA, checkpoints round-trip; sample.py writes its files."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from emu.diffusion.module import DiffusionModule, load_diffusion
+from emu.errors import ConfigError
+from tests.conftest import ROOT, haystack_batch
+
+UNET = dict(in_channels=16, out_channels=16, block_channels=(32, 32), layers_per_block=1, transformer_depth=(0, 1),
+            head_dim=16, context_dim=32, pooled_dim=24, norm_groups=8)  # fmt: skip
+
+
+def text_config(tiny_clip, tiny_t5, dropout=0.1):
+    return {
+        "encoders": {
+            "clip": {"name_or_path": str(tiny_clip), "kind": "clip", "max_length": 16},
+            "t5": {"name_or_path": str(tiny_t5), "kind": "t5", "max_length": 16},
+        },
+        "dropout": dropout,
+    }
+
+
+def tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, **kw):
+    torch.manual_seed(0)
+    defaults = dict(warmup_steps=0, lr=2e-3, weight_decay=0.0, ema_half_life_images=64, ema_ramp=None,
+                    val_prompts=["a large red circle in the center on a black background"], val_steps=2)  # fmt: skip
+    return DiffusionModule(UNET, text_config(tiny_clip, tiny_t5, kw.pop("dropout", 0.1)), str(tiny_autoencoder),
+                           **{**defaults, **kw})  # fmt: skip
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_overfits_four_pairs(tiny_autoencoder, tiny_clip, tiny_t5, parameterization):
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, parameterization=parameterization, dropout=0.0,
+                         sample_latents=False)  # fmt: skip
+    batch = haystack_batch()
+
+    def fixed_loss():  # the same noise and noise levels every time
+        with torch.no_grad():
+            return float(module.diffusion_loss(batch, torch.Generator().manual_seed(0), drop=False))
+
+    opt = module.configure_optimizers()["optimizer"]
+    before = fixed_loss()
+    for _ in range(120):
+        loss = module.diffusion_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_refuses_mismatched_autoencoder_and_bad_settings(tmp_path, tiny_clip, tiny_t5, tiny_autoencoder):
+    from emu.autoencoder.model import AutoencoderKL
+
+    four = AutoencoderKL(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    four.save_pretrained(tmp_path / "ae4")
+    with pytest.raises(ConfigError, match="latent_channels"):
+        tiny_module(tmp_path / "ae4", tiny_clip, tiny_t5)
+    with pytest.raises(ConfigError, match="zero_terminal_snr"):
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, schedule={"zero_terminal_snr": True})
+    with pytest.raises(ConfigError, match="pooled_dim"):
+        DiffusionModule({**UNET, "pooled_dim": 7}, text_config(tiny_clip, tiny_t5), str(tiny_autoencoder))
+
+
+class _Data(L.LightningDataModule):
+    resolution = 32
+
+    def __init__(self):
+        super().__init__()
+        self.batch = haystack_batch()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader([self.batch] * 3, batch_size=None)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader([self.batch], batch_size=None)
+
+
+class _SeeWeights(L.Callback):
+    def on_validation_batch_start(self, trainer, module, *args):
+        self.during = [p.detach().clone() for p in module.unet.parameters()]
+
+
+def _trainer(tmp_path, max_steps, callbacks=()):
+    return L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+                                *callbacks])  # fmt: skip
+
+
+def test_ema_is_used_for_validation_and_restored_and_checkpoint_round_trips(tmp_path, tiny_autoencoder, tiny_clip,
+                                                                           tiny_t5):  # fmt: skip
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5)
+    data = _Data()
+    see = _SeeWeights()
+    trainer = _trainer(tmp_path, 3, [see])
+    trainer.fit(module, datamodule=data)
+    live = [p.detach().clone() for p in module.unet.parameters()]
+    shadow = list(module.ema.shadow["unet"].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(live, shadow, strict=True))  # EMA differs from the raw weights
+    trainer.validate(module, datamodule=data, verbose=False)
+    for a, b in zip(see.during, shadow, strict=True):  # validation ran on the EMA weights ...
+        assert torch.equal(a, b)
+    for a, b in zip(module.unet.parameters(), live, strict=True):  # ... and the raw ones came back
+        assert torch.equal(a, b)
+
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    assert ckpt["emu"]["kind"] == "diffusion" and ckpt["emu"]["resolution"] == 32
+    assert not any(k.startswith(("autoencoder.", "conditioner.encoders.")) for k in ckpt["state_dict"])
+    loaded = load_diffusion(tmp_path / "ckpt/last.ckpt")
+    for a, b in zip(loaded.unet.parameters(), module.unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(loaded.ema.images_seen, module.ema.images_seen)
+    torch.save({"emu": {"kind": "autoencoder"}, "state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a diffusion"):
+        load_diffusion(tmp_path / "other.ckpt")
+
+    # the same seed gives the same images; another seed others
+    prompts = ["a large red circle in the center on a black background"] * 2
+    a = loaded.sample(prompts, [1, 2], resolution=32, steps=3)
+    b = loaded.sample(prompts, [1, 3], resolution=32, steps=3)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5)
+    _trainer(tmp_path, 1).fit(module, datamodule=_Data())
+    ckpt = tmp_path / "ckpt/last.ckpt"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle in the center on a black background\n\na small blue star at the top\n")
+    out = tmp_path / "samples"
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"prompts={prompts}", "n=2", "steps=2",
+           "batch_size=3", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and [x["seed"] for x in lines] == [0, 1, 2, 3]
+    assert lines[2]["prompt"] == "a small blue star at the top" and lines[0]["sampler"] == "dpmpp_2m"
+    assert all((out / x["file"]).is_file() for x in lines) and (out / "grid.png").is_file()
+
+    # bad input: one clear line, exit 2, before any work
+    bad = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"prompts={tmp_path / 'missing.txt'}",
+           f"hydra.run.dir={tmp_path / 'bad'}"]  # fmt: skip
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "config error: prompts: " in r.stderr and "is not a file" in r.stderr, r.stderr
+    import sample
+
+    for args, expected in [
+        (["prompt=x", "guidance=-1"], "guidance: must be in [0, 50]"),
+        (["prompt=x", "steps=0"], "steps: must be in 1..1000"),
+        (["prompt=x", "sampler=plms"], "sampler: must be one of"),
+        (["prompt=x", f"prompts={prompts}"], "give exactly one"),
+        (["prompt=x", "resolution=40"], "resolution: 40 is not a multiple of 16"),
+        (["prompt=x", f"ckpt={prompts}"], "ckpt: "),  # not a checkpoint at all
+    ]:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(
+                "sample", overrides=[f"ckpt={ckpt}", f"out={tmp_path}", f"paths.output_dir={tmp_path}", *args]
+            )
+        with pytest.raises(ConfigError) as err:
+            sample.run(cfg)
+        assert expected in str(err.value)
