@@ -103,3 +103,13 @@ def test_cli_writes_valid_shards(tmp_path, capsys):
     assert members == {"png": 64, "txt": 64, "json": 64}
     summary = json.loads((tmp_path / "haystack.json").read_text())
     assert summary["n"] == 64 and summary["images_per_second"] > 0
+
+
+def test_parse_caption_inverts_caption_for():
+    for i in range(300):
+        spec = haystack.scene_spec(0, i)
+        parsed = haystack.parse_caption(haystack.caption_for(spec["objects"], spec["background"]))
+        assert parsed["background"] == spec["background"]
+        assert parsed["objects"] == [{k: o[k] for k in ("size", "color", "shape", "position")} for o in spec["objects"]]
+    for other in ["a cat", "a large red circle in the center on a plaid background", "bond", ""]:
+        assert haystack.parse_caption(other) is None

@@ -131,6 +131,24 @@ def caption_for(objects: list[dict], background: str) -> str:
     return " and ".join(parts) + f" on a {background} background"
 
 
+def parse_caption(caption: str) -> dict[str, Any] | None:
+    """The inverse of :func:`caption_for`: ``{"objects": [...], "background": ...}``, or None for other text."""
+    phrases = {v: k for k, v in POSITION_PHRASES.items()}
+    head, sep, tail = caption.strip().rpartition(" on a ")
+    if not sep or not tail.endswith(" background") or tail[: -len(" background")] not in BACKGROUNDS:
+        return None
+    objects = []
+    for part in head.split(" and "):
+        words = part.split(" ", 4)
+        if len(words) != 5 or words[0] != "a" or words[4] not in phrases:
+            return None
+        size, color, shape = words[1:4]
+        if size not in SIZES or color not in COLORS or shape not in SHAPES:
+            return None
+        objects.append({"size": size, "color": color, "shape": shape, "position": phrases[words[4]]})
+    return {"objects": objects, "background": tail[: -len(" background")]}
+
+
 def _draw_flaws(rng: np.random.Generator, allow_duplicate: bool) -> list[str]:
     if rng.random() < P_CLEAN:
         return []
@@ -476,7 +494,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per tar shard")
     p.add_argument("--start", type=int, default=0, help="first index (to write disjoint splits)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering in parallel")
+    p.add_argument("--captions", action="store_true", help="write only the captions, one per line, to the file --out")
     args = p.parse_args(argv)
+    if args.captions:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        captions = [caption_for(spec["objects"], spec["background"])
+                    for spec in (scene_spec(args.seed, args.start + i) for i in range(args.n))]  # fmt: skip
+        out.write_text("\n".join(captions) + "\n")
+        print(f"wrote {len(captions)} captions of images {args.start}..{args.start + args.n - 1} to {out}")
+        return
     if args.resolution < 16:
         p.error(f"--resolution must be at least 16, got {args.resolution}")
     s = write_shards(args.out, args.n, args.seed, args.resolution, args.shard_size, args.workers, args.start)

@@ -1,0 +1,124 @@
+"""Do generated images follow their prompts? CLIP score and zero-shot attribute accuracy with a CLIP loaded by path.
+
+In the miniature the CLIP is the mini CLIP (``outputs/demo/clip/export``) and the prompts are haystack captions:
+for each image whose prompt names one object, the CLIP's zero-shot prediction of the colour, shape and background
+(prompt ensembles over every other attribute, as in :mod:`emu.text.mini_clip`) is compared with the prompt's.
+CLIP score is ``100 * max(cos(image, text), 0)`` (the torchmetrics / Hessel et al. convention).
+
+CLI over a ``sample.py`` output folder::
+
+    python -m emu.evaluation.prompt_following outputs/sample/<run> --clip outputs/demo/clip/export
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from emu.data.haystack import parse_caption
+from emu.text.mini_clip import ATTRIBUTES, attribute_prompts
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipJudge:
+    """A ``CLIPModel`` folder (or cached hub name) with its tokenizer and image normalisation."""
+
+    def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu"):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(str(name_or_path)).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        self.device = torch.device(device)
+        mean, std = OPENAI_MEAN, OPENAI_STD
+        processor = Path(name_or_path) / "preprocessor_config.json"
+        if processor.is_file():
+            cfg = json.loads(processor.read_text())
+            mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.size = self.model.config.vision_config.image_size
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images in [-1, 1], B x 3 x H x W -> L2-normalised embeddings."""
+        out = []
+        for chunk in images.split(batch_size):
+            x = (chunk.float() + 1) / 2
+            if x.shape[-2:] != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
+            x = ((x - self.mean) / self.std).to(self.device)
+            out.append(_features(self.model.get_image_features(pixel_values=x)).float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            t = self.tokenizer(texts[i : i + batch_size], padding="max_length", truncation=True,
+                               max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
+            out.append(_features(self.model.get_text_features(**t)).float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def clip_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per-pair ``100 * max(cos, 0)``."""
+        return 100 * (self.embed_images(images) * self.embed_texts(prompts)).sum(-1).clamp(min=0)
+
+    def attribute_accuracy(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Zero-shot colour / shape / background accuracy on the images whose prompt is a one-object haystack
+        caption; ``n_scored`` says how many there were."""
+        parsed = [parse_caption(p) for p in prompts]
+        keep = [i for i, p in enumerate(parsed) if p is not None and len(p["objects"]) == 1]
+        metrics: dict[str, float] = {"n_scored": float(len(keep))}
+        if not keep:
+            return metrics
+        emb = self.embed_images(images[keep])
+        for attribute, values in ATTRIBUTES.items():
+            classes = torch.stack([self.embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
+            pred = (emb @ F.normalize(classes, dim=-1).T).argmax(-1)
+            truth = torch.tensor([
+                values.index(parsed[i]["background"] if attribute == "background" else parsed[i]["objects"][0][attribute])
+                for i in keep
+            ])  # fmt: skip
+            metrics[f"{attribute}_acc"] = float((pred == truth).float().mean())
+        return metrics
+
+
+def _features(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def load_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """Images ([-1, 1]) and prompts of a ``sample.py`` output folder (its ``metadata.jsonl``)."""
+    folder = Path(folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    images = [torch.from_numpy(np.asarray(Image.open(folder / r["file"]).convert("RGB"), dtype=np.float32))
+              for r in rows]  # fmt: skip
+    return torch.stack(images).permute(0, 3, 1, 2) / 127.5 - 1, [r["prompt"] for r in rows]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m emu.evaluation.prompt_following", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="a sample.py output folder (metadata.jsonl + PNGs)")
+    p.add_argument("--clip", required=True, help="a CLIPModel folder (the mini CLIP in the miniature)")
+    p.add_argument("--out", help="write the metrics here as JSON (default: <folder>/prompt_following.json)")
+    args = p.parse_args(argv)
+    images, prompts = load_sample_folder(args.folder)
+    judge = ClipJudge(args.clip)
+    metrics = {"clip": str(args.clip), "n_images": len(prompts),
+               "clip_score": float(judge.clip_score(images, prompts).mean()),
+               **judge.attribute_accuracy(images, prompts)}  # fmt: skip
+    out = Path(args.out or Path(args.folder) / "prompt_following.json")
+    out.write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
