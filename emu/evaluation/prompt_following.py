@@ -83,12 +83,13 @@ class ClipJudge:
         for attribute, values in ATTRIBUTES.items():
             classes = torch.stack([self.embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
             pred = (emb @ F.normalize(classes, dim=-1).T).argmax(-1)
-            truth = torch.tensor([
-                values.index(parsed[i]["background"] if attribute == "background" else parsed[i]["objects"][0][attribute])
-                for i in keep
-            ])  # fmt: skip
+            truth = torch.tensor([values.index(_attribute(parsed[i], attribute)) for i in keep])
             metrics[f"{attribute}_acc"] = float((pred == truth).float().mean())
         return metrics
+
+
+def _attribute(scene: dict, attribute: str) -> str:
+    return scene["background"] if attribute == "background" else scene["objects"][0][attribute]
 
 
 def _features(out) -> torch.Tensor:
