@@ -46,6 +46,13 @@ demo: install
 		--haystack 512 --photos --out $(DEMO)/autoencoder_eval.json
 	@test -f $(DEMO)/clip/export/config.json || $(PY) train.py experiment=mini/clip hydra.run.dir=$(DEMO)/clip
 	@test -f $(DEMO)/t5/config.json || $(PY) -m emu.text.mini_t5 --out $(DEMO)/t5
+	@test -f $(DEMO)/stage1/checkpoints/last.ckpt || $(PY) train.py experiment=mini/stage1_pretrain \
+		hydra.run.dir=$(DEMO)/stage1
+	@test -f $(DEMO)/prompts_heldout.txt || $(PY) -m emu.data.haystack --captions --n 64 --start 1000000 \
+		--out $(DEMO)/prompts_heldout.txt
+	@test -f $(DEMO)/stage1/samples/grid.png || $(PY) sample.py ckpt=$(DEMO)/stage1/checkpoints/last.ckpt \
+		prompts=$(DEMO)/prompts_heldout.txt out=$(DEMO)/stage1/samples hydra.run.dir=$(DEMO)/stage1/samples
+	$(PY) -m emu.evaluation.prompt_following $(DEMO)/stage1/samples --clip $(DEMO)/clip/export
 	@echo "demo outputs in $(DEMO)/"
 
 bench: install

@@ -5,6 +5,7 @@ import torch
 
 from emu.errors import ConfigError
 from emu.text.encoders import FrozenTextEncoder
+from emu.text.mini_clip import haystack_vocabulary_text
 from emu.text.tokenizer import build_word_tokenizer
 from tests.conftest import CAPTIONS
 
@@ -44,7 +45,9 @@ def test_bad_paths_and_mismatched_tokenizers(tmp_path, tiny_clip):
 
     folder = tmp_path / "mismatch"
     shutil.copytree(tiny_clip, folder)
-    build_word_tokenizer([*CAPTIONS, "many more words than the model knows zebra yak"]).save_pretrained(folder)
+    build_word_tokenizer(
+        [*CAPTIONS, *haystack_vocabulary_text(), "many more words than the model knows zebra yak"]
+    ).save_pretrained(folder)
     with pytest.raises(ConfigError, match="do not belong together"):
         FrozenTextEncoder(str(folder), "clip")
     with pytest.raises(ConfigError, match="must be 'clip' or 't5'"):
