@@ -19,7 +19,6 @@ space, i.e. the plain eps- / v-MSE), ``min_snr`` (min(SNR, gamma), Hang et al. 2
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from emu.diffusion.noise import DiscreteSchedule, lognormal_sigmas, snr
 
@@ -53,8 +52,11 @@ def loss_weight(kind: str, sigma: torch.Tensor, c_out: torch.Tensor, sigma_data:
     raise ValueError(f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}")
 
 
-class Denoiser(nn.Module):
+class Denoiser:
     """Wraps a network ``net(x, c_noise, **cond)`` into ``D(x, sigma, **cond) -> x0`` and its training loss.
+
+    A plain callable, not a module: it holds references to the network and schedule that its owner registers
+    (so a LightningModule's state dict names the U-Net once, as ``unet.*``).
 
     Args:
         net: the U-Net (or any callable with that signature).
@@ -68,7 +70,7 @@ class Denoiser(nn.Module):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: torch.nn.Module,
         parameterization: str = "eps",
         schedule: DiscreteSchedule | None = None,
         sigma_data: float = 1.0,
@@ -77,7 +79,6 @@ class Denoiser(nn.Module):
         p_mean: float = -1.2,
         p_std: float = 1.2,
     ):
-        super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
         if weighting not in WEIGHTINGS:
@@ -105,7 +106,7 @@ class Denoiser(nn.Module):
         shape = (-1,) + (1,) * (ndim - 1)
         return [c.view(shape) for c in preconditioning(self.parameterization, sigma, self.sigma_data)]
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         c_skip, c_out, c_in = self._scalings(sigma.float(), x.ndim)
         out = self.net((x * c_in).to(x.dtype), self.c_noise(sigma), **cond)

@@ -119,6 +119,7 @@ class DiffusionModule(L.LightningModule):
         self.autoencoder = load_autoencoder(autoencoder, expect={"latent_channels": self.unet.config["in_channels"]})
         self.autoencoder.requires_grad_(False)
         disc = None if parameterization == "edm" else DiscreteSchedule(scaled_linear_alphas_cumprod(**schedule))
+        self.noise_schedule = disc  # registered here (moves with the module); the denoiser only refers to it
         self.denoiser = Denoiser(self.unet, parameterization, disc, sigma_data, weighting, min_snr_gamma, p_mean, p_std)
         self.ema = EMA(self.trained_modules(), ema_half_life_images, ema_ramp) if ema_half_life_images > 0 else None
         self.val_prompts = _read_prompts(val_prompts)

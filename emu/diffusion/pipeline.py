@@ -62,7 +62,7 @@ def generate(
     sample_fn = get_sampler(sampler)
     sigmas = sampling_sigmas(denoiser, steps, schedule)
     cfg = CFGDenoiser(denoiser, guidance, guidance_rescale)
-    device = next(denoiser.parameters()).device
+    device = next(denoiser.net.parameters()).device
     latent_shape = (autoencoder.latent_channels, height // autoencoder.downsample_factor,
                     width // autoencoder.downsample_factor)  # fmt: skip
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
