@@ -147,6 +147,7 @@ class SamplePreparer:
                 caption = ""
         meta = raw.get("meta")
         meta = dict(meta) if isinstance(meta, Mapping) else {}
+        meta["source_size"] = list(img.size)  # width, height before resizing (curation's size filter reads it)
         image = self._transform(img).clamp_(-1.0, 1.0)
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             image = image.flip(-1)

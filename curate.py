@@ -1,0 +1,77 @@
+"""Curate a corpus: ``python curate.py [stages.<name>.<key>=... ...]``.
+
+Runs the funnel of ``conf/curate.yaml`` (automatic stages, then human passes) over the configured data source and
+writes the curated set (``<out>/curated``, readable with ``data=folder``), score tables, ``funnel.json`` and
+``funnel.md``. Rerunning with the same ``out`` resumes: finished stages are not redone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from emu.curation.funnel import Funnel
+from emu.curation.stages import CurationError
+from emu.errors import ConfigError
+from emu.utils.config import check_required, config_errors_as_messages
+
+
+def build_stages(cfg: DictConfig) -> list:
+    """Instantiate the stages in order; those that take a ``clip`` share one, loaded on first need."""
+    from emu.evaluation.prompt_following import ClipJudge
+
+    clip = None
+    stages = []
+    for name, node in cfg.stages.items():
+        if node is None:  # stages.<name>=null removes a stage
+            continue
+        params = inspect.signature(get_class(node._target_).__init__).parameters
+        extra = {}
+        if "clip" in params:
+            if clip is None:
+                if not Path(str(cfg.clip)).expanduser().exists() and str(cfg.clip).startswith((".", "/", "~")):
+                    raise ConfigError("clip", f"no CLIP model folder at '{cfg.clip}' (train one: make demo)")
+                clip = ClipJudge(cfg.clip)
+            extra["clip"] = clip
+        stage = hydra.utils.instantiate(node, **extra)
+        if stage.name != name:
+            raise ConfigError(f"stages.{name}.name", f"is {stage.name!r}; it must equal the key {name!r}")
+        stages.append(stage)
+    return stages
+
+
+def run(cfg: DictConfig) -> dict:
+    check_required(cfg)
+    stages = build_stages(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    funnel = Funnel(datamodule, stages, cfg.out, examples=int(cfg.examples))
+    print(f"curating into {cfg.out}")
+    try:
+        report = funnel.run()
+    except CurationError as e:
+        print(f"curation stopped: {e}", file=sys.stderr)
+        raise SystemExit(3) from e
+    f = report["final"]
+    line = f"curated {f['n']} of {report['n_images']} images in {report['seconds']:.0f}s"
+    if "precision" in f:
+        line += f": precision {100 * f['precision']:.1f}%, recall {100 * f['recall']:.1f}% (hidden needles)"
+    print(line)
+    print(f"  set:    {Path(cfg.out) / 'curated'}\n  report: {Path(cfg.out) / 'funnel.md'}")
+    if hasattr(datamodule, "skip_summary"):
+        print(f"  data:   {datamodule.skip_summary()}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="curate")
+@config_errors_as_messages
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

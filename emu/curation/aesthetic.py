@@ -1,0 +1,129 @@
+"""The aesthetic score: the LAION aesthetic predictor's MLP on L2-normalised CLIP image embeddings.
+
+Same architecture and state-dict keys as the public predictor (``layers.0/2/4/6/7``; for CLIP ViT-L/14 the input
+is 768 wide), so its checkpoint loads by path (``AestheticHead.from_file``: ``.pth`` / ``.pt`` / ``.safetensors``).
+Here it is trainable on (embedding, rating) pairs; in the miniature the ratings are the hidden appeal of a
+*separate* haystack sample (seed 1), standing in for human ratings as AVA does for LAION::
+
+    python -m emu.curation.aesthetic --clip outputs/demo/clip/export --out outputs/demo/aesthetic.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emu.errors import ConfigError
+
+
+class AestheticHead(nn.Module):
+    """``Linear(d,1024) Dropout(.2) Linear(1024,128) Dropout(.2) Linear(128,64) Dropout(.1) Linear(64,16)
+    Linear(16,1)`` in ``self.layers`` (LAION's ``MLP``)."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.input_size = input_size
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )  # fmt: skip
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) of image embeddings (B x d); they are L2-normalised here, as the predictor expects."""
+        return self.layers(F.normalize(embeddings.float(), dim=-1)).squeeze(-1)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AestheticHead:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError("aesthetic.head", f"no aesthetic head at '{path}' (train one with "
+                              "python -m emu.curation.aesthetic, or give the LAION predictor's .pth)")  # fmt: skip
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if "layers.0.weight" not in state:
+            raise ConfigError("aesthetic.head", f"'{path}' is not an aesthetic predictor (no layers.0.weight)")
+        head = cls(state["layers.0.weight"].shape[1])
+        head.load_state_dict(state)
+        return head.eval()
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+        return path
+
+
+def train_head(
+    embeddings: torch.Tensor, ratings: torch.Tensor, epochs: int = 60, lr: float = 1e-3, batch_size: int = 256,
+    val_fraction: float = 0.1, seed: int = 0,
+) -> tuple[AestheticHead, dict[str, float]]:  # fmt: skip
+    """Fit the head by MSE to ``ratings``; returns it and held-out MAE / Spearman-free Pearson correlation."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(ratings)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, int(n * val_fraction))
+    val, train = perm[:n_val], perm[n_val:]
+    torch.manual_seed(seed)
+    head = AestheticHead(embeddings.shape[1])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(epochs):
+        head.train()
+        for idx in train[torch.randperm(len(train), generator=g)].split(batch_size):
+            loss = F.mse_loss(head(embeddings[idx]), ratings[idx].float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        pred = head(embeddings[val])
+    truth = ratings[val].float()
+    corr = torch.corrcoef(torch.stack([pred, truth]))[0, 1]
+    return head, {"val_mae": float((pred - truth).abs().mean()), "val_pearson": float(corr), "n_train": len(train)}
+
+
+def haystack_ratings(clip, n: int, seed: int = 1, resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP image embeddings and hidden appeal of ``n`` images of a separate haystack (``seed`` != the corpus')."""
+    from emu.data.datamodule import EmuDataModule
+    from emu.data.sources import HaystackSource
+
+    dm = EmuDataModule(HaystackSource(n_train=n, n_val=0, seed=seed, resolution=resolution), resolution=resolution,
+                       batch_size=min(256, n), require_caption=False, num_workers=0, drop_last=False)  # fmt: skip
+    embs, ratings = [], []
+    for batch in dm.dataloader("train", shuffle=False):
+        embs.append(clip.embed_images(batch["image"]))
+        ratings += [m["appeal"] for m in batch["meta"]]
+    return torch.cat(embs), torch.tensor(ratings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from emu.evaluation.prompt_following import ClipJudge
+
+    p = argparse.ArgumentParser(prog="python -m emu.curation.aesthetic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--clip", required=True, help="CLIPModel folder whose image embeddings the head reads")
+    p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
+    p.add_argument("--n", type=int, default=5000, help="rated images (a haystack with --seed, not the corpus)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=60)
+    args = p.parse_args(argv)
+    t = time.time()
+    emb, ratings = haystack_ratings(ClipJudge(args.clip), args.n, args.seed)
+    head, metrics = train_head(emb, ratings, epochs=args.epochs)
+    head.save(args.out)
+    mae, r = metrics["val_mae"], metrics["val_pearson"]
+    print(f"aesthetic head on {args.n} rated images (haystack seed {args.seed}): held-out MAE {mae:.2f}, "
+          f"Pearson r {r:.2f}; {time.time() - t:.0f}s -> {args.out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

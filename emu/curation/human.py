@@ -1,0 +1,125 @@
+"""Human stages: export candidates for annotators, import their labels, combine several annotators per image.
+
+The export is a folder with the candidates' images, contact sheets (numbered, keys listed in ``sheets.md``)
+and ``labels_template.csv`` (one row per image, one column per principle of the photography guideline, and
+``keep``). Labels come back as CSV or JSONL rows ``key, annotator, <principle>..., keep`` (1/0, true/false,
+yes/no). In the miniature, :class:`SimulatedAnnotator` answers from the hidden haystack attributes with noise;
+the generalist is noisier and more lenient (recall), the specialist stricter (precision). Reports say so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from emu.errors import ConfigError
+
+PRINCIPLES = ("composition", "lighting", "color_contrast", "subject_background", "subjective")
+# which hidden haystack flaws break which principle (the web defects count against the subject / technical side)
+PRINCIPLE_FLAWS = {
+    "composition": ("cut_off", "off_balance", "clutter"),
+    "lighting": ("flat_lighting", "too_dark", "overexposed"),
+    "color_contrast": ("low_contrast", "monochrome"),
+    "subject_background": ("clutter", "cut_off", "blur", "noise", "jpeg", "watermark", "low_res", "odd_aspect"),
+}
+COMBINE_RULES = ("majority", "any", "all", "mean")
+
+
+class SimulatedAnnotator:
+    """Answers from hidden attributes: each principle is judged correctly with probability ``1 - noise``; the
+    subjective verdict is ``appeal + N(0, appeal_noise) >= appeal_threshold``; keep = every verdict positive."""
+
+    def __init__(self, name: str, noise: float, appeal_noise: float, appeal_threshold: float, seed: int = 0):
+        self.name, self.noise, self.appeal_noise, self.threshold = name, noise, appeal_noise, appeal_threshold
+        self.seed = seed
+
+    def label(self, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+        rng = random.Random(f"{self.seed}/{self.name}/{key}")  # the same answer on a rerun
+        flaws = set(meta.get("flaws", ()))
+        row: dict[str, Any] = {"key": key, "annotator": self.name}
+        for principle, group in PRINCIPLE_FLAWS.items():
+            ok = not (flaws & set(group))
+            row[principle] = int(ok if rng.random() >= self.noise else not ok)
+        row["subjective"] = int(float(meta.get("appeal", 0.0)) + rng.gauss(0, self.appeal_noise) >= self.threshold)
+        row["keep"] = int(all(row[p] for p in PRINCIPLES))
+        return row
+
+
+def _truthy(value: Any, where: str) -> int:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "keep"):
+        return 1
+    if v in ("0", "false", "no", "n", "drop", ""):
+        return 0
+    raise ValueError(f"{where}: not a yes/no value: {value!r}")
+
+
+def read_labels(path: str | Path, known: set[str], on_error: str = "skip") -> tuple[list[dict], list[str]]:
+    """Rows of a labels file (CSV or JSONL). Unknown keys and malformed rows are reported with their line and
+    skipped (``on_error="skip"``) or raise (``"stop"``). Returns ``(rows, problems)``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError("labels", f"no labels file at '{path}'")
+    rows, problems = [], []
+    if path.suffix.lower() == ".jsonl":
+        raw = []
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(f"{path.name}:{i}: not JSON ({e.msg})")
+    else:
+        with path.open(newline="") as f:
+            raw = [(i, r) for i, r in enumerate(csv.DictReader(f), start=2)]
+    for line, r in raw:
+        where = f"{path.name}:{line}"
+        try:
+            key = str(r["key"])
+            if key not in known:
+                raise ValueError(f"{where}: unknown key {key!r}")
+            row = {"key": key, "annotator": str(r.get("annotator") or "anonymous"), "keep": _truthy(r["keep"], where)}
+            for p in PRINCIPLES:
+                if p in r and r[p] not in (None, ""):
+                    row[p] = _truthy(r[p], where)
+            rows.append(row)
+        except (KeyError, ValueError, TypeError) as e:
+            problems.append(str(e) if isinstance(e, ValueError) else f"{where}: missing column {e}")
+    if problems and on_error == "stop":
+        raise ConfigError("labels", f"{len(problems)} bad rows in '{path}', first: {problems[0]}")
+    return rows, problems
+
+
+def write_labels(rows: list[dict], path: Path) -> None:
+    """JSONL, atomically (temporary file, then rename): labels never end half-written."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def combine(rows: list[dict], rule: str = "majority", threshold: float = 0.5) -> dict[str, bool]:
+    """Per key, whether the annotators' ``keep`` votes pass ``rule`` (``majority``, ``any``, ``all``, or ``mean``
+    of votes >= ``threshold``)."""
+    if rule not in COMBINE_RULES:
+        raise ConfigError("combine", f"must be one of {COMBINE_RULES}, got {rule!r}")
+    votes: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        votes[r["key"]].append(int(r["keep"]))
+    out = {}
+    for key, v in votes.items():
+        mean = sum(v) / len(v)
+        out[key] = {"majority": mean > 0.5, "any": mean > 0, "all": mean == 1, "mean": mean >= threshold}[rule]
+    return out
+
+
+def write_template(keys: list[str], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "annotator", *PRINCIPLES, "keep"])
+        for k in keys:
+            w.writerow([k, "", *([""] * len(PRINCIPLES)), ""])

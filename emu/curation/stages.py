@@ -1,0 +1,248 @@
+"""The automatic stages of the funnel. Each scores the images it is given and has a keep rule.
+
+A stage sees batches of survivors (``image`` in [-1, 1], ``caption``, ``key``, ``meta``) and returns one score per
+image (plus, optionally, an ``extra`` dict per image that a resumed run needs, such as a hash). After the pass the
+:class:`KeepRule` turns all scores into kept / dropped. Scores are oriented so that the rule is explicit: the text
+stage's score is letters found (keep ``max``), the CLIP score's a similarity (keep ``min``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emu.errors import ConfigError
+from emu.utils.images import to_uint8
+
+
+class CurationError(RuntimeError):
+    """A stage that cannot go on (e.g. its rule keeps nothing); the message names the stage and the fix."""
+
+
+@dataclass
+class KeepRule:
+    """Keep scores >= ``min`` and <= ``max``, then the ``top_k`` / ``top_fraction`` highest (``lowest=True``:
+    lowest) of those."""
+
+    min: float | None = None
+    max: float | None = None
+    top_k: int | None = None
+    top_fraction: float | None = None
+    lowest: bool = False
+
+    def select(self, scores: dict[str, float]) -> set[str]:
+        keys = [
+            k for k, s in scores.items() if (self.min is None or s >= self.min) and (self.max is None or s <= self.max)
+        ]
+        k = len(keys)
+        if self.top_fraction is not None:
+            k = min(k, math.ceil(self.top_fraction * len(scores)))
+        if self.top_k is not None:
+            k = min(k, self.top_k)
+        keys.sort(key=lambda key: (scores[key] if self.lowest else -scores[key], key))
+        return set(keys[:k])
+
+    def describe(self) -> str:
+        parts = [
+            f"score >= {self.min:g}" if self.min is not None else "",
+            f"score <= {self.max:g}" if self.max is not None else "",
+        ]
+        if self.top_fraction is not None:
+            parts.append(f"{'bottom' if self.lowest else 'top'} {100 * self.top_fraction:g}%")
+        if self.top_k is not None:
+            parts.append(f"{'bottom' if self.lowest else 'top'} {self.top_k}")
+        return ", ".join(p for p in parts if p) or "keep all"
+
+
+class Stage:
+    """Base class: ``name``, ``keep`` rule, ``needs_pixels``; subclasses implement :meth:`score`."""
+
+    needs_pixels = True
+    kind = "automatic"
+
+    def __init__(self, name: str, keep: dict[str, Any] | None = None):
+        self.name, self.keep = name, KeepRule(**(keep or {}))
+
+    def start(self, previous: dict[str, dict[str, Any]]) -> None:
+        """Called before a pass with the rows already scored (a resumed run); stateful stages restore here."""
+
+    def score(self, batch: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]] | None]:
+        raise NotImplementedError
+
+    def select(self, rows: dict[str, dict[str, Any]]) -> set[str]:
+        return self.keep.select({k: r["score"] for k, r in rows.items()})
+
+    def describe(self) -> str:
+        return self.keep.describe()
+
+
+# ------------------------------------------------------------------------------------------------ size
+class SizeAspect(Stage):
+    """Shorter side of the source image (``meta.source_size``) >= ``min_size`` and aspect ratio <= ``max_aspect``;
+    the score is the shorter side, 0 when the aspect ratio is too extreme."""
+
+    def __init__(self, name: str = "size_aspect", min_size: int = 64, max_aspect: float = 2.0, keep=None):
+        super().__init__(name, keep or {"min": min_size})
+        self.min_size, self.max_aspect = min_size, max_aspect
+
+    def score(self, batch):
+        scores = []
+        for meta, image in zip(batch["meta"], batch["image"], strict=True):
+            w, h = meta.get("source_size") or (image.shape[-1], image.shape[-2])
+            scores.append(float(min(w, h)) if max(w, h) / max(1, min(w, h)) <= self.max_aspect else 0.0)
+        return scores, None
+
+
+# ------------------------------------------------------------------------------------------------ duplicates
+def phash(image: Image.Image, size: int = 8, oversample: int = 4) -> int:
+    """The DCT perceptual hash: 64 bits from the low frequencies of a 32x32 grayscale, thresholded at the median."""
+    n = size * oversample
+    x = np.asarray(image.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
+    k = np.arange(n)
+    dct = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))  # DCT-II basis (rows: frequencies)
+    low = (dct @ x @ dct.T)[:size, :size].flatten()
+    bits = low > np.median(low[1:])
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+class NearDuplicates(Stage):
+    """Score: Hamming distance of the image's perceptual hash to the nearest earlier image (64 when none); keep
+    ``min: max_distance + 1`` drops every image within ``max_distance`` bits of one seen before it."""
+
+    def __init__(self, name: str = "near_duplicates", max_distance: int = 6, keep=None):
+        super().__init__(name, keep or {"min": max_distance + 1})
+        self.hashes: list[int] = []
+
+    def start(self, previous):
+        self.hashes = [int(r["extra"]["phash"], 16) for r in previous.values()]
+
+    def score(self, batch):
+        scores, extra = [], []
+        for image in to_uint8(batch["image"]):
+            h = phash(Image.fromarray(image.permute(1, 2, 0).numpy()))
+            d = min((bin(h ^ o).count("1") for o in self.hashes), default=64)
+            self.hashes.append(h)
+            scores.append(float(d))
+            extra.append({"phash": f"{h:016x}"})
+        return scores, extra
+
+
+# ------------------------------------------------------------------------------------------------ CLIP based
+class ClipScore(Stage):
+    """CLIP similarity of caption and image (``100 * max(cos, 0)``) with the configured CLIP."""
+
+    def __init__(self, clip, name: str = "clip_score", keep=None):
+        super().__init__(name, keep or {"min": 20.0})
+        self.clip = clip
+
+    def score(self, batch):
+        return self.clip.clip_score(batch["image"], list(batch["caption"])).tolist(), None
+
+
+class Aesthetic(Stage):
+    """The aesthetic head (:mod:`emu.curation.aesthetic`) on the CLIP image embedding."""
+
+    def __init__(self, clip, head: str, name: str = "aesthetic", keep=None):
+        from emu.curation.aesthetic import AestheticHead
+
+        super().__init__(name, keep or {"top_fraction": 0.25})
+        self.clip, self.head = clip, AestheticHead.from_file(head)
+        width = self.clip.model.config.projection_dim
+        if self.head.input_size != width:
+            raise ConfigError(
+                "aesthetic.head", f"takes {self.head.input_size}-wide embeddings but the CLIP gives {width}"
+            )
+
+    @torch.no_grad()
+    def score(self, batch):
+        return self.head(self.clip.embed_images(batch["image"])).tolist(), None
+
+
+class Balance(Stage):
+    """Balance across visual concepts: each image gets a class by CLIP zero-shot over ``concepts`` (prompts), and at
+    most ``per_class`` images per class are kept, best ``rank_by`` score first (a previous stage's)."""
+
+    kind = "automatic"
+
+    def __init__(self, clip, concepts: dict[str, str], per_class: int, rank_by: str, name: str = "balance"):
+        super().__init__(name, {})
+        if not concepts:
+            raise ConfigError(f"stages.{name}.concepts", "needs at least one concept: name -> prompt")
+        self.clip, self.per_class, self.rank_by = clip, per_class, rank_by
+        self.names = list(concepts)
+        self.text = self.clip.embed_texts(list(concepts.values()))
+        self.rank_scores: dict[str, float] = {}
+
+    def score(self, batch):
+        cls = (self.clip.embed_images(batch["image"]) @ self.text.T).argmax(-1).tolist()
+        return [float(c) for c in cls], [{"concept": self.names[c]} for c in cls]
+
+    def select(self, rows):
+        by_class: dict[str, list[str]] = {}
+        for key, row in rows.items():
+            by_class.setdefault(row["extra"]["concept"], []).append(key)
+        kept = set()
+        for keys in by_class.values():
+            keys.sort(key=lambda k: (-self.rank_scores.get(k, 0.0), k))
+            kept.update(keys[: self.per_class])
+        return kept
+
+    def describe(self) -> str:
+        return f"<= {self.per_class} per concept ({len(self.names)} concepts), best {self.rank_by} first"
+
+
+# ------------------------------------------------------------------------------------------------ text, hook
+class TextOverlay(Stage):
+    """Letters of overlaid text found by OCR (keep ``max: max_letters``). ``engine``: ``tesseract``, ``auto``
+    (Tesseract when installed, else the stage is skipped and the report says so) or ``off``."""
+
+    def __init__(self, name: str = "text_overlay", engine: str = "auto", max_letters: int = 1, min_confidence=40.0,
+                 keep=None):  # fmt: skip
+        from emu.curation.ocr import TesseractText, tesseract_available
+
+        super().__init__(name, keep or {"max": max_letters})
+        if engine not in ("auto", "tesseract", "off"):
+            raise ConfigError(f"stages.{name}.engine", f"must be auto, tesseract or off, got {engine!r}")
+        self.ocr = None
+        if engine == "tesseract" or (engine == "auto" and tesseract_available()):
+            self.ocr = TesseractText(min_confidence=min_confidence)
+        self.engine = self.ocr.name if self.ocr else "off (Tesseract not installed)" if engine == "auto" else "off"
+
+    @property
+    def enabled(self) -> bool:
+        return self.ocr is not None
+
+    def score(self, batch):
+        images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in to_uint8(batch["image"])]
+        return [float(self.ocr.letters(im)) for im in images], None
+
+    def describe(self) -> str:
+        return f"{self.keep.describe()} letters ({self.engine})"
+
+
+class ClassifierHook(Stage):
+    """A pluggable classifier (e.g. offensive content): ``classifier`` is ``module:function`` taking a batch and
+    returning one probability per image; keep ``max: threshold``. Disabled when ``classifier`` is null."""
+
+    def __init__(self, name: str = "offensive", classifier: str | None = None, threshold: float = 0.5, keep=None):
+        super().__init__(name, keep or {"max": threshold})
+        self.fn = None
+        if classifier:
+            module, _, attr = classifier.partition(":")
+            try:
+                self.fn = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"stages.{name}.classifier", f"cannot import {classifier!r}: {e}") from e
+
+    @property
+    def enabled(self) -> bool:
+        return self.fn is not None
+
+    def score(self, batch):
+        return [float(p) for p in self.fn(batch)], None

@@ -1,0 +1,166 @@
+"""Curation: stage pieces, the aesthetic head's public layout, labels import, and the funnel end to end + resume."""
+
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from emu.curation.aesthetic import AestheticHead, train_head
+from emu.curation.funnel import Funnel, HumanStage
+from emu.curation.human import SimulatedAnnotator, combine, read_labels
+from emu.curation.stages import (
+    Aesthetic,
+    Balance,
+    ClipScore,
+    CurationError,
+    KeepRule,
+    NearDuplicates,
+    SizeAspect,
+    TextOverlay,
+    phash,
+)
+from emu.data import EmuDataModule, FolderSource, HaystackSource
+from emu.data import haystack as hs
+from emu.errors import ConfigError
+
+
+def test_keep_rule():
+    scores = {"a": 1.0, "b": 5.0, "c": 3.0, "d": 4.0}
+    assert KeepRule(min=3).select(scores) == {"b", "c", "d"}
+    assert KeepRule(max=3).select(scores) == {"a", "c"}
+    assert KeepRule(top_k=2).select(scores) == {"b", "d"}
+    assert KeepRule(top_fraction=0.5, lowest=True).select(scores) == {"a", "c"}
+    assert KeepRule(min=2, top_k=1).describe() == "score >= 2, top 1"
+
+
+def test_phash_finds_near_duplicates():
+    image, _ = hs.make_sample(0, 0, 64)
+    brighter = Image.eval(image, lambda v: min(255, int(v * 1.05)))
+    other, _ = hs.make_sample(0, 1, 64)
+    h = phash(image)
+    assert bin(h ^ phash(brighter)).count("1") <= 4 < bin(h ^ phash(other)).count("1")
+
+
+def test_aesthetic_head_has_the_public_layout_and_loads_by_path(tmp_path):
+    head = AestheticHead(768)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024),
+                      "layers.2.bias": (128,), "layers.4.weight": (64, 128), "layers.4.bias": (64,),
+                      "layers.6.weight": (16, 64), "layers.6.bias": (16,), "layers.7.weight": (1, 16),
+                      "layers.7.bias": (1,)}  # fmt: skip
+    torch.save(head.state_dict(), tmp_path / "public.pth")  # the LAION predictor ships as a .pth state dict
+    loaded = AestheticHead.from_file(tmp_path / "public.pth")
+    x = torch.randn(3, 768)
+    torch.testing.assert_close(loaded(x), head.eval()(x))
+    torch.testing.assert_close(AestheticHead.from_file(head.save(tmp_path / "h.safetensors"))(x), head(x))
+    with pytest.raises(ConfigError, match="no aesthetic head"):
+        AestheticHead.from_file(tmp_path / "missing.pth")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="not an aesthetic predictor"):
+        AestheticHead.from_file(tmp_path / "other.pth")
+
+
+def test_aesthetic_head_learns_ratings():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(600, 16, generator=g)
+    ratings = 5 + 2 * torch.nn.functional.normalize(emb, dim=-1)[:, 0]
+    _, metrics = train_head(emb, ratings, epochs=40)
+    assert metrics["val_pearson"] > 0.9
+
+
+def test_labels_import_round_trip_and_bad_rows(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("key,annotator,composition,keep\nk1,ann,1,yes\nk2,ann,0,no\nk9,ann,1,1\nk1,bob,1,maybe\n")
+    rows, problems = read_labels(path, {"k1", "k2"})
+    assert [(r["key"], r["keep"]) for r in rows] == [("k1", 1), ("k2", 0)]
+    assert len(problems) == 2 and "labels.csv:4: unknown key 'k9'" in problems[0] and "labels.csv:5" in problems[1]
+    with pytest.raises(ConfigError, match="2 bad rows"):
+        read_labels(path, {"k1", "k2"}, on_error="stop")
+    rows = [{"key": "a", "keep": 1}, {"key": "a", "keep": 0}, {"key": "a", "keep": 1}, {"key": "b", "keep": 0}]
+    assert combine(rows, "majority") == {"a": True, "b": False}
+    assert combine(rows, "all") == {"a": False, "b": False}
+    ann = SimulatedAnnotator("x", noise=0.0, appeal_noise=0.0, appeal_threshold=7.5)
+    assert ann.label("k", {"flaws": [], "appeal": 8.0})["keep"] == 1
+    assert ann.label("k", {"flaws": ["too_dark"], "appeal": 8.0})["keep"] == 0
+
+
+@pytest.fixture(scope="module")
+def aesthetic_head(tiny_clip, tmp_path_factory):
+    from emu.curation.aesthetic import haystack_ratings
+    from emu.evaluation.prompt_following import ClipJudge
+
+    emb, ratings = haystack_ratings(ClipJudge(tiny_clip), 64, seed=1, resolution=32)
+    head, _ = train_head(emb, ratings, epochs=3)
+    return head.save(tmp_path_factory.mktemp("aesthetic") / "head.safetensors")
+
+
+def _stages(tiny_clip, head, clip_min=None):
+    from emu.evaluation.prompt_following import ClipJudge
+
+    clip = ClipJudge(tiny_clip)
+    annotators = [{"name": f"g{i}", "noise": 0.1, "appeal_noise": 1.0, "appeal_threshold": 5.0, "seed": i}
+                  for i in range(2)]  # fmt: skip
+    return [
+        SizeAspect(min_size=32, max_aspect=1.5),
+        NearDuplicates(max_distance=4),
+        ClipScore(clip, keep={"min": clip_min} if clip_min is not None else {"top_fraction": 0.9}),
+        Aesthetic(clip, str(head), keep={"top_fraction": 0.6}),
+        TextOverlay(engine="off"),
+        Balance(
+            clip, {"dark": "on a black background", "light": "on a beige background"}, per_class=30, rank_by="aesthetic"
+        ),
+        HumanStage("generalist", "generalist", simulated=annotators, combine="any"),
+        HumanStage("specialist", "specialist", simulated=[{**annotators[0], "appeal_threshold": 6.0}]),
+    ]
+
+
+def _datamodule(n=160):
+    return EmuDataModule(HaystackSource(n_train=n, n_val=0, resolution=32), resolution=32, batch_size=64,
+                         drop_last=False)  # fmt: skip
+
+
+def test_funnel_end_to_end_counts_outputs_and_resume(tmp_path, tiny_clip, aesthetic_head):
+    out = tmp_path / "run"
+    report = Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False).run()
+    stages = report["stages"]
+    assert stages[0]["n_in"] == report["n_images"] == 160
+    for a, b in itertools.pairwise(stages):  # the counts add up: each stage starts where the last ended
+        assert b["n_in"] == a["n_out"] and a["n_out"] <= a["n_in"]
+    assert report["final"]["n"] == stages[-1]["n_out"]
+    assert stages[1]["removed_by_flaw"].get("near_duplicate", 0) >= 1  # the haystack's near-duplicates are caught
+    assert stages[4]["rule"].startswith("skipped") and stages[4]["n_out"] == stages[4]["n_in"]
+    for name in (
+        "funnel.json",
+        "funnel.md",
+        "index.jsonl",
+        "scores/aesthetic.jsonl",
+        "human/generalist/labels.jsonl",
+        "human/generalist/labels_template.csv",
+        "human/generalist/sheets.md",
+        "sheets/clip_score.png",
+    ):
+        assert (out / name).is_file(), name
+    assert "simulated" in (out / "funnel.md").read_text()
+    rows = [json.loads(x) for x in (out / "scores/clip_score.jsonl").read_text().splitlines()]
+    assert {"key", "stage", "score", "kept"} <= set(rows[0]) and sum(r["kept"] for r in rows) == stages[2]["n_out"]
+    curated = FolderSource(str(out / "curated"), val_fraction=0.0)  # the DataModule reads the curated set
+    assert curated.size("train") == report["final"]["n"]
+
+    # an interrupt in the middle of the aesthetic stage: later stages gone, half of its rows in the partial table
+    (out / "scores/aesthetic.jsonl").rename(out / "scores/aesthetic.partial.jsonl")
+    lines = (out / "scores/aesthetic.partial.jsonl").read_text().splitlines()
+    (out / "scores/aesthetic.partial.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + '\n{"key": "trunc')
+    for later in ("text_overlay", "balance", "generalist", "specialist"):
+        (out / f"scores/{later}.jsonl").unlink()
+    shutil.rmtree(out / "curated")
+    again = Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False).run()
+    assert [(s["n_in"], s["n_out"]) for s in again["stages"]] == [(s["n_in"], s["n_out"]) for s in stages]
+    assert again["final"] == report["final"]
+
+
+def test_a_rule_that_keeps_nothing_stops_with_the_distribution(tmp_path, tiny_clip, aesthetic_head):
+    with pytest.raises(CurationError, match=r"stage 'clip_score' keeps nothing of \d+ images .*median"):
+        Funnel(_datamodule(40), _stages(tiny_clip, aesthetic_head, clip_min=101.0), tmp_path, progress=False).run()
