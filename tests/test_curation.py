@@ -164,3 +164,24 @@ def test_funnel_end_to_end_counts_outputs_and_resume(tmp_path, tiny_clip, aesthe
 def test_a_rule_that_keeps_nothing_stops_with_the_distribution(tmp_path, tiny_clip, aesthetic_head):
     with pytest.raises(CurationError, match=r"stage 'clip_score' keeps nothing of \d+ images .*median"):
         Funnel(_datamodule(40), _stages(tiny_clip, aesthetic_head, clip_min=101.0), tmp_path, progress=False).run()
+
+
+def test_curate_py_runs_the_configured_funnel(tmp_path, tiny_clip, aesthetic_head, capsys):
+    from hydra import compose, initialize_config_dir
+
+    import curate
+    from tests.conftest import ROOT
+
+    overrides = [f"out={tmp_path}", f"paths.output_dir={tmp_path}", f"clip={tiny_clip}", "data=haystack",
+                 "data.source.n_train=120", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
+                 "data.num_workers=0", f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
+                 "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("curate", overrides=overrides)
+    report = curate.run(cfg)
+    assert [s["stage"] for s in report["stages"]] == list(cfg.stages)
+    assert "curated" in capsys.readouterr().out and (tmp_path / "funnel.md").is_file()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        bad = compose("curate", overrides=[*overrides, f"clip={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="clip"):
+        curate.run(bad)

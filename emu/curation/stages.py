@@ -100,15 +100,23 @@ class SizeAspect(Stage):
 
 
 # ------------------------------------------------------------------------------------------------ duplicates
-def phash(image: Image.Image, size: int = 8, oversample: int = 4) -> int:
-    """The DCT perceptual hash: 64 bits from the low frequencies of a 32x32 grayscale, thresholded at the median."""
+def phash_batch(images: torch.Tensor, size: int = 8, oversample: int = 4) -> np.ndarray:
+    """DCT perceptual hashes (uint64) of images in [-1, 1]: the low ``size x size`` frequencies of a 32x32 grayscale,
+    thresholded at their median (DC excluded)."""
     n = size * oversample
-    x = np.asarray(image.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
-    k = np.arange(n)
-    dct = np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))  # DCT-II basis (rows: frequencies)
-    low = (dct @ x @ dct.T)[:size, :size].flatten()
-    bits = low > np.median(low[1:])
-    return int("".join("1" if b else "0" for b in bits), 2)
+    gray = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = torch.nn.functional.interpolate(gray, size=(n, n), mode="area").squeeze(1).double()
+    k = torch.arange(n, dtype=torch.float64)
+    dct = torch.cos(torch.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))  # DCT-II basis (rows: frequencies)
+    low = (dct @ x @ dct.T)[:, :size, :size].flatten(1)
+    bits = (low > low[:, 1:].median(dim=1, keepdim=True).values).numpy()
+    return np.packbits(bits, axis=1).view(">u8").astype(np.uint64).ravel()
+
+
+def phash(image: Image.Image) -> int:
+    """The perceptual hash of one PIL image (see :func:`phash_batch`)."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    return int(phash_batch(x)[0])
 
 
 class NearDuplicates(Stage):
@@ -117,19 +125,18 @@ class NearDuplicates(Stage):
 
     def __init__(self, name: str = "near_duplicates", max_distance: int = 6, keep=None):
         super().__init__(name, keep or {"min": max_distance + 1})
-        self.hashes: list[int] = []
+        self.hashes = np.zeros(0, dtype=np.uint64)
 
     def start(self, previous):
-        self.hashes = [int(r["extra"]["phash"], 16) for r in previous.values()]
+        self.hashes = np.array([int(r["extra"]["phash"], 16) for r in previous.values()], dtype=np.uint64)
 
     def score(self, batch):
         scores, extra = [], []
-        for image in to_uint8(batch["image"]):
-            h = phash(Image.fromarray(image.permute(1, 2, 0).numpy()))
-            d = min((bin(h ^ o).count("1") for o in self.hashes), default=64)
-            self.hashes.append(h)
+        for h in phash_batch(batch["image"]):
+            d = int(np.bitwise_count(self.hashes ^ h).min()) if len(self.hashes) else 64
+            self.hashes = np.append(self.hashes, h)
             scores.append(float(d))
-            extra.append({"phash": f"{h:016x}"})
+            extra.append({"phash": f"{int(h):016x}"})
         return scores, extra
 
 
@@ -203,7 +210,7 @@ class TextOverlay(Stage):
     (Tesseract when installed, else the stage is skipped and the report says so) or ``off``."""
 
     def __init__(self, name: str = "text_overlay", engine: str = "auto", max_letters: int = 1, min_confidence=40.0,
-                 keep=None):  # fmt: skip
+                 threads: int = 2, keep=None):  # fmt: skip
         from emu.curation.ocr import TesseractText, tesseract_available
 
         super().__init__(name, keep or {"max": max_letters})
@@ -213,14 +220,18 @@ class TextOverlay(Stage):
         if engine == "tesseract" or (engine == "auto" and tesseract_available()):
             self.ocr = TesseractText(min_confidence=min_confidence)
         self.engine = self.ocr.name if self.ocr else "off (Tesseract not installed)" if engine == "auto" else "off"
+        self.threads = max(1, threads)
 
     @property
     def enabled(self) -> bool:
         return self.ocr is not None
 
     def score(self, batch):
+        from concurrent.futures import ThreadPoolExecutor
+
         images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in to_uint8(batch["image"])]
-        return [float(self.ocr.letters(im)) for im in images], None
+        with ThreadPoolExecutor(self.threads) as pool:  # each OCR call is a Tesseract process
+            return [float(n) for n in pool.map(self.ocr.letters, images)], None
 
     def describe(self) -> str:
         return f"{self.keep.describe()} letters ({self.engine})"
