@@ -172,10 +172,12 @@ def test_curate_py_runs_the_configured_funnel(tmp_path, tiny_clip, aesthetic_hea
     import curate
     from tests.conftest import ROOT
 
-    overrides = [f"out={tmp_path}", f"paths.output_dir={tmp_path}", f"clip={tiny_clip}", "data=haystack",
-                 "data.source.n_train=120", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
-                 "data.num_workers=0", f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
-                 "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32"]  # fmt: skip
+    overrides = [
+        f"out={tmp_path}", f"paths.output_dir={tmp_path}", f"clip={tiny_clip}", "data=haystack",
+        "data.source.n_train=120", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
+        "data.num_workers=0", f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
+        "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",
+    ]  # fmt: skip
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("curate", overrides=overrides)
     report = curate.run(cfg)
