@@ -53,6 +53,9 @@ demo: install
 	@test -f $(DEMO)/stage1/samples/grid.png || $(PY) sample.py ckpt=$(DEMO)/stage1/checkpoints/last.ckpt \
 		prompts=$(DEMO)/prompts_heldout.txt out=$(DEMO)/stage1/samples hydra.run.dir=$(DEMO)/stage1/samples
 	$(PY) -m emu.evaluation.prompt_following $(DEMO)/stage1/samples --clip $(DEMO)/clip/export
+	@test -f $(DEMO)/aesthetic.safetensors || $(PY) -m emu.curation.aesthetic --clip $(DEMO)/clip/export \
+		--out $(DEMO)/aesthetic.safetensors
+	$(PY) curate.py hydra.run.dir=$(DEMO)/curate
 	@echo "demo outputs in $(DEMO)/"
 
 bench: install

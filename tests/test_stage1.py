@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from emu.diffusion.module import DiffusionModule, load_diffusion
 from emu.errors import ConfigError
@@ -31,7 +32,8 @@ def tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, **kw):
     torch.manual_seed(0)
     defaults = dict(warmup_steps=0, lr=2e-3, weight_decay=0.0, ema_half_life_images=64, ema_ramp=None,
                     val_prompts=["a large red circle in the center on a black background"], val_steps=2)  # fmt: skip
-    return DiffusionModule(UNET, text_config(tiny_clip, tiny_t5, kw.pop("dropout", 0.1)), str(tiny_autoencoder),
+    text = OmegaConf.create(text_config(tiny_clip, tiny_t5, kw.pop("dropout", 0.1)))  # as Hydra passes them
+    return DiffusionModule(OmegaConf.create(UNET), text, str(tiny_autoencoder),
                            **{**defaults, **kw})  # fmt: skip
 
 

@@ -100,8 +100,9 @@ class DiffusionModule(L.LightningModule):
         init_from: str | None = None,
     ):
         super().__init__()
+        unet, text, schedule = _plain(unet), _plain(text), _plain(schedule) or {}  # plain containers in checkpoints
+        val_prompts, val_seeds, betas = _plain(val_prompts), _plain(val_seeds), tuple(_plain(betas))
         self.save_hyperparameters()
-        unet, text, schedule = _plain(unet), _plain(text), _plain(schedule) or {}
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
         if schedule.get("zero_terminal_snr") and parameterization == "eps":
@@ -274,6 +275,7 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
     kind = ckpt.get("emu", {}).get("kind") if isinstance(ckpt, dict) else None
     if kind != KIND:
         raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
-    module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, **overrides)
+    module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
+                                                  **overrides)  # fmt: skip
     module.train_resolution = ckpt["emu"].get("resolution")
     return module
