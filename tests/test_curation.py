@@ -25,6 +25,7 @@ from emu.curation.stages import (
 from emu.data import EmuDataModule, FolderSource, HaystackSource
 from emu.data import haystack as hs
 from emu.errors import ConfigError
+from tests.conftest import haystack_batch
 
 
 def test_keep_rule():
@@ -42,6 +43,22 @@ def test_phash_finds_near_duplicates():
     other, _ = hs.make_sample(0, 1, 64)
     h = phash(image)
     assert bin(h ^ phash(brighter)).count("1") <= 4 < bin(h ^ phash(other)).count("1")
+
+
+@pytest.mark.parametrize("method,limit", [("thumbnail", 0.2), ("phash", 4)])
+def test_near_duplicates_score_against_earlier_images_and_replay(method, limit):
+    batch = haystack_batch(n=12, resolution=64)
+    images = batch["image"].clone()
+    images[7] = (images[2] * 1.05).clamp(-1, 1)  # a brighter copy of image 2, later in the order
+    full = {"image": images}
+    stage = NearDuplicates(method=method, max_distance=limit)
+    scores, _ = stage.score(full)
+    assert scores[7] <= limit and scores[0] == (64.0 if method == "phash" else 1e9)
+    assert sum(s <= limit for s in scores) <= 2
+    resumed = NearDuplicates(method=method, max_distance=limit)  # an interrupt after 5 images: replay, then go on
+    resumed.observe({"image": images[:5]})
+    again, _ = resumed.score({"image": images[5:]})
+    assert again == pytest.approx(scores[5:])
 
 
 def test_aesthetic_head_has_the_public_layout_and_loads_by_path(tmp_path):
@@ -105,7 +122,7 @@ def _stages(tiny_clip, head, clip_min=None):
                   for i in range(2)]  # fmt: skip
     return [
         SizeAspect(min_size=32, max_aspect=1.5),
-        NearDuplicates(max_distance=4),
+        NearDuplicates(max_distance=0.2),
         ClipScore(clip, keep={"min": clip_min} if clip_min is not None else {"top_fraction": 0.9}),
         Aesthetic(clip, str(head), keep={"top_fraction": 0.6}),
         TextOverlay(engine="off"),

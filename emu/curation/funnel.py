@@ -79,8 +79,7 @@ class Funnel:
             pick = [i for i, k in enumerate(batch["key"]) if k not in seen and (keys is None or k in keys)]
             seen.update(batch["key"][i] for i in pick)
             if pick:
-                yield {"image": batch["image"][pick], "caption": [batch["caption"][i] for i in pick],
-                       "key": [batch["key"][i] for i in pick], "meta": [batch["meta"][i] for i in pick]}  # fmt: skip
+                yield _subset(batch, pick)
 
     def scan(self) -> list[str]:
         path = self.out / "index.jsonl"
@@ -150,8 +149,17 @@ class Funnel:
                 rows[r.pop("key")] = r
         stage.start(rows)
         todo = {k for k in survivors if k not in rows}
+        replay = getattr(stage, "replay", False) and rows  # stateful: see the scored images again, in order
         with partial.open("a") as f:
-            for batch in self._batches(todo, stage.name) if todo else []:
+            for batch in self._batches(set(survivors) if replay else todo, stage.name) if todo else []:
+                if replay:
+                    done = [i for i, k in enumerate(batch["key"]) if k not in todo]
+                    if done:
+                        stage.observe(_subset(batch, done))
+                    new = [i for i, k in enumerate(batch["key"]) if k in todo]
+                    if not new:
+                        continue
+                    batch = _subset(batch, new)
                 scores, extra = stage.score(batch)
                 for i, (key, score) in enumerate(zip(batch["key"], scores, strict=True)):
                     row = {"score": float(score), **({"extra": extra[i]} if extra else {})}
@@ -298,6 +306,10 @@ class _HiddenLabels:
             "removed_by_flaw": dict(removed.most_common()),
             "removed_clean": sum(1 for k in before if k not in kept and not self.hidden[k].get("flaws")),
         }
+
+
+def _subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    return {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in batch.items()}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -119,25 +119,58 @@ def phash(image: Image.Image) -> int:
     return int(phash_batch(x)[0])
 
 
+def thumbnails(images: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Standardised RGB thumbnails (zero mean, unit std per image), flattened: exposure changes barely move them."""
+    t = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area").flatten(1)
+    t = t - t.mean(1, keepdim=True)
+    return t / t.std(1, keepdim=True).clamp_min(1e-3)
+
+
 class NearDuplicates(Stage):
-    """Score: Hamming distance of the image's perceptual hash to the nearest earlier image (64 when none); keep
-    ``min: max_distance + 1`` drops every image within ``max_distance`` bits of one seen before it."""
+    """Score: distance of each image to the nearest image before it (in the source's order); keep ``min`` drops
+    every image within ``max_distance`` of an earlier one.
 
-    def __init__(self, name: str = "near_duplicates", max_distance: int = 6, keep=None):
-        super().__init__(name, keep or {"min": max_distance + 1})
-        self.hashes = np.zeros(0, dtype=np.uint64)
+    ``method``: ``thumbnail`` (RMS difference of standardised 16x16 RGB thumbnails, default) or ``phash`` (Hamming
+    distance of 64-bit DCT perceptual hashes). A resumed run replays the images scored before the interrupt
+    (:meth:`observe`), so it removes exactly what an uninterrupted run would.
+    """
 
-    def start(self, previous):
-        self.hashes = np.array([int(r["extra"]["phash"], 16) for r in previous.values()], dtype=np.uint64)
+    replay = True
+
+    def __init__(self, name: str = "near_duplicates", method: str = "thumbnail", max_distance: float = 0.2,
+                 thumbnail_size: int = 16, keep=None):  # fmt: skip
+        if method not in ("thumbnail", "phash"):
+            raise ConfigError(f"stages.{name}.method", f"must be thumbnail or phash, got {method!r}")
+        eps = 1e-6 if method == "thumbnail" else 1
+        super().__init__(name, keep or {"min": max_distance + eps})
+        self.method, self.size = method, thumbnail_size
+        self.seen: list = []
+
+    def _features(self, images: torch.Tensor):
+        return thumbnails(images, self.size) if self.method == "thumbnail" else phash_batch(images)
+
+    def observe(self, batch) -> None:
+        self.seen.append(self._features(batch["image"]))
+
+    def _distances(self, feats) -> list[float]:
+        out = []
+        if self.method == "phash":
+            seen = np.concatenate(self.seen) if self.seen else np.zeros(0, np.uint64)
+            for i, h in enumerate(feats):
+                prior = np.concatenate([seen, feats[:i]])
+                out.append(float(np.bitwise_count(prior ^ h).min()) if len(prior) else 64.0)
+            return out
+        seen = torch.cat(self.seen) if self.seen else feats[:0]
+        dim = feats.shape[1] ** 0.5
+        d_seen = torch.cdist(feats, seen).min(1).values / dim if len(seen) else torch.full((len(feats),), 1e9)
+        d_self = torch.cdist(feats, feats) / dim + torch.triu(torch.full((len(feats),) * 2, 1e9))  # earlier in batch
+        return torch.minimum(d_seen, d_self.min(1).values).tolist()
 
     def score(self, batch):
-        scores, extra = [], []
-        for h in phash_batch(batch["image"]):
-            d = int(np.bitwise_count(self.hashes ^ h).min()) if len(self.hashes) else 64
-            self.hashes = np.append(self.hashes, h)
-            scores.append(float(d))
-            extra.append({"phash": f"{int(h):016x}"})
-        return scores, extra
+        feats = self._features(batch["image"])
+        scores = self._distances(feats)
+        self.seen.append(feats)
+        return scores, None
 
 
 # ------------------------------------------------------------------------------------------------ CLIP based
