@@ -52,7 +52,8 @@ def test_folder_with_metadata_jsonl(tmp_path):
         check_batch(b, len(b["key"]), 16)
         for key, caption, meta in zip(b["key"], b["caption"], b["meta"]):
             i = int(key[3:-4])
-            assert caption == f"caption {i}" and meta == {"score": i}
+            assert caption == f"caption {i}" and meta == {"score": i, "source_size": meta["source_size"]}
+            assert len(meta["source_size"]) == 2  # the size before resizing, for curation's size filter
     assert sum(len(b["key"]) for b in batches) == source.size("train")
 
 
