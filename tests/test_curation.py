@@ -176,6 +176,9 @@ def test_funnel_end_to_end_counts_outputs_and_resume(tmp_path, tiny_clip, aesthe
     again = Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False).run()
     assert [(s["n_in"], s["n_out"]) for s in again["stages"]] == [(s["n_in"], s["n_out"]) for s in stages]
     assert again["final"] == report["final"]
+    third = Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False).run()  # all loaded
+    assert [(s["n_in"], s["n_out"]) for s in third["stages"]] == [(s["n_in"], s["n_out"]) for s in stages]
+    assert third["final"] == report["final"]
 
 
 def test_a_rule_that_keeps_nothing_stops_with_the_distribution(tmp_path, tiny_clip, aesthetic_head):

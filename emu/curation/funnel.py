@@ -108,8 +108,8 @@ class Funnel:
             return {r["key"] for r in rows if r["kept"]}, info
         final.parent.mkdir(parents=True, exist_ok=True)
         t = time.time()
-        if not getattr(stage, "enabled", True):
-            kept, rows = set(survivors), {}
+        if not getattr(stage, "enabled", True):  # a switched-off stage passes everything on, and says so
+            kept, rows = set(survivors), {k: {"score": 0.0} for k in survivors}
             note = f"skipped: {stage.describe()}"
         elif isinstance(stage, HumanStage):
             kept, rows = self._human(stage, survivors)
