@@ -169,3 +169,22 @@ def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, t
         with pytest.raises(ConfigError) as err:
             sample.run(cfg)
         assert expected in str(err.value)
+
+
+def test_prompt_files(tmp_path):
+    from emu.diffusion.prompts import read_prompts
+
+    tsv = tmp_path / "parti.tsv"
+    tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\na red cube\tArtifacts\tColor\t\n")
+    assert read_prompts(tsv) == ["bond", "a red cube"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\n  two  \n")
+    assert read_prompts(txt) == ["one", "two"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "bad.tsv").write_text("text\tx\nhello\t1\n")
+    with pytest.raises(ConfigError, match="Prompt"):
+        read_prompts(tmp_path / "bad.tsv")
+    with pytest.raises(ConfigError, match="is not a file"):
+        read_prompts(tmp_path / "missing.txt")
