@@ -122,3 +122,16 @@ def test_cfg_scale_one_is_conditional_and_scale_extrapolates():
     torch.testing.assert_close(CFGDenoiser(denoiser, 3.0)(x, sigma, cond, uncond), torch.full((2, 3), 4.0))
     with pytest.raises(ValueError, match="guidance scale"):
         CFGDenoiser(denoiser, -1.0)
+
+
+def test_cfg_pads_token_sequences_of_different_lengths():
+    seen = {}
+
+    def denoiser(x, sigma, context, context_mask):
+        seen["shapes"] = (context.shape, context_mask.shape, context_mask.dtype)
+        return x
+
+    cond = {"context": torch.ones(2, 5, 4), "context_mask": torch.ones(2, 5, dtype=torch.bool)}
+    uncond = {"context": torch.zeros(2, 3, 4), "context_mask": torch.ones(2, 3, dtype=torch.bool)}
+    CFGDenoiser(denoiser, 2.0)(torch.zeros(2, 4), torch.ones(2), cond, uncond)
+    assert seen["shapes"] == ((4, 5, 4), (4, 5), torch.bool)
