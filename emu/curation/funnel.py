@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from emu.curation.human import PRINCIPLES, SimulatedAnnotator, combine, read_labels, write_labels, write_template
 from emu.curation.stages import Balance, CurationError, Stage
+from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, to_uint8
 
 
@@ -94,7 +95,7 @@ class Funnel:
                 rows.append({"key": key, "caption": caption, "source_size": meta.get("source_size"), "hidden": hidden})
         if not rows:
             raise CurationError("the data source yielded no images")
-        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         self.index = {r["key"]: r for r in rows}
         (self.out / "index.seconds").write_text(f"{time.time() - t:.2f}")
         return list(self.index)
@@ -131,8 +132,8 @@ class Funnel:
                 "seconds": round(seconds, 2),
                 "seconds_per_1k": round(1000 * seconds / max(1, len(survivors)), 2)}  # fmt: skip
         lines = [json.dumps({"key": k, "stage": stage.name, **r, "kept": k in kept}) + "\n" for k, r in rows.items()]
-        _atomic_write(final.with_suffix(".json"), json.dumps(info, indent=2))
-        _atomic_write(final, "".join(lines))
+        atomic_write_text(final.with_suffix(".json"), json.dumps(info, indent=2))
+        atomic_write_text(final, "".join(lines))
         partial = final.with_name(f"{stage.name}.partial.jsonl")
         partial.unlink(missing_ok=True)
         return kept, info
@@ -210,7 +211,7 @@ class Funnel:
                     folder / f"sheet_{s // per_sheet:03d}.png"
                 )
                 lines.append(f"- sheet_{s // per_sheet:03d}.png: " + ", ".join(chunk))
-        _atomic_write(folder / "sheets.md", "\n".join(lines) + "\n")
+        atomic_write_text(folder / "sheets.md", "\n".join(lines) + "\n")
 
     def scores(self, name: str) -> dict[str, float]:
         path = self.out / "scores" / f"{name}.jsonl"
@@ -237,10 +238,10 @@ class Funnel:
         report["final"] = {"n": len(survivors), **hidden.describe(list(self.index), set(survivors))}
         report["seconds"] = round(time.time() - t, 1)
         self._stage_sheets()
-        _atomic_write(self.out / "funnel.json", json.dumps(report, indent=2))
+        atomic_write_text(self.out / "funnel.json", json.dumps(report, indent=2))
         from emu.curation.report import funnel_markdown
 
-        _atomic_write(self.out / "funnel.md", funnel_markdown(report, self.stages))
+        atomic_write_text(self.out / "funnel.md", funnel_markdown(report, self.stages))
         return report
 
     def export(self, keys: list[str]) -> Path:
@@ -256,7 +257,7 @@ class Funnel:
                 rows.append(
                     {"file_name": f"{key}.png", "text": caption, "key": key, **self.index[key].get("hidden", {})}
                 )
-        _atomic_write(done, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(done, "".join(json.dumps(r) + "\n" for r in rows))
         return folder
 
     def _stage_sheets(self) -> None:
@@ -310,10 +311,3 @@ class _HiddenLabels:
 
 def _subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
     return {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in batch.items()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

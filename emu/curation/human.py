@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.errors import ConfigError
+from emu.utils.files import atomic_write_text
 
 PRINCIPLES = ("composition", "lighting", "color_contrast", "subject_background", "subjective")
 # which hidden haystack flaws break which principle (the web defects count against the subject / technical side)
@@ -97,9 +98,7 @@ def read_labels(path: str | Path, known: set[str], on_error: str = "skip") -> tu
 
 def write_labels(rows: list[dict], path: Path) -> None:
     """JSONL, atomically (temporary file, then rename): labels never end half-written."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def combine(rows: list[dict], rule: str = "majority", threshold: float = 0.5) -> dict[str, bool]:

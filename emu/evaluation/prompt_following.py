@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from emu.data.haystack import parse_caption
-from emu.text.mini_clip import ATTRIBUTES, attribute_prompts
+from emu.text.mini_clip import ATTRIBUTES, attribute_prompts, clip_features
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -55,7 +55,7 @@ class ClipJudge:
             if x.shape[-2:] != (self.size, self.size):
                 x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
             x = ((x - self.mean) / self.std).to(self.device)
-            out.append(_features(self.model.get_image_features(pixel_values=x)).float().cpu())
+            out.append(clip_features(self.model.get_image_features(pixel_values=x)).float().cpu())
         return F.normalize(torch.cat(out), dim=-1)
 
     @torch.no_grad()
@@ -64,7 +64,7 @@ class ClipJudge:
         for i in range(0, len(texts), batch_size):
             t = self.tokenizer(texts[i : i + batch_size], padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
-            out.append(_features(self.model.get_text_features(**t)).float().cpu())
+            out.append(clip_features(self.model.get_text_features(**t)).float().cpu())
         return F.normalize(torch.cat(out), dim=-1)
 
     def clip_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -90,10 +90,6 @@ class ClipJudge:
 
 def _attribute(scene: dict, attribute: str) -> str:
     return scene["background"] if attribute == "background" else scene["objects"][0][attribute]
-
-
-def _features(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def load_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[str]]:

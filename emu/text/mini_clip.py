@@ -127,11 +127,11 @@ class MiniClipModule(L.LightningModule):
             self.clip.get_text_features(**self._tokens(texts[i : i + batch_size]))
             for i in range(0, len(texts), batch_size)
         ]
-        return F.normalize(torch.cat([_features(c) for c in chunks]), dim=-1)
+        return F.normalize(torch.cat([clip_features(c) for c in chunks]), dim=-1)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(_features(self.clip.get_image_features(pixel_values=images.to(self.device))), dim=-1)
+        return F.normalize(clip_features(self.clip.get_image_features(pixel_values=images.to(self.device))), dim=-1)
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"image": [], "text": [], "caption": [], "meta": []}
@@ -223,7 +223,7 @@ def hard_negative_captions(metas: list[dict], rng: random.Random) -> list[str]:
     return out
 
 
-def _features(out) -> torch.Tensor:
+def clip_features(out) -> torch.Tensor:
     """transformers 5 returns model outputs from get_*_features; older versions a tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
