@@ -124,6 +124,14 @@ def test_ema_is_used_for_validation_and_restored_and_checkpoint_round_trips(tmp_
     with pytest.raises(ValueError, match="not a diffusion"):
         load_diffusion(tmp_path / "other.ckpt")
 
+    # stage 2 initialises from the EMA weights (not a resume: a fresh EMA of them, no optimizer state)
+    tuned = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, init_from=str(tmp_path / "ckpt/last.ckpt"))
+    for a, b in zip(tuned.unet.parameters(), shadow, strict=True):
+        assert torch.equal(a, b)
+    assert float(tuned.ema.images_seen) == 0.0
+    with pytest.raises(ConfigError, match="init_from"):
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, init_from=str(tmp_path / "other.ckpt"))
+
     # the same seed gives the same images; another seed others
     prompts = ["a large red circle in the center on a black background"] * 2
     a = loaded.sample(prompts, [1, 2], resolution=32, steps=3)
