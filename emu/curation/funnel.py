@@ -225,6 +225,9 @@ class Funnel:
         t = time.time()
         survivors = self.scan()
         report: dict[str, Any] = {"n_images": len(survivors), "stages": []}
+        timing = self.out / "index.seconds"
+        if timing.is_file():  # the first pass over the data (keys, captions, sizes)
+            report["index_seconds"] = float(timing.read_text())
         hidden = _HiddenLabels(self.index)
         report["needles"] = hidden.total_needles
         for stage in self.stages:
