@@ -190,3 +190,34 @@ def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path
         "model.unet.pooled_dim=24",
         "model.val_steps=2",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_checkpoint(tiny_autoencoder, tiny_clip, tiny_t5, tmp_path_factory) -> Path:
+    """A one-step ``mini/stage1_pretrain`` checkpoint over the tiny models."""
+    from hydra import compose, initialize_config_dir
+
+    import train
+
+    out = tmp_path_factory.mktemp("stage1")
+    overrides = ["experiment=mini/stage1_pretrain", f"paths.output_dir={out}", "trainer.max_steps=1",
+                 "trainer.limit_val_batches=0", "data.batch_size=4", "data.num_workers=0", "data.source.n_train=8",
+                 *tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5)]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train.train(compose("train", overrides=overrides))
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_curated(tmp_path_factory) -> Path:
+    """A curated-set folder as curate.py writes it: PNGs + metadata.jsonl (file_name, text)."""
+    from emu.data import haystack
+
+    folder = tmp_path_factory.mktemp("curated")
+    rows = []
+    for i in range(8):
+        image, meta = haystack.make_sample(0, i, 64)
+        image.save(folder / f"{meta['key']}.png")
+        rows.append(json.dumps({"file_name": f"{meta['key']}.png", "text": meta["caption"], "key": meta["key"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder

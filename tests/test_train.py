@@ -41,7 +41,7 @@ def test_experiment_composes(experiment, tmp_path):
     cfg = compose_train([f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
     assert cfg.data.source._target_ and cfg.model._target_ and cfg.trainer._target_
     if not experiment.startswith("mini/"):  # paper scale: real data is the one thing it asks for
-        with pytest.raises(ConfigError, match=r"data\.source\.shards[\w., ]*: required value not set"):
+        with pytest.raises(ConfigError, match=r"data\.source\.(shards|root)[\w., ]*: required value not set"):
             check_required(cfg)
 
 
@@ -50,10 +50,13 @@ def test_mini_experiment_survives_fast_dev_run(experiment, tmp_path, request):
     import train
 
     extra = []
-    if "stage1" in experiment:  # the demo's encoders and autoencoder do not exist in CI: use tiny ones
+    if "stage" in experiment:  # the demo's encoders, autoencoder and runs do not exist in CI: use tiny ones
         extra = tiny_stage1_overrides(
             *(request.getfixturevalue(f) for f in ("tiny_autoencoder", "tiny_clip", "tiny_t5"))
         )
+    if "stage2" in experiment:
+        ckpt, folder = request.getfixturevalue("tiny_stage1_checkpoint"), request.getfixturevalue("tiny_curated")
+        extra += [f"model.init_from={ckpt}", f"data.source.root={folder}", "data.source.val_fraction=0.25"]
     cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", f"paths.output_dir={tmp_path}", *extra])
     metrics = train.train(cfg)
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
