@@ -56,6 +56,10 @@ demo: install
 	@test -f $(DEMO)/aesthetic.safetensors || $(PY) -m emu.curation.aesthetic --clip $(DEMO)/clip/export \
 		--out $(DEMO)/aesthetic.safetensors
 	$(PY) curate.py hydra.run.dir=$(DEMO)/curate
+	@test -f $(DEMO)/stage2/checkpoints/last.ckpt || $(PY) train.py experiment=mini/stage2_quality_tune \
+		hydra.run.dir=$(DEMO)/stage2
+	@test -f $(DEMO)/stage2/samples/grid.png || $(PY) sample.py ckpt=$(DEMO)/stage2/checkpoints/last.ckpt \
+		prompts=$(DEMO)/prompts_heldout.txt out=$(DEMO)/stage2/samples hydra.run.dir=$(DEMO)/stage2/samples
 	@echo "demo outputs in $(DEMO)/"
 
 bench: install
