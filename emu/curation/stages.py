@@ -156,9 +156,9 @@ class NearDuplicates(Stage):
         out = []
         if self.method == "phash":
             seen = np.concatenate(self.seen) if self.seen else np.zeros(0, np.uint64)
-            for i, h in enumerate(feats):
-                prior = np.concatenate([seen, feats[:i]])
-                out.append(float(np.bitwise_count(prior ^ h).min()) if len(prior) else 64.0)
+            for i, h in enumerate(feats):  # nearest among earlier batches, then earlier in this batch
+                d = min(np.bitwise_count(seen ^ h).min(initial=64), np.bitwise_count(feats[:i] ^ h).min(initial=64))
+                out.append(float(d))
             return out
         seen = torch.cat(self.seen) if self.seen else feats[:0]
         dim = feats.shape[1] ** 0.5

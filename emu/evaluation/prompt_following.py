@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from emu.data.haystack import parse_caption
-from emu.text.mini_clip import ATTRIBUTES, attribute_prompts, clip_features
+from emu.text.mini_clip import clip_features, zero_shot_hits
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -79,17 +79,9 @@ class ClipJudge:
         metrics: dict[str, float] = {"n_scored": float(len(keep))}
         if not keep:
             return metrics
-        emb = self.embed_images(images[keep])
-        for attribute, values in ATTRIBUTES.items():
-            classes = torch.stack([self.embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
-            pred = (emb @ F.normalize(classes, dim=-1).T).argmax(-1)
-            truth = torch.tensor([values.index(_attribute(parsed[i], attribute)) for i in keep])
-            metrics[f"{attribute}_acc"] = float((pred == truth).float().mean())
+        hits = zero_shot_hits(self.embed_images(images[keep]), [parsed[i] for i in keep], self.embed_texts)
+        metrics.update({f"{attribute}_acc": float(right.float().mean()) for attribute, right in hits.items()})
         return metrics
-
-
-def _attribute(scene: dict, attribute: str) -> str:
-    return scene["background"] if attribute == "background" else scene["objects"][0][attribute]
 
 
 def load_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[str]]:

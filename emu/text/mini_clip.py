@@ -168,13 +168,11 @@ class MiniClipModule(L.LightningModule):
         single = [i for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
         clean = torch.tensor([not metas[i].get("flaws") for i in single], dtype=torch.bool)
         if single:
-            for attribute, values in ATTRIBUTES.items():
-                classes = torch.stack([self.embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
-                pred = (image_emb[single].to(classes) @ F.normalize(classes, dim=-1).T).argmax(-1).cpu()
-                truth = torch.tensor([values.index(_attr(metas[i], attribute)) for i in single])
-                metrics[f"zeroshot_{attribute}"] = float((pred == truth).float().mean())
+            hits = zero_shot_hits(image_emb[single], [metas[i] for i in single], self.embed_texts)
+            for attribute, right in hits.items():
+                metrics[f"zeroshot_{attribute}"] = float(right.float().mean())
                 if clean.any():  # flaw-free images: colour is not hidden by monochrome, darkness, low contrast
-                    metrics[f"zeroshot_{attribute}_clean"] = float((pred == truth)[clean].float().mean())
+                    metrics[f"zeroshot_{attribute}_clean"] = float(right[clean].float().mean())
         return metrics
 
     def configure_optimizers(self):
@@ -228,5 +226,20 @@ def clip_features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _attr(meta: dict, attribute: str) -> str:
-    return meta["background"] if attribute == "background" else meta["objects"][0][attribute]
+def scene_attribute(scene: dict, attribute: str) -> str:
+    """``background``, or the first object's colour / shape, of a haystack scene (metadata or parsed caption)."""
+    return scene["background"] if attribute == "background" else scene["objects"][0][attribute]
+
+
+def zero_shot_hits(image_emb: torch.Tensor, scenes: list[dict], embed_texts) -> dict[str, torch.Tensor]:
+    """Per attribute, whether the zero-shot prediction for each one-object scene is right (a bool per image).
+
+    Each class is embedded as the mean over all one-object captions with that value (prompt ensembling);
+    ``embed_texts`` maps captions to L2-normalised embeddings in the space of ``image_emb``.
+    """
+    hits = {}
+    for attribute, values in ATTRIBUTES.items():
+        classes = torch.stack([embed_texts(attribute_prompts(attribute, v)).mean(0) for v in values])
+        pred = (image_emb.to(classes) @ F.normalize(classes, dim=-1).T).argmax(-1).cpu()
+        hits[attribute] = pred == torch.tensor([values.index(scene_attribute(s, attribute)) for s in scenes])
+    return hits
