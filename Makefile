@@ -58,8 +58,12 @@ demo: install
 	$(PY) curate.py hydra.run.dir=$(DEMO)/curate
 	@test -f $(DEMO)/stage2/checkpoints/last.ckpt || $(PY) train.py experiment=mini/stage2_quality_tune \
 		hydra.run.dir=$(DEMO)/stage2
-	@test -f $(DEMO)/stage2/samples/grid.png || $(PY) sample.py ckpt=$(DEMO)/stage2/checkpoints/last.ckpt \
+	@test -f $(DEMO)/stage2/samples/grid.png || $(PY) sample.py ckpt=$(DEMO)/stage2/checkpoints/select/best.ckpt \
 		prompts=$(DEMO)/prompts_heldout.txt out=$(DEMO)/stage2/samples hydra.run.dir=$(DEMO)/stage2/samples
+	@test -f $(DEMO)/eval/metrics.json || $(PY) eval.py a=$(DEMO)/stage2/checkpoints/select/best.ckpt \
+		b=$(DEMO)/stage1/checkpoints/last.ckpt name_a=quality_tuned name_b=pretrained prompts=haystack:256 \
+		clip=$(DEMO)/clip/export aesthetic=$(DEMO)/aesthetic.safetensors judge=pixel \
+		fid.reference=haystack_needles:1024 out=$(DEMO)/eval hydra.run.dir=$(DEMO)/eval
 	@echo "demo outputs in $(DEMO)/"
 
 bench: install

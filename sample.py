@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from emu.diffusion.module import load_diffusion
+from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SIGMA_SCHEDULES, generate
 from emu.diffusion.prompts import read_prompts
 from emu.diffusion.sampling import SAMPLERS
@@ -57,12 +57,9 @@ def run(cfg: DictConfig) -> Path:
                           ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
     overrides = {"autoencoder": cfg.autoencoder} if cfg.autoencoder else {}
     try:
-        module = load_diffusion(cfg.ckpt, map_location="cpu", **overrides)
+        module = load_for_sampling(cfg.ckpt, device, ema=bool(cfg.ema), **overrides)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError("ckpt", str(e)) from e
-    module = module.to(device).eval()
-    if cfg.ema and module.ema is not None:
-        module.ema.copy_to(module.trained_modules())
     resolution = int(cfg.resolution or module.train_resolution or 64)
     if resolution % module.resolution_multiple:
         raise ConfigError("resolution", f"{resolution} is not a multiple of {module.resolution_multiple} "

@@ -131,7 +131,7 @@ CAPTIONS = ["a large red circle in the top left on a navy background", "a small 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A CLIPModel folder (text width 32, projection 24, 16 positions) with a word tokenizer over the haystack."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from emu.text.mini_clip import haystack_vocabulary_text
     from emu.text.tokenizer import build_word_tokenizer
@@ -148,6 +148,7 @@ def tiny_clip(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clip")
     CLIPModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
 
@@ -221,3 +222,19 @@ def tiny_curated(tmp_path_factory) -> Path:
         rows.append(json.dumps({"file_name": f"{meta['key']}.png", "text": meta["caption"], "key": meta["key"]}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory) -> Path:
+    """A random pixel judge (HaystackJudge on a tiny timm backbone) saved as a Lightning checkpoint."""
+    import lightning as L
+    import torch
+
+    from emu.evaluation.judges import HaystackJudge
+
+    torch.manual_seed(0)
+    judge = HaystackJudge(backbone="resnet10t")
+    path = tmp_path_factory.mktemp("judge") / "judge.ckpt"
+    torch.save({"state_dict": judge.state_dict(), "hyper_parameters": dict(judge.hparams),
+                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
+    return path

@@ -279,3 +279,12 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
                                                   **overrides)  # fmt: skip
     module.train_resolution = ckpt["emu"].get("resolution")
     return module
+
+
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", ema: bool = True, **overrides):
+    """A checkpoint ready to sample: on ``device``, in eval mode, with its EMA weights copied in (unless ``ema`` is
+    false or it has none). What ``sample.py`` and ``eval.py`` generate with."""
+    module = load_diffusion(path, map_location="cpu", **overrides).to(device).eval()
+    if ema and module.ema is not None:
+        module.ema.copy_to(module.trained_modules())
+    return module

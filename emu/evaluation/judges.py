@@ -14,15 +14,18 @@ with several heads:
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, make_sample, parse_caption
+from emu.data.samples import SamplePreparer
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_cosine
 
@@ -138,3 +141,103 @@ class HaystackJudge(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=warmup, total=total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+FAITHFULNESS_GROUPS = ("shape", "color", "size", "position")
+
+
+def faithfulness(pred: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+    """GenEval-style text faithfulness: the fraction of the prompt's attributes the judge sees in each image.
+
+    A prompt naming k distinct values of a group (shapes, colours, sizes, positions) is checked against the
+    judge's top-k values of that group, and its background against the judge's top background; the score is
+    hits / items. NaN for prompts that are not haystack captions (nothing to check)."""
+    out = torch.full((len(prompts),), float("nan"))
+    for i, prompt in enumerate(prompts):
+        parsed = parse_caption(prompt)
+        if parsed is None:
+            continue
+        hits = int(pred["background"][i].argmax() == list(BACKGROUNDS).index(parsed["background"]))
+        items = 1
+        for g in FAITHFULNESS_GROUPS:
+            wanted = {PRESENCE_GROUPS[g].index(obj[g]) for obj in parsed["objects"]}
+            top = set(pred[g][i].topk(len(wanted)).indices.tolist())
+            hits, items = hits + len(wanted & top), items + len(wanted)
+        out[i] = hits / items
+    return out
+
+
+class PixelJudge:
+    """A trained :class:`HaystackJudge` as an evaluation judge: ``score(images, prompts)`` gives per-image
+    ``appeal`` (predicted hidden appeal, 0-10) and ``faithfulness`` (see :func:`faithfulness`)."""
+
+    name = "haystack_pixel_judge"
+
+    def __init__(self, model: HaystackJudge, resolution: int = 64, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.resolution, self.device = resolution, torch.device(device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, resolution: int = 64, device: str = "cpu") -> PixelJudge:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no judge checkpoint at '{path}' (train one: python train.py experiment=mini/judge)"
+            )
+        return cls(HaystackJudge.load_from_checkpoint(path, map_location="cpu"), resolution, device)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Images in [-1, 1] (resized to the judge's resolution) -> every head's output, on the CPU."""
+        outs = []
+        for chunk in images.split(batch_size):
+            x = chunk.float()
+            if x.shape[-2:] != (self.resolution, self.resolution):
+                x = F.interpolate(x, size=(self.resolution,) * 2, mode="bicubic", antialias=True).clamp(-1, 1)
+            outs.append({k: v.float().cpu() for k, v in self.model(x.to(self.device)).items()})
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        pred = self.predict(images)
+        return {"appeal": pred["appeal"], "faithfulness": faithfulness(pred, prompts)}
+
+    def accuracy(self, n: int = 1024, seed: int = 2, start: int = 1_000_000) -> dict[str, float]:
+        """See :func:`judge_accuracy`."""
+        return judge_accuracy(self, n, seed, start)
+
+
+def heldout_haystack(n: int, seed: int, start: int = 1_000_000, resolution: int = 64):
+    """``n`` haystack images (in [-1, 1]) with their metadata, from index ``start`` of haystack ``seed``."""
+    prepare = SamplePreparer(resolution=resolution, require_caption=False)
+    images, metas = [], []
+    for i in range(start, start + n):
+        image, meta = make_sample(seed, i, resolution)
+        images.append(prepare({"key": meta["key"], "image": image, "caption": meta["caption"]})["image"])
+        metas.append(meta)
+    return torch.stack(images), metas
+
+
+def judge_accuracy(judge: PixelJudge, n: int = 1024, seed: int = 2, start: int = 1_000_000) -> dict[str, float]:
+    """How far to trust the judge, on held-out haystack images: appeal MAE and Pearson r against the hidden
+    score, top-1 attribute accuracy on one-object scenes, and faithfulness of images to their own captions
+    against shuffled captions (chance level)."""
+    images, metas = heldout_haystack(n, seed, start, judge.resolution)
+    pred = judge.predict(images)
+    truth = np.array([m["appeal"] for m in metas])
+    guess = pred["appeal"].numpy()
+    out = {"n": n, "haystack_seed": seed, "start": start, "appeal_mae": float(np.abs(guess - truth).mean()),
+           "appeal_pearson_r": float(np.corrcoef(guess, truth)[0, 1])}  # fmt: skip
+    single = [i for i, m in enumerate(metas) if len(m["objects"]) == 1]
+    for g in FAITHFULNESS_GROUPS:
+        right = [pred[g][i].argmax().item() == PRESENCE_GROUPS[g].index(metas[i]["objects"][0][g]) for i in single]
+        out[f"{g}_acc"] = float(np.mean(right))
+    bg = [
+        pred["background"][i].argmax().item() == list(BACKGROUNDS).index(m["background"]) for i, m in enumerate(metas)
+    ]
+    out["background_acc"] = float(np.mean(bg))
+    captions = [m["caption"] for m in metas]
+    shuffled = captions[1:] + captions[:1]
+    out["faithfulness_own_captions"] = float(faithfulness(pred, captions).mean())
+    out["faithfulness_shuffled_captions"] = float(faithfulness(pred, shuffled).mean())
+    return out

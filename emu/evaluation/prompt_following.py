@@ -84,6 +84,44 @@ class ClipJudge:
         return metrics
 
 
+class TensorFeatures(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_*_features`` return tensors: transformers 5 returns output objects, which
+    torchmetrics 1.9's ``CLIPScore`` cannot normalise."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return clip_features(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return clip_features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+def clip_score_metric(name_or_path: str | Path):
+    """torchmetrics' ``CLIPScore`` (``100 * max(cos, 0)``, averaged) over a ``CLIPModel`` folder or cached hub name."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    def load():
+        model = CLIPModel.from_pretrained(str(name_or_path)).eval()
+        return TensorFeatures(model), CLIPProcessor.from_pretrained(str(name_or_path))
+
+    return CLIPScore(model_name_or_path=load)
+
+
+@torch.no_grad()
+def torchmetrics_clip_score(name_or_path: str | Path, images: torch.Tensor, prompts: list[str], batch_size: int = 256,
+                            metric=None) -> float:  # fmt: skip
+    """Mean CLIP score of images in [-1, 1] against their prompts, computed by torchmetrics' ``CLIPScore``."""
+    metric = metric or clip_score_metric(name_or_path)
+    for i in range(0, len(prompts), batch_size):
+        u8 = ((images[i : i + batch_size].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        metric.update(list(u8), prompts[i : i + batch_size])
+    return float(metric.compute())
+
+
 def load_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     """Images ([-1, 1]) and prompts of a ``sample.py`` output folder (its ``metadata.jsonl``)."""
     folder = Path(folder)

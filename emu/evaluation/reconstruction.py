@@ -38,6 +38,13 @@ SKIMAGE_PHOTOS = (
 
 
 @torch.no_grad()
+def reconstruct(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``decode(encode(x).mode())`` in [-1, 1]."""
+    autoencoder = autoencoder.eval()
+    return torch.cat([autoencoder(x).clamp(-1, 1) for x in images.split(batch_size)])
+
+
+@torch.no_grad()
 def reconstruction_metrics(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
     """PSNR (dB) and SSIM of ``decode(encode(x).mode())`` against ``x`` (images in [-1, 1], same size)."""
     psnr, ssim = PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)

@@ -1,0 +1,195 @@
+"""Checkpoint selection for quality-tuning: sample held-out prompts every N steps, judge them, keep every scored
+checkpoint, mark the best, and optionally stop early.
+
+The paper stops quality-tuning well before the loss plateaus, because longer training overfits the few thousand
+curated images. The loss cannot show that; samples can. Every ``every_n_steps`` optimizer steps (and once before
+the first step, as the baseline: the stage-1 weights) this callback samples a fixed prompt set with fixed seeds
+through the EMA weights, scores the images with an evaluation judge (``score(images, prompts)`` -> per-image
+``appeal`` and ``faithfulness``), saves ``checkpoints/select/step_XXXXXXX.ckpt`` and appends a row to
+``selection.jsonl``. The best checkpoint is the one with the highest mean appeal whose faithfulness stays within
+``faithfulness_margin`` of the baseline; ``selection.json`` names it and ``best.ckpt`` links to it. Optional early
+stop: ``patience`` scorings without an appeal gain of ``min_delta``, or faithfulness falling more than
+``faithfulness_margin`` below the baseline. Scores, the training loss beside them, and the sample grids are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from emu.diffusion.prompts import read_prompts
+from emu.utils.files import atomic_write_text
+from emu.utils.images import image_grid, log_image
+
+log = logging.getLogger("emu.selection")
+
+
+class CheckpointSelection(L.Callback):
+    """See the module docstring. ``judge``: any object with ``score(images, prompts) -> {"appeal": (N,),
+    "faithfulness": (N,)}`` (Hydra instantiates it from a ``_target_`` node)."""
+
+    def __init__(
+        self,
+        judge: Any,
+        prompts: str | list[str],
+        dirpath: str | Path,
+        every_n_steps: int = 50,
+        limit: int | None = None,
+        seed: int = 0,
+        sampler: str = "dpmpp_2m",
+        steps: int = 25,
+        guidance: float = 5.0,
+        schedule: str = "karras",
+        batch_size: int = 32,
+        faithfulness_margin: float = 0.05,
+        patience: int | None = None,
+        min_delta: float = 0.0,
+        stop_on_faithfulness_drop: bool = False,
+        log_grid_images: int = 16,
+    ):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.judge = judge
+        self.prompts = read_prompts(prompts, "callbacks.selection.prompts") if isinstance(prompts, str) else prompts
+        self.prompts = list(self.prompts)[:limit] if limit else list(self.prompts)
+        self.seeds = [seed + i for i in range(len(self.prompts))]
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.sampling = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule,
+                         "batch_size": batch_size}  # fmt: skip
+        self.faithfulness_margin, self.patience, self.min_delta = faithfulness_margin, patience, min_delta
+        self.stop_on_faithfulness_drop = stop_on_faithfulness_drop
+        self.log_grid_images = log_grid_images
+        self.rows: list[dict[str, Any]] = []
+        self.stopped: str | None = None
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows, self.stopped = list(state.get("rows", [])), state.get("stopped")
+
+    @property
+    def baseline(self) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["step"] == 0), None)
+
+    def best(self) -> dict[str, Any] | None:
+        """The scored checkpoint with the highest appeal whose faithfulness stays within the margin."""
+        base = self.baseline
+        floor = base["faithfulness"] - self.faithfulness_margin if base else -math.inf
+        eligible = [r for r in self.rows if r.get("ckpt") and not (r["faithfulness"] < floor)]
+        return max(eligible, key=lambda r: r["appeal"], default=None)
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and self.baseline is None:
+            self._score(trainer, pl_module, save=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and not any(r["step"] == step for r in self.rows):
+            self._score(trainer, pl_module, save=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step > 0 and not any(r["step"] == step for r in self.rows):
+            self._score(trainer, pl_module, save=True)  # the final weights are always scored
+        best = self.best()
+        if best and trainer.is_global_zero:
+            print(f"[selection] best checkpoint: step {best['step']} (appeal {best['appeal']:.3f}, faithfulness "
+                  f"{best['faithfulness']:.3f}) -> {best['ckpt']}")  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------- work
+    @torch.no_grad()
+    def _sample(self, pl_module) -> torch.Tensor:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            ema = getattr(pl_module, "ema", None)
+            if ema is not None:
+                with ema.swapped(pl_module.trained_modules()):
+                    return pl_module.sample(self.prompts, self.seeds, **self.sampling)
+            return pl_module.sample(self.prompts, self.seeds, **self.sampling)
+        finally:
+            pl_module.train(was_training)
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, save: bool) -> None:
+        step = trainer.global_step
+        images = self._sample(pl_module)
+        scores = self.judge.score(images, self.prompts)
+        loss = trainer.callback_metrics.get("train/loss")
+        row = {
+            "step": step,
+            "images_seen": step * _batch_size(trainer),
+            "appeal": float(np.nanmean(scores["appeal"].numpy())),
+            "faithfulness": float(np.nanmean(scores["faithfulness"].numpy())),
+            "train_loss": float(loss) if loss is not None else None,
+            "ckpt": None,
+        }
+        if save:
+            path = self.dirpath / f"step_{step:07d}.ckpt"
+            trainer.save_checkpoint(path)
+            row["ckpt"] = str(path)
+        self.rows.append(row)
+        for logger in trainer.loggers:
+            logger.log_metrics({"select/appeal": row["appeal"], "select/faithfulness": row["faithfulness"]}, step)
+        if trainer.is_global_zero:
+            n = self.log_grid_images
+            caption = f"step {step}: appeal {row['appeal']:.2f}, faithfulness {row['faithfulness']:.3f}"
+            log_image(trainer, "select/samples", image_grid(images[:n], nrow=min(8, n)), caption)
+            self._write()
+            print(f"[selection] step {step}: appeal {row['appeal']:.3f}, faithfulness {row['faithfulness']:.3f}"
+                  + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else ""))  # fmt: skip
+        self._maybe_stop(trainer)
+
+    def _maybe_stop(self, trainer: L.Trainer) -> None:
+        base, scored = self.baseline, [r for r in self.rows if r["step"] > 0]
+        if not scored or self.stopped:
+            return
+        reason = None
+        if (
+            self.stop_on_faithfulness_drop
+            and base
+            and scored[-1]["faithfulness"] < base["faithfulness"] - (self.faithfulness_margin)
+        ):
+            reason = (f"faithfulness {scored[-1]['faithfulness']:.3f} fell more than {self.faithfulness_margin} below "
+                      f"the baseline {base['faithfulness']:.3f}")  # fmt: skip
+        if self.patience and len(scored) > self.patience:
+            best_before = max(r["appeal"] for r in scored[: -self.patience])
+            if max(r["appeal"] for r in scored[-self.patience :]) < best_before + self.min_delta:
+                reason = f"appeal has not improved on {best_before:.3f} for {self.patience} scorings"
+        if reason:
+            self.stopped = f"step {trainer.global_step}: {reason}"
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                print(f"[selection] early stop at {self.stopped}")
+                self._write()
+
+    def _write(self) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dirpath / "selection.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        best = self.best()
+        summary = {"best": best, "baseline": self.baseline, "stopped": self.stopped, "rows": self.rows,
+                   "faithfulness_margin": self.faithfulness_margin, "every_n_steps": self.every_n_steps,
+                   "prompts": len(self.prompts), "sampling": self.sampling,
+                   "judge": getattr(self.judge, "name", type(self.judge).__name__)}  # fmt: skip
+        atomic_write_text(self.dirpath / "selection.json", json.dumps(summary, indent=2))
+        if best:
+            link, tmp = self.dirpath / "best.ckpt", self.dirpath / ".best.ckpt.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(Path(best["ckpt"]).name, tmp)
+            os.replace(tmp, link)
+
+
+def _batch_size(trainer: L.Trainer) -> int:
+    dm = getattr(trainer, "datamodule", None)
+    return int(getattr(dm, "batch_size", 0) or 0) * trainer.world_size * trainer.accumulate_grad_batches

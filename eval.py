@@ -1,0 +1,198 @@
+"""Evaluate a text-to-image model, or compare two: ``python eval.py a=CKPT_OR_FOLDER [b=...] prompts=...``.
+
+Writes ``metrics.json``, ``scores.jsonl`` (per image), ``report.md``, ``side_by_side.png`` and the images of each item
+(``samples_<name>/``, sample.py's format) into the run folder (``out=``); see ``conf/eval.yaml`` for every option and
+``emu/evaluation/evaluate.py`` for the metrics. Stage-0 autoencoders get PSNR / SSIM / LPIPS / rFID instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from emu.diffusion.prompts import read_prompts
+from emu.errors import ConfigError
+from emu.evaluation import evaluate as ev
+from emu.evaluation import fid as fidlib
+from emu.utils.config import check_required, config_errors_as_messages, instantiate_group
+from emu.utils.files import atomic_write_text
+
+
+def item_name(path: str, given: str | None) -> str:
+    if given:
+        return str(given)
+    p = Path(path)
+    return p.parent.parent.name if p.parent.name == "checkpoints" else p.name
+
+
+def extractors(cfg: DictConfig, notes: list[str]) -> tuple[list, dict[str, str]]:
+    """Inception (FID) and domain (fd_clip) feature extractors; ``skipped`` says why FID is missing, if it is."""
+    out, skipped = [], {}
+    if cfg.fid.inception not in (False, None, "false", "off"):
+        explicit = None if cfg.fid.inception == "auto" else cfg.fid.inception
+        try:
+            out.append(fidlib.inception_extractor(explicit, mode=cfg.fid.mode, device=_device(cfg)))
+        except fidlib.InceptionWeightsMissing as e:
+            if explicit:
+                raise ConfigError("fid.inception", str(e)) from e
+            skipped["fid"] = f"skipped: {e}"
+            notes.append(f"FID skipped: {str(e).splitlines()[0]}")
+    if cfg.fid.domain and cfg.clip:
+        from emu.evaluation.prompt_following import ClipJudge
+
+        judge = ClipJudge(cfg.clip)
+        out.append(fidlib.custom_extractor(f"clip_{Path(cfg.clip).name}", judge.embed_images))
+    return out, skipped
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no GPU is visible")
+    return torch.device(cfg.device)
+
+
+def evaluate_autoencoders(cfg: DictConfig, paths: list[str], names: list[str], exs: list, notes: list[str]) -> dict:
+    spec = cfg.autoencoder.images
+    res = int(cfg.autoencoder.resolution)
+    if isinstance(spec, int) or str(spec).isdigit():
+        from emu.evaluation.reconstruction import haystack_images
+
+        images = haystack_images(int(spec), 1_000_000, 0, res)
+        source = f"{int(spec)} held-out haystack images at {res}px"
+    else:
+        images, source = ev.folder_images(spec, res), f"images of {spec} at {res}px"
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for path, name in zip(paths, names):
+            results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips)
+    notes += sorted({str(w.message) for w in caught})
+    return {"autoencoders": results, "images": source}
+
+
+def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, skipped, notes) -> dict[str, Any]:
+    device = _device(cfg)
+    gens: list[ev.Generated] = []
+    prompts = None
+    for path, kind, name in items:
+        if kind == "samples":
+            gens.append(ev.load_samples(path, name))
+            continue
+        if prompts is None:
+            prompts = read_prompts(cfg.prompts, "prompts")[: cfg.limit or None]
+        seeds = [int(cfg.seed) + i for i in range(len(prompts))]
+        sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+        gens.append(ev.generate_from_checkpoint(path, name, prompts, seeds, sampling, device))
+    if len(gens) == 2:
+        ev.check_paired(*gens)
+    judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
+    models, scores = {}, {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for gen in gens:
+            print(f"[eval] {gen.name}: scoring {len(gen.prompts)} images")
+            m = ev.model_metrics(
+                gen, cfg.clip, cfg.aesthetic, judge, exs, cfg.fid.reference, cfg.fid.cache_dir, skipped
+            )
+            scores[gen.name] = m.pop("_scores")
+            models[gen.name] = m
+    notes += sorted({str(w.message) for w in caught if "fid" in str(w.message).lower() or "images" in str(w.message)})
+    result: dict[str, Any] = {"prompts": str(cfg.prompts), "n_prompts": len(gens[0].prompts), "models": models}
+    if len(gens) == 2:
+        a, b = (models[g.name] | {"_scores": scores[g.name]} for g in gens)
+        result["paired"] = ev.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
+    if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
+        result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
+    return result | {"_gens": gens, "_scores": scores}
+
+
+def write_outputs(out: Path, result: dict[str, Any], cfg: DictConfig) -> None:
+    gens, scores = result.pop("_gens", []), result.pop("_scores", {})
+    grids = []
+    for gen in gens:
+        ev.save_images(gen, out / f"samples_{gen.name}")
+    if len(gens) == 2:
+        ev.side_by_side(gens[0], gens[1], int(cfg.grid_pairs)).save(out / "side_by_side.png")
+        grids.append(str(out / "side_by_side.png"))
+    if gens:
+        with (out / "scores.jsonl").open("w") as f:
+            for i in range(len(gens[0].prompts)):
+                row = {"prompt": gens[0].prompts[i], "seed": gens[0].seeds[i]}
+                for gen in gens:
+                    row[gen.name] = {k: float(v[i]) for k, v in scores[gen.name].items()}
+                f.write(json.dumps(row) + "\n")
+    result["grids"] = grids
+    result["config"] = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
+    atomic_write_text(out / "report.md", ev.report_markdown(result))
+    log_to_loggers(cfg, result, grids)
+
+
+def log_to_loggers(cfg: DictConfig, result: dict[str, Any], grids: list[str]) -> None:
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:
+        return
+    flat = {k: v for k, v in _flatten(result).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for logger in loggers:
+        logger.log_metrics(flat)
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update(flat)
+            from PIL import Image
+
+            for g in grids:
+                logger.log_image(key=Path(g).stem, images=[Image.open(g)])
+        logger.save()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k == "config":
+            continue
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + "/") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def run(cfg: DictConfig) -> Path:
+    check_required(cfg)
+    paths = [str(cfg.a)] + ([str(cfg.b)] if cfg.b else [])
+    kinds = [ev.item_kind(p) for p in paths]
+    names = [item_name(p, n) for p, n in zip(paths, (cfg.name_a, cfg.name_b))]
+    if len(names) == 2 and names[0] == names[1]:
+        names = [f"A_{names[0]}", f"B_{names[1]}"]
+    notes: list[str] = []
+    exs, skipped = extractors(cfg, notes)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "autoencoder" in kinds:
+        if set(kinds) != {"autoencoder"}:
+            raise ConfigError("b", "compare autoencoders with autoencoders; a and b are of different kinds")
+        result = evaluate_autoencoders(cfg, paths, names, exs, notes)
+    else:
+        result = evaluate_models(cfg, list(zip(paths, kinds, names)), exs, skipped, notes)
+    result["warnings"] = notes
+    write_outputs(out, result, cfg)
+    report = (out / "report.md").read_text()
+    print(report)
+    print(f"[eval] wrote metrics.json, report.md{' and side_by_side.png' if result.get('grids') else ''} to {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@config_errors_as_messages
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

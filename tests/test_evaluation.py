@@ -1,0 +1,234 @@
+"""Stage-2 checkpoint selection, the win-rate maths, the judges' faithfulness rule, CLIP score against
+torchmetrics, and eval.py end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from emu.data.haystack import BACKGROUNDS, parse_caption
+from emu.evaluation.judges import PRESENCE_GROUPS, faithfulness
+from emu.evaluation.winrate import compare, paired_outcomes, win_rates
+from tests.conftest import tiny_stage1_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ win rates
+def test_all_wins_is_100_percent_with_a_degenerate_interval():
+    r = win_rates(paired_outcomes([2.0] * 50, [1.0] * 50))
+    assert r["win"] == 1.0 and r["loss"] == 0.0 and r["win_ci"] == [1.0, 1.0] and r["win_rate"] == 1.0
+
+
+def test_symmetric_outcomes_give_50_percent_with_an_interval_around_it():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    r = compare(np.concatenate([a, -a]), np.concatenate([-a, a]))  # every win mirrored by a loss
+    assert r["win"] == r["loss"] == 0.5 and r["win_rate"] == 0.5
+    lo, hi = r["win_rate_ci"]
+    assert lo < 0.5 < hi and hi - lo < 0.15
+    lo, hi = r["win_ci"]
+    assert lo < 0.5 < hi
+
+
+def test_tie_band_and_missing_scores():
+    out = paired_outcomes([1.0, 1.1, 2.0, float("nan"), 0.0], [1.0, 1.0, 1.0, 1.0, 1.0], tie_band=0.25)
+    assert out.tolist() == [0, 0, 1, -1]  # the NaN pair is dropped
+    r = win_rates(out)
+    assert (r["win"], r["tie"], r["loss"], r["n"]) == (0.25, 0.5, 0.25, 4)
+    with pytest.raises(ValueError):
+        paired_outcomes([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="no judged pairs"):
+        win_rates(paired_outcomes([float("nan")], [1.0]))
+
+
+# ------------------------------------------------------------------------------------------------ judges
+def _logits_for(caption: str, wrong: str | None = None) -> dict[str, torch.Tensor]:
+    """Judge outputs that show exactly the caption's attributes (except the group named ``wrong``)."""
+    parsed = parse_caption(caption)
+    pred = {g: torch.zeros(1, len(v)) for g, v in PRESENCE_GROUPS.items()}
+    pred["background"] = torch.zeros(1, len(BACKGROUNDS))
+    bg = list(BACKGROUNDS).index(parsed["background"])
+    pred["background"][0, (bg + 1) % len(BACKGROUNDS) if wrong == "background" else bg] = 5.0
+    for obj in parsed["objects"]:
+        for g in ("shape", "color", "size", "position"):
+            i = PRESENCE_GROUPS[g].index(obj[g])
+            pred[g][0, (i + 1) % len(PRESENCE_GROUPS[g]) if wrong == g else i] = 5.0
+    return pred
+
+
+def test_faithfulness_counts_the_prompts_attributes_the_image_shows():
+    one = "a large red circle in the top left on a navy background"
+    two = "a small blue star at the bottom and a large red circle in the top left on a navy background"
+    assert faithfulness(_logits_for(one), [one]).item() == 1.0
+    assert faithfulness(_logits_for(one, wrong="background"), [one]).item() == pytest.approx(4 / 5)
+    assert faithfulness(_logits_for(one, wrong="shape"), [one]).item() == pytest.approx(4 / 5)
+    assert faithfulness(_logits_for(two), [two]).item() == 1.0
+    assert torch.isnan(faithfulness(_logits_for(one), ["a photo of a cat"])).all()  # nothing to check
+
+
+def test_pixel_judge_scores_and_reports_its_accuracy(tiny_judge):
+    from emu.evaluation.judges import PixelJudge, heldout_haystack
+
+    judge = PixelJudge.from_checkpoint(tiny_judge)
+    images, metas = heldout_haystack(6, seed=2)
+    scores = judge.score(images, [m["caption"] for m in metas])
+    assert scores["appeal"].shape == scores["faithfulness"].shape == (6,)
+    assert ((scores["faithfulness"] >= 0) & (scores["faithfulness"] <= 1)).all()
+    acc = judge.accuracy(n=16)
+    assert {"appeal_mae", "appeal_pearson_r", "shape_acc", "background_acc", "faithfulness_own_captions"} <= set(acc)
+    with pytest.raises(FileNotFoundError, match="experiment=mini/judge"):
+        PixelJudge.from_checkpoint(tiny_judge.parent / "missing.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------ CLIP score
+def test_clip_score_is_torchmetrics_clipscore(tiny_clip):
+    from emu.evaluation.prompt_following import ClipJudge, torchmetrics_clip_score
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    images = ((images + 1) * 127.5).round() / 127.5 - 1  # exactly representable as uint8
+    prompts = ["a large red circle in the top left on a navy background", "a small blue star at the bottom"] * 3
+    ours = ClipJudge(tiny_clip)
+    cos = (ours.embed_images(images) * ours.embed_texts(prompts)).sum(-1)
+    expected = max(100 * cos.mean().item(), 0.0)  # torchmetrics clamps the mean, not each pair
+    assert torchmetrics_clip_score(tiny_clip, images, prompts, batch_size=4) == pytest.approx(expected, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+class DecliningJudge:
+    """Appeal falls with every scoring: early stopping with patience 1 must end the run."""
+
+    name = "declining"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        n = len(prompts)
+        return {"appeal": torch.full((n,), 10.0 - self.calls), "faithfulness": torch.full((n,), 0.5)}
+
+
+def _stage2_cfg(tmp_path, request, *extra):
+    from tests.test_train import compose_train
+
+    fixtures = (request.getfixturevalue(f) for f in ("tiny_autoencoder", "tiny_clip", "tiny_t5"))
+    return compose_train([
+        "experiment=mini/stage2_quality_tune", f"paths.output_dir={tmp_path}",
+        f"model.init_from={request.getfixturevalue('tiny_stage1_checkpoint')}",
+        f"data.source.root={request.getfixturevalue('tiny_curated')}", "data.source.val_fraction=0.25",
+        "data.batch_size=2", "data.num_workers=0", "trainer.check_val_every_n_epoch=1000", "model.warmup_steps=1",
+        f"callbacks.selection.judge.path={request.getfixturevalue('tiny_judge')}", "callbacks.selection.limit=2",
+        "callbacks.selection.steps=2", "callbacks.selection.every_n_steps=2", *tiny_stage1_overrides(*fixtures),
+        *extra,
+    ])  # fmt: skip
+
+
+def test_quality_tuning_scores_keeps_and_marks_checkpoints(tmp_path, request):
+    import train
+
+    train.train(_stage2_cfg(tmp_path, request, "trainer.max_steps=4"))
+    select = tmp_path / "checkpoints" / "select"
+    summary = json.loads((select / "selection.json").read_text())
+    assert [r["step"] for r in summary["rows"]] == [0, 2, 4]  # baseline before the first step, then every 2
+    assert summary["rows"][0]["ckpt"] is None and all(Path(r["ckpt"]).is_file() for r in summary["rows"][1:])
+    assert summary["best"]["step"] in (2, 4)
+    assert (select / "best.ckpt").resolve() == Path(summary["best"]["ckpt"]).resolve()
+    ckpt = torch.load(select / "step_0000002.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # initialised from stage 1, counted from 0
+
+
+def test_quality_tuning_stops_early_when_appeal_stops_improving(tmp_path, request):
+    import train
+
+    judge = "+callbacks.selection.judge._target_=tests.test_evaluation.DecliningJudge"
+    cfg = _stage2_cfg(tmp_path, request, "trainer.max_steps=20", "callbacks.selection.patience=1",
+                      "~callbacks.selection.judge", judge)  # fmt: skip
+    train.train(cfg)
+    summary = json.loads((tmp_path / "checkpoints" / "select" / "selection.json").read_text())
+    assert summary["stopped"].startswith("step 4: appeal has not improved")
+    assert [r["step"] for r in summary["rows"]] == [0, 2, 4]
+    assert summary["best"]["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ eval.py
+def compose_eval(overrides: list[str]):
+    out = next(o.split("=", 1)[1] for o in overrides if o.startswith("out="))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("eval", overrides=[*overrides, f"paths.output_dir={out}"])
+
+
+def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoint, tiny_clip, tiny_judge):
+    import eval as eval_py
+
+    cfg = compose_eval([
+        f"a={tiny_stage1_checkpoint}", f"b={tiny_stage1_checkpoint}", "name_a=tuned", "name_b=pretrained",
+        "prompts=haystack:6", "sampling.steps=2", f"clip={tiny_clip}", "judge=pixel", f"judge.path={tiny_judge}",
+        "judge_accuracy=16", "fid.reference=haystack_needles:12", "fid.inception=false",
+        f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200",
+    ])  # fmt: skip
+    out = eval_py.run(cfg)
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["models"]) == {"tuned", "pretrained"}
+    for model in m["models"].values():
+        assert model["n_images"] == 6 and 0 <= model["clip_score"] <= 100
+        fd = next(v for k, v in model["frechet"].items() if k.startswith("fd_clip"))
+        assert fd["value"] >= 0 and fd["n_reference"] == 12
+    same = m["paired"]["appeal"]  # the same checkpoint on the same prompts and seeds: identical images, all ties
+    assert same["tie"] == 1.0 and same["win"] == same["loss"] == 0.0
+    assert "faithfulness" in m["paired"] and "appeal_pearson_r" in m["judge_accuracy"]
+    report = (out / "report.md").read_text()
+    assert "tuned vs pretrained" in report and "CLIPScore" in report and "trust the judge" in report
+    assert (out / "side_by_side.png").is_file() and len((out / "scores.jsonl").read_text().splitlines()) == 6
+    assert len((out / "samples_tuned" / "metadata.jsonl").read_text().splitlines()) == 6
+    assert list((tmp_path / "cache").glob("*.npz"))  # the reference statistics are cached
+
+
+def _sample_folder(folder: Path, seeds: list[int]) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rows = []
+    for i, seed in enumerate(seeds):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(folder / f"{i:05d}.png")
+        rows.append(json.dumps({"file": f"{i:05d}.png", "prompt": f"prompt {i}", "seed": seed}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def run_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args, f"hydra.run.dir={cwd}/run"], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_eval_refuses_unpaired_folders_and_missing_inception(tmp_path):
+    a = _sample_folder(tmp_path / "a", [0, 1, 2])
+    b = _sample_folder(tmp_path / "b", [0, 1, 3])
+    out = run_eval(f"a={a}", f"b={b}", "fid.inception=false", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "config error: b: a paired comparison needs the same seeds" in out.stderr and "#2" in out.stderr
+    missing = tmp_path / "weights" / "inception-2015-12-05.pt"
+    out = run_eval(f"a={a}", f"fid.inception={missing}", cwd=tmp_path)
+    assert out.returncode == 2 and "fid.inception" in out.stderr and "inception-2015-12-05.pt" in out.stderr
+
+
+def test_eval_measures_autoencoders(tmp_path, tiny_autoencoder, tiny_clip):
+    import eval as eval_py
+
+    cfg = compose_eval([f"a={tiny_autoencoder}", f"b={tiny_autoencoder}", "autoencoder.images=8", f"clip={tiny_clip}",
+                        "fid.inception=false", f"out={tmp_path}/eval"])  # fmt: skip
+    m = json.loads((eval_py.run(cfg) / "metrics.json").read_text())
+    assert len(m["autoencoders"]) == 2  # the same folder twice: named A_... and B_...
+    ae = next(iter(m["autoencoders"].values()))
+    assert ae["latent_channels"] == 16 and np.isfinite(ae["psnr"]) and 0 <= ae["ssim"] <= 1
+    assert any(k.startswith("rfd_clip") for k in ae)
+    assert isinstance(ae["lpips"], float) or ae["lpips"].startswith("unavailable")
+    assert "Autoencoders" in (tmp_path / "eval" / "report.md").read_text()
