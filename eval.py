@@ -119,7 +119,8 @@ def write_outputs(out: Path, result: dict[str, Any], cfg: DictConfig) -> None:
     gens, scores = result.pop("_gens", []), result.pop("_scores", {})
     grids = []
     for gen in gens:
-        ev.save_images(gen, out / f"samples_{gen.name}")
+        if not Path(gen.source).is_dir():  # generated here (a sample folder is already on disk)
+            ev.save_images(gen, out / f"samples_{gen.name}")
     if len(gens) == 2:
         ev.side_by_side(gens[0], gens[1], int(cfg.grid_pairs)).save(out / "side_by_side.png")
         grids.append(str(out / "side_by_side.png"))
@@ -134,10 +135,11 @@ def write_outputs(out: Path, result: dict[str, Any], cfg: DictConfig) -> None:
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out / "report.md", ev.report_markdown(result))
-    log_to_loggers(cfg, result, grids)
+    log_to_loggers(cfg, result, grids, gens, scores)
 
 
-def log_to_loggers(cfg: DictConfig, result: dict[str, Any], grids: list[str]) -> None:
+def log_to_loggers(cfg: DictConfig, result: dict[str, Any], grids: list[str], gens: list, scores: dict) -> None:
+    """Every number into the configured loggers; with W&B also the run summary, the grids and a table of pairs."""
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:
         return
@@ -145,11 +147,23 @@ def log_to_loggers(cfg: DictConfig, result: dict[str, Any], grids: list[str]) ->
     for logger in loggers:
         logger.log_metrics(flat)
         if type(logger).__name__ == "WandbLogger":
-            logger.experiment.summary.update(flat)
+            import wandb
             from PIL import Image
 
+            logger.experiment.summary.update(flat)
             for g in grids:
                 logger.log_image(key=Path(g).stem, images=[Image.open(g)])
+            if gens:
+                keys = sorted({k for s in scores.values() for k in s})
+                columns = ["prompt", "seed"] + [f"{g.name}" for g in gens]
+                columns += [f"{g.name}/{k}" for g in gens for k in keys if k in scores[g.name]]
+                rows = []
+                for i in range(min(len(gens[0].prompts), int(cfg.grid_pairs) * 4)):
+                    row = [gens[0].prompts[i], gens[0].seeds[i]]
+                    row += [wandb.Image(ev.to_pil(g.images[i])) for g in gens]
+                    row += [float(scores[g.name][k][i]) for g in gens for k in keys if k in scores[g.name]]
+                    rows.append(row)
+                logger.log_table(key="pairs", columns=columns, data=rows)
         logger.save()
 
 

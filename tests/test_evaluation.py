@@ -173,7 +173,7 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
         f"a={tiny_stage1_checkpoint}", f"b={tiny_stage1_checkpoint}", "name_a=tuned", "name_b=pretrained",
         "prompts=haystack:6", "sampling.steps=2", f"clip={tiny_clip}", "judge=pixel", f"judge.path={tiny_judge}",
         "judge_accuracy=16", "fid.reference=haystack_needles:12", "fid.inception=false",
-        f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200",
+        f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200", "logger=csv",
     ])  # fmt: skip
     out = eval_py.run(cfg)
     m = json.loads((out / "metrics.json").read_text())
@@ -190,6 +190,8 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
     assert (out / "side_by_side.png").is_file() and len((out / "scores.jsonl").read_text().splitlines()) == 6
     assert len((out / "samples_tuned" / "metadata.jsonl").read_text().splitlines()) == 6
     assert list((tmp_path / "cache").glob("*.npz"))  # the reference statistics are cached
+    logged = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "paired/appeal/win_rate" in logged and "models/tuned/clip_score" in logged
 
 
 def _sample_folder(folder: Path, seeds: list[int]) -> Path:

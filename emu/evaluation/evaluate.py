@@ -195,6 +195,8 @@ def paired_metrics(ma: dict, mb: dict, tie_bands: dict[str, float], n_boot: int)
     out = {}
     for key in ("appeal", "faithfulness", "aesthetic"):
         if key in ma["_scores"] and key in mb["_scores"]:
+            if np.isnan(ma["_scores"][key]).all():  # e.g. faithfulness on prompts the judge cannot parse
+                continue
             out[key] = compare(ma["_scores"][key], mb["_scores"][key], float(tie_bands.get(key, 0.0)), n_boot=n_boot)
     return out
 
@@ -249,13 +251,17 @@ def side_by_side(a: Generated, b: Generated, n: int = 16, columns: int = 8) -> I
     return canvas
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy())
+
+
 def save_images(gen: Generated, folder: Path) -> None:
     """A sample.py-style folder of the images, so an evaluation's images can be re-judged later."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "metadata.jsonl").open("w") as f:
         for i, (image, prompt, seed) in enumerate(zip(gen.images, gen.prompts, gen.seeds, strict=True)):
             name = f"{i:05d}.png"
-            Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(folder / name)
+            to_pil(image).save(folder / name)
             f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, **gen.settings,
                                 "source": gen.source}) + "\n")  # fmt: skip
 
@@ -335,4 +341,4 @@ def report_markdown(metrics: dict[str, Any]) -> str:
 def _frechet_cell(entry: Any) -> Any:
     if isinstance(entry, dict):
         return entry["value"]
-    return None if entry is None else f"skipped ({str(entry)[:40]}...)"
+    return None if entry is None else "skipped (see warnings)"
