@@ -69,12 +69,13 @@ def evaluate_autoencoders(cfg: DictConfig, paths: list[str], names: list[str], e
         images = haystack_images(int(spec), 1_000_000, 0, res)
         source = f"{int(spec)} held-out haystack images at {res}px"
     else:
-        images, source = ev.folder_images(spec, res), f"images of {spec} at {res}px"
+        images, source = ev.reference_set(str(spec), res)[1](), f"{spec} at {res}px"
+    judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
     results = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for path, name in zip(paths, names):
-            results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips)
+            results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
     notes += sorted({str(w.message) for w in caught})
     return {"autoencoders": results, "images": source}
 

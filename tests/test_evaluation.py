@@ -222,15 +222,17 @@ def test_eval_refuses_unpaired_folders_and_missing_inception(tmp_path):
     assert out.returncode == 2 and "fid.inception" in out.stderr and "inception-2015-12-05.pt" in out.stderr
 
 
-def test_eval_measures_autoencoders(tmp_path, tiny_autoencoder, tiny_clip):
+def test_eval_measures_autoencoders(tmp_path, tiny_autoencoder, tiny_clip, tiny_judge):
     import eval as eval_py
 
-    cfg = compose_eval([f"a={tiny_autoencoder}", f"b={tiny_autoencoder}", "autoencoder.images=8", f"clip={tiny_clip}",
-                        "fid.inception=false", f"out={tmp_path}/eval"])  # fmt: skip
+    cfg = compose_eval([f"a={tiny_autoencoder}", f"b={tiny_autoencoder}", "autoencoder.images=haystack_needles:8",
+                        f"clip={tiny_clip}", "fid.inception=false", f"out={tmp_path}/eval", "judge=pixel",
+                        f"judge.path={tiny_judge}"])  # fmt: skip
     m = json.loads((eval_py.run(cfg) / "metrics.json").read_text())
     assert len(m["autoencoders"]) == 2  # the same folder twice: named A_... and B_...
     ae = next(iter(m["autoencoders"].values()))
     assert ae["latent_channels"] == 16 and np.isfinite(ae["psnr"]) and 0 <= ae["ssim"] <= 1
     assert any(k.startswith("rfd_clip") for k in ae)
     assert isinstance(ae["lpips"], float) or ae["lpips"].startswith("unavailable")
+    assert set(ae["judge_appeal"]) == {"originals", "reconstructions"}
     assert "Autoencoders" in (tmp_path / "eval" / "report.md").read_text()

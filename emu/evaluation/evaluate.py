@@ -201,9 +201,11 @@ def paired_metrics(ma: dict, mb: dict, tie_bands: dict[str, float], n_boot: int)
     return out
 
 
-def autoencoder_metrics(path: str | Path, images: torch.Tensor, extractors: list, lpips: bool = True) -> dict:
+def autoencoder_metrics(path: str | Path, images: torch.Tensor, extractors: list, lpips: bool = True,
+                        judge=None) -> dict:  # fmt: skip
     """PSNR / SSIM (torchmetrics), LPIPS (when its AlexNet weights are on disk) and rFID-style Fréchet distances
-    of reconstructions to the originals."""
+    of reconstructions to the originals; with a judge, its appeal of the originals and of the reconstructions
+    (what the decoder lets a text-to-image model reach at best)."""
     from emu.autoencoder.module import load_autoencoder
     from emu.evaluation.reconstruction import reconstruct, reconstruction_metrics
 
@@ -215,6 +217,9 @@ def autoencoder_metrics(path: str | Path, images: torch.Tensor, extractors: list
     for ex in extractors:
         report = fidlib.fid_report(ex, recon, images)
         m["r" + report["metric"]] = report
+    if judge is not None:
+        m["judge_appeal"] = {"originals": float(judge.predict(images)["appeal"].mean()),
+                             "reconstructions": float(judge.predict(recon)["appeal"].mean())}  # fmt: skip
     return m
 
 
@@ -320,16 +325,15 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines += [f"- {k}: {_fmt(v)}" for k, v in judge.items()] + [""]
     ae = metrics.get("autoencoders")
     if ae:
-        lines += [
-            "## Autoencoders",
-            "",
-            "| checkpoint | latent ch | PSNR | SSIM | LPIPS | rFD |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += [f"## Autoencoders ({metrics.get('images')})", "",
+                  "| checkpoint | latent ch | PSNR | SSIM | LPIPS | rFD | judge appeal: originals -> reconstructions |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for m in ae.values():
             rfd = "; ".join(f"{k} {v['value']:.3f}" for k, v in m.items() if k.startswith("r") and isinstance(v, dict))
+            ja = m.get("judge_appeal")
+            ja = f"{ja['originals']:.2f} -> {ja['reconstructions']:.2f}" if ja else "n/a"
             lines.append(f"| {m['source']} | {m['latent_channels']} | {m['psnr']:.2f} | {m['ssim']:.3f} | "
-                         f"{_fmt(m['lpips'])} | {rfd} |")  # fmt: skip
+                         f"{_fmt(m['lpips'])} | {rfd} | {ja} |")  # fmt: skip
         lines.append("")
     if metrics.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
