@@ -332,8 +332,11 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             rfd = "; ".join(f"{k} {v['value']:.3f}" for k, v in m.items() if k.startswith("r") and isinstance(v, dict))
             ja = m.get("judge_appeal")
             ja = f"{ja['originals']:.2f} -> {ja['reconstructions']:.2f}" if ja else "n/a"
-            lines.append(f"| {m['source']} | {m['latent_channels']} | {m['psnr']:.2f} | {m['ssim']:.3f} | "
-                         f"{_fmt(m['lpips'])} | {rfd} | {ja} |")  # fmt: skip
+            lp = "n/a" if isinstance(m["lpips"], str) else _fmt(m["lpips"])
+            lines.append(f"| {m['source']} | {m['latent_channels']} | {m['psnr']:.2f} | {m['ssim']:.3f} | {lp} | "
+                         f"{rfd} | {ja} |")  # fmt: skip
+        lpips = next((m["lpips"] for m in ae.values() if isinstance(m["lpips"], str)), None)
+        lines += [f"LPIPS: {lpips}.", ""] if lpips else []
         lines.append("")
     if metrics.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]] + [""]
