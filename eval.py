@@ -77,7 +77,9 @@ def evaluate_autoencoders(cfg: DictConfig, paths: list[str], names: list[str], e
         for path, name in zip(paths, names):
             results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
     notes += sorted({str(w.message) for w in caught})
-    return {"autoencoders": results, "images": source}
+    grid = Path(cfg.out) / "reconstructions.png"
+    ev.reconstruction_grid(images[: int(cfg.grid_pairs)], paths, names).save(grid)
+    return {"autoencoders": results, "images": source, "grids": [str(grid)]}
 
 
 def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, skipped, notes) -> dict[str, Any]:
@@ -132,11 +134,11 @@ def write_outputs(out: Path, result: dict[str, Any], cfg: DictConfig) -> None:
                 for gen in gens:
                     row[gen.name] = {k: float(v[i]) for k, v in scores[gen.name].items()}
                 f.write(json.dumps(row) + "\n")
-    result["grids"] = grids
+    result["grids"] = result.get("grids", []) + grids
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out / "report.md", ev.report_markdown(result))
-    log_to_loggers(cfg, result, grids, gens, scores)
+    log_to_loggers(cfg, result, result["grids"], gens, scores)
 
 
 def log_to_loggers(cfg: DictConfig, result: dict[str, Any], grids: list[str], gens: list, scores: dict) -> None:
@@ -199,7 +201,8 @@ def run(cfg: DictConfig) -> Path:
     write_outputs(out, result, cfg)
     report = (out / "report.md").read_text()
     print(report)
-    print(f"[eval] wrote metrics.json, report.md{' and side_by_side.png' if result.get('grids') else ''} to {out}")
+    pictures = ", ".join(Path(g).name for g in result.get("grids", []))
+    print(f"[eval] wrote metrics.json, report.md{' and ' + pictures if pictures else ''} to {out}")
     return out
 
 

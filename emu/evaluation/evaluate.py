@@ -256,6 +256,23 @@ def side_by_side(a: Generated, b: Generated, n: int = 16, columns: int = 8) -> I
     return canvas
 
 
+def reconstruction_grid(images: torch.Tensor, paths: list[str], names: list[str], columns: int = 16) -> Image.Image:
+    """Originals in the first row, then each autoencoder's reconstructions of them, one row each, named."""
+    from emu.autoencoder.module import load_autoencoder
+    from emu.evaluation.reconstruction import reconstruct
+
+    images = images[:columns]
+    rows = [images] + [reconstruct(load_autoencoder(p).eval(), images) for p in paths]
+    grid = image_grid(torch.cat(rows), nrow=len(images))
+    label_w = 64
+    canvas = Image.new("RGB", (grid.width + label_w, grid.height), "white")
+    canvas.paste(grid, (label_w, 0))
+    draw, row_h = ImageDraw.Draw(canvas), grid.height / len(rows)
+    for i, label in enumerate(["original", *names]):
+        draw.text((2, int(i * row_h + row_h / 2) - 5), label[:10], fill="black")
+    return canvas
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy())
 

@@ -1,0 +1,3 @@
+from emu.demo.driver import main
+
+main()

@@ -1,0 +1,171 @@
+"""``make demo``: run the miniature end to end through the real entry points, then write ``REPORT.md``.
+
+    python -m emu.demo                       # the default scale (conf/demo/mini.yaml) into outputs/demo/
+    python -m emu.demo --scale tiny --out /tmp/demo_tiny      # seconds-per-stage smoke run (the test uses it)
+    python -m emu.demo --force               # rerun every stage
+    python -m emu.demo --only-report         # rewrite REPORT.md from what is there
+
+A step whose output exists and which finished (``demo_state.json`` records it) is skipped, so an interrupted demo
+resumes where it stopped; an interrupted training run resumes from its ``last.ckpt``. Each stage prints its wall
+time, which the report shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from emu.demo.report import write_report
+from emu.demo.stages import Stage, Step, command, demo_stages
+from emu.utils.files import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALES = ROOT / "conf" / "demo"
+
+
+def load_scale(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCALES / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SCALES.glob("*.yaml")))
+        raise SystemExit(f"[demo] no scale '{name_or_path}': use one of {known} (conf/demo/) or a YAML file path")
+    scale = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    scale["name"], scale["file"] = path.stem, str(path)
+    return scale
+
+
+class State:
+    """``demo_state.json``: which steps finished, when, how long each stage took, and with which scale."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        self.data.setdefault("steps", {})
+        self.data.setdefault("stages", {})
+
+    def finished(self, step: Step, out: Path) -> bool:
+        return step.name in self.data["steps"] and (out / step.done).exists()
+
+    def record_step(self, step: Step, seconds: float) -> None:
+        self.data["steps"][step.name] = {"seconds": round(seconds, 1), "finished": _now()}
+        self.save()
+
+    def record_stage(self, stage: Stage, seconds: float, ran: bool) -> None:
+        previous = self.data["stages"].get(stage.name, {}).get("seconds", 0.0)
+        total = previous + seconds if ran else previous
+        self.data["stages"][stage.name] = {
+            "title": stage.title,
+            "seconds": round(total, 1),
+            "this_run": round(seconds, 1) if ran else 0.0,
+        }
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_step(step: Step, argv: list[str], log_path: Path) -> None:
+    print(f"\n[demo] {step.name}: {shlex.join(argv)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log_path.open("a") as log:
+        log.write(f"\n$ {shlex.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # progress bars (\r) pass through unbuffered
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk.decode(errors="replace"))
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(
+            f"[demo] step '{step.name}' failed (exit {code}); its output is in {log_path}. Fix the cause "
+            "and run the demo again: finished steps are skipped, training resumes from last.ckpt."
+        )
+
+
+def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] | None = None) -> Path:
+    out = out.resolve()
+    if force and out.exists():
+        for child in out.iterdir():  # keep the folder (and a log someone is tailing), drop every stage's outputs
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    state = State(out / "demo_state.json")
+    if state.data.get("scale") not in (None, scale["name"]):
+        raise SystemExit(
+            f"[demo] {out} holds a '{state.data['scale']}' demo; this is '{scale['name']}'. Use another "
+            "--out, or --force to start over."
+        )
+    state.data["scale"] = scale["name"]
+    state.data.setdefault("started", _now())
+    state.save()
+    stages = demo_stages(scale)
+    unknown = set(only or []) - {s.name for s in stages}
+    if unknown:
+        raise SystemExit(f"[demo] unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in stages]}")
+    t_all = time.perf_counter()
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        todo = [s for s in stage.steps if not state.finished(s, out)]
+        if not todo:
+            print(
+                f"[demo] {stage.name}: done earlier ({state.data['stages'].get(stage.name, {}).get('seconds', 0):.0f}s)"
+                " - skipped",
+                flush=True,
+            )
+            continue
+        t0 = time.perf_counter()
+        for step in todo:
+            resume = step.resumable and (out / (step.run_dir or "") / "checkpoints" / "last.ckpt").is_file()
+            argv = command(step, out, scale, resume)
+            t_step = time.perf_counter()
+            run_step(step, argv, out / "demo.log")
+            state.record_step(step, time.perf_counter() - t_step)
+        seconds = time.perf_counter() - t0
+        state.record_stage(stage, seconds, ran=True)
+        print(f"[demo] {stage.name} ({stage.title}): {seconds:.0f}s", flush=True)
+    state.data["finished"] = _now()
+    state.data["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
+    state.save()
+    report = write_report(out, scale, state.data, stages)
+    print("\n" + report.read_text())
+    print(f"[demo] report: {report}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m emu.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="the demo folder (default outputs/demo)")
+    p.add_argument("--scale", default="mini", help="conf/demo/<scale>.yaml (mini, tiny, gpu) or a YAML path")
+    p.add_argument("--force", action="store_true", help="delete the demo folder's outputs and rerun every stage")
+    p.add_argument("--only", nargs="+", help="run only these stages (their inputs must exist)")
+    p.add_argument("--only-report", action="store_true", help="rewrite REPORT.md from the outputs there")
+    args = p.parse_args(argv)
+    scale = load_scale(args.scale)
+    out = Path(args.out)
+    if args.only_report:
+        state = State(out / "demo_state.json")
+        print(write_report(out.resolve(), scale, state.data, demo_stages(scale)).read_text())
+        return
+    run(out, scale, force=args.force, only=args.only)
+
+
+if __name__ == "__main__":
+    main()

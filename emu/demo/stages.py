@@ -1,0 +1,118 @@
+"""The stages of ``make demo``: the whole recipe in miniature as a list of entry-point commands.
+
+Each :class:`Step` is one command of the real entry points (``train.py``, ``curate.py``, ``eval.py`` or a module's
+CLI) and the file it leaves when finished; a :class:`Stage` groups the steps whose wall time the report shows.
+Nothing here trains or measures anything itself: it only says what to run, in which order, with which overrides.
+
+Every Hydra command gets ``paths.demo_dir=<out>`` (the mini experiments read the earlier stages' outputs from
+there) and ``hydra.run.dir=<out>/<folder>``, so a stage's outputs live in ``<out>/<stage>/`` and an interrupted
+training run resumes from its own ``checkpoints/last.ckpt``. A scale (``conf/demo/<scale>.yaml``) adds its
+overrides per step and sets the corpus size and the evaluation's prompts.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PY = sys.executable
+
+
+@dataclass
+class Step:
+    """One command; ``done`` (relative to the demo folder) exists once it has finished."""
+
+    name: str
+    argv: list[str]
+    done: str
+    hydra: bool = True  # a Hydra entry point: gets paths.demo_dir, hydra.run.dir and the scale's overrides
+    run_dir: str | None = None  # its Hydra run folder, relative to the demo folder
+    resumable: bool = False  # a train.py run: resume from <run_dir>/checkpoints/last.ckpt when it exists
+    on_corpus: bool = False  # trains on the haystack corpus (seed 0): gets data.source.n_train=<corpus>
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    steps: list[Step] = field(default_factory=list)
+
+
+def _step(name: str, args: str, done: str, **kw) -> Step:
+    """A step from a command line (``{out}`` stands for the demo folder) run with this Python."""
+    return Step(name, [PY, *shlex.split(args)], done, **kw)
+
+
+def _train(name: str, experiment: str, done: str | None = None, on_corpus: bool = False) -> Step:
+    """``train.py experiment=<experiment>`` into ``<out>/<name>``, resumable from its ``last.ckpt``."""
+    done = done or f"{name}/checkpoints/last.ckpt"
+    return _step(name, f"train.py experiment={experiment}", done, run_dir=name, resumable=True, on_corpus=on_corpus)
+
+
+def demo_stages(scale: dict[str, Any]) -> list[Stage]:
+    """The miniature's stages in order; ``scale`` is a ``conf/demo/<scale>.yaml`` as a plain dict."""
+    ev = scale["eval"]
+    haystack = f"-m emu.data.haystack --n {int(scale['corpus'])} --seed 0 --out {{out}}/haystack"
+    data_check = (
+        "bench/data_throughput.py data=webdataset data.source.shards={out}/haystack/*.tar data.num_workers=1 "
+        f"batches={scale.get('data_check_batches', 20)} grid={{out}}/haystack/first_batch.png"
+    )
+    ae_eval = (
+        "eval.py a={out}/autoencoder_16ch/export b={out}/autoencoder_4ch/export name_a=16ch name_b=4ch "
+        f"clip={{out}}/clip/export judge=pixel autoencoder.images={ev['autoencoder_images']} "
+        "out={out}/autoencoder_eval"
+    )
+    aesthetic = (
+        "-m emu.curation.aesthetic --clip {out}/clip/export --out {out}/curate/aesthetic.safetensors "
+        f"--n {scale.get('aesthetic_images', 5000)} --epochs {scale.get('aesthetic_epochs', 60)}"
+    )
+    evaluation = (
+        "eval.py a={out}/stage2/checkpoints/select/best.ckpt b={out}/stage1/checkpoints/last.ckpt "
+        f"name_a=quality_tuned name_b=pretrained prompts={ev['prompts']} clip={{out}}/clip/export "
+        f"aesthetic={{out}}/curate/aesthetic.safetensors judge=pixel fid.reference={ev['fid_reference']} "
+        f"judge_accuracy={ev['judge_accuracy']} out={{out}}/eval"
+    )
+    return [
+        Stage("haystack", "haystack corpus", [
+            _step("haystack", f"{haystack} --workers {scale.get('workers', 2)}", "haystack/haystack.json", hydra=False),
+            _step("data_check", data_check, "haystack/first_batch.png"),
+        ]),
+        Stage("judge", "evaluation judge", [_train("judge", "mini/judge")]),
+        Stage("text", "mini CLIP and T5", [
+            _train("clip", "mini/clip", "clip/export/config.json", on_corpus=True),
+            _step("t5", "-m emu.text.mini_t5 --out {out}/t5", "t5/config.json", hydra=False),
+        ]),
+        Stage("autoencoders", "16- and 4-channel autoencoders", [
+            _train("autoencoder_16ch", "mini/autoencoder", "autoencoder_16ch/export/config.json", on_corpus=True),
+            _train("autoencoder_4ch", "mini/autoencoder_4ch", "autoencoder_4ch/export/config.json", on_corpus=True),
+            _step("autoencoder_eval", ae_eval, "autoencoder_eval/metrics.json", run_dir="autoencoder_eval"),
+        ]),
+        Stage("stage1", "stage 1: pre-training", [_train("stage1", "mini/stage1_pretrain", on_corpus=True)]),
+        Stage("curation", "curation", [
+            _step("aesthetic_head", aesthetic, "curate/aesthetic.safetensors", hydra=False),
+            _step("curate", "curate.py", "curate/funnel.json", run_dir="curate"),
+        ]),
+        # selection.json is written from the first scoring on; the driver's state says when the run finished
+        Stage("stage2", "stage 2: quality-tuning", [
+            _train("stage2", "mini/stage2_quality_tune", "stage2/checkpoints/select/selection.json"),
+        ]),
+        Stage("eval", "evaluation", [_step("eval", evaluation, "eval/metrics.json", run_dir="eval")]),
+    ]  # fmt: skip
+
+
+def command(step: Step, out: Path, scale: dict[str, Any], resume: bool) -> list[str]:
+    """The argv of ``step`` for the demo folder ``out`` at ``scale`` (its corpus size and overrides)."""
+    argv = [a.replace("{out}", str(out)) for a in step.argv]
+    if step.hydra:
+        argv.append(f"paths.demo_dir={out}")
+        if step.on_corpus:
+            argv.append(f"data.source.n_train={int(scale['corpus'])}")
+        argv += list((scale.get("overrides") or {}).get(step.name, []))
+        if step.run_dir:
+            argv.append(f"hydra.run.dir={out / step.run_dir}")
+        if resume:
+            argv.append("ckpt_path=last")
+    return argv
