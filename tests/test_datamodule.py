@@ -37,6 +37,24 @@ def test_haystack_source_yields_documented_batches():
     assert sorted(k for b in val for k in b["key"]) == [f"{i:09d}" for i in range(16, 24)]  # disjoint from train
 
 
+def test_cached_haystack_renders_each_image_once_and_gives_the_same_pixels(monkeypatch):
+    import numpy as np
+
+    from emu.data import sources
+
+    plain, cached = HaystackSource(n_train=6, n_val=2, seed=4), HaystackSource(n_train=6, n_val=2, seed=4, cache=True)
+    calls = []
+    render = sources.haystack.make_sample
+    monkeypatch.setattr(sources.haystack, "make_sample", lambda *a: calls.append(a) or render(*a))
+    for _ in range(3):  # three epochs
+        for split, n in (("train", 6), ("val", 2)):
+            for i in range(n):
+                a, b = plain.raw(split, i), cached.raw(split, i)
+                assert a["key"] == b["key"] and np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+                b["image"].paste((0, 0, 0), (0, 0, 8, 8))  # a consumer changing its image leaves the cache alone
+    assert len(calls) == 3 * 8 + 8  # the plain source renders every time, the cached one once per image
+
+
 def test_folder_with_metadata_jsonl(tmp_path):
     rows = []
     for i in range(10):

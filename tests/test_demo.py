@@ -47,10 +47,14 @@ def test_every_step_of_every_scale_composes(scale, tmp_path):
                     continue
                 argv = command(step, tmp_path, s, resume=False)
                 entry = next(a for a in argv if a in ENTRY_CONFIGS)
-                overrides = [a for a in argv[argv.index(entry) + 1 :] if "=" in a and not a.startswith("hydra.")]
+                overrides = [a for a in argv[argv.index(entry) + 1 :] if "=" in a or a.startswith("~")]
+                overrides = [a for a in overrides if not a.startswith("hydra.")]
                 overrides = [a for a in overrides if a.partition("=")[0] not in ("batches", "grid")]
                 cfg = compose(ENTRY_CONFIGS[entry], overrides=overrides)
                 assert cfg.paths.demo_dir == str(tmp_path)
+                if step.on_corpus:  # trains on the corpus shards, with no haystack-only keys left over
+                    assert cfg.data.source.shards == f"{tmp_path}/haystack/*.tar"
+                    assert "n_train" not in cfg.data.source and "n_val" not in cfg.data.source
 
 
 def _fake_run_step(calls: list[list[str]], out: Path):
@@ -101,6 +105,10 @@ def test_driver_runs_stages_in_order_then_skips_and_resumes(tmp_path, monkeypatc
     (tmp_path / "stage1" / "checkpoints" / "last.ckpt").write_text("")
     driver.run(tmp_path, scale)
     assert len(calls) == 1 and "experiment=mini/stage1_pretrain" in calls[0] and "ckpt_path=last" in calls[0]
+
+    calls.clear()
+    driver.run(tmp_path, scale, only=["eval"])  # --only reruns a finished stage, and nothing else
+    assert len(calls) == 1 and "name_a=quality_tuned" in " ".join(calls[0])
 
     with pytest.raises(SystemExit, match="holds a 'tiny' demo"):
         driver.run(tmp_path, driver.load_scale("mini"))

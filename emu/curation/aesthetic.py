@@ -5,7 +5,7 @@ is 768 wide), so its checkpoint loads by path (``AestheticHead.from_file``: ``.p
 Here it is trainable on (embedding, rating) pairs; in the miniature the ratings are the hidden appeal of a
 *separate* haystack sample (seed 1), standing in for human ratings as AVA does for LAION::
 
-    python -m emu.curation.aesthetic --clip outputs/demo/clip/export --out outputs/demo/aesthetic.safetensors
+    python -m emu.curation.aesthetic --clip outputs/demo/clip/export --out outputs/demo/curate/aesthetic.safetensors
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     python -m emu.demo                       # the default scale (conf/demo/mini.yaml) into outputs/demo/
     python -m emu.demo --scale tiny --out /tmp/demo_tiny      # seconds-per-stage smoke run (the test uses it)
     python -m emu.demo --force               # rerun every stage
+    python -m emu.demo --only stage2 eval    # rerun these stages (e.g. after changing their configs)
     python -m emu.demo --only-report         # rewrite REPORT.md from what is there
 
 A step whose output exists and which finished (``demo_state.json`` records it) is skipped, so an interrupted demo
@@ -123,7 +124,7 @@ def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] |
     for stage in stages:
         if only and stage.name not in only:
             continue
-        todo = [s for s in stage.steps if not state.finished(s, out)]
+        todo = list(stage.steps) if only else [s for s in stage.steps if not state.finished(s, out)]
         if not todo:
             print(
                 f"[demo] {stage.name}: done earlier ({state.data['stages'].get(stage.name, {}).get('seconds', 0):.0f}s)"
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="the demo folder (default outputs/demo)")
     p.add_argument("--scale", default="mini", help="conf/demo/<scale>.yaml (mini, tiny, gpu) or a YAML path")
     p.add_argument("--force", action="store_true", help="delete the demo folder's outputs and rerun every stage")
-    p.add_argument("--only", nargs="+", help="run only these stages (their inputs must exist)")
+    p.add_argument("--only", nargs="+", help="(re)run just these stages, finished or not (their inputs must exist)")
     p.add_argument("--only-report", action="store_true", help="rewrite REPORT.md from the outputs there")
     args = p.parse_args(argv)
     scale = load_scale(args.scale)

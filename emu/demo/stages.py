@@ -31,7 +31,7 @@ class Step:
     hydra: bool = True  # a Hydra entry point: gets paths.demo_dir, hydra.run.dir and the scale's overrides
     run_dir: str | None = None  # its Hydra run folder, relative to the demo folder
     resumable: bool = False  # a train.py run: resume from <run_dir>/checkpoints/last.ckpt when it exists
-    on_corpus: bool = False  # trains on the haystack corpus (seed 0): gets data.source.n_train=<corpus>
+    on_corpus: bool = False  # trains on the haystack corpus: reads its shards (<out>/haystack/*.tar)
 
 
 @dataclass
@@ -108,8 +108,9 @@ def command(step: Step, out: Path, scale: dict[str, Any], resume: bool) -> list[
     argv = [a.replace("{out}", str(out)) for a in step.argv]
     if step.hydra:
         argv.append(f"paths.demo_dir={out}")
-        if step.on_corpus:
-            argv.append(f"data.source.n_train={int(scale['corpus'])}")
+        if step.on_corpus:  # the corpus as written (the shards curation reads), not rendered again on the fly
+            argv += ["data=webdataset", f"data.source.shards={out}/haystack/*.tar", "~data.source.n_train",
+                     "~data.source.n_val"]  # fmt: skip
         argv += list((scale.get("overrides") or {}).get(step.name, []))
         if step.run_dir:
             argv.append(f"hydra.run.dir={out / step.run_dir}")
