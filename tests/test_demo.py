@@ -107,8 +107,10 @@ def test_driver_runs_stages_in_order_then_skips_and_resumes(tmp_path, monkeypatc
     assert len(calls) == 1 and "experiment=mini/stage1_pretrain" in calls[0] and "ckpt_path=last" in calls[0]
 
     calls.clear()
-    driver.run(tmp_path, scale, only=["eval"])  # --only reruns a finished stage, and nothing else
+    (tmp_path / "eval" / "stale.png").write_text("")
+    driver.run(tmp_path, scale, only=["eval"])  # --only reruns a finished stage from scratch, and nothing else
     assert len(calls) == 1 and "name_a=quality_tuned" in " ".join(calls[0])
+    assert not (tmp_path / "eval" / "stale.png").exists()
 
     with pytest.raises(SystemExit, match="holds a 'tiny' demo"):
         driver.run(tmp_path, driver.load_scale("mini"))

@@ -63,14 +63,19 @@ class State:
         self.data["steps"][step.name] = {"seconds": round(seconds, 1), "finished": _now()}
         self.save()
 
-    def record_stage(self, stage: Stage, seconds: float, ran: bool) -> None:
-        previous = self.data["stages"].get(stage.name, {}).get("seconds", 0.0)
-        total = previous + seconds if ran else previous
-        self.data["stages"][stage.name] = {
-            "title": stage.title,
-            "seconds": round(total, 1),
-            "this_run": round(seconds, 1) if ran else 0.0,
-        }
+    def record_stage(self, stage: Stage) -> float:
+        """A stage's time: the sum of its steps' last complete runs (a resumed run counts from its restart)."""
+        seconds = sum(self.data["steps"].get(s.name, {}).get("seconds", 0.0) for s in stage.steps)
+        self.data["stages"][stage.name] = {"title": stage.title, "seconds": round(seconds, 1)}
+        self.save()
+        return seconds
+
+    def forget(self, stage: Stage, out: Path) -> None:
+        """Start ``stage`` over: its steps are unfinished and their run folders gone (``--only``)."""
+        for step in stage.steps:
+            self.data["steps"].pop(step.name, None)
+            if step.run_dir:
+                shutil.rmtree(out / step.run_dir, ignore_errors=True)
         self.save()
 
     def save(self) -> None:
@@ -124,7 +129,9 @@ def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] |
     for stage in stages:
         if only and stage.name not in only:
             continue
-        todo = list(stage.steps) if only else [s for s in stage.steps if not state.finished(s, out)]
+        if only:
+            state.forget(stage, out)
+        todo = [s for s in stage.steps if not state.finished(s, out)]
         if not todo:
             print(
                 f"[demo] {stage.name}: done earlier ({state.data['stages'].get(stage.name, {}).get('seconds', 0):.0f}s)"
@@ -139,9 +146,8 @@ def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] |
             t_step = time.perf_counter()
             run_step(step, argv, out / "demo.log")
             state.record_step(step, time.perf_counter() - t_step)
-        seconds = time.perf_counter() - t0
-        state.record_stage(stage, seconds, ran=True)
-        print(f"[demo] {stage.name} ({stage.title}): {seconds:.0f}s", flush=True)
+        state.record_stage(stage)
+        print(f"[demo] {stage.name} ({stage.title}): {time.perf_counter() - t0:.0f}s", flush=True)
     state.data["finished"] = _now()
     state.data["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     state.save()
