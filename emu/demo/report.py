@@ -258,7 +258,8 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
         met = ap["win"] >= TARGETS["appeal_win_rate"] and ap["win_ci"][0] > 0.5
         targets.add(
             f"appeal: win >= {_pct(TARGETS['appeal_win_rate'])} with the interval above 50%",
-            f"win {_pct(ap['win'])} [{_pct(ap['win_ci'][0])}, {_pct(ap['win_ci'][1])}]",
+            f"win {_pct(ap['win'])} [{_pct(ap['win_ci'][0])}, {_pct(ap['win_ci'][1])}] (tie {_pct(ap['tie'])}, "
+            f"loss {_pct(ap['loss'])}; ties counted half: {_pct(ap['win_rate'])})",
             met,
         )
     if fa:
