@@ -19,7 +19,7 @@ from emu.evaluation.winrate import format_win_rate
 from emu.utils.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
-PAPER_WIN, PAPER_LOSS = 0.829, 0.154  # visual appeal, quality-tuned vs pre-trained, PartiPrompts (Emu, Fig. 6)
+PAPER_WIN, PAPER_LOSS = 0.829, 0.154  # visual appeal, quality-tuned vs pre-trained, PartiPrompts (Emu paper)
 PAPER_FAITH_WIN, PAPER_FAITH_LOSS = 0.367, 0.210
 TARGETS = {"psnr_margin_db": 1.0, "precision": 0.90, "appeal_win_rate": 0.70}
 
