@@ -50,6 +50,11 @@ def _link(out: Path, target: str | Path) -> str:
     return Path(os.path.relpath(target, out)).as_posix()
 
 
+def _picture(out: Path, path: str, caption: str) -> list[str]:
+    """A captioned picture of the demo folder, or nothing when the stage did not write it."""
+    return ["", f"{caption}:", "", f"![{Path(path).stem}]({path})"] if (out / path).is_file() else []
+
+
 def _missing(stage: str) -> list[str]:
     return [f"_Not measured: the `{stage}` stage has not run (`python -m emu.demo --only {stage}`)._", ""]
 
@@ -115,13 +120,9 @@ def section_autoencoder(out: Path, targets: Targets) -> list[str]:
             f"{gap:+.2f} dB",
             gap >= TARGETS["psnr_margin_db"],
         )
-    if (out / "autoencoder_eval" / "reconstructions.png").is_file():
-        lines += [
-            "",
-            "Originals (top), then each autoencoder's reconstructions:",
-            "",
-            "![reconstructions](autoencoder_eval/reconstructions.png)",
-        ]
+    lines += _picture(
+        out, "autoencoder_eval/reconstructions.png", "Originals (top), then each autoencoder's reconstructions"
+    )
     return [*lines, ""]
 
 
@@ -162,12 +163,7 @@ def section_curation(out: Path, targets: Targets) -> list[str]:
         (s["stage"] for s in reversed(f["stages"]) if (out / "curate" / "sheets" / f"{s['stage']}.png").is_file()), None
     )
     if sheet:
-        lines += [
-            "",
-            f"Last stage ({sheet}): kept (top) and rejected (bottom):",
-            "",
-            f"![{sheet}](curate/sheets/{sheet}.png)",
-        ]
+        lines += _picture(out, f"curate/sheets/{sheet}.png", f"Last stage ({sheet}): kept (top) and rejected (bottom)")
     return [*lines, ""]
 
 
@@ -270,13 +266,9 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
             f"win {_pct(fa['win'])} vs loss {_pct(fa['loss'])} (half-interval {_pct(half)})",
             gap >= -half,
         )
-    if (out / "eval" / "side_by_side.png").is_file():
-        lines += [
-            "",
-            "The same prompts and seeds, quality-tuned (top) over pre-trained (bottom):",
-            "",
-            "![side by side](eval/side_by_side.png)",
-        ]
+    lines += _picture(
+        out, "eval/side_by_side.png", "The same prompts and seeds, quality-tuned (top) over pre-trained (bottom)"
+    )
     lines += ["", "Full evaluation: [eval/report.md](eval/report.md)."]
     return [*lines, ""]
 
