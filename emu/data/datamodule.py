@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from emu.data.latents import LatentSource
 from emu.data.samples import SamplePreparer, collate
 from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, WebDatasetSource
 from emu.errors import ConfigError
@@ -68,6 +69,13 @@ class EmuDataModule(L.LightningDataModule):
                 "data.batch_size",
                 f"{batch_size} is larger than the {source.size('train')} training samples (with drop_last)",
             )
+        if isinstance(source, LatentSource):
+            if hflip > 0:
+                raise ConfigError("data.hflip", f"is {hflip}, but precomputed latents are fixed crops (no flipping "
+                                  "at training time); set data.hflip=0")  # fmt: skip
+            if resolution != source.resolution:
+                raise ConfigError("data.resolution", f"is {resolution} but the precomputed latents were made at "
+                                  f"{source.resolution}px; set data.resolution={source.resolution}")  # fmt: skip
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size

@@ -267,8 +267,8 @@ def expand_shards(spec: str | list[str], what: str = "data.source.shards") -> li
     return urls
 
 
-def _raw_from_wds(sample: dict[str, Any]) -> dict[str, Any]:
-    image = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
+def _raw_from_wds(sample: dict[str, Any], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, Any]:
+    image = next((sample[k] for k in extensions if k in sample), None)
     meta: Any = {}
     if "json" in sample:
         try:
@@ -279,7 +279,14 @@ def _raw_from_wds(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prepare_stream(
-    src: Iterator[dict], *, prepare: Callable, skips: SkipCounter, split: str, val_fraction: float, key_split: bool
+    src: Iterator[dict],
+    *,
+    prepare: Callable,
+    skips: SkipCounter,
+    split: str,
+    val_fraction: float,
+    key_split: bool,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
 ) -> Iterator[dict[str, Any]]:
     """Decode and check a stream of webdataset samples, dropping (and counting) the bad ones."""
     for sample in src:
@@ -287,7 +294,7 @@ def _prepare_stream(
         if key_split and not in_split(key, split, val_fraction):
             continue
         try:
-            yield prepare(_raw_from_wds(sample))
+            yield prepare(_raw_from_wds(sample, extensions))
         except BadSample as e:
             skips.count(e.reason, f"{sample.get('__url__', '?')}:{key}", str(e))
 
@@ -303,6 +310,8 @@ class WebDatasetSource:
         epoch_size: samples per epoch across all ranks; sets the epoch length of resampled streams.
         shuffle_buffer: samples in the shuffle buffer (train only).
     """
+
+    image_extensions = IMAGE_EXTENSIONS  # the sample fields read as the image, first found wins
 
     def __init__(
         self,
@@ -323,6 +332,9 @@ class WebDatasetSource:
 
     def has_split(self, split: str) -> bool:
         return split == "train" or self.val_shards is not None or self.val_fraction > 0
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples)
 
     def stream(
         self,
@@ -366,9 +378,10 @@ class WebDatasetSource:
                 split=split,
                 val_fraction=self.val_fraction,
                 key_split=key_split,
+                extensions=self.image_extensions,
             )
         )
-        stages.append(wds.batched(batch_size, collation_fn=collate, partial=not drop_last))
+        stages.append(wds.batched(batch_size, collation_fn=self.collate, partial=not drop_last))
         pipeline = wds.DataPipeline(*stages)
         if train and self.epoch_size:
             per_worker = self.epoch_size // (batch_size * max(1, world_size) * max(1, workers))

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from emu.autoencoder.model import DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
@@ -148,6 +149,9 @@ class DiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         res = getattr(dm, "resolution", None)
+        manifest = getattr(getattr(dm, "source", None), "manifest", None)
+        if manifest is not None:
+            self.check_precomputed(manifest)
         if res is not None:
             self.train_resolution = int(res)
         if res is not None and res % self.resolution_multiple:
@@ -155,20 +159,43 @@ class DiffusionModule(L.LightningModule):
                               f"and U-Net ({self.unet.downsample_factor}x) need a multiple of "
                               f"{self.resolution_multiple}")  # fmt: skip
 
+    def check_precomputed(self, manifest: dict[str, Any]) -> None:
+        """Refuse precomputed shards (:mod:`emu.data.latents`) made with another autoencoder or text encoders."""
+        from emu.data.precompute import fingerprint
+
+        if manifest.get("autoencoder_fingerprint") != fingerprint(self.autoencoder):
+            raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
+                              f"'{manifest.get('autoencoder')}', whose weights differ from model.autoencoder="
+                              f"'{self.hparams.autoencoder}'; precompute again or use that autoencoder")  # fmt: skip
+        ours = {n: e.max_length for n, e in self.conditioner.encoders.items()}
+        theirs = {n: e["max_length"] for n, e in manifest.get("encoders", {}).items()}
+        if ours != theirs:
+            raise ConfigError("model.text.encoders", f"are {ours} (name: max_length) but the precomputed embeddings "
+                              f"hold {theirs}; precompute again with this model's text encoders")  # fmt: skip
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        posterior = self.autoencoder.encode(images.to(self.device))
+        return self.latents_from(self.autoencoder.encode(images.to(self.device)), generator)
+
+    def latents_from(self, posterior: DiagonalGaussian, generator: torch.Generator | None = None) -> torch.Tensor:
         z = posterior.sample(generator) if self.hparams.sample_latents else posterior.mode()
         return self.autoencoder.normalize(z)
 
-    def conditioning(self, captions: list[str], drop: bool) -> dict[str, torch.Tensor | None]:
-        c = self.conditioner(self.conditioner.encode(list(captions)), drop=drop)
+    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents of a batch: from its precomputed posterior moments, else by encoding its images."""
+        if "latent" in batch:
+            return self.latents_from(DiagonalGaussian(batch["latent"].to(self.device, torch.float32)), generator)
+        return self.encode_images(batch["image"], generator)
+
+    def conditioning(self, captions: list[str], drop: bool, embeddings=None) -> dict[str, torch.Tensor | None]:
+        """The U-Net's text inputs, from precomputed frozen-encoder ``embeddings`` when given."""
+        c = self.conditioner(embeddings or self.conditioner.encode(list(captions)), drop=drop)
         return {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
 
     # ------------------------------------------------------------------------------------------ training
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, drop: bool = True):
-        z = self.encode_images(batch["image"], generator)
-        cond = self.conditioning(batch["caption"], drop=drop)
+        z = self.batch_latents(batch, generator)
+        cond = self.conditioning(batch["caption"], drop=drop, embeddings=batch.get("text"))
         noise = offset_noise(z, self.hparams.noise_offset, generator)
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
         return self.denoiser.loss(z, noise, sigma, **cond).mean()
