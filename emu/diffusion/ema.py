@@ -2,7 +2,9 @@
 
 Per optimizer step of ``n`` images the average moves by ``1 - beta`` with ``beta = 0.5 ** (n / half_life)``;
 with ``ramp`` the half-life is at most ``ramp * images_seen``, so early averages do not drag the random init
-along. The averaged copies are submodules, hence in every checkpoint's ``state_dict`` (``ema.shadow.*``).
+along. The averaged copies are submodules, hence in every checkpoint's ``state_dict`` (``ema.shadow.*``). Under FSDP the
+copies are sharded exactly as the live networks (:mod:`emu.distributed`) and every operation here works on this
+rank's local shards, with no communication.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from emu.distributed import local
 
 
 def ema_beta(images_per_step: float, half_life_images: float, images_seen: float, ramp: float | None) -> float:
@@ -40,8 +44,8 @@ class EMA(nn.Module):
         for k, m in modules.items():
             for (n, p), (n2, q) in zip(m.named_parameters(), self.shadow[k].named_parameters(), strict=True):
                 assert n == n2, (n, n2)
-                live.append(p.detach())
-                avg.append(q.data)
+                live.append(local(p.detach()))
+                avg.append(local(q.detach()))
         return live, avg
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_al
 from emu.diffusion.pipeline import generate
 from emu.diffusion.prompts import read_prompts
 from emu.diffusion.unet import UNet
+from emu.distributed import FSDPStrategy, shard_modules
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
@@ -137,6 +138,19 @@ class DiffusionModule(L.LightningModule):
         """What the optimizer and the EMA see: the U-Net and the text projections."""
         return {"unet": self.unet, "text_proj": self.conditioner.proj}
 
+    def configure_model(self) -> None:
+        """Under :class:`~emu.distributed.FSDPStrategy`: shard the U-Net (its ResNet and transformer blocks as
+        units), the text projections and the EMA's copies of both; the frozen networks stay replicated."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy):
+            return
+        if strategy.activation_checkpointing:
+            self.unet.set_gradient_checkpointing(True)
+        parts = [self.unet, *self.conditioner.proj.values()]  # the projections run one by one: each is a unit
+        if self.ema is not None:
+            parts += [self.ema.shadow["unet"], *self.ema.shadow["text_proj"].values()]
+        shard_modules(parts, wrap=("ResnetBlock2D", "BasicTransformerBlock"), strategy=strategy)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.autoencoder.eval()  # frozen parts never switch to training behaviour
@@ -238,10 +252,11 @@ class DiffusionModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         try:
-            if self.val_prompts and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-                images = self.sample(self.val_prompts, self.val_seeds)
-                caption = " | ".join(self.val_prompts)
-                log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)
+            if self.val_prompts and not self.trainer.sanity_checking:
+                images = self.sample(self.val_prompts, self.val_seeds)  # on every rank: sharded weights need all
+                if self.trainer.is_global_zero:
+                    caption = " | ".join(self.val_prompts)
+                    log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)
         finally:
             if self.ema is not None:
                 self._ema_ctx.__exit__(None, None, None)
@@ -257,16 +272,18 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
-            del sd[k]
+        sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES) and not sharded]:  # FSDP loads by the model's own
+            del sd[k]  # keys, frozen ones included: it keeps them
         checkpoint["emu"] = {"kind": KIND, "unet_config": self.unet.config, "resolution": self.train_resolution}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         kind = checkpoint.get("emu", {}).get("kind")
         if kind != KIND:
             raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
-        own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
+        if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
+            own = self.state_dict()
+            checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
 
     def initialise_from(self, path: str) -> None:
         """Weights (EMA where present) from a diffusion checkpoint: initialisation, not resume."""

@@ -1,0 +1,107 @@
+"""Sharded training: FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's ``ModelParallelStrategy``.
+
+:class:`FSDPStrategy` carries the sharding settings (full or hybrid sharding, the bf16 mixed-precision policy,
+activation checkpointing, which block classes become their own FSDP units); a LightningModule applies them to its
+trainable networks in ``configure_model`` with :func:`shard_modules`. Frozen networks (autoencoder, text encoders)
+are left alone: they are replicated and run under the trainer's bf16 autocast. The EMA's averaged copies are sharded
+exactly as the live networks, so each rank averages its own shard (:mod:`emu.diffusion.ema` works on local shards)
+and the averages are saved in the sharded checkpoint with everything else.
+
+Without a device mesh (one device, DDP) nothing here is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from emu.errors import ConfigError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (a DTensor under FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """Fully sharded data parallel over all ranks (FSDP2), as a Lightning strategy.
+
+    Args:
+        sharding: ``full`` (shard over every rank) or ``hybrid`` (shard within a node, replicate across nodes).
+        param_dtype, reduce_dtype: the mixed-precision policy: compute in ``param_dtype``, reduce gradients in
+            ``reduce_dtype``; the optimizer keeps float32 master weights.
+        activation_checkpointing: recompute block activations in the backward pass.
+        reshard_after_forward: free gathered weights after each unit's forward (ZeRO-3); false keeps them (ZeRO-2).
+        wrap: class names of the blocks that become their own FSDP units (defaults: the module's choice).
+        save_distributed_checkpoint: each rank writes its shard (a checkpoint folder); false gathers one file.
+    """
+
+    def __init__(
+        self,
+        sharding: str = "full",
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
+        activation_checkpointing: bool = True,
+        reshard_after_forward: bool = True,
+        wrap: Iterable[str] | None = None,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ):
+        if sharding not in ("full", "hybrid"):
+            raise ConfigError("trainer.strategy.sharding", f"must be 'full' or 'hybrid', got {sharding!r}")
+        for key, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value not in DTYPES:
+                allowed = [k for k in DTYPES if k]
+                raise ConfigError(f"trainer.strategy.{key}", f"must be one of {allowed}, got {value!r}")
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.sharding, self.param_dtype, self.reduce_dtype = sharding, param_dtype, reduce_dtype
+        self.activation_checkpointing, self.reshard_after_forward = activation_checkpointing, reshard_after_forward
+        self.wrap = list(wrap) if wrap else None
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+    def fsdp_mesh(self):
+        """The mesh FSDP shards over: 1-D (full) or 2-D replicate x shard (hybrid)."""
+        if self.sharding == "full":
+            return self.device_mesh["data_parallel"]
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.root_device.type, (self.num_nodes, self.num_processes),
+                                mesh_dim_names=("replicate", "shard"))  # fmt: skip
+
+    def fully_shard_kwargs(self) -> dict[str, Any]:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.param_dtype], reduce_dtype=DTYPES[self.reduce_dtype])
+        return {"mesh": self.fsdp_mesh(), "mp_policy": mp, "reshard_after_forward": self.reshard_after_forward}
+
+
+def shard_modules(modules: Iterable[nn.Module], wrap: Iterable[str], strategy: FSDPStrategy | None = None) -> int:
+    """``fully_shard`` every submodule whose class name is in ``wrap`` (or ``strategy.wrap``), then each module.
+
+    Returns the number of FSDP units made. Modules already sharded are left as they are (``configure_model`` may
+    run more than once).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    kwargs = strategy.fully_shard_kwargs() if strategy is not None else {}
+    names = set(strategy.wrap if strategy is not None and strategy.wrap else wrap)
+    units = 0
+    for module in modules:
+        if isinstance(module, FSDPModule):
+            continue
+        for sub in module.modules():
+            if sub is not module and type(sub).__name__ in names:
+                fully_shard(sub, **kwargs)
+                units += 1
+        fully_shard(module, **kwargs)
+        units += 1
+    return units

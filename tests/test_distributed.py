@@ -1,0 +1,71 @@
+"""Strategies: DDP over 2 CPU processes (gloo) keeps the ranks' weights equal; the FSDP config composes, and FSDP2
+over 2 CPU processes trains, shards the EMA with the weights, and saves and resumes its sharded checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import ROOT, tiny_stage1_overrides
+
+
+def _train(tmp_path, name, tiny, extra, timeout=600):
+    out = tmp_path / name
+    cmd = [sys.executable, "train.py", "experiment=mini/stage1_pretrain", f"paths.output_dir={out}",
+           f"hydra.run.dir={out}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+           "data.batch_size=4", "data.num_workers=0", "data.source.n_train=32", "data.resolution=32",
+           "trainer.limit_val_batches=0", "model.val_prompts=null", "logger=csv", "callbacks.progress_bar=null",
+           "+callbacks.dump._target_=tests.dist_helpers.DumpWeights", f"+callbacks.dump.out={out}/weights",
+           *tiny_stage1_overrides(*tiny), *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, [torch.load(out / "weights" / f"rank{i}.pt") for i in range(2)]
+
+
+@pytest.fixture
+def tiny(tiny_autoencoder, tiny_clip, tiny_t5):
+    return tiny_autoencoder, tiny_clip, tiny_t5
+
+
+def test_ddp_two_cpu_processes_agree_on_weights(tmp_path, tiny):
+    _, (r0, r1) = _train(tmp_path, "ddp", tiny, ["trainer=ddp", "trainer.max_steps=2"])
+    assert r0["step"] == r1["step"] == 2
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), k
+
+
+def test_fsdp_config_composes_with_the_paper_stage():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=stage1_pretrain", "trainer=fsdp", "trainer.num_nodes=4",
+                                          "trainer.strategy.sharding=hybrid"])  # fmt: skip
+    assert cfg.trainer.strategy._target_ == "emu.distributed.FSDPStrategy"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 4
+    assert cfg.model.unet.block_channels == [384, 768, 1536]  # the 2.8B U-Net
+    from hydra.utils import instantiate
+
+    strategy = instantiate(cfg.trainer.strategy)
+    assert strategy.sharding == "hybrid" and strategy.activation_checkpointing and strategy.param_dtype == "bfloat16"
+
+
+@pytest.mark.slow
+def test_fsdp_two_cpu_processes_train_and_resume_a_sharded_checkpoint(tmp_path, tiny):
+    fsdp = ["trainer=fsdp", "trainer.strategy.param_dtype=float32", "trainer.strategy.activation_checkpointing=true"]
+    first, (a0, a1) = _train(tmp_path, "first", tiny, [*fsdp, "trainer.max_steps=2"])
+    for k, v in a0["weights"].items():  # gathered: both ranks see the same full weights
+        assert torch.equal(v, a1["weights"][k]), k
+    assert any(not torch.equal(v, a0["weights"][f"ema.shadow.{k}"]) for k, v in a0["weights"].items()
+               if not k.startswith("ema.")), "the sharded EMA moved away from the live weights"  # fmt: skip
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2, "a sharded checkpoint: one file per rank"
+
+    resumed, (b0, _) = _train(tmp_path, "resumed", tiny, [*fsdp, "trainer.max_steps=3", f"ckpt_path={ckpt}"])
+    start = torch.load(resumed / "weights" / "start_rank0.pt")
+    assert start["step"] == 2 and b0["step"] == 3
+    for k, v in a0["weights"].items():  # weights and EMA come back exactly from the shards
+        assert torch.equal(start["weights"][k], v), k
+    assert not torch.equal(b0["weights"]["unet.conv_in.weight"], a0["weights"]["unet.conv_in.weight"])
