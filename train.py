@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages, instantiate_group
@@ -23,6 +24,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
     check_required(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
 
     log.info("data: %s", cfg.data.source._target_)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -70,6 +70,9 @@ class DiffusionModule(L.LightningModule):
         val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
         val_sampler, val_steps, val_guidance, val_schedule: how they are sampled.
         init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2).
+        channels_last: keep the U-Net's weights and inputs in channels-last memory format (faster convolutions on
+            GPUs with tensor cores).
+        compile: ``torch.compile`` the U-Net (after sharding, under FSDP).
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class DiffusionModule(L.LightningModule):
         val_guidance: float = 5.0,
         val_schedule: str = "karras",
         init_from: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         unet, text, schedule = _plain(unet), _plain(text), _plain(schedule) or {}  # plain containers in checkpoints
@@ -142,14 +147,18 @@ class DiffusionModule(L.LightningModule):
         """Under :class:`~emu.distributed.FSDPStrategy`: shard the U-Net (its ResNet and transformer blocks as
         units), the text projections and the EMA's copies of both; the frozen networks stay replicated."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDPStrategy):
-            return
-        if strategy.activation_checkpointing:
-            self.unet.set_gradient_checkpointing(True)
-        parts = [self.unet, *self.conditioner.proj.values()]  # the projections run one by one: each is a unit
-        if self.ema is not None:
-            parts += [self.ema.shadow["unet"], *self.ema.shadow["text_proj"].values()]
-        shard_modules(parts, wrap=("ResnetBlock2D", "BasicTransformerBlock"), strategy=strategy)
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if isinstance(strategy, FSDPStrategy):
+            if strategy.activation_checkpointing:
+                self.unet.set_gradient_checkpointing(True)
+            parts = [self.unet, *self.conditioner.proj.values()]  # the projections run one by one: each is a unit
+            if self.ema is not None:
+                parts += [self.ema.shadow["unet"], *self.ema.shadow["text_proj"].values()]
+            shard_modules(parts, wrap=("ResnetBlock2D", "BasicTransformerBlock"), strategy=strategy)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.unet.compile()  # in place: parameter names (and checkpoints) stay as they are
+            self._compiled = True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -209,6 +218,8 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ training
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, drop: bool = True):
         z = self.batch_latents(batch, generator)
+        if self.hparams.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
         cond = self.conditioning(batch["caption"], drop=drop, embeddings=batch.get("text"))
         noise = offset_noise(z, self.hparams.noise_offset, generator)
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
