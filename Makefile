@@ -36,8 +36,12 @@ format: install
 demo: install  ## the whole recipe in miniature (SCALE=mini|tiny|gpu; FORCE=1 starts over)
 	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force)
 
-bench: install
+# The CPU benchmarks (each about a minute on 2 cores); the GPU commands are in each script's docstring.
+bench: install  ## data pipeline, U-Net and autoencoder training step vs diffusers, sampling s/image
 	$(PY) bench/data_throughput.py data=haystack data.num_workers=2 batches=50
+	$(PY) bench/unet_step.py --config mini --device cpu --steps 5 --rounds 7
+	$(PY) bench/autoencoder_step.py --config mini --device cpu --steps 5 --rounds 7
+	$(PY) bench/sampling.py --config mini --device cpu --repeats 3
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
