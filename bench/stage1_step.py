@@ -25,7 +25,6 @@ from pathlib import Path
 import hydra
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_info, print_table
@@ -66,7 +65,7 @@ def main(argv: list[str]) -> dict:
     overrides = [a for a in argv if a.partition("=")[0] not in OWN]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    check_required(OmegaConf.masked_copy(cfg, ["data", "model"]))
+    check_required(cfg)
     data = measure(cfg, opts["batches"], warmup=opts["warmup"])
     loader = iter(hydra.utils.instantiate(cfg.data).dataloader("train"))
     batches = [next(loader) for _ in range(min(4, opts["steps"] + opts["warmup"]))]

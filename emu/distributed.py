@@ -7,12 +7,16 @@ are left alone: they are replicated and run under the trainer's bf16 autocast. T
 exactly as the live networks, so each rank averages its own shard (:mod:`emu.diffusion.ema` works on local shards)
 and the averages are saved in the sharded checkpoint with everything else.
 
-Without a device mesh (one device, DDP) nothing here is used.
+Without a device mesh (one device, DDP) nothing here is used. ``python -m emu.distributed consolidate <folder>``
+turns a sharded checkpoint into one file.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,3 +109,35 @@ def shard_modules(modules: Iterable[nn.Module], wrap: Iterable[str], strategy: F
         fully_shard(module, **kwargs)
         units += 1
     return units
+
+
+def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
+    """One ``.ckpt`` file from a sharded checkpoint folder (what ``load_diffusion``, ``sample.py`` and ``eval.py``
+    read): full weights, EMA and optimizer states, with the run's metadata. Needs the whole model in CPU memory."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint  # Lightning's reader of DCP folders
+
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.glob("*.distcp")):
+        raise FileNotFoundError(f"'{folder}' is not a sharded checkpoint folder (no *.distcp files)")
+    checkpoint = _load_distributed_checkpoint(folder)
+    n = len([k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)])
+    checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{i}") for i in range(n)]
+    out = Path(out) if out else folder.with_name(folder.name.removesuffix(".ckpt") + ".consolidated.ckpt")
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m emu.distributed", description="Tools for sharded (FSDP) runs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="one .ckpt file from a sharded checkpoint folder")
+    c.add_argument("folder")
+    c.add_argument("--out", default=None, help="default: <folder without .ckpt>.consolidated.ckpt beside it")
+    args = p.parse_args(argv)
+    print(f"wrote {consolidate(args.folder, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,3 +69,23 @@ def test_fsdp_two_cpu_processes_train_and_resume_a_sharded_checkpoint(tmp_path, 
     for k, v in a0["weights"].items():  # weights and EMA come back exactly from the shards
         assert torch.equal(start["weights"][k], v), k
     assert not torch.equal(b0["weights"]["unet.conv_in.weight"], a0["weights"]["unet.conv_in.weight"])
+
+    # one file from the shards, loadable for sampling like any stage-1 checkpoint
+    single = tmp_path / "consolidated.ckpt"
+    subprocess.run([sys.executable, "-m", "emu.distributed", "consolidate", str(ckpt), "--out", str(single)],
+                   check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    from emu.diffusion.module import load_for_sampling
+
+    module = load_for_sampling(single, ema=False)
+    assert torch.equal(module.unet.conv_in.weight, a0["weights"]["unet.conv_in.weight"])
+
+
+def test_slurm_launcher_config_composes_for_a_multi_node_sweep():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=stage1_pretrain", "trainer=fsdp",
+                                          "trainer.num_nodes=4"], return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == 8
+    assert launcher.signal_delay_s > 0

@@ -90,6 +90,11 @@ class AutoencoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        from emu.distributed import FSDPStrategy
+
+        if self.trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError("trainer", "FSDP shards the U-Net; the autoencoder (~84M parameters at paper scale) "
+                              "trains data-parallel: use trainer=ddp")  # fmt: skip
         precision = str(self.trainer.precision) if self.trainer is not None else ""
         if precision.startswith("16"):
             raise ConfigError("trainer.precision", f"{precision} is not supported here; use bf16-mixed or 32-true")

@@ -67,7 +67,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
     import webdataset as wds
 
     check_required(cfg.data)
-    check_required(OmegaConf.masked_copy(cfg.model, ["autoencoder", "text"]))
+    check_required(cfg.model)
     cfg = _fixed_crops(cfg)
     out = Path(out).expanduser().resolve()
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -22,9 +22,22 @@ EXAMPLES = {  # shown with a missing value, to say what a good one looks like
 }
 
 
+def _missing(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``???`` values, found without resolving interpolations (which may need a running Hydra)."""
+    out = []
+    for key in cfg:
+        if OmegaConf.is_missing(cfg, key):
+            out.append(f"{prefix}{key}")
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_interpolation() and not node._is_none():
+            out += _missing(node, f"{prefix}{key}.")
+    return out
+
+
 def check_required(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming every required value (``???``) the composed config leaves unset."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(_missing(cfg))
     if missing:
         hint = (
             "; e.g. " + " ".join(EXAMPLES[k] for k in missing if k in EXAMPLES) if set(missing) & set(EXAMPLES) else ""
