@@ -25,17 +25,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    alternate,
-    check_same_outputs,
-    count_flops,
-    emit,
-    parse,
-    print_comparison,
-    quiet_diffusers,
-    summarize,
-    training_steps,
-)
+from common import compare, emit, parse, print_comparison, quiet_diffusers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE = dict(latent_channels=4, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4)
@@ -81,16 +71,10 @@ def run(args) -> dict:
     torch.manual_seed(0)
     ours = AutoencoderKL(**kw)
     nets = {"ours": ours.to(args.device).train(), "diffusers": to_diffusers(ours).to(args.device).train()}
-    inputs = make_inputs(c["resolution"], batch)
-    dev = {k: v.to(args.device) for k, v in inputs.items()}
     forwards = {"ours": ours_forward, "diffusers": diffusers_forward}
-    diff = check_same_outputs({n: f(nets[n]) for n, f in forwards.items()}, dev, args.check_tol)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    steps, opts = training_steps({n: (nets[n], forwards[n]) for n in nets}, dev, args, loss=F.l1_loss)
-    timing = alternate(steps, torch.device(args.device), args.steps, args.rounds, warmup=args.warmup)
-    flops = count_flops(lambda: AutoencoderKL(**kw), ours_forward, inputs)
-    r = {"bench": "autoencoder_step", **summarize(timing, nets, opts, batch, args, flops),
-         "resolution": c["resolution"], "params": sum(p.numel() for p in ours.parameters()), "max_rel_diff": diff,
+    summary = compare(nets, forwards, make_inputs(c["resolution"], batch), lambda: AutoencoderKL(**kw), batch, args,
+                      loss=F.l1_loss)  # fmt: skip
+    r = {"bench": "autoencoder_step", **summary, "resolution": c["resolution"],
          "notes": ["both without Fourier-feature input (no diffusers counterpart)"]}  # fmt: skip
     if torch.device(args.device).type != "cuda":
         r["notes"].append("peak memory is measured on CUDA only")

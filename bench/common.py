@@ -231,6 +231,20 @@ def summarize(timing: dict, nets: dict[str, nn.Module], opts: dict, batch: int, 
     return out
 
 
+def compare(nets: dict[str, nn.Module], forwards: dict[str, Callable], inputs: dict, build: Callable[[], nn.Module],
+            batch: int, args, loss=F.mse_loss) -> dict:  # fmt: skip
+    """The whole protocol for ``{"ours": net, "diffusers": net}``: outputs checked equal, alternating timed training
+    steps, FLOPs of ``build()`` (ours, on the meta device); the summary with parameter count and output difference."""
+    dev = {k: None if v is None else v.to(args.device) for k, v in inputs.items()}
+    diff = check_same_outputs({n: f(nets[n]) for n, f in forwards.items()}, dev, args.check_tol)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    steps, opts = training_steps({n: (nets[n], forwards[n]) for n in nets}, dev, args, loss=loss)
+    timing = alternate(steps, torch.device(args.device), args.steps, args.rounds, warmup=args.warmup)
+    flops = count_flops(build, forwards["ours"], inputs)
+    params = sum(p.numel() for p in nets["ours"].parameters())
+    return {**summarize(timing, nets, opts, batch, args, flops), "params": params, "max_rel_diff": diff}
+
+
 OPTIONS = ("config", "dtype", "channels_last", "compile", "fused", "tf32", "diffusers_eager", "steps", "rounds")
 
 

@@ -28,17 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    alternate,
-    check_same_outputs,
-    count_flops,
-    emit,
-    parse,
-    print_comparison,
-    quiet_diffusers,
-    summarize,
-    training_steps,
-)
+from common import compare, emit, parse, print_comparison, quiet_diffusers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(in_channels=4, out_channels=4, block_channels=[32, 64], layers_per_block=1, transformer_depth=[0, 1],
@@ -93,16 +83,10 @@ def run(args) -> dict:
     torch.manual_seed(0)
     ours = UNet(**kw)
     nets = {"ours": ours.to(args.device).train(), "diffusers": to_diffusers(ours).to(args.device).train()}
-    inputs = make_inputs(kw, batch, c["latent"], c["tokens"])
-    dev = {k: None if v is None else v.to(args.device) for k, v in inputs.items()}
     forwards = {"ours": ours_forward, "diffusers": diffusers_forward}
-    diff = check_same_outputs({n: f(nets[n]) for n, f in forwards.items()}, dev, args.check_tol)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    steps, opts = training_steps({n: (nets[n], forwards[n]) for n in nets}, dev, args)
-    timing = alternate(steps, torch.device(args.device), args.steps, args.rounds, warmup=args.warmup)
-    flops = count_flops(lambda: UNet(**kw), ours_forward, inputs)
-    r = {"bench": "unet_step", **summarize(timing, nets, opts, batch, args, flops), "latent": c["latent"],
-         "tokens": c["tokens"], "params": sum(p.numel() for p in ours.parameters()), "max_rel_diff": diff}  # fmt: skip
+    inputs = make_inputs(kw, batch, c["latent"], c["tokens"])
+    summary = compare(nets, forwards, inputs, lambda: UNet(**kw), batch, args)
+    r = {"bench": "unet_step", **summary, "latent": c["latent"], "tokens": c["tokens"]}
     if torch.device(args.device).type != "cuda":
         r["notes"] = ["peak memory is measured on CUDA only (a CPU process's RSS high-water mark is not per model)"]
     return r
