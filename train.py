@@ -15,6 +15,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from emu.data.callbacks import DataFault
+from emu.training.checkpoints import resolve_checkpoint
+from emu.training.numerics import NumericalFault
+from emu.training.preemption import Preempted
 from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages, instantiate_group
 
 log = logging.getLogger("emu.train")
@@ -23,6 +27,8 @@ log = logging.getLogger("emu.train")
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
     check_required(cfg)
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, folder)  # a broken checkpoint is refused before any work
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
 
@@ -36,7 +42,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Preempted as e:
+        print(f"\n[{cfg.task_name}] preempted: {e}")
+        return {"preempted": 1.0}
+    except (NumericalFault, DataFault) as e:
+        print(f"\n[{cfg.task_name}] stopped: {e}", file=sys.stderr)
+        sys.exit(3)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     checkpoint = trainer.checkpoint_callback

@@ -75,6 +75,7 @@ class AutoencoderModule(L.LightningModule):
         export_on_fit_end: bool = True,
     ):
         super().__init__()
+        betas = tuple(float(b) for b in betas)  # plain values in checkpoints (resume loads them weights_only)
         self.save_hyperparameters(ignore=["autoencoder", "loss"])
         self.automatic_optimization = False
         self.autoencoder = autoencoder
@@ -139,14 +140,23 @@ class AutoencoderModule(L.LightningModule):
             d_loss, d_logs = self.loss.discriminator_loss(x, recon)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
-            if self.hparams.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.loss.discriminator.parameters(), self.hparams.grad_clip)
-            opt_d.optimizer.step()
+            if self._gradients_usable(list(self.loss.discriminator.parameters()), "discriminator"):
+                if self.hparams.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.loss.discriminator.parameters(), self.hparams.grad_clip)
+                opt_d.optimizer.step()
             logs.update(d_logs)
         bs = x.shape[0]
         self.log("train/loss", logs["total"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "total"}, batch_size=bs)
         return loss.detach()
+
+    def _gradients_usable(self, params: list[torch.nn.Parameter], name: str) -> bool:
+        """The run's :class:`~emu.training.numerics.NumericalGuard` decides (the raw discriminator step bypasses
+        Lightning's hooks); without one, every step is taken."""
+        from emu.training.numerics import NumericalGuard
+
+        guard = next((c for c in self.trainer.callbacks if isinstance(c, NumericalGuard)), None)
+        return guard is None or guard.check(self.trainer, self, params, name)
 
     # ------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

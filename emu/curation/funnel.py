@@ -141,13 +141,16 @@ class Funnel:
     def _score(self, stage: Stage, survivors: list[str]) -> dict[str, dict[str, Any]]:
         partial = self.out / "scores" / f"{stage.name}.partial.jsonl"
         rows: dict[str, dict[str, Any]] = {}
-        if partial.is_file():  # resume: keep complete lines of an interrupted pass
+        if partial.is_file():  # resume: keep the complete lines of an interrupted pass, drop a half-written last one
+            kept = []
             for line in partial.read_text().splitlines():
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     break
+                kept.append(line + "\n")
                 rows[r.pop("key")] = r
+            atomic_write_text(partial, "".join(kept))  # appending after a torn line would hide what follows it
         stage.start(rows)
         todo = {k for k in survivors if k not in rows}
         replay = getattr(stage, "replay", False) and rows  # stateful: see the scored images again, in order

@@ -9,8 +9,29 @@ import lightning as L
 log = logging.getLogger("emu.data")
 
 
+class DataFault(RuntimeError):
+    """Too much of the data is unusable to go on training."""
+
+
 class DataHealth(L.Callback):
-    """Logs the DataModule's skipped-sample counts (``data/skipped/{split}/{reason}``) and prints them at the end."""
+    """Logs the DataModule's skipped-sample counts (``data/skipped/{split}/{reason}``) and prints them at the end;
+    stops the run (:class:`DataFault`) when the training skip rate passes ``data.max_skip_rate`` (checked every
+    ``every_n_batches`` once ``data.skip_rate_min_samples`` samples were read)."""
+
+    def __init__(self, every_n_batches: int = 20):
+        self.every_n_batches = every_n_batches
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "skip_rate") or (batch_idx + 1) % self.every_n_batches:
+            return
+        rate, skipped, read = dm.skip_rate("train")
+        if read >= dm.skip_rate_min_samples and rate > dm.max_skip_rate:
+            raise DataFault(
+                f"{skipped} of {read} training samples read so far were unusable ({rate:.0%} > data.max_skip_rate="
+                f"{dm.max_skip_rate}): {dm.skip_summary()}. Fix or drop the bad shards/files, or raise "
+                "data.max_skip_rate if this corpus is known to be this noisy"
+            )
 
     def _log(self, trainer: L.Trainer) -> None:
         dm = trainer.datamodule

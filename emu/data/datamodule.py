@@ -9,12 +9,15 @@ worker met them.
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from emu.data.latents import LatentSource
+from emu.data.resume import EpochStream, ResumableLoader, ResumableSampler
 from emu.data.samples import SamplePreparer, collate
 from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, WebDatasetSource
 from emu.errors import ConfigError
@@ -32,6 +35,10 @@ class EmuDataModule(L.LightningDataModule):
         min_size: images with a shorter side below this many pixels are skipped.
         require_caption: skip samples without a usable caption.
         batch_size, val_batch_size, num_workers, pin_memory, persistent_workers, drop_last: loader settings.
+        max_skip_rate: the largest fraction of skipped training samples (bad files, broken shards) a run accepts once
+            ``skip_rate_min_samples`` have been read; above it :class:`~emu.data.callbacks.DataHealth` stops the run.
+        seed: the seed of the training order and augmentations (see :mod:`emu.data.resume`: a resumed run sees
+            exactly the samples an uninterrupted one would).
     """
 
     def __init__(
@@ -50,6 +57,9 @@ class EmuDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         drop_last: bool = True,
+        max_skip_rate: float = 0.25,
+        skip_rate_min_samples: int = 1000,
+        seed: int = 0,
     ):
         super().__init__()
         if resolution <= 0 or resolution % resolution_multiple:
@@ -80,7 +90,10 @@ class EmuDataModule(L.LightningDataModule):
         self.resolution = resolution
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.num_workers, self.pin_memory, self.drop_last, self.seed = num_workers, pin_memory, drop_last, seed
+        if not 0.0 < max_skip_rate <= 1.0:
+            raise ConfigError("data.max_skip_rate", f"is a fraction in (0, 1], got {max_skip_rate}")
+        self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
         self.persistent_workers = persistent_workers and num_workers > 0
         common = dict(resolution=resolution, min_size=min_size, require_caption=require_caption)
         self.train_prepare = SamplePreparer(crop=crop, hflip=hflip, flip_captions=flip_captions, **common)
@@ -95,28 +108,43 @@ class EmuDataModule(L.LightningDataModule):
         return self.source.has_split(split)
 
     def dataloader(self, split: str, shuffle: bool | None = None) -> DataLoader:
-        """A loader over ``split`` (``train`` shuffles and uses the training transform)."""
+        """A loader over ``split`` (``train`` shuffles and uses the training transform).
+
+        The training loader is resumable (:mod:`emu.data.resume`): its order and augmentations depend only on the
+        seed and the epoch, and it starts where the Trainer's progress says (mid-epoch after a resume)."""
         train = split == "train"
         prepare = self.train_prepare if train else self.val_prepare
         batch_size = self.batch_size if train else self.val_batch_size
         drop_last = self.drop_last and train
         common: dict[str, Any] = dict(
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers
-        )
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(self.seed),  # never draws from the global RNG
+        )  # fmt: skip
         skips = self._skips["train" if train else "val"]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         if isinstance(self.source, WebDatasetSource):
-            world = self.trainer.world_size if self.trainer is not None else 1
-            stream = self.source.stream(split, prepare, skips, batch_size, drop_last, world, self.num_workers)
-            return DataLoader(stream, batch_size=None, **common)
+            make = partial(self.source.stream, split, prepare, skips, batch_size, drop_last, world, self.num_workers)
+            if not train:
+                return DataLoader(make(), batch_size=None, **common)
+            probe = make(0)
+            length = len(probe) if hasattr(probe, "__len__") and self.source.epoch_size else None
+            return ResumableLoader(EpochStream(make, length), batch_size=None, position=self._position, **common)
         dataset = PreparedDataset(self.source, split, prepare, skips)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train if shuffle is None else shuffle,
-            drop_last=drop_last,
-            collate_fn=collate,
-            **common,
-        )
+        shuffle = train if shuffle is None else shuffle
+        if not train:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                              collate_fn=collate, **common)  # fmt: skip
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed, world, rank, drop_last)
+        return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                               collate_fn=collate, position=self._position, **common)  # fmt: skip
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already done): where a training loader starts (non-zero only after a resume)."""
+        trainer = self.trainer
+        if trainer is None or trainer.fit_loop is None:
+            return 0, 0
+        # a checkpoint taken at the end of a batch restores it as processed but not completed
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
@@ -129,6 +157,12 @@ class EmuDataModule(L.LightningDataModule):
     def skipped(self) -> dict[str, Counter]:
         """Samples skipped so far, per split and reason (exact across workers; restored from checkpoints)."""
         return {split: self._restored[split] + c.totals() for split, c in self._skips.items()}
+
+    def skip_rate(self, split: str = "train") -> tuple[float, int, int]:
+        """(fraction skipped, skipped, read) over the samples read so far in this process's loaders."""
+        skipped = sum(self._skips[split].totals().values())
+        read = skipped + int(self._skips[split].delivered.sum())
+        return (skipped / read if read else 0.0), skipped, read
 
     def skip_summary(self) -> str:
         """One line per split with counts per reason, e.g. ``train: 3 skipped (empty_file 1, not_an_image 2)``."""

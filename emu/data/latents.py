@@ -136,6 +136,6 @@ class LatentSource(WebDatasetSource):
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_latents(samples, self.encoders)
 
-    def stream(self, split, prepare, skips, batch_size, drop_last, world_size=1, workers=0):
+    def stream(self, split, prepare, skips, batch_size, drop_last, world_size=1, workers=0, epoch=None):
         """As :meth:`WebDatasetSource.stream`, with the latent sample check instead of image decoding."""
-        return super().stream(split, self.preparer, skips, batch_size, drop_last, world_size, workers)
+        return super().stream(split, self.preparer, skips, batch_size, drop_last, world_size, workers, epoch)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu.data import haystack
+from emu.data.resume import sample_seed, seeded
 from emu.data.samples import BadSample, collate
 from emu.errors import ConfigError
 
@@ -69,6 +70,7 @@ class SkipCounter:
 
     def __init__(self, workers: int = 0) -> None:
         self.table = torch.zeros(workers + 1, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+        self.delivered = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()  # good samples, per process
         self._warned: Counter = Counter()
         self._last_shard_error: tuple | None = None
 
@@ -81,6 +83,11 @@ class SkipCounter:
         if self._warned[reason] <= _WARN_LIMIT:
             more = " (further ones are counted silently)" if self._warned[reason] == _WARN_LIMIT else ""
             log.warning("skipping %s: %s %s%s", where, reason, detail[:200], more)
+
+    def ok(self) -> None:
+        """Count one sample delivered (the denominator of the skip rate)."""
+        info = get_worker_info()
+        self.delivered[0 if info is None else min(info.id + 1, self.delivered.shape[0] - 1)] += 1
 
     def totals(self) -> Counter:
         sums = self.table.sum(0).tolist()
@@ -138,15 +145,20 @@ class PreparedDataset(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """``item``: an index, or ``(index, seed)`` from :class:`~emu.data.resume.ResumableSampler` (the seed of the
+        sample's augmentation)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         for offset in range(min(self.max_consecutive_bad, self.n)):
             i = (index + offset) % self.n
             try:
-                sample = self.prepare(self.source.raw(self.split, i))
+                with seeded(seed):
+                    sample = self.prepare(self.source.raw(self.split, i))
             except BadSample as e:
                 if offset == 0:
                     self.skips.count(e.reason, f"{self.split}[{i}]", str(e))
                 continue
+            self.skips.ok()
             return sample
         raise RuntimeError(
             f"{self.max_consecutive_bad} consecutive unusable samples in the {self.split} split from index "
@@ -287,14 +299,19 @@ def _prepare_stream(
     val_fraction: float,
     key_split: bool,
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    seed: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Decode and check a stream of webdataset samples, dropping (and counting) the bad ones."""
+    """Decode and check a stream of webdataset samples, dropping (and counting) the bad ones. With ``seed``, each
+    sample's augmentation draws from a generator seeded by (seed, key), not from the process's RNG."""
     for sample in src:
         key = sample.get("__key__", "?")
         if key_split and not in_split(key, split, val_fraction):
             continue
         try:
-            yield prepare(_raw_from_wds(sample, extensions))
+            with seeded(None if seed is None else sample_seed(seed, 0, key)):
+                prepared = prepare(_raw_from_wds(sample, extensions))
+            skips.ok()
+            yield prepared
         except BadSample as e:
             skips.count(e.reason, f"{sample.get('__url__', '?')}:{key}", str(e))
 
@@ -345,18 +362,22 @@ class WebDatasetSource:
         drop_last: bool,
         world_size: int = 1,
         workers: int = 0,
+        epoch: int | None = None,
     ) -> IterableDataset:
-        """A webdataset pipeline yielding collated batches (batching happens in the workers)."""
+        """A webdataset pipeline yielding collated batches (batching happens in the workers). With ``epoch``, the
+        shard order, the shuffle buffer and each sample's augmentation are seeded from (seed, epoch): the epoch's
+        stream is the same in every run (:class:`~emu.data.resume.EpochStream` rebuilds it per epoch)."""
         import webdataset as wds
 
         train = split == "train"
+        seed = self.seed if epoch is None else self.seed * 1_000_003 + epoch
         urls = self.val_shards if (not train and self.val_shards) else self.shards
         if train and self.resampled:
-            stages: list = [wds.ResampledShards(urls, seed=self.seed, deterministic=True)]
+            stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
         else:
             stages = [wds.SimpleShardList(urls)]
             if train:
-                stages.append(wds.shuffle(len(urls), seed=self.seed))
+                stages.append(wds.shuffle(len(urls), seed=seed))
             if len(urls) < max(1, world_size) * max(1, workers):
                 log.warning(
                     "%d %s shards for %d ranks x %d workers: some workers get no data; write more, smaller shards",
@@ -368,7 +389,7 @@ class WebDatasetSource:
             stages += [wds.split_by_node, wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=skips.handler))
         if train and self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed))
         key_split = self.val_shards is None
         stages.append(
             partial(
@@ -379,6 +400,7 @@ class WebDatasetSource:
                 val_fraction=self.val_fraction,
                 key_split=key_split,
                 extensions=self.image_extensions,
+                seed=None if epoch is None else seed,
             )
         )
         stages.append(wds.batched(batch_size, collation_fn=self.collate, partial=not drop_last))

@@ -175,6 +175,14 @@ class MiniClipModule(L.LightningModule):
                     metrics[f"zeroshot_{attribute}_clean"] = float(right[clean].float().mean())
         return metrics
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hard_negative_rng"] = self._rng.getstate()  # exact resume draws the same negatives
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "hard_negative_rng" in checkpoint:
+            version, state, gauss = checkpoint["hard_negative_rng"]
+            self._rng.setstate((version, tuple(state), gauss))
+
     def configure_optimizers(self):
         decay = [p for n, p in self.clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         rest = [p for n, p in self.clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]

@@ -1,0 +1,50 @@
+"""Fault injectors and recorders the fault tests add to real train.py runs as callbacks, e.g.
+``+callbacks.losses._target_=tests.faults.inject.RecordLosses +callbacks.losses.out=<file>``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+
+
+class RecordLosses(L.Callback):
+    """Appends ``{"step", "loss", "keys"}`` per training batch to a JSON-lines file (what the run saw, in order)."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        row = {"step": trainer.global_step, "loss": float(loss), "keys": list(batch.get("key", []))}
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class KillAt(L.Callback):
+    """Sends ``sig`` (a name: SIGKILL, SIGTERM, SIGUSR1) to this process at the end of the training batch that
+    makes global step ``step``, before that batch's checkpoint (Lightning runs checkpoint callbacks last): a SIGKILL
+    loses everything after the previous checkpoint."""
+
+    def __init__(self, step: int, sig: str = "SIGKILL"):
+        self.step, self.signal = step, getattr(signal, sig)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+
+class PoisonGradients(L.Callback):
+    """Makes the gradients non-finite (NaN, or Inf) at the given global steps, as a diverging run would."""
+
+    def __init__(self, steps: list[int], value: str = "nan"):
+        self.steps, self.value = set(steps), float(value)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step in self.steps:
+            p = next(p for p in pl_module.parameters() if p.grad is not None)
+            p.grad.view(-1)[0] = self.value
