@@ -228,14 +228,17 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         bs = len(batch["caption"])
+        self._images_per_step = bs * self.trainer.world_size * self.trainer.accumulate_grad_batches
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer's step, then the EMA's: both are done before any ``on_train_batch_end`` hook, so a
+        checkpoint taken there (ModelCheckpoint, preemption) holds the EMA of the weights it holds."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            images = len(batch["caption"]) * self.trainer.world_size * self.trainer.accumulate_grad_batches
-            if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-                self.log("train/ema_beta", self.ema.update(self.trained_modules(), images), batch_size=1)
+            beta = self.ema.update(self.trained_modules(), self._images_per_step)
+            self.log("train/ema_beta", beta, batch_size=1)
 
     def configure_optimizers(self):
         params = [p for m in self.trained_modules().values() for p in m.parameters()]

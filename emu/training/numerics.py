@@ -62,15 +62,16 @@ class NumericalGuard(L.Callback):
         self.consecutive += 1
         pl_module.log("train/nonfinite_steps", float(self.skipped), batch_size=1)
         if trainer.is_global_zero:
-            print(f"[numerics] step {trainer.global_step}: non-finite gradients{f' ({name})' if name else ''}, "
+            print(f"[numerics] step {trainer.global_step + 1}: non-finite gradients{f' ({name})' if name else ''}, "
                   f"step skipped ({self.consecutive} in a row, {self.skipped} in all)", flush=True)  # fmt: skip
         if self.consecutive >= self.max_consecutive:
             ckpt = trainer.checkpoint_callback
             folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
             path = folder / "last.ckpt"
             trainer.save_checkpoint(path)
+            step = trainer.global_step + 1
             raise NumericalFault(
-                f"{self.consecutive} steps in a row had non-finite gradients (up to step {trainer.global_step}); the "
+                f"{self.consecutive} steps in a row had non-finite gradients (up to step {step}); the "
                 f"weights were left at the last good step and saved to {path}. Lower model.lr, set "
                 "trainer.gradient_clip_val, or check the data, then resume with ckpt_path=last"
             )

@@ -1,6 +1,6 @@
 """Preemption: SIGTERM or SIGUSR1 makes the run save a checkpoint and stop cleanly, within a bounded time.
 
-The signal only sets a flag; at the end of the current training batch every rank agrees to stop, the run saves
+The signal only sets a flag; once the current training batch is done every rank agrees to stop, the run saves
 ``last.ckpt`` in its checkpoint folder (atomically) and raises :class:`Preempted`, which ends ``fit`` at once (no
 epoch-end hooks that could save a later-looking state); ``train.py`` reports it and exits with code 0, so
 ``ckpt_path=last`` resumes exactly there. If the batch or the save hangs, the process exits anyway after
@@ -46,7 +46,7 @@ class Preemption(L.Callback):
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            log.warning("received %s: saving a checkpoint at the end of this batch, then stopping",
+            log.warning("received %s: saving a checkpoint after this batch, then stopping",
                         signal.Signals(signum).name)  # fmt: skip
             timer = threading.Timer(self.grace_seconds, self._give_up)
             timer.daemon = True
@@ -57,9 +57,10 @@ class Preemption(L.Callback):
         log.error("no clean stop within %.0f s of the signal: exiting without a checkpoint", self.grace_seconds)
         os._exit(1)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        """Between two batches (every hook of the last one has run): save and stop if a signal came."""
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if not stop or trainer.should_stop:
+        if not stop:
             return
         ckpt = trainer.checkpoint_callback
         folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)

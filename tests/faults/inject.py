@@ -26,25 +26,31 @@ class RecordLosses(L.Callback):
 
 
 class KillAt(L.Callback):
-    """Sends ``sig`` (a name: SIGKILL, SIGTERM, SIGUSR1) to this process at the end of the training batch that
-    makes global step ``step``, before that batch's checkpoint (Lightning runs checkpoint callbacks last): a SIGKILL
-    loses everything after the previous checkpoint."""
+    """Sends ``sig`` (a name: SIGKILL, SIGTERM, SIGUSR1) to this process in the training batch that makes global
+    step ``step``: at its start (``at=start``: the signal arrives while the step runs) or at its end (``at=end``,
+    before that batch's checkpoint: Lightning runs checkpoint callbacks last, so a SIGKILL loses everything after
+    the previous checkpoint)."""
 
-    def __init__(self, step: int, sig: str = "SIGKILL"):
-        self.step, self.signal = step, getattr(signal, sig)
+    def __init__(self, step: int, sig: str = "SIGKILL", at: str = "end"):
+        self.step, self.signal, self.at = step, getattr(signal, sig), at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.at == "start" and trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signal)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if self.at == "end" and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signal)
 
 
 class PoisonGradients(L.Callback):
-    """Makes the gradients non-finite (NaN, or Inf) at the given global steps, as a diverging run would."""
+    """Makes the gradients non-finite (NaN, or Inf) in the optimizer steps that would make the given global steps,
+    as a diverging run would."""
 
     def __init__(self, steps: list[int], value: str = "nan"):
         self.steps, self.value = set(steps), float(value)
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        if trainer.global_step in self.steps:
+        if trainer.global_step + 1 in self.steps:
             p = next(p for p in pl_module.parameters() if p.grad is not None)
             p.grad.view(-1)[0] = self.value

@@ -5,6 +5,7 @@ checkpoint is refused with the newest complete alternative."""
 import shutil
 
 import pytest
+import torch
 
 from emu.errors import ConfigError
 from emu.training.checkpoints import resolve_checkpoint
@@ -27,10 +28,18 @@ def _kill_and_resume(tmp_path, overrides):
     assert r.returncode == -9, tail(r)  # killed, no clean-up of any kind
     r = train(run, [*overrides, f"trainer.max_steps={STEPS}", "ckpt_path=last"])
     assert r.returncode == 0, tail(r)
-    return losses(straight), records(run)
+    return losses(straight), records(run), straight, run
 
 
-def _assert_same_continuation(expected, rows):
+def _tensors(x, prefix=""):
+    """Every tensor in a nested checkpoint structure, by path."""
+    if isinstance(x, torch.Tensor):
+        return {prefix: x}
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list | tuple) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def _assert_same_continuation(expected, rows, straight, run):
     resumed_from = min(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"])
     resumed = rows[resumed_from:]
     assert resumed[0]["step"] == KILL, "resumes after the last checkpoint (step KILL - 1)"
@@ -39,6 +48,19 @@ def _assert_same_continuation(expected, rows):
         assert row["keys"] == want["keys"], f"step {row['step']}: other samples than the uninterrupted run"
         assert row["loss"] == pytest.approx(want["loss"], abs=1e-6), f"step {row['step']}"
     assert [r["step"] for r in resumed] == list(range(KILL, STEPS + 1))
+    # and it ends in the same state: weights, EMA, optimizer moments, LR schedule, step
+    a, b = (
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False) for d in (straight, run)
+    )
+    assert a["global_step"] == b["global_step"] >= KILL  # the newest save of each run: after the resume
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    ta, tb = (
+        _tensors({k: a[k] for k in ("state_dict", "optimizer_states")}),
+        _tensors({k: b[k] for k in ("state_dict", "optimizer_states")}),
+    )
+    assert ta.keys() == tb.keys() and any("ema" in k for k in ta) == ("ema" in str(list(a["state_dict"])))
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_stage1_resumes_exactly_after_sigkill(tmp_path, tiny):
