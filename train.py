@@ -20,6 +20,7 @@ from emu.training.checkpoints import resolve_checkpoint
 from emu.training.numerics import NumericalFault
 from emu.training.preemption import Preempted
 from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages, instantiate_group
+from emu.utils.validate import validate
 
 log = logging.getLogger("emu.train")
 
@@ -27,6 +28,7 @@ log = logging.getLogger("emu.train")
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
     check_required(cfg)
+    validate(cfg)  # unknown keys and mismatched stages, before anything is built
     folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, folder)  # a broken checkpoint is refused before any work
     L.seed_everything(cfg.seed, workers=True)

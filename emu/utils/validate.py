@@ -1,0 +1,161 @@
+"""Config validation before any work starts: unknown keys, and mismatches between the stages a run links.
+
+:func:`validate` reads the composed config and the small files it points at (an autoencoder's ``config.json`` or
+checkpoint header, a text encoder's ``config.json``, an ``init_from`` checkpoint's U-Net config) without building a
+network, and raises one :class:`~emu.errors.ConfigError` naming every bad key with its fix:
+
+* keys that no ``_target_`` accepts (a typo in an experiment file would otherwise surface as a ``TypeError`` deep in
+  instantiation, or not at all), with the closest valid name;
+* the autoencoder's latent channels against the U-Net's input and output channels;
+* the data resolution against the autoencoder's and the U-Net's downsampling;
+* the U-Net's pooled width against the CLIP encoder's projection, and an ``init_from`` checkpoint's U-Net and text
+  projections against this model's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from emu.errors import ConfigError
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+KWARG_NODES = {  # config nodes passed as plain dicts to a class, by the model that takes them
+    "emu.diffusion.module.DiffusionModule": {"unet": "emu.diffusion.unet.UNet"},
+}
+
+
+def _accepted(target: str) -> set[str] | None:
+    """Keyword names ``target`` accepts; None when it takes ``**kwargs`` (anything goes)."""
+    obj = get_object(target)
+    sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n in sig.parameters if n != "self"}
+
+
+def _unknown(node: DictConfig, path: str, target: str, problems: list[tuple[str, str]]) -> None:
+    try:
+        accepted = _accepted(target)
+    except Exception:  # not importable: instantiation will say so
+        return
+    if accepted is None:
+        return
+    for key in node:
+        if key in HYDRA_KEYS or key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
+        hint = f"did you mean {path}.{close[0]}?" if close else f"it takes {', '.join(sorted(accepted))}"
+        problems.append((f"{path}.{key}", f"is not a setting of {target.rsplit('.', 1)[-1]}; {hint}"))
+
+
+def _walk(node: Any, path: str, problems: list[tuple[str, str]]) -> None:
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_") if "_target_" in node else None
+    if target:
+        _unknown(node, path, target, problems)
+        for key, sub_target in KWARG_NODES.get(target, {}).items():
+            if isinstance(node.get(key), DictConfig):
+                _unknown(node[key], f"{path}.{key}", sub_target, problems)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            _walk(child, f"{path}.{key}" if path else str(key), problems)
+
+
+# ------------------------------------------------------------------------------------------ stage links
+def autoencoder_config(path: str | Path) -> dict[str, Any] | None:
+    """An autoencoder's config from its export folder (config.json) or stage-0 checkpoint (header only)."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path.is_file():
+        import torch
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return ckpt.get("emu", {}).get("autoencoder_config") if isinstance(ckpt, dict) else None
+    return None
+
+
+def _clip_projection(spec: dict[str, Any]) -> int | None:
+    config = Path(str(spec.get("name_or_path", ""))).expanduser() / "config.json"
+    if spec.get("kind", "clip") != "clip" or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("projection_dim")
+
+
+def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
+    model, unet = cfg.model, cfg.model.get("unet") or {}
+    ae = autoencoder_config(model.autoencoder) if model.get("autoencoder") else None
+    if model.get("autoencoder") and ae is None:
+        problems.append(("model.autoencoder", f"'{model.autoencoder}' is neither an autoencoder export folder nor a "
+                         "stage-0 checkpoint"))  # fmt: skip
+    if ae:
+        for key in ("in_channels", "out_channels"):
+            if key in unet and unet[key] != ae["latent_channels"]:
+                problems.append((f"model.unet.{key}", f"is {unet[key]} but the autoencoder '{model.autoencoder}' has "
+                                 f"{ae['latent_channels']} latent channels; set model.unet.{key}="
+                                 f"{ae['latent_channels']}"))  # fmt: skip
+        ae_f = 2 ** (len(ae["block_out_channels"]) - 1)
+        levels = len(unet.get("block_channels", [0]))
+        f = ae_f * 2 ** (levels - 1)
+        res = OmegaConf.select(cfg, "data.resolution")
+        if res and res % f:
+            problems.append(("data.resolution", f"is {res}; the autoencoder (f={ae_f}) and the U-Net ({levels} levels) "
+                             f"need a multiple of {f}: try {max(f, round(res / f) * f)}"))  # fmt: skip
+    encoders = OmegaConf.to_container(model.text.encoders, resolve=True) if model.get("text") else {}
+    pooled_from = model.text.get("pooled_from", "clip") if model.get("text") else None
+    projection = _clip_projection(encoders.get(pooled_from, {})) if pooled_from else None
+    if projection and unet.get("pooled_dim") and unet["pooled_dim"] != projection:
+        problems.append(("model.unet.pooled_dim", f"is {unet['pooled_dim']} but the {pooled_from} encoder "
+                         f"'{encoders[pooled_from]['name_or_path']}' projects to {projection}; set "
+                         f"model.unet.pooled_dim={projection}"))  # fmt: skip
+    if model.get("init_from"):
+        _init_from_links(model, unet, problems)
+
+
+def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[str, str]]) -> None:
+    import torch
+
+    path = Path(str(model.init_from)).expanduser()
+    if not path.is_file():
+        problems.append(("model.init_from", f"no checkpoint at '{path}'"))
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    theirs = ckpt.get("emu", {}).get("unet_config", {}) if isinstance(ckpt, dict) else {}
+    for key, value in OmegaConf.to_container(unet, resolve=True).items():
+        if key in theirs and key != "gradient_checkpointing" and not _same(theirs[key], value):
+            problems.append((f"model.unet.{key}", f"is {value} but model.init_from's U-Net has {theirs[key]}; "
+                             f"set model.unet.{key}={theirs[key]} or start from another checkpoint"))  # fmt: skip
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as U-Net settings: a per-level list equals one value given for every level."""
+    if isinstance(a, list | tuple) and not isinstance(b, list | tuple):
+        return all(x == b for x in a)
+    if isinstance(b, list | tuple) and not isinstance(a, list | tuple):
+        return all(x == a for x in b)
+    return list(a) == list(b) if isinstance(a, list | tuple) else a == b
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one :class:`ConfigError` naming every unknown key and stage mismatch in ``cfg`` (see module doc)."""
+    problems: list[tuple[str, str]] = []
+    for group in ("data", "model", "trainer", "callbacks", "logger"):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            _walk(node, group, problems)
+    target = OmegaConf.select(cfg, "model._target_") or ""
+    if target.endswith("DiffusionModule"):
+        _diffusion_links(cfg, problems)
+    if problems:
+        keys = ", ".join(k for k, _ in problems)
+        detail = "; ".join(f"{k} {p}" for k, p in problems)
+        raise ConfigError(keys, f"{len(problems)} problem(s) found before any work started: {detail}")
