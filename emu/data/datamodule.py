@@ -79,6 +79,10 @@ class EmuDataModule(L.LightningDataModule):
                 "data.batch_size",
                 f"{batch_size} is larger than the {source.size('train')} training samples (with drop_last)",
             )
+        if isinstance(source, WebDatasetSource) and persistent_workers and num_workers > 0:
+            raise ConfigError("data.persistent_workers", "must be false for shard sources: their stream is "
+                              "rebuilt each epoch (new order, exact resume), which persistent workers would not "
+                              "see")  # fmt: skip
         if isinstance(source, LatentSource):
             if hflip > 0:
                 raise ConfigError("data.hflip", f"is {hflip}, but precomputed latents are fixed crops (no flipping "
