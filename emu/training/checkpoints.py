@@ -14,7 +14,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from emu.errors import ConfigError
@@ -26,11 +25,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        if get_filesystem(path).protocol not in ("file", ("file", "local")) and "://" in str(path):
-            return super().save_checkpoint(checkpoint, path)  # remote stores: their own semantics
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path)  # remote stores (s3://...): their own semantics
         import torch
 
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:

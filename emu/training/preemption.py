@@ -36,7 +36,7 @@ class Preemption(L.Callback):
         self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        env = trainer._accelerator_connector.cluster_environment
+        env = getattr(trainer.strategy, "cluster_environment", None)
         slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
         for sig in self.signals:
             if sig == signal.SIGUSR1 and slurm_requeue:
