@@ -1,6 +1,7 @@
 """A callback the distributed tests add to train.py runs (``+callbacks.dump._target_=tests.dist_helpers.DumpWeights``):
 every rank writes the full trained weights it starts (after any resume) and ends with, sharded ones gathered, so the
-tests can compare ranks and runs: ``<out>/start_rank<r>.pt``, ``<out>/rank<r>.pt``."""
+tests can compare ranks and runs: ``<out>/start_rank<r>.pt``, ``<out>/rank<r>.pt``, with the rank's global torch
+RNG state (what its training step will draw noise from)."""
 
 from pathlib import Path
 
@@ -28,4 +29,4 @@ class DumpWeights(L.Callback):
                 weights[f"ema.{key}"] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"{prefix}rank{trainer.global_rank}.pt"
-        torch.save({"step": trainer.global_step, "weights": weights}, path)
+        torch.save({"step": trainer.global_step, "weights": weights, "rng": torch.get_rng_state()}, path)

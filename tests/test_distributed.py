@@ -31,9 +31,11 @@ def tiny(tiny_autoencoder, tiny_clip, tiny_t5):
     return tiny_autoencoder, tiny_clip, tiny_t5
 
 
-def test_ddp_two_cpu_processes_agree_on_weights(tmp_path, tiny):
-    _, (r0, r1) = _train(tmp_path, "ddp", tiny, ["trainer=ddp", "trainer.max_steps=2"])
+def test_ddp_two_cpu_processes_agree_on_weights_and_draw_different_noise(tmp_path, tiny):
+    out, (r0, r1) = _train(tmp_path, "ddp", tiny, ["trainer=ddp", "trainer.max_steps=2"])
     assert r0["step"] == r1["step"] == 2
+    s0, s1 = (torch.load(out / "weights" / f"start_rank{i}.pt") for i in range(2))
+    assert not torch.equal(s0["rng"], s1["rng"]), "both ranks would draw the same noise for different images"
     assert r0["weights"].keys() == r1["weights"].keys()
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k

@@ -26,7 +26,11 @@ class DataHealth(L.Callback):
         if dm is None or not hasattr(dm, "skip_rate") or (batch_idx + 1) % self.every_n_batches:
             return
         rate, skipped, read = dm.skip_rate("train")
-        if read >= dm.skip_rate_min_samples and rate > dm.max_skip_rate:
+        bad = read >= dm.skip_rate_min_samples and rate > dm.max_skip_rate
+        # every rank reaches this batch; they decide together, so that no rank is left waiting in a collective
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            if not bad:
+                raise DataFault("another rank's training skip rate passed data.max_skip_rate; see its message")
             raise DataFault(
                 f"{skipped} of {read} training samples read so far were unusable ({rate:.0%} > data.max_skip_rate="
                 f"{dm.max_skip_rate}): {dm.skip_summary()}. Fix or drop the bad shards/files, or raise "

@@ -148,7 +148,12 @@ class EmuDataModule(L.LightningDataModule):
         if trainer is None or trainer.fit_loop is None:
             return 0, 0
         # a checkpoint taken at the end of a batch restores it as processed but not completed
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch and progress.current.processed > 0:
+            # saved on the epoch's last batch (before the epoch-end hooks): Lightning moves on to the next epoch
+            # without asking for another iterator, so this one must already be the next epoch's
+            return trainer.current_epoch + 1, 0
+        return trainer.current_epoch, progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")

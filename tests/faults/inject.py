@@ -12,14 +12,15 @@ import lightning as L
 
 
 class RecordLosses(L.Callback):
-    """Appends ``{"step", "loss", "keys"}`` per training batch to a JSON-lines file (what the run saw, in order)."""
+    """Appends ``{"step", "loss", "keys", "pid"}`` per training batch to a JSON-lines file (what the run saw, in
+    order; ``pid`` tells a resumed process's rows from the killed one's)."""
 
     def __init__(self, out: str):
         self.out = Path(out)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        row = {"step": trainer.global_step, "loss": float(loss), "keys": list(batch.get("key", []))}
+        row = {"step": trainer.global_step, "loss": float(loss), "keys": list(batch.get("key", [])), "pid": os.getpid()}
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -29,10 +30,11 @@ class KillAt(L.Callback):
     """Sends ``sig`` (a name: SIGKILL, SIGTERM, SIGUSR1) to this process in the training batch that makes global
     step ``step``: at its start (``at=start``: the signal arrives while the step runs) or at its end (``at=end``,
     before that batch's checkpoint: Lightning runs checkpoint callbacks last, so a SIGKILL loses everything after
-    the previous checkpoint)."""
+    the previous checkpoint). ``save_first`` writes ``last.ckpt`` at that batch end just before the signal, as a
+    time-interval or user checkpoint would (Lightning's step-interval checkpoints skip an epoch's last batch)."""
 
-    def __init__(self, step: int, sig: str = "SIGKILL", at: str = "end"):
-        self.step, self.signal, self.at = step, getattr(signal, sig), at
+    def __init__(self, step: int, sig: str = "SIGKILL", at: str = "end", save_first: bool = False):
+        self.step, self.signal, self.at, self.save_first = step, getattr(signal, sig), at, save_first
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.at == "start" and trainer.global_step + 1 == self.step:
@@ -40,6 +42,8 @@ class KillAt(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.at == "end" and trainer.global_step == self.step:
+            if self.save_first:
+                trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
             os.kill(os.getpid(), self.signal)
 
 

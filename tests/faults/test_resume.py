@@ -12,6 +12,15 @@ from emu.training.checkpoints import resolve_checkpoint
 from tests.faults.common import inject, losses, records, stage_overrides, tail, train
 
 STEPS, KILL = 8, 6  # 16 images in batches of 4: epochs of 4 steps; killed in the second epoch, before step 6's save
+# checkpoints taken on an epoch's last batch, before its end hooks: resumed, the next epoch must come next, whole
+EPOCH_END_CASES = {
+    "validation_end_checkpoint_at_epoch_end": (
+        5,
+        ["trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1"],
+        {},
+    ),
+    "checkpoint_on_the_last_batch": (5, [], {"save_first": True, "step": 4}),  # as a time-interval one would
+}
 
 
 @pytest.fixture
@@ -19,16 +28,20 @@ def tiny(tiny_autoencoder, tiny_clip, tiny_t5):
     return tiny_autoencoder, tiny_clip, tiny_t5
 
 
-def _kill_and_resume(tmp_path, overrides):
+def _kill_and_resume(tmp_path, overrides, kill=KILL, **injected):
     straight = tmp_path / "straight"
     r = train(straight, [*overrides, f"trainer.max_steps={STEPS}"])
     assert r.returncode == 0, tail(r)
     run = tmp_path / "killed"
-    r = train(run, [*overrides, f"trainer.max_steps={STEPS}"], *inject("KillAt", step=KILL, sig="SIGKILL"))
+    r = train(
+        run,
+        [*overrides, f"trainer.max_steps={STEPS}"],
+        *inject("KillAt", **{"step": kill, "sig": "SIGKILL", **injected}),
+    )
     assert r.returncode == -9, tail(r)  # killed, no clean-up of any kind
     r = train(run, [*overrides, f"trainer.max_steps={STEPS}", "ckpt_path=last"])
     assert r.returncode == 0, tail(r)
-    return losses(straight), records(run), straight, run
+    return losses(straight), records(run), straight, run, kill
 
 
 def _tensors(x, prefix=""):
@@ -39,20 +52,20 @@ def _tensors(x, prefix=""):
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
-def _assert_same_continuation(expected, rows, straight, run):
-    resumed_from = min(i for i in range(1, len(rows)) if rows[i]["step"] <= rows[i - 1]["step"])
-    resumed = rows[resumed_from:]
-    assert resumed[0]["step"] == KILL, "resumes after the last checkpoint (step KILL - 1)"
+def _assert_same_continuation(expected, rows, straight, run, kill):
+    resumed = [r for r in rows if r["pid"] == rows[-1]["pid"]]
+    assert len(resumed) < len(rows), "the run was killed and resumed"
+    assert resumed[0]["step"] == kill, "resumes after the last checkpoint (step kill - 1)"
     for row in resumed:
         want = expected[row["step"]]
         assert row["keys"] == want["keys"], f"step {row['step']}: other samples than the uninterrupted run"
         assert row["loss"] == pytest.approx(want["loss"], abs=1e-6), f"step {row['step']}"
-    assert [r["step"] for r in resumed] == list(range(KILL, STEPS + 1))
+    assert [r["step"] for r in resumed] == list(range(kill, STEPS + 1))
     # and it ends in the same state: weights, EMA, optimizer moments, LR schedule, step
     a, b = (
         torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False) for d in (straight, run)
     )
-    assert a["global_step"] == b["global_step"] >= KILL  # the newest save of each run: after the resume
+    assert a["global_step"] == b["global_step"] >= kill  # the newest save of each run: after the resume
     assert a["lr_schedulers"] == b["lr_schedulers"]
     ta, tb = (
         _tensors({k: a[k] for k in ("state_dict", "optimizer_states")}),
@@ -65,6 +78,12 @@ def _assert_same_continuation(expected, rows, straight, run):
 
 def test_stage1_resumes_exactly_after_sigkill(tmp_path, tiny):
     _assert_same_continuation(*_kill_and_resume(tmp_path, stage_overrides("stage1", tiny)))
+
+
+@pytest.mark.parametrize("case", list(EPOCH_END_CASES))
+def test_a_checkpoint_from_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path, tiny, case):
+    kill, extra, injected = EPOCH_END_CASES[case]
+    _assert_same_continuation(*_kill_and_resume(tmp_path, [*stage_overrides("stage1", tiny), *extra], kill, **injected))
 
 
 @pytest.mark.slow
