@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,24 @@ class FSDPStrategy(ModelParallelStrategy):
         self.sharding, self.param_dtype, self.reduce_dtype = sharding, param_dtype, reduce_dtype
         self.activation_checkpointing, self.reshard_after_forward = activation_checkpointing, reshard_after_forward
         self.wrap = list(wrap) if wrap else None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Sharded checkpoints are written to ``<path>.partial`` and then put in place (``replace_folder``), so a
+        kill during the save leaves the previous checkpoint whole instead of a mix of old and new shards."""
+        if not self._save_distributed_checkpoint or "://" in str(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from emu.training.checkpoints import replace_folder
+
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".partial")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # a save that was cut short
+        self.barrier("emu_checkpoint_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("emu_checkpoint_written")
+        if self.global_rank == 0:
+            replace_folder(partial, path)
+        self.barrier("emu_checkpoint_in_place")
 
     def setup_environment(self) -> None:
         self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1

@@ -64,6 +64,7 @@ def test_fsdp_two_cpu_processes_train_and_resume_a_sharded_checkpoint(tmp_path, 
                if not k.startswith("ema.")), "the sharded EMA moved away from the live weights"  # fmt: skip
     ckpt = first / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2, "a sharded checkpoint: one file per rank"
+    assert not list(ckpt.parent.glob("*.partial")) + list(ckpt.parent.glob("*.old")), "written aside, then moved"
 
     resumed, (b0, _) = _train(tmp_path, "resumed", tiny, [*fsdp, "trainer.max_steps=3", f"ckpt_path={ckpt}"])
     start = torch.load(resumed / "weights" / "start_rank0.pt")

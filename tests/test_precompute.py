@@ -49,6 +49,18 @@ def test_shards_hold_every_sample_once_with_a_manifest(corpus):
     assert len(keys) == len(set(keys)) == 12
 
 
+def test_moved_shards_find_their_own_val_split(corpus, tmp_path):
+    import shutil
+
+    from emu.data.latents import LatentSource
+
+    moved = tmp_path / "moved"
+    shutil.copytree(corpus["root"] / "latents", moved)
+    source = LatentSource(f"{moved}/train/*.tar")
+    assert source.manifest["out"] == str(corpus["root"] / "latents")  # where they were written
+    assert source.val_shards and all(str(u).startswith(str(moved / "val")) for u in source.val_shards)
+
+
 def test_precomputed_batches_reproduce_on_the_fly_latents_embeddings_and_loss(corpus):
     cfg = _compose(corpus["latents"])
     dm = hydra.utils.instantiate(cfg.data)

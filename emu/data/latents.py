@@ -100,7 +100,8 @@ class LatentPreparer:
 
 
 def read_manifest(shards: str | list[str]) -> dict[str, Any]:
-    """The ``precompute.json`` in the folder of the first shard."""
+    """The ``precompute.json`` in the folder of the first shard (or the one above it), with ``folder``: where it was
+    found (the shards may have moved since ``out`` was written)."""
     first = expand_shards(shards)[0]
     path = Path(first).parent / MANIFEST
     if not path.is_file():
@@ -108,7 +109,7 @@ def read_manifest(shards: str | list[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("data.source.shards", f"no {MANIFEST} beside '{first}'; write the shards with "
                           "`python -m emu.data.precompute`")  # fmt: skip
-    return json.loads(path.read_text())
+    return {**json.loads(path.read_text()), "folder": str(path.parent)}
 
 
 class LatentSource(WebDatasetSource):
@@ -123,7 +124,7 @@ class LatentSource(WebDatasetSource):
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None, **kw):
         self.manifest = read_manifest(shards)
         if val_shards is None and self.manifest.get("counts", {}).get("val"):
-            val_shards = str(Path(self.manifest["out"]) / "val" / "*.tar")
+            val_shards = str(Path(self.manifest["folder"]) / "val" / "*.tar")
             kw["val_fraction"] = 0.0
         super().__init__(shards, val_shards, **kw)
         self.encoders = {n: int(e["max_length"]) for n, e in self.manifest["encoders"].items()}

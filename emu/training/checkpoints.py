@@ -8,8 +8,10 @@ error that names it and the newest complete alternative in the same folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from emu.errors import ConfigError
+
+log = logging.getLogger("emu.training")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,6 +41,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def replace_folder(new: str | Path, path: str | Path) -> None:
+    """Put the complete checkpoint folder ``new`` at ``path``. A folder cannot be renamed over another atomically, so
+    the previous checkpoint moves to ``<path>.old`` first and is removed last: at every moment a complete checkpoint
+    is at ``path`` or, for the instant between the two renames, at ``<path>.old`` (which
+    :func:`resolve_checkpoint` falls back to)."""
+    new, path = Path(new), Path(path)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        _remove(old)  # a leftover of an earlier replacement that finished
+        os.replace(path, old)
+    os.replace(new, path)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def save_last(trainer) -> Path:
+    """Save ``last.ckpt`` in the run's checkpoint folder now (every rank calls it) and tell the ModelCheckpoint, so
+    that its ``last_model_path`` (and what it saves or removes later) knows this file; returns the path."""
+    ckpt = trainer.checkpoint_callback
+    folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
+    path = folder / "last.ckpt"
+    if ckpt is not None and hasattr(ckpt, "last_model_path"):
+        ckpt.last_model_path = str(path)  # before the save: the checkpoint holds the callback's state
+    trainer.save_checkpoint(path)
+    return path
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -79,12 +116,21 @@ def resolve_checkpoint(ckpt_path: str | None, folder: str | Path | None) -> str 
     has no checkpoint yet: it starts from scratch), after checking that it is complete."""
     if not ckpt_path:
         return None
+    if ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path) or str(ckpt_path).startswith("registry:"):
+        return ckpt_path  # Lightning's own names and remote stores: Lightning resolves and checks them
     if ckpt_path == "last":
-        if folder is None or not (Path(folder) / "last.ckpt").exists():
+        if folder is None:
             return None
         path = Path(folder) / "last.ckpt"
     else:
         path = Path(ckpt_path).expanduser()
+    moved = path.with_name(path.name + ".old")  # a sharded save was cut between its two renames
+    if not path.exists() and moved.exists() and checkpoint_problem(moved) is None:
+        log.warning("'%s' is missing but '%s' (the checkpoint it replaced) is complete: resuming from that", path,
+                    moved)  # fmt: skip
+        return str(moved)
+    if ckpt_path == "last" and not path.exists():
+        return None
     problem = checkpoint_problem(path)
     if problem is None:
         return str(path)

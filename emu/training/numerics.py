@@ -11,12 +11,12 @@ a row the weights are still the last good ones: the guard saves them as ``last.c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import lightning as L
 import torch
 
 from emu.distributed import local
+from emu.training.checkpoints import save_last
 
 
 class NumericalFault(RuntimeError):
@@ -36,7 +36,7 @@ class NumericalGuard(L.Callback):
     def __init__(self, max_consecutive: int = 10):
         self.max_consecutive = max_consecutive
         self.skipped = 0
-        self.consecutive = 0
+        self.consecutive: dict[str, int] = {}  # per optimizer (the autoencoder's generator and discriminator)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped}
@@ -46,7 +46,8 @@ class NumericalGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.check(trainer, pl_module, params)
+        self.check(trainer, pl_module, params, name=f"optimizer {trainer.optimizers.index(optimizer)}"
+                   if len(trainer.optimizers) > 1 and optimizer in trainer.optimizers else "")  # fmt: skip
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule, params: list[torch.nn.Parameter],
               name: str = "") -> bool:  # fmt: skip
@@ -54,25 +55,22 @@ class NumericalGuard(L.Callback):
         skipped), counts it, and raises :class:`NumericalFault` after ``max_consecutive`` in a row."""
         ok = trainer.strategy.reduce_boolean_decision(finite_gradients(params), all=True)
         if ok:
-            self.consecutive = 0
+            self.consecutive[name] = 0
             return True
         for p in params:
             p.grad = None
         self.skipped += 1
-        self.consecutive += 1
+        self.consecutive[name] = consecutive = self.consecutive.get(name, 0) + 1
         pl_module.log("train/nonfinite_steps", float(self.skipped), batch_size=1)
         if trainer.is_global_zero:
             print(f"[numerics] step {trainer.global_step + 1}: non-finite gradients{f' ({name})' if name else ''}, "
-                  f"step skipped ({self.consecutive} in a row, {self.skipped} in all)", flush=True)  # fmt: skip
-        if self.consecutive >= self.max_consecutive:
-            ckpt = trainer.checkpoint_callback
-            folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
-            path = folder / "last.ckpt"
-            trainer.save_checkpoint(path)
+                  f"step skipped ({consecutive} in a row, {self.skipped} in all)", flush=True)  # fmt: skip
+        if consecutive >= self.max_consecutive:
+            path = save_last(trainer)
             step = trainer.global_step + 1
             raise NumericalFault(
-                f"{self.consecutive} steps in a row had non-finite gradients (up to step {step}); the "
-                f"weights were left at the last good step and saved to {path}. Lower model.lr, set "
+                f"{consecutive} steps in a row{f' of {name}' if name else ''} had non-finite gradients (up to step "
+                f"{step}); the weights were left at the last good step and saved to {path}. Lower model.lr, set "
                 "trainer.gradient_clip_val, or check the data, then resume with ckpt_path=last"
             )
         return False

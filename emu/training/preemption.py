@@ -14,10 +14,11 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from emu.training.checkpoints import save_last
 
 log = logging.getLogger("emu.training")
 
@@ -34,6 +35,7 @@ class Preemption(L.Callback):
         self.grace_seconds = grace_seconds
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._timer: threading.Timer | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env = getattr(trainer.strategy, "cluster_environment", None)
@@ -48,9 +50,9 @@ class Preemption(L.Callback):
         if self.received is None:
             log.warning("received %s: saving a checkpoint after this batch, then stopping",
                         signal.Signals(signum).name)  # fmt: skip
-            timer = threading.Timer(self.grace_seconds, self._give_up)
-            timer.daemon = True
-            timer.start()
+            self._timer = threading.Timer(self.grace_seconds, self._give_up)
+            self._timer.daemon = True
+            self._timer.start()
         self.received = signum
 
     def _give_up(self) -> None:
@@ -62,11 +64,12 @@ class Preemption(L.Callback):
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if not stop:
             return
-        ckpt = trainer.checkpoint_callback
-        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
-        path = folder / "last.ckpt"
-        trainer.save_checkpoint(path)
+        path = save_last(trainer)
+        if self._timer is not None:  # saved in time: the rest of the shutdown is not bounded by the grace period
+            self._timer.cancel()
+            self._timer = None
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        self.received = None
         raise Preempted(f"{name} at step {trainer.global_step}: saved {path}; resume with ckpt_path=last "
                         f"hydra.run.dir={trainer.default_root_dir}")  # fmt: skip
 

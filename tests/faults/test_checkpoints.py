@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from emu.training.checkpoints import AtomicCheckpointIO, checkpoint_problem, complete_checkpoints
+from emu.training.checkpoints import AtomicCheckpointIO, checkpoint_problem, complete_checkpoints, resolve_checkpoint
 from tests.faults.common import stage_overrides, tail, train
 
 
@@ -37,3 +37,54 @@ def test_runs_keep_the_last_three_checkpoints_and_last(tmp_path, tiny_autoencode
     names = sorted(p.name for p in folder.glob("*.ckpt"))
     assert len(names) == 4 and "last.ckpt" in names, names
     assert not list(folder.glob("*.tmp")), "no temporary file left behind"
+
+
+@pytest.mark.parametrize("name", ["best", "hpc", "registry", "s3://bucket/run/last.ckpt"])
+def test_lightnings_own_checkpoint_names_and_remote_paths_pass_through(tmp_path, name):
+    assert resolve_checkpoint(name, tmp_path) == name
+
+
+def test_a_missing_checkpoint_is_refused_and_last_without_one_starts_fresh(tmp_path):
+    from emu.errors import ConfigError
+
+    assert resolve_checkpoint("last", tmp_path) is None and resolve_checkpoint(None, tmp_path) is None
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_checkpoint(str(tmp_path / "step_0000007.ckpt"), tmp_path)
+
+
+def _folder_checkpoint(path, tag):
+    path.mkdir(parents=True)
+    for name in (".metadata", "meta.pt", "__0_0.distcp"):
+        (path / name).write_text(tag)
+
+
+def test_a_sharded_checkpoint_replaces_the_previous_one_with_one_always_complete(tmp_path, monkeypatch):
+    import os
+
+    from emu.training import checkpoints
+
+    last = tmp_path / "last.ckpt"
+    _folder_checkpoint(last, "old")
+    _folder_checkpoint(tmp_path / "last.ckpt.partial", "new")
+    checkpoints.replace_folder(tmp_path / "last.ckpt.partial", last)
+    assert (last / "meta.pt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    # killed between the two renames: the previous checkpoint is only at last.ckpt.old, and a resume finds it
+    _folder_checkpoint(tmp_path / "last.ckpt.partial", "newer")
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        if not str(dst).endswith(".old"):
+            raise KeyboardInterrupt  # the second rename never happens
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.replace_folder(tmp_path / "last.ckpt.partial", last)
+    monkeypatch.undo()
+    assert not last.exists()
+    assert resolve_checkpoint("last", tmp_path) == str(tmp_path / "last.ckpt.old")
+    # the next save puts its folder in place and only then drops the old one
+    checkpoints.replace_folder(tmp_path / "last.ckpt.partial", last)
+    assert (last / "meta.pt").read_text() == "newer" and not (tmp_path / "last.ckpt.old").exists()
+    assert resolve_checkpoint("last", tmp_path) == str(last)

@@ -27,6 +27,8 @@ def test_signal_saves_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, t
     assert f"preempted: {sig} at step 5" in r.stdout and "ckpt_path=last" in r.stdout, tail(r)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 5
+    saver = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert saver["last_model_path"] == str(run / "checkpoints" / "last.ckpt"), "the checkpoint callback knows it"
     assert max(losses(run)) == 5, "stopped at the end of the step it was signalled in"
     assert time.perf_counter() - t0 < 120
 
