@@ -78,7 +78,10 @@ class EpochStream(IterableDataset):
     """A WebDataset pipeline rebuilt for each epoch by ``make(epoch)``, started ``skip`` batches into the epoch.
 
     With ``W`` loader workers the DataLoader takes batch ``j`` from worker ``j % W``, so worker ``w`` drops the
-    first ``ceil((skip - w) / W)`` batches of its own stream.
+    first ``ceil((skip - w) / W)`` batches of its own stream. That holds while every worker still has batches: once
+    one runs out the DataLoader goes on round-robin over the others, so a resume in that tail of an epoch is exact
+    only when the workers' streams are equally long (``data.source.epoch_size`` makes them so: each worker yields
+    ``epoch_size / (batch x ranks x workers)`` batches).
     """
 
     def __init__(self, make: Callable[[int], IterableDataset], length: int | None = None):

@@ -44,50 +44,48 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, tiny)
     assert all(torch.equal(good[k], last[k]) for k in good), "last.ckpt holds the last good weights"
 
 
-def test_the_autoencoder_discriminator_step_is_guarded_too(tiny_autoencoder):
-    """The adversarial phase steps the discriminator's optimizer directly; its non-finite steps are skipped."""
+def _adversarial_autoencoder_run(tmp_path, max_consecutive: int, steps: int):
+    """A tiny autoencoder in its adversarial phase from step 0, with a guard and an in-process Trainer."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from tests.conftest import ROOT, haystack_batch
+    from tests.conftest import ROOT
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=mini/autoencoder", "model.autoencoder.block_out_channels=[8,8]",
                                           "model.autoencoder.norm_num_groups=4", "model.loss.disc_start=0",
                                           "model.loss.disc_width=8", "model.export_on_fit_end=false"])  # fmt: skip
-    module = instantiate(cfg.model)
+    guard = NumericalGuard(max_consecutive=max_consecutive)
+    trainer = L.Trainer(max_steps=steps, callbacks=[guard], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)  # fmt: skip
+    return instantiate(cfg.model), guard, trainer
+
+
+def _batches(n: int) -> DataLoader:
+    from tests.conftest import haystack_batch
+
+    return DataLoader([haystack_batch(n=4, resolution=16)] * n, batch_size=None)
+
+
+def test_the_autoencoder_discriminator_step_is_guarded_too(tmp_path):
+    """The adversarial phase steps the discriminator's optimizer directly; its non-finite steps are skipped."""
+    module, guard, trainer = _adversarial_autoencoder_run(tmp_path, max_consecutive=10, steps=2)
     disc = list(module.loss.discriminator.parameters())
     disc[0].register_hook(lambda g: torch.full_like(g, float("nan")))  # every discriminator gradient is NaN
-    batch = haystack_batch(n=4, resolution=16)
-    guard = NumericalGuard(max_consecutive=10)
-    trainer = L.Trainer(max_steps=2, callbacks=[guard], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     before = [p.detach().clone() for p in disc]
-    trainer.fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
+    trainer.fit(module, train_dataloaders=_batches(2))
     assert guard.skipped == 2 and all(torch.equal(a, p) for a, p in zip(before, disc, strict=True))
     assert trainer.global_step == 2, "the autoencoder's own steps went on"
 
 
 def test_a_diverged_generator_stops_the_run_though_the_discriminator_steps_fine(tmp_path):
     """Each optimizer counts its own run of bad steps: the discriminator's good ones do not hide the generator's."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
     from emu.training.numerics import NumericalFault
-    from tests.conftest import ROOT, haystack_batch
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=mini/autoencoder", "model.autoencoder.block_out_channels=[8,8]",
-                                          "model.autoencoder.norm_num_groups=4", "model.loss.disc_start=0",
-                                          "model.loss.disc_width=8", "model.export_on_fit_end=false"])  # fmt: skip
-    module = instantiate(cfg.model)
+    module, guard, trainer = _adversarial_autoencoder_run(tmp_path, max_consecutive=3, steps=10)
     conv = module.autoencoder.decoder.conv_out.weight
     conv.register_hook(lambda g: torch.full_like(g, float("nan")))  # every generator step is NaN
-    batch = haystack_batch(n=4, resolution=16)
-    guard = NumericalGuard(max_consecutive=3)
-    trainer = L.Trainer(max_steps=10, callbacks=[guard], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(NumericalFault, match="3 steps in a row of optimizer 0"):
-        trainer.fit(module, train_dataloaders=DataLoader([batch] * 10, batch_size=None))
+        trainer.fit(module, train_dataloaders=_batches(10))
     assert (tmp_path / "last.ckpt").is_file() and guard.consecutive["discriminator"] == 0
