@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 
+from emu.training.checkpoints import save_last
+
 
 class RecordLosses(L.Callback):
     """Appends ``{"step", "loss", "keys", "pid"}`` per training batch to a JSON-lines file (what the run saw, in
@@ -43,7 +45,7 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.at == "end" and trainer.global_step == self.step:
             if self.save_first:
-                trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+                save_last(trainer)
             os.kill(os.getpid(), self.signal)
 
 
