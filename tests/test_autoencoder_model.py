@@ -82,3 +82,38 @@ def test_diffusers_equivalence_both_ways():
 def test_fourier_model_refuses_diffusers_export():
     with pytest.raises(ValueError, match="Fourier"):
         to_diffusers(AutoencoderKL(latent_channels=4, fourier_frequencies=(64.0,), **TINY))
+
+
+def _psnr(x, y):
+    return float(-10 * torch.log10(((x.clamp(-1, 1) - y) / 2).pow(2).mean()))
+
+
+def test_patch_shortcut_starts_at_the_best_linear_autoencoder(tmp_path):
+    from emu.autoencoder.model import patch_second_moment
+    from tests.conftest import haystack_batch
+
+    x = haystack_batch(n=8, resolution=32)["image"]
+    mean_colour = x.mean((2, 3), keepdim=True).expand_as(x)
+    psnr = {}
+    for channels in (4, 16):
+        torch.manual_seed(0)
+        model = AutoencoderKL(latent_channels=channels, fourier_frequencies=(64.0,), patch_shortcut=True, **TINY)
+        model.init_patch_shortcut(patch_second_moment(x, model.downsample_factor))
+        with torch.no_grad():
+            recon = model.decode(model.encode(x).mode())
+            linear = model.patch_decoder(model.patch_encoder(x))
+        torch.testing.assert_close(recon, linear)  # the deep paths start at zero
+        psnr[channels] = _psnr(recon, x)
+        model.save_pretrained(tmp_path / str(channels))
+        loaded = AutoencoderKL.from_pretrained(tmp_path / str(channels))
+        assert loaded.config["patch_shortcut"]
+        torch.testing.assert_close(loaded.decode(loaded.encode(x).mode()), recon)
+    assert psnr[4] > _psnr(mean_colour, x) + 2, psnr
+    assert psnr[16] > psnr[4] + 2, psnr  # more latent channels hold more of the patch
+
+
+def test_patch_shortcut_model_refuses_diffusers_export():
+    with pytest.raises(ValueError, match="patch shortcut"):
+        to_diffusers(AutoencoderKL(latent_channels=4, patch_shortcut=True, **TINY))
+    with pytest.raises(ValueError, match="no patch shortcut"):
+        AutoencoderKL(latent_channels=4, **TINY).init_patch_shortcut(torch.eye(3 * 64, dtype=torch.float64))

@@ -183,3 +183,42 @@ def test_latent_statistics_cli_writes_an_export_with_them(tmp_path, capsys):
     mean, std, _ = measure_latent_statistics(out, tiny_data(n_train=8, n_val=12).dataloader("val"), 12, progress=False)
     torch.testing.assert_close(out.latent_mean, mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.latent_std, std, atol=1e-5, rtol=1e-4)
+
+
+class FlatColours(torch.utils.data.Dataset):
+    """Images of one random colour each: the mean colour is the whole image."""
+
+    def __init__(self, n=64, resolution=32):
+        g = torch.Generator().manual_seed(0)
+        self.x = (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1).expand(n, 3, resolution, resolution).contiguous()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i]}
+
+
+def test_flat_colours_survive_a_few_training_steps_and_resume_keeps_the_patch_init(tmp_path):
+    """Today's colour loss would fail this: the deep autoencoder alone returned every flat colour as grey
+    (~12 dB after 200 steps); with the patch shortcut, PCA-initialised on the first batch, colours stay."""
+    torch.manual_seed(0)
+    data = FlatColours()
+    ae = AutoencoderKL(latent_channels=4, patch_shortcut=True, **TINY)
+    module = AutoencoderModule(ae, AutoencoderLoss(l1_weight=0.0, l2_weight=1.0, disc_start=10**9), lr=1e-3)
+    assert bool(module.patch_init_pending)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    trainer = tiny_trainer(tmp_path, max_steps=5)
+    trainer.fit(module, train_dataloaders=loader)
+    assert not bool(module.patch_init_pending)
+    module.eval()
+    with torch.no_grad():
+        x = FlatColours(n=32, resolution=32).x.flip(0)
+        recon = ae.decode(ae.encode(x).mode()).clamp(-1, 1)
+    psnr = float(-10 * torch.log10(((recon - x) / 2).pow(2).mean()))
+    assert psnr > 30, psnr
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    resumed = AutoencoderModule(AutoencoderKL(latent_channels=4, patch_shortcut=True, **TINY), AutoencoderLoss())
+    resumed.load_state_dict(torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"])
+    assert not bool(resumed.patch_init_pending)  # a resumed run is never re-initialised
+    torch.testing.assert_close(resumed.autoencoder.patch_encoder.weight, ae.patch_encoder.weight)

@@ -149,16 +149,77 @@ def test_mini_clip_metrics_on_constructed_embeddings():
     assert shuffled < 0.5
 
 
-def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tmp_path):
-    from transformers import AutoTokenizer
+@pytest.fixture(scope="module")
+def t5_bpe():
+    """The mini T5's default tokenizer: every BPE merge of the haystack captions."""
+    from emu.text.mini_t5 import build_bpe_tokenizer, caption_corpus
+
+    return build_bpe_tokenizer(caption_corpus())
+
+
+def unseen_captions(n: int = 1000) -> list[str]:
+    """Captions of haystack seed 0 far past the tokenizer's training corpus (its first 4000 images)."""
+    from emu.data.haystack import caption_for, scene_spec
+
+    specs = (scene_spec(0, 1_000_000 + i) for i in range(n))
+    return [caption_for(s["objects"], s["background"]) for s in specs]
+
+
+def test_t5_bpe_tokenizer_has_the_vocabulary_asked_for(t5_bpe):
+    from emu.text.mini_t5 import build_bpe_tokenizer, caption_corpus
+
+    texts = caption_corpus()
+    assert [t5_bpe.pad_token_id, t5_bpe.eos_token_id, t5_bpe.unk_token_id] == [0, 1, 2]  # as T5
+    assert t5_bpe.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"] and t5_bpe.model_max_length == 64
+    most = len(t5_bpe)  # the default learns every merge: the largest vocabulary these captions can fill
+    for size in (64, 128, most):
+        tok = build_bpe_tokenizer(texts, size)
+        assert len(tok) == size == len(tok.get_vocab()) and max(tok.get_vocab().values()) == size - 1
+    assert build_bpe_tokenizer(texts, most).get_vocab() == t5_bpe.get_vocab()
+    # 3 special tokens + a-z0-9 + the ▁ word mark: the floor whatever the corpus
+    assert len(build_bpe_tokenizer(texts, 40)) == 40
+    with pytest.raises(ValueError, match="below the 40 entries"):
+        build_bpe_tokenizer(texts, 39)
+    with pytest.raises(ValueError, match=f"more than these texts can fill.* {most} entries"):
+        build_bpe_tokenizer(texts, most + 1)
+    with pytest.raises(ValueError, match=f"{most} entries"):
+        build_bpe_tokenizer(texts, 10**9)  # capped before training: no huge allocation
+
+
+def test_t5_bpe_tokenizer_is_one_token_per_caption_word(t5_bpe):
+    from emu.data.haystack import BACKGROUNDS, COLORS, POSITION_PHRASES, SHAPES, SIZES
+
+    words = {"a", "and", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, *SIZES}
+    words |= {w for phrase in POSITION_PHRASES.values() for w in phrase.split()}
+    for word in words:
+        assert t5_bpe.convert_ids_to_tokens(t5_bpe(word)["input_ids"]) == [f"▁{word}", "</s>"]
+    captions = unseen_captions()
+    lengths = []
+    for caption in captions:
+        ids = t5_bpe(caption)["input_ids"]
+        assert len(ids) == len(caption.split()) + 1 and ids[-1] == t5_bpe.eos_token_id
+        assert t5_bpe.decode(ids, skip_special_tokens=True) == caption
+        lengths.append(len(ids))
+    assert sum(lengths) / len(lengths) <= 25 and max(lengths) <= t5_bpe.model_max_length
+    assert t5_bpe(captions[0].upper())["input_ids"] == t5_bpe(captions[0])["input_ids"]  # lower-cased
+    other = "a small striped star with dotted text 42"  # words it never saw: letters, no <unk>
+    ids = t5_bpe(other)["input_ids"]
+    assert t5_bpe.unk_token_id not in ids and t5_bpe.decode(ids, skip_special_tokens=True) == other
+
+
+def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tmp_path, t5_bpe):
+    from transformers import AutoTokenizer, T5Config
 
     from emu.text.mini_t5 import caption_corpus, main
 
     main(["--out", str(tmp_path / "t5"), "--d-model", "32", "--layers", "1"])
     tok = AutoTokenizer.from_pretrained(tmp_path / "t5")
-    for caption in caption_corpus(50, seed=5):  # another haystack's captions
+    assert len(tok) == len(t5_bpe) == T5Config.from_pretrained(tmp_path / "t5").vocab_size
+    assert tok.model_max_length == 64 and tok.get_vocab() == t5_bpe.get_vocab()
+    for caption in [*caption_corpus(50, seed=5), *unseen_captions(50)]:  # another haystack's captions
         ids = tok(caption)["input_ids"]
         assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id
+        assert ids == t5_bpe(caption)["input_ids"] and tok.decode(ids, skip_special_tokens=True) == caption
     enc = FrozenTextEncoder(str(tmp_path / "t5"), "t5", max_length=32)
     out = enc(["a small red star on the left on a navy background", ""])
     assert out.tokens.shape == (2, 32, 32) and out.mask[1].sum() == 1

@@ -1,7 +1,8 @@
 """Weights between emu's :class:`~emu.autoencoder.model.AutoencoderKL` and diffusers' ``AutoencoderKL``.
 
 The two share block structure and parameter names, so conversion maps the configs and loads the state dict
-as it is. Models with Fourier-feature input have no diffusers counterpart.
+as it is. Models with Fourier-feature input or the
+patch shortcut (the miniature's) have no diffusers counterpart and are refused.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def to_diffusers(model: AutoencoderKL):
 
     if model.fourier is not None:
         raise ValueError("an autoencoder with Fourier-feature input has no diffusers counterpart")
+    if model.patch_encoder is not None:
+        raise ValueError(
+            "an autoencoder with the patch shortcut (the miniature's patch_shortcut=true) has no diffusers "
+            "counterpart: its linear path sits beside the encoder and decoder; train with patch_shortcut=false"
+        )
     c = model.config
     n = len(c["block_out_channels"])
     vae = DiffusersAutoencoderKL(

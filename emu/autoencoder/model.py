@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from emu.errors import ConfigError
 
 CONFIG_NAME = "config.json"
+INITIAL_LOGVAR = -8.0  # posterior std e^-4 at the start when the patch shortcut is on
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -199,6 +200,42 @@ class FourierFeatures(nn.Module):
         return torch.cat([x, rearrange(feats, "b c f h w -> b (c f) h w")], dim=1)
 
 
+def patch_shortcuts(channels: int, latent_channels: int, f: int) -> tuple[nn.Conv2d, nn.ConvTranspose2d]:
+    """A linear f x f patch encoder and decoder that start as f x f average pooling of the image into the first
+    ``channels`` latent channels and nearest-neighbour upsampling back (the other latent channels start unused).
+
+    Added to the deep encoder's posterior mean and the deep decoder's output, they make an autoencoder begin
+    at the linear baseline, so the deep paths only learn what a linear map cannot (DC-AE's space-to-channel
+    shortcuts, Chen et al. 2024, here learned and at the latent only). Both are trained with the rest.
+    """
+    encoder = nn.Conv2d(channels, latent_channels, f, stride=f)  # weight: latent x channels x f x f
+    decoder = nn.ConvTranspose2d(latent_channels, channels, f, stride=f)
+    with torch.no_grad():
+        for m in (encoder, decoder):
+            m.weight.zero_()
+            m.bias.zero_()
+        for c in range(min(channels, latent_channels)):
+            encoder.weight[c, c] = 1.0 / (f * f)
+            decoder.weight[c, c] = 1.0
+    return encoder, decoder
+
+
+def patch_second_moment(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Sum of ``p p^T`` over the f x f patches of ``x`` (stride f/2, so 4x as many as the latent grid has):
+    a (C*f*f)^2 float64 matrix whose top eigenvectors are the best linear patch autoencoder (uncentred PCA)."""
+    patches = F.unfold(x.double(), f, stride=max(1, f // 2))  # b (c f f) n
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return patches.T @ patches
+
+
+def pca_patch_weights(second_moment: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-``k`` eigenvectors of a patch second moment, as a k x (C*f*f) float32 matrix (sign-fixed)."""
+    _, vectors = torch.linalg.eigh(second_moment)
+    top = vectors.flip(1)[:, :k].T  # k x d, largest eigenvalue first
+    sign = torch.sign(top.sum(1, keepdim=True)).clamp(min=0) * 2 - 1  # deterministic sign: positive sum
+    return (top * sign).float()
+
+
 class DiagonalGaussian:
     """The encoder's posterior N(mean, exp(logvar)) per latent element."""
 
@@ -231,6 +268,8 @@ class AutoencoderKL(nn.Module):
         fourier_frequencies: frequencies of the fixed Fourier-feature input transform; empty for none.
         mid_block_attention: self-attention in the mid blocks.
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
+        patch_shortcut: add :func:`patch_shortcuts` (a learned linear path beside the deep encoder and decoder;
+            not a diffusers ``AutoencoderKL`` then, so :mod:`emu.autoencoder.convert` refuses it).
     """
 
     def __init__(
@@ -244,6 +283,7 @@ class AutoencoderKL(nn.Module):
         fourier_frequencies: tuple[float, ...] = (),
         mid_block_attention: bool = True,
         gradient_checkpointing: bool = False,
+        patch_shortcut: bool = False,
     ):
         super().__init__()
         block_out_channels = tuple(int(c) for c in block_out_channels)
@@ -262,6 +302,7 @@ class AutoencoderKL(nn.Module):
             norm_num_groups=norm_num_groups,
             fourier_frequencies=list(fourier_frequencies),
             mid_block_attention=mid_block_attention,
+            patch_shortcut=bool(patch_shortcut),
         )
         self.fourier = FourierFeatures(fourier_frequencies) if fourier_frequencies else None
         encoder_in = in_channels + (self.fourier.extra_channels(in_channels) if self.fourier else 0)
@@ -270,17 +311,26 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_channels, *args)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.patch_encoder = self.patch_decoder = None
+        if patch_shortcut:
+            self.patch_encoder, self.patch_decoder = patch_shortcuts(in_channels, latent_channels, self.downsample_factor)
+            with torch.no_grad():  # start as the linear path alone: deep outputs zero, posterior nearly sharp
+                for conv in (self.encoder.conv_out, self.decoder.conv_out):
+                    conv.weight.zero_()
+                    conv.bias.zero_()
+                self.quant_conv.bias[:latent_channels].zero_()
+                self.quant_conv.bias[latent_channels:].fill_(INITIAL_LOGVAR)
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     @property
-    def latent_channels(self) -> int:
-        return self.config["latent_channels"]
-
-    @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config["latent_channels"]
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
@@ -288,16 +338,33 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by f={self.downsample_factor}")
-        if self.fourier is not None:
-            x = self.fourier(x)
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        moments = self.quant_conv(self.encoder(self.fourier(x) if self.fourier is not None else x))
+        if self.patch_encoder is not None:  # the linear path adds to the posterior mean only
+            mean, logvar = moments.chunk(2, dim=1)
+            moments = torch.cat([mean + self.patch_encoder(x), logvar], dim=1)
+        return DiagonalGaussian(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        out = self.decoder(self.post_quant_conv(z))
+        return out + self.patch_decoder(z) if self.patch_decoder is not None else out
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+
+    @torch.no_grad()
+    def init_patch_shortcut(self, second_moment: torch.Tensor) -> None:
+        """Set the patch shortcut to the best linear autoencoder of the patches whose second moment is given
+        (:func:`patch_second_moment`, summed over batches or ranks): encoder rows and decoder columns are the
+        top principal directions, so the model starts at what a linear map can reach (no biases: uncentred)."""
+        if self.patch_encoder is None:
+            raise ValueError("this autoencoder has no patch shortcut (patch_shortcut=false)")
+        k, c, f = self.latent_channels, self.patch_encoder.in_channels, self.downsample_factor
+        w = pca_patch_weights(second_moment.to(self.patch_encoder.weight.device), k)
+        self.patch_encoder.weight.copy_(w.view(k, c, f, f))
+        self.patch_decoder.weight.copy_(w.view(k, c, f, f))
+        self.patch_encoder.bias.zero_()
+        self.patch_decoder.bias.zero_()
 
     # ------------------------------------------------------------------ per-channel latent normalisation
     def normalize(self, z: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from emu.autoencoder.losses import AutoencoderLoss
-from emu.autoencoder.model import AutoencoderKL
+from emu.autoencoder.model import AutoencoderKL, patch_second_moment
 from emu.errors import ConfigError
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_constant
@@ -88,6 +88,10 @@ class AutoencoderModule(L.LightningModule):
         self._stats: LatentStatistics | None = None
         self._lpips_sum = 0.0
         self._lpips_n = 0
+        # Whether the patch shortcut still waits for its PCA initialisation (saved in checkpoints, so a resumed
+        # run or a model loaded with init_from is never re-initialised).
+        needs_init = autoencoder.patch_encoder is not None and not init_from
+        self.register_buffer("patch_init_pending", torch.tensor(needs_init))
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -125,6 +129,8 @@ class AutoencoderModule(L.LightningModule):
         opt_ae, opt_d = self.optimizers()
         # global_step counts autoencoder steps only: the discriminator steps its raw optimizer below.
         step = self.global_step
+        if bool(self.patch_init_pending):
+            self._init_patch_shortcut(x)
         posterior = self.autoencoder.encode(x)
         recon = self.autoencoder.decode(posterior.sample())
         last_layer = self.autoencoder.decoder.conv_out.weight
@@ -149,6 +155,16 @@ class AutoencoderModule(L.LightningModule):
         self.log("train/loss", logs["total"], prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "total"}, batch_size=bs)
         return loss.detach()
+
+    @torch.no_grad()
+    def _init_patch_shortcut(self, x: torch.Tensor) -> None:
+        """PCA of the first batch's patches (summed over ranks, so every rank gets the same weights)."""
+        f = self.autoencoder.downsample_factor
+        moment = patch_second_moment(x, f)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            moment = self.trainer.strategy.reduce(moment, reduce_op="sum")
+        self.autoencoder.init_patch_shortcut(moment)
+        self.patch_init_pending.fill_(False)
 
     def _gradients_usable(self, params: list[torch.nn.Parameter], name: str) -> bool:
         """The run's :class:`~emu.training.numerics.NumericalGuard` decides (the raw discriminator step bypasses
