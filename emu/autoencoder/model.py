@@ -313,7 +313,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
         self.patch_encoder = self.patch_decoder = None
         if patch_shortcut:
-            self.patch_encoder, self.patch_decoder = patch_shortcuts(in_channels, latent_channels, self.downsample_factor)
+            f = self.downsample_factor
+            self.patch_encoder, self.patch_decoder = patch_shortcuts(in_channels, latent_channels, f)
             with torch.no_grad():  # start as the linear path alone: deep outputs zero, posterior nearly sharp
                 for conv in (self.encoder.conv_out, self.decoder.conv_out):
                     conv.weight.zero_()
