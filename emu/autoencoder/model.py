@@ -229,11 +229,15 @@ def patch_second_moment(x: torch.Tensor, f: int) -> torch.Tensor:
 
 
 def pca_patch_weights(second_moment: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-``k`` eigenvectors of a patch second moment, as a k x (C*f*f) float32 matrix (sign-fixed)."""
+    """The top-``k`` eigenvectors of a patch second moment, as a k x (C*f*f) float32 matrix (sign-fixed; zero
+    rows past C*f*f)."""
     _, vectors = torch.linalg.eigh(second_moment)
     top = vectors.flip(1)[:, :k].T  # k x d, largest eigenvalue first
     sign = torch.sign(top.sum(1, keepdim=True)).clamp(min=0) * 2 - 1  # deterministic sign: positive sum
-    return (top * sign).float()
+    top = (top * sign).float()
+    if k > top.shape[0]:  # more latent channels than a patch has values: the rest start unused
+        top = torch.cat([top, top.new_zeros(k - top.shape[0], top.shape[1])])
+    return top
 
 
 class DiagonalGaussian:
