@@ -44,7 +44,8 @@ def autoencoder_kwargs(name: str) -> dict:
         OmegaConf.merge(*(OmegaConf.load(ROOT / f"conf/model/{f}.yaml").autoencoder for f in c))
     )
     kw.pop("_target_")
-    kw.update(fourier_frequencies=[], gradient_checkpointing=False)
+    # the diffusers-shaped part only: Fourier features and the miniature's patch shortcut have no diffusers twin
+    kw.update(fourier_frequencies=[], gradient_checkpointing=False, patch_shortcut=False)
     return kw
 
 
