@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from emu.errors import ConfigError
 
 CONFIG_NAME = "config.json"
-INITIAL_LOGVAR = -8.0  # posterior std e^-4 at the start when the patch shortcut is on
 WEIGHTS_NAME = "model.safetensors"
+INITIAL_LOGVAR = -8.0  # posterior std e^-4 at the start when the patch shortcut is on
 
 
 class ResnetBlock2D(nn.Module):
