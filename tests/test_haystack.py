@@ -113,3 +113,23 @@ def test_parse_caption_inverts_caption_for():
         assert parsed["objects"] == [{k: o[k] for k in ("size", "color", "shape", "position")} for o in spec["objects"]]
     for other in ["a cat", "a large red circle in the center on a plaid background", "bond", ""]:
         assert haystack.parse_caption(other) is None
+
+
+def test_fine_stripes_are_hidden_periodic_detail_that_leaves_the_scene_alone(metas):
+    """A share of backgrounds carry stripes of period 1/16 of the side: never captioned, no appeal cost, drawn
+    from their own random stream (the scene is otherwise the same), and present in the pixels at that period."""
+    share = np.mean([m["style"]["stripes"] is not None for m in metas])
+    assert abs(share - haystack.P_STRIPES) < 0.04, share
+    striped = [m for m in metas if m["style"]["stripes"] and not m["flaws"]][:5]
+    assert {m["style"]["stripes"] for m in metas} == {None, "horizontal", "vertical"}
+    for meta in striped:
+        spec = scene_spec(0, meta["index"])
+        plain = {**spec, "style": {**spec["style"], "stripes": None}}
+        assert caption_for(spec["objects"], spec["background"]) == meta["caption"]
+        a = np.asarray(haystack.render(spec, 64), float).mean(-1)
+        b = np.asarray(haystack.render(plain, 64), float).mean(-1)
+        diff = a - b
+        profile = diff.mean(1) if spec["style"]["stripes"] == "horizontal" else diff.mean(0)
+        spectrum = np.abs(np.fft.rfft(profile - profile.mean()))
+        assert spectrum.argmax() == 64 // 4, spectrum.argmax()  # 16 cycles across 64 px: a period of 4 px
+        assert np.abs(diff).mean() > 3.0  # visible, not a rounding error

@@ -107,6 +107,13 @@ MEAN_EXTRA_FLAWS = 0.8  # flawed images have 1 + Poisson(this) flaws
 NEEDLE_APPEAL = 7.5  # a clean image is a needle when its appeal reaches this
 DUPLICATE_WINDOW = 500  # near-duplicates copy one of the previous this-many images
 SUPERSAMPLE = 4
+# Fine detail (issue 17): a share of backgrounds carry faint sinusoidal stripes, hidden (not captioned, no effect on
+# appeal), drawn from their own random stream so every other attribute of a scene is what it was without them.
+# Their period is 1/16 of the shorter side (4 px at 64 px: two cycles per 8x8 latent cell), the detail a 4-channel
+# latent loses first; blur, low resolution and JPEG flaws wash them out as they would a real texture.
+P_STRIPES = 0.35
+STRIPE_PERIOD = 1 / 16  # of the shorter side
+STRIPE_AMPLITUDE = 20.0  # in 0-255 levels
 
 
 def _rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -193,6 +200,9 @@ def _base_spec(seed: int, index: int) -> dict[str, Any]:
         "contrast": colour_contrast(objects[0]["color"], background),
         "thirds": objects[0]["position"] != "center",
     }
+    texture = _rng(seed, index, stream=4)
+    style["stripes"] = str(texture.choice(["horizontal", "vertical"])) if texture.random() < P_STRIPES else None
+    style["stripe_phase"] = float(texture.uniform(0.0, 1.0))
     aspect = [1.0, 1.0]
     if "odd_aspect" in flaws:
         ratio = float(rng.choice([1.5, 2.0]))
@@ -298,6 +308,15 @@ def _mix(a, b, t: float) -> tuple[int, int, int]:
     return tuple(round((1 - t) * x + t * y) for x, y in zip(a, b, strict=True))
 
 
+def _stripes(img: Image.Image, direction: str, phase: float, period: float) -> Image.Image:
+    """``img`` plus sinusoidal stripes of ``STRIPE_AMPLITUDE`` levels, constant along ``direction``."""
+    x = np.asarray(img, np.float32)
+    coord = np.arange(x.shape[0] if direction == "horizontal" else x.shape[1], dtype=np.float32)
+    wave = STRIPE_AMPLITUDE * np.sin(2 * math.pi * (coord / period + phase))
+    x = x + (wave[:, None, None] if direction == "horizontal" else wave[None, :, None])
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
 def render(spec: dict[str, Any], resolution: int = 64) -> Image.Image:
     """Render a scene spec at ``resolution`` (the shorter side; odd aspect ratios widen one side)."""
     rng = _rng(*spec["render_seed"], stream=1)
@@ -316,6 +335,9 @@ def render(spec: dict[str, Any], resolution: int = 64) -> Image.Image:
     if style["depth"]:  # a ground plane gives layering between subject and background
         ground = _mix(bg, (0, 0, 0), 0.25)
         draw.rectangle([0, int(H * 0.62), W, H], fill=ground)
+    if style.get("stripes"):  # fine background texture, behind the objects
+        img = _stripes(img, style["stripes"], style["stripe_phase"], period=STRIPE_PERIOD * short)
+        draw = ImageDraw.Draw(img)
 
     if "clutter" in flaws:
         for _ in range(int(rng.integers(6, 12))):
