@@ -77,9 +77,12 @@ def evaluate_autoencoders(cfg: DictConfig, paths: list[str], names: list[str], e
         for path, name in zip(paths, names):
             results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
     notes += sorted({str(w.message) for w in caught})
+    from emu.evaluation.reconstruction import BASELINES, reconstruction_metrics
+
+    baselines = {name: reconstruction_metrics(fn, images) for name, fn in BASELINES.items()}
     grid = Path(cfg.out) / "reconstructions.png"
     ev.reconstruction_grid(images[: int(cfg.grid_pairs)], paths, names).save(grid)
-    return {"autoencoders": results, "images": source, "grids": [str(grid)]}
+    return {"autoencoders": results, "baselines": baselines, "images": source, "grids": [str(grid)]}
 
 
 def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, skipped, notes) -> dict[str, Any]:
@@ -115,6 +118,10 @@ def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, ski
         result["paired"] = ev.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
     if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
         result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
+    if cfg.clip and cfg.clip_accuracy:
+        from emu.evaluation.prompt_following import ClipJudge, clip_accuracy
+
+        result["clip_accuracy"] = clip_accuracy(ClipJudge(cfg.clip), int(cfg.clip_accuracy))
     return result | {"_gens": gens, "_scores": scores}
 
 

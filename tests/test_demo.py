@@ -135,7 +135,9 @@ def _constructed_outputs(out: Path, appeal_a: np.ndarray, appeal_b: np.ndarray) 
         "16ch": {"latent_channels": 16, "psnr": 30.0, "ssim": 0.95, "lpips": "off", "rfd_clip": {"value": 0.1}},
         "4ch": {"latent_channels": 4, "psnr": 26.5, "ssim": 0.90, "lpips": "off", "rfd_clip": {"value": 0.3}},
     }
-    _write(out / "autoencoder_eval" / "metrics.json", {"autoencoders": ae, "images": "16 held-out images"})
+    baselines = {"mean colour": {"psnr": 19.7, "ssim": 0.5}, "8x8 average pool + bilinear": {"psnr": 25.0, "ssim": 0.8}}
+    _write(out / "autoencoder_eval" / "metrics.json",
+           {"autoencoders": ae, "baselines": baselines, "images": "16 held-out images"})  # fmt: skip
     stage = {
         "stage": "specialist",
         "kind": "human",
@@ -183,6 +185,12 @@ def _constructed_outputs(out: Path, appeal_a: np.ndarray, appeal_b: np.ndarray) 
             "n_prompts": len(appeal_a),
             "paired": paired,
             "models": {"quality_tuned": model, "pretrained": model},
+            "judge_accuracy": {"n": 64, "haystack_seed": 2, "appeal_pearson_r": 0.95, "appeal_mae": 0.4,
+                               **{f"{a}_acc": 0.93 for a in ("shape", "color", "size", "position", "background")},
+                               "shape_acc_clean": 0.99},  # fmt: skip
+            "clip_accuracy": {"n": 64, "haystack_seed": 0, "candidates": 100, "t2i_top1": 0.6,
+                              **{f"zeroshot_{a}": 0.9 for a in ("shape", "color", "size", "position", "background")},
+                              "zeroshot_shape_clean": 0.97},  # fmt: skip
         },
     )
 
@@ -201,6 +209,11 @@ def test_report_has_every_section_and_judges_the_targets(tmp_path):
     assert re.search(r"\| appeal: win >= 70.0% .* \| win 100.0% .* \| \*\*yes\*\* \|", text)
     assert re.search(r"\| curated precision >= 90.0% \| 95.0% \| \*\*yes\*\* \|", text)
     assert "| 10.0 min |" in text and "not run" in text  # the stages that have not run say so
+    assert "| baseline: 8x8 average pool + bilinear | 25.00 |" in text
+    assert re.search(r"\| 16-ch autoencoder PSNR >= 28 dB \| 30.00 dB \| \*\*yes\*\* \|", text)
+    assert re.search(r"\| \| shape accuracy \| 0.930 \| 0.990 \| 0.9 \|", text)
+    assert re.search(r"\| pixel judge: .* \| r 0.950; lowest: .* \| \*\*yes\*\* \|", text)
+    assert re.search(r"\| mini CLIP: .* \| t2i 0.600; lowest: .* \| \*\*no\*\* \|", text)  # t2i below 0.8
 
     _constructed_outputs(tmp_path, base, base + 2.0)  # A worse everywhere: the target is reported as missed
     text = write_report(tmp_path, scale, state, demo_stages(scale)).read_text()

@@ -84,8 +84,18 @@ def test_pixel_judge_scores_and_reports_its_accuracy(tiny_judge):
     assert ((scores["faithfulness"] >= 0) & (scores["faithfulness"] <= 1)).all()
     acc = judge.accuracy(n=16)
     assert {"appeal_mae", "appeal_pearson_r", "shape_acc", "background_acc", "faithfulness_own_captions"} <= set(acc)
+    assert {"shape_acc_clean", "background_acc_clean", "n_single_object_clean"} <= set(acc)
     with pytest.raises(FileNotFoundError, match="experiment=mini/judge"):
         PixelJudge.from_checkpoint(tiny_judge.parent / "missing.ckpt")
+
+
+def test_judge_with_average_and_max_pooling_sizes_its_heads():
+    from emu.evaluation.judges import HaystackJudge
+
+    judge = HaystackJudge(global_pool="catavgmax").eval()
+    assert judge.appeal_head.in_features == 2 * judge.backbone.num_features
+    out = judge(torch.zeros(2, 3, 64, 64))
+    assert out["appeal"].shape == (2,) and out["shape"].shape == (2, 5) and out["background"].shape == (2, 8)
 
 
 # ------------------------------------------------------------------------------------------------ CLIP score
@@ -172,7 +182,7 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
     cfg = compose_eval([
         f"a={tiny_stage1_checkpoint}", f"b={tiny_stage1_checkpoint}", "name_a=tuned", "name_b=pretrained",
         "prompts=haystack:6", "sampling.steps=2", f"clip={tiny_clip}", "judge=pixel", f"judge.path={tiny_judge}",
-        "judge_accuracy=16", "fid.reference=haystack_needles:12", "fid.inception=false",
+        "judge_accuracy=16", "clip_accuracy=100", "fid.reference=haystack_needles:12", "fid.inception=false",
         f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200", "logger=csv",
     ])  # fmt: skip
     out = eval_py.run(cfg)
@@ -185,8 +195,10 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
     same = m["paired"]["appeal"]  # the same checkpoint on the same prompts and seeds: identical images, all ties
     assert same["tie"] == 1.0 and same["win"] == same["loss"] == 0.0
     assert "faithfulness" in m["paired"] and "appeal_pearson_r" in m["judge_accuracy"]
+    assert {"t2i_top1", "zeroshot_shape", "zeroshot_position", "zeroshot_size"} <= set(m["clip_accuracy"])
     report = (out / "report.md").read_text()
     assert "tuned vs pretrained" in report and "CLIPScore" in report and "trust the judge" in report
+    assert "trust the CLIP" in report
     assert (out / "side_by_side.png").is_file() and len((out / "scores.jsonl").read_text().splitlines()) == 6
     assert len((out / "samples_tuned" / "metadata.jsonl").read_text().splitlines()) == 6
     assert list((tmp_path / "cache").glob("*.npz"))  # the reference statistics are cached
@@ -236,3 +248,17 @@ def test_eval_measures_autoencoders(tmp_path, tiny_autoencoder, tiny_clip, tiny_
     assert isinstance(ae["lpips"], float) or ae["lpips"].startswith("unavailable")
     assert set(ae["judge_appeal"]) == {"originals", "reconstructions"}
     assert "Autoencoders" in (tmp_path / "eval" / "report.md").read_text()
+    base = m["baselines"]  # the fixed maps every autoencoder must beat, on the same images
+    assert base["8x8 average pool + bilinear"]["psnr"] > base["mean colour"]["psnr"]
+
+
+def test_reconstruction_baselines_are_exact_where_they_should_be():
+    from emu.evaluation.reconstruction import mean_colour, pool_bilinear, reconstruction_metrics
+
+    flat = torch.rand(4, 3, 1, 1).expand(4, 3, 32, 32) * 2 - 1
+    assert torch.allclose(mean_colour(flat), flat) and torch.allclose(pool_bilinear(flat), flat, atol=1e-6)
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(2, 3, 32, 32)
+    edge = torch.where(ramp > 0, 1.0, -1.0)  # a hard edge: pooling loses it, the mean colour more
+    assert reconstruction_metrics(pool_bilinear, edge)["psnr"] > reconstruction_metrics(mean_colour, edge)["psnr"]
+    # halves at 0 and 1 (in [0, 1]): the mean 0.5 is off by 0.5 everywhere, PSNR = 10 log10(1 / 0.25)
+    assert reconstruction_metrics(mean_colour, edge)["psnr"] == pytest.approx(10 * np.log10(4), abs=1e-4)

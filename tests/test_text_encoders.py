@@ -149,6 +149,29 @@ def test_mini_clip_metrics_on_constructed_embeddings():
     assert shuffled < 0.5
 
 
+def test_zero_shot_scores_every_attribute_against_constructed_text_embeddings():
+    """A text embedder that one-hot encodes each caption's words, and images embedded as their own caption: the
+    zero-shot prediction of every attribute is right, and flaw-free images are reported apart."""
+    import torch.nn.functional as F
+
+    from emu.evaluation.judges import heldout_haystack
+    from emu.text.mini_clip import ATTRIBUTES, haystack_vocabulary_text, retrieval_and_zero_shot
+
+    words = sorted(set(haystack_vocabulary_text()[0].split()))
+
+    def embed(texts):
+        return F.normalize(torch.tensor([[float(w in t.split()) for w in words] for t in texts]), dim=-1)
+
+    _, metas = heldout_haystack(40, seed=0)
+    captions = [m["caption"] for m in metas]
+    metrics = retrieval_and_zero_shot(embed(captions), embed(captions), captions, metas, embed, candidates=20)
+    assert set(ATTRIBUTES) == {"shape", "color", "size", "position", "background"}
+    assert metrics["t2i_top1"] == 1.0
+    for attribute in ATTRIBUTES:
+        assert metrics[f"zeroshot_{attribute}"] == 1.0, attribute
+    assert any(k.endswith("_clean") for k in metrics)
+
+
 @pytest.fixture(scope="module")
 def t5_bpe():
     """The mini T5's default tokenizer: every BPE merge of the haystack captions."""
@@ -225,16 +248,25 @@ def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tm
     assert out.tokens.shape == (2, 32, 32) and out.mask[1].sum() == 1
 
 
-def test_hard_negatives_differ_in_one_shape_or_colour():
+def test_hard_negatives_differ_in_exactly_the_attribute_asked_for():
     import random
 
-    from emu.data.haystack import make_sample
-    from emu.text.mini_clip import hard_negative_captions
+    from emu.data.haystack import make_sample, parse_caption
+    from emu.text.mini_clip import NEGATIVE_ATTRIBUTES, hard_negative_captions
 
     metas = [make_sample(0, i, 16)[1] for i in range(20)]
-    negs = hard_negative_captions(metas, random.Random(0))
-    assert len(negs) == 20
-    for meta, neg in zip(metas, negs):
-        diff = [(a, b) for a, b in zip(meta["caption"].split(), neg.split()) if a != b]
-        assert len(diff) == 1 and len(neg.split()) == len(meta["caption"].split())
+    for attribute in NEGATIVE_ATTRIBUTES:
+        negs = hard_negative_captions(metas, random.Random(0), [attribute])
+        assert len(negs) == 20
+        for meta, neg in zip(metas, negs):
+            parsed = parse_caption(neg)
+            assert parsed["background"] == meta["background"] and len(parsed["objects"]) == len(meta["objects"])
+            changed = [(o, n) for o, n in zip(meta["objects"], parsed["objects"]) if o != n]
+            assert len(changed) == 1, (meta["caption"], neg)
+            old, new = changed[0]
+            assert [k for k in old if old[k] != new[k]] == [attribute]
+            assert len({o["position"] for o in parsed["objects"]}) == len(parsed["objects"])  # one object per cell
+    assert len(hard_negative_captions(metas, random.Random(0), NEGATIVE_ATTRIBUTES)) == 80
     assert hard_negative_captions([{}], random.Random(0)) == []
+    with pytest.raises(ValueError, match="background"):
+        hard_negative_captions(metas, random.Random(0), ["background"])

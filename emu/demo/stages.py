@@ -73,7 +73,7 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         "eval.py a={out}/stage2/checkpoints/select/best.ckpt b={out}/stage1/checkpoints/last.ckpt "
         f"name_a=quality_tuned name_b=pretrained prompts={ev['prompts']} clip={{out}}/clip/export "
         f"aesthetic={{out}}/curate/aesthetic.safetensors judge=pixel fid.reference={ev['fid_reference']} "
-        f"judge_accuracy={ev['judge_accuracy']} out={{out}}/eval"
+        f"judge_accuracy={ev['judge_accuracy']} clip_accuracy={ev.get('clip_accuracy', 1000)} out={{out}}/eval"
     )
     return [
         Stage("haystack", "haystack corpus", [

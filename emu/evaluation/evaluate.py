@@ -340,6 +340,10 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     if judge:
         lines += ["## How far to trust the judge (held-out haystack images)", ""]
         lines += [f"- {k}: {_fmt(v)}" for k, v in judge.items()] + [""]
+    clip_acc = metrics.get("clip_accuracy")
+    if clip_acc:
+        lines += ["## How far to trust the CLIP (held-out haystack images)", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in clip_acc.items()] + [""]
     ae = metrics.get("autoencoders")
     if ae:
         lines += [f"## Autoencoders ({metrics.get('images')})", "",
@@ -352,6 +356,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             lp = "n/a" if isinstance(m["lpips"], str) else _fmt(m["lpips"])
             lines.append(f"| {m['source']} | {m['latent_channels']} | {m['psnr']:.2f} | {m['ssim']:.3f} | {lp} | "
                          f"{rfd} | {ja} |")  # fmt: skip
+        for name, b in metrics.get("baselines", {}).items():
+            lines.append(f"| baseline: {name} | - | {b['psnr']:.2f} | {b['ssim']:.3f} | | | |")
         lpips = next((m["lpips"] for m in ae.values() if isinstance(m["lpips"], str)), None)
         lines += [f"LPIPS: {lpips}.", ""] if lpips else []
         lines.append("")

@@ -13,6 +13,7 @@ with several heads:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers.adaptive_avgmax_pool import adaptive_pool_feat_mult
 from torch import nn
 
 from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, make_sample, parse_caption
@@ -58,11 +60,16 @@ def presence_targets(metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 class HaystackJudge(L.LightningModule):
-    """A small CNN (any timm backbone, from scratch) with appeal, background and attribute-presence heads."""
+    """A small CNN (any timm backbone, from scratch) with appeal, background and attribute-presence heads.
+
+    ``global_pool`` is timm's: ``"catavgmax"`` concatenates average and max pooling, so that a small object's
+    features are not averaged away by the background around it (a presence question, which max pooling answers).
+    """
 
     def __init__(
         self,
         backbone: str = "resnet10t",
+        global_pool: str = "avg",
         lr: float = 2e-3,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
@@ -72,8 +79,8 @@ class HaystackJudge(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
-        width = self.backbone.num_features
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool=global_pool)
+        width = self.backbone.num_features * adaptive_pool_feat_mult(global_pool)  # "catavgmax" doubles it
         self.appeal_head = nn.Linear(width, 1)
         self.background_head = nn.Linear(width, len(BACKGROUNDS))
         self.presence_heads = nn.ModuleDict({g: nn.Linear(width, len(v)) for g, v in PRESENCE_GROUPS.items()})
@@ -220,8 +227,9 @@ def heldout_haystack(n: int, seed: int, start: int = 1_000_000, resolution: int 
 
 def judge_accuracy(judge: PixelJudge, n: int = 1024, seed: int = 2, start: int = 1_000_000) -> dict[str, float]:
     """How far to trust the judge, on held-out haystack images: appeal MAE and Pearson r against the hidden
-    score, top-1 attribute accuracy on one-object scenes, and faithfulness of images to their own captions
-    against shuffled captions (chance level)."""
+    score, top-1 attribute accuracy on one-object scenes (``*_acc``: all of them; ``*_acc_clean``: flaw-free ones,
+    where no monochrome, darkness, cut-off or crop hides the attribute), and faithfulness of images to their own
+    captions against shuffled captions (chance level)."""
     images, metas = heldout_haystack(n, seed, start, judge.resolution)
     pred = judge.predict(images)
     truth = np.array([m["appeal"] for m in metas])
@@ -229,13 +237,17 @@ def judge_accuracy(judge: PixelJudge, n: int = 1024, seed: int = 2, start: int =
     out = {"n": n, "haystack_seed": seed, "start": start, "appeal_mae": float(np.abs(guess - truth).mean()),
            "appeal_pearson_r": float(np.corrcoef(guess, truth)[0, 1])}  # fmt: skip
     single = [i for i, m in enumerate(metas) if len(m["objects"]) == 1]
+    clean = np.array([not metas[i]["flaws"] for i in single])
     for g in FAITHFULNESS_GROUPS:
         right = [pred[g][i].argmax().item() == PRESENCE_GROUPS[g].index(metas[i]["objects"][0][g]) for i in single]
         out[f"{g}_acc"] = float(np.mean(right))
-    bg = [
-        pred["background"][i].argmax().item() == list(BACKGROUNDS).index(m["background"]) for i, m in enumerate(metas)
-    ]
-    out["background_acc"] = float(np.mean(bg))
+        out[f"{g}_acc_clean"] = float(np.mean(np.array(right)[clean])) if clean.any() else math.nan
+    bg = np.array([pred["background"][i].argmax().item() == list(BACKGROUNDS).index(m["background"])
+                   for i, m in enumerate(metas)])  # fmt: skip
+    out["background_acc"] = float(bg.mean())
+    flawless = np.array([not m["flaws"] for m in metas])
+    out["background_acc_clean"] = float(bg[flawless].mean()) if flawless.any() else math.nan
+    out["n_single_object"], out["n_single_object_clean"] = len(single), int(clean.sum())
     captions = [m["caption"] for m in metas]
     shuffled = captions[1:] + captions[:1]
     out["faithfulness_own_captions"] = float(faithfulness(pred, captions).mean())

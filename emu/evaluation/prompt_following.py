@@ -1,7 +1,8 @@
 """Do generated images follow their prompts? CLIP score and zero-shot attribute accuracy with a CLIP loaded by path.
 
 In the miniature the CLIP is the mini CLIP (``outputs/demo/clip/export``) and the prompts are haystack captions:
-for each image whose prompt names one object, the CLIP's zero-shot prediction of the colour, shape and background
+for each image whose prompt names one object, the CLIP's zero-shot prediction of the colour, shape, size, position
+and background
 (prompt ensembles over every other attribute, as in :mod:`emu.text.mini_clip`) is compared with the prompt's.
 CLIP score is ``100 * max(cos(image, text), 0)`` (the torchmetrics / Hessel et al. convention).
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from emu.data.haystack import parse_caption
-from emu.text.mini_clip import clip_features, zero_shot_hits
+from emu.text.mini_clip import clip_features, retrieval_and_zero_shot, zero_shot_hits
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -72,8 +73,8 @@ class ClipJudge:
         return 100 * (self.embed_images(images) * self.embed_texts(prompts)).sum(-1).clamp(min=0)
 
     def attribute_accuracy(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-        """Zero-shot colour / shape / background accuracy on the images whose prompt is a one-object haystack
-        caption; ``n_scored`` says how many there were."""
+        """Zero-shot colour / shape / size / position / background accuracy on the images whose prompt is a
+        one-object haystack caption; ``n_scored`` says how many there were."""
         parsed = [parse_caption(p) for p in prompts]
         keep = [i for i, p in enumerate(parsed) if p is not None and len(p["objects"]) == 1]
         metrics: dict[str, float] = {"n_scored": float(len(keep))}
@@ -82,6 +83,20 @@ class ClipJudge:
         hits = zero_shot_hits(self.embed_images(images[keep]), [parsed[i] for i in keep], self.embed_texts)
         metrics.update({f"{attribute}_acc": float(right.float().mean()) for attribute, right in hits.items()})
         return metrics
+
+
+def clip_accuracy(judge: ClipJudge, n: int = 1000, seed: int = 0, start: int = 1_000_000,
+                  candidates: int = 100) -> dict[str, float]:  # fmt: skip
+    """How far to trust a CLIP on the haystack, on ``n`` images it never trained on (haystack ``seed`` from index
+    ``start``; the mini CLIP learns from seed 0's first indices): zero-shot colour, shape, size, position and
+    background on one-object scenes (all, and flaw-free), and text-to-image top-1 among ``candidates``."""
+    from emu.evaluation.judges import heldout_haystack
+
+    images, metas = heldout_haystack(n, seed, start, resolution=judge.size)
+    captions = [m["caption"] for m in metas]
+    metrics = retrieval_and_zero_shot(judge.embed_images(images), judge.embed_texts(captions), captions, metas,
+                                      judge.embed_texts, candidates)  # fmt: skip
+    return {"n": n, "haystack_seed": seed, "start": start, "candidates": candidates} | metrics
 
 
 class TensorFeatures(torch.nn.Module):

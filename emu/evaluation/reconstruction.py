@@ -44,11 +44,29 @@ def reconstruct(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: in
     return torch.cat([autoencoder(x).clamp(-1, 1) for x in images.split(batch_size)])
 
 
+def mean_colour(x: torch.Tensor) -> torch.Tensor:
+    """The simplest baseline that should lose: every pixel replaced by its image's mean colour."""
+    return x.mean((-2, -1), keepdim=True).expand_as(x)
+
+
+def pool_bilinear(x: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """A fixed linear autoencoder at the latent grid: ``factor`` x ``factor`` average pooling (3 numbers per
+    latent position), then bilinear upsampling back."""
+    small = torch.nn.functional.avg_pool2d(x, factor)
+    return torch.nn.functional.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+BASELINES = {"mean colour": mean_colour, "8x8 average pool + bilinear": pool_bilinear}
+
+
 @torch.no_grad()
-def reconstruction_metrics(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
-    """PSNR (dB) and SSIM of ``decode(encode(x).mode())`` against ``x`` (images in [-1, 1], same size)."""
+def reconstruction_metrics(autoencoder, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
+    """PSNR (dB) and SSIM of ``decode(encode(x).mode())`` against ``x`` (images in [-1, 1], same size).
+
+    ``autoencoder`` is an :class:`AutoencoderKL` or any map from images to reconstructions (see ``BASELINES``)."""
     psnr, ssim = PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)
-    autoencoder = autoencoder.eval()
+    if isinstance(autoencoder, torch.nn.Module):
+        autoencoder = autoencoder.eval()
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size]
         recon = autoencoder(x).clamp(-1, 1)

@@ -10,6 +10,7 @@ over captions that vary every other attribute (prompt ensembling).
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,13 @@ from emu.text.tokenizer import build_word_tokenizer
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_cosine
 
-ATTRIBUTES = {"color": tuple(haystack.COLORS), "shape": haystack.SHAPES, "background": tuple(haystack.BACKGROUNDS)}
+ATTRIBUTES = {
+    "color": tuple(haystack.COLORS),
+    "shape": haystack.SHAPES,
+    "size": tuple(haystack.SIZES),
+    "position": haystack.POSITIONS,
+    "background": tuple(haystack.BACKGROUNDS),
+}
 
 
 def haystack_vocabulary_text() -> list[str]:
@@ -37,13 +44,7 @@ def haystack_vocabulary_text() -> list[str]:
 
 def attribute_prompts(attribute: str, value: str) -> list[str]:
     """All one-object captions with ``attribute`` = ``value`` and every other attribute varied."""
-    grid = {
-        "size": tuple(haystack.SIZES),
-        "color": ATTRIBUTES["color"],
-        "shape": ATTRIBUTES["shape"],
-        "position": haystack.POSITIONS,
-        "background": ATTRIBUTES["background"],
-    }
+    grid = {k: ATTRIBUTES[k] for k in ("size", "color", "shape", "position", "background")}
     grid[attribute] = (value,)
     out = []
     for size, color, shape, pos, bg in itertools.product(*grid.values()):
@@ -70,7 +71,7 @@ class MiniClipModule(L.LightningModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
         retrieval_candidates: int = 100,
-        hard_negatives: bool = True,
+        hard_negatives: bool | list[str] = ("shape", "color"),
         export_on_fit_end: bool = True,
     ):
         super().__init__()
@@ -100,6 +101,11 @@ class MiniClipModule(L.LightningModule):
         )  # fmt: skip
         self._val: dict[str, list] = {}
         self._rng = random.Random(0)
+        negatives = hard_negatives
+        if isinstance(negatives, bool):  # older configs: true meant shape and colour
+            negatives = ("shape", "color") if negatives else ()
+        self._negative_attributes = tuple(negatives)
+        hard_negative_captions([], self._rng, self._negative_attributes)  # a bad name fails here, not mid-run
 
     def _tokens(self, captions: list[str]) -> dict[str, torch.Tensor]:
         t = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.hparams.max_length,
@@ -108,7 +114,7 @@ class MiniClipModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions, bs = list(batch["caption"]), len(batch["caption"])
-        negatives = hard_negative_captions(batch["meta"], self._rng) if self.hparams.hard_negatives else []
+        negatives = hard_negative_captions(batch["meta"], self._rng, self._negative_attributes)
         out = self.clip(**self._tokens(captions + negatives), pixel_values=batch["image"])
         logits_i2t = out.logits_per_image  # B x (B + negatives)
         target = torch.arange(bs, device=self.device)
@@ -156,24 +162,8 @@ class MiniClipModule(L.LightningModule):
 
     def evaluate(self, image_emb, text_emb, captions, metas) -> dict[str, float]:
         """Retrieval top-1 among ``retrieval_candidates`` and zero-shot attribute accuracies (one-object scenes)."""
-        n = self.hparams.retrieval_candidates
-        hits, total = 0, 0
-        for start in range(0, len(captions) - n + 1, n):
-            sims = text_emb[start : start + n] @ image_emb[start : start + n].T
-            best = sims.argmax(-1)
-            group = captions[start : start + n]
-            hits += sum(group[int(b)] == group[i] for i, b in enumerate(best))  # a twin caption counts too
-            total += n
-        metrics = {"t2i_top1": hits / total} if total else {}
-        single = [i for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
-        clean = torch.tensor([not metas[i].get("flaws") for i in single], dtype=torch.bool)
-        if single:
-            hits = zero_shot_hits(image_emb[single], [metas[i] for i in single], self.embed_texts)
-            for attribute, right in hits.items():
-                metrics[f"zeroshot_{attribute}"] = float(right.float().mean())
-                if clean.any():  # flaw-free images: colour is not hidden by monochrome, darkness, low contrast
-                    metrics[f"zeroshot_{attribute}_clean"] = float(right[clean].float().mean())
-        return metrics
+        return retrieval_and_zero_shot(image_emb, text_emb, captions, metas, self.embed_texts,
+                                       self.hparams.retrieval_candidates)  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hard_negative_rng"] = self._rng.getstate()  # exact resume draws the same negatives
@@ -209,23 +199,31 @@ class MiniClipModule(L.LightningModule):
             print(f"  exported mini CLIP to {folder}")
 
 
-def hard_negative_captions(metas: list[dict], rng: random.Random) -> list[str]:
-    """Per haystack image, one caption that differs from its own only in one object's shape or colour.
+NEGATIVE_ATTRIBUTES = ("shape", "color", "size", "position")
 
-    In-batch negatives rarely differ in shape alone (colour, position and background already tell pairs
-    apart), so without these the towers learn shape late; NegCLIP-style text negatives force it.
+
+def hard_negative_captions(metas: list[dict], rng: random.Random, attributes=("shape", "color")) -> list[str]:
+    """Per haystack image and per attribute in ``attributes``, a caption that differs from its own only in that
+    attribute of one object (a position swap keeps the objects in different cells).
+
+    In-batch negatives rarely differ in shape or position alone (colour and background already tell pairs
+    apart), so without these the towers learn them late, if at all; NegCLIP-style text negatives force them.
     """
+    unknown = set(attributes) - set(NEGATIVE_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"hard negatives swap {NEGATIVE_ATTRIBUTES}; got {sorted(unknown)}")
     out = []
-    for meta in metas:
-        objects = meta.get("objects")
-        if not objects or "background" not in meta:
-            continue
-        objects = [dict(o) for o in objects]
-        obj = rng.choice(objects)
-        attribute = rng.choice(("shape", "color"))
-        obj[attribute] = rng.choice([v for v in ATTRIBUTES[attribute] if v != obj[attribute]])
-        caption = haystack.caption_for(objects, meta["background"])
-        out.append(swap_left_right(caption) if meta.get("flipped") else caption)
+    for attribute in attributes:
+        for meta in metas:
+            objects = meta.get("objects")
+            if not objects or "background" not in meta:
+                continue
+            objects = [dict(o) for o in objects]
+            obj = rng.choice(objects)
+            taken = {o[attribute] for o in objects} if attribute == "position" else {obj[attribute]}
+            obj[attribute] = rng.choice([v for v in ATTRIBUTES[attribute] if v not in taken])
+            caption = haystack.caption_for(objects, meta["background"])
+            out.append(swap_left_right(caption) if meta.get("flipped") else caption)
     return out
 
 
@@ -235,7 +233,8 @@ def clip_features(out) -> torch.Tensor:
 
 
 def scene_attribute(scene: dict, attribute: str) -> str:
-    """``background``, or the first object's colour / shape, of a haystack scene (metadata or parsed caption)."""
+    """``background``, or the first object's colour / shape / size / position, of a haystack scene (metadata or
+    parsed caption)."""
     return scene["background"] if attribute == "background" else scene["objects"][0][attribute]
 
 
@@ -251,3 +250,32 @@ def zero_shot_hits(image_emb: torch.Tensor, scenes: list[dict], embed_texts) -> 
         pred = (image_emb.to(classes) @ F.normalize(classes, dim=-1).T).argmax(-1).cpu()
         hits[attribute] = pred == torch.tensor([values.index(scene_attribute(s, attribute)) for s in scenes])
     return hits
+
+
+def retrieval_top1(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str], candidates: int) -> float:
+    """Text-to-image top-1 retrieval in consecutive groups of ``candidates`` pairs (a twin caption counts as a
+    hit); NaN when there are fewer pairs than one group."""
+    hits, total = 0, 0
+    for start in range(0, len(captions) - candidates + 1, candidates):
+        best = (text_emb[start : start + candidates] @ image_emb[start : start + candidates].T).argmax(-1)
+        group = captions[start : start + candidates]
+        hits += sum(group[int(b)] == group[i] for i, b in enumerate(best))
+        total += candidates
+    return hits / total if total else math.nan
+
+
+def retrieval_and_zero_shot(image_emb, text_emb, captions, metas, embed_texts, candidates: int = 100) -> dict:
+    """``t2i_top1`` (see :func:`retrieval_top1`) and ``zeroshot_<attribute>`` on the one-object scenes, also as
+    ``zeroshot_<attribute>_clean`` on the flaw-free ones (where no monochrome, darkness or crop hides it)."""
+    top1 = retrieval_top1(image_emb, text_emb, captions, candidates)
+    metrics = {} if math.isnan(top1) else {"t2i_top1": top1}
+    single = [i for i, m in enumerate(metas) if len(m.get("objects", [])) == 1]
+    if not single:
+        return metrics
+    clean = torch.tensor([not metas[i].get("flaws") for i in single], dtype=torch.bool)
+    hits = zero_shot_hits(image_emb[single], [metas[i] for i in single], embed_texts)
+    for attribute, right in hits.items():
+        metrics[f"zeroshot_{attribute}"] = float(right.float().mean())
+        if clean.any():
+            metrics[f"zeroshot_{attribute}_clean"] = float(right[clean].float().mean())
+    return metrics
