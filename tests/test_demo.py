@@ -125,6 +125,9 @@ def test_a_failing_step_stops_the_demo_with_its_log(tmp_path):
     assert "boom" in (tmp_path / "demo.log").read_text()
 
 
+ATTRS = ("shape", "color", "size", "position", "background")
+
+
 def _write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
@@ -185,12 +188,22 @@ def _constructed_outputs(out: Path, appeal_a: np.ndarray, appeal_b: np.ndarray) 
             "n_prompts": len(appeal_a),
             "paired": paired,
             "models": {"quality_tuned": model, "pretrained": model},
-            "judge_accuracy": {"n": 64, "haystack_seed": 2, "appeal_pearson_r": 0.95, "appeal_mae": 0.4,
-                               **{f"{a}_acc": 0.93 for a in ("shape", "color", "size", "position", "background")},
-                               "shape_acc_clean": 0.99},  # fmt: skip
-            "clip_accuracy": {"n": 64, "haystack_seed": 0, "candidates": 100, "t2i_top1": 0.6,
-                              **{f"zeroshot_{a}": 0.9 for a in ("shape", "color", "size", "position", "background")},
-                              "zeroshot_shape_clean": 0.97},  # fmt: skip
+            "judge_accuracy": {
+                "n": 64,
+                "haystack_seed": 2,
+                "appeal_pearson_r": 0.95,
+                "appeal_mae": 0.4,
+                **{f"{a}_acc": 0.93 for a in ATTRS},
+                "shape_acc_clean": 0.99,
+            },
+            "clip_accuracy": {
+                "n": 64,
+                "haystack_seed": 0,
+                "candidates": 100,
+                "t2i_top1": 0.6,
+                **{f"zeroshot_{a}": 0.9 for a in ATTRS},
+                "zeroshot_shape_clean": 0.97,
+            },
         },
     )
 
