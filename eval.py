@@ -121,7 +121,7 @@ def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, ski
     if cfg.clip and cfg.clip_accuracy:
         from emu.evaluation.prompt_following import ClipJudge, clip_accuracy
 
-        result["clip_accuracy"] = clip_accuracy(ClipJudge(cfg.clip), int(cfg.clip_accuracy))
+        result["clip_accuracy"] = clip_accuracy(ClipJudge(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
     return result | {"_gens": gens, "_scores": scores}
 
 

@@ -121,6 +121,7 @@ def test_fine_stripes_are_hidden_periodic_detail_that_leaves_the_scene_alone(met
     share = np.mean([m["style"]["stripes"] is not None for m in metas])
     assert abs(share - haystack.P_STRIPES) < 0.04, share
     striped = [m for m in metas if m["style"]["stripes"] and not m["flaws"]][:5]
+    assert len(striped) == 5
     assert {m["style"]["stripes"] for m in metas} == {None, "horizontal", "vertical"}
     for meta in striped:
         spec = scene_spec(0, meta["index"])

@@ -162,14 +162,20 @@ def test_zero_shot_scores_every_attribute_against_constructed_text_embeddings():
     def embed(texts):
         return F.normalize(torch.tensor([[float(w in t.split()) for w in words] for t in texts]), dim=-1)
 
-    _, metas = heldout_haystack(40, seed=0)
+    _, metas = heldout_haystack(60, seed=0)
     captions = [m["caption"] for m in metas]
     metrics = retrieval_and_zero_shot(embed(captions), embed(captions), captions, metas, embed, candidates=20)
     assert set(ATTRIBUTES) == {"shape", "color", "size", "position", "background"}
     assert metrics["t2i_top1"] == 1.0
     for attribute in ATTRIBUTES:
         assert metrics[f"zeroshot_{attribute}"] == 1.0, attribute
-    assert any(k.endswith("_clean") for k in metrics)
+    # Flawed images embedded as a caption that is wrong in every attribute: only the flaw-free score stays at 1.
+    wrong = "a large white star in the bottom right on a forest background"
+    seen = [m["caption"] if not m["flaws"] else wrong for m in metas]
+    assert any(m["flaws"] for m in metas) and not all(m["flaws"] for m in metas)
+    metrics = retrieval_and_zero_shot(embed(seen), embed(captions), captions, metas, embed, candidates=20)
+    for attribute in ATTRIBUTES:
+        assert metrics[f"zeroshot_{attribute}_clean"] == 1.0 > metrics[f"zeroshot_{attribute}"], attribute
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +254,25 @@ def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tm
     assert out.tokens.shape == (2, 32, 32) and out.mask[1].sum() == 1
 
 
+def test_mini_clip_hyperparameters_from_hydra_load_weights_only(tmp_path):
+    """A config list (OmegaConf ListConfig) must not reach the checkpoint: resuming loads it weights-only."""
+    from omegaconf import OmegaConf
+
+    from emu.text.mini_clip import MiniClipModule
+
+    negatives = OmegaConf.create({"n": ["shape", "color"]}).n
+    module = MiniClipModule(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
+                            projection_dim=16, max_length=20, hard_negatives=negatives)  # fmt: skip
+    torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / "h.ckpt")
+    loaded = torch.load(tmp_path / "h.ckpt", weights_only=True)
+    assert loaded["hyper_parameters"]["hard_negatives"] == ["shape", "color"]
+
+
 def test_hard_negatives_differ_in_exactly_the_attribute_asked_for():
     import random
 
     from emu.data.haystack import make_sample, parse_caption
+    from emu.data.samples import swap_left_right
     from emu.text.mini_clip import NEGATIVE_ATTRIBUTES, hard_negative_captions
 
     metas = [make_sample(0, i, 16)[1] for i in range(20)]
@@ -267,6 +288,10 @@ def test_hard_negatives_differ_in_exactly_the_attribute_asked_for():
             assert [k for k in old if old[k] != new[k]] == [attribute]
             assert len({o["position"] for o in parsed["objects"]}) == len(parsed["objects"])  # one object per cell
     assert len(hard_negative_captions(metas, random.Random(0), NEGATIVE_ATTRIBUTES)) == 80
+    flipped = [{**m, "flipped": True} for m in metas]  # a mirrored image's negative is mirrored too
+    for meta, neg in zip(flipped, hard_negative_captions(flipped, random.Random(0), ["position"])):
+        parsed = parse_caption(swap_left_right(neg))
+        assert sum(o != n for o, n in zip(meta["objects"], parsed["objects"])) == 1
     assert hard_negative_captions([{}], random.Random(0)) == []
     with pytest.raises(ValueError, match="background"):
         hard_negative_captions(metas, random.Random(0), ["background"])

@@ -171,7 +171,8 @@ def trust_table(judge: dict | None, clip: dict | None, targets: Targets) -> list
         accs = {a: judge[f"{a}_acc"] for a in ATTRIBUTES if f"{a}_acc" in judge}
         worst = min(accs, key=accs.get) if accs else None
         r = judge.get("appeal_pearson_r", math.nan)
-        met = r >= TARGETS["judge_r"] and all(v >= TARGETS["judge_attribute"] for v in accs.values())
+        met = r >= TARGETS["judge_r"] and len(accs) == len(ATTRIBUTES)
+        met = met and all(v >= TARGETS["judge_attribute"] for v in accs.values())
         what = f"pixel judge: appeal r >= {TARGETS['judge_r']}, every attribute >= {TARGETS['judge_attribute']}"
         targets.add(what, f"r {r:.3f}; lowest: {worst} {accs.get(worst, math.nan):.3f}", met)
     if clip:
@@ -184,7 +185,8 @@ def trust_table(judge: dict | None, clip: dict | None, targets: Targets) -> list
         accs = {a: clip[f"zeroshot_{a}"] for a in ATTRIBUTES if f"zeroshot_{a}" in clip}
         worst = min(accs, key=accs.get) if accs else None
         t2i = clip.get("t2i_top1", math.nan)
-        met = t2i >= TARGETS["clip_t2i"] and all(v >= TARGETS["clip_zero_shot"] for v in accs.values())
+        met = t2i >= TARGETS["clip_t2i"] and len(accs) == len(ATTRIBUTES)
+        met = met and all(v >= TARGETS["clip_zero_shot"] for v in accs.values())
         what = f"mini CLIP: every zero-shot attribute >= {TARGETS['clip_zero_shot']}, t2i >= {TARGETS['clip_t2i']}"
         targets.add(what, f"t2i {t2i:.3f}; lowest: {worst} {accs.get(worst, math.nan):.3f}", met)
     return lines

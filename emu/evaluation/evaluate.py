@@ -312,7 +312,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                 ("aesthetic head", lambda m: m.get("aesthetic", {}).get("mean")),
                 ("judge appeal", lambda m: m.get("judge", {}).get("appeal")),
                 ("judge faithfulness", lambda m: m.get("judge", {}).get("faithfulness"))]  # fmt: skip
-        for attr in ("color_acc", "shape_acc", "background_acc"):
+        for attr in ("color_acc", "shape_acc", "size_acc", "position_acc", "background_acc"):
             rows.append((f"CLIP zero-shot {attr[:-4]}", lambda m, a=attr: m.get("clip_zero_shot", {}).get(a)))
         for k in frechet_keys:
             rows.append((k, lambda m, k=k: _frechet_cell(m.get("frechet", {}).get(k))))

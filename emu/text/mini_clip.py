@@ -75,6 +75,8 @@ class MiniClipModule(L.LightningModule):
         export_on_fit_end: bool = True,
     ):
         super().__init__()
+        if not isinstance(hard_negatives, bool):  # plain strings: a Hydra ListConfig would not load weights-only
+            hard_negatives = [str(a) for a in hard_negatives]
         self.save_hyperparameters()
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
