@@ -20,14 +20,14 @@ def test_overfitting_one_batch_halves_the_reconstruction_loss():
     loss_fn = AutoencoderLoss(disc_start=10**9)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(80):  # the batch holds a striped background (fine detail): 40 steps were not always enough
         posterior = model.encode(x)
         loss, logs = loss_fn.generator_loss(x, model.decode(posterior.sample()), posterior, step=0)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(logs["l1"]))
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses  # the last few: L1 of a sampled posterior is noisy
 
 
 class Snapshots(L.Callback):

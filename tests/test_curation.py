@@ -194,7 +194,7 @@ def test_curate_py_runs_the_configured_funnel(tmp_path, tiny_clip, aesthetic_hea
 
     overrides = [
         f"out={tmp_path}", f"paths.output_dir={tmp_path}", f"clip={tiny_clip}", "data=haystack",
-        "data.source.n_train=120", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
+        "data.source.n_train=240", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
         "data.num_workers=0", f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
         "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",
     ]  # fmt: skip
