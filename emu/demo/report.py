@@ -148,6 +148,32 @@ def section_autoencoder(out: Path, targets: Targets) -> list[str]:
     return [*lines, ""]
 
 
+def _cell(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _trust_rows(m: dict, name: str, headline: tuple[str, str, str, str], key: str, label: str, attr_target: str,
+                extra: tuple[tuple[str, str], ...] = ()) -> tuple[list[str], str, bool]:  # fmt: skip
+    """One measuring model's rows: its headline figure ``(label, key, short name, target key)``, ``extra`` rows,
+    then every attribute (``key`` / ``label`` formatted with ``a``) on all images and flaw-free ones (``_clean``);
+    with what the targets table says of it and whether the headline and every attribute reach their targets."""
+    h_label, h_key, h_short, h_target = headline
+    lines = [f"| {name} | {h_label} | {_cell(m.get(h_key))} | | {TARGETS[h_target]} |"]
+    lines += [f"| | {x_label} | {_cell(m.get(x_key))} | | |" for x_label, x_key in extra]
+    accs = {}
+    for a in ATTRIBUTES:
+        k = key.format(a=a)
+        lines.append(f"| | {label.format(a=a)} | {_cell(m.get(k))} | {_cell(m.get(f'{k}_clean'))} | "
+                     f"{TARGETS[attr_target]} |")  # fmt: skip
+        if k in m:
+            accs[a] = m[k]
+    worst = min(accs, key=accs.get) if accs else None
+    h = m.get(h_key, math.nan)
+    met = h >= TARGETS[h_target] and len(accs) == len(ATTRIBUTES)
+    met = met and all(v >= TARGETS[attr_target] for v in accs.values())
+    return lines, f"{h_short} {h:.3f}; lowest: {worst} {accs.get(worst, math.nan):.3f}", met
+
+
 def trust_table(judge: dict | None, clip: dict | None, targets: Targets) -> list[str]:
     """How far to trust the two measuring models, on held-out haystack images: all one-object scenes (the
     target) and the flaw-free ones (where no monochrome, darkness or crop hides the attribute)."""
@@ -157,38 +183,24 @@ def trust_table(judge: dict | None, clip: dict | None, targets: Targets) -> list
              "Held-out haystack images, one-object scenes for the attributes; \"flaw-free\" leaves out images whose "
              "hidden flaws (monochrome, darkness, a cut-off or cropped subject, ...) can hide an attribute.", "",
              "| model | figure | all images | flaw-free | target |", "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
-
-    def cell(x) -> str:
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
     if judge:
-        name = f"pixel judge (seed {judge.get('haystack_seed')}, n={judge.get('n')})"
-        lines.append(f"| {name} | appeal Pearson r | {cell(judge.get('appeal_pearson_r'))} | | {TARGETS['judge_r']} |")
-        lines.append(f"| | appeal MAE | {cell(judge.get('appeal_mae'))} | | |")
-        for a in ATTRIBUTES:
-            lines.append(f"| | {a} accuracy | {cell(judge.get(f'{a}_acc'))} | {cell(judge.get(f'{a}_acc_clean'))} | "
-                         f"{TARGETS['judge_attribute']} |")  # fmt: skip
-        accs = {a: judge[f"{a}_acc"] for a in ATTRIBUTES if f"{a}_acc" in judge}
-        worst = min(accs, key=accs.get) if accs else None
-        r = judge.get("appeal_pearson_r", math.nan)
-        met = r >= TARGETS["judge_r"] and len(accs) == len(ATTRIBUTES)
-        met = met and all(v >= TARGETS["judge_attribute"] for v in accs.values())
+        rows, measured, met = _trust_rows(
+            judge, f"pixel judge (seed {judge.get('haystack_seed')}, n={judge.get('n')})",
+            ("appeal Pearson r", "appeal_pearson_r", "r", "judge_r"), "{a}_acc", "{a} accuracy", "judge_attribute",
+            extra=(("appeal MAE", "appeal_mae"),),
+        )  # fmt: skip
+        lines += rows
         what = f"pixel judge: appeal r >= {TARGETS['judge_r']}, every attribute >= {TARGETS['judge_attribute']}"
-        targets.add(what, f"r {r:.3f}; lowest: {worst} {accs.get(worst, math.nan):.3f}", met)
+        targets.add(what, measured, met)
     if clip:
-        name = f"mini CLIP (seed {clip.get('haystack_seed')}, n={clip.get('n')})"
-        lines.append(f"| {name} | t2i top-1 of {clip.get('candidates', 100)} | {cell(clip.get('t2i_top1'))} | | "
-                     f"{TARGETS['clip_t2i']} |")  # fmt: skip
-        for a in ATTRIBUTES:
-            lines.append(f"| | zero-shot {a} | {cell(clip.get(f'zeroshot_{a}'))} | "
-                         f"{cell(clip.get(f'zeroshot_{a}_clean'))} | {TARGETS['clip_zero_shot']} |")  # fmt: skip
-        accs = {a: clip[f"zeroshot_{a}"] for a in ATTRIBUTES if f"zeroshot_{a}" in clip}
-        worst = min(accs, key=accs.get) if accs else None
-        t2i = clip.get("t2i_top1", math.nan)
-        met = t2i >= TARGETS["clip_t2i"] and len(accs) == len(ATTRIBUTES)
-        met = met and all(v >= TARGETS["clip_zero_shot"] for v in accs.values())
+        rows, measured, met = _trust_rows(
+            clip, f"mini CLIP (seed {clip.get('haystack_seed')}, n={clip.get('n')})",
+            (f"t2i top-1 of {clip.get('candidates', 100)}", "t2i_top1", "t2i", "clip_t2i"), "zeroshot_{a}",
+            "zero-shot {a}", "clip_zero_shot",
+        )  # fmt: skip
+        lines += rows
         what = f"mini CLIP: every zero-shot attribute >= {TARGETS['clip_zero_shot']}, t2i >= {TARGETS['clip_t2i']}"
-        targets.add(what, f"t2i {t2i:.3f}; lowest: {worst} {accs.get(worst, math.nan):.3f}", met)
+        targets.add(what, measured, met)
     return lines
 
 
