@@ -153,10 +153,12 @@ def log_to_loggers(cfg: DictConfig, result: dict[str, Any], grids: list[str], ge
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:
         return
+    from lightning.pytorch.loggers import WandbLogger
+
     flat = {k: v for k, v in _flatten(result).items() if isinstance(v, int | float) and not isinstance(v, bool)}
     for logger in loggers:
         logger.log_metrics(flat)
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             import wandb
             from PIL import Image
 
