@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from emu.errors import ConfigError
@@ -74,6 +75,24 @@ def save_last(trainer) -> Path:
         ckpt.last_model_path = str(path)  # before the save: the checkpoint holds the callback's state
     trainer.save_checkpoint(path)
     return path
+
+
+class LastAfterValidation(L.Callback):
+    """Re-save ``last.ckpt`` after a validation that ran at the very step it was saved at.
+
+    ``ModelCheckpoint`` writes ``last.ckpt`` at the end of a training batch, before that step's validation, and then
+    skips saving again at the same step; whatever validation computes (the autoencoder's latent statistics, which
+    its export carries) would be missing from the newest checkpoint. The rule: state computed at validation end is
+    in the checkpoint that follows it, so ``last.ckpt`` and the export of a run always agree.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ckpt = trainer.checkpoint_callback
+        if trainer.sanity_checking or ckpt is None or not getattr(ckpt, "save_last", False):
+            return
+        last = getattr(ckpt, "last_model_path", "")
+        if last and getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and Path(last).exists():
+            save_last(trainer)
 
 
 def checkpoint_problem(path: str | Path) -> str | None:

@@ -88,3 +88,18 @@ def test_a_sharded_checkpoint_replaces_the_previous_one_with_one_always_complete
     checkpoints.replace_folder(tmp_path / "last.ckpt.partial", last)
     assert (last / "meta.pt").read_text() == "newer" and not (tmp_path / "last.ckpt.old").exists()
     assert resolve_checkpoint("last", tmp_path) == str(last)
+
+
+def test_last_ckpt_and_the_export_agree_on_the_latent_statistics(tmp_path):
+    """The final step's validation measures the latent statistics after that step's last.ckpt was written; the
+    checkpoint is saved again after it (LastAfterValidation). Before: last.ckpt held the previous validation's."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "ae"
+    overrides = [*stage_overrides("autoencoder", None), "trainer.max_steps=6", "model.export_on_fit_end=true"]
+    assert (r := train(run, overrides)).returncode == 0, tail(r)
+    exported = load_file(run / "export" / "model.safetensors")
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for name in ("latent_mean", "latent_std"):
+        assert not torch.equal(exported[name], torch.zeros_like(exported[name]) + (name == "latent_std")), name
+        torch.testing.assert_close(state[f"autoencoder.{name}"], exported[name], rtol=0, atol=0, msg=name)

@@ -80,6 +80,12 @@ def test_stage1_resumes_exactly_after_sigkill(tmp_path, tiny):
     _assert_same_continuation(*_kill_and_resume(tmp_path, stage_overrides("stage1", tiny)))
 
 
+def test_a_checkpoint_saved_again_after_validation_resumes_exactly(tmp_path, tiny):
+    """Step 6's last.ckpt is written again after step 6's validation (LastAfterValidation); killed in step 7, the
+    run resumes from that checkpoint, after the validation, and goes on as the uninterrupted one."""
+    _assert_same_continuation(*_kill_and_resume(tmp_path, stage_overrides("stage1", tiny), kill=7))
+
+
 @pytest.mark.parametrize("case", list(EPOCH_END_CASES))
 def test_a_checkpoint_from_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path, tiny, case):
     kill, extra, injected = EPOCH_END_CASES[case]
