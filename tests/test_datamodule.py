@@ -89,6 +89,42 @@ def test_bad_folder_is_skipped_with_exact_counts(bad_folder):
     assert "corrupt_image" not in dm.skip_summary() and "not_an_image 2" in dm.skip_summary()
 
 
+def _folder_with_a_run_of_bad_files(root, n_good=19, n_bad=5):
+    """``n_good`` images with captions, and ``n_bad`` unreadable files that sort together after the 10th."""
+    root.mkdir()
+    for i in range(n_good):
+        name = f"img_{i:02d}" if i < 10 else f"img_{i + n_bad:02d}"
+        (root / f"{name}.png").write_bytes(png_bytes(rgb_image(16, 16, seed=i)))
+        (root / f"{name}.txt").write_text(f"caption {i}")
+    for j in range(n_bad):
+        (root / f"img_{10 + j:02d}.png").write_bytes(b"not an image")
+        (root / f"img_{10 + j:02d}.txt").write_text("broken")
+    return root
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_run_of_bad_files_is_dropped_not_replaced(tmp_path, shuffle):
+    """Before: each bad file was replaced by the next good one, so the image after a run of 5 bad files came 6
+    times per epoch. Now no image comes twice in an epoch, and the skips are counted exactly."""
+    root = _folder_with_a_run_of_bad_files(tmp_path / "run")
+    dm = EmuDataModule(FolderSource(str(root), val_fraction=0.0), resolution=16, batch_size=4, drop_last=False)
+    for epoch in range(2):
+        keys = [k for b in dm.dataloader("train", shuffle=shuffle) for k in b["key"]]
+        assert sorted(Counter(keys).values()) == [1] * 19, f"epoch {epoch}: an image delivered more than once"
+        assert dm.skipped["train"] == Counter(not_an_image=5 * (epoch + 1))
+
+
+def test_a_split_of_only_bad_files_says_how_many_it_has(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    for i in range(19):
+        (root / f"{i}.png").write_bytes(b"not an image")
+        (root / f"{i}.txt").write_text("broken")
+    dm = EmuDataModule(FolderSource(str(root), val_fraction=0.0), resolution=16, batch_size=4, max_skip_rate=1.0)
+    with pytest.raises(RuntimeError, match="all 19 samples of the train split are unusable"):
+        next(iter(dm.dataloader("train")))  # before: "64 consecutive unusable samples"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_webdataset_bad_shards_skipped_and_counted(bad_shards, workers):
     dm = EmuDataModule(

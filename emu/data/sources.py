@@ -7,8 +7,9 @@ Two kinds:
 * :class:`WebDatasetSource` (streaming): img2dataset-layout tar shards through the ``webdataset`` library;
   it batches inside the workers.
 
-A bad sample is never fed to the model: map-style sources replace it with the next good index, streaming
-sources drop it; both count it by reason in a :class:`SkipCounter` shared with the DataLoader workers.
+A bad sample is never fed to the model: every source drops it (map-style sources from its batch, streaming ones
+from the stream), never replaces it, and counts it by reason in a :class:`SkipCounter` shared with the DataLoader
+workers.
 """
 
 from __future__ import annotations
@@ -129,10 +130,13 @@ class IndexedSource:
 
 
 class PreparedDataset(Dataset):
-    """``source`` samples passed through ``prepare``; a bad one is replaced by the next good one and counted.
+    """``source`` samples passed through ``prepare``; a bad one is dropped from its batch and counted.
 
-    Only the sample asked for is counted when bad (a replacement that is also bad is counted when it is
-    itself asked for), so one pass over the dataset counts each bad sample exactly once.
+    Batches come through :meth:`__getitems__` (the DataLoader's batched fetch): a bad sample is counted and left
+    out, never replaced, so no sample is delivered twice in an epoch and no good neighbour of a run of bad files is
+    over-weighted; its batch is that much smaller (a WebDataset stream drops bad samples too). Only a batch with no
+    good sample at all gets one, the next good index after its first (a batch is never empty). Deterministic in the
+    indices and seeds asked for, so exactly resumable. A single ``dataset[i]`` walks to the next good index.
     """
 
     def __init__(
@@ -145,24 +149,47 @@ class PreparedDataset(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def _prepare(self, index: int, seed: int | None) -> dict[str, Any]:
+        with seeded(seed):
+            return self.prepare(self.source.raw(self.split, index))
+
+    def __getitems__(self, items: list[int | tuple[int, int]]) -> list[dict[str, Any]]:
+        """A batch of ``items`` (indices, or ``(index, seed)`` pairs) without its bad samples."""
+        out = []
+        for item in items:
+            index, seed = item if isinstance(item, tuple) else (item, None)
+            try:
+                out.append(self._prepare(index, seed))
+            except BadSample as e:
+                self.skips.count(e.reason, f"{self.split}[{index}]", str(e))
+                continue
+            self.skips.ok()
+        if not out and items:
+            out.append(self._next_good(items[0], count_first=False))  # its first item is counted above
+        return out
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         """``item``: an index, or ``(index, seed)`` from :class:`~emu.data.resume.ResumableSampler` (the seed of the
-        sample's augmentation)."""
+        sample's augmentation); a bad one is counted and the next good index returned instead."""
+        return self._next_good(item, count_first=True)
+
+    def _next_good(self, item: int | tuple[int, int], count_first: bool) -> dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, None)
-        for offset in range(min(self.max_consecutive_bad, self.n)):
+        tries = min(self.max_consecutive_bad, self.n)
+        for offset in range(tries):
             i = (index + offset) % self.n
             try:
-                with seeded(seed):
-                    sample = self.prepare(self.source.raw(self.split, i))
+                sample = self._prepare(i, seed)
             except BadSample as e:
-                if offset == 0:
+                if offset == 0 and count_first:
                     self.skips.count(e.reason, f"{self.split}[{i}]", str(e))
                 continue
             self.skips.ok()
             return sample
+        what = f"all {tries} samples" if tries == self.n else f"{tries} consecutive samples from index {index}"
         raise RuntimeError(
-            f"{self.max_consecutive_bad} consecutive unusable samples in the {self.split} split from index "
-            f"{index}; the dataset looks broken (skipped so far: {dict(self.skips.totals())})"
+            f"{what} of the {self.split} split are unusable; the dataset looks broken "
+            f"(skipped so far: {dict(self.skips.totals())})"
         )
 
 
