@@ -108,8 +108,9 @@ def test_training_on_the_bad_corpus_skips_counts_and_finishes(bad_folder, tmp_pa
         f"data.source.root={bad_folder}",
         "data.source.val_fraction=0",
         "data.min_size=16",
-        "data.resolution=64",  # bad samples leave their batch smaller: at 32 px the judge's last stage is 1x1
-        "data.batch_size=3",  # and BatchNorm refuses a batch of one there
+        # dropped bad samples can leave a batch of one: BatchNorm refuses it where the judge's last map is 1x1 (32 px)
+        "data.resolution=64",
+        "data.batch_size=3",
         "data.drop_last=false",
         "trainer.max_epochs=1",
         f"hydra.run.dir={run}",

@@ -10,7 +10,8 @@ disk when ``log_metrics`` returns, so a SIGKILL loses no row from before the che
 * :class:`ContinuingCSVLogger`: keeps ``metrics.csv``, drops its rows of step >= S, appends (a torn last line from
   a kill mid-write is dropped too).
 * :class:`ContinuingTensorBoardLogger`: a new event file opened with ``purge_step=S`` (TensorBoard's own way to
-  discard the events of steps >= S that earlier files hold), flushed on every log.
+  discard the events of steps >= S that earlier files hold), flushed on every log. A fresh run (S = 0) keeps the
+  folder's older files (purging step 0 would purge its own hyperparameters): give a fresh run a fresh folder.
 * :class:`ContinuingWandbLogger`: the run id is kept in ``<save_dir>/wandb_run_id`` and the run resumed
   (``resume="allow"``), so every attempt of a preempted job logs into one W&B run. W&B cannot rewind a run
   offline: rows logged between the checkpoint and the kill appear twice in its history, with the same
