@@ -14,15 +14,16 @@ from emu.training.checkpoints import save_last
 
 
 class RecordLosses(L.Callback):
-    """Appends ``{"step", "loss", "keys", "pid"}`` per training batch to a JSON-lines file (what the run saw, in
-    order; ``pid`` tells a resumed process's rows from the killed one's)."""
+    """Appends ``{"step", "loss", "keys", "pid", "rank"}`` per training batch to a JSON-lines file (what the run saw,
+    in order; ``pid`` tells a resumed process's rows from the killed one's; every rank of a run appends)."""
 
     def __init__(self, out: str):
         self.out = Path(out)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        row = {"step": trainer.global_step, "loss": float(loss), "keys": list(batch.get("key", [])), "pid": os.getpid()}
+        row = {"step": trainer.global_step, "loss": float(loss), "keys": list(batch.get("key", [])), "pid": os.getpid(),
+               "rank": trainer.global_rank}  # fmt: skip
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with open(self.out, "a") as f:
             f.write(json.dumps(row) + "\n")

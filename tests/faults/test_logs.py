@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from emu.training.loggers import ContinuingCSVLogger, ContinuingWandbLogger, rows_before, stored_run_id
-from tests.faults.common import inject, stage_overrides, tail, train
-from tests.faults.test_resume import KILL, STEPS
+from tests.faults.common import stage_overrides, tail, train
+from tests.faults.test_resume import STEPS, _assert_same_continuation, _kill_and_resume
 
 BOTH = ["logger=[csv,tensorboard]"]
 
@@ -42,20 +42,20 @@ def tiny(tiny_autoencoder, tiny_clip, tiny_t5):
 
 
 def test_csv_and_tensorboard_histories_survive_a_sigkill_and_resume(tmp_path, tiny):
-    overrides = [*stage_overrides("stage1", tiny), f"trainer.max_steps={STEPS}", *BOTH]
-    straight, run = tmp_path / "straight", tmp_path / "killed"
-    assert (r := train(straight, overrides)).returncode == 0, tail(r)
-    assert (r := train(run, overrides, *inject("KillAt", step=KILL, sig="SIGKILL"))).returncode == -9, tail(r)
-    killed = csv_rows(run)
-    assert int(killed[-1]["step"]) >= KILL - 1, "rows up to the kill were on disk (flushed every row)"
-    assert (r := train(run, [*overrides, "ckpt_path=last"])).returncode == 0, tail(r)
+    """Killed in step 7, the run resumes from step 6's last.ckpt, saved again after step 6's validation
+    (LastAfterValidation): the continuation is exact as well, and rows 0-5 can only come from the killed attempt's
+    files (flushed as logged)."""
+    overrides = [*stage_overrides("stage1", tiny), *BOTH]
+    expected, rows, straight, run, kill = _kill_and_resume(tmp_path, overrides, kill=7)
+    _assert_same_continuation(expected, rows, straight, run, kill)
+    overrides.append(f"trainer.max_steps={STEPS}")
 
     want = csv_rows(straight)
     assert {r["step"] for r in want} == {str(s) for s in range(STEPS + 1)}
     assert_same_history(csv_rows(run), want)  # before the fix: only the steps from the checkpoint on
     tb_want, tb_got = tb_scalars(straight), tb_scalars(run)
     assert "train/loss" in tb_want and tb_got.keys() == tb_want.keys()
-    for tag, points in tb_want.items():  # before the fix: steps 5-6 twice, once from each attempt
+    for tag, points in tb_want.items():  # before the fix: the steps from the checkpoint to the kill twice
         assert [s for s, _ in tb_got[tag]] == [s for s, _ in points], tag
         assert [v for _, v in tb_got[tag]] == pytest.approx([v for _, v in points], abs=1e-6), tag
 
