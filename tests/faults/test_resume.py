@@ -121,7 +121,7 @@ def test_two_ddp_ranks_resume_loss_for_loss_after_sigkill(tmp_path, tiny):
             assert row["keys"] == want[row["step"]]["keys"], f"rank {rank} step {row['step']}: other samples"
             assert row["loss"] == pytest.approx(want[row["step"]]["loss"], abs=1e-6), f"rank {rank} step {row['step']}"
     a, b = (torch.load(d / "checkpoints/last.ckpt", map_location="cpu", weights_only=False) for d in (straight, run))
-    assert a["global_step"] == b["global_step"] == STEPS
+    assert a["global_step"] == b["global_step"] >= kill  # the newest save of each: after the resume
     ta, tb = (_tensors({k: c[k] for k in ("state_dict", "optimizer_states")}) for c in (a, b))
     assert ta.keys() == tb.keys()
     for k in ta:
