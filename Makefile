@@ -47,12 +47,12 @@ bench: install  ## data pipeline, U-Net and autoencoder training step vs diffuse
 	@if [ -f $(DEMO)/latents/precompute.json ]; then $(PY) bench/stage1_step.py $(STAGE1_LATENTS) data.num_workers=1; \
 	else echo "bench/stage1_step.py on precomputed latents skipped: make latents first"; fi
 
-# The demo corpus's latents and text embeddings, precomputed once (emu/data/precompute.py) for data=latents.
+# The demo corpus's latents and text embeddings, precomputed once (emu/diffusion/precompute.py) for data=latents.
 STAGE1 := experiment=mini/stage1_pretrain paths.demo_dir=$(DEMO) '~data.source.n_train' '~data.source.n_val'
 STAGE1_SHARDS := $(STAGE1) data=webdataset 'data.source.shards=$(DEMO)/haystack/*.tar'
 STAGE1_LATENTS := $(STAGE1) data=latents data.hflip=0 'data.source.shards=$(DEMO)/latents/train/*.tar'
 latents: install  ## precompute the demo corpus's latents + text embeddings (needs make demo)
-	$(PY) -m emu.data.precompute --out $(DEMO)/latents $(STAGE1_SHARDS) data.source.val_fraction=0.0128
+	$(PY) -m emu.diffusion.precompute --out $(DEMO)/latents $(STAGE1_SHARDS) data.source.val_fraction=0.0128
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

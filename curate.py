@@ -23,7 +23,7 @@ from emu.utils.config import check_required, config_errors_as_messages
 
 def build_stages(cfg: DictConfig) -> list:
     """Instantiate the stages in order; those that take a ``clip`` share one, loaded on first need."""
-    from emu.evaluation.prompt_following import ClipJudge
+    from emu.text.clip import ClipEmbedder
 
     clip = None
     stages = []
@@ -36,7 +36,7 @@ def build_stages(cfg: DictConfig) -> list:
             if clip is None:
                 if not Path(str(cfg.clip)).expanduser().exists() and str(cfg.clip).startswith((".", "/", "~")):
                     raise ConfigError("clip", f"no CLIP model folder at '{cfg.clip}' (train one: make demo)")
-                clip = ClipJudge(cfg.clip)
+                clip = ClipEmbedder(cfg.clip)
             extra["clip"] = clip
         stage = hydra.utils.instantiate(node, **extra)
         if stage.name != name:

@@ -45,9 +45,9 @@ def extractors(cfg: DictConfig, notes: list[str]) -> tuple[list, dict[str, str]]
             skipped["fid"] = f"skipped: {e}"
             notes.append(f"FID skipped: {str(e).splitlines()[0]}")
     if cfg.fid.domain and cfg.clip:
-        from emu.evaluation.prompt_following import ClipJudge
+        from emu.text.clip import ClipEmbedder
 
-        judge = ClipJudge(cfg.clip)
+        judge = ClipEmbedder(cfg.clip)
         out.append(fidlib.custom_extractor(f"clip_{Path(cfg.clip).name}", judge.embed_images))
     return out, skipped
 
@@ -119,9 +119,10 @@ def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, ski
     if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
         result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
     if cfg.clip and cfg.clip_accuracy:
-        from emu.evaluation.prompt_following import ClipJudge, clip_accuracy
+        from emu.evaluation.prompt_following import clip_accuracy
+        from emu.text.clip import ClipEmbedder
 
-        result["clip_accuracy"] = clip_accuracy(ClipJudge(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
+        result["clip_accuracy"] = clip_accuracy(ClipEmbedder(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
     return result | {"_gens": gens, "_scores": scores}
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from emu.curation.aesthetic import AestheticHead, train_head
+from emu.curation.aesthetic import train_head
 from emu.curation.funnel import Funnel, HumanStage
 from emu.curation.human import SimulatedAnnotator, combine, read_labels
 from emu.curation.stages import (
@@ -25,6 +25,7 @@ from emu.curation.stages import (
 from emu.data import EmuDataModule, FolderSource, HaystackSource
 from emu.data import haystack as hs
 from emu.errors import ConfigError
+from emu.text.aesthetic import AestheticHead
 from tests.conftest import haystack_batch
 
 
@@ -107,17 +108,17 @@ def test_labels_import_round_trip_and_bad_rows(tmp_path):
 @pytest.fixture(scope="module")
 def aesthetic_head(tiny_clip, tmp_path_factory):
     from emu.curation.aesthetic import haystack_ratings
-    from emu.evaluation.prompt_following import ClipJudge
+    from emu.text.clip import ClipEmbedder
 
-    emb, ratings = haystack_ratings(ClipJudge(tiny_clip), 64, seed=1, resolution=32)
+    emb, ratings = haystack_ratings(ClipEmbedder(tiny_clip), 64, seed=1, resolution=32)
     head, _ = train_head(emb, ratings, epochs=3)
     return head.save(tmp_path_factory.mktemp("aesthetic") / "head.safetensors")
 
 
 def _stages(tiny_clip, head, clip_min=None):
-    from emu.evaluation.prompt_following import ClipJudge
+    from emu.text.clip import ClipEmbedder
 
-    clip = ClipJudge(tiny_clip)
+    clip = ClipEmbedder(tiny_clip)
     annotators = [{"name": f"g{i}", "noise": 0.1, "appeal_noise": 1.0, "appeal_threshold": 5.0, "seed": i}
                   for i in range(2)]  # fmt: skip
     return [

@@ -45,7 +45,7 @@ def test_fsdp_config_composes_with_the_paper_stage():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=stage1_pretrain", "trainer=fsdp", "trainer.num_nodes=4",
                                           "trainer.strategy.sharding=hybrid"])  # fmt: skip
-    assert cfg.trainer.strategy._target_ == "emu.distributed.FSDPStrategy"
+    assert cfg.trainer.strategy._target_ == "emu.training.distributed.FSDPStrategy"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 4
     assert cfg.model.unet.block_channels == [384, 768, 1536]  # the 2.8B U-Net
     from hydra.utils import instantiate
@@ -75,7 +75,7 @@ def test_fsdp_two_cpu_processes_train_and_resume_a_sharded_checkpoint(tmp_path, 
 
     # one file from the shards, loadable for sampling like any stage-1 checkpoint
     single = tmp_path / "consolidated.ckpt"
-    subprocess.run([sys.executable, "-m", "emu.distributed", "consolidate", str(ckpt), "--out", str(single)],
+    subprocess.run([sys.executable, "-m", "emu.training.distributed", "consolidate", str(ckpt), "--out", str(single)],
                    check=True, capture_output=True, cwd=ROOT)  # fmt: skip
     from emu.diffusion.module import load_for_sampling
 

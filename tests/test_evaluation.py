@@ -100,13 +100,14 @@ def test_judge_with_average_and_max_pooling_sizes_its_heads():
 
 # ------------------------------------------------------------------------------------------------ CLIP score
 def test_clip_score_is_torchmetrics_clipscore(tiny_clip):
-    from emu.evaluation.prompt_following import ClipJudge, torchmetrics_clip_score
+    from emu.evaluation.prompt_following import torchmetrics_clip_score
+    from emu.text.clip import ClipEmbedder
 
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 32) * 2 - 1
     images = ((images + 1) * 127.5).round() / 127.5 - 1  # exactly representable as uint8
     prompts = ["a large red circle in the top left on a navy background", "a small blue star at the bottom"] * 3
-    ours = ClipJudge(tiny_clip)
+    ours = ClipEmbedder(tiny_clip)
     cos = (ours.embed_images(images) * ours.embed_texts(prompts)).sum(-1)
     expected = max(100 * cos.mean().item(), 0.0)  # torchmetrics clamps the mean, not each pair
     assert torchmetrics_clip_score(tiny_clip, images, prompts, batch_size=4) == pytest.approx(expected, abs=1e-3)

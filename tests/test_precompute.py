@@ -1,4 +1,5 @@
-"""Precomputed latents and text embeddings (emu.data.precompute / emu.data.latents) reproduce the on-the-fly ones."""
+"""Precomputed latents and text embeddings (emu.diffusion.precompute / emu.diffusion.latents) reproduce the on-the-fly
+ones."""
 
 import tarfile
 
@@ -8,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from emu.data import haystack
-from emu.data.precompute import precompute
+from emu.diffusion.precompute import precompute
 from emu.errors import ConfigError
 from tests.conftest import ROOT, tiny_stage1_overrides
 
@@ -52,7 +53,7 @@ def test_shards_hold_every_sample_once_with_a_manifest(corpus):
 def test_moved_shards_find_their_own_val_split(corpus, tmp_path):
     import shutil
 
-    from emu.data.latents import LatentSource
+    from emu.diffusion.latents import LatentSource
 
     moved = tmp_path / "moved"
     shutil.copytree(corpus["root"] / "latents", moved)

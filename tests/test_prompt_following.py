@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from emu.evaluation.prompt_following import ClipJudge, load_sample_folder, main
+from emu.evaluation.prompt_following import load_sample_folder, main
+from emu.text.clip import ClipEmbedder
 from emu.utils.images import to_uint8
 from tests.conftest import haystack_batch
 
@@ -13,7 +14,7 @@ def test_clip_judge_scores_prompts_and_attributes(tiny_clip, tmp_path):
     from PIL import Image
 
     batch = haystack_batch(n=6)
-    judge = ClipJudge(tiny_clip)
+    judge = ClipEmbedder(tiny_clip)
     prompts = list(batch["caption"])
     scores = judge.clip_score(batch["image"], prompts)
     assert scores.shape == (6,) and (scores >= 0).all() and (scores <= 100).all()

@@ -18,6 +18,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from emu.autoencoder.losses import AutoencoderLoss
 from emu.autoencoder.model import AutoencoderKL, patch_second_moment
 from emu.errors import ConfigError
+from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_constant
 
@@ -95,7 +96,7 @@ class AutoencoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        from emu.distributed import FSDPStrategy
+        from emu.training.distributed import FSDPStrategy
 
         if self.trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ConfigError("trainer", "FSDP shards the U-Net; the autoencoder (~84M parameters at paper scale) "
@@ -219,7 +220,7 @@ class AutoencoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["emu"] = {"kind": KIND, "autoencoder_config": self.autoencoder.config}
+        write_header(checkpoint, KIND, autoencoder_config=self.autoencoder.config)
 
     def on_fit_end(self) -> None:
         if self.hparams.export_on_fit_end and self.trainer.is_global_zero and self.trainer.default_root_dir:
@@ -246,7 +247,7 @@ def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> 
         model = AutoencoderKL.from_pretrained(path)
     elif path.is_file():
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        info = ckpt.get("emu", {}) if isinstance(ckpt, dict) else {}
+        info = header(ckpt)
         if info.get("kind") != KIND:
             raise ValueError(f"'{path}' is a {info.get('kind', 'non-emu')} checkpoint, not a stage-0 autoencoder")
         model = AutoencoderKL(**info["autoencoder_config"])

@@ -1,8 +1,5 @@
-"""The aesthetic score: the LAION aesthetic predictor's MLP on L2-normalised CLIP image embeddings.
-
-Same architecture and state-dict keys as the public predictor (``layers.0/2/4/6/7``; for CLIP ViT-L/14 the input
-is 768 wide), so its checkpoint loads by path (``AestheticHead.from_file``: ``.pth`` / ``.pt`` / ``.safetensors``).
-Here it is trainable on (embedding, rating) pairs; in the miniature the ratings are the hidden appeal of a
+"""Training the aesthetic head (:class:`emu.text.aesthetic.AestheticHead`, the LAION predictor's MLP) on
+(CLIP embedding, rating) pairs; in the miniature the ratings are the hidden appeal of a
 *separate* haystack sample (seed 1), standing in for human ratings as AVA does for LAION::
 
     python -m emu.curation.aesthetic --clip outputs/demo/clip/export --out outputs/demo/curate/aesthetic.safetensors
@@ -12,56 +9,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from emu.errors import ConfigError
-
-
-class AestheticHead(nn.Module):
-    """``Linear(d,1024) Dropout(.2) Linear(1024,128) Dropout(.2) Linear(128,64) Dropout(.1) Linear(64,16)
-    Linear(16,1)`` in ``self.layers`` (LAION's ``MLP``)."""
-
-    def __init__(self, input_size: int = 768):
-        super().__init__()
-        self.input_size = input_size
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) of image embeddings (B x d); they are L2-normalised here, as the predictor expects."""
-        return self.layers(F.normalize(embeddings.float(), dim=-1)).squeeze(-1)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> AestheticHead:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ConfigError("aesthetic.head", f"no aesthetic head at '{path}' (train one with "
-                              "python -m emu.curation.aesthetic, or give the LAION predictor's .pth)")  # fmt: skip
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        if "layers.0.weight" not in state:
-            raise ConfigError("aesthetic.head", f"'{path}' is not an aesthetic predictor (no layers.0.weight)")
-        head = cls(state["layers.0.weight"].shape[1])
-        head.load_state_dict(state)
-        return head.eval()
-
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
-        return path
+from emu.text.aesthetic import AestheticHead
 
 
 def train_head(
@@ -107,7 +59,7 @@ def haystack_ratings(clip, n: int, seed: int = 1, resolution: int = 64) -> tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    from emu.evaluation.prompt_following import ClipJudge
+    from emu.text.clip import ClipEmbedder
 
     p = argparse.ArgumentParser(prog="python -m emu.curation.aesthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--clip", required=True, help="CLIPModel folder whose image embeddings the head reads")
@@ -117,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=60)
     args = p.parse_args(argv)
     t = time.time()
-    emb, ratings = haystack_ratings(ClipJudge(args.clip), args.n, args.seed)
+    emb, ratings = haystack_ratings(ClipEmbedder(args.clip), args.n, args.seed)
     head, metrics = train_head(emb, ratings, epochs=args.epochs)
     head.save(args.out)
     mae, r = metrics["val_mae"], metrics["val_pearson"]

@@ -186,10 +186,11 @@ class ClipScore(Stage):
 
 
 class Aesthetic(Stage):
-    """The aesthetic head (:mod:`emu.curation.aesthetic`) on the CLIP image embedding."""
+    """The aesthetic head (:mod:`emu.text.aesthetic`, trained by :mod:`emu.curation.aesthetic`) on the CLIP image
+    embedding."""
 
     def __init__(self, clip, head: str, name: str = "aesthetic", keep=None):
-        from emu.curation.aesthetic import AestheticHead
+        from emu.text.aesthetic import AestheticHead
 
         super().__init__(name, keep or {"top_fraction": 0.25})
         self.clip, self.head = clip, AestheticHead.from_file(head)

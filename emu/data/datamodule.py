@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from emu.data.latents import LatentSource
 from emu.data.resume import EpochStream, ResumableLoader, ResumableSampler
 from emu.data.samples import SamplePreparer, collate
 from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, WebDatasetSource
@@ -74,22 +73,8 @@ class EmuDataModule(L.LightningDataModule):
             raise ConfigError("data.hflip", f"is a probability in [0, 1], got {hflip}")
         if batch_size <= 0:
             raise ConfigError("data.batch_size", f"must be positive, got {batch_size}")
-        if isinstance(source, IndexedSource) and source.size("train") < batch_size and drop_last:
-            raise ConfigError(
-                "data.batch_size",
-                f"{batch_size} is larger than the {source.size('train')} training samples (with drop_last)",
-            )
-        if isinstance(source, WebDatasetSource) and persistent_workers and num_workers > 0:
-            raise ConfigError("data.persistent_workers", "must be false for shard sources: their stream is "
-                              "rebuilt each epoch (new order, exact resume), which persistent workers would not "
-                              "see")  # fmt: skip
-        if isinstance(source, LatentSource):
-            if hflip > 0:
-                raise ConfigError("data.hflip", f"is {hflip}, but precomputed latents are fixed crops (no flipping "
-                                  "at training time); set data.hflip=0")  # fmt: skip
-            if resolution != source.resolution:
-                raise ConfigError("data.resolution", f"is {resolution} but the precomputed latents were made at "
-                                  f"{source.resolution}px; set data.resolution={source.resolution}")  # fmt: skip
+        source.check_loader_settings(resolution=resolution, batch_size=batch_size, drop_last=drop_last, hflip=hflip,
+                                     num_workers=num_workers, persistent_workers=persistent_workers)  # fmt: skip
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size

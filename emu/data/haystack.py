@@ -1,4 +1,4 @@
-"""The haystack: the built-in miniature's procedural, captioned image domain (DESIGN.md §3).
+"""The haystack: the built-in miniature's procedural, captioned image domain.
 
 Every image is a scene of one or two objects (shape, colour, size, position on a 3x3 grid) over a named
 background, with a template caption that states them. Each image also carries hidden quality attributes
@@ -107,7 +107,7 @@ MEAN_EXTRA_FLAWS = 0.8  # flawed images have 1 + Poisson(this) flaws
 NEEDLE_APPEAL = 7.5  # a clean image is a needle when its appeal reaches this
 DUPLICATE_WINDOW = 500  # near-duplicates copy one of the previous this-many images
 SUPERSAMPLE = 4
-# Fine detail (issue 17): a share of backgrounds carry faint sinusoidal stripes, hidden (not captioned, no effect on
+# Fine detail: a share of backgrounds carry faint sinusoidal stripes, hidden (not captioned, no effect on
 # appeal), drawn from their own random stream so every other attribute of a scene is what it was without them.
 # Their period is 1/16 of the shorter side (4 px at 64 px: two cycles per 8x8 latent cell), the detail a 4-channel
 # latent loses first; blur, low resolution and JPEG flaws wash them out as they would a real texture.

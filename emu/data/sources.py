@@ -122,6 +122,11 @@ def in_split(key: str, split: str, val_fraction: float) -> bool:
 class IndexedSource:
     """A map-style source: ``size(split)`` samples, each read by ``raw(split, i)``."""
 
+    def check_loader_settings(self, *, batch_size: int, drop_last: bool, **_: Any) -> None:
+        """Raise :class:`ConfigError` for DataModule settings this source cannot serve (every source has one)."""
+        if (n := self.size("train")) < batch_size and drop_last:
+            raise ConfigError("data.batch_size", f"{batch_size} is larger than the {n} training samples (drop_last)")
+
     def size(self, split: str) -> int:
         raise NotImplementedError
 
@@ -373,6 +378,12 @@ class WebDatasetSource:
             raise ConfigError("data.source.epoch_size", "is required when data.source.resampled=true")
         self.val_fraction, self.resampled, self.epoch_size = val_fraction, resampled, epoch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def check_loader_settings(self, *, persistent_workers: bool, num_workers: int, **_: Any) -> None:
+        if persistent_workers and num_workers > 0:
+            raise ConfigError("data.persistent_workers", "must be false for shard sources: their stream is "
+                              "rebuilt each epoch (new order, exact resume), which persistent workers would not "
+                              "see")  # fmt: skip
 
     def has_split(self, split: str) -> bool:
         return split == "train" or self.val_shards is not None or self.val_fraction > 0

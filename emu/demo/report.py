@@ -2,7 +2,8 @@
 
 Reads ``demo_state.json`` (stage times), ``autoencoder_eval/metrics.json``, ``curate/funnel.json``,
 ``stage2/checkpoints/select/selection.json`` and ``eval/metrics.json``; a missing file leaves its section saying
-which stage has not run. Targets (issue 8) are checked here and reported as met or missed, never asserted.
+which stage has not run. Targets (``TARGETS``: the demo's, then the miniature's own models') are checked here and
+reported as met or missed, never asserted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from emu.utils.files import atomic_write_text
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_WIN, PAPER_LOSS = 0.829, 0.154  # visual appeal, quality-tuned vs pre-trained, PartiPrompts (Emu paper)
 PAPER_FAITH_WIN, PAPER_FAITH_LOSS = 0.367, 0.210
-TARGETS = {  # issue 8's, and issue 17's for the miniature's own models
+TARGETS = {  # the demo's figures, then the miniature's own models (autoencoder, judge, CLIP)
     "psnr_16ch_db": 28.0,
     "psnr_margin_db": 2.0,
     "judge_appeal_drop": 0.3,

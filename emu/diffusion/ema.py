@@ -3,7 +3,7 @@
 Per optimizer step of ``n`` images the average moves by ``1 - beta`` with ``beta = 0.5 ** (n / half_life)``;
 with ``ramp`` the half-life is at most ``ramp * images_seen``, so early averages do not drag the random init
 along. The averaged copies are submodules, hence in every checkpoint's ``state_dict`` (``ema.shadow.*``). Under FSDP the
-copies are sharded exactly as the live networks (:mod:`emu.distributed`) and every operation here works on this
+copies are sharded exactly as the live networks (:mod:`emu.training.distributed`) and every operation here works on this
 rank's local shards, with no communication.
 """
 
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from emu.distributed import local
+from emu.training.distributed import local
 
 
 def ema_beta(images_per_step: float, half_life_images: float, images_seen: float, ramp: float | None) -> float:

@@ -30,10 +30,11 @@ from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_al
 from emu.diffusion.pipeline import generate
 from emu.diffusion.prompts import read_prompts
 from emu.diffusion.unet import UNet
-from emu.distributed import FSDPStrategy, shard_modules
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
+from emu.training.distributed import FSDPStrategy, shard_modules
+from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_constant, warmup_cosine
 
@@ -144,7 +145,7 @@ class DiffusionModule(L.LightningModule):
         return {"unet": self.unet, "text_proj": self.conditioner.proj}
 
     def configure_model(self) -> None:
-        """Under :class:`~emu.distributed.FSDPStrategy`: shard the U-Net (its ResNet and transformer blocks as
+        """Under :class:`~emu.training.distributed.FSDPStrategy`: shard the U-Net (its ResNet and transformer blocks as
         units), the text projections and the EMA's copies of both; the frozen networks stay replicated."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         if self.hparams.channels_last:
@@ -183,8 +184,8 @@ class DiffusionModule(L.LightningModule):
                               f"{self.resolution_multiple}")  # fmt: skip
 
     def check_precomputed(self, manifest: dict[str, Any]) -> None:
-        """Refuse precomputed shards (:mod:`emu.data.latents`) made with another autoencoder or text encoders."""
-        from emu.data.precompute import fingerprint
+        """Refuse precomputed shards (:mod:`emu.diffusion.latents`) made with another autoencoder or text encoders."""
+        from emu.diffusion.precompute import fingerprint
 
         if manifest.get("autoencoder_fingerprint") != fingerprint(self.autoencoder):
             raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
@@ -289,10 +290,10 @@ class DiffusionModule(L.LightningModule):
         sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         for k in [k for k in sd if k.startswith(FROZEN_PREFIXES) and not sharded]:  # FSDP loads by the model's own
             del sd[k]  # keys, frozen ones included: it keeps them
-        checkpoint["emu"] = {"kind": KIND, "unet_config": self.unet.config, "resolution": self.train_resolution}
+        write_header(checkpoint, KIND, unet_config=self.unet.config, resolution=self.train_resolution)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        kind = checkpoint.get("emu", {}).get("kind")
+        kind = header(checkpoint).get("kind")
         if kind != KIND:
             raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
         if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
@@ -302,7 +303,7 @@ class DiffusionModule(L.LightningModule):
     def initialise_from(self, path: str) -> None:
         """Weights (EMA where present) from a diffusion checkpoint: initialisation, not resume."""
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("emu", {}).get("kind") != KIND:
+        if header(ckpt).get("kind") != KIND:
             raise ConfigError("model.init_from", f"'{path}' is not a diffusion checkpoint")
         sd = ckpt["state_dict"]
         for name, module in self.trained_modules().items():
@@ -330,12 +331,12 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, corrupt or not a torch file at all
         raise ValueError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    kind = ckpt.get("emu", {}).get("kind") if isinstance(ckpt, dict) else None
+    kind = header(ckpt).get("kind")
     if kind != KIND:
         raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
     module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
                                                   **overrides)  # fmt: skip
-    module.train_resolution = ckpt["emu"].get("resolution")
+    module.train_resolution = header(ckpt).get("resolution")
     return module
 
 

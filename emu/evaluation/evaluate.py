@@ -25,6 +25,7 @@ from emu.data.samples import SamplePreparer
 from emu.errors import ConfigError
 from emu.evaluation import fid as fidlib
 from emu.evaluation.winrate import compare, format_win_rate
+from emu.utils.checkpoint_header import header
 from emu.utils.images import image_grid, to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -58,7 +59,7 @@ def item_kind(path: str | Path) -> str:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         raise ConfigError("a/b", f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    kind = ckpt.get("emu", {}).get("kind") if isinstance(ckpt, dict) else None
+    kind = header(ckpt).get("kind")
     if kind not in ("diffusion", "autoencoder"):
         raise ConfigError("a/b", f"'{path}' is a {kind or 'non-emu'} checkpoint; eval.py takes diffusion or "
                           "autoencoder checkpoints, or sample.py folders")  # fmt: skip
@@ -165,15 +166,16 @@ def model_metrics(gen: Generated, clip: str | None, aesthetic: str | None, judge
     m: dict[str, Any] = {"name": gen.name, "source": gen.source, "n_images": len(gen.prompts), "settings": gen.settings}
     scores: dict[str, np.ndarray] = {}
     if clip:
-        from emu.evaluation.prompt_following import ClipJudge, torchmetrics_clip_score
+        from emu.evaluation.prompt_following import torchmetrics_clip_score
+        from emu.text.clip import ClipEmbedder
 
         m["clip_score"] = torchmetrics_clip_score(clip, gen.images, gen.prompts)
         m["clip_score_model"] = str(clip)
         m["clip_score_convention"] = "torchmetrics CLIPScore: max(100 * mean cos(image, text), 0)"
-        cj = ClipJudge(clip)
+        cj = ClipEmbedder(clip)
         m["clip_zero_shot"] = cj.attribute_accuracy(gen.images, gen.prompts)
         if aesthetic:
-            from emu.curation.aesthetic import AestheticHead
+            from emu.text.aesthetic import AestheticHead
 
             head = AestheticHead.from_file(aesthetic).eval()
             with torch.no_grad():

@@ -1,6 +1,6 @@
 """Pixel judges for the miniature: predict the haystack's hidden appeal and its scene attributes from pixels.
 
-The evaluation (issue 7) needs judges that are independent of everything curation used: these are trained
+The evaluation needs judges that are independent of everything curation used: these are trained
 from scratch on pixels of a separate haystack sample (its own seed), never on CLIP features. One network
 with several heads:
 

@@ -48,19 +48,17 @@ class TextConditioner(nn.Module):
     ):
         super().__init__()
         if not encoders:
-            raise ConfigError("model.conditioner.encoders", "needs at least one text encoder")
+            raise ConfigError("model.text.encoders", "needs at least one text encoder")
         if uncond not in ("empty", "zeros"):
-            raise ConfigError("model.conditioner.uncond", f"must be 'empty' or 'zeros', got {uncond!r}")
+            raise ConfigError("model.text.uncond", f"must be 'empty' or 'zeros', got {uncond!r}")
         if pooled_from is not None and (pooled_from not in encoders or encoders[pooled_from].pooled_size is None):
-            raise ConfigError(
-                "model.conditioner.pooled_from", f"{pooled_from!r} is not an encoder with a pooled output"
-            )
+            raise ConfigError("model.text.pooled_from", f"{pooled_from!r} is not an encoder with a pooled output")
         self.encoders = nn.ModuleDict(encoders)
         self.proj = nn.ModuleDict({n: nn.Linear(e.hidden_size, context_dim) for n, e in encoders.items()})
         rates = dropout if isinstance(dropout, dict) else dict.fromkeys(encoders, float(dropout))
         unknown = set(rates) - set(encoders)
         if unknown:
-            raise ConfigError("model.conditioner.dropout", f"names unknown encoders {sorted(unknown)}")
+            raise ConfigError("model.text.dropout", f"names unknown encoders {sorted(unknown)}")
         self.dropout = {n: float(rates.get(n, 0.0)) for n in encoders}
         self.uncond, self.pooled_from, self.context_dim = uncond, pooled_from, context_dim
         self._uncond_cache: dict[str, TextEmbedding] = {}

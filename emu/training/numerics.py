@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import lightning as L
 import torch
 
-from emu.distributed import local
 from emu.training.checkpoints import save_last
+from emu.training.distributed import local
 
 
 class NumericalFault(RuntimeError):

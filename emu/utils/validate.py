@@ -24,6 +24,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from emu.errors import ConfigError
+from emu.utils.checkpoint_header import header
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 KWARG_NODES = {  # config nodes passed as plain dicts to a class, by the model that takes them
@@ -80,7 +81,7 @@ def autoencoder_config(path: str | Path) -> dict[str, Any] | None:
         import torch
 
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return ckpt.get("emu", {}).get("autoencoder_config") if isinstance(ckpt, dict) else None
+        return header(ckpt).get("autoencoder_config")
     return None
 
 
@@ -129,7 +130,7 @@ def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[s
         problems.append(("model.init_from", f"no checkpoint at '{path}'"))
         return
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    theirs = ckpt.get("emu", {}).get("unet_config", {}) if isinstance(ckpt, dict) else {}
+    theirs = header(ckpt).get("unet_config", {})
     for key, value in OmegaConf.to_container(unet, resolve=True).items():
         if key in theirs and key != "gradient_checkpointing" and not _same(theirs[key], value):
             problems.append((f"model.unet.{key}", f"is {value} but model.init_from's U-Net has {theirs[key]}; "

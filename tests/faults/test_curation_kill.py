@@ -17,9 +17,9 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def head(tiny_clip, tmp_path_factory):
     from emu.curation.aesthetic import haystack_ratings, train_head
-    from emu.evaluation.prompt_following import ClipJudge
+    from emu.text.clip import ClipEmbedder
 
-    emb, ratings = haystack_ratings(ClipJudge(tiny_clip), 64, seed=1, resolution=32)
+    emb, ratings = haystack_ratings(ClipEmbedder(tiny_clip), 64, seed=1, resolution=32)
     return train_head(emb, ratings, epochs=3)[0].save(tmp_path_factory.mktemp("aesthetic") / "head.safetensors")
 
 

@@ -1,6 +1,6 @@
-"""Precompute a stage's latents and text embeddings once, into WebDataset shards (see :mod:`emu.data.latents`).
+"""Precompute a stage's latents and text embeddings once, into WebDataset shards (see :mod:`emu.diffusion.latents`).
 
-    python -m emu.data.precompute --out /data/latents/laion_256 experiment=stage1_pretrain \\
+    python -m emu.diffusion.precompute --out /data/latents/laion_256 experiment=stage1_pretrain \\
         data.source.shards='/data/laion/{00000..99999}.tar' model.autoencoder=outputs/autoencoder/runs/<run>/export
     python train.py experiment=stage1_pretrain data=latents data.source.shards='/data/latents/laion_256/train/*.tar' ...
 
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from emu.autoencoder.module import load_autoencoder
-from emu.data.latents import EXTENSION, MANIFEST, pack
+from emu.diffusion.latents import EXTENSION, MANIFEST, pack
 from emu.text.encoders import FrozenTextEncoder
 from emu.utils.config import check_required, config_errors_as_messages
 from emu.utils.files import atomic_write_text
@@ -119,7 +119,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
 
 @config_errors_as_messages
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m emu.data.precompute", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m emu.diffusion.precompute", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (train/, val/, precompute.json)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

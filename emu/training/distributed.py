@@ -7,8 +7,8 @@ are left alone: they are replicated and run under the trainer's bf16 autocast. T
 exactly as the live networks, so each rank averages its own shard (:mod:`emu.diffusion.ema` works on local shards)
 and the averages are saved in the sharded checkpoint with everything else.
 
-Without a device mesh (one device, DDP) nothing here is used. ``python -m emu.distributed consolidate <folder>``
-turns a sharded checkpoint into one file.
+Without a device mesh (one device, DDP) nothing here is used.
+``python -m emu.training.distributed consolidate <folder>`` turns a sharded checkpoint into one file.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m emu.distributed", description="Tools for sharded (FSDP) runs.")
+    p = argparse.ArgumentParser(prog="python -m emu.training.distributed", description="Tools for sharded (FSDP) runs.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("consolidate", help="one .ckpt file from a sharded checkpoint folder")
     c.add_argument("folder")

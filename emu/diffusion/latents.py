@@ -1,6 +1,6 @@
 """Precomputed latents and text embeddings: the sample format and the ``latents`` data source.
 
-``python -m emu.data.precompute`` (:mod:`emu.data.precompute`) runs the frozen stage-0 autoencoder and text
+``python -m emu.diffusion.precompute`` (:mod:`emu.diffusion.precompute`) runs the frozen stage-0 autoencoder and text
 encoders once over a corpus and writes WebDataset shards; training then reads them instead of decoding images and
 running the frozen networks at every step (the reference reports 1.4x the training time with latents computed on
 the fly). Each sample is ``{key}.safetensors`` (``latent``: the encoder's posterior moments, mean and log-variance
@@ -108,12 +108,12 @@ def read_manifest(shards: str | list[str]) -> dict[str, Any]:
         path = Path(first).parent.parent / MANIFEST  # train/ and val/ folders under one output
     if not path.is_file():
         raise ConfigError("data.source.shards", f"no {MANIFEST} beside '{first}'; write the shards with "
-                          "`python -m emu.data.precompute`")  # fmt: skip
+                          "`python -m emu.diffusion.precompute`")  # fmt: skip
     return {**json.loads(path.read_text()), "folder": str(path.parent)}
 
 
 class LatentSource(WebDatasetSource):
-    """Shards written by :mod:`emu.data.precompute`: batches of posterior moments and text embeddings.
+    """Shards written by :mod:`emu.diffusion.precompute`: batches of posterior moments and text embeddings.
 
     Takes the arguments of :class:`~emu.data.sources.WebDatasetSource`; ``shards`` defaults the val split to the
     ``val/`` shards the precompute wrote next to ``train/`` (when they exist).
@@ -129,6 +129,15 @@ class LatentSource(WebDatasetSource):
         super().__init__(shards, val_shards, **kw)
         self.encoders = {n: int(e["max_length"]) for n, e in self.manifest["encoders"].items()}
         self.preparer = LatentPreparer(self.encoders, self.manifest["latent_shape"])
+
+    def check_loader_settings(self, *, hflip: float, resolution: int, **settings: Any) -> None:
+        super().check_loader_settings(**settings)
+        if hflip > 0:
+            raise ConfigError("data.hflip", f"is {hflip}, but precomputed latents are fixed crops (no flipping "
+                              "at training time); set data.hflip=0")  # fmt: skip
+        if resolution != self.resolution:
+            raise ConfigError("data.resolution", f"is {resolution} but the precomputed latents were made at "
+                              f"{self.resolution}px; set data.resolution={self.resolution}")  # fmt: skip
 
     @property
     def resolution(self) -> int:
