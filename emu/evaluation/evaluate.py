@@ -161,8 +161,9 @@ def frechet_metrics(images: torch.Tensor, extractors: list, reference: str | Non
 
 
 def model_metrics(gen: Generated, clip: str | None, aesthetic: str | None, judge, extractors: list,
-                  reference: str | None, cache_dir: str | Path, fid_skipped: dict[str, str]) -> dict:  # fmt: skip
-    """Everything measured on one item's images alone; per-image judge scores are returned under ``_scores``."""
+                  reference: str | None, cache_dir: str | Path,
+                  fid_skipped: dict[str, str]) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    """Everything measured on one item's images alone, and the per-image scores (judge, aesthetic) by name."""
     m: dict[str, Any] = {"name": gen.name, "source": gen.source, "n_images": len(gen.prompts), "settings": gen.settings}
     scores: dict[str, np.ndarray] = {}
     if clip:
@@ -188,18 +189,18 @@ def model_metrics(gen: Generated, clip: str | None, aesthetic: str | None, judge
         m["judge"] = {"name": getattr(judge, "name", type(judge).__name__),
                       **{k: float(np.nanmean(v)) for k, v in scores.items() if k != "aesthetic"}}  # fmt: skip
     m["frechet"] = frechet_metrics(gen.images, extractors, reference, cache_dir, fid_skipped)
-    m["_scores"] = scores
-    return m
+    return m, scores
 
 
-def paired_metrics(ma: dict, mb: dict, tie_bands: dict[str, float], n_boot: int) -> dict[str, Any]:
+def paired_metrics(sa: dict[str, np.ndarray], sb: dict[str, np.ndarray], tie_bands: dict[str, float],
+                   n_boot: int) -> dict[str, Any]:  # fmt: skip
     """Win / tie / loss of A over B for every per-image score both have (judge appeal, faithfulness, ...)."""
     out = {}
     for key in ("appeal", "faithfulness", "aesthetic"):
-        if key in ma["_scores"] and key in mb["_scores"]:
-            if np.isnan(ma["_scores"][key]).all():  # e.g. faithfulness on prompts the judge cannot parse
+        if key in sa and key in sb:
+            if np.isnan(sa[key]).all():  # e.g. faithfulness on prompts the judge cannot parse
                 continue
-            out[key] = compare(ma["_scores"][key], mb["_scores"][key], float(tie_bands.get(key, 0.0)), n_boot=n_boot)
+            out[key] = compare(sa[key], sb[key], float(tie_bands.get(key, 0.0)), n_boot=n_boot)
     return out
 
 

@@ -1,0 +1,225 @@
+"""What ``eval.py`` runs: the items to evaluate (checkpoints, sample folders, autoencoders), their metrics
+(:mod:`emu.evaluation.evaluate`), and the files and logs written from them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from emu.diffusion.prompts import read_prompts
+from emu.errors import ConfigError
+from emu.evaluation import evaluate as ev
+from emu.evaluation import fid as fidlib
+from emu.utils.config import check_required, instantiate_group
+from emu.utils.files import atomic_write_text
+
+
+@dataclass
+class Evaluation:
+    """One evaluation's outcome: ``metrics`` (what ``metrics.json`` holds), the image sets that were scored, their
+    per-image scores by item name and score name, and the pictures written."""
+
+    metrics: dict[str, Any]
+    generated: list[ev.Generated] = field(default_factory=list)
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    grids: list[str] = field(default_factory=list)
+
+
+def item_name(path: str, given: str | None) -> str:
+    if given:
+        return str(given)
+    p = Path(path)
+    return p.parent.parent.name if p.parent.name == "checkpoints" else p.name
+
+
+def extractors(cfg: DictConfig, notes: list[str]) -> tuple[list, dict[str, str]]:
+    """Inception (FID) and domain (fd_clip) feature extractors; ``skipped`` says why FID is missing, if it is."""
+    out, skipped = [], {}
+    if cfg.fid.inception not in (False, None, "false", "off"):
+        explicit = None if cfg.fid.inception == "auto" else cfg.fid.inception
+        try:
+            out.append(fidlib.inception_extractor(explicit, mode=cfg.fid.mode, device=_device(cfg)))
+        except fidlib.InceptionWeightsMissing as e:
+            if explicit:
+                raise ConfigError("fid.inception", str(e)) from e
+            skipped["fid"] = f"skipped: {e}"
+            notes.append(f"FID skipped: {str(e).splitlines()[0]}")
+    if cfg.fid.domain and cfg.clip:
+        from emu.text.clip import ClipEmbedder
+
+        judge = ClipEmbedder(cfg.clip)
+        out.append(fidlib.custom_extractor(f"clip_{Path(cfg.clip).name}", judge.embed_images))
+    return out, skipped
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no GPU is visible")
+    return torch.device(cfg.device)
+
+
+def evaluate_autoencoders(
+    cfg: DictConfig, paths: list[str], names: list[str], exs: list, notes: list[str]
+) -> Evaluation:
+    spec = cfg.autoencoder.images
+    res = int(cfg.autoencoder.resolution)
+    if isinstance(spec, int) or str(spec).isdigit():
+        from emu.evaluation.reconstruction import haystack_images
+
+        images = haystack_images(int(spec), 1_000_000, 0, res)
+        source = f"{int(spec)} held-out haystack images at {res}px"
+    else:
+        images, source = ev.reference_set(str(spec), res)[1](), f"{spec} at {res}px"
+    judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for path, name in zip(paths, names):
+            results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
+    notes += sorted({str(w.message) for w in caught})
+    from emu.evaluation.reconstruction import BASELINES, reconstruction_metrics
+
+    baselines = {name: reconstruction_metrics(fn, images) for name, fn in BASELINES.items()}
+    grid = Path(cfg.out) / "reconstructions.png"
+    ev.reconstruction_grid(images[: int(cfg.grid_pairs)], paths, names).save(grid)
+    return Evaluation({"autoencoders": results, "baselines": baselines, "images": source}, grids=[str(grid)])
+
+
+def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, skipped, notes) -> Evaluation:
+    device = _device(cfg)
+    gens: list[ev.Generated] = []
+    prompts = None
+    for path, kind, name in items:
+        if kind == "samples":
+            gens.append(ev.load_samples(path, name))
+            continue
+        if prompts is None:
+            prompts = read_prompts(cfg.prompts, "prompts")[: cfg.limit or None]
+        seeds = [int(cfg.seed) + i for i in range(len(prompts))]
+        sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+        gens.append(ev.generate_from_checkpoint(path, name, prompts, seeds, sampling, device))
+    if len(gens) == 2:
+        ev.check_paired(*gens)
+    judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
+    models, scores = {}, {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for gen in gens:
+            print(f"[eval] {gen.name}: scoring {len(gen.prompts)} images")
+            models[gen.name], scores[gen.name] = ev.model_metrics(
+                gen, cfg.clip, cfg.aesthetic, judge, exs, cfg.fid.reference, cfg.fid.cache_dir, skipped
+            )
+    notes += sorted({str(w.message) for w in caught if "fid" in str(w.message).lower() or "images" in str(w.message)})
+    result: dict[str, Any] = {"prompts": str(cfg.prompts), "n_prompts": len(gens[0].prompts), "models": models}
+    if len(gens) == 2:
+        a, b = (scores[g.name] for g in gens)
+        result["paired"] = ev.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
+    if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
+        result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
+    if cfg.clip and cfg.clip_accuracy:
+        from emu.evaluation.prompt_following import clip_accuracy
+        from emu.text.clip import ClipEmbedder
+
+        result["clip_accuracy"] = clip_accuracy(ClipEmbedder(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
+    return Evaluation(result, gens, scores)
+
+
+def write_outputs(out: Path, result: Evaluation, cfg: DictConfig) -> None:
+    """metrics.json, report.md, scores.jsonl, the sample folders and grids; then every number to the loggers."""
+    gens, scores = result.generated, result.scores
+    for gen in gens:
+        if not Path(gen.source).is_dir():  # generated here (a sample folder is already on disk)
+            ev.save_images(gen, out / f"samples_{gen.name}")
+    if len(gens) == 2:
+        ev.side_by_side(gens[0], gens[1], int(cfg.grid_pairs)).save(out / "side_by_side.png")
+        result.grids.append(str(out / "side_by_side.png"))
+    if gens:
+        with (out / "scores.jsonl").open("w") as f:
+            for i in range(len(gens[0].prompts)):
+                row = {"prompt": gens[0].prompts[i], "seed": gens[0].seeds[i]}
+                for gen in gens:
+                    row[gen.name] = {k: float(v[i]) for k, v in scores[gen.name].items()}
+                f.write(json.dumps(row) + "\n")
+    metrics = result.metrics | {"grids": result.grids, "config": OmegaConf.to_container(cfg, resolve=True)}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    atomic_write_text(out / "report.md", ev.report_markdown(metrics))
+    log_to_loggers(cfg, metrics, result)
+
+
+def log_to_loggers(cfg: DictConfig, metrics: dict[str, Any], result: Evaluation) -> None:
+    """Every number into the configured loggers; with W&B also the run summary, the grids and a table of pairs."""
+    loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:
+        return
+    from lightning.pytorch.loggers import WandbLogger
+
+    gens, scores, grids = result.generated, result.scores, result.grids
+    flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for logger in loggers:
+        logger.log_metrics(flat)
+        if isinstance(logger, WandbLogger):
+            import wandb
+            from PIL import Image
+
+            logger.experiment.summary.update(flat)
+            for g in grids:
+                logger.log_image(key=Path(g).stem, images=[Image.open(g)])
+            if gens:
+                keys = sorted({k for s in scores.values() for k in s})
+                columns = ["prompt", "seed"] + [f"{g.name}" for g in gens]
+                columns += [f"{g.name}/{k}" for g in gens for k in keys if k in scores[g.name]]
+                rows = []
+                for i in range(min(len(gens[0].prompts), int(cfg.grid_pairs) * 4)):
+                    row = [gens[0].prompts[i], gens[0].seeds[i]]
+                    row += [wandb.Image(ev.to_pil(g.images[i])) for g in gens]
+                    row += [float(scores[g.name][k][i]) for g in gens for k in keys if k in scores[g.name]]
+                    rows.append(row)
+                logger.log_table(key="pairs", columns=columns, data=rows)
+        logger.save()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k == "config":
+            continue
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + "/") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def run(cfg: DictConfig) -> Path:
+    """``eval.py``'s whole job for a composed config: evaluate ``a`` (and ``b``), write the outputs to ``cfg.out``."""
+    check_required(cfg)
+    paths = [str(cfg.a)] + ([str(cfg.b)] if cfg.b else [])
+    kinds = [ev.item_kind(p) for p in paths]
+    names = [item_name(p, n) for p, n in zip(paths, (cfg.name_a, cfg.name_b))]
+    if len(names) == 2 and names[0] == names[1]:
+        names = [f"A_{names[0]}", f"B_{names[1]}"]
+    notes: list[str] = []
+    exs, skipped = extractors(cfg, notes)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "autoencoder" in kinds:
+        if set(kinds) != {"autoencoder"}:
+            raise ConfigError("b", "compare autoencoders with autoencoders; a and b are of different kinds")
+        result = evaluate_autoencoders(cfg, paths, names, exs, notes)
+    else:
+        result = evaluate_models(cfg, list(zip(paths, kinds, names)), exs, skipped, notes)
+    result.metrics["warnings"] = notes
+    write_outputs(out, result, cfg)
+    print((out / "report.md").read_text())
+    pictures = ", ".join(Path(g).name for g in result.grids)
+    print(f"[eval] wrote metrics.json, report.md{' and ' + pictures if pictures else ''} to {out}")
+    return out
