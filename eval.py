@@ -2,7 +2,7 @@
 
 Writes ``metrics.json``, ``scores.jsonl`` (per image), ``report.md``, ``side_by_side.png`` and the images of each item
 (``samples_<name>/``, sample.py's format) into the run folder (``out=``); see ``conf/eval.yaml`` for every option and
-``emu/evaluation/evaluate.py`` for the metrics. Stage-0 autoencoders get PSNR / SSIM / LPIPS / rFID instead.
+``emu/evaluation/`` (``run.py``, ``metrics.py``) for the metrics. Stage-0 autoencoders get PSNR / SSIM / LPIPS / rFID instead.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ the run folder (``out=``). The same seed gives the same image on the same device
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 
 from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SIGMA_SCHEDULES, generate
@@ -22,7 +20,8 @@ from emu.diffusion.prompts import read_prompts
 from emu.diffusion.sampling import SAMPLERS
 from emu.errors import ConfigError
 from emu.utils.config import check_required, config_errors_as_messages
-from emu.utils.images import image_grid, to_uint8
+from emu.utils.images import image_grid
+from emu.utils.sample_folder import write_sample_folder
 
 
 def check_settings(cfg: DictConfig) -> list[str]:
@@ -80,20 +79,12 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: cfg[k] for k in ("sampler", "steps", "schedule", "guidance", "guidance_rescale", "ema")}
-    with (out / "metadata.jsonl").open("w") as f:
-        for i, (image, prompt, seed) in enumerate(zip(images, all_prompts, seeds, strict=True)):
-            name = f"{i:05d}.png"
-            _to_pil(image).save(out / name)
-            f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, **settings, "resolution": resolution,
-                                "ckpt": str(Path(cfg.ckpt).resolve()), "device": str(device)}) + "\n")  # fmt: skip
+    write_sample_folder(out, images, all_prompts, seeds, **settings, resolution=resolution,
+                        ckpt=str(Path(cfg.ckpt).resolve()), device=str(device))  # fmt: skip
     cols = min(int(cfg.grid_columns), len(images)) if n == 1 else n
     image_grid(images, nrow=max(1, cols)).save(out / "grid.png")
     print(f"wrote {len(images)} images, metadata.jsonl and grid.png ({math.ceil(len(images) / cols)} rows) to {out}")
     return out
-
-
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy())
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

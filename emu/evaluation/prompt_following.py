@@ -17,12 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from emu.text.clip import ClipEmbedder
 from emu.text.mini_clip import clip_features, retrieval_and_zero_shot
+from emu.utils.sample_folder import read_sample_folder
 
 
 def clip_accuracy(judge: ClipEmbedder, n: int = 1000, seed: int = 0, start: int = 1_000_000,
@@ -79,11 +78,8 @@ def torchmetrics_clip_score(name_or_path: str | Path, images: torch.Tensor, prom
 
 def load_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     """Images ([-1, 1]) and prompts of a ``sample.py`` output folder (its ``metadata.jsonl``)."""
-    folder = Path(folder)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    images = [torch.from_numpy(np.asarray(Image.open(folder / r["file"]).convert("RGB"), dtype=np.float32))
-              for r in rows]  # fmt: skip
-    return torch.stack(images).permute(0, 3, 1, 2) / 127.5 - 1, [r["prompt"] for r in rows]
+    images, rows = read_sample_folder(folder)
+    return images, [r["prompt"] for r in rows]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """What ``eval.py`` runs: the items to evaluate (checkpoints, sample folders, autoencoders), their metrics
-(:mod:`emu.evaluation.evaluate`), and the files and logs written from them.
+(:mod:`emu.evaluation.metrics`), and the files and logs written from them.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
-from emu.evaluation import evaluate as ev
 from emu.evaluation import fid as fidlib
+from emu.evaluation import items, metrics, pictures, references, report
 from emu.utils.config import check_required, instantiate_group
 from emu.utils.files import atomic_write_text
+from emu.utils.images import to_pil
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Evaluation:
     per-image scores by item name and score name, and the pictures written."""
 
     metrics: dict[str, Any]
-    generated: list[ev.Generated] = field(default_factory=list)
+    generated: list[items.Generated] = field(default_factory=list)
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     grids: list[str] = field(default_factory=list)
 
@@ -80,51 +81,51 @@ def evaluate_autoencoders(
         images = haystack_images(int(spec), 1_000_000, 0, res)
         source = f"{int(spec)} held-out haystack images at {res}px"
     else:
-        images, source = ev.reference_set(str(spec), res)[1](), f"{spec} at {res}px"
+        images, source = references.reference_set(str(spec), res)[1](), f"{spec} at {res}px"
     judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
     results = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for path, name in zip(paths, names):
-            results[name] = ev.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
+            results[name] = metrics.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
     notes += sorted({str(w.message) for w in caught})
     from emu.evaluation.reconstruction import BASELINES, reconstruction_metrics
 
     baselines = {name: reconstruction_metrics(fn, images) for name, fn in BASELINES.items()}
     grid = Path(cfg.out) / "reconstructions.png"
-    ev.reconstruction_grid(images[: int(cfg.grid_pairs)], paths, names).save(grid)
+    pictures.reconstruction_grid(images[: int(cfg.grid_pairs)], paths, names).save(grid)
     return Evaluation({"autoencoders": results, "baselines": baselines, "images": source}, grids=[str(grid)])
 
 
-def evaluate_models(cfg: DictConfig, items: list[tuple[str, str, str]], exs, skipped, notes) -> Evaluation:
+def evaluate_models(cfg: DictConfig, todo: list[tuple[str, str, str]], exs, skipped, notes) -> Evaluation:
     device = _device(cfg)
-    gens: list[ev.Generated] = []
+    gens: list[items.Generated] = []
     prompts = None
-    for path, kind, name in items:
+    for path, kind, name in todo:
         if kind == "samples":
-            gens.append(ev.load_samples(path, name))
+            gens.append(items.load_samples(path, name))
             continue
         if prompts is None:
             prompts = read_prompts(cfg.prompts, "prompts")[: cfg.limit or None]
         seeds = [int(cfg.seed) + i for i in range(len(prompts))]
         sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
-        gens.append(ev.generate_from_checkpoint(path, name, prompts, seeds, sampling, device))
+        gens.append(items.generate_from_checkpoint(path, name, prompts, seeds, sampling, device))
     if len(gens) == 2:
-        ev.check_paired(*gens)
+        items.check_paired(*gens)
     judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
     models, scores = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for gen in gens:
             print(f"[eval] {gen.name}: scoring {len(gen.prompts)} images")
-            models[gen.name], scores[gen.name] = ev.model_metrics(
+            models[gen.name], scores[gen.name] = metrics.model_metrics(
                 gen, cfg.clip, cfg.aesthetic, judge, exs, cfg.fid.reference, cfg.fid.cache_dir, skipped
             )
     notes += sorted({str(w.message) for w in caught if "fid" in str(w.message).lower() or "images" in str(w.message)})
     result: dict[str, Any] = {"prompts": str(cfg.prompts), "n_prompts": len(gens[0].prompts), "models": models}
     if len(gens) == 2:
         a, b = (scores[g.name] for g in gens)
-        result["paired"] = ev.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
+        result["paired"] = metrics.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
     if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
         result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
     if cfg.clip and cfg.clip_accuracy:
@@ -140,9 +141,9 @@ def write_outputs(out: Path, result: Evaluation, cfg: DictConfig) -> None:
     gens, scores = result.generated, result.scores
     for gen in gens:
         if not Path(gen.source).is_dir():  # generated here (a sample folder is already on disk)
-            ev.save_images(gen, out / f"samples_{gen.name}")
+            items.save_images(gen, out / f"samples_{gen.name}")
     if len(gens) == 2:
-        ev.side_by_side(gens[0], gens[1], int(cfg.grid_pairs)).save(out / "side_by_side.png")
+        pictures.side_by_side(gens[0], gens[1], int(cfg.grid_pairs)).save(out / "side_by_side.png")
         result.grids.append(str(out / "side_by_side.png"))
     if gens:
         with (out / "scores.jsonl").open("w") as f:
@@ -151,13 +152,13 @@ def write_outputs(out: Path, result: Evaluation, cfg: DictConfig) -> None:
                 for gen in gens:
                     row[gen.name] = {k: float(v[i]) for k, v in scores[gen.name].items()}
                 f.write(json.dumps(row) + "\n")
-    metrics = result.metrics | {"grids": result.grids, "config": OmegaConf.to_container(cfg, resolve=True)}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    atomic_write_text(out / "report.md", ev.report_markdown(metrics))
-    log_to_loggers(cfg, metrics, result)
+    summary = result.metrics | {"grids": result.grids, "config": OmegaConf.to_container(cfg, resolve=True)}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "report.md", report.report_markdown(summary))
+    log_to_loggers(cfg, summary, result)
 
 
-def log_to_loggers(cfg: DictConfig, metrics: dict[str, Any], result: Evaluation) -> None:
+def log_to_loggers(cfg: DictConfig, summary: dict[str, Any], result: Evaluation) -> None:
     """Every number into the configured loggers; with W&B also the run summary, the grids and a table of pairs."""
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:
@@ -165,7 +166,7 @@ def log_to_loggers(cfg: DictConfig, metrics: dict[str, Any], result: Evaluation)
     from lightning.pytorch.loggers import WandbLogger
 
     gens, scores, grids = result.generated, result.scores, result.grids
-    flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    flat = {k: v for k, v in _flatten(summary).items() if isinstance(v, int | float) and not isinstance(v, bool)}
     for logger in loggers:
         logger.log_metrics(flat)
         if isinstance(logger, WandbLogger):
@@ -182,7 +183,7 @@ def log_to_loggers(cfg: DictConfig, metrics: dict[str, Any], result: Evaluation)
                 rows = []
                 for i in range(min(len(gens[0].prompts), int(cfg.grid_pairs) * 4)):
                     row = [gens[0].prompts[i], gens[0].seeds[i]]
-                    row += [wandb.Image(ev.to_pil(g.images[i])) for g in gens]
+                    row += [wandb.Image(to_pil(g.images[i])) for g in gens]
                     row += [float(scores[g.name][k][i]) for g in gens for k in keys if k in scores[g.name]]
                     rows.append(row)
                 logger.log_table(key="pairs", columns=columns, data=rows)
@@ -203,7 +204,7 @@ def run(cfg: DictConfig) -> Path:
     """``eval.py``'s whole job for a composed config: evaluate ``a`` (and ``b``), write the outputs to ``cfg.out``."""
     check_required(cfg)
     paths = [str(cfg.a)] + ([str(cfg.b)] if cfg.b else [])
-    kinds = [ev.item_kind(p) for p in paths]
+    kinds = [items.item_kind(p) for p in paths]
     names = [item_name(p, n) for p, n in zip(paths, (cfg.name_a, cfg.name_b))]
     if len(names) == 2 and names[0] == names[1]:
         names = [f"A_{names[0]}", f"B_{names[1]}"]
@@ -220,6 +221,6 @@ def run(cfg: DictConfig) -> Path:
     result.metrics["warnings"] = notes
     write_outputs(out, result, cfg)
     print((out / "report.md").read_text())
-    pictures = ", ".join(Path(g).name for g in result.grids)
-    print(f"[eval] wrote metrics.json, report.md{' and ' + pictures if pictures else ''} to {out}")
+    written = ", ".join(Path(g).name for g in result.grids)
+    print(f"[eval] wrote metrics.json, report.md{' and ' + written if written else ''} to {out}")
     return out

@@ -14,6 +14,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One 3 x H x W image in [-1, 1] -> PIL."""
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy())
+
+
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
     """A PIL grid of B x 3 x H x W images in [-1, 1]."""
     grid = make_grid(to_uint8(images), nrow=nrow, padding=padding, pad_value=255)

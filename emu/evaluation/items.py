@@ -1,0 +1,88 @@
+"""What ``eval.py`` evaluates: an *item* is a stage-1/2 checkpoint (its images are generated here, through the same
+:func:`~emu.diffusion.pipeline.generate` as ``sample.py``), a sample folder (:mod:`emu.utils.sample_folder`), or a
+stage-0 autoencoder (checkpoint or export folder; reconstruction metrics instead). Two text-to-image items are
+compared pair by pair on the same prompts and seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emu.errors import ConfigError
+from emu.utils.checkpoint_header import header
+from emu.utils.sample_folder import is_sample_folder, read_sample_folder, write_sample_folder
+
+
+@dataclass
+class Generated:
+    """Images of one text-to-image item with the prompt and seed of each."""
+
+    name: str
+    source: str
+    images: torch.Tensor
+    prompts: list[str]
+    seeds: list[int]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def item_kind(path: str | Path) -> str:
+    """``samples`` (a sample.py folder), ``diffusion`` or ``autoencoder`` (checkpoint or export folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if is_sample_folder(path):
+            return "samples"
+        if (path / "config.json").is_file():
+            return "autoencoder"
+        raise ConfigError("a/b", f"'{path}' is neither a sample folder (metadata.jsonl) nor an autoencoder export")
+    if not path.is_file():
+        raise ConfigError("a/b", f"'{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ConfigError("a/b", f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    kind = header(ckpt).get("kind")
+    if kind not in ("diffusion", "autoencoder"):
+        raise ConfigError("a/b", f"'{path}' is a {kind or 'non-emu'} checkpoint; eval.py takes diffusion or "
+                          "autoencoder checkpoints, or sample.py folders")  # fmt: skip
+    return kind
+
+
+def load_samples(folder: str | Path, name: str) -> Generated:
+    """A sample.py folder: its images ([-1, 1]), prompts, seeds and settings."""
+    images, rows = read_sample_folder(folder)
+    settings = {k: v for k, v in rows[0].items() if k not in ("file", "prompt", "seed")} if rows else {}
+    return Generated(name, str(folder), images, [r["prompt"] for r in rows], [int(r["seed"]) for r in rows], settings)
+
+
+def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], seeds: list[int],
+                             sampling: dict[str, Any], device: torch.device) -> Generated:  # fmt: skip
+    """Images of a stage-1/2 checkpoint (EMA weights unless ``sampling["ema"]`` is false)."""
+    from emu.diffusion.module import load_for_sampling
+
+    module = load_for_sampling(path, device, ema=sampling.get("ema", True))
+    res = int(sampling.get("resolution") or module.train_resolution or 64)
+    kw = {k: sampling[k] for k in ("sampler", "steps", "guidance", "guidance_rescale", "schedule", "batch_size")}
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    print(f"[eval] {name}: sampling {len(prompts)} images at {res}px from {path}")
+    images = module.sample(prompts, seeds, resolution=res, autocast_dtype=autocast, progress=True, **kw)
+    return Generated(name, str(path), images, prompts, seeds, {**kw, "resolution": res, "ema": sampling.get("ema")})
+
+
+def check_paired(a: Generated, b: Generated) -> None:
+    """Refuse a paired comparison of items made from different prompts or seeds."""
+    for what in ("prompts", "seeds"):
+        x, y = getattr(a, what), getattr(b, what)
+        if x != y:
+            first = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            raise ConfigError("b", f"a paired comparison needs the same {what} in the same order: {a.name} has "
+                              f"{len(x)} and {b.name} {len(y)}, first difference at #{first}; generate both with "
+                              "the same prompts and seed (or pass checkpoints and let eval.py do it)")  # fmt: skip
+
+
+def save_images(gen: Generated, folder: Path) -> None:
+    """A sample.py-style folder of the images, so an evaluation's images can be re-judged later."""
+    write_sample_folder(folder, gen.images, gen.prompts, gen.seeds, **gen.settings, source=gen.source)
