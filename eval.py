@@ -1,8 +1,9 @@
 """Evaluate a text-to-image model, or compare two: ``python eval.py a=CKPT_OR_FOLDER [b=...] prompts=...``.
 
 Writes ``metrics.json``, ``scores.jsonl`` (per image), ``report.md``, ``side_by_side.png`` and the images of each item
-(``samples_<name>/``, sample.py's format) into the run folder (``out=``); see ``conf/eval.yaml`` for every option and
-``emu/evaluation/`` (``run.py``, ``metrics.py``) for the metrics. Stage-0 autoencoders get PSNR / SSIM / LPIPS / rFID instead.
+(``samples_<name>/``, sample.py's format) into the run folder (``out=``); see ``conf/eval.yaml`` for every option,
+``emu/evaluation/run.py`` for the run and ``emu/evaluation/metrics.py`` for the metrics. Stage-0 autoencoders get
+PSNR / SSIM / LPIPS / rFID instead.
 """
 
 from __future__ import annotations
