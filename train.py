@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu.data.callbacks import DataFault
 from emu.training.checkpoints import resolve_checkpoint
+from emu.training.loggers import start_fresh
 from emu.training.numerics import NumericalFault
 from emu.training.preemption import Preempted
 from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages, instantiate_group
@@ -40,6 +41,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if ckpt_path is None:  # a fresh run: its folder's logs start over (a resume continues them)
+        start_fresh(loggers)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

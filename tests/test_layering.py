@@ -1,4 +1,4 @@
-"""The package layering: imports only point down (DESIGN.md's layering), module-level and function-level alike.
+"""The package layering: imports only point down (README's Layout), module-level and function-level alike.
 
 errors, utils, training at the bottom; then data; then autoencoder and text (which may use data but not each
 other); then diffusion; then curation and evaluation (not each other); demo on top.
@@ -22,15 +22,21 @@ def package_of(path: Path) -> str:
     return parts[0]
 
 
-def emu_imports(path: Path) -> set[str]:
-    """The top-level ``emu`` packages a file imports, anywhere in it (functions included)."""
+def emu_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """The top-level ``emu`` packages a file under ``root/emu`` imports, anywhere in it (functions included; relative
+    imports and ``importlib.import_module("emu....")`` strings too)."""
+    here = ["emu", *path.relative_to(root / "emu").parent.parts]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "emu" else [])
+        if isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [module] + ([f"{module}.{a.name}" for a in node.names] if module == "emu" else [])
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            names = [a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
         for name in names:
             parts = name.split(".")
             if parts[0] == "emu" and len(parts) > 1:
@@ -54,13 +60,15 @@ def test_every_package_has_a_layer():
 
 def test_imports_only_point_down():
     upward = sorted(
-        f"{pkg} -> {dep}" for pkg, deps in import_graph().items() for dep in deps if RANK.get(dep, -1) >= RANK[pkg]
+        f"{pkg} -> {dep}" for pkg, deps in import_graph().items() for dep in deps if RANK.get(dep, 99) >= RANK[pkg]
     )
     assert not upward, f"imports that point up or sideways: {', '.join(upward)}"
 
 
-def test_the_checker_sees_function_level_imports(tmp_path):
-    f = tmp_path / "m.py"
-    f.write_text("import os\nfrom emu.data import haystack\n\ndef g():\n    from emu.evaluation.fid import x\n"
-                 "    import emu.text.encoders\n    from emu import curation\n")  # fmt: skip
-    assert emu_imports(f) == {"data", "evaluation", "text", "curation"}
+def test_the_checker_sees_function_level_relative_and_string_imports(tmp_path):
+    f = tmp_path / "emu" / "data" / "m.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("import os\nfrom emu.data import haystack\nfrom . import sources\nfrom ..text import clip\n\n"
+                 "def g():\n    from emu.evaluation.fid import x\n    import emu.autoencoder.model\n"
+                 "    from .. import curation\n    importlib.import_module('emu.demo.report')\n")  # fmt: skip
+    assert emu_imports(f, tmp_path) == {"data", "text", "evaluation", "autoencoder", "curation", "demo"}

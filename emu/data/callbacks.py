@@ -6,6 +6,8 @@ import logging
 
 import lightning as L
 
+from emu.utils.steps import log_step
+
 log = logging.getLogger("emu.data")
 
 
@@ -46,7 +48,7 @@ class DataHealth(L.Callback):
         }
         metrics.update({f"data/skipped/{split}": float(sum(c.values())) for split, c in dm.skipped.items()})
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=log_step(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer)

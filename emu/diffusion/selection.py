@@ -28,6 +28,7 @@ import torch
 from emu.diffusion.prompts import read_prompts
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, log_image
+from emu.utils.steps import log_step
 
 log = logging.getLogger("emu.selection")
 
@@ -141,7 +142,8 @@ class CheckpointSelection(L.Callback):
             row["ckpt"] = str(path)
         self.rows.append(row)
         for logger in trainer.loggers:
-            logger.log_metrics({"select/appeal": row["appeal"], "select/faithfulness": row["faithfulness"]}, step)
+            logger.log_metrics({"select/appeal": row["appeal"], "select/faithfulness": row["faithfulness"]},
+                               log_step(trainer))  # fmt: skip
         if trainer.is_global_zero:
             n = self.log_grid_images
             caption = f"step {step}: appeal {row['appeal']:.2f}, faithfulness {row['faithfulness']:.3f}"

@@ -88,10 +88,14 @@ class LastAfterValidation(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
-        if trainer.sanity_checking or ckpt is None or not getattr(ckpt, "save_last", False):
+        if trainer.sanity_checking or trainer.state.fn != "fit" or ckpt is None or not getattr(ckpt, "save_last", 0):
             return
-        last = getattr(ckpt, "last_model_path", "")
-        if last and getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and Path(last).exists():
+        # the same decision on every rank (no file-system check: ranks may see different disks), so the collective
+        # save below cannot leave one rank waiting
+        if (
+            getattr(ckpt, "last_model_path", "")
+            and getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step
+        ):
             save_last(trainer)
 
 

@@ -2,20 +2,21 @@
 
 Lightning's loggers start over in their folder: ``CSVLogger`` deletes ``metrics.csv`` when it is created, so a run
 resumed with ``ckpt_path=last`` keeps only the steps after the checkpoint; TensorBoard starts a second event file
-whose steps overlap the first; W&B starts a new run. The rule here, the same for each: **the first metrics a run
-logs, at step S, replace whatever that folder holds for steps >= S** (a resumed run redoes the steps after its
-checkpoint, so exactly those are replaced; a fresh run, S = 0, starts the history over), and every logged row is on
-disk when ``log_metrics`` returns, so a SIGKILL loses no row from before the checkpoint.
+whose steps overlap the first; W&B starts a new run. The rule here, the same for each: **a resumed run's first
+metrics, at step S, replace whatever its folder holds for steps >= S** (it redoes exactly the steps after its
+checkpoint), and every logged row is on disk when ``log_metrics`` returns, so a SIGKILL loses no row from before the
+checkpoint (the file is rewritten atomically). A fresh run (``train.py`` without ``ckpt_path``) calls
+:func:`start_fresh` first: its folder's history starts over. Rows logged by hand use
+:func:`emu.utils.steps.log_step`, Lightning's own step, so that they are replaced exactly like its rows.
 
 * :class:`ContinuingCSVLogger`: keeps ``metrics.csv``, drops its rows of step >= S, appends (a torn last line from
   a kill mid-write is dropped too).
 * :class:`ContinuingTensorBoardLogger`: a new event file opened with ``purge_step=S`` (TensorBoard's own way to
-  discard the events of steps >= S that earlier files hold), flushed on every log. A fresh run (S = 0) keeps the
-  folder's older files (purging step 0 would purge its own hyperparameters): give a fresh run a fresh folder.
+  discard the events of steps >= S that earlier files hold), flushed on every log; a fresh run purges from step 0.
 * :class:`ContinuingWandbLogger`: the run id is kept in ``<save_dir>/wandb_run_id`` and the run resumed
-  (``resume="allow"``), so every attempt of a preempted job logs into one W&B run. W&B cannot rewind a run
-  offline: rows logged between the checkpoint and the kill appear twice in its history, with the same
-  ``trainer/global_step``.
+  (``resume="allow"``), so every attempt of a preempted job logs into one W&B run (a fresh run gets a new id). W&B
+  cannot rewind a run offline: rows logged between the checkpoint and the kill appear twice in its history, with
+  the same ``trainer/global_step``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def _int_or_none(value: Any) -> int | None:
         return int(float(value))
     except (TypeError, ValueError):
         return None
+
+
+def _write_rows(fs, path: str, keys: list[str], rows: list[dict]) -> None:
+    """``metrics.csv`` written beside itself and renamed into place: a kill mid-write leaves the old file whole."""
+    tmp = path + ".tmp"
+    with fs.open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    fs.mv(tmp, path) if "://" in path else os.replace(tmp, path)
 
 
 def rows_before(text: str, step: int) -> tuple[list[str], list[dict[str, str]]]:
@@ -70,6 +81,9 @@ class _ContinuingWriter(ExperimentWriter):
             self._continue_from(len(self.metrics) if step is None else step)
         super().log_metrics(metrics_dict, step)
 
+    def start_fresh(self) -> None:
+        self._continue_from(0)
+
     def _continue_from(self, step: int) -> None:
         self._continued = True
         if not self._fs.isfile(self.metrics_file_path):
@@ -79,11 +93,13 @@ class _ContinuingWriter(ExperimentWriter):
         if not rows:
             self._fs.rm_file(self.metrics_file_path)
             return
-        with self._fs.open(self.metrics_file_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_rows(self._fs, self.metrics_file_path, keys, rows)
         self.metrics_keys = keys
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:  # a new column: atomically, unlike Lightning's
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        _write_rows(self._fs, self.metrics_file_path, fieldnames, rows)
 
 
 class ContinuingCSVLogger(CSVLogger):
@@ -108,6 +124,11 @@ class ContinuingCSVLogger(CSVLogger):
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    @rank_zero_only
+    def start_fresh(self) -> None:
+        """This folder's history starts over (a fresh run, not a resume)."""
+        self.experiment.start_fresh()
+
 
 class ContinuingTensorBoardLogger(TensorBoardLogger):
     """``TensorBoardLogger`` whose first logged step S purges the steps >= S of earlier event files in its folder."""
@@ -116,17 +137,34 @@ class ContinuingTensorBoardLogger(TensorBoardLogger):
         super().__init__(*args, **kwargs)
         self._continued = False
 
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        experiment = super().experiment
+        self._kwargs.pop("purge_step", None)  # once: a writer made again later must not purge this run's steps
+        return experiment
+
+    @rank_zero_only
+    def start_fresh(self) -> None:
+        """This folder's history starts over: the first event file purges every step of the older ones."""
+        self._purge_from(0)
+
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self._continued:
-            self._continued = True
-            if step and any(Path(self.log_dir).glob("events.out.tfevents.*")):
-                if self._experiment is not None:  # hparams went into its own file; purge from a new one
-                    self._experiment.close()
-                    self._experiment = None
-                self._kwargs["purge_step"] = int(step)
+        if not self._continued and step:
+            self._purge_from(int(step))
+        self._continued = True
         super().log_metrics(metrics, step)
         self.experiment.flush()
+
+    def _purge_from(self, step: int) -> None:
+        self._continued = True
+        if not any(Path(self.log_dir).glob("events.out.tfevents.*")):
+            return
+        if self._experiment is not None:  # what it wrote (hyperparameters) stays in its own, earlier file
+            self._experiment.close()
+            self._experiment = None
+        self._kwargs["purge_step"] = step
 
 
 def stored_run_id(save_dir: str | os.PathLike) -> str:
@@ -143,8 +181,22 @@ def stored_run_id(save_dir: str | os.PathLike) -> str:
 class ContinuingWandbLogger(WandbLogger):
     """``WandbLogger`` that resumes the W&B run of its run folder (id in ``<save_dir>/wandb_run_id``)."""
 
-    def __init__(self, *args: Any, save_dir: str = ".", id: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, save_dir: str, id: str | None = None, **kwargs: Any) -> None:
         if id is None and rank_zero_only.rank == 0:
             id = stored_run_id(save_dir)
         kwargs.setdefault("resume", "allow")
         super().__init__(*args, save_dir=save_dir, id=id, **kwargs)
+
+    @rank_zero_only
+    def start_fresh(self) -> None:
+        """A new W&B run for this folder (its id replaces the stored one), unless the experiment already began."""
+        if self._experiment is None:
+            (Path(self.save_dir) / RUN_ID_FILE).unlink(missing_ok=True)
+            self._wandb_init["id"] = self._id = stored_run_id(self.save_dir)
+
+
+def start_fresh(loggers: list) -> None:
+    """Each logger's folder starts its history over (``train.py`` for a run without ``ckpt_path``)."""
+    for logger in loggers:
+        if hasattr(logger, "start_fresh"):
+            logger.start_fresh()

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from emu.utils.steps import log_step
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """B x 3 x H x W in [-1, 1] -> uint8 in [0, 255]."""
@@ -34,7 +36,7 @@ def log_image(trainer, name: str, image: Image.Image, caption: str | None = None
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     written = []
-    step = trainer.global_step
+    step = log_step(trainer)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(name, np.asarray(image), step, dataformats="HWC")

@@ -62,9 +62,12 @@ def test_csv_and_tensorboard_histories_survive_a_sigkill_and_resume(tmp_path, ti
     # resuming the finished run changes nothing (before the fix: a single row was left)
     assert (r := train(run, [*overrides, "ckpt_path=last"])).returncode == 0, tail(r)
     assert_same_history(csv_rows(run), want)
-    # a fresh run in the same folder starts the history over
-    assert (r := train(run, [*stage_overrides("stage1", tiny), "trainer.max_steps=2"])).returncode == 0, tail(r)
-    assert {int(r["step"]) for r in csv_rows(run)} == {0, 1, 2}
+    # a fresh run in the same folder starts the history over, even when its first row is not at step 0
+    fresh = [*stage_overrides("stage1", tiny), *BOTH, "trainer.max_steps=3", "trainer.log_every_n_steps=2"]
+    for folder in (run, tmp_path / "fresh"):
+        assert (r := train(folder, fresh)).returncode == 0, tail(r)
+    assert_same_history(csv_rows(run), csv_rows(tmp_path / "fresh"))
+    assert tb_scalars(run) == tb_scalars(tmp_path / "fresh")
 
 
 def test_rows_before_drops_later_steps_a_torn_line_and_empty_columns():
@@ -97,3 +100,5 @@ def test_a_wandb_run_folder_keeps_its_run_id(tmp_path):
     logger = ContinuingWandbLogger(save_dir=str(tmp_path), project="emu", offline=True)
     assert logger._wandb_init["id"] == run_id and logger._wandb_init["resume"] == "allow"
     assert stored_run_id(tmp_path / "other") != run_id
+    logger.start_fresh()  # a fresh run in the same folder: a new W&B run, remembered for its resumes
+    assert logger._wandb_init["id"] != run_id and stored_run_id(tmp_path) == logger._wandb_init["id"]
