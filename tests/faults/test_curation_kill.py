@@ -27,7 +27,8 @@ def _cmd(out, tiny_clip, head):
     data = ["data=haystack", "data.source.n_train=480", "data.source.n_val=0", "data.resolution=32",
             "data.batch_size=8", "data.num_workers=0"]  # fmt: skip
     stages = [f"stages.aesthetic.head={head}", "stages.text_overlay.engine=off",
-              "stages.aesthetic.keep.top_fraction=0.5", "stages.balance.per_class=40",
+              "stages.aesthetic.keep.top_fraction=0.5", "stages.balance.per_class=120",  # 40 left the specialist pass
+              # nothing to keep since the haystack's stripes (2026-12-02): 120 gives 125 -> 9 -> 2
               "stages.size_aspect.min_size=32"]  # fmt: skip
     return [sys.executable, "curate.py", f"out={out}", f"paths.output_dir={out}", f"hydra.run.dir={out}/hydra",
             f"clip={tiny_clip}", *data, *stages]  # fmt: skip
