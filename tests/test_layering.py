@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-LAYERS = [("errors",), ("utils",), ("training",), ("data",), ("autoencoder", "text"), ("diffusion",),
+LAYERS = [("errors", "paper"), ("utils",), ("training",), ("data",), ("autoencoder", "text"), ("diffusion",),
           ("curation", "evaluation"), ("demo",)]  # fmt: skip
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-PAPER = ("Emu: billions -> a few hundred million (automatic) -> ~200K (size, balance) -> ~20K (generalists) -> "
-         "~2000 (specialists): about 10x per human pass.")  # fmt: skip
+from emu.paper import CURATION_FUNNEL as PAPER
 
 
 def funnel_markdown(report: dict[str, Any], stages: list) -> str:

@@ -15,13 +15,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from emu import paper
 from emu.demo.stages import Stage
 from emu.evaluation.winrate import format_win_rate
 from emu.utils.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
-PAPER_WIN, PAPER_LOSS = 0.829, 0.154  # visual appeal, quality-tuned vs pre-trained, PartiPrompts (Emu paper)
-PAPER_FAITH_WIN, PAPER_FAITH_LOSS = 0.367, 0.210
+PAPER_WIN, PAPER_LOSS = paper.APPEAL_WIN, paper.APPEAL_LOSS  # quality-tuned vs pre-trained (emu/paper.py)
+PAPER_FAITH_WIN, PAPER_FAITH_LOSS = paper.FAITHFULNESS_WIN, paper.FAITHFULNESS_LOSS
 TARGETS = {  # the demo's figures, then the miniature's own models (autoencoder, judge, CLIP)
     "psnr_16ch_db": 28.0,
     "psnr_margin_db": 2.0,
@@ -135,8 +136,9 @@ def section_autoencoder(out: Path, targets: Targets) -> list[str]:
         lines += [
             "",
             f"16 channels gain **{gap:+.2f} dB** PSNR over 4. Paper: 4 -> 16 channels to keep fine detail "
-            "(small objects, text); SD3's f=8 ablation measured 25.12 -> 28.62 dB (+3.5 dB) for 4 -> 16 "
-            "channels (rFID 2.41 -> 1.06).",
+            f"(small objects, text); SD3's f=8 ablation measured {paper.PSNR_4CH_DB} -> {paper.PSNR_16CH_DB} dB "
+            f"({paper.PSNR_16CH_DB - paper.PSNR_4CH_DB:+.1f} dB) for 4 -> 16 channels (rFID {paper.RFID_4CH} -> "
+            f"{paper.RFID_16CH}).",
         ]
         targets.add(
             f"16-ch beats 4-ch on PSNR by >= {TARGETS['psnr_margin_db']} dB",

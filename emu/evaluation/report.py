@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from emu import paper
 from emu.evaluation.winrate import format_win_rate
 
 
@@ -54,8 +55,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         ]
         for key, r in paired.items():
             lines.append(f"| {key} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | {r['tie_band']} | {format_win_rate(r)} |")
-        lines += ["", "Paper (Emu vs its pre-trained model, human raters, PartiPrompts): visual appeal 82.9% win / "
-                  "15.4% loss; text faithfulness 36.7% / 21.0%.", ""]  # fmt: skip
+        lines += ["", paper.headline(), ""]
     judge = metrics.get("judge_accuracy")
     if judge:
         lines += ["## How far to trust the judge (held-out haystack images)", ""]

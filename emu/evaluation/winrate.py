@@ -2,9 +2,9 @@
 
 For each pair the judge gives both images a score (visual appeal, or the fraction of the prompt's attributes the
 image shows); A wins when its score beats B's by more than the tie band, loses when it trails by more, and ties
-otherwise. The paper reports win / loss percentages of human majority votes (quality-tuned vs pre-trained visual
-appeal: 82.9% / 15.4%; Emu vs SDXL: 68.4% win); here each of win, tie, loss and the headline
-``win_rate = win + tie / 2`` comes with a percentile-bootstrap 95% interval over the prompts.
+otherwise. The paper reports win / loss percentages of human majority votes (its figures: :mod:`emu.paper`); here
+each of win, tie, loss and the headline ``win_rate = win + tie / 2`` comes with a percentile-bootstrap 95% interval
+over the prompts.
 """
 
 from __future__ import annotations
