@@ -51,7 +51,10 @@ def _write_rows(fs, path: str, keys: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    fs.mv(tmp, path) if "://" in path else os.replace(tmp, path)
+    if "://" in path:  # a remote store: its own move
+        fs.mv(tmp, path)
+    else:
+        os.replace(tmp, path)  # atomic on POSIX
 
 
 def rows_before(text: str, step: int) -> tuple[list[str], list[dict[str, str]]]:
