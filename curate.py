@@ -22,7 +22,8 @@ from emu.utils.config import check_required, config_errors_as_messages
 
 
 def build_stages(cfg: DictConfig) -> list:
-    """Instantiate the stages in order; those that take a ``clip`` share one, loaded on first need."""
+    """Instantiate the stages in order, each named by its key; those that take a ``clip`` share one, loaded on first
+    need."""
     from emu.text.clip import ClipEmbedder
 
     clip = None
@@ -30,18 +31,17 @@ def build_stages(cfg: DictConfig) -> list:
     for name, node in cfg.stages.items():
         if node is None:  # stages.<name>=null removes a stage
             continue
+        if node.get("name", name) != name:
+            raise ConfigError(f"stages.{name}.name", f"is {node.name!r}; a stage is named by its key: rename the key")
         params = inspect.signature(get_class(node._target_).__init__).parameters
-        extra = {}
+        extra = {"name": name}
         if "clip" in params:
             if clip is None:
                 if not Path(str(cfg.clip)).expanduser().exists() and str(cfg.clip).startswith((".", "/", "~")):
                     raise ConfigError("clip", f"no CLIP model folder at '{cfg.clip}' (train one: make demo)")
                 clip = ClipEmbedder(cfg.clip)
             extra["clip"] = clip
-        stage = hydra.utils.instantiate(node, **extra)
-        if stage.name != name:
-            raise ConfigError(f"stages.{name}.name", f"is {stage.name!r}; it must equal the key {name!r}")
-        stages.append(stage)
+        stages.append(hydra.utils.instantiate(node, **extra))
     return stages
 
 

@@ -189,7 +189,7 @@ def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path
         f"model.text.encoders.t5.name_or_path={tiny_t5}",
         "model.text.encoders.t5.max_length=16",
         "model.unet.pooled_dim=24",
-        "model.val_steps=2",
+        "model.val_sampling.steps=2",
     ]
 
 

@@ -120,13 +120,11 @@ def test_bad_checkpoints_and_settings(tmp_path):
     data = EmuDataModule(
         HaystackSource(n_train=8, n_val=0, resolution=36),
         resolution=36,
-        resolution_multiple=4,
         batch_size=4,
         require_caption=False,
     )
-    with pytest.raises(
-        ConfigError, match=r"data\.resolution: 36 is not divisible by the autoencoder's downsampling factor 8"
-    ):
+    expected = r"data\.resolution: 36 is not a positive multiple of 8 \(the autoencoder's downsampling f=8\); try 32"
+    with pytest.raises(ConfigError, match=expected):
         tiny_trainer(tmp_path, 1).fit(module, datamodule=data)
     with pytest.raises(ConfigError, match="norm_num_groups"):
         AutoencoderKL(block_out_channels=(12, 24), norm_num_groups=8)

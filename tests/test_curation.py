@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from emu.curation.aesthetic import train_head
-from emu.curation.funnel import Funnel, HumanStage
-from emu.curation.human import SimulatedAnnotator, combine, read_labels
+from emu.curation.funnel import Funnel
+from emu.curation.human import HumanStage, SimulatedAnnotator, combine, read_labels
 from emu.curation.stages import (
     Aesthetic,
     Balance,

@@ -1,18 +1,24 @@
 """Diffusion pieces: schedules, preconditioning, loss weighting, noise offset and the samplers (analytic check)."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from emu.diffusion.denoiser import Denoiser, loss_weight, preconditioning
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
+from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.sampling import (
     CFGDenoiser,
     get_sampler,
     get_sigmas_discrete,
     get_sigmas_karras,
 )
+from emu.errors import ConfigError
+from emu.utils.resolution import check_resolution, resolution_problem
+from tests.conftest import ROOT
 
 
 def test_scaled_linear_matches_diffusers_and_zero_snr():
@@ -135,3 +141,34 @@ def test_cfg_pads_token_sequences_of_different_lengths():
     uncond = {"context": torch.zeros(2, 3, 4), "context_mask": torch.ones(2, 3, dtype=torch.bool)}
     CFGDenoiser(denoiser, 2.0)(torch.zeros(2, 4), torch.ones(2), cond, uncond)
     assert seen["shapes"] == ((4, 5, 4), (4, 5), torch.bool)
+
+
+def test_sampling_settings_are_checked_once_with_their_key_and_match_their_config_group():
+    group = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampling" / "default.yaml"))
+    assert group == asdict(SamplingSettings())  # the config group and the object agree on fields and defaults
+    s = SamplingSettings.from_config({"steps": 7, "sigmas": "discrete"}, "model.val_sampling")
+    assert (s.steps, s.sigmas, s.sampler) == (7, "discrete", "dpmpp_2m")
+    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "sigmas": "discrete", "guidance": 5.0,
+                                   "guidance_rescale": 0.0, "batch_size": 16}  # fmt: skip
+    for node, message in [
+        ({"steps": 0}, "model.val_sampling.steps: must be in 1..1000, got 0"),
+        ({"sampler": "plms"}, "model.val_sampling.sampler: must be one of"),
+        ({"sigmas": "linear"}, "model.val_sampling.sigmas: must be one of ['karras', 'discrete']"),
+        ({"guidance_rescale": 2}, "model.val_sampling.guidance_rescale: must be in [0, 1]"),
+        ({"resolution": 0}, "model.val_sampling.resolution: must be positive"),
+        ({"ema": "yes"}, "model.val_sampling.ema: must be true or false"),
+        ({"schedule": "karras"}, "model.val_sampling.schedule: is not a sampling setting"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            SamplingSettings.from_config(node, "model.val_sampling")
+        assert message in str(e.value)
+
+
+def test_the_resolution_invariant_names_the_parts_and_the_nearest_size():
+    assert resolution_problem(64, 16, "x") is None
+    assert resolution_problem(40, 16, "autoencoder f=8 x U-Net 2x") == (
+        "40 is not a positive multiple of 16 (autoencoder f=8 x U-Net 2x); try 32"
+    )
+    assert resolution_problem(0, 8, "f=8").endswith("try 8") and resolution_problem(1020, 32, "f").endswith("try 1024")
+    with pytest.raises(ConfigError, match=r"^data\.resolution: 60 is not a positive multiple of 8 \(f=8\); try 64$"):
+        check_resolution(60, 8, "data.resolution", "f=8")

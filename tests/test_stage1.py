@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from emu.diffusion.module import DiffusionModule, load_diffusion
+from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from tests.conftest import ROOT, haystack_batch
 
@@ -31,7 +32,8 @@ def text_config(tiny_clip, tiny_t5, dropout=0.1):
 def tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, **kw):
     torch.manual_seed(0)
     defaults = dict(warmup_steps=0, lr=2e-3, weight_decay=0.0, ema_half_life_images=64, ema_ramp=None,
-                    val_prompts=["a large red circle in the center on a black background"], val_steps=2)  # fmt: skip
+                    val_prompts=["a large red circle in the center on a black background"],
+                    val_sampling={"steps": 2})  # fmt: skip
     text = OmegaConf.create(text_config(tiny_clip, tiny_t5, kw.pop("dropout", 0.1)))  # as Hydra passes them
     return DiffusionModule(OmegaConf.create(UNET), text, str(tiny_autoencoder),
                            **{**defaults, **kw})  # fmt: skip
@@ -66,7 +68,7 @@ def test_refuses_mismatched_autoencoder_and_bad_settings(tmp_path, tiny_clip, ti
     with pytest.raises(ConfigError, match="latent_channels"):
         tiny_module(tmp_path / "ae4", tiny_clip, tiny_t5)
     with pytest.raises(ConfigError, match="zero_terminal_snr"):
-        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, schedule={"zero_terminal_snr": True})
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, noise_schedule={"zero_terminal_snr": True})
     with pytest.raises(ConfigError, match="pooled_dim"):
         DiffusionModule({**UNET, "pooled_dim": 7}, text_config(tiny_clip, tiny_t5), str(tiny_autoencoder))
 
@@ -134,9 +136,29 @@ def test_ema_is_used_for_validation_and_restored_and_checkpoint_round_trips(tmp_
 
     # the same seed gives the same images; another seed others
     prompts = ["a large red circle in the center on a black background"] * 2
-    a = loaded.sample(prompts, [1, 2], resolution=32, steps=3)
-    b = loaded.sample(prompts, [1, 3], resolution=32, steps=3)
+    settings = SamplingSettings(resolution=32, steps=3)
+    a = loaded.sample(prompts, [1, 2], settings)
+    b = loaded.sample(prompts, [1, 3], settings)
     assert a.shape == (2, 3, 32, 32) and torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    assert loaded.val_sampling == SamplingSettings(steps=2)  # model.val_sampling survives the checkpoint
+
+
+def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
+    """Checkpoints written before ``schedule`` became ``noise_schedule`` and ``val_sampler/steps/guidance/schedule``
+    became ``val_sampling`` load with their settings under the new names."""
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, parameterization="v",
+                         noise_schedule={"steps": 500, "zero_terminal_snr": True})  # fmt: skip
+    _trainer(tmp_path, 1).fit(module, datamodule=_Data())
+    ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    hp["schedule"] = hp.pop("noise_schedule")
+    del hp["val_sampling"]
+    hp.update(val_sampler="heun", val_steps=7, val_guidance=3.0, val_schedule="discrete")
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = load_diffusion(tmp_path / "old.ckpt")
+    assert old.val_sampling == SamplingSettings(sampler="heun", steps=7, guidance=3.0, sigmas="discrete")
+    assert len(old.noise_schedule.sigmas) == 500
+    assert torch.equal(old.noise_schedule.sigmas, module.noise_schedule.sigmas)
 
 
 def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
@@ -146,8 +168,8 @@ def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, t
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle in the center on a black background\n\na small blue star at the top\n")
     out = tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"prompts={prompts}", "n=2", "steps=2",
-           "batch_size=3", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"prompts={prompts}", "n=2", "sampling.steps=2",
+           "sampling.batch_size=3", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
@@ -163,11 +185,12 @@ def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, t
     import sample
 
     for args, expected in [
-        (["prompt=x", "guidance=-1"], "guidance: must be in [0, 50]"),
-        (["prompt=x", "steps=0"], "steps: must be in 1..1000"),
-        (["prompt=x", "sampler=plms"], "sampler: must be one of"),
+        (["prompt=x", "sampling.guidance=-1"], "sampling.guidance: must be in [0, 50]"),
+        (["prompt=x", "sampling.steps=0"], "sampling.steps: must be in 1..1000"),
+        (["prompt=x", "sampling.sampler=plms"], "sampling.sampler: must be one of"),
+        (["prompt=x", "+sampling.stepz=3"], "sampling.stepz: is not a sampling setting"),
         (["prompt=x", f"prompts={prompts}"], "give exactly one"),
-        (["prompt=x", "resolution=40"], "resolution: 40 is not a multiple of 16"),
+        (["prompt=x", "sampling.resolution=40"], "sampling.resolution: 40 is not a positive multiple of 16"),
         (["prompt=x", f"ckpt={prompts}"], "ckpt: "),  # not a checkpoint at all
     ]:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

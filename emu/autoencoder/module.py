@@ -20,6 +20,7 @@ from emu.autoencoder.model import AutoencoderKL, patch_second_moment
 from emu.errors import ConfigError
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
+from emu.utils.resolution import check_resolution
 from emu.utils.schedules import warmup_constant
 
 KIND = "autoencoder"
@@ -104,15 +105,14 @@ class AutoencoderModule(L.LightningModule):
         precision = str(self.trainer.precision) if self.trainer is not None else ""
         if precision.startswith("16"):
             raise ConfigError("trainer.precision", f"{precision} is not supported here; use bf16-mixed or 32-true")
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        resolution = getattr(dm, "resolution", None)
-        f = self.autoencoder.downsample_factor
-        if resolution is not None and resolution % f:
-            raise ConfigError(
-                "data.resolution",
-                f"{resolution} is not divisible by the autoencoder's downsampling factor {f}; "
-                f"try {max(f, round(resolution / f) * f)}",
-            )
+        resolution = getattr(self.trainer.datamodule if self.trainer is not None else None, "resolution", None)
+        if resolution is not None:
+            check_resolution(resolution, self.resolution_multiple, "data.resolution",
+                             f"the autoencoder's downsampling f={self.resolution_multiple}")  # fmt: skip
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.autoencoder.downsample_factor
 
     def configure_optimizers(self):
         h = self.hparams

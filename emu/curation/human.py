@@ -1,10 +1,11 @@
 """Human stages: export candidates for annotators, import their labels, combine several annotators per image.
 
-The export is a folder with the candidates' images, contact sheets (numbered, keys listed in ``sheets.md``)
-and ``labels_template.csv`` (one row per image, one column per principle of the photography guideline, and
-``keep``). Labels come back as CSV or JSONL rows ``key, annotator, <principle>..., keep`` (1/0, true/false,
-yes/no). In the miniature, :class:`SimulatedAnnotator` answers from the hidden haystack attributes with noise;
-the generalist is noisier and more lenient (recall), the specialist stricter (precision). Reports say so.
+:class:`HumanStage` is the pass in the funnel. The export is a folder with the candidates' images, contact sheets
+(numbered, keys listed in ``sheets.md``) and ``labels_template.csv`` (one row per image, one column per principle of
+the photography guideline, and ``keep``). Labels come back as CSV or JSONL rows ``key, annotator, <principle>...,
+keep`` (1/0, true/false, yes/no). In the miniature, :class:`SimulatedAnnotator` answers from the hidden haystack
+attributes with noise; the generalist is noisier and more lenient (recall), the specialist stricter (precision).
+Reports say so.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from emu.curation.export import contact_sheets
+from emu.curation.stages import CurationError, FunnelContext, Rows
 from emu.errors import ConfigError
 from emu.utils.files import atomic_write_text
 
@@ -122,3 +125,63 @@ def write_template(keys: list[str], path: Path) -> None:
         w.writerow(["key", "annotator", *PRINCIPLES, "keep"])
         for k in keys:
             w.writerow([k, "", *([""] * len(PRINCIPLES)), ""])
+
+
+class HumanStage:
+    """A human pass: export the candidates, then keep what the (combined) annotators keep.
+
+    Args:
+        role: ``generalist`` (recall) or ``specialist`` (precision), for the report.
+        labels: a labels file (CSV/JSONL) from real annotators; or
+        simulated: a list of :class:`SimulatedAnnotator` settings (the miniature).
+        combine: how votes combine (``majority``, ``any``, ``all``, ``mean`` with ``threshold``).
+        on_bad_row: ``skip`` (report and go on) or ``stop``.
+    """
+
+    kind = "human"
+    needs_pixels = True
+    enabled = True
+
+    def __init__(self, name: str, role: str, labels: str | None = None, simulated: list[dict] | None = None,
+                 combine: str = "majority", threshold: float = 0.5, on_bad_row: str = "skip"):  # fmt: skip
+        self.name, self.role, self.labels, self.rule, self.threshold = name, role, labels, combine, threshold
+        self.annotators = [SimulatedAnnotator(**a) for a in (simulated or [])]
+        self.on_bad_row = on_bad_row
+        self.problems: list[str] = []
+
+    def describe(self) -> str:
+        who = f"{len(self.annotators)} simulated annotators" if self.annotators and not self.labels else "labels file"
+        return f"{self.role} pass, {who}, {self.rule} vote"
+
+    def run(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
+        """Export to ``human/<name>/``, read (or simulate) the labels; the score is the share of keep votes."""
+        folder = ctx.out / "human" / self.name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_template(survivors, folder / "labels_template.csv")
+        contact_sheets(ctx, survivors, folder, f"grade each with the principles {', '.join(PRINCIPLES)}")
+        rows = self._labels(ctx, survivors, folder)
+        decision = combine(rows, self.rule, self.threshold)
+        votes = Counter(r["key"] for r in rows)
+        keeps = Counter(r["key"] for r in rows if r["keep"])
+        table = {
+            k: {"score": keeps[k] / votes[k] if votes[k] else 0.0, "extra": {"votes": votes[k]}} for k in survivors
+        }
+        return {k for k in survivors if decision.get(k, False)}, table
+
+    def _labels(self, ctx: FunnelContext, survivors: list[str], folder: Path) -> list[dict]:
+        """The label rows, also written to ``labels.jsonl``: the labels file's, or the simulated annotators' (the same
+        ones again on a rerun after a kill)."""
+        path = folder / "labels.jsonl"
+        if self.labels:
+            rows, self.problems = read_labels(self.labels, set(survivors), self.on_bad_row)
+            write_labels(rows, path)
+        elif self.annotators:
+            if path.is_file():
+                rows = [json.loads(line) for line in path.read_text().splitlines()]
+            else:
+                rows = [a.label(k, ctx.index[k].get("hidden", {})) for k in survivors for a in self.annotators]
+                write_labels(rows, path)
+        else:
+            raise CurationError(f"stage {self.name!r} waits for annotators: candidates and labels_template.csv are in "
+                                f"{folder}; rerun with stages.{self.name}.labels=<your labels.csv>")  # fmt: skip
+        return rows

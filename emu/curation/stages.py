@@ -1,16 +1,24 @@
-"""The automatic stages of the funnel. Each scores the images it is given and has a keep rule.
+"""The stages of the funnel: what every stage is to the funnel, and the automatic ones.
 
-A stage sees batches of survivors (``image`` in [-1, 1], ``caption``, ``key``, ``meta``) and returns one score per
-image (plus, optionally, an ``extra`` dict per image that a resumed run needs, such as a hash). After the pass the
-:class:`KeepRule` turns all scores into kept / dropped. Scores are oriented so that the rule is explicit: the text
-stage's score is letters found (keep ``max``), the CLIP score's a similarity (keep ``min``).
+To the funnel a stage is ``name``, ``kind``, ``enabled``, ``describe()`` and ``run(ctx, survivors)``, which returns
+``(kept keys, rows)``: a row per survivor with its ``score`` (and optionally ``extra``) for ``scores/<stage>.jsonl``.
+The :class:`FunnelContext` ``ctx`` lends it the images of any key set, the index, earlier stages' scores and the
+output folder. The human passes are :class:`emu.curation.human.HumanStage`.
+
+An automatic :class:`Stage` sees batches of survivors (``image`` in [-1, 1], ``caption``, ``key``, ``meta``) and
+returns one score per image (plus, optionally, an ``extra`` dict per image that a resumed run needs, such as a hash).
+After the pass the :class:`KeepRule` turns all scores into kept / dropped. Scores are oriented so that the rule is
+explicit: the text stage's score is letters found (keep ``max``), the CLIP score's a similarity (keep ``min``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +26,7 @@ import torch
 from PIL import Image
 
 from emu.errors import ConfigError
+from emu.utils.files import atomic_write_text
 from emu.utils.images import to_uint8
 
 
@@ -60,22 +69,106 @@ class KeepRule:
         return ", ".join(p for p in parts if p) or "keep all"
 
 
+Rows = dict[str, dict[str, Any]]  # key -> {"score": float, "extra": {...}?}
+
+
+@dataclass
+class FunnelContext:
+    """What the funnel lends a stage (and its writers) for a run.
+
+    ``out`` is the funnel's folder, ``index`` maps each key to its caption, source size and hidden labels, and
+    ``batches(keys, desc)`` yields the images of ``keys`` (all when None), each once, in the source's order.
+    """
+
+    out: Path
+    index: dict[str, dict[str, Any]]
+    batches: Callable[[set[str] | None, str], Iterator[dict[str, Any]]]
+
+    def table(self, stage: str, partial: bool = False) -> Path:
+        """``scores/<stage>.jsonl``, or ``scores/<stage>.partial.jsonl`` (the rows so far, while it runs)."""
+        return self.out / "scores" / f"{stage}{'.partial' if partial else ''}.jsonl"
+
+    def scores(self, stage: str) -> dict[str, float]:
+        """A finished stage's scores by key."""
+        return {r["key"]: r["score"] for r in map(json.loads, self.table(stage).read_text().splitlines())}
+
+
+def subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    """The images ``idx`` of a batch."""
+    return {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in batch.items()}
+
+
+def read_partial(path: Path) -> Rows:
+    """The complete rows of an interrupted pass; a half-written last line is dropped (from the file too: appending
+    after a torn line would hide what follows it)."""
+    rows: Rows = {}
+    if not path.is_file():
+        return rows
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        lines.append(line + "\n")
+        rows[r.pop("key")] = r
+    atomic_write_text(path, "".join(lines))
+    return rows
+
+
 class Stage:
-    """Base class: ``name``, ``keep`` rule, ``needs_pixels``; subclasses implement :meth:`score`."""
+    """An automatic stage: ``name``, ``keep`` rule; subclasses implement :meth:`score`, the funnel calls :meth:`run`.
+
+    ``replay``: a stateful stage that must see the images scored before an interrupt again (:meth:`observe`).
+    """
 
     needs_pixels = True
     kind = "automatic"
+    enabled = True
+    replay = False
 
     def __init__(self, name: str, keep: dict[str, Any] | None = None):
         self.name, self.keep = name, KeepRule(**(keep or {}))
 
-    def start(self, previous: dict[str, dict[str, Any]]) -> None:
+    def run(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
+        rows = self.score_all(ctx, survivors)
+        return self.select(rows), rows
+
+    def score_all(self, ctx: FunnelContext, survivors: list[str]) -> Rows:
+        """The rows of ``survivors``, appended to the partial table batch by batch; resumes from it."""
+        partial = ctx.table(self.name, partial=True)
+        rows = read_partial(partial)
+        self.start(rows)
+        todo = {k for k in survivors if k not in rows}
+        replay = self.replay and rows  # stateful: see the scored images again, in order
+        with partial.open("a") as f:
+            for batch in ctx.batches(set(survivors) if replay else todo, self.name) if todo else []:
+                if replay:
+                    done = [i for i, k in enumerate(batch["key"]) if k not in todo]
+                    if done:
+                        self.observe(subset(batch, done))
+                    new = [i for i, k in enumerate(batch["key"]) if k in todo]
+                    if not new:
+                        continue
+                    batch = subset(batch, new)
+                scores, extra = self.score(batch)
+                for i, (key, score) in enumerate(zip(batch["key"], scores, strict=True)):
+                    row = {"score": float(score), **({"extra": extra[i]} if extra else {})}
+                    rows[key] = row
+                    f.write(json.dumps({"key": key, **row}) + "\n")
+                f.flush()
+        return {k: rows[k] for k in survivors if k in rows}
+
+    def start(self, previous: Rows) -> None:
         """Called before a pass with the rows already scored (a resumed run); stateful stages restore here."""
+
+    def observe(self, batch: dict[str, Any]) -> None:
+        """A ``replay`` stage sees an image it scored before the interrupt."""
 
     def score(self, batch: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]] | None]:
         raise NotImplementedError
 
-    def select(self, rows: dict[str, dict[str, Any]]) -> set[str]:
+    def select(self, rows: Rows) -> set[str]:
         return self.keep.select({k: r["score"] for k, r in rows.items()})
 
     def describe(self) -> str:
@@ -205,6 +298,18 @@ class Aesthetic(Stage):
         return self.head(self.clip.embed_images(batch["image"])).tolist(), None
 
 
+def best_per_class(rows: Rows, rank: dict[str, float], per_class: int) -> set[str]:
+    """At most ``per_class`` keys of each ``extra.concept``, highest ``rank`` first (ties by key)."""
+    by_class: dict[str, list[str]] = {}
+    for key, row in rows.items():
+        by_class.setdefault(row["extra"]["concept"], []).append(key)
+    kept = set()
+    for keys in by_class.values():
+        keys.sort(key=lambda k: (-rank.get(k, 0.0), k))
+        kept.update(keys[:per_class])
+    return kept
+
+
 class Balance(Stage):
     """Balance across visual concepts: each image gets a class by CLIP zero-shot over ``concepts`` (prompts), and at
     most ``per_class`` images per class are kept, best ``rank_by`` score first (a previous stage's)."""
@@ -218,21 +323,16 @@ class Balance(Stage):
         self.clip, self.per_class, self.rank_by = clip, per_class, rank_by
         self.names = list(concepts)
         self.text = self.clip.embed_texts(list(concepts.values()))
-        self.rank_scores: dict[str, float] = {}
 
     def score(self, batch):
         cls = (self.clip.embed_images(batch["image"]) @ self.text.T).argmax(-1).tolist()
         return [float(c) for c in cls], [{"concept": self.names[c]} for c in cls]
 
-    def select(self, rows):
-        by_class: dict[str, list[str]] = {}
-        for key, row in rows.items():
-            by_class.setdefault(row["extra"]["concept"], []).append(key)
-        kept = set()
-        for keys in by_class.values():
-            keys.sort(key=lambda k: (-self.rank_scores.get(k, 0.0), k))
-            kept.update(keys[: self.per_class])
-        return kept
+    def run(self, ctx, survivors):
+        rows = self.score_all(ctx, survivors)
+        if not ctx.table(self.rank_by).is_file():
+            raise CurationError(f"no scores of stage {self.rank_by!r} (balance.rank_by must name an earlier stage)")
+        return best_per_class(rows, ctx.scores(self.rank_by), self.per_class), rows
 
     def describe(self) -> str:
         return f"<= {self.per_class} per concept ({len(self.names)} concepts), best {self.rank_by} first"

@@ -27,8 +27,8 @@ class EmuDataModule(L.LightningDataModule):
 
     Args:
         source: a :class:`~emu.data.sources.IndexedSource` or :class:`~emu.data.sources.WebDatasetSource`.
-        resolution: square output size; must be a multiple of ``resolution_multiple``.
-        resolution_multiple: what the model needs the resolution divisible by (8 for an f=8 autoencoder).
+        resolution: square output size (the model checks that it is a multiple of its downsampling:
+            :mod:`emu.utils.resolution`).
         crop: ``center`` or ``random`` for training (validation always crops the center).
         hflip: flip probability for training; captions get 'left'/'right' swapped (``flip_captions``).
         min_size: images with a shorter side below this many pixels are skipped.
@@ -44,7 +44,6 @@ class EmuDataModule(L.LightningDataModule):
         self,
         source: IndexedSource | WebDatasetSource,
         resolution: int = 64,
-        resolution_multiple: int = 8,
         crop: str = "center",
         hflip: float = 0.0,
         flip_captions: bool = True,
@@ -61,12 +60,8 @@ class EmuDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if resolution <= 0 or resolution % resolution_multiple:
-            raise ConfigError(
-                "data.resolution",
-                f"{resolution} is not a positive multiple of {resolution_multiple} (the model's downsampling); "
-                f"try {max(resolution_multiple, round(resolution / resolution_multiple) * resolution_multiple)}",
-            )
+        if resolution <= 0:
+            raise ConfigError("data.resolution", f"must be positive, got {resolution}")
         if crop not in ("center", "random"):
             raise ConfigError("data.crop", f"must be 'center' or 'random', got {crop!r}")
         if not 0.0 <= hflip <= 1.0:

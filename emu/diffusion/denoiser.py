@@ -55,14 +55,14 @@ def loss_weight(kind: str, sigma: torch.Tensor, c_out: torch.Tensor, sigma_data:
 class Denoiser:
     """Wraps a network ``net(x, c_noise, **cond)`` into ``D(x, sigma, **cond) -> x0`` and its training loss.
 
-    A plain callable, not a module: it holds references to the network and schedule that its owner registers
+    A plain callable, not a module: it holds references to the network and noise schedule that its owner registers
     (so a LightningModule's state dict names the U-Net once, as ``unet.*``).
 
     Args:
         net: the U-Net (or any callable with that signature).
         parameterization: ``eps``, ``v`` or ``edm``.
-        schedule: the discrete schedule for eps / v (timesteps from sigmas; training noise levels); ``None`` for
-            edm (log-normal training noise, continuous sigma).
+        noise_schedule: the discrete DDPM schedule for eps / v (timesteps from sigmas; training noise levels);
+            ``None`` for edm (log-normal training noise, continuous sigma).
         sigma_data: the data std (latents are normalised per channel, so 1.0; EDM's pixel default is 0.5).
         weighting / min_snr_gamma: the loss weighting (see the module docstring).
         p_mean / p_std: EDM's log-normal training distribution.
@@ -72,7 +72,7 @@ class Denoiser:
         self,
         net: torch.nn.Module,
         parameterization: str = "eps",
-        schedule: DiscreteSchedule | None = None,
+        noise_schedule: DiscreteSchedule | None = None,
         sigma_data: float = 1.0,
         weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
@@ -83,24 +83,24 @@ class Denoiser:
             raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
-        if parameterization != "edm" and schedule is None:
-            raise ValueError(f"the {parameterization}-parameterization needs a discrete schedule")
-        self.net, self.schedule = net, schedule
+        if parameterization != "edm" and noise_schedule is None:
+            raise ValueError(f"the {parameterization}-parameterization needs a discrete noise schedule")
+        self.net, self.noise_schedule = net, noise_schedule
         self.parameterization, self.sigma_data, self.weighting = parameterization, sigma_data, weighting
         self.min_snr_gamma, self.p_mean, self.p_std = min_snr_gamma, p_mean, p_std
 
     @property
     def sigma_min(self) -> float:
-        return self.schedule.sigma_min if self.schedule is not None else 0.002
+        return self.noise_schedule.sigma_min if self.noise_schedule is not None else 0.002
 
     @property
     def sigma_max(self) -> float:
-        return self.schedule.sigma_max if self.schedule is not None else 80.0
+        return self.noise_schedule.sigma_max if self.noise_schedule is not None else 80.0
 
     def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.parameterization == "edm":
             return sigma.log() / 4
-        return self.schedule.sigma_to_t(sigma)
+        return self.noise_schedule.sigma_to_t(sigma)
 
     def _scalings(self, sigma: torch.Tensor, ndim: int):
         shape = (-1,) + (1,) * (ndim - 1)
@@ -114,8 +114,8 @@ class Denoiser:
 
     def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training noise levels: uniform timesteps (discrete) or log-normal (EDM)."""
-        if self.schedule is not None and self.parameterization != "edm":
-            return self.schedule.sample_training_sigmas(n, generator)
+        if self.noise_schedule is not None and self.parameterization != "edm":
+            return self.noise_schedule.sample_training_sigmas(n, generator)
         return lognormal_sigmas(n, self.p_mean, self.p_std, generator)
 
     def loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:

@@ -27,7 +27,7 @@ from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
-from emu.diffusion.pipeline import generate
+from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.prompts import read_prompts
 from emu.diffusion.unet import UNet
 from emu.errors import ConfigError
@@ -36,6 +36,7 @@ from emu.text.encoders import FrozenTextEncoder
 from emu.training.distributed import FSDPStrategy, shard_modules
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
+from emu.utils.resolution import check_resolution
 from emu.utils.schedules import warmup_constant, warmup_cosine
 
 KIND = "diffusion"
@@ -61,7 +62,7 @@ class DiffusionModule(L.LightningModule):
         text: the conditioner: ``encoders`` (name -> FrozenTextEncoder kwargs), ``dropout``, ``uncond``,
             ``pooled_from``.
         autoencoder: the stage-0 checkpoint or export folder (frozen).
-        parameterization: ``eps``, ``v`` or ``edm``; schedule: the discrete DDPM schedule (``steps``,
+        parameterization: ``eps``, ``v`` or ``edm``; noise_schedule: the discrete DDPM schedule (``steps``,
             ``beta_start``, ``beta_end``, ``zero_terminal_snr``) for eps / v; weighting: ``uniform``,
             ``min_snr`` or ``edm``; sigma_data, min_snr_gamma, p_mean, p_std: see :class:`Denoiser`.
         noise_offset: per-sample, per-channel noise offset (0.02 late in pre-training, 0.1 in quality-tuning).
@@ -69,7 +70,8 @@ class DiffusionModule(L.LightningModule):
         lr, betas, weight_decay, warmup_steps, lr_schedule: AdamW; ``constant`` or ``cosine`` after warm-up.
         ema_half_life_images, ema_ramp: the EMA (see :mod:`emu.diffusion.ema`); 0 disables it.
         val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
-        val_sampler, val_steps, val_guidance, val_schedule: how they are sampled.
+        val_sampling: how they are sampled: :class:`~emu.diffusion.pipeline.SamplingSettings` fields (the
+            ``sampling`` config group).
         init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2).
         channels_last: keep the U-Net's weights and inputs in channels-last memory format (faster convolutions on
             GPUs with tensor cores).
@@ -82,7 +84,7 @@ class DiffusionModule(L.LightningModule):
         text: dict[str, Any],
         autoencoder: str,
         parameterization: str = "eps",
-        schedule: dict[str, Any] | None = None,
+        noise_schedule: dict[str, Any] | None = None,
         weighting: str = "uniform",
         sigma_data: float = 1.0,
         min_snr_gamma: float = 5.0,
@@ -99,23 +101,21 @@ class DiffusionModule(L.LightningModule):
         ema_ramp: float | None = 0.05,
         val_prompts: list[str] | str | None = None,
         val_seeds: list[int] | None = None,
-        val_sampler: str = "dpmpp_2m",
-        val_steps: int = 25,
-        val_guidance: float = 5.0,
-        val_schedule: str = "karras",
+        val_sampling: dict[str, Any] | None = None,
         init_from: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ):
         super().__init__()
-        unet, text, schedule = _plain(unet), _plain(text), _plain(schedule) or {}  # plain containers in checkpoints
-        val_prompts, val_seeds, betas = _plain(val_prompts), _plain(val_seeds), tuple(_plain(betas))
+        unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
+        val_prompts, val_seeds, betas = _plain(val_prompts), _plain(val_seeds), tuple(_plain(betas))  # in checkpoints
+        val_sampling = SamplingSettings.from_config(_plain(val_sampling), "model.val_sampling").as_dict()
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if schedule.get("zero_terminal_snr") and parameterization == "eps":
-            raise ConfigError("model.schedule.zero_terminal_snr", "needs v- or edm-parameterization (eps is undefined "
-                              "at SNR 0); set model.parameterization=v")  # fmt: skip
+        if noise_schedule.get("zero_terminal_snr") and parameterization == "eps":
+            raise ConfigError("model.noise_schedule.zero_terminal_snr", "needs v- or edm-parameterization (eps is "
+                              "undefined at SNR 0); set model.parameterization=v")  # fmt: skip
 
         self.unet = UNet(**unet)
         self.conditioner = build_conditioner(text, context_dim=self.unet.config["context_dim"])
@@ -127,9 +127,12 @@ class DiffusionModule(L.LightningModule):
             )
         self.autoencoder = load_autoencoder(autoencoder, expect={"latent_channels": self.unet.config["in_channels"]})
         self.autoencoder.requires_grad_(False)
-        disc = None if parameterization == "edm" else DiscreteSchedule(scaled_linear_alphas_cumprod(**schedule))
-        self.noise_schedule = disc  # registered here (moves with the module); the denoiser only refers to it
-        self.denoiser = Denoiser(self.unet, parameterization, disc, sigma_data, weighting, min_snr_gamma, p_mean, p_std)
+        # registered here (moves with the module); the denoiser only refers to it
+        self.noise_schedule = None if parameterization == "edm" else DiscreteSchedule(
+            scaled_linear_alphas_cumprod(**noise_schedule))  # fmt: skip
+        self.denoiser = Denoiser(self.unet, parameterization, self.noise_schedule, sigma_data, weighting, min_snr_gamma,
+                                 p_mean, p_std)  # fmt: skip
+        self.val_sampling = SamplingSettings(**val_sampling)
         self.ema = EMA(self.trained_modules(), ema_half_life_images, ema_ramp) if ema_half_life_images > 0 else None
         self.val_prompts = _read_prompts(val_prompts)
         self.val_seeds = list(val_seeds) if val_seeds else list(range(len(self.val_prompts)))
@@ -170,6 +173,11 @@ class DiffusionModule(L.LightningModule):
     def resolution_multiple(self) -> int:
         return self.autoencoder.downsample_factor * self.unet.downsample_factor
 
+    @property
+    def downsampling(self) -> str:
+        """What :attr:`resolution_multiple` is made of, for error messages."""
+        return f"autoencoder f={self.autoencoder.downsample_factor} x U-Net {self.unet.downsample_factor}x"
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         res = getattr(dm, "resolution", None)
@@ -178,10 +186,8 @@ class DiffusionModule(L.LightningModule):
             self.check_precomputed(manifest)
         if res is not None:
             self.train_resolution = int(res)
-        if res is not None and res % self.resolution_multiple:
-            raise ConfigError("data.resolution", f"is {res}; the autoencoder (f={self.autoencoder.downsample_factor}) "
-                              f"and U-Net ({self.unet.downsample_factor}x) need a multiple of "
-                              f"{self.resolution_multiple}")  # fmt: skip
+        if res is not None:
+            check_resolution(res, self.resolution_multiple, "data.resolution", self.downsampling)
 
     def check_precomputed(self, manifest: dict[str, Any]) -> None:
         """Refuse precomputed shards (:mod:`emu.diffusion.latents`) made with another autoencoder or text encoders."""
@@ -266,22 +272,29 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        swapped = self.ema is not None
         try:
             if self.val_prompts and not self.trainer.sanity_checking:
+                if swapped and not self.val_sampling.ema:  # model.val_sampling.ema=false: sample the raw weights
+                    self._ema_ctx.__exit__(None, None, None)
+                    swapped = False
                 images = self.sample(self.val_prompts, self.val_seeds)  # on every rank: sharded weights need all
                 if self.trainer.is_global_zero:
                     caption = " | ".join(self.val_prompts)
                     log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)
         finally:
-            if self.ema is not None:
+            if swapped:
                 self._ema_ctx.__exit__(None, None, None)
 
-    def sample(self, prompts: list[str], seeds: list[int], resolution: int | None = None, **kw) -> torch.Tensor:
-        hp = self.hparams
+    def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings | None = None,
+               **kw) -> torch.Tensor:  # fmt: skip
+        """Images for ``prompts`` with ``seeds`` through the weights as they are now, with ``settings`` (default:
+        ``model.val_sampling``); their resolution defaults to the data's, then the checkpoint's training one.
+        ``kw`` goes to :func:`~emu.diffusion.pipeline.generate` (e.g. ``autocast_dtype``, ``progress``)."""
+        settings = settings or self.val_sampling
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        res = resolution or getattr(dm, "resolution", None) or self.train_resolution or 64
-        kw = {"sampler": hp.val_sampler, "steps": hp.val_steps, "guidance": hp.val_guidance,
-              "schedule": hp.val_schedule, "progress": False, **kw}  # fmt: skip
+        res = settings.resolution or getattr(dm, "resolution", None) or self.train_resolution or 64
+        kw = {**settings.generate_kwargs(), "progress": False, **kw}
         return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, res, res, **kw)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -322,6 +335,21 @@ def _read_prompts(prompts: list[str] | str | None) -> list[str]:
     return [str(p) for p in prompts]
 
 
+OLD_VAL_SAMPLING = {"val_sampler": "sampler", "val_steps": "steps", "val_guidance": "guidance",
+                    "val_schedule": "sigmas"}  # fmt: skip
+
+
+def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a checkpoint written before ``schedule`` became ``noise_schedule`` and the ``val_*`` sampling
+    arguments became ``val_sampling``, under their new names (the old names are ignored when loading)."""
+    out: dict[str, Any] = {}
+    if "schedule" in hp and "noise_schedule" not in hp:
+        out["noise_schedule"] = hp["schedule"]
+    if "val_sampling" not in hp and any(k in hp for k in OLD_VAL_SAMPLING):
+        out["val_sampling"] = {new: hp[old] for old, new in OLD_VAL_SAMPLING.items() if old in hp}
+    return out
+
+
 def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
     """A :class:`DiffusionModule` from a stage-1/2 Lightning checkpoint (EMA kept separate; see ``use_ema``)."""
     path = Path(path).expanduser()
@@ -334,8 +362,9 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
     kind = header(ckpt).get("kind")
     if kind != KIND:
         raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
+    renamed = _renamed_hparams(ckpt.get("hyper_parameters") or {})
     module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
-                                                  **overrides)  # fmt: skip
+                                                  **{**renamed, **overrides})  # fmt: skip
     module.train_resolution = header(ckpt).get("resolution")
     return module
 

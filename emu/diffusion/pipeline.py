@@ -1,5 +1,6 @@
 """Text -> image: conditioning, a sampler with classifier-free guidance, decoding. Used by validation, ``sample.py``
-and evaluation alike, so every image in the project comes from the same code.
+and evaluation alike, so every image in the project comes from the same code, with the same settings object
+(:class:`SamplingSettings`, the ``sampling`` config group).
 
 Each image's starting noise comes from its own seed (a CPU generator), so an image depends on its prompt, seed
 and settings, not on the batch it was drawn in.
@@ -7,27 +8,102 @@ and settings, not on the batch it was drawn in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from emu.diffusion.sampling import CFGDenoiser, get_sampler, get_sigmas_discrete, get_sigmas_karras
+from emu.diffusion.sampling import SAMPLERS, CFGDenoiser, get_sampler, get_sigmas_discrete, get_sigmas_karras
+from emu.errors import ConfigError
+from emu.utils.resolution import check_resolution
 
 SIGMA_SCHEDULES = ("karras", "discrete")
 
 
-def sampling_sigmas(denoiser, steps: int, schedule: str = "karras") -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How images are generated: one object for ``sample.py``, ``eval.py``, validation samples and checkpoint
+    selection. Its config group is ``conf/sampling/default.yaml`` (the same fields and defaults); every value is
+    checked when the object is made, and a bad one is a :class:`ConfigError` naming its key.
+
+    Args:
+        sampler: a k-diffusion-style sampler of :mod:`emu.diffusion.sampling` (``euler``, ``heun``, ``dpmpp_2m``,
+            ``ddim``).
+        steps: sampler steps.
+        sigmas: the sigma spacing: ``karras`` (Karras et al., rho 7) or ``discrete`` (the model's own timesteps,
+            trailing; eps / v models only).
+        guidance: the classifier-free guidance scale (1: none).
+        guidance_rescale: rescale of the guided prediction's std (Lin et al. 2023), 0 to 1.
+        resolution: the image side; None: the training resolution of the checkpoint.
+        batch_size: images per sampler call.
+        ema: sample with the EMA weights when the model has them (else the raw ones).
+    """
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
+    sigmas: str = "karras"
+    guidance: float = 5.0
+    guidance_rescale: float = 0.0
+    resolution: int | None = None
+    batch_size: int = 16
+    ema: bool = True
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | SamplingSettings | None, key: str = "sampling") -> SamplingSettings:
+        """The settings of a config node (a mapping of some or all fields; missing ones take the defaults), with
+        errors named ``<key>.<field>``."""
+        if isinstance(node, SamplingSettings):
+            return node
+        node = dict(node or {})
+        unknown = sorted(set(node) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", f"is not a sampling setting; they are "
+                              f"{', '.join(f.name for f in fields(cls))}")  # fmt: skip
+        try:
+            return cls(**node)
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e.key}", e.problem) from None
+
+    def check(self) -> None:
+        checks = {
+            "sampler": (self.sampler in SAMPLERS, f"must be one of {list(SAMPLERS)}"),
+            "sigmas": (self.sigmas in SIGMA_SCHEDULES, f"must be one of {list(SIGMA_SCHEDULES)}"),
+            "steps": (isinstance(self.steps, int) and 1 <= self.steps <= 1000, "must be in 1..1000"),
+            "guidance": (0 <= float(self.guidance) <= 50, "must be in [0, 50]"),
+            "guidance_rescale": (0 <= float(self.guidance_rescale) <= 1, "must be in [0, 1]"),
+            "resolution": (self.resolution is None or int(self.resolution) > 0, "must be positive (or null)"),
+            "batch_size": (int(self.batch_size) >= 1, "must be >= 1"),
+            "ema": (isinstance(self.ema, bool), "must be true or false"),
+        }
+        for key, (ok, problem) in checks.items():
+            if not ok:
+                raise ConfigError(key, f"{problem}, got {getattr(self, key)!r}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`generate` (resolution and weights are the caller's to apply)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("resolution", "ema")}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sampling_sigmas(denoiser, steps: int, sigmas: str = "karras") -> torch.Tensor:
+    """The noise levels a sampler steps through: ``karras`` spacing or the model's own ``discrete`` timesteps."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if schedule == "karras":
+    if sigmas == "karras":
         return get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
-    if schedule == "discrete":
-        if denoiser.schedule is None:
-            raise ValueError("the 'discrete' sigma schedule needs a model with a discrete noise schedule; use karras")
-        return get_sigmas_discrete(denoiser.schedule, steps).cpu()
-    raise ValueError(f"unknown sigma schedule {schedule!r}; choose one of {SIGMA_SCHEDULES}")
+    if sigmas == "discrete":
+        if denoiser.noise_schedule is None:
+            raise ValueError("sigmas='discrete' needs a model with a discrete noise schedule (eps / v); use karras")
+        return get_sigmas_discrete(denoiser.noise_schedule, steps).cpu()
+    raise ValueError(f"unknown sigma spacing {sigmas!r}; choose one of {SIGMA_SCHEDULES}")
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -48,7 +124,7 @@ def generate(
     steps: int = 25,
     guidance: float = 5.0,
     guidance_rescale: float = 0.0,
-    schedule: str = "karras",
+    sigmas: str = "karras",
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -56,11 +132,11 @@ def generate(
     """Images in [-1, 1], N x 3 x H x W, for ``prompts[i]`` with ``seeds[i]``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    factor = autoencoder.downsample_factor * getattr(denoiser.net, "downsample_factor", 1)
-    if height % factor or width % factor:
-        raise ValueError(f"resolution {height}x{width} must be a multiple of {factor} (autoencoder x U-Net)")
+    f_ae, f_unet = autoencoder.downsample_factor, getattr(denoiser.net, "downsample_factor", 1)
+    for side in {height, width}:
+        check_resolution(side, f_ae * f_unet, "resolution", f"autoencoder f={f_ae} x U-Net {f_unet}x")
     sample_fn = get_sampler(sampler)
-    sigmas = sampling_sigmas(denoiser, steps, schedule)
+    sigma_levels = sampling_sigmas(denoiser, steps, sigmas)
     cfg = CFGDenoiser(denoiser, guidance, guidance_rescale)
     device = next(denoiser.net.parameters()).device
     latent_shape = (autoencoder.latent_channels, height // autoencoder.downsample_factor,
@@ -70,13 +146,13 @@ def generate(
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="sampling", disable=not progress or len(batches) == 1):
         chunk = list(prompts[start : start + batch_size])
-        x = initial_noise(seeds[start : start + batch_size], latent_shape).to(device) * sigmas[0]
+        x = initial_noise(seeds[start : start + batch_size], latent_shape).to(device) * sigma_levels[0]
         with autocast:
             c = conditioner.condition(chunk)
             u = conditioner.unconditional_batch(len(chunk))
             cond = {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
             uncond = {"context": u.context, "context_mask": u.mask, "pooled": u.pooled}
-            z = sample_fn(cfg, x, sigmas.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True)
+            z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True)
             images = autoencoder.decode(autoencoder.denormalize(z.float()))
         out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)

@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, log_image
@@ -45,11 +46,7 @@ class CheckpointSelection(L.Callback):
         every_n_steps: int = 50,
         limit: int | None = None,
         seed: int = 0,
-        sampler: str = "dpmpp_2m",
-        steps: int = 25,
-        guidance: float = 5.0,
-        schedule: str = "karras",
-        batch_size: int = 32,
+        sampling: dict[str, Any] | SamplingSettings | None = None,
         faithfulness_margin: float = 0.05,
         patience: int | None = None,
         min_delta: float = 0.0,
@@ -64,8 +61,7 @@ class CheckpointSelection(L.Callback):
         self.seeds = [seed + i for i in range(len(self.prompts))]
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
-        self.sampling = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule,
-                         "batch_size": batch_size}  # fmt: skip
+        self.sampling = SamplingSettings.from_config(sampling, "callbacks.selection.sampling")
         self.faithfulness_margin, self.patience, self.min_delta = faithfulness_margin, patience, min_delta
         self.stop_on_faithfulness_drop = stop_on_faithfulness_drop
         self.log_grid_images = log_grid_images
@@ -116,10 +112,10 @@ class CheckpointSelection(L.Callback):
         pl_module.eval()
         try:
             ema = getattr(pl_module, "ema", None)
-            if ema is not None:
+            if ema is not None and self.sampling.ema:
                 with ema.swapped(pl_module.trained_modules()):
-                    return pl_module.sample(self.prompts, self.seeds, **self.sampling)
-            return pl_module.sample(self.prompts, self.seeds, **self.sampling)
+                    return pl_module.sample(self.prompts, self.seeds, self.sampling)
+            return pl_module.sample(self.prompts, self.seeds, self.sampling)
         finally:
             pl_module.train(was_training)
 
@@ -182,7 +178,7 @@ class CheckpointSelection(L.Callback):
         best = self.best()
         summary = {"best": best, "baseline": self.baseline, "stopped": self.stopped, "rows": self.rows,
                    "faithfulness_margin": self.faithfulness_margin, "every_n_steps": self.every_n_steps,
-                   "prompts": len(self.prompts), "sampling": self.sampling,
+                   "prompts": len(self.prompts), "sampling": self.sampling.as_dict(),
                    "judge": getattr(self.judge, "name", type(self.judge).__name__)}  # fmt: skip
         atomic_write_text(self.dirpath / "selection.json", json.dumps(summary, indent=2))
         if best:

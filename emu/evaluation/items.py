@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.utils.checkpoint_header import header
 from emu.utils.sample_folder import is_sample_folder, read_sample_folder, write_sample_folder
@@ -59,17 +60,16 @@ def load_samples(folder: str | Path, name: str) -> Generated:
 
 
 def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], seeds: list[int],
-                             sampling: dict[str, Any], device: torch.device) -> Generated:  # fmt: skip
-    """Images of a stage-1/2 checkpoint (EMA weights unless ``sampling["ema"]`` is false)."""
+                             sampling: SamplingSettings, device: torch.device) -> Generated:  # fmt: skip
+    """Images of a stage-1/2 checkpoint with ``sampling`` (EMA weights unless ``sampling.ema`` is false)."""
     from emu.diffusion.module import load_for_sampling
 
-    module = load_for_sampling(path, device, ema=sampling.get("ema", True))
-    res = int(sampling.get("resolution") or module.train_resolution or 64)
-    kw = {k: sampling[k] for k in ("sampler", "steps", "guidance", "guidance_rescale", "schedule", "batch_size")}
+    module = load_for_sampling(path, device, ema=sampling.ema)
+    res = int(sampling.resolution or module.train_resolution or 64)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     print(f"[eval] {name}: sampling {len(prompts)} images at {res}px from {path}")
-    images = module.sample(prompts, seeds, resolution=res, autocast_dtype=autocast, progress=True, **kw)
-    return Generated(name, str(path), images, prompts, seeds, {**kw, "resolution": res, "ema": sampling.get("ema")})
+    images = module.sample(prompts, seeds, sampling, autocast_dtype=autocast, progress=True)  # at res
+    return Generated(name, str(path), images, prompts, seeds, {**sampling.as_dict(), "resolution": res})
 
 
 def check_paired(a: Generated, b: Generated) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
 from emu.evaluation import fid as fidlib
@@ -97,7 +98,8 @@ def evaluate_autoencoders(
     return Evaluation({"autoencoders": results, "baselines": baselines, "images": source}, grids=[str(grid)])
 
 
-def evaluate_models(cfg: DictConfig, todo: list[tuple[str, str, str]], exs, skipped, notes) -> Evaluation:
+def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tuple[str, str, str]], exs, skipped,
+                    notes) -> Evaluation:  # fmt: skip
     device = _device(cfg)
     gens: list[items.Generated] = []
     prompts = None
@@ -108,7 +110,6 @@ def evaluate_models(cfg: DictConfig, todo: list[tuple[str, str, str]], exs, skip
         if prompts is None:
             prompts = read_prompts(cfg.prompts, "prompts")[: cfg.limit or None]
         seeds = [int(cfg.seed) + i for i in range(len(prompts))]
-        sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
         gens.append(items.generate_from_checkpoint(path, name, prompts, seeds, sampling, device))
     if len(gens) == 2:
         items.check_paired(*gens)
@@ -203,6 +204,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def run(cfg: DictConfig) -> Path:
     """``eval.py``'s whole job for a composed config: evaluate ``a`` (and ``b``), write the outputs to ``cfg.out``."""
     check_required(cfg)
+    sampling = SamplingSettings.from_config(OmegaConf.to_container(cfg.sampling, resolve=True))
     paths = [str(cfg.a)] + ([str(cfg.b)] if cfg.b else [])
     kinds = [items.item_kind(p) for p in paths]
     names = [item_name(p, n) for p, n in zip(paths, (cfg.name_a, cfg.name_b))]
@@ -217,7 +219,7 @@ def run(cfg: DictConfig) -> Path:
             raise ConfigError("b", "compare autoencoders with autoencoders; a and b are of different kinds")
         result = evaluate_autoencoders(cfg, paths, names, exs, notes)
     else:
-        result = evaluate_models(cfg, list(zip(paths, kinds, names)), exs, skipped, notes)
+        result = evaluate_models(cfg, sampling, list(zip(paths, kinds, names)), exs, skipped, notes)
     result.metrics["warnings"] = notes
     write_outputs(out, result, cfg)
     print((out / "report.md").read_text())

@@ -7,7 +7,7 @@ network, and raises one :class:`~emu.errors.ConfigError` naming every bad key wi
 * keys that no ``_target_`` accepts (a typo in an experiment file would otherwise surface as a ``TypeError`` deep in
   instantiation, or not at all), with the closest valid name;
 * the autoencoder's latent channels against the U-Net's input and output channels;
-* the data resolution against the autoencoder's and the U-Net's downsampling;
+* the data resolution against the autoencoder's and the U-Net's downsampling (:mod:`emu.utils.resolution`);
 * the U-Net's pooled width against the CLIP encoder's projection, and an ``init_from`` checkpoint's U-Net and text
   projections against this model's.
 """
@@ -25,10 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu.errors import ConfigError
 from emu.utils.checkpoint_header import header
+from emu.utils.resolution import resolution_problem
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 KWARG_NODES = {  # config nodes passed as plain dicts to a class, by the model that takes them
-    "emu.diffusion.module.DiffusionModule": {"unet": "emu.diffusion.unet.UNet"},
+    "emu.diffusion.module.DiffusionModule": {
+        "unet": "emu.diffusion.unet.UNet",
+        "val_sampling": "emu.diffusion.pipeline.SamplingSettings",
+    },
+    "emu.diffusion.selection.CheckpointSelection": {"sampling": "emu.diffusion.pipeline.SamplingSettings"},
 }
 
 
@@ -104,13 +109,11 @@ def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
                 problems.append((f"model.unet.{key}", f"is {unet[key]} but the autoencoder '{model.autoencoder}' has "
                                  f"{ae['latent_channels']} latent channels; set model.unet.{key}="
                                  f"{ae['latent_channels']}"))  # fmt: skip
-        ae_f = 2 ** (len(ae["block_out_channels"]) - 1)
-        levels = len(unet.get("block_channels", [0]))
-        f = ae_f * 2 ** (levels - 1)
+        ae_f, unet_f = 2 ** (len(ae["block_out_channels"]) - 1), 2 ** (len(unet.get("block_channels", [0])) - 1)
         res = OmegaConf.select(cfg, "data.resolution")
-        if res and res % f:
-            problems.append(("data.resolution", f"is {res}; the autoencoder (f={ae_f}) and the U-Net ({levels} levels) "
-                             f"need a multiple of {f}: try {max(f, round(res / f) * f)}"))  # fmt: skip
+        problem = res and resolution_problem(res, ae_f * unet_f, f"autoencoder f={ae_f} x U-Net {unet_f}x")
+        if problem:
+            problems.append(("data.resolution", problem))
     encoders = OmegaConf.to_container(model.text.encoders, resolve=True) if model.get("text") else {}
     pooled_from = model.text.get("pooled_from", "clip") if model.get("text") else None
     projection = _clip_projection(encoders.get(pooled_from, {})) if pooled_from else None
@@ -120,6 +123,16 @@ def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
                          f"model.unet.pooled_dim={projection}"))  # fmt: skip
     if model.get("init_from"):
         _init_from_links(model, unet, problems)
+
+
+def _autoencoder_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
+    blocks = OmegaConf.select(cfg, "model.autoencoder.block_out_channels")
+    res = OmegaConf.select(cfg, "data.resolution")
+    if blocks and res:
+        f = 2 ** (len(blocks) - 1)
+        problem = resolution_problem(res, f, f"the autoencoder's downsampling f={f}")
+        if problem:
+            problems.append(("data.resolution", problem))
 
 
 def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[str, str]]) -> None:
@@ -156,6 +169,8 @@ def validate(cfg: DictConfig) -> None:
     target = OmegaConf.select(cfg, "model._target_") or ""
     if target.endswith("DiffusionModule"):
         _diffusion_links(cfg, problems)
+    if target.endswith("AutoencoderModule"):
+        _autoencoder_links(cfg, problems)
     if problems:
         keys = ", ".join(k for k, _ in problems)
         detail = "; ".join(f"{k} {p}" for k, p in problems)

@@ -1,0 +1,74 @@
+"""What the funnel writes for people and for training: contact sheets of a human pass's candidates, each stage's
+examples (``sheets/<stage>.png``) and the curated set (``curated/``: PNGs + ``metadata.jsonl``, read by data=folder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from emu.curation.stages import FunnelContext
+from emu.utils.files import atomic_write_text
+from emu.utils.images import image_grid, to_uint8
+
+
+def _images(ctx: FunnelContext, keys: set[str], desc: str) -> dict[str, torch.Tensor]:
+    images: dict[str, torch.Tensor] = {}
+    for batch in ctx.batches(keys, desc):
+        images.update(zip(batch["key"], batch["image"], strict=True))
+    return images
+
+
+def contact_sheets(ctx: FunnelContext, keys: list[str], folder: Path, task: str, per_sheet: int = 64) -> None:
+    """Numbered sheets of the candidates and ``sheets.md`` mapping numbers to keys (for real annotators); ``task``
+    says what to do with them."""
+    if (folder / "sheets.md").is_file():
+        return
+    images = _images(ctx, set(keys), "contact sheets")
+    lines = ["# Candidates", "", f"{len(keys)} images; {task}", ""]
+    for s in range(0, len(keys), per_sheet):
+        chunk = [k for k in keys[s : s + per_sheet] if k in images]
+        if chunk:
+            image_grid(torch.stack([images[k] for k in chunk]), nrow=8).save(folder / f"sheet_{s // per_sheet:03d}.png")
+            lines.append(f"- sheet_{s // per_sheet:03d}.png: " + ", ".join(chunk))
+    atomic_write_text(folder / "sheets.md", "\n".join(lines) + "\n")
+
+
+def stage_sheets(ctx: FunnelContext, stages: list[str], examples: int) -> None:
+    """``sheets/<stage>.png``: kept examples on top, rejected below (the first ``examples`` of each)."""
+    picks: dict[str, tuple[list[str], list[str]]] = {}
+    for name in stages:
+        path = ctx.table(name)
+        if not path.is_file() or (ctx.out / "sheets" / f"{name}.png").is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        picks[name] = ([r["key"] for r in rows if r["kept"]][:examples],
+                       [r["key"] for r in rows if not r["kept"]][:examples])  # fmt: skip
+    wanted = {k for a, b in picks.values() for k in a + b}
+    if not wanted:
+        return
+    images = _images(ctx, wanted, "sheets")
+    (ctx.out / "sheets").mkdir(exist_ok=True)
+    blank = torch.ones_like(next(iter(images.values())))
+    for name, (kept, dropped) in picks.items():
+        row = lambda ks: [images.get(k, blank) for k in ks] + [blank] * (examples - len(ks))
+        image_grid(torch.stack(row(kept) + row(dropped)), nrow=examples).save(ctx.out / "sheets" / f"{name}.png")
+
+
+def export_curated(ctx: FunnelContext, keys: list[str]) -> Path:
+    """``curated/``: a PNG per key and ``metadata.jsonl`` (file_name, text, key, hidden labels); kept when complete."""
+    folder = ctx.out / "curated"
+    done = folder / "metadata.jsonl"
+    if done.is_file() and sum(1 for _ in done.open()) == len(keys):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for batch in ctx.batches(set(keys), "export"):
+        for key, image, caption in zip(batch["key"], to_uint8(batch["image"]), batch["caption"], strict=True):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{key}.png")
+            rows.append({"file_name": f"{key}.png", "text": caption, "key": key, **ctx.index[key].get("hidden", {})})
+    atomic_write_text(done, "".join(json.dumps(r) + "\n" for r in rows))
+    return folder
