@@ -18,14 +18,13 @@ from omegaconf import DictConfig
 from emu.curation.funnel import Funnel
 from emu.curation.stages import CurationError
 from emu.errors import ConfigError
+from emu.text.clip import ClipEmbedder
 from emu.utils.config import check_required, config_errors_as_messages
 
 
 def build_stages(cfg: DictConfig) -> list:
     """Instantiate the stages in order, each named by its key; those that take a ``clip`` share one, loaded on first
     need."""
-    from emu.text.clip import ClipEmbedder
-
     clip = None
     stages = []
     for name, node in cfg.stages.items():

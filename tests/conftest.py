@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,9 @@ def tiny_clip(tmp_path_factory) -> Path:
         projection_dim=24,
     )  # fmt: skip
     folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # the same weights whichever test asks first (curation depends on them)
+        torch.manual_seed(0)
+        CLIPModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -163,7 +166,9 @@ def tiny_t5(tmp_path_factory) -> Path:
     config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
     folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # the same weights whichever test asks first
+        torch.manual_seed(0)
+        T5EncoderModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

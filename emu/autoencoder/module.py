@@ -18,6 +18,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from emu.autoencoder.losses import AutoencoderLoss
 from emu.autoencoder.model import AutoencoderKL, patch_second_moment
 from emu.errors import ConfigError
+from emu.training.distributed import FSDPStrategy
+from emu.training.numerics import NumericalGuard
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
@@ -97,8 +99,6 @@ class AutoencoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        from emu.training.distributed import FSDPStrategy
-
         if self.trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ConfigError("trainer", "FSDP shards the U-Net; the autoencoder (~84M parameters at paper scale) "
                               "trains data-parallel: use trainer=ddp")  # fmt: skip
@@ -170,8 +170,6 @@ class AutoencoderModule(L.LightningModule):
     def _gradients_usable(self, params: list[torch.nn.Parameter], name: str) -> bool:
         """The run's :class:`~emu.training.numerics.NumericalGuard` decides (the raw discriminator step bypasses
         Lightning's hooks); without one, every step is taken."""
-        from emu.training.numerics import NumericalGuard
-
         guard = next((c for c in self.trainer.callbacks if isinstance(c, NumericalGuard)), None)
         return guard is None or guard.check(self.trainer, self, params, name)
 

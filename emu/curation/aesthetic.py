@@ -13,7 +13,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from emu.data.datamodule import EmuDataModule
+from emu.data.sources import HaystackSource
 from emu.text.aesthetic import AestheticHead
+from emu.text.clip import ClipEmbedder
 
 
 def train_head(
@@ -46,9 +49,6 @@ def train_head(
 
 def haystack_ratings(clip, n: int, seed: int = 1, resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP image embeddings and hidden appeal of ``n`` images of a separate haystack (``seed`` != the corpus')."""
-    from emu.data.datamodule import EmuDataModule
-    from emu.data.sources import HaystackSource
-
     dm = EmuDataModule(HaystackSource(n_train=n, n_val=0, seed=seed, resolution=resolution), resolution=resolution,
                        batch_size=min(256, n), require_caption=False, num_workers=0, drop_last=False)  # fmt: skip
     embs, ratings = [], []
@@ -59,8 +59,6 @@ def haystack_ratings(clip, n: int, seed: int = 1, resolution: int = 64) -> tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    from emu.text.clip import ClipEmbedder
-
     p = argparse.ArgumentParser(prog="python -m emu.curation.aesthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--clip", required=True, help="CLIPModel folder whose image embeddings the head reads")
     p.add_argument("--out", required=True, help="where to write the head (.safetensors)")

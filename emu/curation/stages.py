@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from emu.curation.ocr import TesseractText, tesseract_available
 from emu.errors import ConfigError
+from emu.text.aesthetic import AestheticHead
 from emu.utils.files import atomic_write_text
 from emu.utils.images import to_uint8
 
@@ -283,8 +285,6 @@ class Aesthetic(Stage):
     embedding."""
 
     def __init__(self, clip, head: str, name: str = "aesthetic", keep=None):
-        from emu.text.aesthetic import AestheticHead
-
         super().__init__(name, keep or {"top_fraction": 0.25})
         self.clip, self.head = clip, AestheticHead.from_file(head)
         width = self.clip.model.config.projection_dim
@@ -345,8 +345,6 @@ class TextOverlay(Stage):
 
     def __init__(self, name: str = "text_overlay", engine: str = "auto", max_letters: int = 1, min_confidence=40.0,
                  threads: int = 2, keep=None):  # fmt: skip
-        from emu.curation.ocr import TesseractText, tesseract_available
-
         super().__init__(name, keep or {"max": max_letters})
         if engine not in ("auto", "tesseract", "off"):
             raise ConfigError(f"stages.{name}.engine", f"must be auto, tesseract or off, got {engine!r}")

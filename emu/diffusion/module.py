@@ -28,6 +28,7 @@ from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
+from emu.diffusion.precompute import fingerprint
 from emu.diffusion.prompts import read_prompts
 from emu.diffusion.unet import UNet
 from emu.errors import ConfigError
@@ -191,8 +192,6 @@ class DiffusionModule(L.LightningModule):
 
     def check_precomputed(self, manifest: dict[str, Any]) -> None:
         """Refuse precomputed shards (:mod:`emu.diffusion.latents`) made with another autoencoder or text encoders."""
-        from emu.diffusion.precompute import fingerprint
-
         if manifest.get("autoencoder_fingerprint") != fingerprint(self.autoencoder):
             raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
                               f"'{manifest.get('autoencoder')}', whose weights differ from model.autoencoder="

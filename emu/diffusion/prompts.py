@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from emu.data.haystack import caption_for, scene_spec
 from emu.errors import ConfigError
 
 HELDOUT_START = 1_000_000
@@ -14,8 +15,6 @@ HELDOUT_START = 1_000_000
 
 def haystack_prompts(spec: str, key: str = "prompts") -> list[str]:
     """Captions of held-out haystack images from ``haystack:N[@START[/SEED]]``."""
-    from emu.data.haystack import caption_for, scene_spec
-
     body = spec.removeprefix("haystack:")
     count, _, rest = body.partition("@")
     start, _, seed = rest.partition("/")

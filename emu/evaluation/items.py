@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.utils.checkpoint_header import header
@@ -62,8 +63,6 @@ def load_samples(folder: str | Path, name: str) -> Generated:
 def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], seeds: list[int],
                              sampling: SamplingSettings, device: torch.device) -> Generated:  # fmt: skip
     """Images of a stage-1/2 checkpoint with ``sampling`` (EMA weights unless ``sampling.ema`` is false)."""
-    from emu.diffusion.module import load_for_sampling
-
     module = load_for_sampling(path, device, ema=sampling.ema)
     res = int(sampling.resolution or module.train_resolution or 64)
     autocast = torch.bfloat16 if device.type == "cuda" else None

@@ -11,10 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from emu.autoencoder.module import load_autoencoder
 from emu.evaluation import fid as fidlib
 from emu.evaluation.items import Generated
+from emu.evaluation.prompt_following import torchmetrics_clip_score
+from emu.evaluation.reconstruction import reconstruct, reconstruction_metrics
 from emu.evaluation.references import reference_set
 from emu.evaluation.winrate import compare
+from emu.text.aesthetic import AestheticHead
+from emu.text.clip import ClipEmbedder
 
 
 def frechet_metrics(images: torch.Tensor, extractors: list, reference: str | None, cache_dir: str | Path,
@@ -43,17 +48,12 @@ def model_metrics(gen: Generated, clip: str | None, aesthetic: str | None, judge
     m: dict[str, Any] = {"name": gen.name, "source": gen.source, "n_images": len(gen.prompts), "settings": gen.settings}
     scores: dict[str, np.ndarray] = {}
     if clip:
-        from emu.evaluation.prompt_following import torchmetrics_clip_score
-        from emu.text.clip import ClipEmbedder
-
         m["clip_score"] = torchmetrics_clip_score(clip, gen.images, gen.prompts)
         m["clip_score_model"] = str(clip)
         m["clip_score_convention"] = "torchmetrics CLIPScore: max(100 * mean cos(image, text), 0)"
         cj = ClipEmbedder(clip)
         m["clip_zero_shot"] = cj.attribute_accuracy(gen.images, gen.prompts)
         if aesthetic:
-            from emu.text.aesthetic import AestheticHead
-
             head = AestheticHead.from_file(aesthetic).eval()
             with torch.no_grad():
                 scores["aesthetic"] = head(cj.embed_images(gen.images)).numpy()
@@ -85,9 +85,6 @@ def autoencoder_metrics(path: str | Path, images: torch.Tensor, extractors: list
     """PSNR / SSIM (torchmetrics), LPIPS (when its AlexNet weights are on disk) and rFID-style Fréchet distances
     of reconstructions to the originals; with a judge, its appeal of the originals and of the reconstructions
     (what the decoder lets a text-to-image model reach at best)."""
-    from emu.autoencoder.module import load_autoencoder
-    from emu.evaluation.reconstruction import reconstruct, reconstruction_metrics
-
     ae = load_autoencoder(path).eval()
     m: dict[str, Any] = {"source": str(path), "latent_channels": ae.latent_channels,
                          **reconstruction_metrics(ae, images)}  # fmt: skip

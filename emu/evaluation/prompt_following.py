@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from emu.evaluation.judges import heldout_haystack
 from emu.text.clip import ClipEmbedder
 from emu.text.mini_clip import clip_features, retrieval_and_zero_shot
 from emu.utils.sample_folder import read_sample_folder
@@ -29,8 +30,6 @@ def clip_accuracy(judge: ClipEmbedder, n: int = 1000, seed: int = 0, start: int 
     """How far to trust a CLIP on the haystack, on ``n`` images it never trained on (haystack ``seed`` from index
     ``start``; the mini CLIP learns from seed 0's first indices): zero-shot colour, shape, size, position and
     background on one-object scenes (all, and flaw-free), and text-to-image top-1 among ``candidates``."""
-    from emu.evaluation.judges import heldout_haystack
-
     images, metas = heldout_haystack(n, seed, start, resolution=judge.size)
     captions = [m["caption"] for m in metas]
     metrics = retrieval_and_zero_shot(judge.embed_images(images), judge.embed_texts(captions), captions, metas,

@@ -20,6 +20,9 @@ from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
 from emu.evaluation import fid as fidlib
 from emu.evaluation import items, metrics, pictures, references, report
+from emu.evaluation.prompt_following import clip_accuracy
+from emu.evaluation.reconstruction import BASELINES, haystack_images, reconstruction_metrics
+from emu.text.clip import ClipEmbedder
 from emu.utils.config import check_required, instantiate_group
 from emu.utils.files import atomic_write_text
 from emu.utils.images import to_pil
@@ -56,8 +59,6 @@ def extractors(cfg: DictConfig, notes: list[str]) -> tuple[list, dict[str, str]]
             skipped["fid"] = f"skipped: {e}"
             notes.append(f"FID skipped: {str(e).splitlines()[0]}")
     if cfg.fid.domain and cfg.clip:
-        from emu.text.clip import ClipEmbedder
-
         judge = ClipEmbedder(cfg.clip)
         out.append(fidlib.custom_extractor(f"clip_{Path(cfg.clip).name}", judge.embed_images))
     return out, skipped
@@ -77,8 +78,6 @@ def evaluate_autoencoders(
     spec = cfg.autoencoder.images
     res = int(cfg.autoencoder.resolution)
     if isinstance(spec, int) or str(spec).isdigit():
-        from emu.evaluation.reconstruction import haystack_images
-
         images = haystack_images(int(spec), 1_000_000, 0, res)
         source = f"{int(spec)} held-out haystack images at {res}px"
     else:
@@ -90,7 +89,6 @@ def evaluate_autoencoders(
         for path, name in zip(paths, names):
             results[name] = metrics.autoencoder_metrics(path, images, exs, lpips=cfg.autoencoder.lpips, judge=judge)
     notes += sorted({str(w.message) for w in caught})
-    from emu.evaluation.reconstruction import BASELINES, reconstruction_metrics
 
     baselines = {name: reconstruction_metrics(fn, images) for name, fn in BASELINES.items()}
     grid = Path(cfg.out) / "reconstructions.png"
@@ -130,9 +128,6 @@ def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tupl
     if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
         result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
     if cfg.clip and cfg.clip_accuracy:
-        from emu.evaluation.prompt_following import clip_accuracy
-        from emu.text.clip import ClipEmbedder
-
         result["clip_accuracy"] = clip_accuracy(ClipEmbedder(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
     return Evaluation(result, gens, scores)
 

@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from emu.errors import ConfigError
+from emu.training.checkpoints import replace_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
 
@@ -74,7 +75,6 @@ class FSDPStrategy(ModelParallelStrategy):
         kill during the save leaves the previous checkpoint whole instead of a mix of old and new shards."""
         if not self._save_distributed_checkpoint or "://" in str(filepath):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from emu.training.checkpoints import replace_folder
 
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(path.name + ".partial")
