@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -63,12 +64,13 @@ def run(cfg: DictConfig) -> Path:
     print(f"sampling {len(all_prompts)} images ({len(prompts)} prompts x {n}) at {resolution}px with "
           f"{sampling.sampler}, {sampling.steps} steps, guidance {sampling.guidance}, {weights} weights, "
           f"on {device}")  # fmt: skip
-    images = module.sample(all_prompts, seeds, sampling, autocast_dtype=autocast, progress=True)  # at resolution
+    sampling = replace(sampling, resolution=resolution)
+    images = module.sample(all_prompts, seeds, sampling, autocast_dtype=autocast, progress=True)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_sample_folder(out, images, all_prompts, seeds, **{**sampling.as_dict(), "resolution": resolution},
-                        ckpt=str(Path(cfg.ckpt).resolve()), device=str(device))  # fmt: skip
+    write_sample_folder(out, images, all_prompts, seeds, **sampling.as_dict(), ckpt=str(Path(cfg.ckpt).resolve()),
+                        device=str(device))  # fmt: skip
     cols = min(int(cfg.grid_columns), len(images)) if n == 1 else n
     image_grid(images, nrow=max(1, cols)).save(out / "grid.png")
     print(f"wrote {len(images)} images, metadata.jsonl and grid.png ({math.ceil(len(images) / cols)} rows) to {out}")

@@ -6,7 +6,7 @@ compared pair by pair on the same prompts and seeds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,9 @@ def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], se
     res = int(sampling.resolution or module.train_resolution or 64)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     print(f"[eval] {name}: sampling {len(prompts)} images at {res}px from {path}")
-    images = module.sample(prompts, seeds, sampling, autocast_dtype=autocast, progress=True)  # at res
-    return Generated(name, str(path), images, prompts, seeds, {**sampling.as_dict(), "resolution": res})
+    sampling = replace(sampling, resolution=res)
+    images = module.sample(prompts, seeds, sampling, autocast_dtype=autocast, progress=True)
+    return Generated(name, str(path), images, prompts, seeds, sampling.as_dict())
 
 
 def check_paired(a: Generated, b: Generated) -> None:
