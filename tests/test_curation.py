@@ -115,6 +115,29 @@ def aesthetic_head(tiny_clip, tmp_path_factory):
     return head.save(tmp_path_factory.mktemp("aesthetic") / "head.safetensors")
 
 
+def test_the_curation_judge_sees_what_the_aesthetic_stage_sees(tiny_clip, aesthetic_head):
+    """Checkpoint selection's judge scores appeal exactly as the curation's aesthetic stage ranks images, and
+    faithfulness as zero-shot attribute accuracy of one-object captions (NaN for the others)."""
+    from emu.curation.aesthetic import CurationJudge
+    from emu.curation.stages import Aesthetic
+    from emu.text.clip import ClipEmbedder
+
+    batch = haystack_batch(n=6, resolution=32)
+    prompts = list(batch["caption"])
+    prompts[0] = "a large red circle in the top left and a small white star in the center on a navy background"
+    prompts[1] = "not a haystack caption"
+    prompts[2] = "a small blue star at the bottom on a sky background"
+    judge = CurationJudge(str(tiny_clip), str(aesthetic_head))
+    scores = judge.score(batch["image"], prompts)
+    stage_scores, _ = Aesthetic(ClipEmbedder(tiny_clip), str(aesthetic_head)).score(batch)
+    torch.testing.assert_close(scores["appeal"], torch.tensor(stage_scores))
+    faith = scores["faithfulness"]
+    assert faith.shape == (6,) and faith[:2].isnan().all()
+    one_object = [i for i in range(2, 6) if " and " not in prompts[i]]
+    fifths = faith[one_object] * 5  # five attributes, each right or wrong
+    assert 2 in one_object and torch.allclose(fifths, fifths.round()) and ((fifths >= 0) & (fifths <= 5)).all()
+
+
 def _stages(tiny_clip, head, clip_min=None):
     from emu.text.clip import ClipEmbedder
 

@@ -3,6 +3,9 @@
 *separate* haystack sample (seed 1), standing in for human ratings as AVA does for LAION::
 
     python -m emu.curation.aesthetic --clip outputs/demo/clip/export --out outputs/demo/curate/aesthetic.safetensors
+
+:class:`CurationJudge` scores generated images with the same two models (the recipe's own eyes), for quality-tuning's
+checkpoint selection, so that the evaluation's judge never takes part in training or selection.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from emu.data.datamodule import EmuDataModule
+from emu.data.haystack import parse_caption
 from emu.data.sources import HaystackSource
 from emu.text.aesthetic import AestheticHead
 from emu.text.clip import ClipEmbedder
+from emu.text.mini_clip import zero_shot_hits
 
 
 def train_head(
@@ -56,6 +61,30 @@ def haystack_ratings(clip, n: int, seed: int = 1, resolution: int = 64) -> tuple
         embs.append(clip.embed_images(batch["image"]))
         ratings += [m["appeal"] for m in batch["meta"]]
     return torch.cat(embs), torch.tensor(ratings)
+
+
+class CurationJudge:
+    """The curation's models as a judge (``score(images, prompts) -> {"appeal", "faithfulness"}``, the protocol
+    of :class:`~emu.diffusion.selection.CheckpointSelection`): appeal is the aesthetic head on the CLIP image
+    embedding; faithfulness is the CLIP's zero-shot accuracy on the attributes of an image's one-object haystack
+    caption (colour, shape, size, position, background), NaN for other captions."""
+
+    name = "curation judge (mini CLIP + aesthetic head)"
+
+    def __init__(self, clip: str, head: str, device: str = "cpu"):
+        self.clip = ClipEmbedder(clip, device=device)
+        self.head = AestheticHead.from_file(head).eval()
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeddings = self.clip.embed_images(images)
+        faithfulness = torch.full((len(prompts),), float("nan"))
+        scenes = [parse_caption(p) for p in prompts]
+        one = [i for i, s in enumerate(scenes) if s is not None and len(s["objects"]) == 1]
+        if one:
+            hits = zero_shot_hits(embeddings[one], [scenes[i] for i in one], self.clip.embed_texts)
+            faithfulness[one] = torch.stack([h.float() for h in hits.values()]).mean(0)
+        return {"appeal": self.head(embeddings), "faithfulness": faithfulness}
 
 
 def main(argv: list[str] | None = None) -> None:
