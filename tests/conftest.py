@@ -156,16 +156,6 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_aesthetic_head(tiny_clip, tmp_path_factory) -> Path:
-    """A random aesthetic head over the tiny CLIP's 24-wide image embeddings (.safetensors)."""
-    from emu.text.aesthetic import AestheticHead
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return AestheticHead(24).save(tmp_path_factory.mktemp("aesthetic") / "head.safetensors")
-
-
-@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     from transformers import T5Config, T5EncoderModel
 
