@@ -5,6 +5,7 @@
     python -m emu.demo --force               # rerun every stage
     python -m emu.demo --only stage2 eval    # rerun these stages (e.g. after changing their configs)
     python -m emu.demo --only-report         # rewrite REPORT.md from what is there
+    python -m emu.demo --ablations           # then the paper's ablations on top of it (emu/demo/ablations.py)
 
 A step whose output exists and which finished (``demo_state.json`` records it) is skipped, so an interrupted demo
 resumes where it stopped; an interrupted training run resumes from its ``last.ckpt``. Each stage prints its wall
@@ -27,6 +28,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from emu.demo.ablation_report import write_ablations
+from emu.demo.ablations import demo_facts, plan
 from emu.demo.report import write_report
 from emu.demo.stages import Stage, Step, command, demo_stages
 from emu.utils.files import atomic_write_text
@@ -106,25 +109,10 @@ def run_step(step: Step, argv: list[str], log_path: Path) -> None:
         )
 
 
-def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] | None = None) -> Path:
-    out = out.resolve()
-    if force and out.exists():
-        for child in out.iterdir():  # keep the folder (and a log someone is tailing), drop every stage's outputs
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    state = State(out / "demo_state.json")
-    if state.data.get("scale") not in (None, scale["name"]):
-        raise SystemExit(
-            f"[demo] {out} holds a '{state.data['scale']}' demo; this is '{scale['name']}'. Use another "
-            "--out, or --force to start over."
-        )
-    state.data["scale"] = scale["name"]
-    state.data.setdefault("started", _now())
-    state.save()
-    stages = demo_stages(scale)
-    unknown = set(only or []) - {s.name for s in stages}
-    if unknown:
-        raise SystemExit(f"[demo] unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in stages]}")
+def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: State, log: Path,
+               only: list[str] | None = None) -> None:  # fmt: skip
+    """Run ``stages`` in order into the demo folder ``out``: finished steps are skipped, an interrupted training run
+    resumes from its ``last.ckpt``, ``only`` reruns just those stages from scratch; ``state`` records each step."""
     t_all = time.perf_counter()
     for stage in stages:
         if only and stage.name not in only:
@@ -144,16 +132,67 @@ def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] |
             resume = step.resumable and (out / (step.run_dir or "") / "checkpoints" / "last.ckpt").is_file()
             argv = command(step, out, scale, resume)
             t_step = time.perf_counter()
-            run_step(step, argv, out / "demo.log")
+            run_step(step, argv, log)
             state.record_step(step, time.perf_counter() - t_step)
         state.record_stage(stage)
         print(f"[demo] {stage.name} ({stage.title}): {time.perf_counter() - t0:.0f}s", flush=True)
     state.data["finished"] = _now()
     state.data["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     state.save()
+
+
+def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] | None = None) -> Path:
+    out = out.resolve()
+    if force and out.exists():
+        for child in out.iterdir():  # keep the folder (and a log someone is tailing), drop every stage's outputs
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    state = State(out / "demo_state.json")
+    if state.data.get("scale") not in (None, scale["name"]):
+        raise SystemExit(
+            f"[demo] {out} holds a '{state.data['scale']}' demo; this is '{scale['name']}'. Use another "
+            "--out, or --force to start over."
+        )
+    state.data["scale"] = scale["name"]
+    state.data.setdefault("started", _now())
+    state.save()
+    stages = demo_stages(scale)
+    unknown = set(only or []) - {s.name for s in stages}
+    if unknown:
+        raise SystemExit(f"[demo] unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in stages]}")
+    run_stages(out, scale, stages, state, out / "demo.log", only)
     report = write_report(out, scale, state.data, stages)
     print("\n" + report.read_text())
     print(f"[demo] report: {report}")
+    return report
+
+
+def run_ablations(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False) -> Path:
+    """``--ablations``: the arms of :mod:`emu.demo.ablations` on top of the finished demo in ``out`` (into
+    ``<out>/ablations/``, skip / resume as the demo), then ``ABLATIONS.md`` and ``REPORT.md`` again (``report_only``:
+    just the reports, from what is there)."""
+    out = out.resolve()
+    demo = State(out / "demo_state.json")
+    if demo.data.get("scale") not in (None, scale["name"]):
+        raise SystemExit(f"[ablations] {out} holds a '{demo.data['scale']}' demo; this is '{scale['name']}': use "
+                         f"--scale {demo.data['scale']}")  # fmt: skip
+    facts = demo_facts(out)
+    folder = out / "ablations"
+    if force and not report_only and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = State(folder / "ablation_state.json")
+    arms = plan(scale, facts)
+    if not report_only:
+        state.data["scale"] = scale["name"]
+        state.data.setdefault("started", _now())
+        state.save()
+        print(f"[ablations] {len(arms) - 1} arms on top of {out}: " + ", ".join(a.name for a in arms[1:]), flush=True)
+        run_stages(out, scale, [a.stage for a in arms if a.stage], state, folder / "ablations.log")
+    report = write_ablations(out, scale, arms, state.data, demo.data)
+    write_report(out, scale, demo.data, demo_stages(scale))
+    print("\n" + report.read_text())
+    print(f"[ablations] report: {report}")
     return report
 
 
@@ -163,10 +202,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", default="mini", help="conf/demo/<scale>.yaml (mini, tiny, gpu) or a YAML path")
     p.add_argument("--force", action="store_true", help="delete the demo folder's outputs and rerun every stage")
     p.add_argument("--only", nargs="+", help="(re)run just these stages, finished or not (their inputs must exist)")
-    p.add_argument("--only-report", action="store_true", help="rewrite REPORT.md from the outputs there")
+    p.add_argument(
+        "--only-report",
+        action="store_true",
+        help="rewrite REPORT.md (and ABLATIONS.md with --ablations) from the outputs there",
+    )
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="run the ablations on top of the finished demo in --out "
+        "(into <out>/ablations/, then ABLATIONS.md); with --force, only the ablations start over",
+    )
     args = p.parse_args(argv)
     scale = load_scale(args.scale)
     out = Path(args.out)
+    if args.ablations:
+        if args.only:
+            p.error("--ablations runs on its own: finish the demo first, then run --ablations")
+        run_ablations(out, scale, force=args.force, report_only=args.only_report)
+        return
     if args.only_report:
         state = State(out / "demo_state.json")
         print(write_report(out.resolve(), scale, state.data, demo_stages(scale)).read_text())

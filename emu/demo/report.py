@@ -1,7 +1,8 @@
 """``outputs/demo/REPORT.md``: the miniature's findings beside the paper's, from the files the stages wrote.
 
 Reads ``demo_state.json`` (stage times), ``autoencoder_eval/metrics.json``, ``curate/funnel.json``,
-``stage2/checkpoints/select/selection.json`` and ``eval/metrics.json``; a missing file leaves its section saying
+``stage2/checkpoints/select/selection.json``, ``eval/metrics.json`` and, after ``make ablations``,
+``ablations/targets.json`` (linking ``ABLATIONS.md``); a missing file leaves its section saying
 which stage has not run. Targets (``TARGETS``: the demo's, then the miniature's own models') are checked here and
 reported as met or missed, never asserted.
 """
@@ -346,6 +347,21 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
     return [*lines, ""]
 
 
+def section_ablations(out: Path, targets: Targets) -> list[str]:
+    """When ``make ablations`` has run: its targets join the table above, and a link to ``ABLATIONS.md``."""
+    if not (out / "ABLATIONS.md").is_file():
+        return []
+    rows = (_load(out / "ablations" / "targets.json") or {}).get("targets", [])
+    for r in rows:
+        targets.add(f"ablation: {r['target']}", r["measured"], r["met"])
+    lines = ["## Ablations", "",
+             "Quality-tuning on fewer curated images, on as many random haystack images (quality vs quantity), on the "
+             "automatic filters' output without the human passes, at other training lengths and with other seeds, "
+             "each against the same pre-trained model: [ABLATIONS.md](ABLATIONS.md) (`make ablations`)."]  # fmt: skip
+    lines += _picture(out, "ablations/lengths.png", "Appeal and faithfulness against quality-tuning steps")
+    return [*lines, ""]
+
+
 SIMULATED = """## What is simulated and what is real
 
 - **Simulated**: the *domain* (the haystack: procedural scenes with hidden quality attributes standing in for web
@@ -366,6 +382,7 @@ SIMULATED = """## What is simulated and what is real
 def write_report(out: Path, scale: dict[str, Any], state: dict[str, Any], stages: list[Stage]) -> Path:
     targets = Targets()
     body = section_autoencoder(out, targets) + section_curation(out, targets) + section_quality_tuning(out, targets)
+    body += section_ablations(out, targets)
     total = sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
     lines = [
         "# Emu in miniature: the whole recipe on a CPU",

@@ -32,6 +32,8 @@ class Step:
     run_dir: str | None = None  # its Hydra run folder, relative to the demo folder
     resumable: bool = False  # a train.py run: resume from <run_dir>/checkpoints/last.ckpt when it exists
     on_corpus: bool = False  # trains on the haystack corpus: reads its shards (<out>/haystack/*.tar)
+    like: str | None = None  # takes the scale's overrides of this step (default: its own name's)
+    last: tuple[str, ...] = ()  # Hydra overrides after the scale's: they win over them
 
 
 @dataclass
@@ -52,6 +54,19 @@ def _train(name: str, experiment: str, done: str | None = None, on_corpus: bool 
     return _step(name, f"train.py experiment={experiment}", done, run_dir=name, resumable=True, on_corpus=on_corpus)
 
 
+def eval_args(scale: dict[str, Any], a: str, name_a: str, out: str, accuracy: bool = True) -> str:
+    """``eval.py``: ``a`` (named ``name_a``) vs the pre-trained stage-1 model on the scale's held-out prompts and
+    seeds, judged as in the demo; ``accuracy`` also measures the judge and the CLIP themselves (the same for every
+    comparison: once is enough). ``{out}`` stands for the demo folder."""
+    ev = scale["eval"]
+    judge, clip = (ev["judge_accuracy"], ev.get("clip_accuracy", 1000)) if accuracy else (0, 0)
+    return (
+        f"eval.py a={a} b={{out}}/stage1/checkpoints/last.ckpt name_a={name_a} name_b=pretrained "
+        f"prompts={ev['prompts']} clip={{out}}/clip/export aesthetic={{out}}/curate/aesthetic.safetensors judge=pixel "
+        f"fid.reference={ev['fid_reference']} judge_accuracy={judge} clip_accuracy={clip} out={out}"
+    )
+
+
 def demo_stages(scale: dict[str, Any]) -> list[Stage]:
     """The miniature's stages in order; ``scale`` is a ``conf/demo/<scale>.yaml`` as a plain dict."""
     ev = scale["eval"]
@@ -69,12 +84,7 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         "-m emu.curation.aesthetic --clip {out}/clip/export --out {out}/curate/aesthetic.safetensors "
         f"--n {scale.get('aesthetic_images', 5000)} --epochs {scale.get('aesthetic_epochs', 60)}"
     )
-    evaluation = (
-        "eval.py a={out}/stage2/checkpoints/select/best.ckpt b={out}/stage1/checkpoints/last.ckpt "
-        f"name_a=quality_tuned name_b=pretrained prompts={ev['prompts']} clip={{out}}/clip/export "
-        f"aesthetic={{out}}/curate/aesthetic.safetensors judge=pixel fid.reference={ev['fid_reference']} "
-        f"judge_accuracy={ev['judge_accuracy']} clip_accuracy={ev.get('clip_accuracy', 1000)} out={{out}}/eval"
-    )
+    evaluation = eval_args(scale, "{out}/stage2/checkpoints/select/best.ckpt", "quality_tuned", "{out}/eval")
     return [
         Stage("haystack", "haystack corpus", [
             _step("haystack", f"{haystack} --workers {scale.get('workers', 2)}", "haystack/haystack.json", hydra=False),
@@ -111,7 +121,8 @@ def command(step: Step, out: Path, scale: dict[str, Any], resume: bool) -> list[
         if step.on_corpus:  # the corpus as written (the shards curation reads), not rendered again on the fly
             argv += ["data=webdataset", f"data.source.shards={out}/haystack/*.tar", "~data.source.n_train",
                      "~data.source.n_val"]  # fmt: skip
-        argv += list((scale.get("overrides") or {}).get(step.name, []))
+        argv += list((scale.get("overrides") or {}).get(step.like or step.name, []))
+        argv += [a.replace("{out}", str(out)) for a in step.last]
         if step.run_dir:
             argv.append(f"hydra.run.dir={out / step.run_dir}")
         if resume:

@@ -1,0 +1,207 @@
+"""``<demo>/ABLATIONS.md``: the ablation arms' win rates over the pre-trained model in one table, beside the paper's.
+
+Reads each arm's ``metrics.json`` (``paired.appeal`` / ``paired.faithfulness``: win, tie, loss with 95% bootstrap
+intervals), its data's ``subset.json`` (hidden needles in what it trained on), the stage-2 ``selection.json`` files
+(the judge's scores per step) and the ablations' ``ablation_state.json`` (wall time per arm). Judges the two targets
+(:data:`TARGETS`) as met or missed, writes them to ``ablations/targets.json`` for ``REPORT.md``, and plots appeal and
+faithfulness against quality-tuning steps (``ablations/lengths.png``). Measures nothing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from emu import paper
+from emu.demo.ablations import Arm, settings
+from emu.demo.plot import Panel, Series, chart
+from emu.demo.report import Targets, _load, _pct
+from emu.evaluation.winrate import format_win_rate
+from emu.utils.files import atomic_write_text
+
+TARGETS = {  # appeal win (ties not counted as wins) of an arm vs the pre-trained model, against this level
+    "curated_above": 0.5,  # a small curated set: the win's 95% interval lies above it
+    "random_not_above": 0.5,  # the same number of random images (the control): its interval does not
+}
+PLOT = "ablations/lengths.png"
+
+
+def _paper(arm: Arm, headline: bool) -> str:
+    """What the paper reports for an arm like this one (emu/paper.py; words where it gives no figure)."""
+    if headline:
+        return (f"appeal {_pct(paper.APPEAL_WIN)} / {_pct(paper.APPEAL_LOSS)}, faithfulness "
+                f"{_pct(paper.FAITHFULNESS_WIN)} / {_pct(paper.FAITHFULNESS_LOSS)} (~2000 images)")  # fmt: skip
+    return {
+        "curated": "even 100 curated images help (no figure)",
+        "length": "stopped early (<= 15K steps of 64): longer overfits (no figure)",
+    }.get(arm.group, "-")
+
+
+def _needles(out: Path, arm: Arm, curated: dict[str, Any] | None) -> str:
+    """Hidden needles in what the arm trained on: its drawn subset, else the whole curated set (``funnel.json``)."""
+    info = _load(out / arm.subset) if arm.subset else curated and {"needles": curated.get("needles_out"), **curated}
+    if not info or info.get("needles") is None:
+        return "n/a"
+    return f"{info['needles']} ({_pct(info['precision'])})"
+
+
+def _seconds(arm: Arm, state: dict[str, Any], demo_state: dict[str, Any]) -> str:
+    if arm.stage is None:  # the demo's own stage 2 and eval
+        secs = [demo_state.get("stages", {}).get(s, {}).get("seconds") for s in ("stage2", "eval")]
+        return f"{sum(secs) / 60:.1f} min (demo)" if None not in secs else "demo"
+    info = state.get("stages", {}).get(arm.name)
+    return f"{info['seconds'] / 60:.1f} min" if info else "not run"
+
+
+def _faith(r: dict[str, Any] | None) -> str:
+    return f"{_pct(r['win'])} / {_pct(r['tie'])} / {_pct(r['loss'])}" if r else "n/a"
+
+
+def judge_targets(arms: list[Arm], metrics: dict[str, dict], scale: dict[str, Any]) -> dict[str, tuple]:
+    """``{arm name: (target, measured, met)}`` for the two targets: the smallest curated subset's appeal win interval
+    lies above 50%, and the same number of random images' does not (``met`` None where the arm has not run)."""
+    counts = sorted(int(c) for c in settings(scale)["curated"] or [])
+    n = next(a.images for a in arms if a.group == "curated" and a.stage is None)
+    c = min(counts[0], n) if counts else n
+    out = {}
+    for group, key, above in (("curated", "curated_above", True), ("random", "random_not_above", False)):
+        arm = next((a for a in arms if a.group == group and a.images == c), None)
+        if arm is None:
+            continue
+        level = TARGETS[key]
+        what = (f"{c} {'curated' if above else 'random haystack'} images vs pre-trained: appeal win's 95% interval "
+                f"{'above' if above else 'not above'} {_pct(level)}")  # fmt: skip
+        ap = (metrics.get(arm.name) or {}).get("paired", {}).get("appeal")
+        if not ap:
+            out[arm.name] = (what, "n/a", None)
+            continue
+        measured = (f"win {_pct(ap['win'])} [{_pct(ap['win_ci'][0])}, {_pct(ap['win_ci'][1])}] (ties counted half: "
+                    f"{_pct(ap['win_rate'])})")  # fmt: skip
+        out[arm.name] = (what, measured, (ap["win_ci"][0] > level) == above)
+    return out
+
+
+def _seeds(arms: list[Arm], metrics: dict[str, dict]) -> list[str]:
+    """Mean and spread of the appeal and faithfulness win over the stage-2 seeds (the headline arm is seed 0)."""
+    runs = [a for a in arms if a.group == "seed" or (a.group == "curated" and a.stage is None)]
+    runs = [(a, metrics[a.name]["paired"]) for a in runs if metrics.get(a.name, {}).get("paired")]
+    lines = ["## Seeds: is the effect larger than the noise?", ""]
+    if len(runs) < 2:
+        return [*lines, "_Fewer than two stage-2 seeds have been evaluated._", ""]
+    lines += ["| seed | appeal win | 95% interval | faithfulness win | loss |", "| ---: | ---: | --- | ---: | ---: |"]
+    for a, p in runs:
+        ap, fa = p["appeal"], p.get("faithfulness")
+        lines.append(f"| {a.seed} | {_pct(ap['win'])} | [{_pct(ap['win_ci'][0])}, {_pct(ap['win_ci'][1])}] | "
+                     f"{_pct(fa['win']) if fa else 'n/a'} | {_pct(fa['loss']) if fa else 'n/a'} |")  # fmt: skip
+    wins = [p["appeal"]["win"] for _, p in runs]
+    mean = sum(wins) / len(wins)
+    std = math.sqrt(sum((w - mean) ** 2 for w in wins) / (len(wins) - 1))
+    width = sum(p["appeal"]["win_ci"][1] - p["appeal"]["win_ci"][0] for _, p in runs) / len(runs)
+    lines += [
+        "",
+        f"Appeal win over {len(runs)} seeds of stage 2: **mean {_pct(mean)}, std {100 * std:.1f} points, range "
+        f"{_pct(min(wins))} - {_pct(max(wins))}**; one run's 95% interval (over prompts) is {100 * width:.1f} points "
+        f"wide on average. A difference between arms smaller than the seed range is not an effect.",
+        "",
+    ]
+    return lines
+
+
+def _plot(out: Path, arms: list[Arm], metrics: dict[str, dict]) -> str | None:
+    """Appeal and faithfulness win vs quality-tuning step (the headline and the length arms), over the judge's
+    mean scores per step from checkpoint selection (each stage-2 run); ``PLOT``, or None when nothing to plot."""
+    points = sorted((a.step, metrics[a.name]["paired"]) for a in arms if a.step is not None and a.group in
+                    ("curated", "length") and metrics.get(a.name, {}).get("paired"))  # fmt: skip
+    win = []
+    for key, label in (("appeal", "appeal win"), ("faithfulness", "faithfulness win")):
+        pts = [(s, p[key]) for s, p in points if key in p]
+        win.append(Series(label, [s for s, _ in pts], [r["win"] for _, r in pts], [r["win_ci"][0] for _, r in pts],
+                          [r["win_ci"][1] for _, r in pts]))  # fmt: skip
+    runs = {}
+    for a in arms:  # one curve per stage-2 run; the longer run repeats the demo's rows and continues them
+        sel = _load(out / a.selection) if a.selection else None
+        if sel and sel.get("rows"):
+            label = f"seed {a.seed}" + (f", resumed to step {a.step}" if a.group == "length" else "")
+            runs[label] = sorted(sel["rows"], key=lambda r: r["step"])
+    if not points and not runs:
+        return None
+    judge = [
+        Panel(f"checkpoint selection: judge {k} (mean over the selection prompts)", "",
+              [Series(label, [r["step"] for r in rows], [r[k] for r in rows], dashed=i > 0)
+               for i, (label, rows) in enumerate(sorted(runs.items(), key=lambda kv: -len(kv[1])))])
+        for k in ("appeal", "faithfulness")
+    ]  # fmt: skip
+    panels = [Panel("vs pre-trained: win with 95% interval (eval prompts)", "", win, hline=0.5, percent=True), *judge]
+    path = out / PLOT
+    chart(panels, "quality-tuning step").save(path)
+    return PLOT
+
+
+def write_ablations(out: Path, scale: dict[str, Any], arms: list[Arm], state: dict[str, Any],
+                    demo_state: dict[str, Any]) -> Path:  # fmt: skip
+    """``<out>/ABLATIONS.md`` and ``<out>/ablations/targets.json`` from what the arms wrote."""
+    metrics = {a.name: _load(out / a.metrics) for a in arms}
+    metrics = {k: v for k, v in metrics.items() if v}
+    targets = judge_targets(arms, metrics, scale)
+    curated = (_load(out / "curate" / "funnel.json") or {}).get("final")
+    head = arms[0]
+    ev = metrics.get(head.name, {})
+    total = sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
+    lines = [
+        "# Ablations: the paper's claims, in miniature",
+        "",
+        f"Scale `{scale['name']}`; {len(arms) - 1} arms on top of the demo in this folder, each quality-tuned like the "
+        f"demo's stage 2 (checkpoint selection on held-out prompts, the selected checkpoint evaluated) and compared "
+        f"with the **same pre-trained model on the same {ev.get('n_prompts', 'n/a')} prompts and seeds** "
+        f"({ev.get('prompts', 'n/a')}) by the same pixel judge; paired win / tie / loss with 95% bootstrap intervals "
+        f"over prompts. Wall time of the ablations: **{total / 60:.1f} min** "
+        f"({state.get('finished', 'not finished')}). Each arm's images: `ablations/<arm>/eval/samples_<arm>/`; the "
+        "headline's: `eval/`.",
+        "",
+        "| arm | trains on | images | hidden needles | appeal: win / tie / loss, 95% | faithfulness: win / tie / "
+        "loss | paper | target | wall time |",
+        "| --- | --- | ---: | ---: | --- | --- | --- | --- | ---: |",
+    ]
+    for arm in arms:
+        m = metrics.get(arm.name)
+        paired = (m or {}).get("paired", {})
+        appeal = format_win_rate(paired["appeal"]) if "appeal" in paired else "not run"
+        t = targets.get(arm.name)
+        verdict = "" if not t else (f"{t[0]}: " + ("not measured" if t[2] is None else ("**met**" if t[2] else
+                                                                                        "**missed**")))  # fmt: skip
+        name = f"**{arm.name}** (headline)" if arm is head else arm.name
+        lines.append(f"| {name} | {arm.what} | {arm.images} | {_needles(out, arm, curated)} | {appeal} | "
+                     f"{_faith(paired.get('faithfulness'))} | {_paper(arm, arm is head)} | {verdict} | "
+                     f"{_seconds(arm, state, demo_state)} |")  # fmt: skip
+    lines += ["", "## Targets", ""]
+    table = Targets()
+    for what, measured, met in targets.values():
+        table.add(what, measured, met)
+    lines += table.markdown() if targets else ["_No target arm in this plan._", ""]
+    lines += _seeds(arms, metrics)
+    lines += ["## Training length", ""]
+    plot = _plot(out, arms, metrics)
+    if plot:
+        lines += [
+            "Top: the selected checkpoint and the length arms against the pre-trained model (eval prompts). Below: "
+            "the judge's mean scores on the selection prompts at every scoring of each stage-2 run (step 0: the "
+            "pre-trained model). The paper stops quality-tuning early although the loss still falls.",
+            "",
+            f"![appeal and faithfulness against quality-tuning steps]({plot})",
+            "",
+        ]
+    else:
+        lines += ["_Nothing to plot yet._", ""]
+    lines += [
+        "Simulated: the raters are the pixel judge, the haystack stands in for web images (see REPORT.md). "
+        "The data of each arm is drawn by seed (`python -m emu.curation.subset`, `ablations/<arm>/data/subset.json`);"
+        " a curated count not below the curated set's size is the headline itself.",
+        "",
+    ]
+    rows = [{"target": w, "measured": m, "met": met, "arm": a} for a, (w, m, met) in targets.items()]
+    atomic_write_text(out / "ablations" / "targets.json", json.dumps({"targets": rows}, indent=2))
+    report = out / "ABLATIONS.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report
