@@ -69,6 +69,8 @@ class SamplingSettings:
             return cls(**node)
         except ConfigError as e:
             raise ConfigError(f"{key}.{e.key}", e.problem) from None
+        except (TypeError, ValueError) as e:  # a value that is not a number where one is needed
+            raise ConfigError(key, f"{e}; got {node}") from None
 
     def check(self) -> None:
         checks = {
