@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all lint format demo ablations bench latents clean
+.PHONY: install test test-all lint format demo ablations bench gpu-check latents clean
 
 install: $(STAMP)
 
@@ -53,6 +53,18 @@ bench: install  ## data pipeline, U-Net and autoencoder training step vs diffuse
 	else echo "bench/stage1_step.py skipped: it needs the demo's models (make demo)"; fi
 	@if [ -f $(DEMO)/latents/precompute.json ]; then $(PY) bench/stage1_step.py $(STAGE1_LATENTS) data.num_workers=1; \
 	else echo "bench/stage1_step.py on precomputed latents skipped: make latents first"; fi
+
+# One prepared GPU check (bench/gpu_check.py), unattended, within GPU_CHECK_BUDGET minutes: make install (timed here:
+# ~0 s on an installed tree), the gpu tests, U-Net and autoencoder training steps vs diffusers (ratio, MFU, memory),
+# sampling s/image at 1024px, stage 1 under FSDP (2.8B U-Net, sharded checkpoint, resume) -> gpu_check.{json,md}.
+# Without CUDA the same steps run on tiny configs on CPU (a dry run, about a minute).
+GPU_CHECK_OUT ?= outputs/gpu_check
+GPU_CHECK_BUDGET ?= 8
+GPU_CHECK_DEVICE ?= auto
+gpu-check:  ## GPU check in GPU_CHECK_BUDGET minutes -> $(GPU_CHECK_OUT) (GPU_CHECK_DEVICE=auto|cuda|cpu)
+	@start=$$(date +%s); $(MAKE) --no-print-directory install; end=$$(date +%s); \
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT) --budget-min $(GPU_CHECK_BUDGET) --device $(GPU_CHECK_DEVICE) \
+		--install-seconds $$((end - start))
 
 # The demo corpus's latents and text embeddings, precomputed once (emu/diffusion/precompute.py) for data=latents.
 STAGE1 := experiment=mini/stage1_pretrain paths.demo_dir=$(DEMO) '~data.source.n_train' '~data.source.n_val'

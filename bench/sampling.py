@@ -2,14 +2,16 @@
 
     python bench/sampling.py --config mini                                   # CPU, fp32 (make bench)
     python bench/sampling.py --config paper_reduced --device cuda --dtype bfloat16 --images 8
+    python bench/sampling.py --config paper_reduced --device cuda --dtype bfloat16 --resolution 1024 --images 2
 
 What is timed is ``generate`` itself: the sampler (DPM++ 2M, Karras sigmas by default) driving the denoiser with
 classifier-free guidance (both halves in one batched U-Net call), then the autoencoder's decode. The networks are
 randomly initialised at the configs of bench/unet_step.py and bench/autoencoder_step.py (``mini``: the mini U-Net
 over the mini autoencoder at 64px; ``paper_reduced``: the reduced-depth paper U-Net over the paper autoencoder at
-256px; ``tiny``: seconds, for the smoke test). The text encoders are NOT timed: a stand-in conditioner returns
-fixed random context, mask and pooled embeddings of the config's token count and width (encoding a batch of
-prompts once is small next to 2 x steps U-Net calls, and depends on CLIP / T5, not on this code).
+256px; ``tiny``: seconds, for the smoke test); ``--resolution`` samples at another side (the paper's: 1024).
+The text encoders are NOT timed: a stand-in conditioner returns fixed random context, mask and pooled embeddings of
+the config's token count and width (encoding a batch of prompts once is small next to 2 x steps U-Net calls, and
+depends on CLIP / T5, not on this code).
 Prints a table and, last, one JSON line.
 """
 
@@ -77,6 +79,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     c = CONFIGS[args.config]
     images = args.images or c["images"]
+    resolution = args.resolution or c["resolution"]
     denoiser, conditioner, autoencoder = build(args.config, device)
     if args.compile:
         denoiser.net = torch.compile(denoiser.net)
@@ -86,14 +89,14 @@ def run(args) -> dict:
     def sample(steps: int) -> float:
         sync(device)
         t0 = time.perf_counter()
-        generate(denoiser, conditioner, autoencoder, prompts, seeds, c["resolution"], c["resolution"],
+        generate(denoiser, conditioner, autoencoder, prompts, seeds, resolution, resolution,
                  sampler=args.sampler, steps=steps, guidance=args.guidance, batch_size=images, autocast_dtype=dtype,
                  progress=False)  # fmt: skip
         sync(device)
         return time.perf_counter() - t0
 
     sample(2)  # warm-up (and compilation)
-    latent = c["resolution"] // autoencoder.downsample_factor
+    latent = resolution // autoencoder.downsample_factor
     z = torch.randn(images, autoencoder.latent_channels, latent, latent, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         sync(device)
@@ -109,7 +112,7 @@ def run(args) -> dict:
     return {
         "bench": "sampling", "config": args.config, "device": device_info(device), "dtype": args.dtype,
         "compile": args.compile, "sampler": args.sampler, "guidance": args.guidance, "images": images,
-        "resolution": c["resolution"], "unet_params": sum(p.numel() for p in denoiser.net.parameters()),
+        "resolution": resolution, "unet_params": sum(p.numel() for p in denoiser.net.parameters()),
         "repeats": args.repeats, "decode_seconds_per_image": round(decode / images, 4), "results": rows,
         "note": "random weights; text encoding not timed (a stand-in conditioner gives random embeddings)",
     }  # fmt: skip
@@ -125,6 +128,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     p.add_argument("--images", type=int, default=None, help="images per batch (default: the config's)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the config's)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per step count (median)")
     return p.parse_args(argv)
 

@@ -129,9 +129,17 @@ def haystack_batch(n=4, resolution=32):
 CAPTIONS = ["a large red circle in the top left on a navy background", "a small blue star at the bottom"]
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A CLIPModel folder (text width 32, projection 24, 16 positions) with a word tokenizer over the haystack."""
+def save_clip(
+    folder: Path,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    max_position_embeddings: int = 16,
+    projection_dim: int = 24,
+) -> Path:
+    """A random CLIPModel folder with a word tokenizer over the haystack (and a tiny vision tower): the test
+    fixture's sizes by default; bench/stage1_fsdp.py asks for CLIP ViT-L/14's text tower (768 wide, 12 layers)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from emu.text.mini_clip import haystack_vocabulary_text
@@ -139,14 +147,14 @@ def tiny_clip(tmp_path_factory) -> Path:
 
     tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()])
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         max_position_embeddings=max_position_embeddings, eos_token_id=tok.eos_token_id,
                          bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),
-        projection_dim=24,
+        projection_dim=projection_dim,
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("clip")
     with torch.random.fork_rng():  # the same weights whichever test asks first (curation depends on them)
         torch.manual_seed(0)
         CLIPModel(config).save_pretrained(folder)
@@ -155,17 +163,19 @@ def tiny_clip(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_t5(tmp_path_factory) -> Path:
+def save_t5(folder: Path, d_model: int = 32, d_kv: int = 8, d_ff: int = 64, num_layers: int = 2, num_heads: int = 4,
+            **config) -> Path:  # fmt: skip
+    """A random T5EncoderModel folder with a word tokenizer over the haystack: the test fixture's sizes by default;
+    ``config``: other ``T5Config`` fields (``feed_forward_proj="gated-gelu"`` for T5 v1.1 / T5-XXL)."""
     from transformers import T5Config, T5EncoderModel
 
     from emu.text.mini_clip import haystack_vocabulary_text
     from emu.text.tokenizer import build_word_tokenizer
 
     tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()], add_bos=False)
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    folder = tmp_path_factory.mktemp("t5")
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+                      num_heads=num_heads, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      **config)  # fmt: skip
     with torch.random.fork_rng():  # the same weights whichever test asks first
         torch.manual_seed(0)
         T5EncoderModel(config).save_pretrained(folder)
@@ -173,16 +183,30 @@ def tiny_t5(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_autoencoder(tmp_path_factory) -> Path:
-    """A random 16-channel f=8 autoencoder export folder."""
-    import torch
-
+def save_tiny_autoencoder(folder: Path) -> Path:
+    """A random 16-channel f=8 autoencoder export folder (widths 8)."""
     from emu.autoencoder.model import AutoencoderKL
 
     torch.manual_seed(0)
     ae = AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-    return ae.save_pretrained(tmp_path_factory.mktemp("autoencoder"))
+    return ae.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A CLIPModel folder (text width 32, projection 24, 16 positions) with a word tokenizer over the haystack."""
+    return save_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return save_t5(tmp_path_factory.mktemp("t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory) -> Path:
+    """A random 16-channel f=8 autoencoder export folder."""
+    return save_tiny_autoencoder(tmp_path_factory.mktemp("autoencoder"))
 
 
 def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path) -> list[str]:

@@ -75,7 +75,8 @@ class DiffusionModule(L.LightningModule):
             ``sampling`` config group).
         init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2).
         channels_last: keep the U-Net's weights and inputs in channels-last memory format (faster convolutions on
-            GPUs with tensor cores).
+            GPUs with tensor cores); under FSDP only the inputs (FSDP2 shards contiguous parameters only), which
+            still makes the convolutions' outputs channels-last.
         compile: ``torch.compile`` the U-Net (after sharding, under FSDP).
     """
 
@@ -152,9 +153,10 @@ class DiffusionModule(L.LightningModule):
         """Under :class:`~emu.training.distributed.FSDPStrategy`: shard the U-Net (its ResNet and transformer blocks as
         units), the text projections and the EMA's copies of both; the frozen networks stay replicated."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if self.hparams.channels_last:
+        sharded = isinstance(strategy, FSDPStrategy)
+        if self.hparams.channels_last and not sharded:  # FSDP2 refuses non-contiguous parameters
             self.unet.to(memory_format=torch.channels_last)
-        if isinstance(strategy, FSDPStrategy):
+        if sharded:
             if strategy.activation_checkpointing:
                 self.unet.set_gradient_checkpointing(True)
             parts = [self.unet, *self.conditioner.proj.values()]  # the projections run one by one: each is a unit
