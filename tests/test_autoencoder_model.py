@@ -56,6 +56,27 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
         AutoencoderKL.from_pretrained(tmp_path)
 
 
+def test_latent_scaling_channel_and_global():
+    """``channel`` whitens each latent channel; ``global`` divides all by one scale (the RMS of the channel stds), so
+    the latents have unit variance on average and each channel keeps its share; both invert exactly."""
+    model = AutoencoderKL(latent_channels=4, **TINY)
+    std = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    model.set_latent_statistics(torch.tensor([1.0, -1.0, 0.0, 2.0]), std)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 4, 4, 4, generator=g) * std.view(1, -1, 1, 1) + model.latent_mean.view(1, -1, 1, 1)
+    per_channel = model.normalize(z, "channel").transpose(0, 1).flatten(1).std(1)
+    torch.testing.assert_close(per_channel, torch.ones(4), atol=0.05, rtol=0)
+    glob = model.normalize(z, "global").transpose(0, 1).flatten(1)
+    assert abs(glob.square().mean().item() - 1.0) < 0.05  # unit variance on average over channels
+    torch.testing.assert_close(
+        glob.std(1) / glob.std(1)[-1], std / std[-1], atol=0, rtol=0.05
+    )  # the channels' ratios kept
+    for scaling in ("channel", "global"):
+        torch.testing.assert_close(model.denormalize(model.normalize(z, scaling), scaling), z)
+    with pytest.raises(ValueError, match="unknown latent scaling 'pixel'"):
+        model.normalize(z, "pixel")
+
+
 def test_diffusers_equivalence_both_ways():
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 

@@ -71,6 +71,19 @@ def test_refuses_mismatched_autoencoder_and_bad_settings(tmp_path, tiny_clip, ti
         tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, noise_schedule={"zero_terminal_snr": True})
     with pytest.raises(ConfigError, match="pooled_dim"):
         DiffusionModule({**UNET, "pooled_dim": 7}, text_config(tiny_clip, tiny_t5), str(tiny_autoencoder))
+    with pytest.raises(ConfigError, match=r"^model\.latent_scaling: must be one of \('channel', 'global'\)"):
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, latent_scaling="pixel")
+
+
+def test_latent_scaling_is_what_training_sees(tiny_clip, tiny_t5, tiny_autoencoder):
+    """The U-Net trains on latents scaled as ``model.latent_scaling`` says (sampling decodes with the same)."""
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    for scaling in ("channel", "global"):
+        module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, sample_latents=False, latent_scaling=scaling)
+        ae = module.autoencoder
+        ae.set_latent_statistics(torch.linspace(-1, 1, 16), torch.linspace(0.2, 3.0, 16))
+        expected = ae.normalize(ae.encode(images).mode(), scaling)
+        torch.testing.assert_close(module.encode_images(images), expected)
 
 
 class _Data(L.LightningDataModule):

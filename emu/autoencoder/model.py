@@ -240,6 +240,9 @@ def pca_patch_weights(second_moment: torch.Tensor, k: int) -> torch.Tensor:
     return top
 
 
+LATENT_SCALINGS = ("channel", "global")
+
+
 class DiagonalGaussian:
     """The encoder's posterior N(mean, exp(logvar)) per latent element."""
 
@@ -371,13 +374,23 @@ class AutoencoderKL(nn.Module):
         self.patch_encoder.bias.zero_()
         self.patch_decoder.bias.zero_()
 
-    # ------------------------------------------------------------------ per-channel latent normalisation
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> zero mean, unit std per channel (with the stored data statistics)."""
-        return (z - self.latent_mean.view(1, -1, 1, 1)) / self.latent_std.view(1, -1, 1, 1)
+    # ------------------------------------------------------------------ latent normalisation
+    def _scale(self, scaling: str) -> torch.Tensor:
+        """The divisor per channel: its own std (``channel``), or one std for all channels (``global``: the root mean
+        square of the channel stds, so the latents keep unit variance on average and each channel its share)."""
+        if scaling == "channel":
+            return self.latent_std.view(1, -1, 1, 1)
+        if scaling == "global":
+            return self.latent_std.square().mean().sqrt().expand(self.latent_channels).view(1, -1, 1, 1)
+        raise ValueError(f"unknown latent scaling {scaling!r}; choose one of {LATENT_SCALINGS}")
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latent_std.view(1, -1, 1, 1) + self.latent_mean.view(1, -1, 1, 1)
+    def normalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
+        """Raw latents -> zero mean per channel (with the stored data statistics) and unit std: per channel
+        (``channel``, EDM2) or on average over channels (``global``, SD's single scale factor)."""
+        return (z - self.latent_mean.view(1, -1, 1, 1)) / self._scale(scaling)
+
+    def denormalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
+        return z * self._scale(scaling) + self.latent_mean.view(1, -1, 1, 1)
 
     def set_latent_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         if mean.shape != (self.latent_channels,) or std.shape != (self.latent_channels,):

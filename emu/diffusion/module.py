@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from emu.autoencoder.model import DiagonalGaussian
+from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
@@ -68,6 +68,9 @@ class DiffusionModule(L.LightningModule):
             ``min_snr`` or ``edm``; sigma_data, min_snr_gamma, p_mean, p_std: see :class:`Denoiser`.
         noise_offset: per-sample, per-channel noise offset (0.02 late in pre-training, 0.1 in quality-tuning).
         sample_latents: draw latents from the autoencoder's posterior (else its mode).
+        latent_scaling: ``channel`` (unit std per latent channel, EDM2) or ``global`` (one scale for all channels,
+            as SD's scale factor: a channel keeps its share of the energy, so the diffusion loss and the noise weigh
+            the autoencoder's coarse channels above its fine ones).
         lr, betas, weight_decay, warmup_steps, lr_schedule: AdamW; ``constant`` or ``cosine`` after warm-up.
         ema_half_life_images, ema_ramp: the EMA (see :mod:`emu.diffusion.ema`); 0 disables it.
         val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
@@ -94,6 +97,7 @@ class DiffusionModule(L.LightningModule):
         p_std: float = 1.2,
         noise_offset: float = 0.0,
         sample_latents: bool = True,
+        latent_scaling: str = "channel",
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
@@ -115,6 +119,8 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if latent_scaling not in LATENT_SCALINGS:
+            raise ConfigError("model.latent_scaling", f"must be one of {LATENT_SCALINGS}, got {latent_scaling!r}")
         if noise_schedule.get("zero_terminal_snr") and parameterization == "eps":
             raise ConfigError("model.noise_schedule.zero_terminal_snr", "needs v- or edm-parameterization (eps is "
                               "undefined at SNR 0); set model.parameterization=v")  # fmt: skip
@@ -210,7 +216,7 @@ class DiffusionModule(L.LightningModule):
 
     def latents_from(self, posterior: DiagonalGaussian, generator: torch.Generator | None = None) -> torch.Tensor:
         z = posterior.sample(generator) if self.hparams.sample_latents else posterior.mode()
-        return self.autoencoder.normalize(z)
+        return self.autoencoder.normalize(z, self.hparams.latent_scaling)
 
     def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised latents of a batch: from its precomputed posterior moments, else by encoding its images."""
@@ -295,7 +301,7 @@ class DiffusionModule(L.LightningModule):
         settings = settings or self.val_sampling
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         res = settings.resolution or getattr(dm, "resolution", None) or self.train_resolution or 64
-        kw = {**settings.generate_kwargs(), "progress": False, **kw}
+        kw = {**settings.generate_kwargs(), "progress": False, "latent_scaling": self.hparams.latent_scaling, **kw}
         return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, res, res, **kw)
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -130,6 +130,7 @@ def generate(
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    latent_scaling: str = "channel",
 ) -> torch.Tensor:
     """Images in [-1, 1], N x 3 x H x W, for ``prompts[i]`` with ``seeds[i]``."""
     if len(prompts) != len(seeds):
@@ -155,6 +156,6 @@ def generate(
             cond = {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
             uncond = {"context": u.context, "context_mask": u.mask, "pooled": u.pooled}
             z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True)
-            images = autoencoder.decode(autoencoder.denormalize(z.float()))
+            images = autoencoder.decode(autoencoder.denormalize(z.float(), latent_scaling))
         out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)
