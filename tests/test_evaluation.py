@@ -184,7 +184,7 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
         f"a={tiny_stage1_checkpoint}", f"b={tiny_stage1_checkpoint}", "name_a=tuned", "name_b=pretrained",
         "prompts=haystack:6", "sampling.steps=2", f"clip={tiny_clip}", "judge=pixel", f"judge.path={tiny_judge}",
         "judge_accuracy=16", "clip_accuracy=100", "fid.reference=haystack_needles:12", "fid.inception=false",
-        f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200", "logger=csv",
+        f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200", "logger=csv", "headroom=4",
     ])  # fmt: skip
     out = eval_py.run(cfg)
     m = json.loads((out / "metrics.json").read_text())
@@ -200,6 +200,10 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
     report = (out / "report.md").read_text()
     assert "tuned vs pretrained" in report and "CLIPScore" in report and "trust the judge" in report
     assert "trust the CLIP" in report
+    head = m["headroom"]  # the judge on 4 held-out scenes as the corpus shows them and as needles, and reconstructed
+    assert head["n"] == 4 and set(head["appeal"]) == {"corpus", "needles", "corpus_reconstructed",
+                                                        "needles_reconstructed"}  # fmt: skip
+    assert head["needles_vs_corpus_reconstructed"]["n"] == 4 and "Headroom" in report and "generated: tuned" in report
     assert (out / "side_by_side.png").is_file() and len((out / "scores.jsonl").read_text().splitlines()) == 6
     assert len((out / "samples_tuned" / "metadata.jsonl").read_text().splitlines()) == 6
     assert list((tmp_path / "cache").glob("*.npz"))  # the reference statistics are cached
@@ -263,3 +267,42 @@ def test_reconstruction_baselines_are_exact_where_they_should_be():
     assert reconstruction_metrics(pool_bilinear, edge)["psnr"] > reconstruction_metrics(mean_colour, edge)["psnr"]
     # halves at 0 and 1 (in [0, 1]): the mean 0.5 is off by 0.5 everywhere, PSNR = 10 log10(1 / 0.25)
     assert reconstruction_metrics(mean_colour, edge)["psnr"] == pytest.approx(10 * np.log10(4), abs=1e-4)
+
+
+class _BrightnessJudge:
+    """Appeal = 10 x mean brightness: needles (angled light, no darkening flaw) and corpus scenes differ."""
+
+    resolution = 32
+
+    def score(self, images, prompts):
+        return {"appeal": 10 * (images.mean((1, 2, 3)) + 1) / 2, "faithfulness": torch.ones(len(images))}
+
+
+class _IdentityAutoencoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, x):
+        from emu.autoencoder.model import DiagonalGaussian
+
+        return DiagonalGaussian(torch.cat([x, torch.full_like(x, -30.0)], 1))
+
+    def decode(self, z):
+        return z * self.w
+
+
+def test_headroom_scores_the_same_scenes_as_corpus_and_as_needles():
+    from emu.evaluation.headroom import judge_headroom, scene_pairs
+
+    corpus, needles, captions = scene_pairs(6, resolution=32)
+    assert corpus.shape == needles.shape == (6, 3, 32, 32) and len(captions) == 6
+    assert [parse_caption(c) is not None for c in captions] == [True] * 6
+    assert not torch.equal(corpus, needles)
+    h = judge_headroom(_BrightnessJudge(), 6, _IdentityAutoencoder(), n_boot=100)
+    judge = _BrightnessJudge()
+    assert h["appeal"]["needles"] == pytest.approx(judge.score(needles, captions)["appeal"].mean().item())
+    assert h["appeal"]["needles_reconstructed"] == pytest.approx(h["appeal"]["needles"])  # an exact autoencoder
+    r = h["needles_vs_corpus"]
+    assert r["n"] == 6 and r["win"] + r["tie"] + r["loss"] == pytest.approx(1.0)
+    assert "needles_vs_corpus" in judge_headroom(_BrightnessJudge(), 3, n_boot=10)  # no autoencoder: no reconstructions

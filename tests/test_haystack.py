@@ -134,3 +134,14 @@ def test_fine_stripes_are_hidden_periodic_detail_that_leaves_the_scene_alone(met
         spectrum = np.abs(np.fft.rfft(profile - profile.mean()))
         assert spectrum.argmax() == 64 // 4, spectrum.argmax()  # 16 cycles across 64 px: a period of 4 px
         assert np.abs(diff).mean() > 3.0  # visible, not a rounding error
+
+
+def test_as_needle_keeps_the_scene_and_removes_every_flaw(metas):
+    for i in range(40):
+        spec = scene_spec(0, i)
+        needle = haystack.as_needle(spec)
+        assert needle["objects"] == spec["objects"] and needle["background"] == spec["background"]
+        assert needle["flaws"] == [] and needle["aspect"] == [1.0, 1.0] and needle["duplicate_of"] is None
+        assert needle["style"]["light"] == 1.0 and needle["style"]["depth"] is True
+        assert needle["appeal"] == haystack.style_appeal(needle["style"]) >= spec["appeal"] - 0.9  # noise: sd 0.3
+        assert haystack.render(needle, 32).size == (32, 32)

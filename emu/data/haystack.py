@@ -171,6 +171,12 @@ def _draw_flaws(rng: np.random.Generator, allow_duplicate: bool) -> list[str]:
     return sorted(chosen)
 
 
+def style_appeal(style: dict[str, Any]) -> float:
+    """The appeal a scene's style earns before noise and flaw penalties: angled light, subject contrast, depth and
+    an off-centre subject (rule of thirds)."""
+    return 4.0 + 2.0 * style["light"] + 2.0 * style["contrast"] + 1.0 * style["depth"] + 0.5 * style["thirds"]
+
+
 def _base_spec(seed: int, index: int) -> dict[str, Any]:
     """Draw one scene (objects, background, style, flaws) from ``(seed, index)``; no pixels."""
     rng = _rng(seed, index)
@@ -207,15 +213,7 @@ def _base_spec(seed: int, index: int) -> dict[str, Any]:
     if "odd_aspect" in flaws:
         ratio = float(rng.choice([1.5, 2.0]))
         aspect = [ratio, 1.0] if rng.random() < 0.5 else [1.0, ratio]
-    appeal = (
-        4.0
-        + 2.0 * style["light"]
-        + 2.0 * style["contrast"]
-        + 1.0 * style["depth"]
-        + 0.5 * style["thirds"]
-        + float(rng.normal(0.0, 0.3))
-        - sum(FLAW_PENALTY[f] for f in flaws)
-    )
+    appeal = style_appeal(style) + float(rng.normal(0.0, 0.3)) - sum(FLAW_PENALTY[f] for f in flaws)
     return {
         "seed": int(seed),
         "index": int(index),
@@ -247,6 +245,14 @@ def scene_spec(seed: int, index: int) -> dict[str, Any]:
     dup["jitter"] = [float(x) for x in rng.uniform(-0.03, 0.03, size=2)]
     dup["duplicate_of"] = key_for(source_index)
     return dup
+
+
+def as_needle(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same scene (objects, background, texture) photographed as a needle: no flaw, square, full angled light, a
+    ground plane and shadows. What a perfectly quality-tuned model would show for the scene's caption."""
+    style = {**spec["style"], "light": 1.0, "depth": True}
+    return {**spec, "style": style, "flaws": [], "aspect": [1.0, 1.0], "appeal": style_appeal(style),
+            "jitter": [0.0, 0.0], "duplicate_of": None}  # fmt: skip
 
 
 def key_for(index: int) -> str:

@@ -30,6 +30,7 @@ class Generated:
     prompts: list[str]
     seeds: list[int]
     settings: dict[str, Any] = field(default_factory=dict)
+    autoencoder: Any = None  # the model's own, when generated here (sample folders have none)
 
 
 def item_kind(path: str | Path) -> str:
@@ -71,7 +72,7 @@ def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], se
     print(f"[eval] {name}: sampling {len(prompts)} images at {res}px from {path}")
     sampling = replace(sampling, resolution=res)
     images = module.sample(prompts, seeds, sampling, autocast_dtype=autocast, progress=True)
-    return Generated(name, str(path), images, prompts, seeds, sampling.as_dict())
+    return Generated(name, str(path), images, prompts, seeds, sampling.as_dict(), module.autoencoder)
 
 
 def check_paired(a: Generated, b: Generated) -> None:

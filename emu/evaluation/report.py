@@ -56,6 +56,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         for key, r in paired.items():
             lines.append(f"| {key} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | {r['tie_band']} | {format_win_rate(r)} |")
         lines += ["", paper.headline(), ""]
+    lines += headroom_lines(metrics.get("headroom"), models)
     judge = metrics.get("judge_accuracy")
     if judge:
         lines += ["## How far to trust the judge (held-out haystack images)", ""]
@@ -86,6 +87,28 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     if metrics.get("grids"):
         lines += ["## Pictures", ""] + [f"![{Path(g).stem}]({Path(g).name})" for g in metrics["grids"]] + [""]
     return "\n".join(lines)
+
+
+def headroom_lines(h: dict[str, Any] | None, models: dict[str, Any]) -> list[str]:
+    """The judge's appeal of held-out scenes as the corpus shows them and as needles (and through the autoencoder)
+    beside the models' own: where the comparison's effect can be lost; and the needles' win rate, its ceiling."""
+    if not h:
+        return []
+    labels = {"corpus": "held-out scenes as the corpus shows them", "needles": "the same scenes as needles",
+              "corpus_reconstructed": "... corpus style, through the autoencoder",
+              "needles_reconstructed": "... needles, through the autoencoder"}  # fmt: skip
+    title = f"## Headroom: what the judge could see ({h['n']} held-out haystack scenes, seed {h['haystack_seed']})"
+    lines = [title, "", "| images | judge appeal (mean) |", "|---|---|"]
+    lines += [f"| {labels.get(k, k)} | {v:.2f} |" for k, v in h["appeal"].items()]
+    for name, m in models.items():
+        appeal = m.get("judge", {}).get("appeal")
+        lines += [f"| generated: {name} | {appeal:.2f} |"] if appeal is not None else []
+    lines.append("")
+    for key, what in (("needles_vs_corpus", "as rendered"), ("needles_vs_corpus_reconstructed", "reconstructed")):
+        if key in h:
+            lines.append(f"- needles vs corpus, {what} (the ceiling of a paired appeal comparison, tie band "
+                         f"{h['tie_band']}): {format_win_rate(h[key])}")  # fmt: skip
+    return [*lines, ""]
 
 
 def _frechet_cell(entry: Any) -> Any:

@@ -20,6 +20,7 @@ from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
 from emu.evaluation import fid as fidlib
 from emu.evaluation import items, metrics, pictures, references, report
+from emu.evaluation.headroom import judge_headroom
 from emu.evaluation.prompt_following import clip_accuracy
 from emu.evaluation.reconstruction import BASELINES, haystack_images, reconstruction_metrics
 from emu.text.clip import ClipEmbedder
@@ -127,6 +128,10 @@ def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tupl
         result["paired"] = metrics.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
     if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
         result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
+    if judge is not None and cfg.get("headroom"):
+        ae = next((g.autoencoder for g in gens if g.autoencoder is not None), None)
+        result["headroom"] = judge_headroom(judge, int(cfg.headroom), ae, tie_band=float(cfg.tie_band.get("appeal", 0)),
+                                            n_boot=int(cfg.bootstrap))  # fmt: skip
     if cfg.clip and cfg.clip_accuracy:
         result["clip_accuracy"] = clip_accuracy(ClipEmbedder(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
     return Evaluation(result, gens, scores)
