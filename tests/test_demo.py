@@ -188,6 +188,13 @@ def _constructed_outputs(out: Path, appeal_a: np.ndarray, appeal_b: np.ndarray) 
             "n_prompts": len(appeal_a),
             "paired": paired,
             "models": {"quality_tuned": model, "pretrained": model},
+            "headroom": {
+                "n": 64,
+                "haystack_seed": 0,
+                "tie_band": 0.25,
+                "appeal": {"corpus": 3.5, "needles": 6.8},
+                "needles_vs_corpus": compare(appeal_a + 3.0, appeal_a, 0.25, n_boot=200),
+            },
             "judge_accuracy": {
                 "n": 64,
                 "haystack_seed": 2,
@@ -219,8 +226,11 @@ def test_report_has_every_section_and_judges_the_targets(tmp_path):
         assert heading in text
     assert "+3.50 dB" in text and "25.12 -> 28.62" in text
     assert "precision 95.0%" in text and "82.9%" in text and "36.7%" in text
-    assert re.search(r"\| appeal: win >= 70.0% .* \| win 100.0% .* \| \*\*yes\*\* \|", text)
-    assert re.search(r"\| curated precision >= 90.0% \| 95.0% \| \*\*yes\*\* \|", text)
+    appeal_row = r"\| appeal: win >= 80%, its interval above 70%, loss <= 15% \| win 100.0% .* \| \*\*yes\*\* \|"
+    assert re.search(appeal_row, text)
+    assert re.search(r"\| curated precision >= 95.0%, recall >= 50.0% \| 95.0%, 40.0% \| \*\*no\*\* \|", text)
+    assert re.search(r"\| each human pass shrinks 7-13x \| specialist 10.0x \| \*\*yes\*\* \|", text)
+    assert "Headroom" in text and "| the same scenes as needles | 6.80 |" in text and "needles vs corpus" in text
     assert "| 10.0 min |" in text and "not run" in text  # the stages that have not run say so
     assert "| baseline: 8x8 average pool + bilinear | 25.00 |" in text
     assert re.search(r"\| 16-ch autoencoder PSNR >= 28 dB \| 30.00 dB \| \*\*yes\*\* \|", text)
@@ -230,7 +240,7 @@ def test_report_has_every_section_and_judges_the_targets(tmp_path):
 
     _constructed_outputs(tmp_path, base, base + 2.0)  # A worse everywhere: the target is reported as missed
     text = write_report(tmp_path, scale, state, demo_stages(scale)).read_text()
-    assert re.search(r"\| appeal: win >= 70.0% .* \| win 0.0% .* \| \*\*no\*\* \|", text)
+    assert re.search(r"\| appeal: win >= 80%.* \| win 0.0% .* \| \*\*no\*\* \|", text)
 
 
 def test_report_without_outputs_says_what_has_not_run(tmp_path):
