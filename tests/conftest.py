@@ -70,6 +70,15 @@ def expected_skips() -> Counter:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny networks gain nothing from threads, and one thread does not stall when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def bad_folder(tmp_path: Path) -> Path:
     """The bad-input corpus as a folder of images with .txt captions."""
     root = tmp_path / "bad_folder"

@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from tests.conftest import ROOT
 
@@ -19,13 +18,7 @@ import unet_step
 COMPARISON_KEYS = {"images_per_second", "ms_per_step", "round_seconds", "peak_memory_mb", "tflops_per_second", "mfu"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and one thread does not stall when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _last_json_line(capsys) -> dict:

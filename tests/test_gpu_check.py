@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests.conftest import ROOT
 
@@ -18,12 +17,7 @@ import gpu_check
 STEPS = ["gpu_tests", "unet_step", "autoencoder_step", "sampling", "stage1_fsdp"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ scheduling
