@@ -17,16 +17,8 @@ import torch
 
 from emu.data.haystack import as_needle, caption_for, render, scene_spec
 from emu.data.samples import SamplePreparer
+from emu.evaluation.reconstruction import reconstruct
 from emu.evaluation.winrate import compare
-
-
-@torch.no_grad()
-def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Images in [-1, 1] through the autoencoder (posterior mode), on its device, back on the CPU."""
-    device = next(autoencoder.parameters()).device
-    out = [autoencoder.decode(autoencoder.encode(x.to(device)).mode()).float().clamp(-1, 1).cpu()
-           for x in images.split(batch_size)]  # fmt: skip
-    return torch.cat(out)
 
 
 def scene_pairs(n: int, seed: int = 0, start: int = 1_000_000, resolution: int = 64):

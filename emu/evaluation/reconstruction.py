@@ -38,10 +38,12 @@ SKIMAGE_PHOTOS = (
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reconstruct(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """``decode(encode(x).mode())`` in [-1, 1]."""
+    """``decode(encode(x).mode())`` in [-1, 1], computed on the autoencoder's device, returned on the CPU."""
     autoencoder = autoencoder.eval()
-    return torch.cat([autoencoder(x).clamp(-1, 1) for x in images.split(batch_size)])
+    device = next(autoencoder.parameters()).device
+    return torch.cat([autoencoder(x.to(device)).float().clamp(-1, 1).cpu() for x in images.split(batch_size)])
 
 
 def mean_colour(x: torch.Tensor) -> torch.Tensor:
