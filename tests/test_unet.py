@@ -77,3 +77,53 @@ def test_matches_diffusers(linear, pooled, depth):
     with torch.no_grad():
         again = back(x, t, ctx, class_labels=pool, encoder_attention_mask=mask.float()).sample
     torch.testing.assert_close(again, expected, atol=1e-6, rtol=1e-6)
+
+
+# SD 1.x: 8 heads at every level (widths 40 / 80 / 160 at full size), conv projections, three attention levels then a
+# plain one; SD 2.x: heads [5, 10, 20, 20] (64 wide), linear projections, upcast attention. Here at a tiny width.
+SD_SHAPED = {
+    "sd1": dict(block_out_channels=(16, 32, 64, 64), attention_head_dim=2, use_linear_projection=False),
+    "sd2": dict(block_out_channels=(16, 32, 64, 64), attention_head_dim=(1, 2, 4, 4), use_linear_projection=True,
+                upcast_attention=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", sorted(SD_SHAPED))
+def test_sd_shaped_unets_convert_both_ways(shape):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=24, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **SD_SHAPED[shape],
+    ).eval()  # fmt: skip
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    ours = from_diffusers(ref).eval()
+    widths = ours.config["head_dim"]
+    assert widths == ([8, 16, 32, 32] if shape == "sd1" else 16)  # per-level widths only where they differ
+    x, t, ctx, mask = _inputs(hw=16)
+    with torch.no_grad():
+        expected = ref(x, t, ctx, encoder_attention_mask=mask.float()).sample
+        got = ours(x, t, ctx, mask)
+        again = to_diffusers(ours).eval()(x, t, ctx, encoder_attention_mask=mask.float()).sample
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_unconvertible_diffusers_unet_is_refused_by_name():
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=24, norm_num_groups=8, only_cross_attention=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="only_cross_attention"):
+        from_diffusers(ref)
+
+
+def test_per_level_head_widths_must_divide_their_level():
+    with pytest.raises(ValueError, match="head_dim 24"):
+        UNet(**{**TINY, "head_dim": (16, 24)})
+    net = UNet(**{**TINY, "head_dim": (16, 32)})
+    assert net.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 2

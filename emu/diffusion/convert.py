@@ -3,7 +3,8 @@
 The two share block structure and parameter names, so conversion maps the configs and loads the state dict as
 it is. Supported diffusers models: ``DownBlock2D`` / ``CrossAttnDownBlock2D`` levels, a
 ``UNetMidBlock2DCrossAttn`` mid block, SiLU, GEGLU, no addition embedding, and optionally a pooled text
-embedding through ``class_embed_type="projection"``.
+embedding through ``class_embed_type="projection"``. Attention heads may differ in width per level (SD 1.x: 8 heads
+everywhere, widths 40 / 80 / 160; SD 2.x and SDXL: 64-wide heads).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from emu.diffusion.unet import UNet
 def _heads_per_level(c) -> list[int]:
     heads = c.num_attention_heads or c.attention_head_dim  # diffusers' legacy name: attention_head_dim = heads
     return [heads] * len(c.block_out_channels) if isinstance(heads, int) else list(heads)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def from_diffusers(unet) -> UNet:
@@ -27,10 +32,18 @@ def from_diffusers(unet) -> UNet:
         raise ValueError("only SiLU U-Nets without addition embeddings (class_embed_type None or 'projection') convert")
     if not c.flip_sin_to_cos or c.freq_shift != 0 or c.time_embedding_type != "positional":
         raise ValueError("only positional time embeddings with flip_sin_to_cos=True, freq_shift=0 convert")
+    for key in ("only_cross_attention", "dual_cross_attention", "mid_block_only_cross_attention"):
+        if any(_as_list(getattr(c, key, False))):
+            raise ValueError(f"{key}=True has no counterpart in emu's U-Net")
+    if c.resnet_time_scale_shift != "default" or getattr(c, "time_cond_proj_dim", None) is not None:
+        raise ValueError("only resnet_time_scale_shift='default' without time_cond_proj_dim converts")
+    if getattr(c, "encoder_hid_dim_type", None) is not None or getattr(c, "attention_type", "default") != "default":
+        raise ValueError("encoder_hid_dim_type and gated attention have no counterpart in emu's U-Net")
     heads = _heads_per_level(c)
-    head_dims = {ch // h for ch, h in zip(c.block_out_channels, heads, strict=True)}
-    if len(head_dims) != 1:
-        raise ValueError(f"emu's U-Net has one head width for all levels; this model has {sorted(head_dims)}")
+    if len(heads) != n or any(ch % h for ch, h in zip(c.block_out_channels, heads, strict=True)):
+        raise ValueError(f"attention heads {heads} do not divide the block widths {list(c.block_out_channels)}")
+    widths = [ch // h for ch, h in zip(c.block_out_channels, heads, strict=True)]
+    head_dim = widths[0] if len(set(widths)) == 1 else widths  # one width (SDXL, SD 2.x) or one per level (SD 1.x)
     tdepth = c.transformer_layers_per_block
     tdepth = [tdepth] * n if isinstance(tdepth, int) else list(tdepth)
     depth = [d if t == "CrossAttnDownBlock2D" else 0 for d, t in zip(tdepth, c.down_block_types, strict=True)]
@@ -40,7 +53,7 @@ def from_diffusers(unet) -> UNet:
         block_channels=tuple(c.block_out_channels),
         layers_per_block=c.layers_per_block,
         transformer_depth=depth,
-        head_dim=head_dims.pop(),
+        head_dim=head_dim,
         context_dim=c.cross_attention_dim,
         pooled_dim=c.projection_class_embeddings_input_dim if c.class_embed_type == "projection" else None,
         norm_groups=c.norm_num_groups,
@@ -59,7 +72,8 @@ def to_diffusers(model: UNet):
 
     c = model.config
     depth = c["transformer_depth"]
-    heads = [ch // c["head_dim"] for ch in c["block_channels"]]
+    widths = c["head_dim"] if isinstance(c["head_dim"], list | tuple) else [c["head_dim"]] * len(depth)
+    heads = [ch // w for ch, w in zip(c["block_channels"], widths, strict=True)]
     unet = UNet2DConditionModel(
         sample_size=None,
         in_channels=c["in_channels"],

@@ -264,7 +264,8 @@ class UNet(nn.Module):
         layers_per_block: ResNet blocks per down level (int or per level); up levels have one more.
         transformer_depth: transformer blocks per attention layer, per level (0 = no attention at that level);
             the mid block uses the last level's depth (at least 1).
-        head_dim: channels per attention head.
+        head_dim: channels per attention head: one width for all levels (SDXL: 64) or one per level (SD 1.x has 8
+            heads at every level, so widths 40 / 80 / 160); the mid block uses the last level's.
         context_dim: width of the text context (the conditioner projects every encoder to it).
         pooled_dim: width of the pooled text embedding added to the time embedding (None: not used).
         linear_projection: transformer projections as Linear (SDXL) or 1x1 conv (SD 1.x).
@@ -277,7 +278,7 @@ class UNet(nn.Module):
         block_channels: Sequence[int] = (320, 640, 1280),
         layers_per_block: int | Sequence[int] = 2,
         transformer_depth: int | Sequence[int] = (0, 2, 10),
-        head_dim: int = 64,
+        head_dim: int | Sequence[int] = 64,
         context_dim: int = 2048,
         pooled_dim: int | None = None,
         norm_groups: int = 32,
@@ -290,9 +291,11 @@ class UNet(nn.Module):
         n = len(block_channels)
         layers = _per_level(layers_per_block, n, "layers_per_block")
         depth = _per_level(transformer_depth, n, "transformer_depth")
-        for c in block_channels:
-            if c % head_dim or c % norm_groups:
-                raise ValueError(f"block width {c} must divide by head_dim {head_dim} and norm_groups {norm_groups}")
+        head_dims = _per_level(head_dim, n, "head_dim")
+        for c, hd in zip(block_channels, head_dims, strict=True):
+            if c % hd or c % norm_groups:
+                raise ValueError(f"block width {c} must divide by head_dim {hd} and norm_groups {norm_groups}")
+        head_dim = head_dim if isinstance(head_dim, int) else list(head_dims)
         self.config = dict(
             in_channels=in_channels, out_channels=out_channels, block_channels=list(block_channels),
             layers_per_block=list(layers), transformer_depth=list(depth), head_dim=head_dim, context_dim=context_dim,
@@ -310,17 +313,17 @@ class UNet(nn.Module):
         cout = ch0
         for i, c in enumerate(block_channels):
             cin, cout = cout, c
-            self.down_blocks.append(DownBlock(cin, cout, temb, layers[i], depth[i], c // head_dim,
+            self.down_blocks.append(DownBlock(cin, cout, temb, layers[i], depth[i], c // head_dims[i],
                                               downsample=i < n - 1, **common))  # fmt: skip
         top = block_channels[-1]
-        self.mid_block = MidBlock(top, temb, max(depth[-1], 1), top // head_dim, **common)
+        self.mid_block = MidBlock(top, temb, max(depth[-1], 1), top // head_dims[-1], **common)
 
         self.up_blocks = nn.ModuleList()
-        rev, rev_layers, rev_depth = block_channels[::-1], layers[::-1], depth[::-1]
+        rev, rev_layers, rev_depth, rev_heads = block_channels[::-1], layers[::-1], depth[::-1], head_dims[::-1]
         cprev = top
         for i, c in enumerate(rev):
             cin = rev[min(i + 1, n - 1)]
-            self.up_blocks.append(UpBlock(cin, cprev, c, temb, rev_layers[i] + 1, rev_depth[i], c // head_dim,
+            self.up_blocks.append(UpBlock(cin, cprev, c, temb, rev_layers[i] + 1, rev_depth[i], c // rev_heads[i],
                                           upsample=i < n - 1, **common))  # fmt: skip
             cprev = c
         self.conv_norm_out = nn.GroupNorm(norm_groups, ch0, eps=norm_eps)
