@@ -21,7 +21,6 @@ from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
 from emu.utils.config import check_required, config_errors_as_messages
 from emu.utils.images import image_grid
-from emu.utils.resolution import check_resolution
 from emu.utils.sample_folder import write_sample_folder
 
 
@@ -44,8 +43,19 @@ def check_settings(cfg: DictConfig) -> tuple[list[str], SamplingSettings]:
     return prompts, sampling
 
 
+def _grid_guidance(cfg: DictConfig) -> list[float]:
+    scales = cfg.get("grid_guidance")
+    if scales is None:
+        return []
+    scales = [float(g) for g in (scales if OmegaConf.is_list(scales) or isinstance(scales, list) else [scales])]
+    if not scales or any(not 0 <= g <= 50 for g in scales):
+        raise ConfigError("grid_guidance", f"must be a list of guidance scales in [0, 50], got {scales}")
+    return scales
+
+
 def run(cfg: DictConfig) -> Path:
     prompts, sampling = check_settings(cfg)
+    scales = _grid_guidance(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
     overrides = {"autoencoder": cfg.autoencoder} if cfg.autoencoder else {}
@@ -53,27 +63,42 @@ def run(cfg: DictConfig) -> Path:
         module = load_for_sampling(cfg.ckpt, device, ema=sampling.ema, **overrides)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError("ckpt", str(e)) from e
-    resolution = int(sampling.resolution or module.train_resolution or 64)
-    check_resolution(resolution, module.resolution_multiple, "sampling.resolution", module.downsampling)
+    side = int(sampling.resolution or module.train_resolution or 64)
+    height, width = sampling.image_size(side, module.resolution_multiple, module.downsampling)
 
     n = int(cfg.n)
     all_prompts = [p for p in prompts for _ in range(n)]
     seeds = [int(cfg.seed) + i for i in range(len(all_prompts))]
     autocast = torch.bfloat16 if device.type == "cuda" else None
     weights = "EMA" if sampling.ema else "raw"
-    print(f"sampling {len(all_prompts)} images ({len(prompts)} prompts x {n}) at {resolution}px with "
-          f"{sampling.sampler}, {sampling.steps} steps, guidance {sampling.guidance}, {weights} weights, "
+    size = f"{width}x{height}" if width != height else f"{side}px"
+    guidance = f"guidance {', '.join(map(str, scales))} (a grid)" if scales else f"guidance {sampling.guidance}"
+    negative = f", negative prompt {sampling.negative_prompt!r}" if sampling.negative_prompt else ""
+    print(f"sampling {len(all_prompts) * max(1, len(scales))} images ({len(prompts)} prompts x {n}) at {size} with "
+          f"{sampling.sampler}, {sampling.steps} steps, {guidance}{negative}, {weights} weights, "
           f"on {device}")  # fmt: skip
-    sampling = replace(sampling, resolution=resolution)
-    images = module.sample(all_prompts, seeds, sampling, autocast_dtype=autocast, progress=True)
-
+    sampling = replace(sampling, resolution=side, height=height, width=width)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_sample_folder(out, images, all_prompts, seeds, **sampling.as_dict(), ckpt=str(Path(cfg.ckpt).resolve()),
-                        device=str(device))  # fmt: skip
-    cols = min(int(cfg.grid_columns), len(images)) if n == 1 else n
-    image_grid(images, nrow=max(1, cols)).save(out / "grid.png")
-    print(f"wrote {len(images)} images, metadata.jsonl and grid.png ({math.ceil(len(images) / cols)} rows) to {out}")
+    meta = {"ckpt": str(Path(cfg.ckpt).resolve()), "device": str(device)}
+    if not scales:
+        images = module.sample(all_prompts, seeds, sampling, autocast_dtype=autocast, progress=True)
+        write_sample_folder(out, images, all_prompts, seeds, **sampling.as_dict(), **meta)
+        cols = min(int(cfg.grid_columns), len(images)) if n == 1 else n
+        image_grid(images, nrow=max(1, cols)).save(out / "grid.png")
+        rows = math.ceil(len(images) / cols)
+        print(f"wrote {len(images)} images, metadata.jsonl and grid.png ({rows} rows) to {out}")
+        return out
+    columns = []  # one sample folder per guidance scale; grid.png: a row per image, a column per scale
+    for g in scales:
+        at = replace(sampling, guidance=g)
+        images = module.sample(all_prompts, seeds, at, autocast_dtype=autocast, progress=True)
+        write_sample_folder(out / f"guidance_{g:g}", images, all_prompts, seeds, **at.as_dict(), **meta)
+        columns.append(images)
+    grid = torch.stack(columns, dim=1).flatten(0, 1)
+    image_grid(grid, nrow=len(scales)).save(out / "grid.png")
+    print(f"wrote {len(scales)} sample folders guidance_<scale>/ and grid.png ({len(all_prompts)} rows x "
+          f"{len(scales)} guidance scales) to {out}")  # fmt: skip
     return out
 
 

@@ -149,7 +149,7 @@ def test_sampling_settings_are_checked_once_with_their_key_and_match_their_confi
     s = SamplingSettings.from_config({"steps": 7, "sigmas": "discrete"}, "model.val_sampling")
     assert (s.steps, s.sigmas, s.sampler) == (7, "discrete", "dpmpp_2m")
     assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "sigmas": "discrete", "guidance": 5.0,
-                                   "guidance_rescale": 0.0, "batch_size": 16}  # fmt: skip
+                                   "guidance_rescale": 0.0, "guidance_interval": None, "batch_size": 16}  # fmt: skip
     for node, message in [
         ({"steps": 0}, "model.val_sampling.steps: must be in 1..1000, got 0"),
         ({"sampler": "plms"}, "model.val_sampling.sampler: must be one of"),

@@ -296,13 +296,15 @@ class DiffusionModule(L.LightningModule):
     def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings | None = None,
                **kw) -> torch.Tensor:  # fmt: skip
         """Images for ``prompts`` with ``seeds`` through the weights as they are now, with ``settings`` (default:
-        ``model.val_sampling``); their resolution defaults to the data's, then the checkpoint's training one.
+        ``model.val_sampling``); their size (``settings.image_size``) defaults to the data's resolution, then the
+        checkpoint's training one.
         ``kw`` goes to :func:`~emu.diffusion.pipeline.generate` (e.g. ``autocast_dtype``, ``progress``)."""
         settings = settings or self.val_sampling
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        res = settings.resolution or getattr(dm, "resolution", None) or self.train_resolution or 64
-        kw = {**settings.generate_kwargs(), "progress": False, "latent_scaling": self.hparams.latent_scaling, **kw}
-        return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, res, res, **kw)
+        height, width = settings.image_size(getattr(dm, "resolution", None) or self.train_resolution or 64)
+        kw = {**settings.generate_kwargs(), "progress": False, "latent_scaling": self.hparams.latent_scaling,
+              "negative_prompts": [settings.negative_prompt] * len(prompts), **kw}  # fmt: skip
+        return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, height, width, **kw)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from emu.diffusion.sampling import SAMPLERS, CFGDenoiser, get_sampler, get_sigmas_discrete, get_sigmas_karras
 from emu.errors import ConfigError
+from emu.text.conditioner import Conditioning
 from emu.utils.resolution import check_resolution
 
 SIGMA_SCHEDULES = ("karras", "discrete")
@@ -37,7 +38,12 @@ class SamplingSettings:
             trailing; eps / v models only).
         guidance: the classifier-free guidance scale (1: none).
         guidance_rescale: rescale of the guided prediction's std (Lin et al. 2023), 0 to 1.
+        guidance_interval: ``[sigma_lo, sigma_hi]``: guide only at noise levels in ``(sigma_lo, sigma_hi]`` and use the
+            conditional prediction elsewhere (Kynkäänniemi et al. 2024); None: at every level.
+        negative_prompt: what the guidance steers away from, in place of the empty prompt ("" is the empty prompt's
+            own unconditional embedding, identical to no negative prompt).
         resolution: the image side; None: the training resolution of the checkpoint.
+        width / height: a non-square size (multiples of the downsampling); None: ``resolution``.
         batch_size: images per sampler call.
         ema: sample with the EMA weights when the model has them (else the raw ones).
     """
@@ -47,11 +53,17 @@ class SamplingSettings:
     sigmas: str = "karras"
     guidance: float = 5.0
     guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
+    negative_prompt: str = ""
     resolution: int | None = None
+    width: int | None = None
+    height: int | None = None
     batch_size: int = 16
     ema: bool = True
 
     def __post_init__(self) -> None:
+        if self.guidance_interval is not None:  # lists from YAML / JSON -> a hashable pair
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         self.check()
 
     @classmethod
@@ -79,7 +91,15 @@ class SamplingSettings:
             "steps": (isinstance(self.steps, int) and 1 <= self.steps <= 1000, "must be in 1..1000"),
             "guidance": (0 <= float(self.guidance) <= 50, "must be in [0, 50]"),
             "guidance_rescale": (0 <= float(self.guidance_rescale) <= 1, "must be in [0, 1]"),
+            "guidance_interval": (
+                self.guidance_interval is None
+                or (len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] < self.guidance_interval[1]),
+                "must be [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (or null)",
+            ),
+            "negative_prompt": (isinstance(self.negative_prompt, str), "must be a string"),
             "resolution": (self.resolution is None or int(self.resolution) > 0, "must be positive (or null)"),
+            "width": (self.width is None or int(self.width) > 0, "must be positive (or null)"),
+            "height": (self.height is None or int(self.height) > 0, "must be positive (or null)"),
             "batch_size": (int(self.batch_size) >= 1, "must be >= 1"),
             "ema": (isinstance(self.ema, bool), "must be true or false"),
         }
@@ -88,8 +108,20 @@ class SamplingSettings:
                 raise ConfigError(key, f"{problem}, got {getattr(self, key)!r}")
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`generate` (resolution and weights are the caller's to apply)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("resolution", "ema")}
+        """The keyword arguments of :func:`generate` but prompts and size (the size and the weights are the caller's
+        to apply; the negative prompt is the caller's to repeat per image)."""
+        skip = ("resolution", "width", "height", "ema", "negative_prompt")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def image_size(self, default: int, multiple: int | None = None, what: str = "") -> tuple[int, int]:
+        """``(height, width)``: the explicit width / height, else ``resolution``, else ``default``; with ``multiple``,
+        each side is checked against it (a ConfigError names ``sampling.<the key that set it>``)."""
+        side = int(self.resolution or default)
+        height, width = int(self.height or side), int(self.width or side)
+        if multiple is not None:
+            for key, value, given in (("height", height, self.height), ("width", width, self.width)):
+                check_resolution(value, multiple, f"sampling.{key if given else 'resolution'}", what)
+        return height, width
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,21 +158,27 @@ def generate(
     steps: int = 25,
     guidance: float = 5.0,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
     sigmas: str = "karras",
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     latent_scaling: str = "channel",
+    negative_prompts: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], N x 3 x H x W, for ``prompts[i]`` with ``seeds[i]``."""
+    """Images in [-1, 1], N x 3 x H x W, for ``prompts[i]`` with ``seeds[i]``, guided away from
+    ``negative_prompts[i]`` ("" or None: the unconditional embedding)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
     f_ae, f_unet = autoencoder.downsample_factor, getattr(denoiser.net, "downsample_factor", 1)
     for side in {height, width}:
         check_resolution(side, f_ae * f_unet, "resolution", f"autoencoder f={f_ae} x U-Net {f_unet}x")
     sample_fn = get_sampler(sampler)
     sigma_levels = sampling_sigmas(denoiser, steps, sigmas)
-    cfg = CFGDenoiser(denoiser, guidance, guidance_rescale)
+    cfg = CFGDenoiser(denoiser, guidance, guidance_rescale, guidance_interval)
     device = next(denoiser.net.parameters()).device
     latent_shape = (autoencoder.latent_channels, height // autoencoder.downsample_factor,
                     width // autoencoder.downsample_factor)  # fmt: skip
@@ -152,10 +190,24 @@ def generate(
         x = initial_noise(seeds[start : start + batch_size], latent_shape).to(device) * sigma_levels[0]
         with autocast:
             c = conditioner.condition(chunk)
-            u = conditioner.unconditional_batch(len(chunk))
+            u = negative_conditioning(conditioner, negatives[start : start + batch_size])
             cond = {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
             uncond = {"context": u.context, "context_mask": u.mask, "pooled": u.pooled}
             z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True)
             images = autoencoder.decode(autoencoder.denormalize(z.float(), latent_scaling))
         out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def negative_conditioning(conditioner, negatives: Sequence[str]) -> Conditioning:
+    """The conditioning guidance steers away from: each image's negative prompt, and the unconditional embedding
+    where it is empty (so an empty negative prompt is exactly no negative prompt, whatever ``uncond`` is)."""
+    u = conditioner.unconditional_batch(len(negatives))
+    given = torch.tensor([bool(n) for n in negatives])
+    if not given.any():
+        return u
+    n = conditioner.condition([n or "" for n in negatives])
+    keep = given.to(n.context.device)
+    pooled = None if n.pooled is None else torch.where(keep[:, None], n.pooled, u.pooled.to(n.pooled))
+    return Conditioning(torch.where(keep[:, None, None], n.context, u.context.to(n.context)),
+                        torch.where(keep[:, None], n.mask, u.mask.to(n.mask.device)), pooled)  # fmt: skip

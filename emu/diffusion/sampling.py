@@ -156,28 +156,40 @@ class CFGDenoiser(nn.Module):
     ``cond`` / ``uncond`` are the keyword arguments of the denoiser for the prompts and for the empty prompt
     (tensors batched like ``x``). ``rescale`` (Lin et al. 2023, "guidance rescale") pulls the guided prediction's
     per-sample std back to the conditional one's, mixed by that fraction; it is applied to the denoised x0.
-    ``scale == 1`` skips the unconditional call.
+    ``interval = (lo, hi)`` guides only at noise levels ``lo < sigma <= hi`` (Kynkäänniemi et al. 2024, "guidance in
+    a limited interval") and returns the conditional prediction elsewhere. ``scale == 1`` and steps outside the
+    interval skip the unconditional call.
     """
 
-    def __init__(self, denoiser: Callable, scale: float = 5.0, rescale: float = 0.0):
+    def __init__(self, denoiser: Callable, scale: float = 5.0, rescale: float = 0.0,
+                 interval: tuple[float, float] | None = None):  # fmt: skip
         super().__init__()
         if scale < 0 or not math.isfinite(scale):
             raise ValueError(f"guidance scale must be a finite number >= 0, got {scale}")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
-        self.denoiser, self.scale, self.rescale = denoiser, scale, rescale
+        if interval is not None and not 0 <= interval[0] < interval[1]:
+            raise ValueError(f"guidance interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
+        self.denoiser, self.scale, self.rescale, self.interval = denoiser, scale, rescale, interval
+
+    def guided(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Per sample: whether guidance applies at this noise level."""
+        if self.interval is None:
+            return torch.ones_like(sigma, dtype=torch.bool)
+        return (sigma > self.interval[0]) & (sigma <= self.interval[1])
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
-        if self.scale == 1.0:
+        guided = self.guided(sigma)
+        if self.scale == 1.0 or not guided.any():
             return self.denoiser(x, sigma, **cond)
         both = {k: _cat(uncond[k], cond[k]) for k in cond}
         out_uncond, out_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        guided = out_uncond + self.scale * (out_cond - out_uncond)
+        out = out_uncond + self.scale * (out_cond - out_uncond)
         if self.rescale:
             dims = list(range(1, x.ndim))
-            rescaled = guided * (out_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-            guided = self.rescale * rescaled + (1 - self.rescale) * guided
-        return guided
+            rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+            out = self.rescale * rescaled + (1 - self.rescale) * out
+        return torch.where(guided.view(-1, *([1] * (x.ndim - 1))), out, out_cond)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

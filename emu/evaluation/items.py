@@ -16,7 +16,6 @@ from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.utils.checkpoint_header import header
-from emu.utils.resolution import check_resolution
 from emu.utils.sample_folder import is_sample_folder, read_sample_folder, write_sample_folder
 
 
@@ -67,10 +66,10 @@ def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], se
     """Images of a stage-1/2 checkpoint with ``sampling`` (EMA weights unless ``sampling.ema`` is false)."""
     module = load_for_sampling(path, device, ema=sampling.ema)
     res = int(sampling.resolution or module.train_resolution or 64)
-    check_resolution(res, module.resolution_multiple, "sampling.resolution", module.downsampling)
+    height, width = sampling.image_size(res, module.resolution_multiple, module.downsampling)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    print(f"[eval] {name}: sampling {len(prompts)} images at {res}px from {path}")
-    sampling = replace(sampling, resolution=res)
+    print(f"[eval] {name}: sampling {len(prompts)} images at {width}x{height} from {path}")
+    sampling = replace(sampling, resolution=res, height=height, width=width)
     images = module.sample(prompts, seeds, sampling, autocast_dtype=autocast, progress=True)
     return Generated(name, str(path), images, prompts, seeds, sampling.as_dict(), module.autoencoder)
 

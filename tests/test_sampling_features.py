@@ -1,0 +1,99 @@
+"""Inference features: negative prompts, non-square sizes, a guidance interval, and sample.py's guidance grid."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from emu.diffusion.module import load_for_sampling
+from emu.diffusion.pipeline import SamplingSettings
+from emu.diffusion.sampling import CFGDenoiser
+from emu.errors import ConfigError
+from tests.conftest import ROOT
+
+PROMPTS = ["a large red circle in the center on a black background", "a small blue star at the top"]
+
+
+@pytest.fixture(scope="module")
+def module(tiny_stage1_checkpoint):
+    return load_for_sampling(tiny_stage1_checkpoint)
+
+
+def _sample(module, **settings):
+    s = SamplingSettings(steps=3, guidance=4.0, **settings)
+    return module.sample(PROMPTS, [0, 1], s)
+
+
+def test_negative_prompt_changes_the_images_and_an_empty_one_is_none(module):
+    plain = _sample(module)
+    assert torch.equal(_sample(module, negative_prompt=""), plain)
+    negative = _sample(module, negative_prompt="a large green square on a white background")
+    assert (negative - plain).abs().mean() > 1e-3
+    # per image: an empty entry is that image's unconditional embedding, whatever the others ask
+    from emu.diffusion.pipeline import generate
+
+    kw = dict(height=32, width=32, steps=3, guidance=4.0, progress=False)
+    mixed = generate(module.denoiser, module.conditioner, module.autoencoder, PROMPTS, [0, 1],
+                     negative_prompts=["", "a large green square on a white background"], **kw)  # fmt: skip
+    ref = generate(module.denoiser, module.conditioner, module.autoencoder, PROMPTS, [0, 1], **kw)
+    torch.testing.assert_close(mixed[0], ref[0], atol=1e-5, rtol=0)
+    assert (mixed[1] - ref[1]).abs().mean() > 1e-3
+
+
+def test_non_square_sizes(module):
+    images = _sample(module, width=48, height=32)
+    assert images.shape == (2, 3, 32, 48) and torch.isfinite(images).all()
+    with pytest.raises(ConfigError, match="sampling.width: 40 is not a positive multiple of 16"):
+        SamplingSettings(width=40).image_size(32, module.resolution_multiple, module.downsampling)
+
+
+class _Fake:
+    """A denoiser whose output is its conditioning value: guidance arithmetic is visible in the result."""
+
+    calls = 0
+
+    def __call__(self, x, sigma, value):
+        self.calls += 1
+        return x * 0 + value.view(-1, 1, 1, 1)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    x, cond, uncond = torch.zeros(2, 1, 2, 2), {"value": torch.ones(2)}, {"value": torch.zeros(2)}
+    fake = _Fake()
+    cfg = CFGDenoiser(fake, scale=3.0, interval=(1.0, 5.0))
+    assert cfg(x, torch.tensor([2.0, 2.0]), cond, uncond).flatten().unique().tolist() == [3.0]  # inside: guided
+    before = fake.calls
+    assert cfg(x, torch.tensor([9.0, 9.0]), cond, uncond).flatten().unique().tolist() == [1.0]  # outside: cond only
+    assert fake.calls == before + 1  # ... in one call (no unconditional batch)
+    mixed = cfg(x, torch.tensor([0.5, 5.0]), cond, uncond)  # per sample; hi is inside, lo is not
+    assert mixed[0].unique().tolist() == [1.0] and mixed[1].unique().tolist() == [3.0]
+    with pytest.raises(ValueError, match="guidance interval"):
+        CFGDenoiser(fake, interval=(5.0, 1.0))
+    with pytest.raises(ConfigError, match="sampling.guidance_interval"):
+        SamplingSettings.from_config({"guidance_interval": [3, 1]})
+
+
+def test_guidance_interval_on_the_model(module):
+    plain = _sample(module)
+    assert torch.equal(_sample(module, guidance_interval=[0.0, 1e9]), plain)  # every level: as no interval
+    unguided = module.sample(PROMPTS, [0, 1], SamplingSettings(steps=3, guidance=1.0))
+    torch.testing.assert_close(_sample(module, guidance_interval=[1e8, 1e9]), unguided, atol=1e-5, rtol=0)
+
+
+def test_sample_py_guidance_grid(tmp_path, tiny_stage1_checkpoint):
+    from PIL import Image
+
+    out = tmp_path / "grid"
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={tiny_stage1_checkpoint}", f"prompt={PROMPTS[0]}", "n=2",
+           "sampling.steps=2", "grid_guidance=[1,3]", "sampling.negative_prompt=a small blue star",
+           "sampling.width=48", "sampling.height=32", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for g in (1, 3):
+        rows = [json.loads(x) for x in (out / f"guidance_{g}" / "metadata.jsonl").read_text().splitlines()]
+        assert [x["guidance"] for x in rows] == [g, g] and rows[0]["negative_prompt"] == "a small blue star"
+        assert rows[0]["width"] == 48 and rows[0]["height"] == 32
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 + 2 * (48 + 2), 2 + 2 * (32 + 2))  # 2 columns (scales) x 2 rows (images), 2 px padding
