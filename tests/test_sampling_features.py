@@ -45,7 +45,7 @@ def test_negative_prompt_changes_the_images_and_an_empty_one_is_none(module):
 def test_non_square_sizes(module):
     images = _sample(module, width=48, height=32)
     assert images.shape == (2, 3, 32, 48) and torch.isfinite(images).all()
-    with pytest.raises(ConfigError, match="sampling.width: 40 is not a positive multiple of 16"):
+    with pytest.raises(ConfigError, match=r"sampling\.width: 40 is not a positive multiple of 16"):
         SamplingSettings(width=40).image_size(32, module.resolution_multiple, module.downsampling)
 
 
@@ -71,7 +71,7 @@ def test_guidance_interval_guides_only_inside_it():
     assert mixed[0].unique().tolist() == [1.0] and mixed[1].unique().tolist() == [3.0]
     with pytest.raises(ValueError, match="guidance interval"):
         CFGDenoiser(fake, interval=(5.0, 1.0))
-    with pytest.raises(ConfigError, match="sampling.guidance_interval"):
+    with pytest.raises(ConfigError, match=r"sampling\.guidance_interval"):
         SamplingSettings.from_config({"guidance_interval": [3, 1]})
 
 
