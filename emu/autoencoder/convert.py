@@ -38,20 +38,11 @@ def from_diffusers(vae) -> AutoencoderKL:
     return model.to(next(vae.parameters()).dtype)
 
 
-def to_diffusers(model: AutoencoderKL):
-    """Ours -> a diffusers ``AutoencoderKL`` (latent statistics go to ``latents_mean`` / ``latents_std``)."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-
-    if model.fourier is not None:
-        raise ValueError("an autoencoder with Fourier-feature input has no diffusers counterpart")
-    if model.patch_encoder is not None:
-        raise ValueError(
-            "an autoencoder with the patch shortcut (the miniature's patch_shortcut=true) has no diffusers "
-            "counterpart: its linear path sits beside the encoder and decoder; train with patch_shortcut=false"
-        )
+def diffusers_config(model: AutoencoderKL) -> dict:
+    """The diffusers ``AutoencoderKL`` config of ``model`` (latent statistics as ``latents_mean`` / ``latents_std``)."""
     c = model.config
     n = len(c["block_out_channels"])
-    vae = DiffusersAutoencoderKL(
+    return dict(
         in_channels=c["in_channels"],
         out_channels=c["out_channels"],
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -64,6 +55,25 @@ def to_diffusers(model: AutoencoderKL):
         latents_mean=model.latent_mean.tolist(),
         latents_std=model.latent_std.tolist(),
     )
-    state = {k: v for k, v in model.state_dict().items() if k not in _OURS_ONLY}
-    vae.load_state_dict(state, strict=True)
+
+
+def diffusers_state_dict(model: AutoencoderKL) -> dict:
+    """``model``'s weights under diffusers' names (the latent statistics live in the config instead)."""
+    return {k: v for k, v in model.state_dict().items() if k not in _OURS_ONLY}
+
+
+def to_diffusers(model: AutoencoderKL):
+    """Ours -> a diffusers ``AutoencoderKL`` (latent statistics go to ``latents_mean`` / ``latents_std``). Models with
+    Fourier features or the patch shortcut export through ``emu.export``'s ``EmuAutoencoderKL`` instead."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    if model.fourier is not None:
+        raise ValueError("an autoencoder with Fourier-feature input has no diffusers counterpart")
+    if model.patch_encoder is not None:
+        raise ValueError(
+            "an autoencoder with the patch shortcut (the miniature's patch_shortcut=true) has no diffusers "
+            "counterpart: its linear path sits beside the encoder and decoder; train with patch_shortcut=false"
+        )
+    vae = DiffusersAutoencoderKL(**diffusers_config(model))
+    vae.load_state_dict(diffusers_state_dict(model), strict=True)
     return vae.to(next(model.parameters()).dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -161,6 +162,18 @@ class EmuDataModule(L.LightningDataModule):
                 detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                 lines.append(f"{split}: {sum(counts.values())} skipped ({detail})")
         return "; ".join(lines) if lines else "no samples skipped"
+
+    def describe(self) -> dict[str, Any]:
+        """What is trained on, for checkpoints and model cards: the source's kind and settings, size and batching."""
+        src = self.source
+        fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(src).items()
+                  if not k.startswith("_") and isinstance(v, int | float | str | bool | Path)}  # fmt: skip
+        for key in ("shards", "val_shards"):
+            shards = getattr(src, key, None)
+            if shards:
+                fields[key] = f"{len(shards)} shards: {shards[0]}" + (f" ... {shards[-1]}" if len(shards) > 1 else "")
+        return {"source": type(src).__name__, **fields, "resolution": self.resolution, "batch_size": self.batch_size,
+                "seed": self.seed}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": {k: dict(v) for k, v in self.skipped.items()}}

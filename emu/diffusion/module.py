@@ -26,6 +26,7 @@ from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
+from emu.diffusion.export import load_export_weights, read_export_config
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import fingerprint
@@ -147,6 +148,9 @@ class DiffusionModule(L.LightningModule):
         if len(self.val_seeds) != len(self.val_prompts):
             raise ConfigError("model.val_seeds", f"has {len(self.val_seeds)} seeds for {len(self.val_prompts)} prompts")
         self.train_resolution: int | None = None  # set from the datamodule at setup; stored in checkpoints
+        self.trained_steps: int | None = None  # set when loaded (load_diffusion)
+        self.exported_weights: str | None = None  # "ema" / "raw" when loaded from an export folder
+        self.trained_on: dict[str, Any] | None = None  # the data's description, when loaded (model cards)
         if init_from:
             self.initialise_from(init_from)
 
@@ -312,7 +316,9 @@ class DiffusionModule(L.LightningModule):
         sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         for k in [k for k in sd if k.startswith(FROZEN_PREFIXES) and not sharded]:  # FSDP loads by the model's own
             del sd[k]  # keys, frozen ones included: it keeps them
-        write_header(checkpoint, KIND, unet_config=self.unet.config, resolution=self.train_resolution)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = dm.describe() if hasattr(dm, "describe") else self.trained_on
+        write_header(checkpoint, KIND, unet_config=self.unet.config, resolution=self.train_resolution, data=data)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         kind = header(checkpoint).get("kind")
@@ -360,10 +366,14 @@ def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
-    """A :class:`DiffusionModule` from a stage-1/2 Lightning checkpoint (EMA kept separate; see ``use_ema``)."""
+    """A :class:`DiffusionModule` from a stage-1/2 Lightning checkpoint (EMA kept separate; see ``use_ema``) or an
+    export folder (:mod:`emu.diffusion.export`: one set of weights, no EMA; ``module.exported_weights`` says which).
+    ``module.trained_steps`` is the optimizer steps the weights saw (None where unknown)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        return _load_export(path, map_location, **overrides)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at '{path}'")
+        raise FileNotFoundError(f"no checkpoint or export folder at '{path}'")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, corrupt or not a torch file at all
@@ -375,13 +385,30 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
     module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
                                                   **{**renamed, **overrides})  # fmt: skip
     module.train_resolution = header(ckpt).get("resolution")
+    module.trained_steps = ckpt.get("global_step")
+    module.trained_on = header(ckpt).get("data")
     return module
+
+
+def _load_export(folder: Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
+    config = read_export_config(folder)
+    hp = {**config["hyper_parameters"], **overrides, "init_from": None, "ema_half_life_images": 0}  # one weight set
+    module = DiffusionModule(**hp)
+    module.hparams["init_from"] = config["hyper_parameters"].get("init_from")  # a record of stage 2's start only
+    load_export_weights(module, folder)
+    module.train_resolution, module.trained_steps = config.get("resolution"), config.get("step")
+    module.trained_on = config.get("data")
+    module.exported_weights = config["weights"]
+    return module.to(map_location)
 
 
 def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", ema: bool = True, **overrides):
     """A checkpoint ready to sample: on ``device``, in eval mode, with its EMA weights copied in (unless ``ema`` is
     false or it has none). What ``sample.py`` and ``eval.py`` generate with."""
     module = load_diffusion(path, map_location="cpu", **overrides).to(device).eval()
+    if not ema and module.exported_weights == "ema":
+        raise ValueError(f"'{path}' holds the EMA weights only; export the raw ones with "
+                         "`python -m emu.export safetensors CKPT OUT --raw` to sample them")  # fmt: skip
     if ema and module.ema is not None:
         module.ema.copy_to(module.trained_modules())
     return module

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from emu.diffusion.export import is_export
 from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
@@ -33,14 +34,16 @@ class Generated:
 
 
 def item_kind(path: str | Path) -> str:
-    """``samples`` (a sample.py folder), ``diffusion`` or ``autoencoder`` (checkpoint or export folder)."""
+    """``samples`` (a sample.py folder), ``diffusion`` or ``autoencoder`` (a checkpoint or an export folder)."""
     path = Path(path).expanduser()
     if path.is_dir():
         if is_sample_folder(path):
             return "samples"
+        if is_export(path):
+            return "diffusion"
         if (path / "config.json").is_file():
             return "autoencoder"
-        raise ConfigError("a/b", f"'{path}' is neither a sample folder (metadata.jsonl) nor an autoencoder export")
+        raise ConfigError("a/b", f"'{path}' is neither a sample folder (metadata.jsonl) nor an export folder")
     if not path.is_file():
         raise ConfigError("a/b", f"'{path}' does not exist")
     try:

@@ -1,0 +1,109 @@
+"""A stage-1/2 model as a folder of safetensors and JSON: what ``python -m emu.export safetensors`` writes and what
+``sample.py`` / ``eval.py`` load in place of a Lightning checkpoint, with no pickle anywhere.
+
+::
+
+    config.json              {"_class_name": "emu.DiffusionModel", "weights": "ema" | "raw", "step", "resolution",
+                              "data": what it trained on, "source": the checkpoint,
+                              "hyper_parameters": the module's, with the frozen models' paths relative to the folder}
+    model.safetensors        the trained weights: ``unet.*`` and ``conditioner.proj.*`` (EMA or raw, as chosen)
+    autoencoder/             the frozen autoencoder (:meth:`AutoencoderKL.save_pretrained`)
+    text_encoders/<name>/    each frozen text encoder and its tokenizer (transformers' ``save_pretrained``)
+
+The folder is self-contained: it can be copied or shared and loads anywhere emu is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+CLASS_NAME = "emu.DiffusionModel"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+TRAINED_PREFIXES = {"unet": "unet.", "text_proj": "conditioner.proj."}
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` is a folder this module wrote (its config names an emu diffusion model)."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("_class_name") == CLASS_NAME
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def save_export(module, folder: str | Path, ema: bool = True, step: int | None = None,
+                source: str | None = None) -> Path:  # fmt: skip
+    """Write ``module`` (a :class:`~emu.diffusion.module.DiffusionModule`) as an export folder: its EMA weights when
+    ``ema`` and it has them (else the raw ones; ``config.json`` says which), and copies of its frozen models."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    use_ema = bool(ema and module.ema is not None)
+    modules = module.trained_modules()
+    if use_ema:  # on a copy: the module keeps its own weights
+        modules = {k: copy.deepcopy(v) for k, v in modules.items()}
+        module.ema.copy_to(modules)
+    state = {}
+    for name, sub in modules.items():
+        state.update({TRAINED_PREFIXES[name] + k: v.detach().cpu().contiguous() for k, v in sub.state_dict().items()})
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "emu_kind": "diffusion"})
+
+    hp = json.loads(json.dumps(dict(module.hparams), default=list))  # plain JSON (tuples -> lists)
+    module.autoencoder.save_pretrained(folder / "autoencoder")
+    hp["autoencoder"] = "autoencoder"
+    for name, encoder in module.conditioner.encoders.items():
+        target = folder / "text_encoders" / name
+        encoder.model.save_pretrained(target)
+        encoder.tokenizer.save_pretrained(target)
+        hp["text"]["encoders"][name]["name_or_path"] = f"text_encoders/{name}"
+    config = {"_class_name": CLASS_NAME, "weights": "ema" if use_ema else "raw", "step": step,
+              "resolution": module.train_resolution, "data": module.trained_on, "source": source,
+              "hyper_parameters": hp}  # fmt: skip
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_export_config(folder: str | Path) -> dict[str, Any]:
+    """The config of an export folder, with the frozen models' paths made absolute; a clear error for anything else."""
+    folder = Path(folder).expanduser()
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"'{folder}' is not an exported emu diffusion model (needs {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}; write one with `python -m emu.export safetensors CKPT`)")  # fmt: skip
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("_class_name") != CLASS_NAME:
+        kind = config.get("_class_name") or ("diffusers" if "_diffusers_version" in config else "unknown")
+        raise ValueError(f"'{folder}' holds a {kind} model, not an exported emu diffusion model")
+    hp = config["hyper_parameters"]
+
+    def resolve(p: str) -> str:
+        return str(folder / p) if not Path(p).is_absolute() and (folder / p).exists() else p
+
+    hp["autoencoder"] = resolve(hp["autoencoder"])
+    for enc in hp["text"]["encoders"].values():
+        enc["name_or_path"] = resolve(enc["name_or_path"])
+    return config
+
+
+def load_export_weights(module, folder: str | Path) -> None:
+    """Load an export's trained weights into ``module`` (strict per part: a missing or extra key is an error)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_NAME
+    with safe_open(str(path), "pt") as f:
+        kind = (f.metadata() or {}).get("emu_kind")
+    if kind != "diffusion":
+        raise ValueError(f"'{path}' holds a {kind or 'foreign'} model, not an emu diffusion model")
+    state = load_file(str(path))
+    for name, sub in module.trained_modules().items():
+        prefix = TRAINED_PREFIXES[name]
+        sub.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    unknown = [k for k in state if not k.startswith(tuple(TRAINED_PREFIXES.values()))]
+    if unknown:
+        raise ValueError(f"'{path}' has weights of no part of the model: {unknown[:3]}")

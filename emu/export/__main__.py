@@ -1,0 +1,98 @@
+"""Export a trained model: ``python -m emu.export {safetensors,diffusers} CKPT [OUT]``.
+
+* ``safetensors CKPT [OUT]``: a stage-1/2 checkpoint as a self-contained folder of safetensors + JSON (the trained
+  weights, the frozen autoencoder and text encoders, the hyper-parameters) that ``sample.py`` and ``eval.py`` take in
+  place of the checkpoint; a stage-0 autoencoder checkpoint as its ``model.safetensors`` + ``config.json``.
+* ``diffusers CKPT OUT``: a stage-1/2 checkpoint (or a safetensors export of one) as a folder that
+  ``diffusers.DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`` loads and runs.
+
+Both write a model card (README.md). EMA weights unless ``--raw``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from emu.autoencoder.module import load_autoencoder
+from emu.diffusion.export import is_export, save_export
+from emu.diffusion.module import load_for_sampling
+from emu.export.card import model_card
+from emu.export.diffusers import SCHEDULERS, export_diffusers
+from emu.utils.checkpoint_header import header
+
+
+def checkpoint_kind(path: Path) -> str:
+    """``diffusion`` or ``autoencoder`` (a checkpoint or an export folder); a clear error for anything else."""
+    if path.is_dir():
+        if is_export(path):
+            return "diffusion"
+        raise ValueError(f"'{path}' is a folder but not an emu export (no config.json naming an emu diffusion model)")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at '{path}'")
+    try:  # our own checkpoint format; loading the header needs the pickle, so only checkpoints emu wrote
+        kind = header(torch.load(path, map_location="cpu", weights_only=False, mmap=True)).get("kind")
+    except Exception as e:
+        raise ValueError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if kind not in ("diffusion", "autoencoder"):
+        raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint; export takes stage-0/1/2 checkpoints")
+    return kind
+
+
+def export_safetensors(ckpt: Path, out: Path | None, ema: bool, metrics: str | None) -> Path:
+    kind = checkpoint_kind(ckpt)
+    out = out or ckpt.with_name(f"{ckpt.stem}-safetensors")
+    if kind == "autoencoder":
+        folder = load_autoencoder(ckpt).save_pretrained(out)
+        print(f"wrote the autoencoder as {folder / 'model.safetensors'} + config.json")
+        return folder
+    module = load_for_sampling(ckpt, ema=False)  # save_export picks the EMA weights itself
+    weights = "ema" if ema and module.ema is not None else "raw"
+    folder = save_export(module, out, ema=ema, step=module.trained_steps, source=str(ckpt))
+    (folder / "README.md").write_text(model_card(module, str(ckpt), "safetensors", weights, metrics))
+    print(f"wrote {weights.upper()} weights, the frozen models and a model card to {folder}")
+    return folder
+
+
+def export_to_diffusers(ckpt: Path, out: Path, ema: bool, sampler: str, metrics: str | None) -> Path:
+    if checkpoint_kind(ckpt) != "diffusion":
+        raise ValueError(f"'{ckpt}' is an autoencoder checkpoint; the diffusers export takes stage-1/2 models")
+    module = load_for_sampling(ckpt, ema=ema)
+    weights = module.exported_weights or ("ema" if ema and module.ema is not None else "raw")
+    folder = export_diffusers(module, out, sampler)
+    (folder / "README.md").write_text(model_card(module, str(ckpt), "diffusers", weights, metrics))
+    print(f"wrote a diffusers pipeline ({weights.upper()} weights, {sampler} scheduler) to {folder}; load it with "
+          f"DiffusionPipeline.from_pretrained('{folder}', trust_remote_code=True)")  # fmt: skip
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emu.export", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="format", required=True)
+    st = sub.add_parser("safetensors", help="a self-contained safetensors folder that sample.py and eval.py load")
+    st.add_argument("ckpt", type=Path)
+    st.add_argument("out", type=Path, nargs="?", help="default: <ckpt without .ckpt>-safetensors beside it")
+    df = sub.add_parser("diffusers", help="a folder DiffusionPipeline.from_pretrained loads")
+    df.add_argument("ckpt", type=Path, help="a stage-1/2 checkpoint or a safetensors export of one")
+    df.add_argument("out", type=Path)
+    df.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SCHEDULERS), help="the scheduler it ships with")
+    for p in (st, df):
+        p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+        p.add_argument("--metrics", help="an eval.py metrics.json to put into the model card")
+    args = parser.parse_args(argv)
+    try:
+        if args.format == "safetensors":
+            export_safetensors(args.ckpt.expanduser(), args.out, not args.raw, args.metrics)
+        else:
+            export_to_diffusers(args.ckpt.expanduser(), args.out, not args.raw, args.sampler, args.metrics)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The model card (README.md) an export writes: what the model is, how it was trained, on what, how it scored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_METRICS = 40
+
+
+def run_config(ckpt: str | Path) -> dict[str, Any] | None:
+    """The Hydra config of the run that wrote a checkpoint (``<run>/.hydra/config.yaml`` beside ``<run>/checkpoints``),
+    or None when the checkpoint travelled without its run folder."""
+    path = Path(ckpt).expanduser().resolve()
+    for folder in (path.parent.parent, path.parent):
+        cfg = folder / ".hydra" / "config.yaml"
+        if cfg.is_file():
+            return yaml.safe_load(cfg.read_text())
+    return None
+
+
+def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of an ``eval.py`` metrics.json, flattened to ``a/b/c`` keys (configs and lists left out)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key in ("config", "grids"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[name] = float(value)
+        elif isinstance(value, dict):
+            out.update(flat_metrics(value, f"{name}/"))
+    return out
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | Path | None = None) -> str:
+    """README.md for an export of ``module`` (a DiffusionModule) made from ``source`` in format ``fmt``
+    (``diffusers`` or ``safetensors``) with ``weights`` (``ema`` / ``raw``)."""
+    hp = module.hparams
+    stage = f"stage 2 (quality-tuned from `{hp.init_from}`)" if hp.init_from else "stage 1 (pre-trained)"
+    encoders = ", ".join(f"{n} (`{e.name_or_path}`, {e.kind}, {e.max_length} tokens)"
+                         for n, e in module.conditioner.encoders.items())  # fmt: skip
+    ae = module.autoencoder.config
+    unet = module.unet.config
+    schedule = dict(hp.noise_schedule or {})
+    lines = [
+        "---",
+        f"library_name: {'diffusers' if fmt == 'diffusers' else 'emu'}",
+        "pipeline_tag: text-to-image",
+        "tags: [text-to-image, latent-diffusion, emu]",
+        "license: # left to you: the licenses of the training data and of the text encoders apply",
+        "---",
+        "",
+        "# Text-to-image latent diffusion model trained with emu",
+        "",
+        f"Exported by `python -m emu.export {fmt}` from `{source}` ({weights.upper()} weights).",
+        "",
+        "## Model",
+        "",
+        f"* **Stage**: {stage}; {module.trained_steps if module.trained_steps is not None else 'unknown'} "
+        f"optimizer steps at {module.train_resolution or 'unknown'} px.",
+        f"* **U-Net**: {_params(module.unet) / 1e6:.1f}M parameters, widths {unet['block_channels']}, attention depth "
+        f"{unet['transformer_depth']}, context {unet['context_dim']}, pooled text embedding "
+        f"{unet['pooled_dim'] or 'none'}.",
+        f"* **Text encoders** (frozen): {encoders}; uncond: {hp.text.get('uncond', 'empty')}.",
+        f"* **Autoencoder** (frozen): {ae['latent_channels']} latent channels, f={module.autoencoder.downsample_factor}"
+        f", Fourier features {ae['fourier_frequencies'] or 'none'}, patch shortcut {ae['patch_shortcut']}; latents "
+        f"normalised per {'channel' if hp.latent_scaling == 'channel' else 'model (one scale)'}.",
+        f"* **Diffusion**: {hp.parameterization}-prediction, scaled-linear schedule of {schedule.get('steps', 1000)} "
+        f"steps ({schedule.get('beta_start', 0.00085)} to {schedule.get('beta_end', 0.012)}, zero terminal SNR "
+        f"{schedule.get('zero_terminal_snr', False)}), {hp.weighting} loss weighting, noise offset {hp.noise_offset}.",
+        f"* **Optimisation**: AdamW lr {hp.lr}, {hp.lr_schedule} after {hp.warmup_steps} warm-up steps, EMA half-life "
+        f"{hp.ema_half_life_images} images.",
+        "",
+        "## Training data",
+        "",
+    ]
+    cfg = run_config(source) if Path(source).suffix == ".ckpt" else None
+    if module.trained_on:
+        lines += ["As recorded in the checkpoint:", "", "```yaml",
+                  yaml.safe_dump(module.trained_on, sort_keys=False).strip(), "```"]  # fmt: skip
+    if cfg and cfg.get("data"):
+        lines += ["", f"The run `{cfg.get('task_name', '?')}`'s data config:", "", "```yaml",
+                  yaml.safe_dump(cfg["data"], sort_keys=False).strip(), "```"]  # fmt: skip
+    if not module.trained_on and not (cfg and cfg.get("data")):
+        lines += ["Not recorded with this checkpoint (written before checkpoints described their data, and its run "
+                  "folder's `.hydra/config.yaml` was not found)."]  # fmt: skip
+    lines += ["", "## Evaluation", ""]
+    if metrics_path is not None:
+        numbers = flat_metrics(json.loads(Path(metrics_path).read_text()))
+        lines += [f"From `{metrics_path}` (`eval.py`):", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in list(numbers.items())[:MAX_METRICS]]
+        if len(numbers) > MAX_METRICS:
+            lines.append(f"| ... | {len(numbers) - MAX_METRICS} more in the metrics file |")
+    else:
+        lines += ["None given (`--metrics` takes an `eval.py` metrics.json)."]
+    lines += ["", "## Use", ""]
+    if fmt == "diffusers":
+        lines += ["```python", "from diffusers import DiffusionPipeline", "",
+                  'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
+                  'image = pipe("a red circle on a black background", negative_prompt="", num_inference_steps=25,',
+                  "             guidance_scale=5.0).images[0]", "```"]  # fmt: skip
+    else:
+        lines += ["```bash", 'python sample.py ckpt=path/to/this/folder prompt="a red circle on a black background"',
+                  "python eval.py a=path/to/this/folder b=path/to/another", "```"]  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Code shipped inside exported diffusers folders: it imports only torch, diffusers and transformers."""

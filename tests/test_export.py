@@ -1,0 +1,157 @@
+"""Exports: the safetensors folder round-trips bit-exactly and loads in sample.py / eval.py; the diffusers pipeline
+makes sample.py's images; wrong inputs get clear errors; the model card says what the model is."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from emu.autoencoder.model import AutoencoderKL
+from emu.diffusion.export import read_export_config
+from emu.diffusion.module import load_for_sampling
+from emu.diffusion.pipeline import SamplingSettings
+from emu.evaluation.items import item_kind
+from emu.export.__main__ import main as export_main
+from emu.export.diffusers import load_pipeline
+from tests.conftest import ROOT
+
+PROMPTS = ["a large red circle in the center on a black background", "a small blue star at the top"]
+SEEDS = [0, 1]
+# measured on CPU, images in [-1, 1]: Euler 8e-5 max; DPM++ 2M 0.037 max / 0.0018 mean, because diffusers rounds its
+# Karras timesteps to integers and starts from unit-variance noise in its VP space
+TOLERANCE = {"euler": (1e-3, 1e-4), "dpmpp_2m": (0.08, 0.006)}  # (max, mean) absolute difference
+
+
+@pytest.fixture(scope="module")
+def fourier_autoencoder(tmp_path_factory):
+    """The miniature's kind of autoencoder (Fourier features, patch shortcut, latent statistics), random."""
+    torch.manual_seed(1)
+    ae = AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                       fourier_frequencies=(64.0, 128.0), patch_shortcut=True)  # fmt: skip
+    ae.set_latent_statistics(torch.randn(16) * 0.1, torch.rand(16) + 0.5)
+    return ae.save_pretrained(tmp_path_factory.mktemp("fourier_ae"))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_stage1_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert export_main(["safetensors", str(tiny_stage1_checkpoint), str(out)]) == 0
+    return out
+
+
+def test_safetensors_export_round_trips_bit_exactly(tiny_stage1_checkpoint, exported, tmp_path):
+    ckpt = torch.load(tiny_stage1_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = load_file(str(exported / "model.safetensors"))
+    ema = {k.replace("ema.shadow.text_proj.", "conditioner.proj.").replace("ema.shadow.", ""): v
+           for k, v in ckpt.items() if k.startswith("ema.shadow.")}  # fmt: skip
+    assert set(weights) == set(ema) and all(torch.equal(weights[k], ema[k]) for k in ema)
+    config = json.loads((exported / "config.json").read_text())
+    assert config["weights"] == "ema" and config["step"] == 1 and config["resolution"] == 64
+    assert {p.name for p in (exported / "text_encoders").iterdir()} == {"clip", "t5"}
+    assert (exported / "autoencoder" / "model.safetensors").is_file() and (exported / "README.md").is_file()
+
+    raw = tmp_path / "raw"
+    assert export_main(["safetensors", str(tiny_stage1_checkpoint), str(raw), "--raw"]) == 0
+    raw_weights = load_file(str(raw / "model.safetensors"))
+    assert all(torch.equal(raw_weights[k], ckpt[k]) for k in raw_weights)
+    assert json.loads((raw / "config.json").read_text())["weights"] == "raw"
+
+    # loading: the same weights, the same images, no pickle; a copied folder still loads (paths are relative)
+    from_ckpt, from_folder = load_for_sampling(tiny_stage1_checkpoint), load_for_sampling(exported)
+    ckpt_state, folder_state = from_ckpt.state_dict(), from_folder.state_dict()
+    assert set(folder_state) == {k for k in ckpt_state if not k.startswith("ema.")}  # one set of weights
+    assert all(torch.equal(v, ckpt_state[k]) for k, v in folder_state.items())
+    settings = SamplingSettings(steps=2, guidance=3.0)
+    # equal weights; the images agree to ~2e-5, not bit for bit, because the frozen CLIP the checkpoint refers to sits
+    # at 64-byte-unaligned addresses (memory-mapped from its file) and its re-saved copy does not: the CPU kernels
+    # take another vector path and the unconditional pooled embedding differs in the last bit
+    a, b = from_ckpt.sample(PROMPTS, SEEDS, settings), from_folder.sample(PROMPTS, SEEDS, settings)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="EMA weights only"):
+        load_for_sampling(exported, ema=False)
+    assert item_kind(exported) == "diffusion"
+
+
+def test_sample_py_takes_the_export_folder(exported, tmp_path):
+    import sample
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={exported}", f"prompt={PROMPTS[0]}", "sampling.steps=2",
+                                           f"out={tmp_path}", f"paths.output_dir={tmp_path}"])  # fmt: skip
+    sample.run(cfg)
+    row = json.loads((tmp_path / "metadata.jsonl").read_text().splitlines()[0])
+    assert row["ckpt"] == str(exported.resolve()) and (tmp_path / row["file"]).is_file()
+
+
+def test_wrong_inputs_get_clear_errors(tiny_autoencoder, tiny_stage1_checkpoint, tmp_path, capsys):
+    # an autoencoder export has a config.json and a model.safetensors too: it must not pass for a diffusion model
+    with pytest.raises(ValueError, match="not an exported emu diffusion model"):
+        read_export_config(tiny_autoencoder)
+    assert export_main(["diffusers", str(tiny_autoencoder), str(tmp_path / "x")]) == 2
+    assert "not an emu export" in capsys.readouterr().err
+    not_ckpt = tmp_path / "notes.ckpt"
+    not_ckpt.write_text("hello")
+    assert export_main(["safetensors", str(not_ckpt)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not an exported emu diffusers pipeline"):
+        load_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_diffusers_pipeline_makes_sample_py_images(sampler, tiny_stage1_checkpoint, fourier_autoencoder, tmp_path):
+    pytest.importorskip("diffusers")
+    ours = load_for_sampling(tiny_stage1_checkpoint, autoencoder=str(fourier_autoencoder))
+    out = tmp_path / "pipe"
+    from emu.export.diffusers import export_diffusers
+
+    export_diffusers(ours, out, sampler=sampler)
+    pipe = load_pipeline(out)
+
+    def theirs(**kw):
+        gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+        return pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="pt",
+                    **kw).images * 2 - 1  # fmt: skip
+
+    def close(a, b):
+        diff = (a - b).abs()
+        limit_max, limit_mean = TOLERANCE[sampler]
+        assert diff.max() < limit_max and diff.mean() < limit_mean, (diff.max(), diff.mean())
+
+    settings = SamplingSettings(sampler=sampler, steps=4, guidance=3.0)
+    close(theirs(), ours.sample(PROMPTS, SEEDS, settings))
+    negative = "a large green square on a white background"
+    close(theirs(negative_prompt=negative), ours.sample(PROMPTS, SEEDS, SamplingSettings(
+        sampler=sampler, steps=4, guidance=3.0, negative_prompt=negative)))  # fmt: skip
+    close(theirs(height=32, width=48), ours.sample(PROMPTS, SEEDS, SamplingSettings(
+        sampler=sampler, steps=4, guidance=3.0, height=32, width=48)))  # fmt: skip
+    if sampler == "euler":
+        assert torch.equal(theirs(negative_prompt=""), theirs())  # an empty negative prompt is none
+        # the autoencoder's encoder side (Fourier features, patch path) too
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.vae.encode(x).latent_dist.mean, ours.autoencoder.encode(x).mode(),
+                                       atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_model_card(exported, tiny_stage1_checkpoint, tmp_path):
+    card = (exported / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: emu") and "license: #" in card
+    assert "stage 1 (pre-trained)" in card and "1 optimizer steps at 64 px" in card
+    assert "None given" in card  # no metrics asked for
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"clip_score": {"a": 0.31}, "n": 8, "config": {"x": 1}}))
+    out = tmp_path / "with_metrics"
+    assert export_main(["safetensors", str(tiny_stage1_checkpoint), str(out), "--metrics", str(metrics)]) == 0
+    card = (out / "README.md").read_text()
+    assert "| clip_score/a | 0.31 |" in card and "| n | 8 |" in card and "| config" not in card
+    assert "source: HaystackSource" in card and "n_train: 8" in card  # the data the checkpoint says it trained on
+
+    # the diffusers export of a safetensors export: its card, and a pipeline that loads
+    pipe_dir = tmp_path / "pipe"
+    assert export_main(["diffusers", str(exported), str(pipe_dir), "--sampler", "euler"]) == 0
+    card = (pipe_dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers") and "trust_remote_code=True" in card
+    assert "(EMA weights)" in card and "1 optimizer steps" in card
+    assert type(load_pipeline(pipe_dir).scheduler).__name__ == "EulerDiscreteScheduler"
