@@ -47,9 +47,12 @@ def _grid_guidance(cfg: DictConfig) -> list[float]:
     scales = cfg.get("grid_guidance")
     if scales is None:
         return []
-    scales = [float(g) for g in (scales if OmegaConf.is_list(scales) or isinstance(scales, list) else [scales])]
+    try:
+        scales = [float(g) for g in (scales if OmegaConf.is_list(scales) or isinstance(scales, list) else [scales])]
+    except (TypeError, ValueError):
+        scales = None
     if not scales or any(not 0 <= g <= 50 for g in scales):
-        raise ConfigError("grid_guidance", f"must be a list of guidance scales in [0, 50], got {scales}")
+        raise ConfigError("grid_guidance", f"must be a list of guidance scales in [0, 50], got {cfg.grid_guidance}")
     return scales
 
 
@@ -61,8 +64,11 @@ def run(cfg: DictConfig) -> Path:
     overrides = {"autoencoder": cfg.autoencoder} if cfg.autoencoder else {}
     try:
         module = load_for_sampling(cfg.ckpt, device, ema=sampling.ema, **overrides)
+    except ConfigError:
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError("ckpt", str(e)) from e
+    sampling = replace(sampling, ema=module.sampled_weights == "ema")  # what was used (an export holds one set)
     side = int(sampling.resolution or module.train_resolution or 64)
     height, width = sampling.image_size(side, module.resolution_multiple, module.downsampling)
 

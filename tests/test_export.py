@@ -85,6 +85,35 @@ def test_sample_py_takes_the_export_folder(exported, tmp_path):
     assert row["ckpt"] == str(exported.resolve()) and (tmp_path / row["file"]).is_file()
 
 
+def test_re_export_of_an_export_and_what_it_refuses(exported, tmp_path, capsys):
+    again = tmp_path / "again"
+    assert export_main(["safetensors", str(exported), str(again)]) == 0  # an export of an export keeps its label
+    assert json.loads((again / "config.json").read_text())["weights"] == "ema"
+    assert load_file(str(again / "model.safetensors")).keys() == load_file(str(exported / "model.safetensors")).keys()
+    assert export_main(["safetensors", str(exported), str(tmp_path / "raw"), "--raw"]) == 2
+    assert "EMA weights only" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert export_main(["safetensors", str(exported), str(tmp_path / "m"), "--metrics", str(bad)]) == 2
+    assert "not an eval.py metrics.json" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    import shutil
+
+    shutil.rmtree(again / "text_encoders" / "t5")  # a partial copy: the missing frozen model is named
+    with pytest.raises(FileNotFoundError, match="lacks 'text_encoders/t5'"):
+        load_for_sampling(again)
+
+
+def test_shipped_code_needs_only_torch_diffusers_and_transformers():
+    import ast
+
+    allowed = {"__future__", "math", "typing", "torch", "diffusers", "transformers"}
+    for path in (ROOT / "emu/export/hub").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert {n.split(".")[0] for n in names} <= allowed, (path.name, names)
+
+
 def test_wrong_inputs_get_clear_errors(tiny_autoencoder, tiny_stage1_checkpoint, tmp_path, capsys):
     # an autoencoder export has a config.json and a model.safetensors too: it must not pass for a diffusion model
     with pytest.raises(ValueError, match="not an exported emu diffusion model"):
@@ -103,6 +132,9 @@ def test_wrong_inputs_get_clear_errors(tiny_autoencoder, tiny_stage1_checkpoint,
 def test_diffusers_pipeline_makes_sample_py_images(sampler, tiny_stage1_checkpoint, fourier_autoencoder, tmp_path):
     pytest.importorskip("diffusers")
     ours = load_for_sampling(tiny_stage1_checkpoint, autoencoder=str(fourier_autoencoder))
+    if sampler == "euler":  # the strict case also takes the other unconditional embedding: zeros
+        text = {**ours.hparams.text, "uncond": "zeros"}
+        ours = load_for_sampling(tiny_stage1_checkpoint, autoencoder=str(fourier_autoencoder), text=text)
     out = tmp_path / "pipe"
     from emu.export.diffusers import export_diffusers
 
@@ -128,6 +160,10 @@ def test_diffusers_pipeline_makes_sample_py_images(sampler, tiny_stage1_checkpoi
         sampler=sampler, steps=4, guidance=3.0, height=32, width=48)))  # fmt: skip
     if sampler == "euler":
         assert torch.equal(theirs(negative_prompt=""), theirs())  # an empty negative prompt is none
+        interval = SamplingSettings(sampler=sampler, steps=4, guidance=3.0, guidance_interval=(0.5, 5.0))
+        close(theirs(guidance_interval=(0.5, 5.0)), ours.sample(PROMPTS, SEEDS, interval))
+        with pytest.raises(ValueError, match="positive multiples of 16"):
+            theirs(height=40)
         # the autoencoder's encoder side (Fourier features, patch path) too
         x = torch.rand(2, 3, 64, 64) * 2 - 1
         with torch.no_grad():

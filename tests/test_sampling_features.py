@@ -42,6 +42,21 @@ def test_negative_prompt_changes_the_images_and_an_empty_one_is_none(module):
     assert (mixed[1] - ref[1]).abs().mean() > 1e-3
 
 
+def test_with_zeros_as_the_unconditional_embedding_an_empty_negative_prompt_is_still_none(tiny_stage1_checkpoint,
+                                                                                        module):  # fmt: skip
+    text = {**module.hparams.text, "uncond": "zeros"}
+    zeros = load_for_sampling(tiny_stage1_checkpoint, text=text)
+    plain = _sample(zeros)
+    assert (plain - _sample(module)).abs().mean() > 1e-4  # zeros are not the empty prompt's embedding
+    assert torch.equal(_sample(zeros, negative_prompt=""), plain)
+    from emu.diffusion.pipeline import negative_conditioning
+
+    mixed = negative_conditioning(zeros.conditioner, ["", "a large green square"])
+    u = zeros.conditioner.unconditional_batch(2)
+    assert torch.equal(mixed.context[0], u.context[0]) and not torch.equal(mixed.context[1], u.context[1])
+    assert torch.equal(mixed.pooled[0], torch.zeros_like(mixed.pooled[0]))
+
+
 def test_non_square_sizes(module):
     images = _sample(module, width=48, height=32)
     assert images.shape == (2, 3, 32, 48) and torch.isfinite(images).all()

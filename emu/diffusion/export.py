@@ -36,15 +36,32 @@ def is_export(folder: str | Path) -> bool:
         return False
 
 
+def plain_json(value: Any, key: str = "hyper_parameters") -> Any:
+    """``value`` as plain JSON (paths as strings, tuples as lists); a ValueError names the first key that is not."""
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): plain_json(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_json(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"{key} is a {type(value).__name__}, which has no JSON form; the model cannot be exported")
+
+
 def save_export(module, folder: str | Path, ema: bool = True, step: int | None = None,
                 source: str | None = None) -> Path:  # fmt: skip
     """Write ``module`` (a :class:`~emu.diffusion.module.DiffusionModule`) as an export folder: its EMA weights when
-    ``ema`` and it has them (else the raw ones; ``config.json`` says which), and copies of its frozen models."""
+    ``ema`` and it has them (else the weights it holds; ``config.json`` says which), and copies of its frozen
+    models."""
     from safetensors.torch import save_file
 
+    hp = plain_json(dict(module.hparams))  # before anything is written: a model that cannot be described fails here
+    hp["val_prompts"], hp["val_seeds"] = list(module.val_prompts), list(module.val_seeds)  # not a file's path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     use_ema = bool(ema and module.ema is not None)
+    weights = "ema" if use_ema else (module.exported_weights or "raw")  # an export's own label carries over
     modules = module.trained_modules()
     if use_ema:  # on a copy: the module keeps its own weights
         modules = {k: copy.deepcopy(v) for k, v in modules.items()}
@@ -54,7 +71,6 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
         state.update({TRAINED_PREFIXES[name] + k: v.detach().cpu().contiguous() for k, v in sub.state_dict().items()})
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "emu_kind": "diffusion"})
 
-    hp = json.loads(json.dumps(dict(module.hparams), default=list))  # plain JSON (tuples -> lists)
     module.autoencoder.save_pretrained(folder / "autoencoder")
     hp["autoencoder"] = "autoencoder"
     for name, encoder in module.conditioner.encoders.items():
@@ -62,7 +78,7 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
         encoder.model.save_pretrained(target)
         encoder.tokenizer.save_pretrained(target)
         hp["text"]["encoders"][name]["name_or_path"] = f"text_encoders/{name}"
-    config = {"_class_name": CLASS_NAME, "weights": "ema" if use_ema else "raw", "step": step,
+    config = {"_class_name": CLASS_NAME, "weights": weights, "step": step,
               "resolution": module.train_resolution, "data": module.trained_on, "source": source,
               "hyper_parameters": hp}  # fmt: skip
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -75,14 +91,24 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"'{folder}' is not an exported emu diffusion model (needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME}; write one with `python -m emu.export safetensors CKPT`)")  # fmt: skip
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    if config.get("_class_name") != CLASS_NAME:
-        kind = config.get("_class_name") or ("diffusers" if "_diffusers_version" in config else "unknown")
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{folder / CONFIG_NAME}' is not JSON ({e.msg})") from e
+    if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
+        kind = config.get("_class_name") if isinstance(config, dict) else None
+        kind = kind or ("diffusers" if isinstance(config, dict) and "_diffusers_version" in config else "unknown")
         raise ValueError(f"'{folder}' holds a {kind} model, not an exported emu diffusion model")
+    if not isinstance(config.get("hyper_parameters"), dict) or config.get("weights") not in ("ema", "raw"):
+        raise ValueError(f"'{folder / CONFIG_NAME}' lacks the hyper-parameters or the weights' kind: not an export")
     hp = config["hyper_parameters"]
 
     def resolve(p: str) -> str:
-        return str(folder / p) if not Path(p).is_absolute() and (folder / p).exists() else p
+        if Path(p).is_absolute():
+            return p
+        if not (folder / p).exists():
+            raise FileNotFoundError(f"the export '{folder}' lacks '{p}', a frozen model it needs (copy whole folders)")
+        return str(folder / p)
 
     hp["autoencoder"] = resolve(hp["autoencoder"])
     for enc in hp["text"]["encoders"].values():
@@ -96,14 +122,21 @@ def load_export_weights(module, folder: str | Path) -> None:
     from safetensors.torch import load_file
 
     path = Path(folder) / WEIGHTS_NAME
-    with safe_open(str(path), "pt") as f:
-        kind = (f.metadata() or {}).get("emu_kind")
+    try:
+        with safe_open(str(path), "pt") as f:
+            kind = (f.metadata() or {}).get("emu_kind")
+        state = load_file(str(path))
+    except Exception as e:  # truncated or not a safetensors file
+        raise ValueError(f"'{path}' is not a readable safetensors file ({type(e).__name__}: {e})") from e
     if kind != "diffusion":
         raise ValueError(f"'{path}' holds a {kind or 'foreign'} model, not an emu diffusion model")
-    state = load_file(str(path))
     for name, sub in module.trained_modules().items():
         prefix = TRAINED_PREFIXES[name]
-        sub.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        try:
+            sub.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as e:
+            raise ValueError(f"'{path}' does not fit the model its config.json describes ({name}): "
+                             f"{str(e).splitlines()[0]}") from e  # fmt: skip
     unknown = [k for k in state if not k.startswith(tuple(TRAINED_PREFIXES.values()))]
     if unknown:
         raise ValueError(f"'{path}' has weights of no part of the model: {unknown[:3]}")

@@ -151,6 +151,7 @@ class DiffusionModule(L.LightningModule):
         self.trained_steps: int | None = None  # set when loaded (load_diffusion)
         self.exported_weights: str | None = None  # "ema" / "raw" when loaded from an export folder
         self.trained_on: dict[str, Any] | None = None  # the data's description, when loaded (model cards)
+        self.sampled_weights: str | None = None  # "ema" / "raw": what load_for_sampling put in place
         if init_from:
             self.initialise_from(init_from)
 
@@ -394,7 +395,9 @@ def _load_export(folder: Path, map_location: str | torch.device = "cpu", **overr
     config = read_export_config(folder)
     hp = {**config["hyper_parameters"], **overrides, "init_from": None, "ema_half_life_images": 0}  # one weight set
     module = DiffusionModule(**hp)
-    module.hparams["init_from"] = config["hyper_parameters"].get("init_from")  # a record of stage 2's start only
+    for key in ("init_from", "ema_half_life_images"):  # records of how it was trained (not used to load it)
+        if key in config["hyper_parameters"]:
+            module.hparams[key] = config["hyper_parameters"][key]
     load_export_weights(module, folder)
     module.train_resolution, module.trained_steps = config.get("resolution"), config.get("step")
     module.trained_on = config.get("data")
@@ -407,8 +410,9 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", ema:
     false or it has none). What ``sample.py`` and ``eval.py`` generate with."""
     module = load_diffusion(path, map_location="cpu", **overrides).to(device).eval()
     if not ema and module.exported_weights == "ema":
-        raise ValueError(f"'{path}' holds the EMA weights only; export the raw ones with "
-                         "`python -m emu.export safetensors CKPT OUT --raw` to sample them")  # fmt: skip
+        raise ConfigError("sampling.ema", f"is false but '{path}' holds the EMA weights only; export the raw ones "
+                          "with `python -m emu.export safetensors CKPT OUT --raw` to sample them")  # fmt: skip
     if ema and module.ema is not None:
         module.ema.copy_to(module.trained_modules())
+    module.sampled_weights = module.exported_weights or ("ema" if ema and module.ema is not None else "raw")
     return module

@@ -68,6 +68,7 @@ def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], se
                              sampling: SamplingSettings, device: torch.device) -> Generated:  # fmt: skip
     """Images of a stage-1/2 checkpoint with ``sampling`` (EMA weights unless ``sampling.ema`` is false)."""
     module = load_for_sampling(path, device, ema=sampling.ema)
+    sampling = replace(sampling, ema=module.sampled_weights == "ema")  # what was used (an export holds one set)
     res = int(sampling.resolution or module.train_resolution or 64)
     height, width = sampling.image_size(res, module.resolution_multiple, module.downsampling)
     autocast = torch.bfloat16 if device.type == "cuda" else None

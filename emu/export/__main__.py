@@ -6,12 +6,13 @@
 * ``diffusers CKPT OUT``: a stage-1/2 checkpoint (or a safetensors export of one) as a folder that
   ``diffusers.DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`` loads and runs.
 
-Both write a model card (README.md). EMA weights unless ``--raw``.
+The stage-1/2 exports write a model card (README.md). EMA weights unless ``--raw``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.export import is_export, save_export
-from emu.diffusion.module import load_for_sampling
+from emu.diffusion.module import load_diffusion, load_for_sampling
 from emu.export.card import model_card
 from emu.export.diffusers import SCHEDULERS, export_diffusers
 from emu.utils.checkpoint_header import header
@@ -42,6 +43,16 @@ def checkpoint_kind(path: Path) -> str:
     return kind
 
 
+def check_metrics(path: Path) -> None:
+    """An ``eval.py`` metrics.json: a readable JSON object."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--metrics '{path}' is not a readable JSON file ({e})") from e
+    if not isinstance(metrics, dict):
+        raise ValueError(f"--metrics '{path}' is not an eval.py metrics.json (a JSON object)")
+
+
 def export_safetensors(ckpt: Path, out: Path | None, ema: bool, metrics: str | None) -> Path:
     kind = checkpoint_kind(ckpt)
     out = out or ckpt.with_name(f"{ckpt.stem}-safetensors")
@@ -49,9 +60,11 @@ def export_safetensors(ckpt: Path, out: Path | None, ema: bool, metrics: str | N
         folder = load_autoencoder(ckpt).save_pretrained(out)
         print(f"wrote the autoencoder as {folder / 'model.safetensors'} + config.json")
         return folder
-    module = load_for_sampling(ckpt, ema=False)  # save_export picks the EMA weights itself
-    weights = "ema" if ema and module.ema is not None else "raw"
+    module = load_diffusion(ckpt)  # the EMA kept apart: save_export picks the weights itself
+    if not ema and module.exported_weights == "ema":
+        raise ValueError(f"'{ckpt}' holds the EMA weights only; --raw needs the training checkpoint")
     folder = save_export(module, out, ema=ema, step=module.trained_steps, source=str(ckpt))
+    weights = json.loads((folder / "config.json").read_text())["weights"]
     (folder / "README.md").write_text(model_card(module, str(ckpt), "safetensors", weights, metrics))
     print(f"wrote {weights.upper()} weights, the frozen models and a model card to {folder}")
     return folder
@@ -61,7 +74,7 @@ def export_to_diffusers(ckpt: Path, out: Path, ema: bool, sampler: str, metrics:
     if checkpoint_kind(ckpt) != "diffusion":
         raise ValueError(f"'{ckpt}' is an autoencoder checkpoint; the diffusers export takes stage-1/2 models")
     module = load_for_sampling(ckpt, ema=ema)
-    weights = module.exported_weights or ("ema" if ema and module.ema is not None else "raw")
+    weights = module.sampled_weights
     folder = export_diffusers(module, out, sampler)
     (folder / "README.md").write_text(model_card(module, str(ckpt), "diffusers", weights, metrics))
     print(f"wrote a diffusers pipeline ({weights.upper()} weights, {sampler} scheduler) to {folder}; load it with "
@@ -83,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
         p.add_argument("--metrics", help="an eval.py metrics.json to put into the model card")
     args = parser.parse_args(argv)
+    ckpt = args.ckpt.expanduser().resolve()
     try:
+        if args.metrics is not None:  # checked before anything is written
+            check_metrics(Path(args.metrics))
         if args.format == "safetensors":
-            export_safetensors(args.ckpt.expanduser(), args.out, not args.raw, args.metrics)
+            export_safetensors(ckpt, args.out, not args.raw, args.metrics)
         else:
-            export_to_diffusers(args.ckpt.expanduser(), args.out, not args.raw, args.sampler, args.metrics)
+            export_to_diffusers(ckpt, args.out, not args.raw, args.sampler, args.metrics)
     except (FileNotFoundError, ValueError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2

@@ -92,17 +92,16 @@ def export_text_projection(conditioner, folder: Path):
 
 def export_diffusers(module, folder: str | Path, sampler: str = "dpmpp_2m") -> Path:
     """Write ``module`` (a :class:`~emu.diffusion.module.DiffusionModule` with the weights to export in place, e.g.
-    from ``load_for_sampling``) as a diffusers pipeline folder."""
+    from ``load_for_sampling``) as a diffusers pipeline folder, in float32 (the text encoders as they are)."""
     import diffusers
     import transformers
 
     check_exportable(module)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    module = module.to("cpu").float()
     index = {"_class_name": [Path(PIPELINE_FILE).stem, "EmuPipeline"], "_diffusers_version": diffusers.__version__}
 
-    unet = unet_to_diffusers(module.unet)
+    unet = unet_to_diffusers(module.unet).float()  # copies: the caller's module stays where and as it is
     unet.save_pretrained(folder / "unet")
     index["unet"] = ["diffusers", type(unet).__name__]
     export_vae(module.autoencoder, folder / "vae")

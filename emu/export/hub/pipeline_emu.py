@@ -10,9 +10,9 @@ Components: ``unet`` (diffusers' ``UNet2DConditionModel``), ``vae`` (``EmuAutoen
 emu's Fourier features, patch path and per-channel latent statistics), ``text_encoder`` / ``tokenizer`` and
 ``text_encoder_2`` / ``tokenizer_2`` (the frozen CLIP and T5, in the conditioner's order), ``text_projection``
 (``EmuTextProjection``: the conditioner's trained projections) and ``scheduler`` (the training schedule; any diffusers
-scheduler of the same schedule can replace it). What differs from diffusers' own pipelines: the text conditioning
-(projected tokens of every encoder concatenated, with their attention mask, and CLIP's pooled embedding added to the
-time embedding) and the latents' per-channel normalisation.
+scheduler of the same schedule can replace it, one with ``sigmas`` for ``guidance_interval``). What differs from
+diffusers' own pipelines: the text conditioning (projected tokens of every encoder concatenated, with their attention
+mask, and CLIP's pooled embedding added to the time embedding) and the latents' per-channel normalisation.
 """
 
 from __future__ import annotations
@@ -123,17 +123,27 @@ class EmuPipeline(DiffusionPipeline):
         ``(lo, hi]`` (the conditional prediction elsewhere); ``guidance_rescale`` follows diffusers (on the guided
         model output). One generator per image (a list) gives each image its own noise, as emu's ``sample.py``."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if guidance_interval is not None:
+            if not 0 <= guidance_interval[0] < guidance_interval[1]:
+                raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi), 0 <= lo < hi: {guidance_interval}")
+            if getattr(self.scheduler, "sigmas", None) is None:
+                name = type(self.scheduler).__name__
+                raise ValueError(f"guidance_interval is in sigma and {name} has no sigmas: use the shipped DPM-Solver "
+                                 "or Euler scheduler")  # fmt: skip
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         side = self.config.sample_size or 64
         height, width = height or side, width or side
         f_vae = 2 ** (len(self.vae.config.block_out_channels) - 1)
         f = f_vae * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height} x {width}")
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height} x {width}")
         device = self._execution_device
         (ctx, mask, pooled), (u_ctx, u_mask, u_pooled) = self.encode_prompt(prompts, negatives, device)
         dtype = self.unet.dtype
@@ -147,8 +157,8 @@ class EmuPipeline(DiffusionPipeline):
                 None if pooled is None else torch.cat([u_pooled, pooled]).to(dtype))  # fmt: skip
         single = (ctx.to(dtype), mask.float(), None if pooled is None else pooled.to(dtype))
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            sigma = float(self.scheduler.sigmas[i])
-            inside = guidance_interval is None or guidance_interval[0] < sigma <= guidance_interval[1]
+            lo, hi = guidance_interval or (None, None)
+            inside = guidance_interval is None or lo < float(self.scheduler.sigmas[i]) <= hi
             guided = guidance_scale != 1.0 and inside
             x = torch.cat([latents, latents]) if guided else latents
             x = self.scheduler.scale_model_input(x, t)
