@@ -12,7 +12,7 @@ from PIL import Image
 
 from emu.curation.stages import FunnelContext
 from emu.utils.files import atomic_write_text
-from emu.utils.images import image_grid, to_uint8
+from emu.utils.images import image_grid, to_pil, to_uint8
 
 
 def _images(ctx: FunnelContext, keys: set[str], desc: str) -> dict[str, torch.Tensor]:
@@ -23,11 +23,18 @@ def _images(ctx: FunnelContext, keys: set[str], desc: str) -> dict[str, torch.Te
 
 
 def contact_sheets(ctx: FunnelContext, keys: list[str], folder: Path, task: str, per_sheet: int = 64) -> None:
-    """Numbered sheets of the candidates and ``sheets.md`` mapping numbers to keys (for real annotators); ``task``
-    says what to do with them."""
+    """Numbered sheets of the candidates and ``sheets.md`` mapping numbers to keys (for real annotators; ``task``
+    says what to do with them), and each candidate as ``candidates/<n>.png`` with ``candidates.jsonl`` (key, file):
+    what the annotation app (``python -m emu.annotate``) shows."""
     if (folder / "sheets.md").is_file():
         return
     images = _images(ctx, set(keys), "contact sheets")
+    (folder / "candidates").mkdir(exist_ok=True)
+    index = []
+    for i, k in enumerate(k for k in keys if k in images):
+        to_pil(images[k]).save(folder / "candidates" / f"c{i:06d}.png")
+        index.append(json.dumps({"key": k, "file": f"c{i:06d}.png"}))
+    atomic_write_text(folder / "candidates.jsonl", "\n".join(index) + "\n")
     lines = ["# Candidates", "", f"{len(keys)} images; {task}", ""]
     for s in range(0, len(keys), per_sheet):
         chunk = [k for k in keys[s : s + per_sheet] if k in images]

@@ -7,9 +7,9 @@ text faithfulness (prompt shown). A vote is one JSONL row::
      "left": "a" | "b", "time": "2026-12-02T13:40:00Z", "check": null | "repeat" | "broken", "expect": null | "a" | "b"}
 
 ``left`` records the randomisation (which model was shown on the left), so a vote is turned into a model-level outcome
-here, never by the annotation tool. ``check`` marks attention checks: ``repeat`` (a pair shown again, sides swapped;
-its vote should agree with the first) and ``broken`` (one image deliberately broken; ``expect`` is the other model).
-Checks are left out of the win rates and counted per rater.
+here, never by the annotation tool. ``check`` marks attention checks: ``repeat`` (a pair shown again, sides swapped,
+``of`` naming the original when its id differs; its vote should agree with the first) and ``broken`` (one image
+deliberately broken; ``expect`` is the other model). Checks are left out of the win rates and counted per rater.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def rater_stats(votes: Sequence[dict], question: str, majorities: dict[str, int]
             s["checks_failed"] += int(o != (1 if v["expect"] == "a" else -1))
         elif v.get("check") == "repeat":
             s["checks"] += 1
-            s["checks_failed"] += int((v["rater"], v["pair"]) in first and first[(v["rater"], v["pair"])] != o)
+            original = (v["rater"], v.get("of", v["pair"]))  # the pair it repeats (an app's repeat has its own id)
+            s["checks_failed"] += int(original in first and first[original] != o)
         else:
             s["votes"] += 1
             s["agree"] += int(majorities.get(v["pair"]) == o)
@@ -160,3 +161,8 @@ def human_win_rates(votes: Sequence[dict], question: str, **kw) -> dict[str, Any
             "votes_per_pair": {str(k): v for k, v in sorted(per_pair.items())},
             "alpha": krippendorff_alpha([outcome(v) for v in vs] for vs in groups.values()),
             "raters": rater_stats(votes, question, majorities)}  # fmt: skip
+
+
+def human_results(votes: Sequence[dict], **kw) -> dict[str, Any]:
+    """:func:`human_win_rates` for every question that has votes."""
+    return {q: human_win_rates(votes, q, **kw) for q in QUESTIONS if by_pair(votes, q)}

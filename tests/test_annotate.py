@@ -1,0 +1,170 @@
+"""The annotation app end to end in-process: tasks, votes that survive a restart, refusals with 4xx, the token, the
+quota and attention checks, and the labels curate.py imports."""
+
+import json
+
+import pytest
+import torch
+
+from emu.annotate.__main__ import main as annotate_main
+from emu.annotate.tasks import make_ab_task, make_curation_task
+from emu.curation.human import combine, read_labels
+from emu.utils.sample_folder import write_sample_folder
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from emu.annotate.app import create_app  # noqa: E402
+
+PROMPTS = [f"a large red circle number {i}" for i in range(6)]
+
+
+@pytest.fixture
+def ab_task(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        images = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+        write_sample_folder(tmp_path / name, images, PROMPTS, list(range(6)), guidance=2.0)
+    return make_ab_task(tmp_path / "a", tmp_path / "b", tmp_path / "task", raters_per_pair=2, repeat_checks=1,
+                        broken_checks=1)  # fmt: skip
+
+
+@pytest.fixture
+def curation_task(tmp_path):
+    folder = tmp_path / "human" / "generalist"
+    (folder / "candidates").mkdir(parents=True)
+    rows = []
+    for i in range(4):
+        write = torch.rand(1, 3, 16, 16) * 2 - 1
+        write_sample_folder(tmp_path / "tmp", write, ["x"], [0])
+        (tmp_path / "tmp" / "00000.png").rename(folder / "candidates" / f"c{i:06d}.png")
+        rows.append(json.dumps({"key": f"shard/{i}", "file": f"c{i:06d}.png"}))
+    (folder / "candidates.jsonl").write_text("\n".join(rows) + "\n")
+    return make_curation_task(folder)
+
+
+def vote(client, rater, choice="left"):
+    """Answer whatever the server shows ``rater`` next, as the page does."""
+    item = client.get("/api/next", params={"rater": rater}).json()["item"]
+    r = client.post("/api/answer", json={"rater": rater, "pair": item["id"], "left": item["left"], "choice": choice})
+    return item, r
+
+
+def test_votes_survive_a_restart_and_every_pair_gets_its_quota(ab_task):
+    client = TestClient(create_app(ab_task))
+    assert "Pairwise evaluation: appeal" in client.get("/").text
+    page = client.get("/rate", params={"rater": "ana"}).text
+    assert "0 of 8" not in page and "ana" in page and "prompt" in page
+    first, r = vote(client, "ana")
+    assert r.status_code == 200 and r.json()["progress"] == {"done": 1, "total": 8}
+    assert client.get(f"/images/{first['left_image']}").status_code == 200
+    # a new server on the same folder (a restart) has the vote and continues
+    client = TestClient(create_app(ab_task))
+    assert client.get("/api/next", params={"rater": "ana"}).json()["progress"]["done"] == 1
+    rows = [json.loads(x) for x in (ab_task / "votes.jsonl").read_text().splitlines()]
+    assert rows[0]["rater"] == "ana" and rows[0]["left"] == first["left"] and rows[0]["question"] == "appeal"
+    # three raters, two per pair: once ana and bo have done everything, cy only gets the attention checks
+    for rater in ("ana", "bo"):
+        while client.get("/api/next", params={"rater": rater}).json()["item"]:
+            assert vote(client, rater)[1].status_code == 200
+    seen = []
+    while (item := client.get("/api/next", params={"rater": "cy"}).json()["item"]) is not None:
+        seen.append(item["id"])
+        vote(client, "cy", "tie")
+    assert sorted(seen) == ["broken0"]  # the repeat check waits for its original, which cy never saw
+    rows = [json.loads(x) for x in (ab_task / "votes.jsonl").read_text().splitlines()]
+    counted = [r["pair"] for r in rows if not r["check"]]
+    assert all(counted.count(p) == 2 for p in set(counted)) and len(set(counted)) == 6
+
+
+def test_bad_requests_get_4xx_and_write_nothing(ab_task):
+    client = TestClient(create_app(ab_task))
+    item, _ = vote(client, "ana")
+    again = client.post(
+        "/api/answer", json={"rater": "ana", "pair": item["id"], "left": item["left"], "choice": "left"}
+    )
+    assert again.status_code == 409  # a duplicate
+    item = client.get("/api/next", params={"rater": "ana"}).json()["item"]
+    wrong_side = "b" if item["left"] == "a" else "a"
+    for body, status in [
+        ({"rater": "ana", "pair": item["id"], "left": item["left"], "choice": "maybe"}, 400),
+        ({"rater": "ana", "pair": item["id"], "left": wrong_side, "choice": "left"}, 400),
+        ({"rater": "ana", "pair": "p99999", "left": "a", "choice": "left"}, 400),
+        ({"rater": "../../etc", "pair": item["id"], "left": item["left"], "choice": "left"}, 400),
+        ({"rater": "", "pair": item["id"], "left": item["left"], "choice": "left"}, 400),
+        ([1, 2], 400),
+    ]:
+        assert client.post("/api/answer", json=body).status_code == status, body
+    assert (
+        client.post("/api/answer", content=b"{not json", headers={"content-type": "application/json"}).status_code
+        == 400
+    )
+    assert client.post("/api/answer", content=b"x" * 20000).status_code == 413
+    for path in ("/images/..%2Ftask.json", "/images/../task.json", "/images/%2e%2e%2fvotes.jsonl", "/images/nope.png"):
+        assert client.get(path).status_code == 404, path
+    assert client.get("/rate", params={"rater": "a b"}).status_code == 400
+    assert len((ab_task / "votes.jsonl").read_text().splitlines()) == 1  # only the first vote
+
+
+def test_a_token_is_required_when_given(ab_task):
+    client = TestClient(create_app(ab_task, token="s3cret"))
+    assert client.get("/").status_code == 401 and client.get("/api/next", params={"rater": "ana"}).status_code == 401
+    assert client.get("/", params={"token": "wrong"}).status_code == 401
+    assert client.get("/", params={"token": "s3cret"}).status_code == 200
+    item = client.get("/api/next", params={"rater": "ana", "token": "s3cret"}).json()["item"]
+    body = {"rater": "ana", "pair": item["id"], "left": item["left"], "choice": "left"}
+    assert client.post("/api/answer", json=body).status_code == 401
+    assert client.post("/api/answer", json=body, headers={"X-Emu-Token": "s3cret"}).status_code == 200
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_vote_starts_a_fresh_line(ab_task):
+    client = TestClient(create_app(ab_task))
+    vote(client, "ana")
+    with (ab_task / "votes.jsonl").open("a") as f:
+        f.write('{"pair": "p00001", "rat')  # a crash in the middle of a write
+    client = TestClient(create_app(ab_task))
+    assert vote(client, "bo")[1].status_code == 200
+    lines = (ab_task / "votes.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["rater"] == "bo"
+
+
+def test_results_from_unanimous_raters(ab_task, capsys):
+    client = TestClient(create_app(ab_task))
+    for rater in ("ana", "bo"):  # both always prefer model A, wherever it is shown
+        while (item := client.get("/api/next", params={"rater": rater}).json()["item"]) is not None:
+            expected_a = "a" if not item["id"].startswith("broken") else json.loads(
+                (ab_task / "task.json").read_text())["checks"][-1]["expect"]  # fmt: skip
+            choice = "left" if item["left"] == expected_a else "right"
+            client.post(
+                "/api/answer", json={"rater": rater, "pair": item["id"], "left": item["left"], "choice": choice}
+            )
+    assert annotate_main(["results", str(ab_task)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    appeal = out["appeal"]
+    assert appeal["win"] == 1.0 and appeal["pairs"] == 6 and appeal["votes_per_pair"] == {"2": 6}
+    assert appeal["raters"]["ana"]["checks"] == 2 and appeal["raters"]["ana"]["checks_failed"] == 0
+
+
+def test_curation_labels_are_what_curate_py_imports(curation_task):
+    client = TestClient(create_app(curation_task))
+    assert "Curation pass: generalist" in client.get("/").text
+    page = client.get("/rate", params={"rater": "ana"})
+    assert page.status_code == 200 and "Composition" in page.text
+    for rater, keep in (("ana", True), ("bo", False), ("cy", True)):
+        while (item := client.get("/api/next", params={"rater": rater}).json()["item"]) is not None:
+            body = {"rater": rater, "key": item["id"], "keep": keep, "composition": True, "lighting": keep,
+                    "color_contrast": True, "subject_background": True, "subjective": keep}  # fmt: skip
+            assert client.post("/api/answer", json=body).status_code == 200
+    bad = {"rater": "dee", "key": "shard/0", "keep": "yes"}
+    assert client.post("/api/answer", json=bad).status_code == 400
+    rows, problems = read_labels(curation_task / "labels.jsonl", {f"shard/{i}" for i in range(4)}, "stop")
+    assert not problems and len(rows) == 12 and all(combine(rows, "majority").values())
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert annotate_main(["curation-task", str(tmp_path)]) == 2
+    assert "no candidates.jsonl" in capsys.readouterr().err
+    assert annotate_main(["serve", str(tmp_path)]) == 2
+    assert "not an annotation task" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    assert annotate_main(["ab-task", str(tmp_path / "a"), str(tmp_path / "a"), str(tmp_path / "t")]) == 2
