@@ -168,3 +168,23 @@ def test_cli_errors(tmp_path, capsys):
     assert "not an annotation task" in capsys.readouterr().err
     (tmp_path / "a").mkdir()
     assert annotate_main(["ab-task", str(tmp_path / "a"), str(tmp_path / "a"), str(tmp_path / "t")]) == 2
+
+
+def test_eval_reads_the_votes(ab_task):
+    from emu.evaluation.report import human_lines
+    from emu.evaluation.run import human_votes_metrics
+
+    client = TestClient(create_app(ab_task))
+    for rater in ("ana", "bo"):
+        while client.get("/api/next", params={"rater": rater}).json()["item"] is not None:
+            vote(client, rater, "right")  # whichever model is on the right
+    h = human_votes_metrics(ab_task, n_boot=200)
+    appeal = h["questions"]["appeal"]
+    assert appeal["pairs"] == 6 and abs(appeal["win"] + appeal["loss"] + appeal["tie"] - 1) < 1e-9
+    assert appeal["raters"]["ana"]["left_rate"] == 0.0  # position bias, visible per rater
+    text = "\n".join(human_lines(h))
+    assert "## Human raters: a (A) vs b (B)" in text and "| ana | 6 |" in text and "Krippendorff" in text
+    with pytest.raises(ValueError, match="not an A/B task folder"):
+        human_votes_metrics(ab_task / "images", 10)
+    with pytest.raises(ValueError, match="no votes at"):
+        human_votes_metrics(ab_task / "missing.jsonl", 10)

@@ -57,6 +57,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             lines.append(f"| {key} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | {r['tie_band']} | {format_win_rate(r)} |")
         lines += ["", paper.headline(), ""]
     lines += headroom_lines(metrics.get("headroom"), models)
+    lines += human_lines(metrics.get("human"))
     judge = metrics.get("judge_accuracy")
     if judge:
         lines += ["## How far to trust the judge (held-out haystack images)", ""]
@@ -115,3 +116,22 @@ def _frechet_cell(entry: Any) -> Any:
     if isinstance(entry, dict):
         return entry["value"]
     return None if entry is None else "skipped (see warnings)"
+
+
+def human_lines(h: dict[str, Any] | None) -> list[str]:
+    """Human A/B votes (``eval.py human_votes=``): majority per pair, intervals, agreement, per-rater statistics."""
+    if not h:
+        return []
+    names = h.get("names", {"a": "A", "b": "B"})
+    lines = [f"## Human raters: {names['a']} (A) vs {names['b']} (B), from {h['source']}", ""]
+    for problem in h.get("problems", [])[:5]:
+        lines.append(f"- skipped: {problem}")
+    for q, r in h["questions"].items():
+        lines += ["", f"**{q}**: {format_win_rate(r)}; {r['pairs']} pairs, {r['votes']} votes (per pair: "
+                  f"{r['votes_per_pair']}), Krippendorff's alpha {r['alpha']:.2f}; majority of the raters per pair.",
+                  "", "| rater | votes | agrees with the majority | ties | picks left | checks failed |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, s in r["raters"].items():
+            lines.append(f"| {name} | {s['votes']} | {_fmt(s['agreement'], 2)} | {_fmt(s['tie_rate'], 2)} | "
+                         f"{_fmt(s['left_rate'], 2)} | {s['checks_failed']} of {s['checks']} |")  # fmt: skip
+    return [*lines, ""]

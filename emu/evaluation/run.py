@@ -19,7 +19,7 @@ from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
 from emu.evaluation import fid as fidlib
-from emu.evaluation import items, metrics, pictures, references, report
+from emu.evaluation import human_votes, items, metrics, pictures, references, report
 from emu.evaluation.headroom import judge_headroom
 from emu.evaluation.prompt_following import clip_accuracy
 from emu.evaluation.reconstruction import BASELINES, haystack_images, reconstruction_metrics
@@ -201,6 +201,25 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def human_votes_metrics(path: Path, n_boot: int) -> dict[str, Any]:
+    """Win rates from the votes of an A/B task folder (``python -m emu.annotate``) or a votes JSONL file."""
+    path = path.expanduser()
+    names = {"a": "A", "b": "B"}
+    if path.is_dir():
+        task_file = path / "task.json"
+        if not task_file.is_file():
+            raise ConfigError("human_votes", f"'{path}' is not an A/B task folder (no task.json)")
+        task = json.loads(task_file.read_text())
+        names, path = task.get("names", names), path / task.get("answers", "votes.jsonl")
+    if not path.is_file():
+        raise ConfigError("human_votes", f"no votes at '{path}'")
+    votes, problems = human_votes.read_votes(path)
+    questions = human_votes.human_results(votes, n_boot=n_boot)
+    if not questions:
+        raise ConfigError("human_votes", f"'{path}' has no valid votes ({len(problems)} bad rows)")
+    return {"source": str(path), "names": names, "problems": problems, "questions": questions}
+
+
 def run(cfg: DictConfig) -> Path:
     """``eval.py``'s whole job for a composed config: evaluate ``a`` (and ``b``), write the outputs to ``cfg.out``."""
     check_required(cfg)
@@ -220,6 +239,8 @@ def run(cfg: DictConfig) -> Path:
         result = evaluate_autoencoders(cfg, paths, names, exs, notes)
     else:
         result = evaluate_models(cfg, sampling, list(zip(paths, kinds, names)), exs, skipped, notes)
+    if cfg.get("human_votes"):
+        result.metrics["human"] = human_votes_metrics(Path(str(cfg.human_votes)), int(cfg.bootstrap))
     result.metrics["warnings"] = notes
     write_outputs(out, result, cfg)
     print((out / "report.md").read_text())
