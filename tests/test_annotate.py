@@ -188,3 +188,44 @@ def test_eval_reads_the_votes(ab_task):
         human_votes_metrics(ab_task / "images", 10)
     with pytest.raises(ValueError, match="no votes at"):
         human_votes_metrics(ab_task / "missing.jsonl", 10)
+
+
+def test_preference_and_aesthetic_judges_load_by_path(tiny_clip, tmp_path):
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from transformers import CLIPModel, CLIPProcessor
+
+    from emu.text.aesthetic import AestheticHead
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=["a=x", "judge=pickscore", f"judge.path={tiny_clip}"])
+    judge = instantiate(cfg.judge)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    images = pixels.float() / 127.5 - 1
+    prompts = ["a large red circle in the center", "a small blue star at the top", "a green square"]
+    scores = judge.score(images, prompts)
+    # PickScore's own recipe with transformers' processor gives the same numbers
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    pil = [np.asarray(p.permute(1, 2, 0)) for p in pixels]
+    inputs = processor(images=pil, text=prompts, padding="max_length", truncation=True, max_length=16,
+                       return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    img, txt = (getattr(t, "pooler_output", t) for t in (img, txt))
+    expected = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(img, txt)
+    torch.testing.assert_close(scores["appeal"], expected, atol=1e-4, rtol=1e-4)
+    assert scores["faithfulness"].shape == (3,) and (scores["faithfulness"] >= 0).all()
+    from emu.evaluation.judges import PreferenceJudge
+
+    with pytest.raises(ValueError, match="not a CLIPModel folder"):
+        PreferenceJudge(tmp_path)
+    # the LAION-layout aesthetic head on the same CLIP
+    head = tmp_path / "head.safetensors"
+    AestheticHead(24).save(head)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=["a=x", "judge=aesthetic", f"judge.clip={tiny_clip}", f"judge.head={head}"])
+    appeal = instantiate(cfg.judge).score(images, prompts)["appeal"]
+    assert appeal.shape == (3,) and torch.isfinite(appeal).all()

@@ -28,6 +28,8 @@ from torch import nn
 
 from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, make_sample, parse_caption
 from emu.data.samples import SamplePreparer
+from emu.errors import ConfigError
+from emu.text.clip import ClipEmbedder
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_cosine
 
@@ -253,3 +255,25 @@ def judge_accuracy(judge: PixelJudge, n: int = 1024, seed: int = 2, start: int =
     out["faithfulness_own_captions"] = float(faithfulness(pred, captions).mean())
     out["faithfulness_shuffled_captions"] = float(faithfulness(pred, shuffled).mean())
     return out
+
+
+class PreferenceJudge:
+    """A CLIP-based human-preference model in PickScore's format (a transformers ``CLIPModel`` folder with its
+    tokenizer and ``preprocessor_config.json``; Kirstain et al. 2023), loaded by local path: ``appeal`` is PickScore's
+    score, ``logit_scale.exp() * cos(image, prompt)`` (a preference given the prompt: it cannot hide the prompt, as the
+    paper's appeal raters did); ``faithfulness`` is the same model's CLIP score, ``100 * max(cos, 0)``. Any object
+    with this ``score`` works as ``judge=`` in ``eval.py`` and in checkpoint selection."""
+
+    name = "preference model (PickScore format)"
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError("judge.path", f"'{path}' is not a CLIPModel folder (no config.json): nothing is fetched")
+        self.clip = ClipEmbedder(path, device=device)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        cos = (self.clip.embed_images(images) * self.clip.embed_texts(list(prompts))).sum(-1)
+        scale = self.clip.model.logit_scale.exp().float().cpu()
+        return {"appeal": scale * cos, "faithfulness": 100 * cos.clamp(min=0)}
