@@ -229,3 +229,20 @@ def test_preference_and_aesthetic_judges_load_by_path(tiny_clip, tmp_path):
         cfg = compose("eval", overrides=["a=x", "judge=aesthetic", f"judge.clip={tiny_clip}", f"judge.head={head}"])
     appeal = instantiate(cfg.judge).score(images, prompts)["appeal"]
     assert appeal.shape == (3,) and torch.isfinite(appeal).all()
+
+
+def test_simulated_raters_vote_through_the_apps_store(ab_task, tmp_path, capsys):
+    task = json.loads((ab_task / "task.json").read_text())
+    scores = tmp_path / "scores.jsonl"
+    rows = [{"prompt": p["prompt"], "seed": p["seed"], "a": {"appeal": 5.0 + i % 2}, "b": {"appeal": 3.0}}
+            for i, p in enumerate(task["pairs"])]  # fmt: skip
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert annotate_main(["simulate", str(ab_task), "--scores", str(scores), "--raters", "3", "--noise", "0.1"]) == 0
+    assert annotate_main(["results", str(ab_task), "--out", str(tmp_path / "results.json")]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["appeal"]
+    assert results["win"] == 1.0 and results["pairs"] == 6 and results["votes_per_pair"] == {"2": 6}  # the quota
+    assert sum(s["checks_failed"] for s in results["raters"].values()) == 0
+    votes = [json.loads(x) for x in (ab_task / "votes.jsonl").read_text().splitlines()]
+    assert all(v["simulated"] for v in votes) and {v["left"] for v in votes} == {"a", "b"}  # sides were randomised
+    # a server started on the same task sees the simulated votes as answers
+    assert TestClient(create_app(ab_task)).get("/api/progress").json()["answers"] == len(votes)

@@ -393,10 +393,32 @@ SIMULATED = """## What is simulated and what is real
 """
 
 
+def section_human_ab(out: Path) -> list[str]:
+    """The evaluation's pairs as an A/B task of the annotation app, answered by simulated raters."""
+    results = _load(out / "human_ab" / "results.json")
+    lines = ["## The same pairs in the annotation app, simulated raters", ""]
+    if not results or "appeal" not in results:
+        return lines + _missing("human_ab")
+    r = results["appeal"]
+    failed = sum(s["checks_failed"] for s in r["raters"].values())
+    checks = sum(s["checks"] for s in r["raters"].values())
+    per_pair = max(map(int, r["votes_per_pair"]))
+    text = (
+        f"`python -m emu.annotate ab-task` made an appeal task of the evaluation's image pairs (sides randomised per "
+        f"rater and pair, prompt hidden); {len(r['raters'])} simulated raters (the judge's appeal plus their own "
+        "noise, `python -m emu.annotate simulate`) answered it through the app's vote store, and the votes were read "
+        f"back as real ones are (`python -m emu.annotate results`, `eval.py human_votes=`): **{results['names']['a']} "
+        f"vs {results['names']['b']}, majority of {per_pair} per pair: {format_win_rate(r)}**; Krippendorff's alpha "
+        f"{r['alpha']:.2f}; attention checks failed {failed} of {checks}. The paper's: win {PAPER_WIN:.1%}, loss "
+        f"{PAPER_LOSS:.1%}. [votes]({_link(out, out / 'human_ab' / 'votes.jsonl')})"
+    )
+    return [*lines, text, ""]
+
+
 def write_report(out: Path, scale: dict[str, Any], state: dict[str, Any], stages: list[Stage]) -> Path:
     targets = Targets()
     body = section_autoencoder(out, targets) + section_curation(out, targets) + section_quality_tuning(out, targets)
-    body += section_ablations(out, targets)
+    body += section_human_ab(out) + section_ablations(out, targets)
     total = sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
     lines = [
         "# Emu in miniature: the whole recipe on a CPU",

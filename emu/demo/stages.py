@@ -86,6 +86,8 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         f"--n {scale.get('aesthetic_images', 5000)} --epochs {scale.get('aesthetic_epochs', 60)}"
     )
     evaluation = eval_args(scale, "{out}/stage2/checkpoints/select/best.ckpt", "quality_tuned", "{out}/eval")
+    ab_task = ("-m emu.annotate ab-task {out}/eval/samples_quality_tuned {out}/eval/samples_pretrained {out}/human_ab "
+               "--question appeal --name-a quality_tuned --name-b pretrained")  # fmt: skip
     return [
         Stage("haystack", "haystack corpus", [
             _step("haystack", f"{haystack} --workers {scale.get('workers', 2)}", "haystack/haystack.json", hydra=False),
@@ -111,6 +113,14 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
             _train("stage2", "mini/stage2_quality_tune", "stage2/checkpoints/select/selection.json"),
         ]),
         Stage("eval", "evaluation", [_step("eval", evaluation, "eval/metrics.json", run_dir="eval")]),
+        # the same comparison as an A/B task of the annotation app, answered by simulated raters (the judge + noise)
+        Stage("human_ab", "A/B task, simulated raters", [
+            _step("ab_task", ab_task, "human_ab/task.json", hydra=False),
+            _step("ab_votes", "-m emu.annotate simulate {out}/human_ab --scores {out}/eval/scores.jsonl",
+                  "human_ab/votes.jsonl", hydra=False),
+            _step("ab_results", "-m emu.annotate results {out}/human_ab --out {out}/human_ab/results.json",
+                  "human_ab/results.json", hydra=False),
+        ]),
     ]  # fmt: skip
 
 
