@@ -175,12 +175,11 @@ class HumanStage:
         if self.labels:
             rows, self.problems = read_labels(self.labels, set(survivors), self.on_bad_row)
             write_labels(rows, path)
-        elif self.annotators:
-            if path.is_file():
-                rows = [json.loads(line) for line in path.read_text().splitlines()]
-            else:
-                rows = [a.label(k, ctx.index[k].get("hidden", {})) for k in survivors for a in self.annotators]
-                write_labels(rows, path)
+        elif self.annotators:  # written, then read back as a real labels file is (the same import path)
+            if not path.is_file():
+                write_labels([a.label(k, ctx.index[k].get("hidden", {})) for k in survivors for a in self.annotators],
+                             path)  # fmt: skip
+            rows, self.problems = read_labels(path, set(survivors), "stop")
         else:
             raise CurationError(f"stage {self.name!r} waits for annotators: candidates and labels_template.csv are in "
                                 f"{folder}; rerun with stages.{self.name}.labels=<your labels.csv>")  # fmt: skip
