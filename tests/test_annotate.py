@@ -100,6 +100,8 @@ def test_bad_requests_get_4xx_and_write_nothing(ab_task):
         == 400
     )
     assert client.post("/api/answer", content=b"x" * 20000).status_code == 413
+    chunked = client.post("/api/answer", content=iter([b"x" * 10000, b"x" * 10000]))  # no Content-Length
+    assert chunked.status_code == 413
     for path in ("/images/..%2Ftask.json", "/images/../task.json", "/images/%2e%2e%2fvotes.jsonl", "/images/nope.png"):
         assert client.get(path).status_code == 404, path
     assert client.get("/rate", params={"rater": "a b"}).status_code == 400

@@ -8,6 +8,7 @@ task's images. With a token (required when the server listens beyond localhost),
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from datetime import UTC, datetime
@@ -97,8 +98,11 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
 
     @app.post("/api/answer")
     async def answer(request: Request):
+        raw = await request.body()
+        if len(raw) > MAX_BODY:  # a body sent without a Content-Length (chunked) is measured here
+            raise HTTPException(413, f"request bodies are limited to {MAX_BODY} bytes")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             raise HTTPException(400, "the body must be JSON") from None
         if not isinstance(body, dict):
