@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emu.annotate.__main__ import main as annotate_main
-from emu.annotate.tasks import make_ab_task, make_curation_task
+from emu.annotate.tasks import left_side, make_ab_task, make_curation_task
 from emu.curation.human import combine, read_labels
 from emu.utils.sample_folder import write_sample_folder
 
@@ -17,6 +17,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 from emu.annotate.app import create_app  # noqa: E402
 
 PROMPTS = [f"a large red circle number {i}" for i in range(6)]
+
+
+def client(task, **kw) -> "TestClient":
+    """The app as a browser on this machine sees it (Host: 127.0.0.1)."""
+    return TestClient(create_app(task, **kw), base_url="http://127.0.0.1")
+
+
+def task_of(folder) -> dict:
+    return json.loads((folder / "task.json").read_text())
 
 
 @pytest.fixture
@@ -43,103 +52,122 @@ def curation_task(tmp_path):
     return make_curation_task(folder)
 
 
-def vote(client, rater, choice="left"):
+def vote(c, rater, choice="left"):
     """Answer whatever the server shows ``rater`` next, as the page does."""
-    item = client.get("/api/next", params={"rater": rater}).json()["item"]
-    r = client.post("/api/answer", json={"rater": rater, "pair": item["id"], "left": item["left"], "choice": choice})
-    return item, r
+    item = c.get("/api/next", params={"rater": rater}).json()["item"]
+    return item, c.post("/api/answer", json={"rater": rater, "pair": item["id"], "choice": choice})
 
 
 def test_votes_survive_a_restart_and_every_pair_gets_its_quota(ab_task):
-    client = TestClient(create_app(ab_task))
-    assert "Pairwise evaluation: appeal" in client.get("/").text
-    page = client.get("/rate", params={"rater": "ana"}).text
-    assert "0 of 8" not in page and "ana" in page and "prompt" in page
-    first, r = vote(client, "ana")
+    c, task = client(ab_task), task_of(ab_task)
+    assert "Pairwise evaluation: appeal" in c.get("/").text
+    page = c.get("/rate", params={"rater": "ana"}).text
+    assert "ana" in page and not any(p in page for p in PROMPTS)  # appeal: the prompt never reaches the page
+    first, r = vote(c, "ana")
     assert r.status_code == 200 and r.json()["progress"] == {"done": 1, "total": 8}
-    assert client.get(f"/images/{first['left_image']}").status_code == 200
+    assert c.get(f"/images/{first['left_image']}").status_code == 200
+    assert "left" not in first and first["id"] not in first["left_image"]  # nothing says which model is which
     # a new server on the same folder (a restart) has the vote and continues
-    client = TestClient(create_app(ab_task))
-    assert client.get("/api/next", params={"rater": "ana"}).json()["progress"]["done"] == 1
+    c = client(ab_task)
+    assert c.get("/api/next", params={"rater": "ana"}).json()["progress"]["done"] == 1
     rows = [json.loads(x) for x in (ab_task / "votes.jsonl").read_text().splitlines()]
-    assert rows[0]["rater"] == "ana" and rows[0]["left"] == first["left"] and rows[0]["question"] == "appeal"
+    shown_left = next(p for p in task["pairs"] + task["checks"] if p["pair"] == first["id"])
+    assert rows[0]["rater"] == "ana" and rows[0]["question"] == "appeal"
+    assert rows[0]["left"] == left_side(task, "ana", shown_left) and shown_left[rows[0]["left"]] == first["left_image"]
     # three raters, two per pair: once ana and bo have done everything, cy only gets the attention checks
     for rater in ("ana", "bo"):
-        while client.get("/api/next", params={"rater": rater}).json()["item"]:
-            assert vote(client, rater)[1].status_code == 200
+        while c.get("/api/next", params={"rater": rater}).json()["item"]:
+            assert vote(c, rater)[1].status_code == 200
     seen = []
-    while (item := client.get("/api/next", params={"rater": "cy"}).json()["item"]) is not None:
+    while (item := c.get("/api/next", params={"rater": "cy"}).json()["item"]) is not None:
         seen.append(item["id"])
-        vote(client, "cy", "tie")
-    assert sorted(seen) == ["broken0"]  # the repeat check waits for its original, which cy never saw
+        vote(c, "cy", "tie")
+    broken = [ch["pair"] for ch in task["checks"] if ch["check"] == "broken"]
+    assert seen == broken  # the repeat check waits for its original, which cy never saw
+    full_pair = task["pairs"][0]["pair"]  # a direct post past the quota: refused, with what is next
+    r = c.post("/api/answer", json={"rater": "dee", "pair": full_pair, "choice": "left"})
+    assert r.status_code == 409 and "all the answers" in r.json()["detail"]["message"] and "item" in r.json()["detail"]
     rows = [json.loads(x) for x in (ab_task / "votes.jsonl").read_text().splitlines()]
     counted = [r["pair"] for r in rows if not r["check"]]
     assert all(counted.count(p) == 2 for p in set(counted)) and len(set(counted)) == 6
 
 
-def test_bad_requests_get_4xx_and_write_nothing(ab_task):
-    client = TestClient(create_app(ab_task))
-    item, _ = vote(client, "ana")
-    again = client.post(
-        "/api/answer", json={"rater": "ana", "pair": item["id"], "left": item["left"], "choice": "left"}
-    )
-    assert again.status_code == 409  # a duplicate
-    item = client.get("/api/next", params={"rater": "ana"}).json()["item"]
-    wrong_side = "b" if item["left"] == "a" else "a"
+def test_repeat_checks_come_after_every_pair(ab_task):
+    c, task = client(ab_task), task_of(ab_task)
+    repeats = {ch["pair"] for ch in task["checks"] if ch["check"] == "repeat"}
+    order = []
+    while (item := c.get("/api/next", params={"rater": "ana"}).json()["item"]) is not None:
+        order.append(item["id"])
+        vote(c, "ana")
+    assert set(order[-len(repeats) :]) == repeats and len(order) == 8
+
+
+def test_bad_requests_get_4xx_and_write_nothing(ab_task, tmp_path):
+    c = client(ab_task)
+    item, _ = vote(c, "ana")
+    assert c.post("/api/answer", json={"rater": "ana", "pair": item["id"], "choice": "left"}).status_code == 409
+    item = c.get("/api/next", params={"rater": "ana"}).json()["item"]
     for body, status in [
-        ({"rater": "ana", "pair": item["id"], "left": item["left"], "choice": "maybe"}, 400),
-        ({"rater": "ana", "pair": item["id"], "left": wrong_side, "choice": "left"}, 400),
-        ({"rater": "ana", "pair": "p99999", "left": "a", "choice": "left"}, 400),
-        ({"rater": "../../etc", "pair": item["id"], "left": item["left"], "choice": "left"}, 400),
-        ({"rater": "", "pair": item["id"], "left": item["left"], "choice": "left"}, 400),
+        ({"rater": "ana", "pair": item["id"], "choice": "maybe"}, 400),
+        ({"rater": "ana", "pair": "p99999", "choice": "left"}, 400),
+        ({"rater": "ana", "pair": [item["id"]], "choice": "left"}, 400),
+        ({"rater": ["ana"], "pair": item["id"], "choice": "left"}, 400),
+        ({"rater": "../../etc", "pair": item["id"], "choice": "left"}, 400),
+        ({"rater": "ana\n", "pair": item["id"], "choice": "left"}, 400),
+        ({"rater": "", "pair": item["id"], "choice": "left"}, 400),
         ([1, 2], 400),
     ]:
-        assert client.post("/api/answer", json=body).status_code == status, body
-    assert (
-        client.post("/api/answer", content=b"{not json", headers={"content-type": "application/json"}).status_code
-        == 400
-    )
-    assert client.post("/api/answer", content=b"x" * 20000).status_code == 413
-    chunked = client.post("/api/answer", content=iter([b"x" * 10000, b"x" * 10000]))  # no Content-Length
+        assert c.post("/api/answer", json=body).status_code == status, body
+    headers = {"content-type": "application/json"}
+    assert c.post("/api/answer", content=b"{not json", headers=headers).status_code == 400
+    assert c.post("/api/answer", content=b"x" * 20000, headers=headers).status_code == 413
+    chunked = c.post("/api/answer", content=iter([b"x" * 10000, b"x" * 10000]), headers=headers)  # no Content-Length
     assert chunked.status_code == 413
-    for path in ("/images/..%2Ftask.json", "/images/../task.json", "/images/%2e%2e%2fvotes.jsonl", "/images/nope.png"):
-        assert client.get(path).status_code == 404, path
-    assert client.get("/rate", params={"rater": "a b"}).status_code == 400
+    text_plain = json.dumps({"rater": "ana", "pair": item["id"], "choice": "left"}).encode()
+    assert c.post("/api/answer", content=text_plain, headers={"content-type": "text/plain"}).status_code == 415
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not yours")
+    (ab_task / "images" / "link.png").symlink_to(secret)  # a link out of the image folder
+    for path in ("/images/..%2Ftask.json", "/images/../task.json", "/images/%2e%2e%2fvotes.jsonl", "/images/nope.png",
+                 "/images/link.png", "/images/%2e%2e", "/images/%00", "/images/" + "x" * 300):  # fmt: skip
+        assert c.get(path).status_code == 404, path
+    assert c.get("/rate", params={"rater": "a b"}).status_code == 400
     assert len((ab_task / "votes.jsonl").read_text().splitlines()) == 1  # only the first vote
 
 
-def test_a_token_is_required_when_given(ab_task):
-    client = TestClient(create_app(ab_task, token="s3cret"))
-    assert client.get("/").status_code == 401 and client.get("/api/next", params={"rater": "ana"}).status_code == 401
-    assert client.get("/", params={"token": "wrong"}).status_code == 401
-    assert client.get("/", params={"token": "s3cret"}).status_code == 200
-    item = client.get("/api/next", params={"rater": "ana", "token": "s3cret"}).json()["item"]
-    body = {"rater": "ana", "pair": item["id"], "left": item["left"], "choice": "left"}
-    assert client.post("/api/answer", json=body).status_code == 401
-    assert client.post("/api/answer", json=body, headers={"X-Emu-Token": "s3cret"}).status_code == 200
+def test_a_token_is_required_when_given_and_only_this_machine_is_served_without(ab_task):
+    c = client(ab_task, token="s3cret")
+    assert c.get("/").status_code == 401 and c.get("/api/next", params={"rater": "ana"}).status_code == 401
+    assert c.get("/", params={"token": "wrong"}).status_code == 401
+    assert c.get("/", params={"token": "s3cret"}).status_code == 200
+    item = c.get("/api/next", params={"rater": "ana", "token": "s3cret"}).json()["item"]
+    body = {"rater": "ana", "pair": item["id"], "choice": "left"}
+    assert c.post("/api/answer", json=body).status_code == 401
+    assert c.post("/api/answer", json=body, headers={"X-Emu-Token": "s3cret"}).status_code == 200
+    elsewhere = TestClient(create_app(ab_task), base_url="http://attacker.example")  # DNS rebinding
+    assert elsewhere.get("/api/next", params={"rater": "ana"}).status_code == 403
+    assert TestClient(create_app(ab_task), base_url="http://[::1]:8765").get("/").status_code == 200
 
 
 def test_a_torn_last_line_is_skipped_and_the_next_vote_starts_a_fresh_line(ab_task):
-    client = TestClient(create_app(ab_task))
-    vote(client, "ana")
+    c = client(ab_task)
+    vote(c, "ana")
     with (ab_task / "votes.jsonl").open("a") as f:
         f.write('{"pair": "p00001", "rat')  # a crash in the middle of a write
-    client = TestClient(create_app(ab_task))
-    assert vote(client, "bo")[1].status_code == 200
+    c = client(ab_task)
+    assert vote(c, "bo")[1].status_code == 200
     lines = (ab_task / "votes.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["rater"] == "bo"
 
 
 def test_results_from_unanimous_raters(ab_task, capsys):
-    client = TestClient(create_app(ab_task))
+    c, task = client(ab_task), task_of(ab_task)
     for rater in ("ana", "bo"):  # both always prefer model A, wherever it is shown
-        while (item := client.get("/api/next", params={"rater": rater}).json()["item"]) is not None:
-            expected_a = "a" if not item["id"].startswith("broken") else json.loads(
-                (ab_task / "task.json").read_text())["checks"][-1]["expect"]  # fmt: skip
-            choice = "left" if item["left"] == expected_a else "right"
-            client.post(
-                "/api/answer", json={"rater": rater, "pair": item["id"], "left": item["left"], "choice": choice}
-            )
+        while (item := c.get("/api/next", params={"rater": rater}).json()["item"]) is not None:
+            full = next(p for p in task["pairs"] + task["checks"] if p["pair"] == item["id"])
+            wanted = full.get("expect", "a")  # A, or the unbroken image
+            choice = "left" if left_side(task, rater, full) == wanted else "right"
+            assert c.post("/api/answer", json={"rater": rater, "pair": item["id"], "choice": choice}).status_code == 200
     assert annotate_main(["results", str(ab_task)]) == 0
     out = json.loads(capsys.readouterr().out)
     appeal = out["appeal"]
@@ -148,18 +176,18 @@ def test_results_from_unanimous_raters(ab_task, capsys):
 
 
 def test_curation_labels_are_what_curate_py_imports(curation_task):
-    client = TestClient(create_app(curation_task))
-    assert "Curation pass: generalist" in client.get("/").text
-    page = client.get("/rate", params={"rater": "ana"})
+    c = client(curation_task)
+    assert "Curation pass: generalist" in c.get("/").text
+    page = c.get("/rate", params={"rater": "ana"})
     assert page.status_code == 200 and "Composition" in page.text
     for rater, keep in (("ana", True), ("bo", False), ("cy", True)):
-        while (item := client.get("/api/next", params={"rater": rater}).json()["item"]) is not None:
+        while (item := c.get("/api/next", params={"rater": rater}).json()["item"]) is not None:
             body = {"rater": rater, "key": item["id"], "keep": keep, "composition": True, "lighting": keep,
                     "color_contrast": True, "subject_background": True, "subjective": keep}  # fmt: skip
-            assert client.post("/api/answer", json=body).status_code == 200
+            assert c.post("/api/answer", json=body).status_code == 200
     bad = {"rater": "dee", "key": "shard/0", "keep": "yes"}
-    assert client.post("/api/answer", json=bad).status_code == 400
-    rows, problems = read_labels(curation_task / "labels.jsonl", {f"shard/{i}" for i in range(4)}, "stop")
+    assert c.post("/api/answer", json=bad).status_code == 400
+    rows, problems = read_labels(curation_task / "app_labels.jsonl", {f"shard/{i}" for i in range(4)}, "stop")
     assert not problems and len(rows) == 12 and all(combine(rows, "majority").values())
 
 
@@ -176,10 +204,10 @@ def test_eval_reads_the_votes(ab_task):
     from emu.evaluation.report import human_lines
     from emu.evaluation.run import human_votes_metrics
 
-    client = TestClient(create_app(ab_task))
+    c = client(ab_task)
     for rater in ("ana", "bo"):
-        while client.get("/api/next", params={"rater": rater}).json()["item"] is not None:
-            vote(client, rater, "right")  # whichever model is on the right
+        while c.get("/api/next", params={"rater": rater}).json()["item"] is not None:
+            vote(c, rater, "right")  # whichever model is on the right
     h = human_votes_metrics(ab_task, n_boot=200)
     appeal = h["questions"]["appeal"]
     assert appeal["pairs"] == 6 and abs(appeal["win"] + appeal["loss"] + appeal["tie"] - 1) < 1e-9
@@ -247,4 +275,4 @@ def test_simulated_raters_vote_through_the_apps_store(ab_task, tmp_path, capsys)
     votes = [json.loads(x) for x in (ab_task / "votes.jsonl").read_text().splitlines()]
     assert all(v["simulated"] for v in votes) and {v["left"] for v in votes} == {"a", "b"}  # sides were randomised
     # a server started on the same task sees the simulated votes as answers
-    assert TestClient(create_app(ab_task)).get("/api/progress").json()["answers"] == len(votes)
+    assert client(ab_task).get("/api/progress").json()["answers"] == len(votes)

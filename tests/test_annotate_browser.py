@@ -104,7 +104,7 @@ def test_a_curation_pass_in_the_browser(curation_task, serve, browser, tmp_path)
         body.send_keys("1", "3", "k" if i < 3 else "r")
         _wait(lambda i=i: _progress(browser) == f"{i + 1} of 4")
     _wait(lambda: browser.find_element("id", "done").is_displayed())
-    rows = [json.loads(x) for x in (curation_task / "labels.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (curation_task / "app_labels.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {r["annotator"] for r in rows} == {"ana"}
     assert all(r["composition"] == 1 and r["color_contrast"] == 1 and r["lighting"] == 0 for r in rows)
     assert sorted(r["keep"] for r in rows) == [0, 1, 1, 1]

@@ -12,15 +12,17 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
-from emu.annotate.store import AnswerStore, DuplicateAnswer
-from emu.annotate.tasks import curation_key, left_side, load_task, next_item, progress, vote_key
+from emu.annotate.store import AnswerStore, DuplicateAnswer, QuotaFilled
+from emu.annotate.tasks import curation_key, full, left_side, load_task, next_item, progress, vote_key
 from emu.evaluation.human_votes import check_vote
 
 RATER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
@@ -32,16 +34,26 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _rater(name: str | None) -> str:
-    if not name or not RATER.match(name):
+def _rater(name: Any) -> str:
+    if not isinstance(name, str) or not RATER.fullmatch(name):
         raise HTTPException(
             400, "rater names are 1-40 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return name
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _hostname(host: str) -> str:
+    """``Host`` without its port (``[::1]:8765`` -> ``[::1]``)."""
+    return host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+
+
 def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
-    """The app for one task folder; ``token``: required on every request when given."""
+    """The app for one task folder; ``token``: required on every request when given. Without one, only requests
+    addressed to this machine (``Host: 127.0.0.1 / localhost / [::1]``) are served, so a web page elsewhere cannot
+    reach the app through DNS rebinding; answers must be ``application/json`` (a cross-site form cannot send that)."""
     folder = Path(task_dir).resolve()
     task = load_task(folder)
     key_of = curation_key if task["kind"] == "curation" else vote_key
@@ -56,6 +68,11 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
             given = request.query_params.get("token") or request.headers.get("x-emu-token") or ""
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"detail": "a valid token is required (?token=... or X-Emu-Token)"}, 401)
+        else:
+            if _hostname(request.headers.get("host", "")) not in LOCAL_HOSTS:
+                return JSONResponse({"detail": "without a token only this machine is served (Host: 127.0.0.1)"}, 403)
+        if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
+            return JSONResponse({"detail": "answers are posted as application/json"}, 415)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return JSONResponse({"detail": f"request bodies are limited to {MAX_BODY} bytes"}, 413)
@@ -67,9 +84,9 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
             return None
         if task["kind"] == "curation":
             return {"id": item["key"], "image": item["file"]}
-        left = left_side(task, rater, item)
+        left = left_side(task, rater, item)  # the sides stay on the server: the page never learns which model is which
         right = "b" if left == "a" else "a"
-        return {"id": item["pair"], "left": left, "left_image": item[left], "right_image": item[right],
+        return {"id": item["pair"], "left_image": item[left], "right_image": item[right],
                 "prompt": item["prompt"] if task["show_prompt"] else None}  # fmt: skip
 
     def state(rater: str) -> dict[str, Any]:
@@ -98,9 +115,11 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
 
     @app.post("/api/answer")
     async def answer(request: Request):
-        raw = await request.body()
-        if len(raw) > MAX_BODY:  # a body sent without a Content-Length (chunked) is measured here
-            raise HTTPException(413, f"request bodies are limited to {MAX_BODY} bytes")
+        raw = b""
+        async for chunk in request.stream():  # a body sent without a Content-Length (chunked) is capped here
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise HTTPException(413, f"request bodies are limited to {MAX_BODY} bytes")
         try:
             body = json.loads(raw)
         except ValueError:
@@ -109,15 +128,15 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
             raise HTTPException(400, "the body must be a JSON object")
         rater = _rater(body.get("rater"))
         row = curation_row(body, rater) if task["kind"] == "curation" else vote_row(body, rater)
-        try:
-            store.append(row)
-        except DuplicateAnswer as e:
-            raise HTTPException(409, str(e)) from None
-        return state(rater)
+        try:  # fsync and the next item off the event loop
+            await run_in_threadpool(store.append, row, partial(full, task))
+        except (DuplicateAnswer, QuotaFilled) as e:  # a second tab, a double submit: say so, and what is next
+            raise HTTPException(409, {"message": str(e), **await run_in_threadpool(state, rater)}) from None
+        return await run_in_threadpool(state, rater)
 
     def curation_row(body: dict, rater: str) -> dict[str, Any]:
         keys = {it["key"] for it in task["items"]}
-        if body.get("key") not in keys:
+        if not isinstance(body.get("key"), str) or body["key"] not in keys:
             raise HTTPException(400, "unknown candidate key")
         row: dict[str, Any] = {"key": body["key"], "annotator": rater, "time": _now()}
         for p in task["principles"]:
@@ -131,12 +150,10 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
 
     def vote_row(body: dict, rater: str) -> dict[str, Any]:
         items = {p["pair"]: p for p in task["pairs"]} | {c["pair"]: c for c in task["checks"]}
-        item = items.get(body.get("pair"))
+        item = items.get(body["pair"]) if isinstance(body.get("pair"), str) else None
         if item is None:
             raise HTTPException(400, "unknown pair")
-        left = left_side(task, rater, item)
-        if body.get("left") != left:  # the page shows what the server drew; anything else is not this rater's view
-            raise HTTPException(400, "'left' does not match the side this rater was shown")
+        left = left_side(task, rater, item)  # what this rater was shown, drawn here as for the page
         row = {"pair": item["pair"], "question": task["question"], "rater": rater, "choice": body.get("choice"),
                "left": left, "time": _now(), "check": item.get("check"), "expect": item.get("expect")}  # fmt: skip
         if item.get("check") == "repeat":
@@ -148,8 +165,12 @@ def create_app(task_dir: str | Path, token: str | None = None) -> FastAPI:
 
     @app.get("/images/{name}")
     def image(name: str):
-        path = (images / name).resolve()
-        if path.parent != images or not path.is_file():  # never outside the task's image folder
+        try:
+            path = (images / name).resolve()  # symlinks followed: the real file must be in the image folder
+            ok = path.parent == images and path.is_file()
+        except (ValueError, OSError):  # a NUL byte, a name too long for the file system
+            ok = False
+        if not ok:
             raise HTTPException(404, "no such image")
         return FileResponse(path)
 

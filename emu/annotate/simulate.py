@@ -10,12 +10,14 @@ same), and calls it a tie within the tie band. A broken-image check is answered 
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from emu.annotate.store import AnswerStore
-from emu.annotate.tasks import left_side, load_task, next_item, vote_key
+from emu.annotate.tasks import full, left_side, load_task, next_item, vote_key
 
 
 def judge_scores(scores_jsonl: str | Path, name: str, key: str = "appeal") -> dict[tuple[str, int], float]:
@@ -46,6 +48,8 @@ def simulate_votes(task_dir: str | Path, scores_a: dict, scores_b: dict, raters:
                 wanted = item["expect"] if rng.random() >= lapse else ("a" if item["expect"] == "b" else "b")
             else:
                 key = (original["prompt"], original["seed"])
+                if key not in scores_a or key not in scores_b or math.isnan(scores_a[key] - scores_b[key]):
+                    raise ValueError(f"no judge score for both models on {key}: the scores are not of this task")
                 d = scores_a[key] - scores_b[key] + rng.gauss(0, noise)
                 wanted = None if abs(d) <= tie_band else ("a" if d > 0 else "b")
             left = left_side(task, rater, item)
@@ -55,6 +59,6 @@ def simulate_votes(task_dir: str | Path, scores_a: dict, scores_b: dict, raters:
                    "expect": item.get("expect"), "simulated": True}  # fmt: skip
             if item.get("check") == "repeat":
                 row["of"] = item["of"]
-            store.append(row)
+            store.append(row, partial(full, task))
             cast += 1
     return cast

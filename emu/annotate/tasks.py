@@ -2,7 +2,8 @@
 
 * **curation**: the candidates of one human pass of ``curate.py`` (its export folder ``human/<stage>/``, whose
   ``candidates/`` hold one PNG per key). Each rater grades each candidate with the photography guideline's principles
-  and keep / reject; the rows are the labels format ``curate.py`` imports (``stages.<stage>.labels=.../labels.jsonl``).
+  and keep / reject; the rows (``app_labels.jsonl``) are the labels format ``curate.py`` imports
+  (``stages.<stage>.labels=.../app_labels.jsonl``).
 * **ab**: two sample folders of the same prompts and seeds (``sample.py`` / ``eval.py`` output). Each pair is shown to
   ``raters_per_pair`` raters, left / right drawn per rater and pair and recorded; appeal is asked with the prompt
   hidden, faithfulness with it shown. Attention checks per rater: a few pairs again with the sides swapped
@@ -46,6 +47,11 @@ def _coin(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _opaque(*parts: object) -> str:
+    """A short id from ``parts`` that reveals none of them."""
+    return hashlib.sha256("/".join(map(str, ("emu-annotate", *parts))).encode()).hexdigest()[:12]
+
+
 def load_task(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / TASK_FILE
     if not path.is_file():
@@ -63,9 +69,16 @@ def make_curation_task(export: str | Path, raters_per_item: int | None = None, s
         raise FileNotFoundError(f"'{export}' has no candidates.jsonl: point at a human stage's export folder "
                                 "(<curate out>/human/<stage>/) of a curate.py run")  # fmt: skip
     items = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
-    task = {"kind": "curation", "stage": export.name, "items": items, "principles": list(PRINCIPLES),
-            "guideline": GUIDELINE, "raters_per_item": raters_per_item, "seed": seed,
-            "answers": "labels.jsonl"}  # fmt: skip
+    task = {
+        "kind": "curation",
+        "stage": export.name,
+        "items": items,
+        "principles": list(PRINCIPLES),
+        "guideline": GUIDELINE,
+        "raters_per_item": raters_per_item,
+        "seed": seed,
+        "answers": "app_labels.jsonl",
+    }  # fmt: skip (not labels.jsonl: curate.py writes that one itself)
     atomic_write_text(export / TASK_FILE, json.dumps(task, indent=1))
     return export
 
@@ -106,23 +119,23 @@ def make_ab_task(a: str | Path, b: str | Path, out: str | Path, question: str = 
         other = rows_b.get((r["prompt"], int(r["seed"])))
         if other is None:
             continue
-        pid = f"p{len(pairs):05d}"
-        shutil.copy(a / r["file"], out / "images" / f"{pid}_a.png")
-        shutil.copy(b / other["file"], out / "images" / f"{pid}_b.png")
-        pairs.append({"pair": pid, "prompt": r["prompt"], "seed": int(r["seed"]), "a": f"{pid}_a.png",
-                      "b": f"{pid}_b.png"})  # fmt: skip
+        pid = _opaque(seed, "pair", len(pairs))  # ids and file names say nothing of the model or of checks
+        names = {side: f"{_opaque(seed, 'image', pid, side)}.png" for side in "ab"}
+        shutil.copy(a / r["file"], out / "images" / names["a"])
+        shutil.copy(b / other["file"], out / "images" / names["b"])
+        pairs.append({"pair": pid, "prompt": r["prompt"], "seed": int(r["seed"]), **names})
     if not pairs:
         raise ValueError(f"'{a}' and '{b}' share no (prompt, seed): nothing to compare")
     rng = random.Random(seed)
     checks = []
     for i, p in enumerate(rng.sample(pairs, min(repeat_checks, len(pairs)))):
-        checks.append({"pair": f"repeat{i}", "check": "repeat", "of": p["pair"], "prompt": p["prompt"],
+        checks.append({"pair": _opaque(seed, "repeat", i), "check": "repeat", "of": p["pair"], "prompt": p["prompt"],
                        "a": p["a"], "b": p["b"]})  # fmt: skip
     for i, p in enumerate(rng.sample(pairs, min(broken_checks, len(pairs)))):
         side = rng.choice("ab")  # the broken one
-        name = f"broken{i}_{side}.png"
+        name = f"{_opaque(seed, 'broken', i)}.png"
         broken_image(out / "images" / p[side], seed + i).save(out / "images" / name)
-        checks.append({"pair": f"broken{i}", "check": "broken", "prompt": p["prompt"],
+        checks.append({"pair": _opaque(seed, "broken", i, "pair"), "check": "broken", "prompt": p["prompt"],
                        "expect": "b" if side == "a" else "a", "a": name if side == "a" else p["a"],
                        "b": name if side == "b" else p["b"]})  # fmt: skip
     task = {"kind": "ab", "question": question, "show_prompt": question == "faithfulness", "pairs": pairs,
@@ -145,8 +158,9 @@ def left_side(task: dict, rater: str, item: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- assignment
-def _order(task: dict, rater: str, ids: list[str]) -> list[str]:
-    return sorted(ids, key=lambda i: _coin(task["seed"], "order", rater, i))
+def _order(task: dict, rater: str, ids: list[str], last: set[str] = frozenset()) -> list[str]:
+    """A rater's own order of ``ids``; those in ``last`` (repeat checks) after all others, far from their originals."""
+    return sorted(ids, key=lambda i: (i in last, _coin(task["seed"], "order", rater, i)))
 
 
 def next_item(task: dict, rows: list[dict], rater: str) -> dict | None:
@@ -163,7 +177,8 @@ def next_item(task: dict, rows: list[dict], rater: str) -> dict | None:
     done = {r["pair"] for r in rows if r["rater"] == rater}
     count = Counter(r["pair"] for r in rows if not r.get("check"))
     items = {p["pair"]: p for p in task["pairs"]} | {c["pair"]: c for c in task["checks"]}
-    for pid in _order(task, rater, list(items)):
+    repeats = {c["pair"] for c in task["checks"] if c["check"] == "repeat"}
+    for pid in _order(task, rater, list(items), repeats):
         item = items[pid]
         if pid in done or (not item.get("check") and count[pid] >= task["raters_per_pair"]):
             continue
@@ -180,6 +195,19 @@ def progress(task: dict, rows: list[dict], rater: str | None = None) -> dict[str
         mine = [r for r in rows if rater is None or r["annotator"] == rater]
         total = len(task["items"]) * (per or 1) if rater is None else len(task["items"])
         return {"done": len(mine), "total": total}
-    mine = [r for r in rows if rater is None or r["rater"] == rater]
-    total = len(task["pairs"]) * task["raters_per_pair"] if rater is None else len(task["pairs"]) + len(task["checks"])
+    if rater is None:  # the votes the task wants: the quota of every pair (attention checks not counted)
+        wanted = len(task["pairs"]) * task["raters_per_pair"]
+        return {"done": sum(1 for r in rows if not r.get("check")), "total": wanted}
+    mine = [r for r in rows if r["rater"] == rater]
+    total = len(task["pairs"]) + len(task["checks"])  # at most: a pair whose quota others filled is not shown
     return {"done": len(mine), "total": total}
+
+
+def full(task: dict, rows: list[dict], row: dict) -> bool:
+    """Whether ``row`` would go past its item's quota (attention checks have none)."""
+    if task["kind"] == "curation":
+        quota = task.get("raters_per_item")
+        return quota is not None and sum(1 for r in rows if r["key"] == row["key"]) >= quota
+    if row.get("check"):
+        return False
+    return sum(1 for r in rows if r["pair"] == row["pair"] and not r.get("check")) >= task["raters_per_pair"]

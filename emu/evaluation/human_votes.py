@@ -50,8 +50,8 @@ def check_vote(row: Any) -> str | None:
 
 
 def read_votes(path: str | Path) -> tuple[list[dict], list[str]]:
-    """The valid votes of a JSONL file and a message per skipped line."""
-    votes, problems = [], []
+    """The valid votes of a JSONL file and a message per skipped line (a rater's second vote on a pair is skipped)."""
+    votes, problems, seen = [], [], set()
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -61,9 +61,12 @@ def read_votes(path: str | Path) -> tuple[list[dict], list[str]]:
             problems.append(f"line {i}: not JSON ({e.msg})")
             continue
         problem = check_vote(row)
+        if not problem and (row["rater"], row["pair"], row["question"]) in seen:
+            problem = f"a second vote of {row['rater']} on {row['pair']} ({row['question']}): the first one counts"
         if problem:
             problems.append(f"line {i}: {problem}")
         else:
+            seen.add((row["rater"], row["pair"], row["question"]))
             votes.append(row)
     return votes, problems
 
