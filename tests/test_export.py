@@ -183,6 +183,16 @@ def test_model_card(exported, tiny_stage1_checkpoint, tmp_path):
     card = (out / "README.md").read_text()
     assert "| clip_score/a | 0.31 |" in card and "| n | 8 |" in card and "| config" not in card
     assert "source: HaystackSource" in card and "n_train: 8" in card  # the data the checkpoint says it trained on
+    # a stage-2 checkpoint says so (its init_from survives loading, though loading does not initialise from it)
+    from emu.diffusion.module import load_diffusion
+
+    ckpt = torch.load(tiny_stage1_checkpoint, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["init_from"] = "/runs/stage1/last.ckpt"
+    stage2 = tmp_path / "stage2.ckpt"
+    torch.save(ckpt, stage2)
+    assert load_diffusion(stage2).hparams.init_from == "/runs/stage1/last.ckpt"
+    assert export_main(["safetensors", str(stage2), str(tmp_path / "s2")]) == 0
+    assert "stage 2 (quality-tuned from `/runs/stage1/last.ckpt`)" in (tmp_path / "s2" / "README.md").read_text()
 
     # the diffusers export of a safetensors export: its card, and a pipeline that loads
     pipe_dir = tmp_path / "pipe"

@@ -386,6 +386,7 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
     module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
                                                   **{**renamed, **overrides})  # fmt: skip
     module.train_resolution = header(ckpt).get("resolution")
+    module.hparams["init_from"] = (ckpt.get("hyper_parameters") or {}).get("init_from")  # a record of stage 2's start
     module.trained_steps = ckpt.get("global_step")
     module.trained_on = header(ckpt).get("data")
     return module

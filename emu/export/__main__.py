@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
         p.add_argument("--metrics", help="an eval.py metrics.json to put into the model card")
     args = parser.parse_args(argv)
-    ckpt = args.ckpt.expanduser().resolve()
+    ckpt = args.ckpt.expanduser().absolute()  # not resolved: best.ckpt stays best.ckpt in the card
     try:
         if args.metrics is not None:  # checked before anything is written
             check_metrics(Path(args.metrics))
