@@ -26,7 +26,7 @@ from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
-from emu.diffusion.export import load_export_weights, read_export_config
+from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import fingerprint
@@ -337,7 +337,7 @@ class DiffusionModule(L.LightningModule):
         sd = ckpt["state_dict"]
         for name, module in self.trained_modules().items():
             prefix = f"ema.shadow.{name}." if any(k.startswith(f"ema.shadow.{name}.") for k in sd) else None
-            prefix = prefix or {"unet": "unet.", "text_proj": "conditioner.proj."}[name]
+            prefix = prefix or TRAINED_PREFIXES[name]
             module.load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
         if self.ema is not None:
             self.ema = EMA(self.trained_modules(), self.hparams.ema_half_life_images, self.hparams.ema_ramp)
