@@ -70,7 +70,9 @@ def test_folder_with_metadata_jsonl(tmp_path):
         check_batch(b, len(b["key"]), 16)
         for key, caption, meta in zip(b["key"], b["caption"], b["meta"]):
             i = int(key[3:-4])
-            assert caption == f"caption {i}" and meta == {"score": i, "source_size": meta["source_size"]}
+            assert caption == f"caption {i}"  # the sizes: 40x30 resized to 21x16, its 16x16 center (2 columns in)
+            assert meta == {"score": i, "source_size": [40, 30], "original_size": [30, 40], "crop_top_left": [0, 2],
+                            "target_size": [16, 16]}  # fmt: skip
             assert len(meta["source_size"]) == 2  # the size before resizing, for curation's size filter
     assert sum(len(b["key"]) for b in batches) == source.size("train")
 

@@ -112,3 +112,101 @@ def test_training_reads_precomputed_shards_and_refuses_mismatches(corpus, tmp_pa
     encoders = {**corpus["manifest"]["encoders"], "t5": {**corpus["manifest"]["encoders"]["t5"], "max_length": 77}}
     with pytest.raises(ConfigError, match=r"model\.text\.encoders"):
         module.check_precomputed({**corpus["manifest"], "encoders": encoders})
+
+
+def _tensors_by_key(folder):
+    """{split/key: {name: tensor}} of every precomputed sample under ``folder`` (and the tar names per split)."""
+    from safetensors.torch import load
+
+    out, names = {}, set()
+    for tar in sorted(folder.glob("*/*.tar")):
+        names.add(f"{tar.parent.name}/{tar.name}")
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".safetensors"):
+                    out[f"{tar.parent.name}/{m.name}"] = load(t.extractfile(m).read())
+    return out, names
+
+
+def test_two_ranks_launched_like_torchrun_write_what_one_process_writes(corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "latents"
+    cmd = [sys.executable, "-m", "emu.diffusion.precompute", "--out", str(out), "--shard-size", "4", *corpus["images"]]
+    procs = []
+    for rank in (0, 1):  # the variables torchrun sets (TORCHELASTIC_RUN_ID marks a torchelastic launch)
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "t"}
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    import json
+
+    manifest = json.loads((out / "precompute.json").read_text())
+    ref = corpus["manifest"]
+    assert manifest["counts"] == ref["counts"] and manifest["latent_shapes"] == [ref["latent_shape"]]
+    records = [json.loads(p.read_text()) for p in out.glob("*/*.json")]
+    assert {r["rank"] for r in records} == {0, 1}  # both ranks did pieces
+    ours, names = _tensors_by_key(out)
+    theirs, ref_names = _tensors_by_key(corpus["root"] / "latents")
+    assert names == ref_names and ours.keys() == theirs.keys()
+    for key, tensors in ours.items():
+        for name, t in tensors.items():
+            torch.testing.assert_close(t, theirs[key][name], atol=1e-6, rtol=1e-6)
+
+
+def test_a_killed_precompute_resumes_without_redoing_or_losing_pieces(corpus, tmp_path):
+    import json
+
+    from emu.training.ranks import Ranks
+
+    cfg, out = _compose(corpus["images"]), tmp_path / "latents"
+    assert precompute(cfg, out, progress=False, ranks=Ranks(0, 2)) is None  # rank 1 of the job never ran
+    done = {p: p.stat().st_mtime_ns for p in out.glob("*/*.tar")}
+    assert done and not (out / "precompute.json").exists()
+    (out / "train" / "00001.tar.partial").write_bytes(b"half a shard")  # killed while writing a piece
+    manifest = precompute(cfg, out, progress=False)  # restarted as one process: does what is left
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished pieces untouched
+    assert manifest["counts"] == corpus["manifest"]["counts"] and not list(out.glob("*/*.partial"))
+    ours, _ = _tensors_by_key(out)
+    assert len(ours) == 12
+    with pytest.raises(ConfigError, match=r"--out.*source"):  # other data into the same folder
+        precompute(_compose([*corpus["images"], "data.source.val_fraction=0.5"]), out, progress=False)
+    assert json.loads((out / "precompute.plan.json").read_text())["source"]["val_fraction"] == 0.25
+
+
+def test_bucketed_latents_keep_their_bucket_and_the_frozen_networks_stay_off_the_device(
+    tmp_path, tiny_autoencoder, tiny_clip, tiny_t5
+):
+    import train
+
+    model = tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5)
+    images = ["experiment=mini/stage1_pretrain", "data.source.n_train=48", "data.source.n_val=8", "data.resolution=32",
+              "data.buckets={multiple: 8, max_aspect: 2.0}", "data.batch_size=4", "data.num_workers=0",
+              f"paths.output_dir={tmp_path}/run", *model]  # fmt: skip
+    manifest = precompute(_compose(images), tmp_path / "latents", shard_size=16, progress=False)
+    assert len(manifest["latent_shapes"]) > 1 and manifest["latent_shape"] is None  # the haystack's odd aspects
+    latents = ["experiment=mini/stage1_pretrain", "data=latents", f"data.source.shards={tmp_path}/latents/train/*.tar",
+               "~data.source.n_train", "~data.source.n_val",
+               "data.resolution=32", "data.hflip=0", "data.batch_size=4", "data.drop_last=false", "data.num_workers=0",
+               *model]  # fmt: skip
+    cfg = _compose([*latents, "trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.val_check_interval=2",
+                    f"paths.output_dir={tmp_path}"])  # fmt: skip
+    dm = hydra.utils.instantiate(cfg.data)
+    shapes = set()
+    for batch in dm.dataloader("train"):
+        shapes.add(tuple(batch["latent"].shape[1:]))
+    assert len(shapes) > 1 and all(list(s) in manifest["latent_shapes"] for s in shapes)
+
+    module = hydra.utils.instantiate(cfg.model)
+    module.trainer = type("T", (), {"datamodule": dm})()
+    module.setup("fit")
+    assert module.frozen_offloaded
+    module.to(torch.float64)  # moves and casts pass the frozen networks by
+    assert next(module.unet.parameters()).dtype == torch.float64
+    assert next(module.autoencoder.parameters()).dtype == torch.float32
+    assert all(p.dtype == torch.float32 for e in module.conditioner.encoders.values() for p in e.parameters())
+    assert list(dict(module.named_children())) == list(dict(type(module)(**module.hparams).named_children()))
+    metrics = train.train(cfg)  # trains and validates (sampling with the frozen networks) on bucketed latents
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "val/loss" in metrics

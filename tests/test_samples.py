@@ -54,7 +54,9 @@ def test_collate_builds_the_documented_batch():
     batch = collate(samples)
     assert batch["image"].shape == (3, 3, 16, 16)
     assert batch["caption"] == ["c0", "c1", "c2"] and batch["key"] == ["0", "1", "2"]
-    assert batch["meta"][2] == {"i": 2, "source_size": [64, 64]} and set(batch) == {"image", "caption", "key", "meta"}
+    assert batch["meta"][2] == {"i": 2, "source_size": [64, 64], "original_size": [64, 64], "crop_top_left": [0, 0],
+                                "target_size": [16, 16]}  # fmt: skip
+    assert set(batch) == {"image", "caption", "key", "meta"}
 
 
 def test_bad_settings_are_rejected():

@@ -386,11 +386,12 @@ class AutoencoderKL(nn.Module):
 
     def normalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
         """Raw latents -> zero mean per channel (with the stored data statistics) and unit std: per channel
-        (``channel``, EDM2) or on average over channels (``global``, SD's single scale factor)."""
-        return (z - self.latent_mean.view(1, -1, 1, 1)) / self._scale(scaling)
+        (``channel``, EDM2) or on average over channels (``global``, SD's single scale factor). The statistics follow
+        ``z`` to its device (the autoencoder itself may stay on the CPU: training on precomputed latents)."""
+        return (z - self.latent_mean.to(z).view(1, -1, 1, 1)) / self._scale(scaling).to(z)
 
     def denormalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
-        return z * self._scale(scaling) + self.latent_mean.view(1, -1, 1, 1)
+        return z * self._scale(scaling).to(z) + self.latent_mean.to(z).view(1, -1, 1, 1)
 
     def set_latent_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         if mean.shape != (self.latent_channels,) or std.shape != (self.latent_channels,):

@@ -8,6 +8,7 @@ worker met them.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -17,9 +18,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from emu.data.buckets import BucketSampler, resolve_buckets
 from emu.data.resume import EpochStream, ResumableLoader, ResumableSampler
-from emu.data.samples import SamplePreparer, collate
-from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, WebDatasetSource
+from emu.data.samples import SamplePreparer, as_is, collate
+from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, SourceSlice, WebDatasetSource
 from emu.errors import ConfigError
 
 
@@ -29,7 +31,10 @@ class EmuDataModule(L.LightningDataModule):
     Args:
         source: a :class:`~emu.data.sources.IndexedSource` or :class:`~emu.data.sources.WebDatasetSource`.
         resolution: square output size (the model checks that it is a multiple of its downsampling:
-            :mod:`emu.utils.resolution`).
+            :mod:`emu.utils.resolution`); with ``buckets``, the side of their pixel count.
+        buckets: aspect-ratio buckets (:mod:`emu.data.buckets`): a list of ``[width, height]``, or
+            ``{multiple, max_aspect}`` to make them around ``resolution``; every batch then holds one bucket.
+            None: every image is cropped to a ``resolution`` square.
         crop: ``center`` or ``random`` for training (validation always crops the center).
         hflip: flip probability for training; captions get 'left'/'right' swapped (``flip_captions``).
         min_size: images with a shorter side below this many pixels are skipped.
@@ -59,6 +64,7 @@ class EmuDataModule(L.LightningDataModule):
         max_skip_rate: float = 0.25,
         skip_rate_min_samples: int = 1000,
         seed: int = 0,
+        buckets: list | dict | None = None,
     ):
         super().__init__()
         if resolution <= 0:
@@ -80,7 +86,8 @@ class EmuDataModule(L.LightningDataModule):
             raise ConfigError("data.max_skip_rate", f"is a fraction in (0, 1], got {max_skip_rate}")
         self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
         self.persistent_workers = persistent_workers and num_workers > 0
-        common = dict(resolution=resolution, min_size=min_size, require_caption=require_caption)
+        self.buckets = resolve_buckets(buckets, resolution)
+        common = dict(resolution=resolution, min_size=min_size, require_caption=require_caption, buckets=self.buckets)
         self.train_prepare = SamplePreparer(crop=crop, hflip=hflip, flip_captions=flip_captions, **common)
         self.val_prepare = SamplePreparer(crop="center", hflip=0.0, **common)
         self._skips = {split: SkipCounter(num_workers) for split in ("train", "val")}
@@ -116,12 +123,57 @@ class EmuDataModule(L.LightningDataModule):
             return ResumableLoader(EpochStream(make, length), batch_size=None, position=self._position, **common)
         dataset = PreparedDataset(self.source, split, prepare, skips)
         shuffle = train if shuffle is None else shuffle
+        if self.buckets:  # whole batches of one bucket from the sampler (a batch per item: batch_size=None)
+            sampler = BucketSampler(self._bucket_of(self.source, split), batch_size, shuffle, self.seed, world, rank,
+                                    drop_last)  # fmt: skip
+            loader = ResumableLoader if train else DataLoader
+            extra = {"position": self._position} if train else {}
+            return loader(dataset, batch_size=None, sampler=sampler, collate_fn=as_is, **extra, **common)
         if not train:
             return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                               collate_fn=collate, **common)  # fmt: skip
         sampler = ResumableSampler(len(dataset), shuffle, self.seed, world, rank, drop_last)
         return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                                collate_fn=collate, position=self._position, **common)  # fmt: skip
+
+    def _bucket_of(self, source: IndexedSource, split: str) -> list[int]:
+        """The bucket number of every image of a map-style ``split`` (an unreadable one: 0; it is skipped anyway)."""
+        target = self.train_prepare.target
+        return [self.buckets.index(target(*wh)) if wh else 0 for wh in source.image_sizes(split)]
+
+    # ------------------------------------------------------------------------------ pieces (precompute, curation)
+    def num_pieces(self, split: str, piece_size: int) -> int:
+        """How many pieces :meth:`piece_loader` reads ``split`` in: one per input shard of a stream, else one per
+        ``piece_size`` indices."""
+        if isinstance(self.source, WebDatasetSource):
+            return len(self._piece_urls(split))
+        return -(-self.source.size(split) // piece_size)
+
+    def _piece_urls(self, split: str) -> list[str]:
+        src = self.source
+        return src.val_shards if split == "val" and src.val_shards else src.shards
+
+    def piece_loader(self, split: str, piece: int, piece_size: int) -> DataLoader:
+        """The samples of piece ``piece`` of ``split``, each once and in order, without augmentation (center crops in
+        their buckets, no flips): the unit of work that precompute and curation deal out to the ranks of a job. The
+        pieces of a split together are the split; a piece reads the same samples whatever the number of ranks."""
+        prepare, skips = self.val_prepare, self._skips[split]
+        common: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if isinstance(self.source, WebDatasetSource):
+            src = copy.copy(self.source)
+            url = self._piece_urls(split)[piece]
+            src.shards, src.val_shards = [url], ([url] if src.val_shards else None)
+            src.shuffle_buffer, src.resampled, src.epoch_size = 0, False, None
+            workers = min(self.num_workers, 1)  # one shard: one worker reads it (more would wait)
+            stream = src.stream(split, prepare, skips, self.val_batch_size, False, 1, workers)
+            return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory)
+        start = piece * piece_size
+        view = SourceSlice(self.source, split, start, min(start + piece_size, self.source.size(split)))
+        dataset = PreparedDataset(view, split, prepare, skips)
+        if self.buckets:
+            sampler = BucketSampler(self._bucket_of(view, split), self.val_batch_size, False, self.seed, 1, 0, False)
+            return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=as_is, **common)
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate, **common)
 
     def _position(self) -> tuple[int, int]:
         """(epoch, batches of it already done): where a training loader starts (non-zero only after a resume)."""
@@ -172,8 +224,9 @@ class EmuDataModule(L.LightningDataModule):
             shards = getattr(src, key, None)
             if shards:
                 fields[key] = f"{len(shards)} shards: {shards[0]}" + (f" ... {shards[-1]}" if len(shards) > 1 else "")
+        buckets = {"buckets": [list(b) for b in self.buckets]} if self.buckets else {}
         return {"source": type(src).__name__, **fields, "resolution": self.resolution, "batch_size": self.batch_size,
-                "seed": self.seed}  # fmt: skip
+                "seed": self.seed, **buckets}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": {k: dict(v) for k, v in self.skipped.items()}}

@@ -441,6 +441,12 @@ def render(spec: dict[str, Any], resolution: int = 64) -> Image.Image:
     return img
 
 
+def image_size(seed: int, index: int, resolution: int = 64) -> tuple[int, int]:
+    """(width, height) of haystack image ``index`` without rendering it (what :func:`render` makes)."""
+    aspect = scene_spec(seed, index)["aspect"]
+    return round(resolution * aspect[0]), round(resolution * aspect[1])
+
+
 def make_sample(seed: int, index: int, resolution: int = 64) -> tuple[Image.Image, dict[str, Any]]:
     """Render haystack image ``index`` of the haystack ``seed``: ``(PIL image, metadata dict)``."""
     spec = scene_spec(seed, index)

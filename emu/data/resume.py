@@ -107,7 +107,9 @@ class EpochStream(IterableDataset):
 class ResumableLoader(DataLoader):
     """A DataLoader that positions its sampler or stream (``set_position``) each time an epoch's iterator is made.
 
-    ``position()`` returns ``(epoch, batches_done)``; the sampler is told samples (batches x batch size)."""
+    ``position()`` returns ``(epoch, batches_done)``; the sampler is told the items it yielded: samples (batches x
+    batch size), or batches when it yields whole ones (``batch_size=None``: :class:`~emu.data.buckets.BucketSampler`).
+    """
 
     def __init__(self, *args, position: Callable[[], tuple[int, int]], **kwargs):
         super().__init__(*args, **kwargs)

@@ -21,6 +21,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from emu.data.buckets import nearest_bucket
+
 
 class BadSample(Exception):
     """A sample that cannot be used; ``reason`` is a short name used for counting."""
@@ -95,17 +97,42 @@ def swap_left_right(caption: str) -> str:
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
+def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) an image is resized to so that it covers ``target`` (width, height) with its aspect ratio
+    kept: the side that limits is exact, the other rounded down as torchvision's ``Resize`` does (never below it)."""
+    tw, th = target
+    if tw * height >= th * width:  # the width limits
+        return tw, max(th, int(height * tw / width))
+    return max(tw, int(width * th / height)), th
+
+
+def crop_origin(size: tuple[int, int], target: tuple[int, int], random: bool) -> tuple[int, int]:
+    """(top, left) of a ``target`` (width, height) crop of an image of ``size`` (width, height): centred as
+    torchvision's ``CenterCrop``, or drawn from the global torch RNG as its ``RandomCrop`` (rows first)."""
+    (w, h), (tw, th) = size, target
+    if not random:
+        return round((h - th) / 2.0), round((w - tw) / 2.0)
+    top = int(torch.randint(0, h - th + 1, size=())) if h > th else 0
+    left = int(torch.randint(0, w - tw + 1, size=())) if w > tw else 0
+    return top, left
+
+
 @dataclass
 class SamplePreparer:
     """Decode, check and transform a raw sample (picklable, so it runs inside DataLoader workers).
 
     Args:
-        resolution: output side length (images are square after the crop).
+        resolution: output side length (images are square after the crop) when there are no ``buckets``.
         crop: ``center`` or ``random``.
         hflip: probability of a horizontal flip.
         flip_captions: when flipping, swap 'left' and 'right' in the caption so it stays true.
         min_size: images whose shorter side is below this are skipped (``too_small``).
         require_caption: skip samples without a usable caption (stages that ignore text may turn it off).
+        buckets: ``(width, height)`` sizes (:mod:`emu.data.buckets`); each image is resized to cover the one nearest
+            its aspect ratio and cropped to it.
+
+    Each sample's ``meta`` records the SDXL size conditioning: ``original_size`` and ``crop_top_left`` (pixels of the
+    resized image), both ``[rows, columns]``, and ``target_size`` (``[height, width]``).
     """
 
     resolution: int = 64
@@ -114,22 +141,31 @@ class SamplePreparer:
     flip_captions: bool = True
     min_size: int = 0
     require_caption: bool = True
+    buckets: list[tuple[int, int]] | None = None
 
     def __post_init__(self):
         if self.crop not in ("center", "random"):
             raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"data.hflip is a probability in [0, 1], got {self.hflip}")
-        crop = v2.CenterCrop(self.resolution) if self.crop == "center" else v2.RandomCrop(self.resolution)
-        self._transform = v2.Compose(
-            [
-                v2.PILToTensor(),
-                v2.Resize(self.resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                crop,
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize([0.5] * 3, [0.5] * 3),
-            ]
-        )
+        self.buckets = [tuple(b) for b in self.buckets] if self.buckets else None
+        self._normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image of this size becomes: its bucket, or the square resolution."""
+        return nearest_bucket(width, height, self.buckets) if self.buckets else (self.resolution, self.resolution)
+
+    def resize_crop(self, img: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
+        """uint8 C x H x W of the image resized to cover its target and cropped to it, with the crop's record
+        (``original_size``, ``crop_top_left``, ``target_size``, ``resized_width``)."""
+        target = self.target(*img.size)
+        size = cover_size(*img.size, target)
+        x = v2.functional.resize(v2.functional.pil_to_tensor(img), [size[1], size[0]],
+                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True)  # fmt: skip
+        top, left = crop_origin(size, target, self.crop == "random")
+        x = x[:, top : top + target[1], left : left + target[0]]
+        return x, {"original_size": [img.size[1], img.size[0]], "crop_top_left": [top, left],
+                   "target_size": [target[1], target[0]], "resized_width": size[0]}  # fmt: skip
 
     def __call__(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         key = str(raw.get("key", "?"))
@@ -148,10 +184,14 @@ class SamplePreparer:
         meta = raw.get("meta")
         meta = dict(meta) if isinstance(meta, Mapping) else {}
         meta["source_size"] = list(img.size)  # width, height before resizing (curation's size filter reads it)
-        image = self._transform(img).clamp_(-1.0, 1.0)
+        pixels, record = self.resize_crop(img)
+        resized_width = record.pop("resized_width")
+        meta.update(record)
+        image = self._normalize(pixels).clamp_(-1.0, 1.0)
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             image = image.flip(-1)
             meta["flipped"] = True
+            meta["crop_top_left"][1] = resized_width - meta["crop_top_left"][1] - meta["target_size"][1]  # mirrored
             if self.flip_captions:
                 caption = swap_left_right(caption)
         return {"image": image, "caption": caption, "key": key, "meta": meta}
@@ -159,9 +199,18 @@ class SamplePreparer:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch dict: ``image`` B x 3 x H x W, and ``caption``, ``key``, ``meta`` lists."""
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"a batch mixes image shapes {sorted(shapes)} (keys {[s['key'] for s in samples][:4]}...): "
+                         "with data.buckets the source's image_sizes() must agree with its decoded images")  # fmt: skip
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+
+
+def as_is(batch: Any) -> Any:
+    """The collate function of loaders whose dataset returns whole batches (picklable, unlike a lambda)."""
+    return batch

@@ -29,11 +29,13 @@ from typing import Any
 
 import braceexpand
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu.data import haystack
+from emu.data.buckets import bucket_batches
 from emu.data.resume import sample_seed, seeded
-from emu.data.samples import BadSample, collate
+from emu.data.samples import BadSample, collate, decode_image
 from emu.errors import ConfigError
 
 log = logging.getLogger("emu.data")
@@ -133,6 +135,40 @@ class IndexedSource:
     def raw(self, split: str, index: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def image_sizes(self, split: str) -> list[tuple[int, int] | None]:
+        """(width, height) of every image of ``split``, upright, as the DataModule's buckets need them before any
+        batch is drawn (None: unreadable; it is counted when read). Measured once (:meth:`measure_sizes`)."""
+        cache = self.__dict__.setdefault("_image_sizes", {})
+        if split not in cache:
+            cache[split] = self.measure_sizes(split)
+        return cache[split]
+
+    def measure_sizes(self, split: str) -> list[tuple[int, int] | None]:
+        """This default decodes every image; sources override it with something cheaper (headers, metadata)."""
+        sizes = []
+        for i in range(self.size(split)):
+            try:
+                sizes.append(decode_image(self.raw(split, i)["image"]).size)
+            except BadSample:
+                sizes.append(None)
+        return sizes
+
+
+class SourceSlice(IndexedSource):
+    """Indices ``[start, stop)`` of one split of a map-style source, as a source of their own (the same split name)."""
+
+    def __init__(self, source: IndexedSource, split: str, start: int, stop: int):
+        self.source, self.split, self.start, self.stop = source, split, start, stop
+
+    def size(self, split: str) -> int:
+        return self.stop - self.start if split == self.split else 0
+
+    def raw(self, split: str, index: int) -> dict[str, Any]:
+        return self.source.raw(split, self.start + index)
+
+    def image_sizes(self, split: str) -> list[tuple[int, int] | None]:
+        return self.source.image_sizes(split)[self.start : self.stop]
+
 
 class PreparedDataset(Dataset):
     """``source`` samples passed through ``prepare``; a bad one is dropped from its batch and counted.
@@ -173,9 +209,12 @@ class PreparedDataset(Dataset):
             out.append(self._next_good(items[0], count_first=False))  # its first item is counted above
         return out
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int] | list) -> dict[str, Any]:
         """``item``: an index, or ``(index, seed)`` from :class:`~emu.data.resume.ResumableSampler` (the seed of the
-        sample's augmentation); a bad one is counted and the next good index returned instead."""
+        sample's augmentation); a bad one is counted and the next good index returned instead. A list is a whole
+        batch from :class:`~emu.data.buckets.BucketSampler`: its good samples, collated."""
+        if isinstance(item, list):
+            return collate(self.__getitems__(item))
         return self._next_good(item, count_first=True)
 
     def _next_good(self, item: int | tuple[int, int], count_first: bool) -> dict[str, Any]:
@@ -226,6 +265,10 @@ class HaystackSource(IndexedSource):
             if self.cache is not None:
                 self.cache[index] = (image.copy(), meta)
         return {"key": meta["key"], "image": image, "caption": meta["caption"], "meta": meta}
+
+    def measure_sizes(self, split: str) -> list[tuple[int, int] | None]:
+        start = 0 if split == "train" else self.n_train
+        return [haystack.image_size(self.seed, start + i, self.resolution) for i in range(self.size(split))]
 
 
 class FolderSource(IndexedSource):
@@ -288,6 +331,21 @@ class FolderSource(IndexedSource):
             caption = txt.read_bytes() if txt.is_file() else None
         meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
         return {"key": name, "image": data, "caption": caption, "meta": meta}
+
+    def measure_sizes(self, split: str) -> list[tuple[int, int] | None]:
+        """From the files' headers (no decoding), turned upright by their EXIF orientation."""
+        return [header_size(self.root / name) for name in self.files[split]]
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """An image file's upright (width, height) from its header; None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation: 5-8 are turned a quarter
+    except Exception:  # unreadable or not an image: the sample is skipped (and counted) when read
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 # ----------------------------------------------------------------------------------------- streaming
@@ -391,6 +449,14 @@ class WebDatasetSource:
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples)
 
+    def bucketed(self, prepare: Callable) -> bool:
+        """Whether samples come in several shapes, to be batched by :meth:`sample_shape`."""
+        return bool(getattr(prepare, "buckets", None))
+
+    @staticmethod
+    def sample_shape(sample: dict[str, Any]) -> tuple:
+        return tuple(sample["image"].shape)
+
     def stream(
         self,
         split: str,
@@ -424,7 +490,9 @@ class WebDatasetSource:
                     world_size,
                     workers,
                 )
-            stages += [wds.split_by_node, wds.split_by_worker]
+            # by node only in a multi-rank fit: webdataset reads the rank from torch.distributed or the RANK variable,
+            # which a multi-rank precompute also sets while each of its ranks reads whole shards of its own
+            stages += [wds.split_by_node, wds.split_by_worker] if world_size > 1 else [wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=skips.handler))
         if train and self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed))
@@ -441,7 +509,11 @@ class WebDatasetSource:
                 seed=None if epoch is None else seed,
             )
         )
-        stages.append(wds.batched(batch_size, collation_fn=self.collate, partial=not drop_last))
+        if self.bucketed(prepare):  # batches of one shape each (emu.data.buckets)
+            stages.append(partial(bucket_batches, batch_size=batch_size, collate=self.collate, partial=not drop_last,
+                                  shape=self.sample_shape))  # fmt: skip
+        else:
+            stages.append(wds.batched(batch_size, collation_fn=self.collate, partial=not drop_last))
         pipeline = wds.DataPipeline(*stages)
         if train and self.epoch_size:
             per_worker = self.epoch_size // (batch_size * max(1, world_size) * max(1, workers))

@@ -30,6 +30,7 @@ from emu.errors import ConfigError
 from emu.text.encoders import TextEmbedding
 
 MANIFEST = "precompute.json"
+PLAN = "precompute.plan.json"  # what a (possibly unfinished) precompute computes
 EXTENSION = "safetensors"
 
 
@@ -79,16 +80,16 @@ def collate_latents(samples: list[dict[str, Any]], encoders: dict[str, int]) -> 
 class LatentPreparer:
     """Checks a raw precomputed sample (picklable: runs in the loader workers)."""
 
-    def __init__(self, encoders: dict[str, int], latent_shape: list[int]):
-        self.encoders, self.latent_shape = encoders, list(latent_shape)
+    def __init__(self, encoders: dict[str, int], latent_shapes: list[list[int]]):
+        self.encoders, self.latent_shapes = encoders, [list(s) for s in latent_shapes]
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         if raw.get("image") is None:
             raise BadSample("missing_image", f"no .{EXTENSION} tensors")
         tensors = unpack(raw["image"])
-        if list(tensors.get("latent", torch.empty(0)).shape) != self.latent_shape:
-            raise BadSample("corrupt_image", f"latent shape {list(tensors.get('latent', torch.empty(0)).shape)}, "
-                            f"expected {self.latent_shape}")  # fmt: skip
+        shape = list(tensors.get("latent", torch.empty(0)).shape)
+        if shape not in self.latent_shapes:
+            raise BadSample("corrupt_image", f"latent shape {shape}, expected one of {self.latent_shapes}")
         for name, max_length in self.encoders.items():
             tokens = tensors.get(f"{name}.tokens")
             if tokens is None or tokens.ndim != 2 or not 0 < len(tokens) <= max_length:
@@ -128,7 +129,8 @@ class LatentSource(WebDatasetSource):
             kw["val_fraction"] = 0.0
         super().__init__(shards, val_shards, **kw)
         self.encoders = {n: int(e["max_length"]) for n, e in self.manifest["encoders"].items()}
-        self.preparer = LatentPreparer(self.encoders, self.manifest["latent_shape"])
+        self.latent_shapes = self.manifest.get("latent_shapes") or [self.manifest["latent_shape"]]
+        self.preparer = LatentPreparer(self.encoders, self.latent_shapes)
 
     def check_loader_settings(self, *, hflip: float, resolution: int, **settings: Any) -> None:
         super().check_loader_settings(**settings)
@@ -145,6 +147,14 @@ class LatentSource(WebDatasetSource):
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_latents(samples, self.encoders)
+
+    def bucketed(self, prepare) -> bool:
+        """Latents of several shapes (precomputed with ``data.buckets``) are batched by shape."""
+        return len(self.latent_shapes) > 1
+
+    @staticmethod
+    def sample_shape(sample: dict[str, Any]) -> tuple:
+        return tuple(sample["tensors"]["latent"].shape)
 
     def stream(self, split, prepare, skips, batch_size, drop_last, world_size=1, workers=0, epoch=None):
         """As :meth:`WebDatasetSource.stream`, with the latent sample check instead of image decoding."""

@@ -14,6 +14,7 @@ path in the hyperparameters (a T5-XXL is not copied into every checkpoint). ``ch
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
+from emu.data.buckets import check_buckets
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
 from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
@@ -152,6 +154,7 @@ class DiffusionModule(L.LightningModule):
         self.exported_weights: str | None = None  # "ema" / "raw" when loaded from an export folder
         self.trained_on: dict[str, Any] | None = None  # the data's description, when loaded (model cards)
         self.sampled_weights: str | None = None  # "ema" / "raw": what load_for_sampling put in place
+        self.frozen_offloaded = False  # set at setup when training on precomputed latents (see _apply)
         if init_from:
             self.initialise_from(init_from)
 
@@ -198,10 +201,48 @@ class DiffusionModule(L.LightningModule):
         manifest = getattr(getattr(dm, "source", None), "manifest", None)
         if manifest is not None:
             self.check_precomputed(manifest)
+            self.frozen_offloaded = True  # training reads their outputs: the frozen networks stay on the CPU
         if res is not None:
             self.train_resolution = int(res)
         if res is not None:
             check_resolution(res, self.resolution_multiple, "data.resolution", self.downsampling)
+        if getattr(dm, "buckets", None):
+            check_buckets(dm.buckets, self.resolution_multiple, self.downsampling)
+
+    # ------------------------------------------------------------------------------ frozen networks offloaded
+    def _frozen_slots(self) -> list[tuple[torch.nn.Module, str]]:
+        """(parent, name) of each frozen network: the autoencoder and the text encoders."""
+        return [(self, "autoencoder"), *((self.conditioner.encoders, n) for n in self.conditioner.encoders)]
+
+    def _apply(self, fn, recurse: bool = True):
+        """While :attr:`frozen_offloaded` (training on precomputed latents and embeddings), moves and casts
+        (``.to(device)``, ``.cuda()``, ``.to(dtype)``) leave the frozen networks where they are, on the CPU: a T5-XXL
+        never takes GPU memory; :meth:`frozen_on_device` brings them over for validation sampling."""
+        if not getattr(self, "frozen_offloaded", False):  # (also while __init__ runs)
+            return super()._apply(fn, recurse)
+        hidden = [(parent, name, parent._modules[name]) for parent, name in self._frozen_slots()]
+        for parent, name, _ in hidden:
+            parent._modules[name] = None  # skipped by nn.Module._apply; the order of the modules is kept
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for parent, name, module in hidden:
+                parent._modules[name] = module
+
+    @contextmanager
+    def frozen_on_device(self):
+        """Inside the block the frozen networks are on the training device, even while offloaded (then back)."""
+        frozen = [parent._modules[name] for parent, name in self._frozen_slots()]
+        if not self.frozen_offloaded or all(p.device == self.device for m in frozen for p in m.parameters()):
+            yield
+            return
+        for m in frozen:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in frozen:
+                m.to("cpu")
 
     def check_precomputed(self, manifest: dict[str, Any]) -> None:
         """Refuse precomputed shards (:mod:`emu.diffusion.latents`) made with another autoencoder or text encoders."""
@@ -290,7 +331,8 @@ class DiffusionModule(L.LightningModule):
                 if swapped and not self.val_sampling.ema:  # model.val_sampling.ema=false: sample the raw weights
                     self._ema_ctx.__exit__(None, None, None)
                     swapped = False
-                images = self.sample(self.val_prompts, self.val_seeds)  # on every rank: sharded weights need all
+                with self.frozen_on_device():  # on every rank: sharded weights need all
+                    images = self.sample(self.val_prompts, self.val_seeds)
                 if self.trainer.is_global_zero:
                     caption = " | ".join(self.val_prompts)
                     log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)

@@ -2,13 +2,22 @@
 
     python -m emu.diffusion.precompute --out /data/latents/laion_256 experiment=stage1_pretrain \\
         data.source.shards='/data/laion/{00000..99999}.tar' model.autoencoder=outputs/autoencoder/runs/<run>/export
+    torchrun --nproc-per-node 8 -m emu.diffusion.precompute --out ... (or srun; every rank the same command)
     python train.py experiment=stage1_pretrain data=latents data.source.shards='/data/latents/laion_256/train/*.tar' ...
 
-The config overrides are those of ``train.py`` for the stage to be trained: its data (source, resolution) and
+The config overrides are those of ``train.py`` for the stage to be trained: its data (source, resolution, buckets) and
 its model's frozen parts (``model.autoencoder``, ``model.text.encoders``) are what gets precomputed; the U-Net is
-never built. Images are center-cropped and not flipped (the latents are fixed crops). Bad samples are skipped and
-counted as in training. Writes ``<out>/train/*.tar``, ``<out>/val/*.tar`` (when the data has a val split) and
-``<out>/precompute.json``.
+never built. Images are center-cropped (in their aspect-ratio bucket, with ``data.buckets``) and not flipped (the
+latents are fixed crops). Bad samples are skipped and counted as in training.
+
+The data is read in pieces (:meth:`~emu.data.EmuDataModule.piece_loader`: an input shard of a stream, ``--shard-size``
+indices of a map-style source); piece ``j`` of a split becomes ``<out>/<split>/<j>.tar`` and ``<j>.json`` (its counts),
+so the output is the same whatever the number of ranks. Under ``torchrun``, ``srun`` or Lightning's launcher
+(:mod:`emu.training.ranks`) each rank takes every ``world``-th piece, on its own GPU with the frozen networks in bf16.
+A finished piece is never redone: a killed job, restarted, does what is left (a piece is written to ``.partial`` and
+put in place when whole). The last rank to finish writes ``<out>/precompute.json`` from the pieces' records.
+``<out>/precompute.plan.json`` records what is being computed; a rerun with another autoencoder, encoders or data into
+the same ``--out`` is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,8 +39,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from emu.autoencoder.module import load_autoencoder
-from emu.diffusion.latents import EXTENSION, MANIFEST, pack
+from emu.diffusion.latents import EXTENSION, MANIFEST, PLAN, pack
+from emu.errors import ConfigError
 from emu.text.encoders import FrozenTextEncoder
+from emu.training.ranks import Ranks, detect_ranks, share
 from emu.utils.config import check_required, config_errors_as_messages
 from emu.utils.files import atomic_write_text
 
@@ -60,15 +73,46 @@ def _encoder_record(spec: dict[str, Any], encoder: FrozenTextEncoder) -> dict[st
             "max_length": encoder.max_length, "hidden_size": encoder.hidden_size}  # fmt: skip
 
 
+def _plan(cfg: DictConfig, autoencoder: torch.nn.Module, specs: dict[str, Any], encoders: dict[str, Any],
+          shard_size: int) -> dict[str, Any]:  # fmt: skip
+    """What a precompute computes: a rerun into the same folder must compute the same."""
+    return {
+        "resolution": int(cfg.data.resolution),
+        "buckets": OmegaConf.to_container(cfg.data.buckets, resolve=True) if cfg.data.get("buckets") else None,
+        "autoencoder": str(cfg.model.autoencoder),
+        "autoencoder_fingerprint": fingerprint(autoencoder),
+        "encoders": {n: _encoder_record(s, encoders[n]) for n, s in specs.items()},
+        "source": OmegaConf.to_container(cfg.data.source, resolve=True),
+        "shard_size": shard_size,
+    }
+
+
+def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+    path = out / PLAN
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        if changed:
+            raise ConfigError("--out", f"'{out}' holds a precompute of other settings ({', '.join(changed)} differ); "
+                              "use another --out, or delete it to start over")  # fmt: skip
+    else:
+        atomic_write_text(path, json.dumps(plan, indent=2))
+
+
+def _pieces_done(folder: Path) -> dict[int, dict[str, Any]]:
+    return {int(p.stem): json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.is_dir() else {}
+
+
 @torch.no_grad()
-def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device: str = "cpu",
-               progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Write the shards and the manifest for the data and frozen models of ``cfg``; returns the manifest."""
+def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device: str = "cpu", progress: bool = True,
+               ranks: Ranks | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """Write this rank's pieces (all, in a single process) and, when every piece is done, the manifest; returns the
+    manifest, or None when other ranks' pieces are still missing."""
     import webdataset as wds
 
     check_required(cfg.data)
     check_required(cfg.model)
-    cfg = _fixed_crops(cfg)
+    cfg, ranks = _fixed_crops(cfg), ranks or Ranks()
     out = Path(out).expanduser().resolve()
     datamodule = hydra.utils.instantiate(cfg.data)
     autoencoder = load_autoencoder(cfg.model.autoencoder).to(device).eval()
@@ -76,42 +120,60 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
     encoders = {name: FrozenTextEncoder(**spec).to(device) for name, spec in specs.items()}
     cuda = torch.device(device).type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()  # the frozen nets in bf16 on GPU
+    plan = _plan(cfg, autoencoder, specs, encoders, shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_plan(out, plan)
 
-    counts, t0, latent_shape = {}, time.perf_counter(), None
-    for split in ("train", "val"):
-        if not datamodule.has_split(split):
-            continue
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.tar"):
-            old.unlink()
-        n = 0
-        loader = datamodule.dataloader(split, shuffle=False)
-        with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
-            for batch in tqdm(loader, desc=f"precompute {split}", unit="batch", disable=not progress):
-                with autocast:
-                    posterior = autoencoder.encode(batch["image"].to(device))
-                    text = {name: enc(batch["caption"]) for name, enc in encoders.items()}
-                latent = torch.cat([posterior.mean, posterior.logvar], 1).float()
-                latent_shape = list(latent.shape[1:])
-                for i, key in enumerate(batch["key"]):
-                    sink.write({"__key__": key, EXTENSION: pack(latent, text, i), "txt": batch["caption"][i],
-                                "json": json.dumps(batch["meta"][i], default=str)})  # fmt: skip
-                n += len(batch["key"])
-        counts[split] = n
+    splits = [split for split in ("train", "val") if datamodule.has_split(split)]
+    pieces = [(split, j) for split in splits for j in range(datamodule.num_pieces(split, shard_size))]
+    done = {split: _pieces_done(out / split) for split in splits}
+    todo = [(split, j) for split, j in share(pieces, ranks) if j not in done[split]]
+    t0 = time.perf_counter()
+    with tqdm(total=len(todo), desc=f"precompute ({ranks.describe()})", unit="shard", disable=not progress) as bar:
+        for split, j in todo:
+            folder = out / split
+            folder.mkdir(exist_ok=True)
+            tar, partial = folder / f"{j:05d}.tar", folder / f"{j:05d}.tar.partial"
+            before, t, n, shapes = datamodule.skipped[split], time.perf_counter(), 0, set()
+            with wds.TarWriter(str(partial)) as sink:
+                for batch in datamodule.piece_loader(split, j, shard_size):
+                    with autocast:
+                        posterior = autoencoder.encode(batch["image"].to(device))
+                        text = {name: enc(batch["caption"]) for name, enc in encoders.items()}
+                    latent = torch.cat([posterior.mean, posterior.logvar], 1).float()
+                    shapes.add(tuple(latent.shape[1:]))
+                    for i, key in enumerate(batch["key"]):
+                        sink.write({"__key__": key, EXTENSION: pack(latent, text, i), "txt": batch["caption"][i],
+                                    "json": json.dumps(batch["meta"][i], default=str)})  # fmt: skip
+                    n += len(batch["key"])
+                    bar.set_postfix(images=n, refresh=False)
+            os.replace(partial, tar)
+            record = {"count": n, "skipped": dict(datamodule.skipped[split] - before), "rank": ranks.rank,
+                      "latent_shapes": sorted(map(list, shapes)),
+                      "seconds": round(time.perf_counter() - t, 3)}  # fmt: skip
+            atomic_write_text(folder / f"{j:05d}.json", json.dumps(record))
+            bar.update()
     seconds = time.perf_counter() - t0
+    done = {split: _pieces_done(out / split) for split in splits}
+    missing = [(s, j) for s, j in pieces if j not in done[s]]
+    if missing:
+        print(f"{ranks.describe()}: my pieces are done; {len(missing)} of {len(pieces)} are another rank's and not "
+              "done yet: the last rank to finish writes the manifest")  # fmt: skip
+        return None
+    records = [r for split in splits for r in done[split].values()]
+    skipped = sum((Counter(r["skipped"]) for r in records), Counter())
+    shapes = sorted({tuple(s) for r in records for s in r["latent_shapes"]})
+    busy = sum(r["seconds"] for r in records)
     manifest = {
         "out": str(out),
-        "counts": counts,
-        "skipped": datamodule.skip_summary(),
-        "resolution": int(cfg.data.resolution),
-        "latent_shape": latent_shape,
-        "autoencoder": str(cfg.model.autoencoder),
-        "autoencoder_fingerprint": fingerprint(autoencoder),
-        "encoders": {n: _encoder_record(s, encoders[n]) for n, s in specs.items()},
-        "source": OmegaConf.to_container(cfg.data.source, resolve=True),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(sum(counts.values()) / max(seconds, 1e-9), 1),
+        **plan,
+        "counts": {split: sum(r["count"] for r in done[split].values()) for split in splits},
+        "pieces": {split: len(done[split]) for split in splits},
+        "skipped": ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "no samples skipped",
+        "latent_shape": list(shapes[0]) if len(shapes) == 1 else None,
+        "latent_shapes": [list(s) for s in shapes],
+        "seconds": round(seconds, 2),  # the wall time of the rank that wrote this
+        "images_per_second_per_rank": round(sum(r["count"] for r in records) / max(busy, 1e-9), 1),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
@@ -122,14 +184,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m emu.diffusion.precompute", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (train/, val/, precompute.json)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: this rank's GPU (cuda:LOCAL_RANK), else cpu")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: from the launcher)")
+    p.add_argument("--world-size", type=int, default=None, help="how many ranks share the work (with --rank)")
     p.add_argument("overrides", nargs="*", help="train.py config overrides, e.g. experiment=mini/stage1_pretrain")
     args = p.parse_args(argv)
+    ranks = detect_ranks(args.rank, args.world_size)
+    device = args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=args.overrides)
-    m = precompute(cfg, args.out, args.shard_size, args.device)
-    print(f"wrote {m['counts']} samples to {m['out']} in {m['seconds']:.1f}s ({m['images_per_second']:.0f} img/s); "
-          f"{m['skipped']}")  # fmt: skip
+    m = precompute(cfg, args.out, args.shard_size, device, ranks=ranks)
+    if m is not None:
+        print(f"wrote {m['counts']} samples in {sum(m['pieces'].values())} shards to {m['out']} "
+              f"({m['images_per_second_per_rank']:.0f} img/s per rank); {m['skipped']}")  # fmt: skip
     return m
 
 
