@@ -276,3 +276,14 @@ def tiny_judge(tmp_path_factory) -> Path:
     torch.save({"state_dict": judge.state_dict(), "hyper_parameters": dict(judge.hparams),
                 "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
     return path
+
+
+@pytest.fixture(scope="session")
+def aesthetic_head(tiny_clip, tmp_path_factory) -> Path:
+    """An aesthetic head on the tiny CLIP, trained briefly on haystack ratings (curation tests)."""
+    from emu.curation.aesthetic import haystack_ratings, train_head
+    from emu.text.clip import ClipEmbedder
+
+    emb, ratings = haystack_ratings(ClipEmbedder(tiny_clip), 64, seed=1, resolution=32)
+    head, _ = train_head(emb, ratings, epochs=3)
+    return head.save(tmp_path_factory.mktemp("aesthetic") / "head.safetensors")

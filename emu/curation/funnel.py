@@ -3,94 +3,132 @@
 Layout of the output folder::
 
     index.jsonl                 every image once: key, caption, source size (and hidden labels when the source
-                                has them, used only to measure the funnel, never by a stage)
+                                has them, used only to measure the funnel, never by a stage); index/<piece>.jsonl
     scores/<stage>.jsonl        key, stage, score, kept (+ extra) for every image the stage saw (written at the
-                                end of the stage, atomically); scores/<stage>.partial.jsonl while it runs
+                                end of the stage, atomically); scores/<stage>/<piece>.* per piece of the data
     human/<stage>/              candidates, contact sheets, labels_template.csv, labels.jsonl
     curated/                    the curated set: PNGs + metadata.jsonl (file_name, text): data=folder reads it
     sheets/<stage>.png          kept (top rows) and rejected (bottom rows) examples per stage
     funnel.json, funnel.md      counts in/out, rules, seconds per 1K images, and against hidden labels:
                                 precision / recall of needles, what each stage removed by flaw
 
-A finished stage is never redone; an interrupted one resumes from its partial table. Every stage runs the same way:
-``stage.run(ctx, survivors) -> (kept, rows)`` with a :class:`FunnelContext` (see :mod:`emu.curation.stages`); the
-funnel writes its table and counts, and a switched-off stage (``enabled`` false) passes everything on.
+The data is read in pieces (input shards, or ``piece_size`` indices of a map-style source), and every pass writes a
+file per piece, whole: a finished stage is never redone, an interrupted one redoes only its unfinished pieces. The
+ranks of a job (``torchrun``, ``srun``: :mod:`emu.training.ranks`) share the pieces: every rank runs each stage's
+``prepare`` on its own pieces; rank 0 waits for all of them, merges them in piece order and runs ``finish`` (the
+decision, and the order-dependent near-duplicate search), then writes the stage's table, which the other ranks wait
+for. The pieces, not the ranks, fix the order, so any number of ranks gives the curated set one process gives. Stages
+without ``prepare`` (the human passes) run on rank 0 only; so do the exports and the report. A switched-off stage
+(``enabled`` false) passes everything on.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from emu.curation.export import export_curated, stage_sheets
 from emu.curation.report import funnel_markdown
 from emu.curation.stages import CurationError, FunnelContext, subset
+from emu.training.ranks import Ranks
 from emu.utils.files import atomic_write_text
 
 
 class Funnel:
-    """The ``stages`` in order over the train split of ``datamodule``, into the folder ``out``."""
+    """The ``stages`` in order over the train split of ``datamodule``, into the folder ``out``; the data is read in
+    pieces of ``piece_size`` images (map-style sources; a stream's pieces are its shards), shared by ``ranks``."""
 
-    def __init__(self, datamodule, stages: list, out: str | Path, examples: int = 8, progress: bool = True):
+    def __init__(self, datamodule, stages: list, out: str | Path, examples: int = 8, progress: bool = True,
+                 ranks: Ranks | None = None, piece_size: int = 1000, poll_seconds: float = 2.0):  # fmt: skip
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise CurationError(f"stage names must be unique, got {names}")
         self.dm, self.stages, self.out = datamodule, stages, Path(out)
         self.examples, self.progress = examples, progress
+        self.ranks, self.piece_size, self.poll_seconds = ranks or Ranks(), piece_size, poll_seconds
+        self.pieces = datamodule.num_pieces("train", piece_size)
         self.index: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------ passes
-    def _batches(self, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
-        """Batches of the images in ``keys`` (all when None), each image once, in the source's order."""
+    def _piece_batches(self, piece: int, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
+        """Batches of one piece's images in ``keys`` (all when None), each image once, in the source's order."""
         seen: set[str] = set()
-        total = math.ceil(len(self.index) / self.dm.batch_size) if self.index else None
-        loader = self.dm.dataloader("train", shuffle=False)
-        for batch in tqdm(loader, desc=desc, total=total, disable=not self.progress, leave=False):
+        for batch in self.dm.piece_loader("train", piece, self.piece_size):
             pick = [i for i, k in enumerate(batch["key"]) if k not in seen and (keys is None or k in keys)]
             seen.update(batch["key"][i] for i in pick)
             if pick:
                 yield subset(batch, pick)
 
+    def _batches(self, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
+        """Batches of the images in ``keys`` (all when None), each once, over every piece in order."""
+        for piece in self.context().track(list(range(self.pieces)), desc):
+            yield from self._piece_batches(piece, keys, desc)
+
     def context(self) -> FunnelContext:
-        return FunnelContext(self.out, self.index, self._batches)
+        return FunnelContext(self.out, self.index, self._batches, self._piece_batches, self.pieces, self.ranks,
+                             self.poll_seconds, self.progress)  # fmt: skip
 
     def scan(self) -> list[str]:
+        """``index.jsonl``: every image's key, caption, source size and hidden labels, in piece order (each rank
+        writes ``index/<piece>.jsonl`` for its pieces; rank 0 merges them)."""
         path = self.out / "index.jsonl"
-        if path.is_file():
-            self.index = {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
-            return list(self.index)
-        t = time.time()
-        rows = []
-        for batch in self._batches(None, "index"):
-            for key, caption, meta in zip(batch["key"], batch["caption"], batch["meta"], strict=True):
-                hidden = {k: meta[k] for k in ("needle", "appeal", "flaws") if k in meta}
-                rows.append({"key": key, "caption": caption, "source_size": meta.get("source_size"), "hidden": hidden})
-        if not rows:
-            raise CurationError("the data source yielded no images")
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        self.index = {r["key"]: r for r in rows}
-        (self.out / "index.seconds").write_text(f"{time.time() - t:.2f}")
+        if not path.is_file():
+            t = time.time()
+            ctx = self.context()
+            for piece in ctx.track(ctx.my_pieces(), "index"):
+                part = self.out / "index" / f"{piece:05d}.jsonl"
+                if part.is_file():
+                    continue
+                rows = []
+                for batch in self._piece_batches(piece, None, "index"):
+                    for key, caption, meta in zip(batch["key"], batch["caption"], batch["meta"], strict=True):
+                        hidden = {k: meta[k] for k in ("needle", "appeal", "flaws") if k in meta}
+                        rows.append(json.dumps({"key": key, "caption": caption, "source_size": meta.get("source_size"),
+                                                "hidden": hidden}) + "\n")  # fmt: skip
+                part.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(part, "".join(rows))
+            if self.ranks.is_main:
+                parts = [self.out / "index" / f"{p:05d}.jsonl" for p in range(self.pieces)]
+                ctx.wait_for(parts, "the index")
+                text = "".join(p.read_text() for p in parts)
+                if not text:
+                    raise CurationError("the data source yielded no images")
+                atomic_write_text(path, text)
+                (self.out / "index.seconds").write_text(f"{time.time() - t:.2f}")
+            else:
+                ctx.wait_for([path], "the index")
+        self.index = {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
         return list(self.index)
 
     # ------------------------------------------------------------------------------------------ stages
     def run_stage(self, stage, survivors: list[str]) -> tuple[set[str], dict[str, Any]]:
         ctx = self.context()
         final = ctx.table(stage.name)
-        if final.is_file():
-            rows = [json.loads(line) for line in final.read_text().splitlines()]
-            info = json.loads((final.with_suffix(".json")).read_text())
-            return {r["key"] for r in rows if r["kept"]}, info
-        final.parent.mkdir(parents=True, exist_ok=True)
-        t = time.time()
+        if not final.is_file():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            t = time.time()
+            if stage.enabled and hasattr(stage, "prepare"):
+                stage.prepare(ctx, survivors)  # every rank: its pieces
+            if self.ranks.is_main:
+                try:
+                    self._finish_stage(stage, survivors, ctx, t)
+                except CurationError as e:  # the other ranks wait for this stage's table: tell them why it won't come
+                    atomic_write_text(final.with_name(final.name + ".error"), str(e))
+                    raise
+            ctx.wait_for([final, final.with_suffix(".json")], f"stage {stage.name!r}'s table")
+        rows = [json.loads(line) for line in final.read_text().splitlines()]
+        info = json.loads(final.with_suffix(".json").read_text())
+        return {r["key"] for r in rows if r["kept"]}, info
+
+    def _finish_stage(self, stage, survivors: list[str], ctx: FunnelContext, t: float) -> None:
+        final = ctx.table(stage.name)
+        final.with_name(final.name + ".error").unlink(missing_ok=True)
         if stage.enabled:
-            kept, rows = stage.run(ctx, survivors)
+            kept, rows = stage.finish(ctx, survivors) if hasattr(stage, "finish") else stage.run(ctx, survivors)
             note = stage.describe()
         else:  # a switched-off stage passes everything on, and says so
             kept, rows = set(survivors), {k: {"score": 0.0} for k in survivors}
@@ -103,20 +141,20 @@ class Funnel:
                                 f"min/25%/median/75%/max: {dist}: loosen its rule")  # fmt: skip
         seconds = time.time() - t
         info = {"stage": stage.name, "kind": stage.kind, "rule": note, "n_in": len(survivors), "n_out": len(kept),
-                "seconds": round(seconds, 2),
-                "seconds_per_1k": round(1000 * seconds / max(1, len(survivors)), 2)}  # fmt: skip
+                "seconds": round(seconds, 2), "seconds_per_1k": round(1000 * seconds / max(1, len(survivors)), 2),
+                "ranks": self.ranks.world}  # fmt: skip
         lines = [json.dumps({"key": k, "stage": stage.name, **r, "kept": k in kept}) + "\n" for k, r in rows.items()]
         atomic_write_text(final.with_suffix(".json"), json.dumps(info, indent=2))
         atomic_write_text(final, "".join(lines))
-        ctx.table(stage.name, partial=True).unlink(missing_ok=True)
-        return kept, info
 
     # ------------------------------------------------------------------------------------------ the whole run
     def run(self) -> dict[str, Any]:
+        """The whole funnel; every rank returns the report (the others wait for rank 0 to write it)."""
         self.out.mkdir(parents=True, exist_ok=True)
         t = time.time()
         survivors = self.scan()
-        report: dict[str, Any] = {"n_images": len(survivors), "stages": []}
+        report: dict[str, Any] = {"n_images": len(survivors), "stages": [], "ranks": self.ranks.world,
+                                  "pieces": self.pieces}  # fmt: skip
         timing = self.out / "index.seconds"
         if timing.is_file():  # the first pass over the data (keys, captions, sizes)
             report["index_seconds"] = float(timing.read_text())
@@ -126,16 +164,20 @@ class Funnel:
             kept, info = self.run_stage(stage, survivors)
             info.update(hidden.describe(survivors, kept))
             report["stages"].append(info)
-            print(f"  {stage.name:<20} {info['n_in']:>7} -> {info['n_out']:<7} {info['rule']}  "
-                  f"({info['seconds']:.0f}s)")  # fmt: skip
+            if self.ranks.is_main:
+                print(f"  {stage.name:<20} {info['n_in']:>7} -> {info['n_out']:<7} {info['rule']}  "
+                      f"({info['seconds']:.0f}s)")  # fmt: skip
             survivors = [k for k in survivors if k in kept]
+        if not self.ranks.is_main:
+            self.context().wait_for([self.out / "funnel.json"], "the report")
+            return json.loads((self.out / "funnel.json").read_text())
         ctx = self.context()
         export_curated(ctx, survivors)
         report["final"] = {"n": len(survivors), **hidden.describe(list(self.index), set(survivors))}
         report["seconds"] = round(time.time() - t, 1)
         stage_sheets(ctx, [s.name for s in self.stages], self.examples)
-        atomic_write_text(self.out / "funnel.json", json.dumps(report, indent=2))
         atomic_write_text(self.out / "funnel.md", funnel_markdown(report, self.stages))
+        atomic_write_text(self.out / "funnel.json", json.dumps(report, indent=2))
         return report
 
 

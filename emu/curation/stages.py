@@ -2,8 +2,10 @@
 
 To the funnel a stage is ``name``, ``kind``, ``enabled``, ``describe()`` and ``run(ctx, survivors)``, which returns
 ``(kept keys, rows)``: a row per survivor with its ``score`` (and optionally ``extra``) for ``scores/<stage>.jsonl``.
-The :class:`FunnelContext` ``ctx`` lends it the images of any key set, the index, earlier stages' scores and the
-output folder. The human passes are :class:`emu.curation.human.HumanStage`.
+A stage that can share its work between the ranks of a job splits ``run`` into ``prepare`` (every rank: its pieces of
+the data, each piece's result in a file of its own) and ``finish`` (one rank: merge the pieces in order and decide).
+The :class:`FunnelContext` ``ctx`` lends it the images of any key set or piece, the index, earlier stages' scores and
+the output folder. The human passes are :class:`emu.curation.human.HumanStage`.
 
 An automatic :class:`Stage` sees batches of survivors (``image`` in [-1, 1], ``caption``, ``key``, ``meta``) and
 returns one score per image (plus, optionally, an ``extra`` dict per image that a resumed run needs, such as a hash).
@@ -15,21 +17,27 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from emu.curation.ocr import TesseractText, tesseract_available
 from emu.errors import ConfigError
 from emu.text.aesthetic import AestheticHead
+from emu.training.ranks import Ranks, share
 from emu.utils.files import atomic_write_text
 from emu.utils.images import to_uint8
+
+log = logging.getLogger("emu.curation")
 
 
 class CurationError(RuntimeError):
@@ -79,16 +87,65 @@ class FunnelContext:
     """What the funnel lends a stage (and its writers) for a run.
 
     ``out`` is the funnel's folder, ``index`` maps each key to its caption, source size and hidden labels, and
-    ``batches(keys, desc)`` yields the images of ``keys`` (all when None), each once, in the source's order.
+    ``batches(keys, desc)`` yields the images of ``keys`` (all when None), each once, in the source's order. The data
+    is read in ``pieces`` (:meth:`~emu.data.EmuDataModule.piece_loader`: input shards, or runs of indices), in the
+    source's order; ``piece_batches(piece, keys, desc)`` yields one piece's images of ``keys``; ``ranks`` says which
+    pieces are this process's (:meth:`my_pieces`).
     """
 
     out: Path
     index: dict[str, dict[str, Any]]
     batches: Callable[[set[str] | None, str], Iterator[dict[str, Any]]]
+    piece_batches: Callable[[int, set[str] | None, str], Iterator[dict[str, Any]]] | None = None
+    pieces: int = 1
+    ranks: Ranks = field(default_factory=Ranks)
+    poll_seconds: float = 2.0
+    progress: bool = False
 
-    def table(self, stage: str, partial: bool = False) -> Path:
-        """``scores/<stage>.jsonl``, or ``scores/<stage>.partial.jsonl`` (the rows so far, while it runs)."""
-        return self.out / "scores" / f"{stage}{'.partial' if partial else ''}.jsonl"
+    def track(self, pieces: list[int], desc: str) -> Iterator[int]:
+        """``pieces`` with a progress bar (pieces done, rate, time left) when the funnel shows progress."""
+        bar = tqdm(pieces, desc=f"{desc} ({self.ranks.describe()})", unit="piece", disable=not self.progress,
+                   leave=False)  # fmt: skip
+        yield from bar
+
+    def table(self, stage: str) -> Path:
+        """``scores/<stage>.jsonl``: a finished stage's rows."""
+        return self.out / "scores" / f"{stage}.jsonl"
+
+    def piece_file(self, stage: str, piece: int, suffix: str = ".jsonl") -> Path:
+        """``scores/<stage>/<piece>.jsonl``: what a stage made of one piece of the data."""
+        return self.out / "scores" / stage / f"{piece:05d}{suffix}"
+
+    def my_pieces(self) -> list[int]:
+        return share(list(range(self.pieces)), self.ranks)
+
+    def wait_for(self, paths: list[Path], what: str) -> None:
+        """Until every path exists (the other ranks' pieces); a file ``<path>.error`` beside one stops the wait with
+        its message (the rank that met the error wrote it)."""
+        missing = [p for p in paths if not p.is_file()]
+        if missing and self.ranks.world > 1:
+            log.info("%s: waiting for %d of %d files of %s from the other ranks", self.ranks.describe(),
+                     len(missing), len(paths), what)  # fmt: skip
+        while missing:
+            for p in missing:
+                error = p.with_name(p.name + ".error")
+                if error.is_file():
+                    raise CurationError(error.read_text())
+            if self.ranks.world == 1:
+                raise CurationError(f"{len(missing)} files of {what} are missing (first: {missing[0]})")
+            time.sleep(self.poll_seconds)
+            missing = [p for p in missing if not p.is_file()]
+
+    def gather(self, stage: str, survivors: list[str]) -> Rows:
+        """Every survivor's row from the stage's piece tables (waiting for the other ranks'), in survivor order."""
+        paths = [self.piece_file(stage, p) for p in range(self.pieces)]
+        self.wait_for(paths, f"stage {stage!r}")
+        rows: Rows = {}
+        for path in paths:
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                rows[r.pop("key")] = r
+        return {k: rows[k] for k in survivors if k in rows}
 
     def scores(self, stage: str) -> dict[str, float]:
         """A finished stage's scores by key."""
@@ -100,72 +157,42 @@ def subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
     return {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in batch.items()}
 
 
-def read_partial(path: Path) -> Rows:
-    """The complete rows of an interrupted pass; a half-written last line is dropped (from the file too: appending
-    after a torn line would hide what follows it)."""
-    rows: Rows = {}
-    if not path.is_file():
-        return rows
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        lines.append(line + "\n")
-        rows[r.pop("key")] = r
-    atomic_write_text(path, "".join(lines))
-    return rows
-
-
 class Stage:
-    """An automatic stage: ``name``, ``keep`` rule; subclasses implement :meth:`score`, the funnel calls :meth:`run`.
-
-    ``replay``: a stateful stage that must see the images scored before an interrupt again (:meth:`observe`).
-    """
+    """An automatic stage: ``name``, ``keep`` rule; subclasses implement :meth:`score`, the funnel calls :meth:`prepare`
+    on every rank and :meth:`finish` on one (:meth:`run`: both, in one process)."""
 
     needs_pixels = True
     kind = "automatic"
     enabled = True
-    replay = False
 
     def __init__(self, name: str, keep: dict[str, Any] | None = None):
         self.name, self.keep = name, KeepRule(**(keep or {}))
 
     def run(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
-        rows = self.score_all(ctx, survivors)
-        return self.select(rows), rows
+        self.prepare(ctx, survivors)
+        return self.finish(ctx, survivors)
 
-    def score_all(self, ctx: FunnelContext, survivors: list[str]) -> Rows:
-        """The rows of ``survivors``, appended to the partial table batch by batch; resumes from it."""
-        partial = ctx.table(self.name, partial=True)
-        rows = read_partial(partial)
-        self.start(rows)
-        todo = {k for k in survivors if k not in rows}
-        replay = self.replay and rows  # stateful: see the scored images again, in order
-        with partial.open("a") as f:
-            for batch in ctx.batches(set(survivors) if replay else todo, self.name) if todo else []:
-                if replay:
-                    done = [i for i, k in enumerate(batch["key"]) if k not in todo]
-                    if done:
-                        self.observe(subset(batch, done))
-                    new = [i for i, k in enumerate(batch["key"]) if k in todo]
-                    if not new:
-                        continue
-                    batch = subset(batch, new)
+    def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
+        """This rank's share of the pass: the survivors of each of its pieces scored into the piece's table, written
+        whole (a restarted run skips the finished pieces)."""
+        wanted = set(survivors)
+        for piece in ctx.track(ctx.my_pieces(), self.name):
+            path = ctx.piece_file(self.name, piece)
+            if path.is_file():
+                continue
+            lines = []
+            for batch in ctx.piece_batches(piece, wanted, self.name):
                 scores, extra = self.score(batch)
                 for i, (key, score) in enumerate(zip(batch["key"], scores, strict=True)):
-                    row = {"score": float(score), **({"extra": extra[i]} if extra else {})}
-                    rows[key] = row
-                    f.write(json.dumps({"key": key, **row}) + "\n")
-                f.flush()
-        return {k: rows[k] for k in survivors if k in rows}
+                    row = {"key": key, "score": float(score), **({"extra": extra[i]} if extra else {})}
+                    lines.append(json.dumps(row) + "\n")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "".join(lines))
 
-    def start(self, previous: Rows) -> None:
-        """Called before a pass with the rows already scored (a resumed run); stateful stages restore here."""
-
-    def observe(self, batch: dict[str, Any]) -> None:
-        """A ``replay`` stage sees an image it scored before the interrupt."""
+    def finish(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
+        """Every piece's rows, merged in order (the same whatever the number of ranks), and the rule's decision."""
+        rows = ctx.gather(self.name, survivors)
+        return self.select(rows), rows
 
     def score(self, batch: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]] | None]:
         raise NotImplementedError
@@ -221,51 +248,123 @@ def thumbnails(images: torch.Tensor, size: int = 16) -> torch.Tensor:
     return t / t.std(1, keepdim=True).clamp_min(1e-3)
 
 
+class EarlierNeighbours:
+    """Distance of each new feature vector to its nearest among all vectors seen before it (in the order given).
+
+    ``index``: ``hnsw`` (faiss's approximate HNSW graph: about log N per query, the default), ``flat`` (faiss's exact
+    search: N per query) for ``thumbnail`` features, measured as the RMS difference; ``phash`` features (uint64 hashes)
+    are compared exactly by Hamming distance. faiss builds the graph on one thread, so that its result does not depend
+    on thread timing.
+    """
+
+    def __init__(self, method: str = "thumbnail", index: str = "hnsw", hnsw_m: int = 16, ef_search: int = 64,
+                 ef_construction: int = 40):  # fmt: skip
+        self.method, self.kind = method, index
+        self.hnsw_m, self.ef_search, self.ef_construction = hnsw_m, ef_search, ef_construction
+        self.reset()
+
+    def reset(self) -> None:
+        self.index = None
+        self.hashes: list[np.ndarray] = []
+
+    def _faiss(self, dim: int):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        if self.kind == "flat":
+            return faiss.IndexFlatL2(dim)
+        index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
+        index.hnsw.efConstruction, index.hnsw.efSearch = self.ef_construction, self.ef_search
+        return index
+
+    def add(self, feats) -> list[float]:
+        """The distances of ``feats`` (in order) to their nearest earlier vector (1e9 for the first); then remembers
+        them."""
+        if self.method == "phash":
+            seen = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.uint64)
+            count = np.bitwise_count
+            out = [float(min(count(seen ^ h).min(initial=64), count(feats[:i] ^ h).min(initial=64)))
+                   for i, h in enumerate(feats)]  # fmt: skip
+            self.hashes.append(feats)
+            return out
+        x = np.ascontiguousarray(feats.numpy() if isinstance(feats, torch.Tensor) else feats, dtype=np.float32)
+        dim = x.shape[1]
+        if self.index is None:
+            self.index = self._faiss(dim)
+        if self.index.ntotal:
+            d2, _ = self.index.search(x, 1)
+            d_seen = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0))).double() / dim**0.5
+        else:
+            d_seen = torch.full((len(x),), 1e9, dtype=torch.float64)
+        t = torch.from_numpy(x)  # earlier in the same batch: exact (a batch is small)
+        d_self = torch.cdist(t, t).double() / dim**0.5 + torch.triu(torch.full((len(x),) * 2, 1e9, dtype=torch.float64))
+        self.index.add(x)
+        return torch.minimum(d_seen, d_self.min(1).values).tolist()
+
+
 class NearDuplicates(Stage):
     """Score: distance of each image to the nearest image before it (in the source's order); keep ``min`` drops
     every image within ``max_distance`` of an earlier one.
 
     ``method``: ``thumbnail`` (RMS difference of standardised 16x16 RGB thumbnails, default) or ``phash`` (Hamming
-    distance of 64-bit DCT perceptual hashes). A resumed run replays the images scored before the interrupt
-    (:meth:`observe`), so it removes exactly what an uninterrupted run would.
+    distance of 64-bit DCT perceptual hashes). ``index``: how the nearest earlier thumbnail is found
+    (:class:`EarlierNeighbours`: faiss's ``hnsw`` graph by default, ``flat`` for exact search). The ranks of a job
+    compute the features of their pieces (``scores/<stage>/<piece>.npz``); the order-dependent search then runs over
+    the pieces in order, in one process.
     """
 
-    replay = True
-
     def __init__(self, name: str = "near_duplicates", method: str = "thumbnail", max_distance: float = 0.2,
-                 thumbnail_size: int = 16, keep=None):  # fmt: skip
+                 thumbnail_size: int = 16, index: str = "hnsw", hnsw_m: int = 16, ef_search: int = 64,
+                 keep=None):  # fmt: skip
         if method not in ("thumbnail", "phash"):
             raise ConfigError(f"stages.{name}.method", f"must be thumbnail or phash, got {method!r}")
+        if index not in ("hnsw", "flat"):
+            raise ConfigError(f"stages.{name}.index", f"must be hnsw or flat, got {index!r}")
         eps = 1e-6 if method == "thumbnail" else 1
         super().__init__(name, keep or {"min": max_distance + eps})
         self.method, self.size = method, thumbnail_size
-        self.seen: list = []
+        self.neighbours = EarlierNeighbours(method, index, hnsw_m, ef_search)
 
-    def _features(self, images: torch.Tensor):
+    def features(self, images: torch.Tensor):
         return thumbnails(images, self.size) if self.method == "thumbnail" else phash_batch(images)
 
-    def observe(self, batch) -> None:
-        self.seen.append(self._features(batch["image"]))
-
-    def _distances(self, feats) -> list[float]:
-        out = []
-        if self.method == "phash":
-            seen = np.concatenate(self.seen) if self.seen else np.zeros(0, np.uint64)
-            for i, h in enumerate(feats):  # nearest among earlier batches, then earlier in this batch
-                d = min(np.bitwise_count(seen ^ h).min(initial=64), np.bitwise_count(feats[:i] ^ h).min(initial=64))
-                out.append(float(d))
-            return out
-        seen = torch.cat(self.seen) if self.seen else feats[:0]
-        dim = feats.shape[1] ** 0.5
-        d_seen = torch.cdist(feats, seen).min(1).values / dim if len(seen) else torch.full((len(feats),), 1e9)
-        d_self = torch.cdist(feats, feats) / dim + torch.triu(torch.full((len(feats),) * 2, 1e9))  # earlier in batch
-        return torch.minimum(d_seen, d_self.min(1).values).tolist()
-
     def score(self, batch):
-        feats = self._features(batch["image"])
-        scores = self._distances(feats)
-        self.seen.append(feats)
-        return scores, None
+        """The distances of a batch's images to the images of earlier calls and earlier in the batch."""
+        return self.neighbours.add(self.features(batch["image"])), None
+
+    def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
+        wanted = set(survivors)
+        for piece in ctx.track(ctx.my_pieces(), self.name):
+            path = ctx.piece_file(self.name, piece, ".npz")
+            if path.is_file():
+                continue
+            keys, feats = [], []
+            for batch in ctx.piece_batches(piece, wanted, self.name):
+                keys += batch["key"]
+                f = self.features(batch["image"])
+                feats.append(f.numpy() if isinstance(f, torch.Tensor) else f)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            empty = (
+                np.zeros((0, 3 * self.size**2), np.float32) if self.method == "thumbnail" else np.zeros(0, np.uint64)
+            )
+            tmp = path.with_name(path.stem + ".partial.npz")
+            np.savez(tmp, keys=np.array(keys, dtype=str), features=np.concatenate(feats) if feats else empty)
+            tmp.replace(path)
+
+    def finish(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
+        paths = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
+        ctx.wait_for(paths, f"stage {self.name!r}")
+        self.neighbours.reset()
+        rows: Rows = {}
+        for path in paths:
+            with np.load(path) as f:
+                keys, feats = f["keys"].tolist(), f["features"]
+            for start in range(0, len(keys), 256):  # in batches, as the images came
+                chunk = feats[start : start + 256]
+                for key, d in zip(keys[start : start + 256], self.neighbours.add(chunk), strict=True):
+                    rows[key] = {"score": float(d)}
+        rows = {k: rows[k] for k in survivors if k in rows}
+        return self.select(rows), rows
 
 
 # ------------------------------------------------------------------------------------------------ CLIP based
@@ -328,8 +427,8 @@ class Balance(Stage):
         cls = (self.clip.embed_images(batch["image"]) @ self.text.T).argmax(-1).tolist()
         return [float(c) for c in cls], [{"concept": self.names[c]} for c in cls]
 
-    def run(self, ctx, survivors):
-        rows = self.score_all(ctx, survivors)
+    def finish(self, ctx, survivors):
+        rows = ctx.gather(self.name, survivors)
         if not ctx.table(self.rank_by).is_file():
             raise CurationError(f"no scores of stage {self.rank_by!r} (balance.rank_by must name an earlier stage)")
         return best_per_class(rows, ctx.scores(self.rank_by), self.per_class), rows

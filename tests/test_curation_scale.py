@@ -1,0 +1,89 @@
+"""Curation at scale: the approximate near-duplicate search against brute force, and the funnel shared by two
+processes launched as torchrun launches them giving what one process gives."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emu.curation.stages import EarlierNeighbours
+from tests.conftest import ROOT
+
+
+def _corpus(n: int = 4000, dim: int = 768, planted: int = 300, seed: int = 0) -> np.ndarray:
+    """Standardised vectors (as thumbnails are) with ``planted`` near-copies of earlier ones."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    for i in rng.choice(np.arange(100, n), planted, replace=False):
+        x[i] = x[rng.integers(0, i)] + rng.normal(0, rng.uniform(0.02, 0.25), dim).astype(np.float32)
+    x -= x.mean(1, keepdims=True)
+    return x / x.std(1, keepdims=True)
+
+
+def _nearest_earlier(x: np.ndarray, index: str) -> np.ndarray:
+    search = EarlierNeighbours("thumbnail", index)
+    return np.concatenate([search.add(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def test_the_approximate_search_finds_planted_near_duplicates_that_brute_force_finds():
+    x = _corpus()
+    exact, approx = _nearest_earlier(x, "flat"), _nearest_earlier(x, "hnsw")
+    for i in (150, 2000, 3999):  # the exact index is brute force
+        assert exact[i] == pytest.approx(np.sqrt(((x[i] - x[:i]) ** 2).mean(1)).min(), rel=1e-4)
+    limit = 0.2
+    truth = set(np.flatnonzero(exact <= limit))
+    found = set(np.flatnonzero(approx <= limit))
+    assert 150 < len(truth) < 300  # most of the planted copies are within the limit, no random pair is
+    recall = len(found & truth) / len(truth)
+    assert recall >= 0.95, recall
+    assert found <= truth  # an approximate search can only miss a neighbour, never invent one
+    assert np.all(approx >= exact - 1e-3)  # (faiss's flat search expands |x-y|² in float32: ~1e-3 off near 0)
+
+
+def _overrides(out, tiny_clip, aesthetic_head):
+    return [
+        f"out={out}", f"paths.output_dir={out}", f"clip={tiny_clip}", "data=haystack", "data.source.n_train=240",
+        "data.source.n_val=0", "data.resolution=32", "data.batch_size=32", "data.num_workers=0", "piece_size=64",
+        f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
+        "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",
+        "poll_seconds=0.2",
+    ]  # fmt: skip
+
+
+def test_two_ranks_curate_what_one_process_curates(tmp_path, tiny_clip, aesthetic_head):
+    from hydra import compose, initialize_config_dir
+
+    import curate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        one = curate.run(compose("curate", overrides=_overrides(tmp_path / "one", tiny_clip, aesthetic_head)))
+
+    out = tmp_path / "two"
+    procs = []
+    for rank in (0, 1):  # the variables torchrun sets (TORCHELASTIC_RUN_ID marks a torchelastic launch)
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "t"}
+        cmd = [sys.executable, "curate.py", *_overrides(out, tiny_clip, aesthetic_head),
+               f"hydra.run.dir={tmp_path}/hydra{rank}"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    two = json.loads((out / "funnel.json").read_text())
+    assert two["ranks"] == 2 and two["pieces"] == one["pieces"] == 4
+    assert [(s["stage"], s["n_in"], s["n_out"]) for s in two["stages"]] == [
+        (s["stage"], s["n_in"], s["n_out"]) for s in one["stages"]
+    ]
+    curated = [json.loads(r)["key"] for r in (out / "curated/metadata.jsonl").read_text().splitlines()]
+    ref = [json.loads(r)["key"] for r in (tmp_path / "one/curated/metadata.jsonl").read_text().splitlines()]
+    assert curated == ref and len(curated) == one["final"]["n"]
+    for stage in ("clip_score", "aesthetic", "near_duplicates"):
+        rows = {r["key"]: r for r in map(json.loads, (out / f"scores/{stage}.jsonl").read_text().splitlines())}
+        ref_rows = {
+            r["key"]: r for r in map(json.loads, (tmp_path / f"one/scores/{stage}.jsonl").read_text().splitlines())
+        }
+        assert rows.keys() == ref_rows.keys()
+        assert all(rows[k]["score"] == pytest.approx(ref_rows[k]["score"], rel=1e-5, abs=1e-6) for k in rows)
+    ranks = {json.loads(line)["key"] for p in (out / "index").glob("*.jsonl") for line in p.read_text().splitlines()}
+    assert len(ranks) == 240
