@@ -196,7 +196,7 @@ def wide_and_tall_folder(tmp_path):
     return folder
 
 
-def test_stage1_trains_on_mixed_aspect_ratios_and_samples_a_non_square_bucket(
+def test_stage1_trains_on_mixed_aspect_ratios_size_conditioned_and_samples_a_non_square_bucket(
     wide_and_tall_folder, tmp_path, tiny_autoencoder, tiny_clip, tiny_t5
 ):
     import hydra
@@ -210,6 +210,7 @@ def test_stage1_trains_on_mixed_aspect_ratios_and_samples_a_non_square_bucket(
                  "~data.source.n_train", "~data.source.n_val", "~data.source.seed", "data.source.val_fraction=0.0",
                  "data.resolution=64", "data.buckets=[[96,48],[48,96],[64,64]]",
                  "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=6", "trainer.limit_val_batches=0",
+                 "model.unet.size_conditioning=true",
                  "+callbacks.shapes._target_=tests.test_buckets.RecordShapes", f"+callbacks.shapes.out={shapes}",
                  f"paths.output_dir={tmp_path / 'run'}",
                  *tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5)]  # fmt: skip
@@ -226,3 +227,27 @@ def test_stage1_trains_on_mixed_aspect_ratios_and_samples_a_non_square_bucket(
     module.trainer = type("T", (), {"datamodule": dm})()
     with pytest.raises(ConfigError, match=r"data\.buckets.*multiples of"):
         module.setup("fit")
+
+
+def test_size_and_crop_conditioning_moves_the_output_drops_out_and_refuses_diffusers():
+    from emu.data.samples import size_conditions
+    from emu.diffusion.convert import to_diffusers
+    from emu.diffusion.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=4, out_channels=4, block_channels=[32, 64], layers_per_block=1, transformer_depth=[0, 1],
+               head_dim=16, context_dim=16, size_conditioning=True).eval()  # fmt: skip
+    x, t, ctx = torch.randn(2, 4, 8, 16), torch.tensor([10.0, 500.0]), torch.randn(2, 3, 16)
+    metas = [{"original_size": [100, 200], "crop_top_left": [0, 8], "target_size": [64, 128]},
+             {"original_size": [64, 128], "crop_top_left": [0, 0], "target_size": [64, 128]}]  # fmt: skip
+    size = size_conditions(metas)
+    assert size.tolist()[0] == [100, 200, 0, 8, 64, 128]
+    with torch.no_grad():
+        a, b = net(x, t, ctx, size_cond=size), net(x, t, ctx, size_cond=torch.zeros_like(size))
+    assert a.shape == x.shape and (a - b).abs().max() > 1e-4  # the conditioning reaches the output
+    with pytest.raises(ValueError, match="size_cond"):
+        net(x, t, ctx)
+    with pytest.raises(ValueError, match="size and crop conditioning"):
+        to_diffusers(net)
+    with pytest.raises(ValueError, match="original_size"):
+        size_conditions([{"source_size": [3, 4]}])

@@ -211,6 +211,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def size_conditions(metas: list[dict[str, Any]]) -> torch.Tensor:
+    """SDXL's size and crop conditioning of a batch, B x 6: original height and width, crop top and left, target height
+    and width, from the samples' ``meta`` (:class:`SamplePreparer` records them; precomputed latents keep them)."""
+    try:
+        rows = [[*m["original_size"], *m["crop_top_left"], *m["target_size"]] for m in metas]
+    except KeyError as e:
+        raise ValueError(f"a sample's meta lacks {e.args[0]!r}: the data was prepared before size conditioning was "
+                         "recorded; precompute again") from e  # fmt: skip
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def as_is(batch: Any) -> Any:
     """The collate function of loaders whose dataset returns whole batches (picklable, unlike a lambda)."""
     return batch

@@ -71,6 +71,10 @@ def to_diffusers(model: UNet):
     from diffusers import UNet2DConditionModel
 
     c = model.config
+    if c.get("size_conditioning"):
+        raise ValueError("size and crop conditioning has no counterpart in diffusers' UNet2DConditionModel as emu "
+                         "adds it (SDXL's text_time embedding concatenates it with the pooled text instead): this "
+                         "U-Net does not convert")  # fmt: skip
     depth = c["transformer_depth"]
     widths = c["head_dim"] if isinstance(c["head_dim"], list | tuple) else [c["head_dim"]] * len(depth)
     heads = [ch // w for ch, w in zip(c["block_channels"], widths, strict=True)]

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
 from emu.data.buckets import check_buckets
+from emu.data.samples import size_conditions
 from emu.diffusion.denoiser import Denoiser
 from emu.diffusion.ema import EMA
 from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
@@ -84,6 +85,8 @@ class DiffusionModule(L.LightningModule):
             GPUs with tensor cores); under FSDP only the inputs (FSDP2 shards contiguous parameters only), which
             still makes the convolutions' outputs channels-last.
         compile: ``torch.compile`` the U-Net (after sharding, under FSDP).
+        size_cond_dropout: with ``unet.size_conditioning``, how often a training sample's size and crop conditioning
+            is zeroed.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class DiffusionModule(L.LightningModule):
         init_from: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        size_cond_dropout: float = 0.1,
     ):
         super().__init__()
         unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
@@ -275,12 +279,24 @@ class DiffusionModule(L.LightningModule):
         c = self.conditioner(embeddings or self.conditioner.encode(list(captions)), drop=drop)
         return {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
 
+    def size_condition(self, metas: list[dict[str, Any]], drop: bool, generator: torch.Generator | None = None):
+        """The batch's size and crop conditioning (B x 6); with ``drop``, each sample's is zeroed with probability
+        ``size_cond_dropout`` (so that the model also learns without it)."""
+        size = size_conditions(metas)
+        p = self.hparams.size_cond_dropout
+        if drop and p > 0:
+            keep = torch.rand(len(size), generator=generator) >= p
+            size = size * keep[:, None]
+        return size.to(self.device)
+
     # ------------------------------------------------------------------------------------------ training
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, drop: bool = True):
         z = self.batch_latents(batch, generator)
         if self.hparams.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         cond = self.conditioning(batch["caption"], drop=drop, embeddings=batch.get("text"))
+        if self.unet.size_embedding is not None:
+            cond["size_cond"] = self.size_condition(batch["meta"], drop, generator)
         noise = offset_noise(z, self.hparams.noise_offset, generator)
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
         return self.denoiser.loss(z, noise, sigma, **cond).mean()

@@ -193,6 +193,9 @@ def generate(
             u = negative_conditioning(conditioner, negatives[start : start + batch_size])
             cond = {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
             uncond = {"context": u.context, "context_mask": u.mask, "pooled": u.pooled}
+            if getattr(denoiser.net, "config", {}).get("size_conditioning"):  # an uncropped image of the output's size
+                size = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+                cond["size_cond"] = uncond["size_cond"] = size.expand(len(chunk), -1)
             z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True)
             images = autoencoder.decode(autoencoder.denormalize(z.float(), latent_scaling))
         out.append(images.float().clamp(-1, 1).cpu())

@@ -21,6 +21,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+SIZE_CONDITIONS = 6  # original height, width; crop top, left; target height, width (SDXL's micro-conditioning)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: ``[cos, sin]`` halves, as diffusers with
@@ -268,6 +270,9 @@ class UNet(nn.Module):
             heads at every level, so widths 40 / 80 / 160); the mid block uses the last level's.
         context_dim: width of the text context (the conditioner projects every encoder to it).
         pooled_dim: width of the pooled text embedding added to the time embedding (None: not used).
+        size_conditioning: SDXL's size and crop conditioning: the image's original size, the crop's top-left corner and
+            the target size (``size_cond``, B x 6: rows and columns each), each embedded sinusoidally and added to the
+            time embedding through their own MLP. Off by default (the Emu paper does not describe it).
         linear_projection: transformer projections as Linear (SDXL) or 1x1 conv (SD 1.x).
     """
 
@@ -286,6 +291,7 @@ class UNet(nn.Module):
         linear_projection: bool = True,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        size_conditioning: bool = False,
     ):
         super().__init__()
         n = len(block_channels)
@@ -300,12 +306,13 @@ class UNet(nn.Module):
             in_channels=in_channels, out_channels=out_channels, block_channels=list(block_channels),
             layers_per_block=list(layers), transformer_depth=list(depth), head_dim=head_dim, context_dim=context_dim,
             pooled_dim=pooled_dim, norm_groups=norm_groups, norm_eps=norm_eps, linear_projection=linear_projection,
-            dropout=dropout,
+            dropout=dropout, **({"size_conditioning": True} if size_conditioning else {}),
         )  # fmt: skip
         ch0, temb = block_channels[0], block_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch0, temb)
         self.class_embedding = TimestepEmbedding(pooled_dim, temb) if pooled_dim else None
+        self.size_embedding = TimestepEmbedding(SIZE_CONDITIONS * ch0, temb) if size_conditioning else None
         common = dict(context_dim=context_dim, groups=norm_groups, eps=norm_eps, linear=linear_projection,
                       dropout=dropout)  # fmt: skip
 
@@ -347,9 +354,10 @@ class UNet(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
+        size_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x`` B x C x H x W latents, ``t`` B (or scalar) timesteps, ``context`` B x L x D, ``context_mask`` B x L
-        (True: a real token), ``pooled`` B x P."""
+        (True: a real token), ``pooled`` B x P, ``size_cond`` B x 6 (with ``size_conditioning``)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config["block_channels"][0]).to(x.dtype))
@@ -357,6 +365,12 @@ class UNet(nn.Module):
             if pooled is None:
                 raise ValueError("this U-Net adds a pooled text embedding to the time embedding: pass `pooled`")
             temb = temb + self.class_embedding(pooled.to(x.dtype))
+        if self.size_embedding is not None:
+            if size_cond is None:
+                raise ValueError("this U-Net is size- and crop-conditioned: pass `size_cond` (B x 6)")
+            ch0 = self.config["block_channels"][0]
+            emb = timestep_embedding(size_cond.flatten().float(), ch0).view(x.shape[0], -1)
+            temb = temb + self.size_embedding(emb.to(x.dtype))
         bias = None
         if context_mask is not None:  # additive, like diffusers: a fully masked row stays finite
             bias = ((~context_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
