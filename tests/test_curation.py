@@ -192,7 +192,9 @@ def test_funnel_end_to_end_counts_outputs_and_resume(tmp_path, tiny_clip, aesthe
     assert all(p.stat().st_mtime_ns == t for p, t in written.items()) and pieces[1].is_file()  # only it redone
     assert [(s["n_in"], s["n_out"]) for s in again["stages"]] == [(s["n_in"], s["n_out"]) for s in stages]
     assert again["final"] == report["final"]
-    third = Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False).run()  # all loaded
+    with pytest.raises(CurationError, match="piece_size"):  # other pieces would not match the tables
+        Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False).run()
+    third = Funnel(_datamodule(), _stages(tiny_clip, aesthetic_head), out, progress=False, piece_size=64).run()
     assert [(s["n_in"], s["n_out"]) for s in third["stages"]] == [(s["n_in"], s["n_out"]) for s in stages]
     assert third["final"] == report["final"]
 

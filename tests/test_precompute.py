@@ -182,14 +182,14 @@ def test_bucketed_latents_keep_their_bucket_and_the_frozen_networks_stay_off_the
     import train
 
     model = tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5)
-    images = ["experiment=mini/stage1_pretrain", "data.source.n_train=48", "data.source.n_val=8", "data.resolution=32",
-              "data.buckets={multiple: 8, max_aspect: 2.0}", "data.batch_size=4", "data.num_workers=0",
+    images = ["experiment=mini/stage1_pretrain", "data.source.n_train=48", "data.source.n_val=8", "data.resolution=64",
+              "data.buckets={multiple: 16, max_aspect: 2.0}", "data.batch_size=4", "data.num_workers=0",
               f"paths.output_dir={tmp_path}/run", *model]  # fmt: skip
     manifest = precompute(_compose(images), tmp_path / "latents", shard_size=16, progress=False)
     assert len(manifest["latent_shapes"]) > 1 and manifest["latent_shape"] is None  # the haystack's odd aspects
     latents = ["experiment=mini/stage1_pretrain", "data=latents", f"data.source.shards={tmp_path}/latents/train/*.tar",
                "~data.source.n_train", "~data.source.n_val",
-               "data.resolution=32", "data.hflip=0", "data.batch_size=4", "data.drop_last=false", "data.num_workers=0",
+               "data.resolution=64", "data.hflip=0", "data.batch_size=4", "data.drop_last=false", "data.num_workers=0",
                *model]  # fmt: skip
     cfg = _compose([*latents, "trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.val_check_interval=2",
                     f"paths.output_dir={tmp_path}"])  # fmt: skip
@@ -202,7 +202,9 @@ def test_bucketed_latents_keep_their_bucket_and_the_frozen_networks_stay_off_the
     module = hydra.utils.instantiate(cfg.model)
     module.trainer = type("T", (), {"datamodule": dm})()
     module.setup("fit")
-    assert module.frozen_offloaded
+    assert module.frozen_offloaded and "autoencoder.encoder.conv_in.weight" in module._ddp_params_and_buffers_to_ignore
+    with pytest.raises(ConfigError, match="do not divide"):  # latents the U-Net cannot take
+        module.check_precomputed({**manifest, "latent_shapes": [[32, 5, 3]]})
     module.to(torch.float64)  # moves and casts pass the frozen networks by
     assert next(module.unet.parameters()).dtype == torch.float64
     assert next(module.autoencoder.parameters()).dtype == torch.float32

@@ -52,10 +52,11 @@ class Funnel:
         self.ranks, self.piece_size, self.poll_seconds = ranks or Ranks(), piece_size, poll_seconds
         self.pieces = datamodule.num_pieces("train", piece_size)
         self.index: dict[str, dict[str, Any]] = {}
+        self.started = time.time()
 
     # ------------------------------------------------------------------------------------------ passes
-    def _piece_batches(self, piece: int, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
-        """Batches of one piece's images in ``keys`` (all when None), each image once, in the source's order."""
+    def _piece_batches(self, piece: int, keys: set[str] | None, desc: str = "") -> Iterator[dict[str, Any]]:
+        """Batches of one piece's images in ``keys`` (all when None), each image once, in the piece's order."""
         seen: set[str] = set()
         for batch in self.dm.piece_loader("train", piece, self.piece_size):
             pick = [i for i, k in enumerate(batch["key"]) if k not in seen and (keys is None or k in keys)]
@@ -70,7 +71,22 @@ class Funnel:
 
     def context(self) -> FunnelContext:
         return FunnelContext(self.out, self.index, self._batches, self._piece_batches, self.pieces, self.ranks,
-                             self.poll_seconds, self.progress)  # fmt: skip
+                             self.poll_seconds, self.progress, self.started)  # fmt: skip
+
+    def check_plan(self) -> None:
+        """``funnel.plan.json``: the data and its pieces. A rerun into the same folder must read the same pieces (their
+        tables are reused), so another plan is refused; rank 0 writes it, the others wait for it."""
+        plan = {"data": self.dm.describe(), "piece_size": self.piece_size, "pieces": self.pieces}
+        plan = json.loads(json.dumps(plan, default=str))
+        path = self.out / "funnel.plan.json"
+        if not path.is_file() and self.ranks.is_main:
+            atomic_write_text(path, json.dumps(plan, indent=2))
+        self.context().wait_for([path], "the funnel's plan")
+        old = json.loads(path.read_text())
+        if old != plan:
+            changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise CurationError(f"'{self.out}' holds a funnel over other data or pieces ({', '.join(changed)} differ): "
+                                "use another out, or delete it to start over")  # fmt: skip
 
     def scan(self) -> list[str]:
         """``index.jsonl``: every image's key, caption, source size and hidden labels, in piece order (each rank
@@ -88,16 +104,22 @@ class Funnel:
                     for key, caption, meta in zip(batch["key"], batch["caption"], batch["meta"], strict=True):
                         hidden = {k: meta[k] for k in ("needle", "appeal", "flaws") if k in meta}
                         rows.append(json.dumps({"key": key, "caption": caption, "source_size": meta.get("source_size"),
-                                                "hidden": hidden}) + "\n")  # fmt: skip
+                                                "hidden": hidden, "piece": piece}) + "\n")  # fmt: skip
                 part.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(part, "".join(rows))
             if self.ranks.is_main:
                 parts = [self.out / "index" / f"{p:05d}.jsonl" for p in range(self.pieces)]
                 ctx.wait_for(parts, "the index")
-                text = "".join(p.read_text() for p in parts)
-                if not text:
+                lines, seen = [], set()
+                for part in parts:  # a key read again in a later piece keeps its first place
+                    for line in part.read_text().splitlines(keepends=True):
+                        key = json.loads(line)["key"]
+                        if key not in seen:
+                            seen.add(key)
+                            lines.append(line)
+                if not lines:
                     raise CurationError("the data source yielded no images")
-                atomic_write_text(path, text)
+                atomic_write_text(path, "".join(lines))
                 (self.out / "index.seconds").write_text(f"{time.time() - t:.2f}")
             else:
                 ctx.wait_for([path], "the index")
@@ -114,11 +136,7 @@ class Funnel:
             if stage.enabled and hasattr(stage, "prepare"):
                 stage.prepare(ctx, survivors)  # every rank: its pieces
             if self.ranks.is_main:
-                try:
-                    self._finish_stage(stage, survivors, ctx, t)
-                except CurationError as e:  # the other ranks wait for this stage's table: tell them why it won't come
-                    atomic_write_text(final.with_name(final.name + ".error"), str(e))
-                    raise
+                self._finish_stage(stage, survivors, ctx, t)
             ctx.wait_for([final, final.with_suffix(".json")], f"stage {stage.name!r}'s table")
         rows = [json.loads(line) for line in final.read_text().splitlines()]
         info = json.loads(final.with_suffix(".json").read_text())
@@ -126,7 +144,6 @@ class Funnel:
 
     def _finish_stage(self, stage, survivors: list[str], ctx: FunnelContext, t: float) -> None:
         final = ctx.table(stage.name)
-        final.with_name(final.name + ".error").unlink(missing_ok=True)
         if stage.enabled:
             kept, rows = stage.finish(ctx, survivors) if hasattr(stage, "finish") else stage.run(ctx, survivors)
             note = stage.describe()
@@ -149,9 +166,19 @@ class Funnel:
 
     # ------------------------------------------------------------------------------------------ the whole run
     def run(self) -> dict[str, Any]:
-        """The whole funnel; every rank returns the report (the others wait for rank 0 to write it)."""
+        """The whole funnel; every rank returns the report (the others wait for rank 0 to write it). A rank that
+        fails says so in ``errors/rank<r>.txt``, which stops the others' waits."""
         self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run()
+        except BaseException as e:
+            if self.ranks.world > 1:
+                self.context().report_failure(e)
+            raise
+
+    def _run(self) -> dict[str, Any]:
         t = time.time()
+        self.check_plan()
         survivors = self.scan()
         report: dict[str, Any] = {"n_images": len(survivors), "stages": [], "ranks": self.ranks.world,
                                   "pieces": self.pieces}  # fmt: skip

@@ -101,6 +101,8 @@ class FunnelContext:
     ranks: Ranks = field(default_factory=Ranks)
     poll_seconds: float = 2.0
     progress: bool = False
+    started: float = 0.0  # when this run started (older error files are another run's)
+    wait_timeout_s: float = 86400.0
 
     def track(self, pieces: list[int], desc: str) -> Iterator[int]:
         """``pieces`` with a progress bar (pieces done, rate, time left) when the funnel shows progress."""
@@ -120,24 +122,41 @@ class FunnelContext:
         return share(list(range(self.pieces)), self.ranks)
 
     def wait_for(self, paths: list[Path], what: str) -> None:
-        """Until every path exists (the other ranks' pieces); a file ``<path>.error`` beside one stops the wait with
-        its message (the rank that met the error wrote it)."""
-        missing = [p for p in paths if not p.is_file()]
+        """Until every path exists (the other ranks' pieces). A rank that fails writes ``errors/rank<r>.txt``
+        (:meth:`report_failure`); one written since this run started stops the wait with its message, and so does
+        ``wait_timeout_s`` without progress."""
+        missing, last_progress = [p for p in paths if not p.is_file()], time.time()
         if missing and self.ranks.world > 1:
             log.info("%s: waiting for %d of %d files of %s from the other ranks", self.ranks.describe(),
                      len(missing), len(paths), what)  # fmt: skip
         while missing:
-            for p in missing:
-                error = p.with_name(p.name + ".error")
-                if error.is_file():
-                    raise CurationError(error.read_text())
+            for error in sorted((self.out / "errors").glob("rank*.txt")):
+                if error.stat().st_mtime >= self.started - 1:
+                    raise CurationError(f"{error.stem} failed, so {what} will not come: {error.read_text()}")
             if self.ranks.world == 1:
                 raise CurationError(f"{len(missing)} files of {what} are missing (first: {missing[0]})")
+            if time.time() - last_progress > self.wait_timeout_s:
+                raise CurationError(f"waited {self.wait_timeout_s:.0f}s for {what} (first missing: {missing[0]}); is "
+                                    "every rank of the job running?")  # fmt: skip
             time.sleep(self.poll_seconds)
-            missing = [p for p in missing if not p.is_file()]
+            still = [p for p in missing if not p.is_file()]
+            last_progress = time.time() if len(still) < len(missing) else last_progress
+            missing = still
+
+    def report_failure(self, error: BaseException) -> None:
+        """Tell the other ranks (waiting in :meth:`wait_for`) that this one stopped, and why."""
+        atomic_write_text(self.out / "errors" / f"rank{self.ranks.rank}.txt", f"{type(error).__name__}: {error}")
+
+    def by_piece(self, keys: list[str]) -> dict[int, set[str]]:
+        """``keys`` grouped by the piece each was first read from (the index's ``piece``)."""
+        groups: dict[int, set[str]] = {}
+        for k in keys:
+            groups.setdefault(self.index[k]["piece"], set()).add(k)
+        return groups
 
     def gather(self, stage: str, survivors: list[str]) -> Rows:
-        """Every survivor's row from the stage's piece tables (waiting for the other ranks'), in survivor order."""
+        """Every survivor's row from the stage's piece tables (waiting for the other ranks'), in survivor order; a
+        survivor without its row (piece tables of another run) is an error, not a silent loss."""
         paths = [self.piece_file(stage, p) for p in range(self.pieces)]
         self.wait_for(paths, f"stage {stage!r}")
         rows: Rows = {}
@@ -145,7 +164,12 @@ class FunnelContext:
             for line in path.read_text().splitlines():
                 r = json.loads(line)
                 rows[r.pop("key")] = r
-        return {k: rows[k] for k in survivors if k in rows}
+        missing = [k for k in survivors if k not in rows]
+        if missing:
+            raise CurationError(f"stage {stage!r}: {len(missing)} images have no score in its piece tables (first: "
+                                f"{missing[0]}): those come from another run; delete "
+                                f"{self.out / 'scores' / stage}")  # fmt: skip
+        return {k: rows[k] for k in survivors}
 
     def scores(self, stage: str) -> dict[str, float]:
         """A finished stage's scores by key."""
@@ -175,13 +199,14 @@ class Stage:
     def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
         """This rank's share of the pass: the survivors of each of its pieces scored into the piece's table, written
         whole (a restarted run skips the finished pieces)."""
-        wanted = set(survivors)
+        wanted = ctx.by_piece(survivors)
         for piece in ctx.track(ctx.my_pieces(), self.name):
             path = ctx.piece_file(self.name, piece)
             if path.is_file():
                 continue
             lines = []
-            for batch in ctx.piece_batches(piece, wanted, self.name):
+            mine = wanted.get(piece)  # a piece without survivors is not read
+            for batch in ctx.piece_batches(piece, mine, self.name) if mine else []:
                 scores, extra = self.score(batch)
                 for i, (key, score) in enumerate(zip(batch["key"], scores, strict=True)):
                     row = {"key": key, "score": float(score), **({"extra": extra[i]} if extra else {})}
@@ -333,13 +358,14 @@ class NearDuplicates(Stage):
         return self.neighbours.add(self.features(batch["image"])), None
 
     def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
-        wanted = set(survivors)
+        wanted = ctx.by_piece(survivors)
         for piece in ctx.track(ctx.my_pieces(), self.name):
             path = ctx.piece_file(self.name, piece, ".npz")
             if path.is_file():
                 continue
             keys, feats = [], []
-            for batch in ctx.piece_batches(piece, wanted, self.name):
+            mine = wanted.get(piece)  # a piece without survivors is not read
+            for batch in ctx.piece_batches(piece, mine, self.name) if mine else []:
                 keys += batch["key"]
                 f = self.features(batch["image"])
                 feats.append(f.numpy() if isinstance(f, torch.Tensor) else f)

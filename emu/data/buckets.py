@@ -89,7 +89,7 @@ class BucketSampler(ResumableSampler):
 
     An epoch: the indices in the order of a permutation seeded by (seed, epoch) (or in order without ``shuffle``),
     each put in its bucket's buffer; a full buffer becomes a batch. Left-over partial buffers are dropped
-    (``drop_last``) or become the last batches, smallest bucket first. The batches are dealt to the ranks in turn,
+    (``drop_last``) or become the last batches, in the order of ``buckets``. The batches are dealt to the ranks in turn,
     each rank getting the same number (the last few are dropped, or repeated from the start without
     ``drop_last``, as :class:`~torch.utils.data.DistributedSampler` pads). ``set_position(epoch, skip)`` skips
     ``skip`` of this rank's batches (a mid-epoch resume). A subclass of ``DistributedSampler``: Lightning leaves it

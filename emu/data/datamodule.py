@@ -123,6 +123,9 @@ class EmuDataModule(L.LightningDataModule):
             return ResumableLoader(EpochStream(make, length), batch_size=None, position=self._position, **common)
         dataset = PreparedDataset(self.source, split, prepare, skips)
         shuffle = train if shuffle is None else shuffle
+        if self.buckets and self.trainer is not None and self.trainer.overfit_batches:
+            raise ConfigError("data.buckets", "cannot be used with trainer.overfit_batches (Lightning swaps in a "
+                              "sampler of single samples); overfit without buckets")  # fmt: skip
         if self.buckets:  # whole batches of one bucket from the sampler (a batch per item: batch_size=None)
             sampler = BucketSampler(self._bucket_of(self.source, split), batch_size, shuffle, self.seed, world, rank,
                                     drop_last)  # fmt: skip

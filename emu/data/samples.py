@@ -131,8 +131,8 @@ class SamplePreparer:
         buckets: ``(width, height)`` sizes (:mod:`emu.data.buckets`); each image is resized to cover the one nearest
             its aspect ratio and cropped to it.
 
-    Each sample's ``meta`` records the SDXL size conditioning: ``original_size`` and ``crop_top_left`` (pixels of the
-    resized image), both ``[rows, columns]``, and ``target_size`` (``[height, width]``).
+    Each sample's ``meta`` records the SDXL size conditioning, all ``[rows, columns]``: ``original_size`` (the decoded
+    image's), ``crop_top_left`` (in pixels of the resized image, mirrored when flipped) and ``target_size``.
     """
 
     resolution: int = 64

@@ -143,10 +143,11 @@ class IndexedSource:
             cache[split] = self.measure_sizes(split)
         return cache[split]
 
-    def measure_sizes(self, split: str) -> list[tuple[int, int] | None]:
-        """This default decodes every image; sources override it with something cheaper (headers, metadata)."""
+    def measure_sizes(self, split: str, start: int = 0, stop: int | None = None) -> list[tuple[int, int] | None]:
+        """Images ``start`` to ``stop`` (default: all). This default decodes each; sources override it with something
+        cheaper (headers, metadata)."""
         sizes = []
-        for i in range(self.size(split)):
+        for i in range(start, self.size(split) if stop is None else stop):
             try:
                 sizes.append(decode_image(self.raw(split, i)["image"]).size)
             except BadSample:
@@ -166,8 +167,10 @@ class SourceSlice(IndexedSource):
     def raw(self, split: str, index: int) -> dict[str, Any]:
         return self.source.raw(split, self.start + index)
 
-    def image_sizes(self, split: str) -> list[tuple[int, int] | None]:
-        return self.source.image_sizes(split)[self.start : self.stop]
+    def measure_sizes(self, split: str, start: int = 0, stop: int | None = None) -> list[tuple[int, int] | None]:
+        """Only this slice's images are measured (each rank of a job measures its own pieces)."""
+        stop = self.size(split) if stop is None else stop
+        return self.source.measure_sizes(split, self.start + start, self.start + stop)
 
 
 class PreparedDataset(Dataset):
@@ -266,9 +269,9 @@ class HaystackSource(IndexedSource):
                 self.cache[index] = (image.copy(), meta)
         return {"key": meta["key"], "image": image, "caption": meta["caption"], "meta": meta}
 
-    def measure_sizes(self, split: str) -> list[tuple[int, int] | None]:
-        start = 0 if split == "train" else self.n_train
-        return [haystack.image_size(self.seed, start + i, self.resolution) for i in range(self.size(split))]
+    def measure_sizes(self, split: str, start: int = 0, stop: int | None = None) -> list[tuple[int, int] | None]:
+        offset, stop = (0 if split == "train" else self.n_train), (self.size(split) if stop is None else stop)
+        return [haystack.image_size(self.seed, offset + i, self.resolution) for i in range(start, stop)]
 
 
 class FolderSource(IndexedSource):
@@ -332,9 +335,9 @@ class FolderSource(IndexedSource):
         meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
         return {"key": name, "image": data, "caption": caption, "meta": meta}
 
-    def measure_sizes(self, split: str) -> list[tuple[int, int] | None]:
+    def measure_sizes(self, split: str, start: int = 0, stop: int | None = None) -> list[tuple[int, int] | None]:
         """From the files' headers (no decoding), turned upright by their EXIF orientation."""
-        return [header_size(self.root / name) for name in self.files[split]]
+        return [header_size(self.root / name) for name in self.files[split][start:stop]]
 
 
 def header_size(path: Path) -> tuple[int, int] | None:

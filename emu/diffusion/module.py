@@ -206,6 +206,8 @@ class DiffusionModule(L.LightningModule):
         if manifest is not None:
             self.check_precomputed(manifest)
             self.frozen_offloaded = True  # training reads their outputs: the frozen networks stay on the CPU
+            frozen = [n for n, _ in [*self.named_parameters(), *self.named_buffers()] if n.startswith(FROZEN_PREFIXES)]
+            self._ddp_params_and_buffers_to_ignore = frozen  # DDP neither syncs them nor sees two device types
         if res is not None:
             self.train_resolution = int(res)
         if res is not None:
@@ -254,6 +256,13 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
                               f"'{manifest.get('autoencoder')}', whose weights differ from model.autoencoder="
                               f"'{self.hparams.autoencoder}'; precompute again or use that autoencoder")  # fmt: skip
+        factor = self.unet.downsample_factor
+        shapes = manifest.get("latent_shapes") or [manifest.get("latent_shape")]
+        bad = [s for s in shapes if s and (s[1] % factor or s[2] % factor)]
+        if bad:
+            raise ConfigError("data.source.shards", f"the precomputed latents of shapes {bad} do not divide by the "
+                              f"U-Net's downsampling ({factor}x): precompute with buckets whose sides are multiples of "
+                              f"{self.resolution_multiple}")  # fmt: skip
         ours = {n: e.max_length for n, e in self.conditioner.encoders.items()}
         theirs = {n: e["max_length"] for n, e in manifest.get("encoders", {}).items()}
         if ours != theirs:
@@ -347,8 +356,7 @@ class DiffusionModule(L.LightningModule):
                 if swapped and not self.val_sampling.ema:  # model.val_sampling.ema=false: sample the raw weights
                     self._ema_ctx.__exit__(None, None, None)
                     swapped = False
-                with self.frozen_on_device():  # on every rank: sharded weights need all
-                    images = self.sample(self.val_prompts, self.val_seeds)
+                images = self.sample(self.val_prompts, self.val_seeds)  # on every rank: sharded weights need all
                 if self.trainer.is_global_zero:
                     caption = " | ".join(self.val_prompts)
                     log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)
@@ -367,7 +375,8 @@ class DiffusionModule(L.LightningModule):
         height, width = settings.image_size(getattr(dm, "resolution", None) or self.train_resolution or 64)
         kw = {**settings.generate_kwargs(), "progress": False, "latent_scaling": self.hparams.latent_scaling,
               "negative_prompts": [settings.negative_prompt] * len(prompts), **kw}  # fmt: skip
-        return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, height, width, **kw)
+        with self.frozen_on_device():  # (offloaded ones visit the device)
+            return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, height, width, **kw)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -73,10 +73,18 @@ def _encoder_record(spec: dict[str, Any], encoder: FrozenTextEncoder) -> dict[st
             "max_length": encoder.max_length, "hidden_size": encoder.hidden_size}  # fmt: skip
 
 
-def _plan(cfg: DictConfig, autoencoder: torch.nn.Module, specs: dict[str, Any], encoders: dict[str, Any],
-          shard_size: int) -> dict[str, Any]:  # fmt: skip
-    """What a precompute computes: a rerun into the same folder must compute the same."""
+def _plan(cfg: DictConfig, datamodule, autoencoder: torch.nn.Module, specs: dict[str, Any],
+          encoders: dict[str, Any], shard_size: int) -> dict[str, Any]:  # fmt: skip
+    """What a precompute computes: a rerun into the same folder must compute the same (the input shards themselves,
+    not only their pattern, and every setting that changes which samples pass or how they are cropped)."""
+    source = datamodule.source
+    inputs = [*(getattr(source, "shards", None) or []), *(getattr(source, "val_shards", None) or [])]
+    sizes = {s: source.size(s) for s in ("train", "val")} if hasattr(source, "size") else None
+    shards = hashlib.sha1("\n".join(map(str, inputs)).encode()).hexdigest()[:16]
+    data = {"min_size": int(cfg.data.min_size), "require_caption": bool(cfg.data.require_caption),
+            "split_sizes": sizes, "input_shards": len(inputs), "input_shards_sha1": shards}  # fmt: skip
     return {
+        "data": data,
         "resolution": int(cfg.data.resolution),
         "buckets": OmegaConf.to_container(cfg.data.buckets, resolve=True) if cfg.data.get("buckets") else None,
         "autoencoder": str(cfg.model.autoencoder),
@@ -87,8 +95,17 @@ def _plan(cfg: DictConfig, autoencoder: torch.nn.Module, specs: dict[str, Any], 
     }
 
 
-def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+def _check_plan(out: Path, plan: dict[str, Any], ranks: Ranks) -> None:
+    """Refuse a folder that holds another precompute's pieces; rank 0 writes the plan of a new one."""
     path = out / PLAN
+    if not path.is_file() and list(out.glob("*/*.tar")):
+        raise ConfigError("--out", f"'{out}' holds shards but no {PLAN}: they are not this precompute's; use another "
+                          "--out, or delete them")  # fmt: skip
+    if not path.is_file() and not ranks.is_main:
+        for _ in range(300):  # rank 0 writes it in a moment
+            if path.is_file():
+                break
+            time.sleep(1)
     if path.is_file():
         old = json.loads(path.read_text())
         changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
@@ -101,6 +118,11 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
 
 def _pieces_done(folder: Path) -> dict[int, dict[str, Any]]:
     return {int(p.stem): json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.is_dir() else {}
+
+
+def _skips(records: list[dict[str, Any]]) -> str:
+    skipped = sum((Counter(r["skipped"]) for r in records), Counter())
+    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "no samples skipped"
 
 
 @torch.no_grad()
@@ -120,16 +142,16 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
     encoders = {name: FrozenTextEncoder(**spec).to(device) for name, spec in specs.items()}
     cuda = torch.device(device).type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()  # the frozen nets in bf16 on GPU
-    plan = _plan(cfg, autoencoder, specs, encoders, shard_size)
+    plan = _plan(cfg, datamodule, autoencoder, specs, encoders, shard_size)
     out.mkdir(parents=True, exist_ok=True)
-    _check_plan(out, plan)
+    _check_plan(out, plan, ranks)
 
     splits = [split for split in ("train", "val") if datamodule.has_split(split)]
     pieces = [(split, j) for split in splits for j in range(datamodule.num_pieces(split, shard_size))]
     done = {split: _pieces_done(out / split) for split in splits}
     todo = [(split, j) for split, j in share(pieces, ranks) if j not in done[split]]
     t0 = time.perf_counter()
-    with tqdm(total=len(todo), desc=f"precompute ({ranks.describe()})", unit="shard", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc=f"precompute ({ranks.describe()})", unit="piece", disable=not progress) as bar:
         for split, j in todo:
             folder = out / split
             folder.mkdir(exist_ok=True)
@@ -161,7 +183,8 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
               "done yet: the last rank to finish writes the manifest")  # fmt: skip
         return None
     records = [r for split in splits for r in done[split].values()]
-    skipped = sum((Counter(r["skipped"]) for r in records), Counter())
+    if not any(r["count"] for r in records):
+        raise ConfigError("data", f"no usable samples were read ({_skips(records)}): check the data settings")
     shapes = sorted({tuple(s) for r in records for s in r["latent_shapes"]})
     busy = sum(r["seconds"] for r in records)
     manifest = {
@@ -169,7 +192,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
         **plan,
         "counts": {split: sum(r["count"] for r in done[split].values()) for split in splits},
         "pieces": {split: len(done[split]) for split in splits},
-        "skipped": ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "no samples skipped",
+        "skipped": _skips(records),
         "latent_shape": list(shapes[0]) if len(shapes) == 1 else None,
         "latent_shapes": [list(s) for s in shapes],
         "seconds": round(seconds, 2),  # the wall time of the rank that wrote this
@@ -183,7 +206,9 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m emu.diffusion.precompute", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (train/, val/, precompute.json)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="samples per piece (one output shard each) of a map-style source; a shard source's pieces "
+                        "are its input shards")  # fmt: skip
     p.add_argument("--device", default=None, help="default: this rank's GPU (cuda:LOCAL_RANK), else cpu")
     p.add_argument("--rank", type=int, default=None, help="this process's rank (default: from the launcher)")
     p.add_argument("--world-size", type=int, default=None, help="how many ranks share the work (with --rank)")

@@ -4,8 +4,8 @@ They run under the launchers training uses: ``torchrun`` (torchelastic's ``RANK`
 SLURM's ``srun`` (``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``; detected by Lightning's
 ``SLURMEnvironment``, which ignores interactive allocations) or Lightning's own launcher (``LOCAL_RANK`` /
 ``WORLD_SIZE`` on one node); or are told by hand (``--rank`` / ``--world-size``, e.g. a SLURM array job). Such jobs
-need no process group: each rank takes its share of the work by number (:func:`share`) and the last one to finish
-gathers the results from the files the others wrote.
+need no process group: each rank takes its share of the work by number (:func:`share`) and one rank gathers the
+results from the files the others wrote (the precompute's last to finish, the curation's rank 0).
 """
 
 from __future__ import annotations
