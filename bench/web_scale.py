@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("forward GFLOPs per image: " + ", ".join(f"autoencoder encoder {s}px {f / 1e9:.0f}" for s, f in ae.items())
           + f", T5-XXL encoder (128 tokens) {t5 / 1e9:.0f}, CLIP-L text {clip_text / 1e9:.1f}, "
           f"CLIP-L/14 image {clip_image / 1e9:.0f}")  # fmt: skip
-    cpu_stages = {"decode + resize + crop (CPU)": args.decode_per_core}
+    cpu_stages = {"decode + resize + crop (CPU)": (args.decode_per_core, 1.0)}
     if args.ocr_per_core:
-        cpu_stages["OCR, Tesseract (CPU)"] = args.ocr_per_core / args.ocr_fraction
+        name = f"OCR, Tesseract (CPU; {args.ocr_fraction:.0%} of the images)"
+        cpu_stages[name] = (args.ocr_per_core, args.ocr_fraction)
     if args.ann_per_core:
-        cpu_stages["near-duplicate HNSW search (CPU, one index)"] = args.ann_per_core
+        cpu_stages["near-duplicate HNSW search (CPU; one ordered pass, one index)"] = (args.ann_per_core, 1.0)
     rows = []
     header = "| stage | per image | " + " | ".join(f"hours on {n} GPUs" for n in args.gpus) + " |"
     print(f"\n{args.images:.3g} images; GPUs at {args.peak_tflops:g} TFLOP/s x {args.mfu:.0%} MFU, "
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         hours = [args.images * flops / (n * rate) / 3600 for n in args.gpus]
         rows.append({"stage": name, "gflops_per_image": round(flops / 1e9, 1), "hours": [round(h, 2) for h in hours]})
         print(f"| {name} | {flops / 1e9:.0f} GFLOP | " + " | ".join(f"{h:.1f}" for h in hours) + " |")
-    for name, per_core in cpu_stages.items():
-        single = "index" in name  # one ordered pass: it does not spread over ranks
-        hours = [args.images / (per_core * (1 if single else n * args.cpu_per_gpu)) / 3600 for n in args.gpus]
+    for name, (per_core, share) in cpu_stages.items():
+        single = "one index" in name  # one ordered pass: it does not spread over ranks
+        hours = [args.images * share / (per_core * (1 if single else n * args.cpu_per_gpu)) / 3600 for n in args.gpus]
         rows.append({"stage": name, "images_per_core_s": per_core, "hours": [round(h, 2) for h in hours]})
         print(f"| {name} | {per_core:.0f} img/s per core | " + " | ".join(f"{h:.1f}" for h in hours) + " |")
     return emit({"benchmark": "web_scale", "images": args.images, "gpus": args.gpus, "mfu": args.mfu,
