@@ -76,7 +76,8 @@ class Funnel:
     def check_plan(self) -> None:
         """``funnel.plan.json``: the data and its pieces. A rerun into the same folder must read the same pieces (their
         tables are reused), so another plan is refused; rank 0 writes it, the others wait for it."""
-        plan = {"data": self.dm.describe(), "piece_size": self.piece_size, "pieces": self.pieces}
+        data = {k: v for k, v in self.dm.describe().items() if k != "batch_size"}  # batching changes no result
+        plan = {"data": data, "piece_size": self.piece_size, "pieces": self.pieces}
         plan = json.loads(json.dumps(plan, default=str))
         path = self.out / "funnel.plan.json"
         if not path.is_file() and self.ranks.is_main:
