@@ -65,8 +65,11 @@ class Funnel:
                 yield subset(batch, pick)
 
     def _batches(self, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
-        """Batches of the images in ``keys`` (all when None), each once, over every piece in order."""
-        for piece in self.context().track(list(range(self.pieces)), desc):
+        """Batches of the images in ``keys`` (all when None), each once, over the pieces that hold them, in order."""
+        pieces = range(self.pieces)
+        if keys is not None and self.index:
+            pieces = sorted({self.index[k]["piece"] for k in keys if k in self.index})
+        for piece in self.context().track(list(pieces), desc):
             yield from self._piece_batches(piece, keys, desc)
 
     def context(self) -> FunnelContext:
