@@ -52,6 +52,7 @@ class Funnel:
         self.ranks, self.piece_size, self.poll_seconds = ranks or Ranks(), piece_size, poll_seconds
         self.pieces = datamodule.num_pieces("train", piece_size)
         self.index: dict[str, dict[str, Any]] = {}
+        self.scanned = False  # set when scan() read this funnel's own index (rows carry their piece)
         self.started = time.time()
 
     # ------------------------------------------------------------------------------------------ passes
@@ -67,7 +68,7 @@ class Funnel:
     def _batches(self, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
         """Batches of the images in ``keys`` (all when None), each once, over the pieces that hold them, in order."""
         pieces = range(self.pieces)
-        if keys is not None and self.index:
+        if keys is not None and self.scanned:  # the index this funnel read (its pieces match its plan)
             pieces = sorted({self.index[k]["piece"] for k in keys if k in self.index})
         for piece in self.context().track(list(pieces), desc):
             yield from self._piece_batches(piece, keys, desc)
@@ -128,6 +129,7 @@ class Funnel:
             else:
                 ctx.wait_for([path], "the index")
         self.index = {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
+        self.scanned = True
         return list(self.index)
 
     # ------------------------------------------------------------------------------------------ stages
