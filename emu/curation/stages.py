@@ -147,6 +147,16 @@ class FunnelContext:
         """Tell the other ranks (waiting in :meth:`wait_for`) that this one stopped, and why."""
         atomic_write_text(self.out / "errors" / f"rank{self.ranks.rank}.txt", f"{type(error).__name__}: {error}")
 
+    def pieces_to_do(self, stage: str, survivors: list[str], suffix: str = ".jsonl") -> Iterator[tuple[Path, Iterator]]:
+        """This rank's unfinished pieces of a stage's pass: each piece's file and the batches of its survivors (none,
+        without reading it, when it has no survivor)."""
+        wanted = self.by_piece(survivors)
+        for piece in self.track(self.my_pieces(), stage):
+            path = self.piece_file(stage, piece, suffix)
+            if not path.is_file():
+                mine = wanted.get(piece)
+                yield path, self.piece_batches(piece, mine, stage) if mine else iter(())
+
     def by_piece(self, keys: list[str]) -> dict[int, set[str]]:
         """``keys`` grouped by the piece each was first read from (the index's ``piece``)."""
         groups: dict[int, set[str]] = {}
@@ -199,14 +209,9 @@ class Stage:
     def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
         """This rank's share of the pass: the survivors of each of its pieces scored into the piece's table, written
         whole (a restarted run skips the finished pieces)."""
-        wanted = ctx.by_piece(survivors)
-        for piece in ctx.track(ctx.my_pieces(), self.name):
-            path = ctx.piece_file(self.name, piece)
-            if path.is_file():
-                continue
+        for path, batches in ctx.pieces_to_do(self.name, survivors):
             lines = []
-            mine = wanted.get(piece)  # a piece without survivors is not read
-            for batch in ctx.piece_batches(piece, mine, self.name) if mine else []:
+            for batch in batches:
                 scores, extra = self.score(batch)
                 for i, (key, score) in enumerate(zip(batch["key"], scores, strict=True)):
                     row = {"key": key, "score": float(score), **({"extra": extra[i]} if extra else {})}
@@ -358,14 +363,9 @@ class NearDuplicates(Stage):
         return self.neighbours.add(self.features(batch["image"])), None
 
     def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
-        wanted = ctx.by_piece(survivors)
-        for piece in ctx.track(ctx.my_pieces(), self.name):
-            path = ctx.piece_file(self.name, piece, ".npz")
-            if path.is_file():
-                continue
+        for path, batches in ctx.pieces_to_do(self.name, survivors, ".npz"):
             keys, feats = [], []
-            mine = wanted.get(piece)  # a piece without survivors is not read
-            for batch in ctx.piece_batches(piece, mine, self.name) if mine else []:
+            for batch in batches:
                 keys += batch["key"]
                 f = self.features(batch["image"])
                 feats.append(f.numpy() if isinstance(f, torch.Tensor) else f)
