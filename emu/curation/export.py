@@ -11,24 +11,27 @@ import torch
 from PIL import Image
 
 from emu.curation.stages import FunnelContext
+from emu.curation.tables import Table
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, to_pil, to_uint8
 
 
-def _images(ctx: FunnelContext, keys: set[str], desc: str) -> dict[str, torch.Tensor]:
+def _images(ctx: FunnelContext, wanted: dict[int, list[str]], desc: str) -> dict[str, torch.Tensor]:
     images: dict[str, torch.Tensor] = {}
-    for batch in ctx.batches(keys, desc):
+    for batch in ctx.batches({p: set(keys) for p, keys in wanted.items()}, desc):
         images.update(zip(batch["key"], batch["image"], strict=True))
     return images
 
 
-def contact_sheets(ctx: FunnelContext, keys: list[str], folder: Path, task: str, per_sheet: int = 64) -> None:
-    """Numbered sheets of the candidates and ``sheets.md`` mapping numbers to keys (for real annotators; ``task``
-    says what to do with them), and each candidate as ``candidates/<n>.png`` with ``candidates.jsonl`` (key, file):
-    what the annotation app (``python -m emu.annotate``) shows."""
+def contact_sheets(ctx: FunnelContext, wanted: dict[int, list[str]], folder: Path, task: str,
+                   per_sheet: int = 64) -> None:  # fmt: skip
+    """Numbered sheets of the candidates (``{piece: keys}``) and ``sheets.md`` mapping numbers to keys (for real
+    annotators; ``task`` says what to do with them), and each candidate as ``candidates/<n>.png`` with
+    ``candidates.jsonl`` (key, file): what the annotation app (``python -m emu.annotate``) shows."""
     if (folder / "sheets.md").is_file():
         return
-    images = _images(ctx, set(keys), "contact sheets")
+    keys = [k for p in sorted(wanted) for k in wanted[p]]
+    images = _images(ctx, wanted, "contact sheets")
     (folder / "candidates").mkdir(exist_ok=True)
     index = []
     for i, k in enumerate(k for k in keys if k in images):
@@ -47,14 +50,20 @@ def contact_sheets(ctx: FunnelContext, keys: list[str], folder: Path, task: str,
 def stage_sheets(ctx: FunnelContext, stages: list[str], examples: int) -> None:
     """``sheets/<stage>.png``: kept examples on top, rejected below (the first ``examples`` of each)."""
     picks: dict[str, tuple[list[str], list[str]]] = {}
+    wanted: dict[int, list[str]] = {}
     for name in stages:
-        path = ctx.table(name)
-        if not path.is_file() or (ctx.out / "sheets" / f"{name}.png").is_file():
+        if not Table.finished(ctx.table(name)) or (ctx.out / "sheets" / f"{name}.png").is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        picks[name] = ([r["key"] for r in rows if r["kept"]][:examples],
-                       [r["key"] for r in rows if not r["kept"]][:examples])  # fmt: skip
-    wanted = {k for a, b in picks.values() for k in a + b}
+        table, kept, dropped = Table(ctx.table(name)), [], []
+        for piece in sorted(table.pieces):  # until both rows are full
+            for r in table.rows(piece):
+                side = kept if r["kept"] else dropped
+                if len(side) < examples:
+                    side.append(r["key"])
+                    wanted.setdefault(piece, []).append(r["key"])
+            if len(kept) == len(dropped) == examples:
+                break
+        picks[name] = (kept, dropped)
     if not wanted:
         return
     images = _images(ctx, wanted, "sheets")
@@ -65,17 +74,22 @@ def stage_sheets(ctx: FunnelContext, stages: list[str], examples: int) -> None:
         image_grid(torch.stack(row(kept) + row(dropped)), nrow=examples).save(ctx.out / "sheets" / f"{name}.png")
 
 
-def export_curated(ctx: FunnelContext, keys: list[str]) -> Path:
-    """``curated/``: a PNG per key and ``metadata.jsonl`` (file_name, text, key, hidden labels); kept when complete."""
+def export_curated(ctx: FunnelContext, wanted: dict[int, list[str]]) -> Path:
+    """``curated/``: a PNG per image of ``{piece: keys}`` and ``metadata.jsonl`` (file_name, text, key, hidden labels),
+    written a piece at a time; kept when complete."""
     folder = ctx.out / "curated"
     done = folder / "metadata.jsonl"
-    if done.is_file() and sum(1 for _ in done.open()) == len(keys):
+    if done.is_file() and sum(1 for _ in done.open()) == sum(len(keys) for keys in wanted.values()):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for batch in ctx.batches(set(keys), "export"):
-        for key, image, caption in zip(batch["key"], to_uint8(batch["image"]), batch["caption"], strict=True):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{key}.png")
-            rows.append({"file_name": f"{key}.png", "text": caption, "key": key, **ctx.index[key].get("hidden", {})})
-    atomic_write_text(done, "".join(json.dumps(r) + "\n" for r in rows))
+    tmp = done.with_name("metadata.jsonl.partial")
+    with tmp.open("w") as f:
+        for piece in ctx.track(sorted(p for p, keys in wanted.items() if keys), "export"):
+            hidden = {r["key"]: r.get("hidden", {}) for r in ctx.index.rows(piece)}
+            for batch in ctx.piece_batches(piece, set(wanted[piece]), "export"):
+                for key, image, caption in zip(batch["key"], to_uint8(batch["image"]), batch["caption"], strict=True):
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{key}.png")
+                    f.write(json.dumps({"file_name": f"{key}.png", "text": caption, "key": key,
+                                        **hidden.get(key, {})}) + "\n")  # fmt: skip
+    tmp.replace(done)
     return folder

@@ -31,9 +31,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emu.curation.export import export_curated, stage_sheets
 from emu.curation.report import funnel_markdown
-from emu.curation.stages import CurationError, FunnelContext, subset
+from emu.curation.stages import CurationError, FunnelContext, Keep, subset
+from emu.curation.tables import Table, TableWriter, quantiles
 from emu.training.ranks import Ranks
 from emu.utils.files import atomic_write_text
 
@@ -51,8 +54,7 @@ class Funnel:
         self.examples, self.progress = examples, progress
         self.ranks, self.piece_size, self.poll_seconds = ranks or Ranks(), piece_size, poll_seconds
         self.pieces = datamodule.num_pieces("train", piece_size)
-        self.index: dict[str, dict[str, Any]] = {}
-        self.scanned = False  # set when scan() read this funnel's own index (rows carry their piece)
+        self.index: Table | None = None  # set by scan()
         self.started = time.time()
 
     # ------------------------------------------------------------------------------------------ passes
@@ -65,13 +67,10 @@ class Funnel:
             if pick:
                 yield subset(batch, pick)
 
-    def _batches(self, keys: set[str] | None, desc: str) -> Iterator[dict[str, Any]]:
-        """Batches of the images in ``keys`` (all when None), each once, over the pieces that hold them, in order."""
-        pieces = range(self.pieces)
-        if keys is not None and self.scanned:  # the index this funnel read (its pieces match its plan)
-            pieces = sorted({self.index[k]["piece"] for k in keys if k in self.index})
-        for piece in self.context().track(list(pieces), desc):
-            yield from self._piece_batches(piece, keys, desc)
+    def _batches(self, wanted: dict[int, set[str]], desc: str) -> Iterator[dict[str, Any]]:
+        """Batches of the images ``{piece: keys}``, each once, piece after piece."""
+        for piece in self.context().track(sorted(p for p, keys in wanted.items() if keys), desc):
+            yield from self._piece_batches(piece, set(wanted[piece]), desc)
 
     def context(self) -> FunnelContext:
         return FunnelContext(self.out, self.index, self._batches, self._piece_batches, self.pieces, self.ranks,
@@ -93,11 +92,11 @@ class Funnel:
             raise CurationError(f"'{self.out}' holds a funnel over other data or pieces ({', '.join(changed)} differ): "
                                 "use another out, or delete it to start over")  # fmt: skip
 
-    def scan(self) -> list[str]:
+    def scan(self) -> Table:
         """``index.jsonl``: every image's key, caption, source size and hidden labels, in piece order (each rank
-        writes ``index/<piece>.jsonl`` for its pieces; rank 0 merges them)."""
+        writes ``index/<piece>.jsonl`` for its pieces; rank 0 joins them, a piece at a time)."""
         path = self.out / "index.jsonl"
-        if not path.is_file():
+        if not Table.finished(path):
             t = time.time()
             ctx = self.context()
             for piece in ctx.track(ctx.my_pieces(), "index"):
@@ -115,60 +114,66 @@ class Funnel:
             if self.ranks.is_main:
                 parts = [self.out / "index" / f"{p:05d}.jsonl" for p in range(self.pieces)]
                 ctx.wait_for(parts, "the index")
-                lines, seen = [], set()
-                for part in parts:  # a key read again in a later piece keeps its first place
-                    for line in part.read_text().splitlines(keepends=True):
-                        key = json.loads(line)["key"]
-                        if key not in seen:
-                            seen.add(key)
-                            lines.append(line)
-                if not lines:
+                writer = TableWriter(path)
+                for piece, part in enumerate(parts):
+                    writer.add(piece, [json.loads(line) for line in part.read_text().splitlines()])
+                if not sum(p["rows"] for p in writer.pieces):
                     raise CurationError("the data source yielded no images")
-                atomic_write_text(path, "".join(lines))
+                writer.close()
                 (self.out / "index.seconds").write_text(f"{time.time() - t:.2f}")
             else:
-                ctx.wait_for([path], "the index")
-        self.index = {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
-        self.scanned = True
-        return list(self.index)
+                ctx.wait_for([path.with_name("index.pieces.json")], "the index")
+        self.index = Table(path)
+        return self.index
 
     # ------------------------------------------------------------------------------------------ stages
-    def run_stage(self, stage, survivors: list[str]) -> tuple[set[str], dict[str, Any]]:
+    def run_stage(self, stage, survivors: Table) -> tuple[Table, dict[str, Any]]:
+        """The stage over ``survivors``: its table (its kept images are the next stage's survivors) and its info."""
         ctx = self.context()
         final = ctx.table(stage.name)
-        if not final.is_file():
+        info = final.with_suffix(".json")
+        if not (Table.finished(final) and info.is_file()):
             final.parent.mkdir(parents=True, exist_ok=True)
             t = time.time()
             if stage.enabled and hasattr(stage, "prepare"):
                 stage.prepare(ctx, survivors)  # every rank: its pieces
             if self.ranks.is_main:
                 self._finish_stage(stage, survivors, ctx, t)
-            ctx.wait_for([final, final.with_suffix(".json")], f"stage {stage.name!r}'s table")
-        rows = [json.loads(line) for line in final.read_text().splitlines()]
-        info = json.loads(final.with_suffix(".json").read_text())
-        return {r["key"] for r in rows if r["kept"]}, info
+            ctx.wait_for([final.with_name(f"{stage.name}.pieces.json"), info], f"stage {stage.name!r}'s table")
+        return Table(final), json.loads(info.read_text())
 
-    def _finish_stage(self, stage, survivors: list[str], ctx: FunnelContext, t: float) -> None:
-        final = ctx.table(stage.name)
-        if stage.enabled:
-            kept, rows = stage.finish(ctx, survivors) if hasattr(stage, "finish") else stage.run(ctx, survivors)
-            note = stage.describe()
-        else:  # a switched-off stage passes everything on, and says so
-            kept, rows = set(survivors), {k: {"score": 0.0} for k in survivors}
+    def _finish_stage(self, stage, survivors: Table, ctx: FunnelContext, t: float) -> None:
+        """The stage's decision, streamed into its table a piece at a time, with the counts against hidden labels."""
+        if not stage.enabled:  # a switched-off stage passes everything on, and says so
             note = f"skipped: {stage.describe()}"
-        if survivors and not kept:
-            values = sorted(r["score"] for r in rows.values())
-            q = [values[int(f * (len(values) - 1))] for f in (0, 0.25, 0.5, 0.75, 1)] if values else []
-            dist = ", ".join(f"{v:.3g}" for v in q)
-            raise CurationError(f"stage {stage.name!r} keeps nothing of {len(survivors)} images ({note}); its scores "
+            keep: Keep = lambda key, row: True
+            rows = ((p, [{"key": k, "score": 0.0} for k in keys]) for p, keys in survivors.kept_by_piece())
+        elif hasattr(stage, "finish"):
+            keep, note = stage.finish(ctx, survivors), stage.describe()
+            rows, scores = ctx.piece_rows(stage.name, survivors), ctx.piece_scores(stage.name, survivors)
+        else:  # a stage that decides in memory (the human passes: their input is small)
+            kept, table = stage.run(ctx, survivors)
+            note = stage.describe()
+            keep = lambda key, row: key in kept
+            rows = ((p, [{"key": k, **table[k]} for k in keys]) for p, keys in survivors.kept_by_piece())
+            scores = lambda: iter([np.array([r["score"] for r in table.values()], dtype=np.float64)])
+        writer, counts = TableWriter(ctx.table(stage.name)), _HiddenCounts()
+        for piece, piece_rows in rows:
+            out = [{"key": r["key"], "stage": stage.name, **{k: v for k, v in r.items() if k != "key"},
+                    "kept": bool(keep(r["key"], r))} for r in piece_rows]  # fmt: skip
+            writer.add(piece, out)
+            counts.add(self.index.rows(piece), out)
+        n_in, n_out = len(survivors), sum(p["kept"] for p in writer.pieces)
+        if n_in and not n_out:
+            dist = ", ".join(f"{v:.3g}" for v in quantiles(scores, (0, 0.25, 0.5, 0.75, 1)))
+            raise CurationError(f"stage {stage.name!r} keeps nothing of {n_in} images ({note}); its scores "
                                 f"min/25%/median/75%/max: {dist}: loosen its rule")  # fmt: skip
         seconds = time.time() - t
-        info = {"stage": stage.name, "kind": stage.kind, "rule": note, "n_in": len(survivors), "n_out": len(kept),
-                "seconds": round(seconds, 2), "seconds_per_1k": round(1000 * seconds / max(1, len(survivors)), 2),
-                "ranks": self.ranks.world}  # fmt: skip
-        lines = [json.dumps({"key": k, "stage": stage.name, **r, "kept": k in kept}) + "\n" for k, r in rows.items()]
-        atomic_write_text(final.with_suffix(".json"), json.dumps(info, indent=2))
-        atomic_write_text(final, "".join(lines))
+        info = {"stage": stage.name, "kind": stage.kind, "rule": note, "n_in": n_in, "n_out": n_out,
+                "seconds": round(seconds, 2), "seconds_per_1k": round(1000 * seconds / max(1, n_in), 2),
+                "ranks": self.ranks.world, **counts.describe(n_out, self.total_needles)}  # fmt: skip
+        atomic_write_text(ctx.table(stage.name).with_suffix(".json"), json.dumps(info, indent=2))
+        writer.close()
 
     # ------------------------------------------------------------------------------------------ the whole run
     def run(self) -> dict[str, Any]:
@@ -182,6 +187,15 @@ class Funnel:
                 self.context().report_failure(e)
             raise
 
+    @property
+    def total_needles(self) -> int | None:
+        """The hidden needles in the whole corpus (None when the source has no hidden labels)."""
+        if not hasattr(self, "_needles"):
+            rows = (r.get("hidden") or {} for p in sorted(self.index.pieces) for r in self.index.rows(p))
+            counts = Counter("needle" if h.get("needle") else "labelled" if "needle" in h else "" for h in rows)
+            self._needles = counts["needle"] if counts["needle"] or counts["labelled"] else None
+        return self._needles
+
     def _run(self) -> dict[str, Any]:
         t = time.time()
         self.check_plan()
@@ -191,48 +205,62 @@ class Funnel:
         timing = self.out / "index.seconds"
         if timing.is_file():  # the first pass over the data (keys, captions, sizes)
             report["index_seconds"] = float(timing.read_text())
-        hidden = _HiddenLabels(self.index)
-        report["needles"] = hidden.total_needles
+        if self.total_needles is not None:
+            report["needles"] = self.total_needles
         for stage in self.stages:
-            kept, info = self.run_stage(stage, survivors)
-            info.update(hidden.describe(survivors, kept))
+            survivors, info = self.run_stage(stage, survivors)
             report["stages"].append(info)
             if self.ranks.is_main:
                 print(f"  {stage.name:<20} {info['n_in']:>7} -> {info['n_out']:<7} {info['rule']}  "
                       f"({info['seconds']:.0f}s)")  # fmt: skip
-            survivors = [k for k in survivors if k in kept]
         if not self.ranks.is_main:
             self.context().wait_for([self.out / "funnel.json"], "the report")
             return json.loads((self.out / "funnel.json").read_text())
         ctx = self.context()
-        export_curated(ctx, survivors)
-        report["final"] = {"n": len(survivors), **hidden.describe(list(self.index), set(survivors))}
+        export_curated(ctx, dict(survivors.kept_by_piece()))
+        report["final"] = {"n": len(survivors), **self._final_counts(survivors)}
         report["seconds"] = round(time.time() - t, 1)
         stage_sheets(ctx, [s.name for s in self.stages], self.examples)
         atomic_write_text(self.out / "funnel.md", funnel_markdown(report, self.stages))
         atomic_write_text(self.out / "funnel.json", json.dumps(report, indent=2))
         return report
 
+    def _final_counts(self, curated: Table) -> dict[str, Any]:
+        """The curated set against the hidden labels of the whole corpus (what every stage together removed)."""
+        counts = _HiddenCounts()
+        for piece in sorted(self.index.pieces):
+            kept, index_rows = set(curated.kept(piece)), self.index.rows(piece)
+            counts.add(index_rows, [{"key": r["key"], "kept": r["key"] in kept} for r in index_rows])
+        return counts.describe(len(curated), self.total_needles)
 
-class _HiddenLabels:
-    """Measures a set of kept images against the hidden labels (haystack needles and flaws), when present."""
 
-    def __init__(self, index: dict[str, dict[str, Any]]):
-        self.hidden = {k: r.get("hidden") or {} for k, r in index.items()}
-        self.has_labels = any("needle" in h for h in self.hidden.values())
-        self.total_needles = sum(bool(h.get("needle")) for h in self.hidden.values())
+class _HiddenCounts:
+    """A stage's decisions against the hidden labels (haystack needles and flaws), counted a piece at a time."""
 
-    def describe(self, before: list[str], kept: set[str]) -> dict[str, Any]:
-        if not self.has_labels:
+    def __init__(self):
+        self.needles_in = self.needles_out = self.removed_clean = 0
+        self.removed: Counter[str] = Counter()
+
+    def add(self, index_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+        """One piece: its index rows (the hidden labels) and the stage's rows (``key``, ``kept``)."""
+        hidden = {r["key"]: r.get("hidden") or {} for r in index_rows}
+        for r in rows:
+            h = hidden.get(r["key"], {})
+            self.needles_in += bool(h.get("needle"))
+            if r["kept"]:
+                self.needles_out += bool(h.get("needle"))
+            else:
+                self.removed.update(h.get("flaws", ()))
+                self.removed_clean += not h.get("flaws")
+
+    def describe(self, n_out: int, total_needles: int | None) -> dict[str, Any]:
+        if total_needles is None:
             return {}
-        needles_in = sum(bool(self.hidden[k].get("needle")) for k in before)
-        needles_out = sum(bool(self.hidden[k].get("needle")) for k in kept)
-        removed = Counter(f for k in before if k not in kept for f in self.hidden[k].get("flaws", ()))
         return {
-            "needles_in": needles_in,
-            "needles_out": needles_out,
-            "precision": round(needles_out / len(kept), 4) if kept else 0.0,
-            "recall": round(needles_out / self.total_needles, 4) if self.total_needles else 0.0,
-            "removed_by_flaw": dict(removed.most_common()),
-            "removed_clean": sum(1 for k in before if k not in kept and not self.hidden[k].get("flaws")),
+            "needles_in": self.needles_in,
+            "needles_out": self.needles_out,
+            "precision": round(self.needles_out / n_out, 4) if n_out else 0.0,
+            "recall": round(self.needles_out / total_needles, 4) if total_needles else 0.0,
+            "removed_by_flaw": dict(self.removed.most_common()),
+            "removed_clean": self.removed_clean,
         }

@@ -19,6 +19,7 @@ from typing import Any
 
 from emu.curation.export import contact_sheets
 from emu.curation.stages import CurationError, FunnelContext, Rows
+from emu.curation.tables import Table
 from emu.errors import ConfigError
 from emu.utils.files import atomic_write_text
 
@@ -153,13 +154,16 @@ class HumanStage:
         who = f"{len(self.annotators)} simulated annotators" if self.annotators and not self.labels else "labels file"
         return f"{self.role} pass, {who}, {self.rule} vote"
 
-    def run(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
-        """Export to ``human/<name>/``, read (or simulate) the labels; the score is the share of keep votes."""
+    def run(self, ctx: FunnelContext, candidates: Table) -> tuple[set[str], Rows]:
+        """Export to ``human/<name>/``, read (or simulate) the labels; the score is the share of keep votes. The
+        candidates are held in memory: people look at every one, so they are few."""
         folder = ctx.out / "human" / self.name
         folder.mkdir(parents=True, exist_ok=True)
+        by_piece = dict(candidates.kept_by_piece())
+        survivors = [k for p in sorted(by_piece) for k in by_piece[p]]
         write_template(survivors, folder / "labels_template.csv")
-        contact_sheets(ctx, survivors, folder, f"grade each with the principles {', '.join(PRINCIPLES)}")
-        rows = self._labels(ctx, survivors, folder)
+        contact_sheets(ctx, by_piece, folder, f"grade each with the principles {', '.join(PRINCIPLES)}")
+        rows = self._labels(ctx, by_piece, folder)
         decision = combine(rows, self.rule, self.threshold)
         votes = Counter(r["key"] for r in rows)
         keeps = Counter(r["key"] for r in rows if r["keep"])
@@ -168,17 +172,18 @@ class HumanStage:
         }
         return {k for k in survivors if decision.get(k, False)}, table
 
-    def _labels(self, ctx: FunnelContext, survivors: list[str], folder: Path) -> list[dict]:
+    def _labels(self, ctx: FunnelContext, by_piece: dict[int, list[str]], folder: Path) -> list[dict]:
         """The label rows, also written to ``labels.jsonl``: the labels file's, or the simulated annotators' (the same
         ones again on a rerun after a kill)."""
         path = folder / "labels.jsonl"
+        survivors = [k for p in sorted(by_piece) for k in by_piece[p]]
         if self.labels:
             rows, self.problems = read_labels(self.labels, set(survivors), self.on_bad_row)
             write_labels(rows, path)
         elif self.annotators:  # written, then read back as a real labels file is (the same import path)
             if not path.is_file():
-                write_labels([a.label(k, ctx.index[k].get("hidden", {})) for k in survivors for a in self.annotators],
-                             path)  # fmt: skip
+                hidden = {r["key"]: r.get("hidden", {}) for p in sorted(by_piece) for r in ctx.index.rows(p)}
+                write_labels([a.label(k, hidden[k]) for k in survivors for a in self.annotators], path)
             rows, self.problems = read_labels(path, set(survivors), "stop")
         else:
             raise CurationError(f"stage {self.name!r} waits for annotators: candidates and labels_template.csv are in "

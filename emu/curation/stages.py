@@ -1,11 +1,18 @@
 """The stages of the funnel: what every stage is to the funnel, and the automatic ones.
 
-To the funnel a stage is ``name``, ``kind``, ``enabled``, ``describe()`` and ``run(ctx, survivors)``, which returns
-``(kept keys, rows)``: a row per survivor with its ``score`` (and optionally ``extra``) for ``scores/<stage>.jsonl``.
-A stage that can share its work between the ranks of a job splits ``run`` into ``prepare`` (every rank: its pieces of
-the data, each piece's result in a file of its own) and ``finish`` (one rank: merge the pieces in order and decide).
-The :class:`FunnelContext` ``ctx`` lends it the images of any key set or piece, the index, earlier stages' scores and
-the output folder. The human passes are :class:`emu.curation.human.HumanStage`.
+To the funnel a stage is ``name``, ``kind``, ``enabled`` and ``describe()``, and either
+
+- ``prepare(ctx, survivors)`` and ``finish(ctx, survivors)``: every rank scores the survivors of its pieces of the
+  data into a file per piece (``scores/<stage>/<piece>.jsonl``: ``key``, ``score``, optionally ``extra``), then one
+  rank's ``finish`` returns the decision, ``keep(key, row) -> bool``, which the funnel asks of every row in the
+  source's order while it streams them into ``scores/<stage>.jsonl``. Nothing here holds a row per image of the
+  corpus: the automatic stages scale with the corpus in time, not in memory;
+- or ``run(ctx, survivors)``, returning ``(kept keys, rows)`` in memory: the human passes
+  (:class:`emu.curation.human.HumanStage`), whose input people look at, so it is small.
+
+``survivors`` is the previous stage's :class:`~emu.curation.tables.Table` (the index for the first stage), read a
+piece at a time. The :class:`FunnelContext` ``ctx`` lends a stage the images of any piece, earlier stages' tables
+and the output folder.
 
 An automatic :class:`Stage` sees batches of survivors (``image`` in [-1, 1], ``caption``, ``key``, ``meta``) and
 returns one score per image (plus, optionally, an ``extra`` dict per image that a resumed run needs, such as a hash).
@@ -15,6 +22,7 @@ explicit: the text stage's score is letters found (keep ``max``), the CLIP score
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import json
 import logging
@@ -31,6 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from emu.curation.ocr import TesseractText, tesseract_available
+from emu.curation.tables import Table, kth_best
 from emu.errors import ConfigError
 from emu.text.aesthetic import AestheticHead
 from emu.training.ranks import Ranks, share
@@ -46,8 +55,8 @@ class CurationError(RuntimeError):
 
 @dataclass
 class KeepRule:
-    """Keep scores >= ``min`` and <= ``max``, then the ``top_k`` / ``top_fraction`` highest (``lowest=True``:
-    lowest) of those."""
+    """Keep scores >= ``min`` and <= ``max``, then the ``top_k`` / ``top_fraction`` (of all scores) highest
+    (``lowest=True``: lowest) of those; of equal scores at the cut, the first in the source's order."""
 
     min: float | None = None
     max: float | None = None
@@ -55,17 +64,54 @@ class KeepRule:
     top_fraction: float | None = None
     lowest: bool = False
 
-    def select(self, scores: dict[str, float]) -> set[str]:
-        keys = [
-            k for k, s in scores.items() if (self.min is None or s >= self.min) and (self.max is None or s <= self.max)
-        ]
-        k = len(keys)
+    def passes(self, score: float) -> bool:
+        return (self.min is None or score >= self.min) and (self.max is None or score <= self.max)
+
+    def stream(self, chunks: Callable[[], Iterator[np.ndarray]]) -> Callable[[float], bool]:
+        """The decision for scores streamed by ``chunks()`` (a fresh pass per call, in the source's order): a function
+        that must then be asked about every score once, in that order. A top rule finds its cut with
+        :func:`~emu.curation.tables.kth_best`, so memory does not grow with the number of scores."""
+
+        def passing() -> Iterator[np.ndarray]:
+            for c in chunks():
+                c = np.asarray(c, dtype=np.float64)
+                mask = np.ones(len(c), dtype=bool)
+                if self.min is not None:
+                    mask &= c >= self.min
+                if self.max is not None:
+                    mask &= c <= self.max
+                yield c[mask]
+
+        n = sum(len(c) for c in passing())
+        k = n
         if self.top_fraction is not None:
-            k = min(k, math.ceil(self.top_fraction * len(scores)))
+            k = min(k, math.ceil(self.top_fraction * sum(len(c) for c in chunks())))
         if self.top_k is not None:
             k = min(k, self.top_k)
-        keys.sort(key=lambda key: (scores[key] if self.lowest else -scores[key], key))
-        return set(keys[:k])
+        if k == n:
+            return self.passes
+        if k <= 0:
+            return lambda score: False
+        cut, better = kth_best(passing, k, self.lowest)
+        ties = k - better  # of the scores equal to the cut, the first `ties` are kept
+
+        def keep(score: float) -> bool:
+            nonlocal ties
+            if not self.passes(score):
+                return False
+            if (score < cut) if self.lowest else (score > cut):
+                return True
+            if score == cut and ties > 0:
+                ties -= 1
+                return True
+            return False
+
+        return keep
+
+    def select(self, scores: dict[str, float]) -> set[str]:
+        """The kept keys of ``scores`` (in memory; the dict's order is the source's)."""
+        keep = self.stream(lambda: iter([np.fromiter(scores.values(), dtype=np.float64, count=len(scores))]))
+        return {k for k, s in scores.items() if keep(s)}
 
     def describe(self) -> str:
         parts = [
@@ -80,22 +126,30 @@ class KeepRule:
 
 
 Rows = dict[str, dict[str, Any]]  # key -> {"score": float, "extra": {...}?}
+Keep = Callable[[str, dict[str, Any]], bool]  # a stage's decision: (key, row) -> kept, asked in the source's order
+
+
+class IndexRows:
+    """What the funnel knows of each image, by piece (``rows(piece)``: key, caption, source size, hidden labels)."""
+
+    def rows(self, piece: int) -> list[dict[str, Any]]: ...
 
 
 @dataclass
 class FunnelContext:
     """What the funnel lends a stage (and its writers) for a run.
 
-    ``out`` is the funnel's folder, ``index`` maps each key to its caption, source size and hidden labels, and
-    ``batches(keys, desc)`` yields the images of ``keys`` (all when None), each once, in the source's order. The data
-    is read in ``pieces`` (:meth:`~emu.data.EmuDataModule.piece_loader`: input shards, or runs of indices), in the
-    source's order; ``piece_batches(piece, keys, desc)`` yields one piece's images of ``keys``; ``ranks`` says which
-    pieces are this process's (:meth:`my_pieces`).
+    ``out`` is the funnel's folder and ``index`` its index (:class:`~emu.curation.tables.Table`: each image's caption,
+    source size and hidden labels, a piece at a time). The data is read in ``pieces``
+    (:meth:`~emu.data.EmuDataModule.piece_loader`: input shards, or runs of indices), in the source's order;
+    ``batches(wanted, desc)`` yields the images ``{piece: keys}`` asks for, each once, piece after piece, and
+    ``piece_batches(piece, keys, desc)`` one piece's images of ``keys`` (all when None); ``ranks`` says which pieces
+    are this process's (:meth:`my_pieces`).
     """
 
     out: Path
-    index: dict[str, dict[str, Any]]
-    batches: Callable[[set[str] | None, str], Iterator[dict[str, Any]]]
+    index: IndexRows | None
+    batches: Callable[[dict[int, set[str]], str], Iterator[dict[str, Any]]]
     piece_batches: Callable[[int, set[str] | None, str], Iterator[dict[str, Any]]] | None = None
     pieces: int = 1
     ranks: Ranks = field(default_factory=Ranks)
@@ -113,6 +167,12 @@ class FunnelContext:
     def table(self, stage: str) -> Path:
         """``scores/<stage>.jsonl``: a finished stage's rows."""
         return self.out / "scores" / f"{stage}.jsonl"
+
+    def finished(self, stage: str) -> Table:
+        """A finished stage's table (an error naming the stage when it has not finished)."""
+        if not Table.finished(self.table(stage)):
+            raise CurationError(f"stage {stage!r} has not finished (no {self.table(stage)}): name an earlier stage")
+        return Table(self.table(stage))
 
     def piece_file(self, stage: str, piece: int, suffix: str = ".jsonl") -> Path:
         """``scores/<stage>/<piece>.jsonl``: what a stage made of one piece of the data."""
@@ -147,43 +207,36 @@ class FunnelContext:
         """Tell the other ranks (waiting in :meth:`wait_for`) that this one stopped, and why."""
         atomic_write_text(self.out / "errors" / f"rank{self.ranks.rank}.txt", f"{type(error).__name__}: {error}")
 
-    def pieces_to_do(self, stage: str, survivors: list[str], suffix: str = ".jsonl") -> Iterator[tuple[Path, Iterator]]:
+    def pieces_to_do(self, stage: str, survivors: Table, suffix: str = ".jsonl") -> Iterator[tuple[Path, Iterator]]:
         """This rank's unfinished pieces of a stage's pass: each piece's file and the batches of its survivors (none,
         without reading it, when it has no survivor)."""
-        wanted = self.by_piece(survivors)
         for piece in self.track(self.my_pieces(), stage):
             path = self.piece_file(stage, piece, suffix)
             if not path.is_file():
-                mine = wanted.get(piece)
+                mine = set(survivors.kept(piece))
                 yield path, self.piece_batches(piece, mine, stage) if mine else iter(())
 
-    def by_piece(self, keys: list[str]) -> dict[int, set[str]]:
-        """``keys`` grouped by the piece each was first read from (the index's ``piece``)."""
-        groups: dict[int, set[str]] = {}
-        for k in keys:
-            groups.setdefault(self.index[k]["piece"], set()).add(k)
-        return groups
+    def piece_rows(self, stage: str, survivors: Table) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """``(piece, rows)`` of the stage's piece tables (waiting for the other ranks'), one piece at a time, each
+        piece's rows in its survivors' order; a survivor without its row (piece tables of another run) is an error,
+        not a silent loss."""
+        self.wait_for([self.piece_file(stage, p) for p in range(self.pieces)], f"stage {stage!r}")
+        for piece in range(self.pieces):
+            keys = survivors.kept(piece)
+            if not keys:
+                continue
+            rows = {r["key"]: r for r in map(json.loads, self.piece_file(stage, piece).read_text().splitlines())}
+            missing = [k for k in keys if k not in rows]
+            if missing:
+                raise CurationError(f"stage {stage!r}: {len(missing)} images of piece {piece} have no score in its "
+                                    f"piece table (first: {missing[0]}): those come from another run; delete "
+                                    f"{self.out / 'scores' / stage}")  # fmt: skip
+            yield piece, [rows[k] for k in keys]
 
-    def gather(self, stage: str, survivors: list[str]) -> Rows:
-        """Every survivor's row from the stage's piece tables (waiting for the other ranks'), in survivor order; a
-        survivor without its row (piece tables of another run) is an error, not a silent loss."""
-        paths = [self.piece_file(stage, p) for p in range(self.pieces)]
-        self.wait_for(paths, f"stage {stage!r}")
-        rows: Rows = {}
-        for path in paths:
-            for line in path.read_text().splitlines():
-                r = json.loads(line)
-                rows[r.pop("key")] = r
-        missing = [k for k in survivors if k not in rows]
-        if missing:
-            raise CurationError(f"stage {stage!r}: {len(missing)} images have no score in its piece tables (first: "
-                                f"{missing[0]}): those come from another run; delete "
-                                f"{self.out / 'scores' / stage}")  # fmt: skip
-        return {k: rows[k] for k in survivors}
-
-    def scores(self, stage: str) -> dict[str, float]:
-        """A finished stage's scores by key."""
-        return {r["key"]: r["score"] for r in map(json.loads, self.table(stage).read_text().splitlines())}
+    def piece_scores(self, stage: str, survivors: Table) -> Callable[[], Iterator[np.ndarray]]:
+        """A fresh stream, per call, of the stage's scores piece by piece (for :meth:`KeepRule.stream`)."""
+        return lambda: (np.array([r["score"] for r in rows], dtype=np.float64)
+                        for _, rows in self.piece_rows(stage, survivors))  # fmt: skip
 
 
 def subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
@@ -193,7 +246,7 @@ def subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
 
 class Stage:
     """An automatic stage: ``name``, ``keep`` rule; subclasses implement :meth:`score`, the funnel calls :meth:`prepare`
-    on every rank and :meth:`finish` on one (:meth:`run`: both, in one process)."""
+    on every rank and :meth:`finish` on one."""
 
     needs_pixels = True
     kind = "automatic"
@@ -202,11 +255,7 @@ class Stage:
     def __init__(self, name: str, keep: dict[str, Any] | None = None):
         self.name, self.keep = name, KeepRule(**(keep or {}))
 
-    def run(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
-        self.prepare(ctx, survivors)
-        return self.finish(ctx, survivors)
-
-    def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
+    def prepare(self, ctx: FunnelContext, survivors: Table) -> None:
         """This rank's share of the pass: the survivors of each of its pieces scored into the piece's table, written
         whole (a restarted run skips the finished pieces)."""
         for path, batches in ctx.pieces_to_do(self.name, survivors):
@@ -219,16 +268,13 @@ class Stage:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, "".join(lines))
 
-    def finish(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
-        """Every piece's rows, merged in order (the same whatever the number of ranks), and the rule's decision."""
-        rows = ctx.gather(self.name, survivors)
-        return self.select(rows), rows
+    def finish(self, ctx: FunnelContext, survivors: Table) -> Keep:
+        """The rule's decision over every piece's scores in order (the same whatever the number of ranks)."""
+        keep = self.keep.stream(ctx.piece_scores(self.name, survivors))
+        return lambda key, row: keep(row["score"])
 
     def score(self, batch: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]] | None]:
         raise NotImplementedError
-
-    def select(self, rows: Rows) -> set[str]:
-        return self.keep.select({k: r["score"] for k, r in rows.items()})
 
     def describe(self) -> str:
         return self.keep.describe()
@@ -362,7 +408,7 @@ class NearDuplicates(Stage):
         """The distances of a batch's images to the images of earlier calls and earlier in the batch."""
         return self.neighbours.add(self.features(batch["image"])), None
 
-    def prepare(self, ctx: FunnelContext, survivors: list[str]) -> None:
+    def prepare(self, ctx: FunnelContext, survivors: Table) -> None:
         for path, batches in ctx.pieces_to_do(self.name, survivors, ".npz"):
             keys, feats = [], []
             for batch in batches:
@@ -377,20 +423,20 @@ class NearDuplicates(Stage):
             np.savez(tmp, keys=np.array(keys, dtype=str), features=np.concatenate(feats) if feats else empty)
             tmp.replace(path)
 
-    def finish(self, ctx: FunnelContext, survivors: list[str]) -> tuple[set[str], Rows]:
+    def finish(self, ctx: FunnelContext, survivors: Table) -> Keep:
+        """The ordered search over every piece's features, into a score table per piece; then the rule."""
         paths = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
         ctx.wait_for(paths, f"stage {self.name!r}")
         self.neighbours.reset()
-        rows: Rows = {}
-        for path in paths:
+        for piece, path in enumerate(ctx.track(paths, f"{self.name} search")):
             with np.load(path) as f:
                 keys, feats = f["keys"].tolist(), f["features"]
+            scores = []
             for start in range(0, len(keys), 256):  # in batches, as the images came
-                chunk = feats[start : start + 256]
-                for key, d in zip(keys[start : start + 256], self.neighbours.add(chunk), strict=True):
-                    rows[key] = {"score": float(d)}
-        rows = {k: rows[k] for k in survivors if k in rows}
-        return self.select(rows), rows
+                scores += self.neighbours.add(feats[start : start + 256])
+            rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores, strict=True)]
+            atomic_write_text(ctx.piece_file(self.name, piece), "".join(rows))
+        return super().finish(ctx, survivors)
 
 
 # ------------------------------------------------------------------------------------------------ CLIP based
@@ -423,16 +469,24 @@ class Aesthetic(Stage):
         return self.head(self.clip.embed_images(batch["image"])).tolist(), None
 
 
-def best_per_class(rows: Rows, rank: dict[str, float], per_class: int) -> set[str]:
-    """At most ``per_class`` keys of each ``extra.concept``, highest ``rank`` first (ties by key)."""
-    by_class: dict[str, list[str]] = {}
-    for key, row in rows.items():
-        by_class.setdefault(row["extra"]["concept"], []).append(key)
-    kept = set()
-    for keys in by_class.values():
-        keys.sort(key=lambda k: (-rank.get(k, 0.0), k))
-        kept.update(keys[:per_class])
-    return kept
+class BestPerClass:
+    """At most ``per_class`` keys of each class, highest rank first (of equal ranks, the first added): a bounded heap
+    per class, so the memory is classes x ``per_class`` however many keys are added."""
+
+    def __init__(self, per_class: int):
+        self.per_class, self.heaps, self.added = per_class, {}, 0
+
+    def add(self, key: str, cls: str, rank: float) -> None:
+        heap = self.heaps.setdefault(cls, [])
+        item = (rank, -self.added, key)  # the heap's top is the worst: lowest rank, then the latest
+        self.added += 1
+        if len(heap) < self.per_class:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+
+    def kept(self) -> set[str]:
+        return {key for heap in self.heaps.values() for _, _, key in heap}
 
 
 class Balance(Stage):
@@ -454,10 +508,16 @@ class Balance(Stage):
         return [float(c) for c in cls], [{"concept": self.names[c]} for c in cls]
 
     def finish(self, ctx, survivors):
-        rows = ctx.gather(self.name, survivors)
-        if not ctx.table(self.rank_by).is_file():
+        """The best of each class by the ``rank_by`` stage's scores, read a piece at a time beside this stage's."""
+        if not Table.finished(ctx.table(self.rank_by)):
             raise CurationError(f"no scores of stage {self.rank_by!r} (balance.rank_by must name an earlier stage)")
-        return best_per_class(rows, ctx.scores(self.rank_by), self.per_class), rows
+        ranked, best = Table(ctx.table(self.rank_by)), BestPerClass(self.per_class)
+        for piece, rows in ctx.piece_rows(self.name, survivors):
+            rank = {r["key"]: r["score"] for r in ranked.rows(piece)}
+            for r in rows:
+                best.add(r["key"], r["extra"]["concept"], rank.get(r["key"], 0.0))
+        kept = best.kept()
+        return lambda key, row: key in kept
 
     def describe(self) -> str:
         return f"<= {self.per_class} per concept ({len(self.names)} concepts), best {self.rank_by} first"

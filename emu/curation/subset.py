@@ -78,6 +78,18 @@ def subset_folder(folder: str | Path, n: int | str, seed: int, out: str | Path) 
     return _summary(out, {"source": str(folder), "kept_by": None}, n, seed, len(rows), picked)
 
 
+class _ByPiece:
+    """Index rows (which carry their ``piece``) served a piece at a time, as the funnel's index is."""
+
+    def __init__(self, rows):
+        self.by_piece: dict[int, list[dict[str, Any]]] = {}
+        for r in rows:
+            self.by_piece.setdefault(r["piece"], []).append(r)
+
+    def rows(self, piece: int) -> list[dict[str, Any]]:
+        return self.by_piece.get(piece, [])
+
+
 def subset_funnel(funnel: str | Path, n: int | str, seed: int, out: str | Path, data, kept_by: str | None = None,
                   progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """``n`` images of a curation run's corpus (``kept_by``: of those its stage kept), read from the DataModule
@@ -92,9 +104,14 @@ def subset_funnel(funnel: str | Path, n: int | str, seed: int, out: str | Path, 
             raise ConfigError("--kept-by", f"no finished stage '{kept_by}' in {funnel / 'scores'} (stages: {stages})")
         pool = [r["key"] for r in _rows(table) if r["kept"]]
     keys = draw(pool, n, seed)
-    runner = Funnel(data, [], out, progress=progress)
-    runner.index = index
-    folder = export_curated(runner.context(), keys)
+    plan = funnel / "funnel.plan.json"  # the pieces the index names are the funnel's
+    piece_size = json.loads(plan.read_text())["piece_size"] if plan.is_file() else 1000
+    runner = Funnel(data, [], out, progress=progress, piece_size=piece_size)
+    runner.index = _ByPiece(index.values())
+    wanted: dict[int, list[str]] = {}
+    for k in keys:
+        wanted.setdefault(index[k]["piece"], []).append(k)
+    folder = export_curated(runner.context(), wanted)
     rows = _rows(folder / "metadata.jsonl")
     if len(rows) != len(keys):
         raise ConfigError("data", f"the data source yielded {len(rows)} of the {len(keys)} drawn images: is it the "
