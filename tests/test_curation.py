@@ -11,6 +11,7 @@ from PIL import Image
 from emu.curation.aesthetic import train_head
 from emu.curation.funnel import Funnel
 from emu.curation.human import HumanStage, SimulatedAnnotator, combine, read_labels
+from emu.curation.neighbours import phash
 from emu.curation.stages import (
     Aesthetic,
     Balance,
@@ -20,7 +21,6 @@ from emu.curation.stages import (
     NearDuplicates,
     SizeAspect,
     TextOverlay,
-    phash,
 )
 from emu.data import EmuDataModule, FolderSource, HaystackSource
 from emu.data import haystack as hs

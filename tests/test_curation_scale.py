@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from emu.curation.funnel import Funnel
-from emu.curation.stages import EarlierNeighbours, KeepRule, SizeAspect, Stage
+from emu.curation.neighbours import Cells, EarlierNeighbours, search_cell
+from emu.curation.stages import KeepRule, SizeAspect, Stage
 from emu.curation.tables import kth_best, quantiles
 from emu.data import EmuDataModule, HaystackSource
 from tests.conftest import ROOT
@@ -49,13 +50,40 @@ def test_the_approximate_search_finds_planted_near_duplicates_that_brute_force_f
     assert np.all(approx >= exact - 1e-3)  # (faiss's flat search expands |x-y|² in float32: ~1e-3 off near 0)
 
 
+def _cells_nearest_earlier(x: np.ndarray, cells: int, probe: int, index: str = "flat") -> np.ndarray:
+    """The search partitioned into cells, as the stage runs it: each cell an ordered pass, the least distance kept."""
+    partition = Cells.train(x[:2000], cells, probe)
+    probed = partition.assign(x)
+    best = np.full(len(x), np.inf)
+    for cell in range(cells):
+        rows = np.flatnonzero((probed == cell).any(1))  # searched here, in the source's order
+        stored = probed[rows, 0] == cell  # stored here: its own cell
+        starts = range(0, len(rows), 256)  # in pieces
+        chunks = ((x[rows[i : i + 256]], stored[i : i + 256]) for i in starts)
+        for i, d in zip(starts, search_cell(chunks, EarlierNeighbours("thumbnail", index)), strict=True):
+            np.minimum.at(best, rows[i : i + 256], d)
+    return best
+
+
+def test_one_cell_is_the_single_pass_and_more_cells_find_the_planted_near_duplicates():
+    x = _corpus()
+    exact = _nearest_earlier(x, "flat")
+    assert np.array_equal(_cells_nearest_earlier(x, 1, 1), exact)
+    truth = set(np.flatnonzero(exact <= 0.2))
+    for cells, probe in ((8, 2), (8, 3)):
+        approx = _cells_nearest_earlier(x, cells, probe)
+        found = set(np.flatnonzero(approx <= 0.2))
+        assert found <= truth and np.all(approx >= exact - 1e-3)  # a cell can only miss a neighbour
+        assert len(found & truth) / len(truth) >= 0.95, (cells, probe, len(found & truth) / len(truth))
+
+
 def _overrides(out, tiny_clip, aesthetic_head):
     return [
         f"out={out}", f"paths.output_dir={out}", f"clip={tiny_clip}", "data=haystack", "data.source.n_train=240",
         "data.source.n_val=0", "data.resolution=32", "data.batch_size=32", "data.num_workers=0", "piece_size=64",
         f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
         "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",
-        "poll_seconds=0.2",
+        "poll_seconds=0.2", "stages.near_duplicates.cells=3",  # the cells searched by both ranks
     ]  # fmt: skip
 
 

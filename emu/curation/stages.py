@@ -27,6 +27,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from emu.curation.neighbours import Cells, EarlierNeighbours, phash_batch, search_cell, thumbnails
 from emu.curation.ocr import TesseractText, tesseract_available
 from emu.curation.tables import Table, kth_best
 from emu.errors import ConfigError
@@ -298,107 +300,35 @@ class SizeAspect(Stage):
 
 
 # ------------------------------------------------------------------------------------------------ duplicates
-def phash_batch(images: torch.Tensor, size: int = 8, oversample: int = 4) -> np.ndarray:
-    """DCT perceptual hashes (uint64) of images in [-1, 1]: the low ``size x size`` frequencies of a 32x32 grayscale,
-    thresholded at their median (DC excluded)."""
-    n = size * oversample
-    gray = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    x = torch.nn.functional.interpolate(gray, size=(n, n), mode="area").squeeze(1).double()
-    k = torch.arange(n, dtype=torch.float64)
-    dct = torch.cos(torch.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))  # DCT-II basis (rows: frequencies)
-    low = (dct @ x @ dct.T)[:, :size, :size].flatten(1)
-    bits = (low > low[:, 1:].median(dim=1, keepdim=True).values).numpy()
-    return np.packbits(bits, axis=1).view(">u8").astype(np.uint64).ravel()
-
-
-def phash(image: Image.Image) -> int:
-    """The perceptual hash of one PIL image (see :func:`phash_batch`)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-    return int(phash_batch(x)[0])
-
-
-def thumbnails(images: torch.Tensor, size: int = 16) -> torch.Tensor:
-    """Standardised RGB thumbnails (zero mean, unit std per image), flattened: exposure changes barely move them."""
-    t = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area").flatten(1)
-    t = t - t.mean(1, keepdim=True)
-    return t / t.std(1, keepdim=True).clamp_min(1e-3)
-
-
-class EarlierNeighbours:
-    """Distance of each new feature vector to its nearest among all vectors seen before it (in the order given).
-
-    ``index``: ``hnsw`` (faiss's approximate HNSW graph: about log N per query, the default), ``flat`` (faiss's exact
-    search: N per query) for ``thumbnail`` features, measured as the RMS difference; ``phash`` features (uint64 hashes)
-    are compared exactly by Hamming distance. faiss builds the graph on one thread, so that its result does not depend
-    on thread timing.
-    """
-
-    def __init__(self, method: str = "thumbnail", index: str = "hnsw", hnsw_m: int = 16, ef_search: int = 64,
-                 ef_construction: int = 40):  # fmt: skip
-        self.method, self.kind = method, index
-        self.hnsw_m, self.ef_search, self.ef_construction = hnsw_m, ef_search, ef_construction
-        self.reset()
-
-    def reset(self) -> None:
-        self.index = None
-        self.hashes: list[np.ndarray] = []
-
-    def _faiss(self, dim: int):
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        if self.kind == "flat":
-            return faiss.IndexFlatL2(dim)
-        index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
-        index.hnsw.efConstruction, index.hnsw.efSearch = self.ef_construction, self.ef_search
-        return index
-
-    def add(self, feats) -> list[float]:
-        """The distances of ``feats`` (in order) to their nearest earlier vector (1e9 for the first); then remembers
-        them."""
-        if self.method == "phash":
-            seen = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.uint64)
-            count = np.bitwise_count
-            out = [float(min(count(seen ^ h).min(initial=64), count(feats[:i] ^ h).min(initial=64)))
-                   for i, h in enumerate(feats)]  # fmt: skip
-            self.hashes.append(feats)
-            return out
-        x = np.ascontiguousarray(feats.numpy() if isinstance(feats, torch.Tensor) else feats, dtype=np.float32)
-        dim = x.shape[1]
-        if self.index is None:
-            self.index = self._faiss(dim)
-        if self.index.ntotal:
-            d2, _ = self.index.search(x, 1)
-            d_seen = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0))).double() / dim**0.5
-        else:
-            d_seen = torch.full((len(x),), 1e9, dtype=torch.float64)
-        t = torch.from_numpy(x)  # earlier in the same batch: exact (a batch is small)
-        d_self = torch.cdist(t, t).double() / dim**0.5 + torch.triu(torch.full((len(x),) * 2, 1e9, dtype=torch.float64))
-        self.index.add(x)
-        return torch.minimum(d_seen, d_self.min(1).values).tolist()
-
-
 class NearDuplicates(Stage):
     """Score: distance of each image to the nearest image before it (in the source's order); keep ``min`` drops
     every image within ``max_distance`` of an earlier one.
 
     ``method``: ``thumbnail`` (RMS difference of standardised 16x16 RGB thumbnails, default) or ``phash`` (Hamming
     distance of 64-bit DCT perceptual hashes). ``index``: how the nearest earlier thumbnail is found
-    (:class:`EarlierNeighbours`: faiss's ``hnsw`` graph by default, ``flat`` for exact search). The ranks of a job
-    compute the features of their pieces (``scores/<stage>/<piece>.npz``); the order-dependent search then runs over
-    the pieces in order, in one process.
+    (:class:`~emu.curation.neighbours.EarlierNeighbours`: faiss's ``hnsw`` graph by default, ``flat`` for exact
+    search). The ranks of a job compute the features of their pieces (``scores/<stage>/<piece>.npz``). With ``cells``
+    0 the order-dependent search is one pass over the pieces in order, in one process; with ``cells`` N
+    (:class:`~emu.curation.neighbours.Cells`) the features are partitioned into N cells (k-means on up to
+    ``train_size`` of them), each image searched in its ``probe`` nearest, and the ranks search the cells at once,
+    each holding one cell's features at a time (``scores/<stage>/cells/``).
     """
 
     def __init__(self, name: str = "near_duplicates", method: str = "thumbnail", max_distance: float = 0.2,
                  thumbnail_size: int = 16, index: str = "hnsw", hnsw_m: int = 16, ef_search: int = 64,
-                 keep=None):  # fmt: skip
+                 cells: int = 0, probe: int = 2, train_size: int = 100_000, keep=None):  # fmt: skip
         if method not in ("thumbnail", "phash"):
             raise ConfigError(f"stages.{name}.method", f"must be thumbnail or phash, got {method!r}")
         if index not in ("hnsw", "flat"):
             raise ConfigError(f"stages.{name}.index", f"must be hnsw or flat, got {index!r}")
+        if cells and method != "thumbnail":
+            raise ConfigError(f"stages.{name}.cells", "partitions thumbnails (k-means); phash has no cells: use 0")
+        if cells < 0 or (cells and not 1 <= probe <= cells):
+            raise ConfigError(f"stages.{name}", f"needs cells >= 0 and 1 <= probe <= cells, got {cells} and {probe}")
         eps = 1e-6 if method == "thumbnail" else 1
         super().__init__(name, keep or {"min": max_distance + eps})
         self.method, self.size = method, thumbnail_size
+        self.cells, self.probe, self.train_size = cells, probe, train_size
         self.neighbours = EarlierNeighbours(method, index, hnsw_m, ef_search)
 
     def features(self, images: torch.Tensor):
@@ -408,35 +338,123 @@ class NearDuplicates(Stage):
         """The distances of a batch's images to the images of earlier calls and earlier in the batch."""
         return self.neighbours.add(self.features(batch["image"])), None
 
+    def describe(self) -> str:
+        where = f", {self.cells} cells, probe {self.probe}" if self.cells else ""
+        return f"{self.keep.describe()} ({self.method}, {self.neighbours.kind}{where})"
+
     def prepare(self, ctx: FunnelContext, survivors: Table) -> None:
+        """Every rank: the features of its pieces; with cells, then the partition and its share of the cells."""
         for path, batches in ctx.pieces_to_do(self.name, survivors, ".npz"):
             keys, feats = [], []
             for batch in batches:
                 keys += batch["key"]
                 f = self.features(batch["image"])
                 feats.append(f.numpy() if isinstance(f, torch.Tensor) else f)
-            path.parent.mkdir(parents=True, exist_ok=True)
             empty = (
                 np.zeros((0, 3 * self.size**2), np.float32) if self.method == "thumbnail" else np.zeros(0, np.uint64)
             )
-            tmp = path.with_name(path.stem + ".partial.npz")
-            np.savez(tmp, keys=np.array(keys, dtype=str), features=np.concatenate(feats) if feats else empty)
-            tmp.replace(path)
+            _save_npz(path, keys=np.array(keys, dtype=str), features=np.concatenate(feats) if feats else empty)
+        if self.cells:
+            self._search_cells(ctx)
+
+    # -------------------------------------------------------------------------------------- cells
+    def _cell_file(self, ctx: FunnelContext, name: str) -> Path:
+        return ctx.out / "scores" / self.name / "cells" / name
+
+    def _search_cells(self, ctx: FunnelContext) -> None:
+        """Partition (rank 0 trains the centroids), assign (each rank its pieces), search (each rank its cells)."""
+        features = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
+        ctx.wait_for(features, f"stage {self.name!r}'s features")
+        plan = {"cells": self.cells, "probe": self.probe, "train_size": self.train_size, "index": self.neighbours.kind}
+        centroids = self._cell_file(ctx, "centroids.npz")
+        if ctx.ranks.is_main and not centroids.is_file():
+            sample, n = [], 0
+            for path in features:  # the first train_size vectors, in the source's order
+                with np.load(path) as f:
+                    sample.append(f["features"][: self.train_size - n])
+                n += len(sample[-1])
+                if n >= self.train_size:
+                    break
+            cells = Cells.train(np.concatenate(sample), self.cells, self.probe)
+            _save_npz(centroids, centroids=cells.centroids, plan=json.dumps(plan))
+        ctx.wait_for([centroids], f"stage {self.name!r}'s cells")
+        with np.load(centroids) as f:
+            if json.loads(str(f["plan"])) != plan:
+                raise CurationError(f"{centroids} holds cells made with {f['plan']}, not {plan}: delete "
+                                    f"{centroids.parent} to partition again")  # fmt: skip
+            cells = Cells(f["centroids"], self.probe)
+        for piece in ctx.track(ctx.my_pieces(), f"{self.name} cells"):  # each vector's probe cells, sorted by cell
+            out = self._cell_file(ctx, f"{piece:05d}.npz")
+            if out.is_file():
+                continue
+            with np.load(ctx.piece_file(self.name, piece, ".npz")) as f:
+                feats = f["features"]
+            probed = cells.assign(feats) if len(feats) else np.zeros((0, cells.probe), np.int64)
+            cell, row = probed.reshape(-1), np.repeat(np.arange(len(feats)), cells.probe)
+            stored = (np.arange(cell.size) % cells.probe) == 0  # the nearest cell is the vector's own
+            order = np.lexsort((row, cell))  # by cell, then in the piece's order
+            np.save(out.with_suffix(".npy"), feats[row[order]])
+            _save_npz(out, cell=cell[order], row=row[order], stored=stored[order])
+        assigned = [self._cell_file(ctx, f"{p:05d}.npz") for p in range(ctx.pieces)]
+        ctx.wait_for(assigned, f"stage {self.name!r}'s cell assignment")
+        for c in ctx.track(share(list(range(self.cells)), ctx.ranks), f"{self.name} search"):
+            out = self._cell_file(ctx, f"search_{c:05d}.npz")
+            if out.is_file():
+                continue
+            _save_npz(out, **self._search_cell(c, assigned))
+
+    def _search_cell(self, c: int, assigned: list[Path]) -> dict[str, np.ndarray]:
+        """Cell ``c``'s ordered pass, reading only its slice of each piece: each of its vectors' piece, row in the
+        piece and distance to the nearest earlier vector stored in the cell."""
+        pieces, rows = [], []
+
+        def chunks():
+            for piece, path in enumerate(assigned):
+                with np.load(path) as f:
+                    lo, hi = np.searchsorted(f["cell"], [c, c + 1])
+                    row, stored = f["row"][lo:hi], f["stored"][lo:hi]
+                if hi > lo:
+                    pieces.append(np.full(hi - lo, piece))
+                    rows.append(row)
+                    yield np.array(np.load(path.with_suffix(".npy"), mmap_mode="r")[lo:hi]), stored
+
+        distances = list(search_cell(chunks(), self.neighbours))
+        cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)
+        return {"piece": cat(pieces, np.int64), "row": cat(rows, np.int64), "distance": cat(distances, np.float64)}
 
     def finish(self, ctx: FunnelContext, survivors: Table) -> Keep:
-        """The ordered search over every piece's features, into a score table per piece; then the rule."""
+        """The ordered search over every piece's features (or the cells' results, least distance per image), into a
+        score table per piece; then the rule."""
         paths = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
         ctx.wait_for(paths, f"stage {self.name!r}")
+        searched = [self._cell_file(ctx, f"search_{c:05d}.npz") for c in range(self.cells)]
+        ctx.wait_for(searched, f"stage {self.name!r}'s cells")
         self.neighbours.reset()
         for piece, path in enumerate(ctx.track(paths, f"{self.name} search")):
             with np.load(path) as f:
                 keys, feats = f["keys"].tolist(), f["features"]
-            scores = []
-            for start in range(0, len(keys), 256):  # in batches, as the images came
-                scores += self.neighbours.add(feats[start : start + 256])
+            if self.cells:  # each image's least distance over the cells it was searched in
+                scores = np.full(len(keys), np.inf)
+                for cell in searched:
+                    with np.load(cell) as f:
+                        lo, hi = np.searchsorted(f["piece"], [piece, piece + 1])
+                        np.minimum.at(scores, f["row"][lo:hi], f["distance"][lo:hi])
+                scores = scores.tolist()
+            else:
+                scores = []
+                for start in range(0, len(keys), 256):  # in batches, as the images came
+                    scores += self.neighbours.add(feats[start : start + 256])
             rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores, strict=True)]
             atomic_write_text(ctx.piece_file(self.name, piece), "".join(rows))
         return super().finish(ctx, survivors)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    """``np.savez`` to a temporary name, then renamed into place (a file that exists is whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------ CLIP based
