@@ -6,7 +6,7 @@
 The frozen networks' forward FLOPs per image are counted on the meta device (nothing allocated): the paper-scale
 autoencoder's encoder (conf/model/autoencoder.yaml) at 256 / 512 / 1024 px, T5-XXL's encoder (v1.1 shapes) over 128
 tokens, CLIP ViT-L/14's text tower over 77 tokens and its image tower at 224 px. GPU time is FLOPs / (peak x MFU);
-CPU work (decoding, OCR, the near-duplicate index) uses the per-core rates measured on this machine's CPU (flags;
+CPU work (decoding, OCR, the near-duplicate search: one pass, or in cells) uses the per-core rates measured on this machine's CPU (flags;
 docs/benchmarks.md says where they come from) spread over ``--cpu-per-gpu`` cores per GPU. Prints a table and, last,
 one JSON line.
 """
@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="near-duplicate search: images/s of the HNSW index (one thread, measured)",
     )
     p.add_argument(
+        "--cells-per-core",
+        type=float,
+        default=None,
+        help="near-duplicate search in cells (stages.near_duplicates.cells): images/s per core, probe included "
+        "(measured); the cells spread over every rank's cores",
+    )
+    p.add_argument(
         "--ocr-fraction",
         type=float,
         default=0.3,
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         cpu_stages[name] = (args.ocr_per_core, args.ocr_fraction)
     if args.ann_per_core:
         cpu_stages["near-duplicate HNSW search (CPU; one ordered pass, one index)"] = (args.ann_per_core, 1.0)
+    if args.cells_per_core:
+        cpu_stages["near-duplicate search in cells (CPU; the cells over all ranks)"] = (args.cells_per_core, 1.0)
     rows = []
     header = "| stage | per image | " + " | ".join(f"hours on {n} GPUs" for n in args.gpus) + " |"
     print(f"\n{args.images:.3g} images; GPUs at {args.peak_tflops:g} TFLOP/s x {args.mfu:.0%} MFU, "

@@ -2,10 +2,11 @@
 
 Layout of the output folder::
 
-    index.jsonl                 every image once: key, caption, source size (and hidden labels when the source
-                                has them, used only to measure the funnel, never by a stage); index/<piece>.jsonl
-    scores/<stage>.jsonl        key, stage, score, kept (+ extra) for every image the stage saw (written at the
-                                end of the stage, atomically); scores/<stage>/<piece>.* per piece of the data
+    index.jsonl                 every image once: key, caption, source size, piece (and hidden labels when the
+                                source has them, used only to measure the funnel, never by a stage); index/<piece>.jsonl
+    scores/<stage>.jsonl        key, stage, score, kept (+ extra) for every image the stage saw, in source order
+                                (streamed at the end of the stage); scores/<stage>/<piece>.* per piece of the data
+    *.pieces.json               beside each table: where each piece's rows start (tables are read a piece at a time)
     human/<stage>/              candidates, contact sheets, labels_template.csv, labels.jsonl
     curated/                    the curated set: PNGs + metadata.jsonl (file_name, text): data=folder reads it
     sheets/<stage>.png          kept (top rows) and rejected (bottom rows) examples per stage
@@ -15,9 +16,10 @@ Layout of the output folder::
 The data is read in pieces (input shards, or ``piece_size`` indices of a map-style source), and every pass writes a
 file per piece, whole: a finished stage is never redone, an interrupted one redoes only its unfinished pieces. The
 ranks of a job (``torchrun``, ``srun``: :mod:`emu.training.ranks`) share the pieces: every rank runs each stage's
-``prepare`` on its own pieces; rank 0 waits for all of them, merges them in piece order and runs ``finish`` (the
-decision, and the order-dependent near-duplicate search), then writes the stage's table, which the other ranks wait
-for. The pieces, not the ranks, fix the order, so any number of ranks gives the curated set one process gives. Stages
+``prepare`` on its own pieces; rank 0 waits for all of them and runs ``finish`` (the decision, and the order-dependent
+near-duplicate search unless it runs in cells), then streams the pieces in order through the decision into the stage's
+table, which the other ranks wait for. No step holds a row per image of the corpus (:mod:`emu.curation.tables`), so
+memory does not grow with the corpus; only the human passes hold their (few) candidates. The pieces, not the ranks, fix the order, so any number of ranks gives the curated set one process gives. Stages
 without ``prepare`` (the human passes) run on rank 0 only; so do the exports and the report. A switched-off stage
 (``enabled`` false) passes everything on.
 """
