@@ -3,7 +3,11 @@ every image once, exact resume, several ranks, the square path unchanged, and tr
 mixed aspect ratios."""
 
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -179,7 +183,8 @@ class RecordShapes(L.Callback):
         self.out = out
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        with open(self.out, "a") as f:
+        out = self.out if trainer.world_size == 1 else f"{self.out}.rank{trainer.global_rank}"
+        with open(out, "a") as f:
             f.write(" ".join(map(str, batch["image"].shape[-2:])) + "\n")
 
 
@@ -227,6 +232,33 @@ def test_stage1_trains_on_mixed_aspect_ratios_size_conditioned_and_samples_a_non
     module.trainer = type("T", (), {"datamodule": dm})()
     with pytest.raises(ConfigError, match=r"data\.buckets.*multiples of"):
         module.setup("fit")
+
+
+def test_ddp_over_two_processes_trains_every_bucket_with_whole_batches_per_rank(
+    wide_and_tall_folder, tmp_path, tiny_autoencoder, tiny_clip, tiny_t5
+):
+    """A real ``trainer=ddp`` fit (2 CPU processes, gloo) on mixed aspect ratios: every batch of every rank holds one
+    bucket, the ranks share every bucket, and their weights stay equal."""
+    out, shapes = tmp_path / "ddp", tmp_path / "shapes.txt"
+    cmd = [sys.executable, "train.py", "experiment=mini/stage1_pretrain", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=6", "trainer.limit_val_batches=0",
+           "data=folder", f"data.source.root={wide_and_tall_folder}", "~data.source.n_train", "~data.source.n_val",
+           "~data.source.seed", "data.source.val_fraction=0.0", "data.resolution=64",
+           "data.buckets=[[96,48],[48,96],[64,64]]", "data.batch_size=2", "data.num_workers=0",
+           "model.val_prompts=null", "logger=csv", "callbacks.progress_bar=null",
+           "+callbacks.shapes._target_=tests.test_buckets.RecordShapes", f"+callbacks.shapes.out={shapes}",
+           "+callbacks.dump._target_=tests.dist_helpers.DumpWeights", f"+callbacks.dump.out={out}/weights",
+           f"paths.output_dir={out}", f"hydra.run.dir={out}",
+           *tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    per_rank = [Path(f"{shapes}.rank{i}").read_text().splitlines() for i in range(2)]
+    assert [len(s) for s in per_rank] == [6, 6]  # 6 whole batches each (collate refuses mixed shapes)
+    assert set(per_rank[0]) | set(per_rank[1]) == {"48 96", "96 48", "64 64"}
+    w0, w1 = (torch.load(out / "weights" / f"rank{i}.pt") for i in range(2))
+    assert w0["step"] == w1["step"] == 6
+    assert all(torch.equal(v, w1["weights"][k]) for k, v in w0["weights"].items())
 
 
 def test_size_and_crop_conditioning_moves_the_output_drops_out_and_refuses_diffusers():
