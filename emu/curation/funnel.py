@@ -13,15 +13,15 @@ Layout of the output folder::
     funnel.json, funnel.md      counts in/out, rules, seconds per 1K images, and against hidden labels:
                                 precision / recall of needles, what each stage removed by flaw
 
-The data is read in pieces (input shards, or ``piece_size`` indices of a map-style source), and every pass writes a
-file per piece, whole: a finished stage is never redone, an interrupted one redoes only its unfinished pieces. The
-ranks of a job (``torchrun``, ``srun``: :mod:`emu.training.ranks`) share the pieces: every rank runs each stage's
-``prepare`` on its own pieces; rank 0 waits for all of them and runs ``finish`` (the decision, and the order-dependent
-near-duplicate search unless it runs in cells), then streams the pieces in order through the decision into the stage's
-table, which the other ranks wait for. No step holds a row per image of the corpus (:mod:`emu.curation.tables`), so
-memory does not grow with the corpus; only the human passes hold their (few) candidates. The pieces, not the ranks, fix the order, so any number of ranks gives the curated set one process gives. Stages
-without ``prepare`` (the human passes) run on rank 0 only; so do the exports and the report. A switched-off stage
-(``enabled`` false) passes everything on.
+The data is read in pieces (input shards, or ``piece_size`` indices of a map-style source), and every pass writes a file
+per piece, whole: a finished stage is never redone, an interrupted one redoes only its unfinished pieces. The ranks of a
+job (``torchrun``, ``srun``: :mod:`emu.training.ranks`) share the pieces: every rank runs each stage's ``prepare`` on
+its own pieces; rank 0 waits for all of them and runs ``finish`` (the decision, and the order-dependent near-duplicate
+search unless it runs in cells), then streams the pieces in order through the decision into the stage's table, which the
+other ranks wait for. No step holds a row per image of the corpus (:mod:`emu.curation.tables`), so memory does not grow
+with the corpus; only the human passes hold their (few) candidates. The pieces, not the ranks, fix the order, so any
+number of ranks gives the curated set one process gives. Stages without ``prepare`` (the human passes) run on rank 0
+only; so do the exports and the report. A switched-off stage (``enabled`` false) passes everything on.
 """
 
 from __future__ import annotations

@@ -356,13 +356,15 @@ class NearDuplicates(Stage):
             _save_npz(path, keys=np.array(keys, dtype=str), features=np.concatenate(feats) if feats else empty)
         if self.cells:
             self._search_cells(ctx)
+            self._combine_cells(ctx)
 
     # -------------------------------------------------------------------------------------- cells
     def _cell_file(self, ctx: FunnelContext, name: str) -> Path:
         return ctx.out / "scores" / self.name / "cells" / name
 
     def _search_cells(self, ctx: FunnelContext) -> None:
-        """Partition (rank 0 trains the centroids), assign (each rank its pieces), search (each rank its cells)."""
+        """Partition (rank 0 trains the centroids), assign (each rank its pieces), search (each rank its cells:
+        ``search_<cell>.npy``, its vectors' piece, row and distance, sorted by piece)."""
         features = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
         ctx.wait_for(features, f"stage {self.name!r}'s features")
         plan = {"cells": self.cells, "probe": self.probe, "train_size": self.train_size, "index": self.neighbours.kind}
@@ -398,12 +400,14 @@ class NearDuplicates(Stage):
         assigned = [self._cell_file(ctx, f"{p:05d}.npz") for p in range(ctx.pieces)]
         ctx.wait_for(assigned, f"stage {self.name!r}'s cell assignment")
         for c in ctx.track(share(list(range(self.cells)), ctx.ranks), f"{self.name} search"):
-            out = self._cell_file(ctx, f"search_{c:05d}.npz")
+            out = self._cell_file(ctx, f"search_{c:05d}.npy")
             if out.is_file():
                 continue
-            _save_npz(out, **self._search_cell(c, assigned))
+            tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial.npy")
+            np.save(tmp, self._search_cell(c, assigned))
+            tmp.replace(out)
 
-    def _search_cell(self, c: int, assigned: list[Path]) -> dict[str, np.ndarray]:
+    def _search_cell(self, c: int, assigned: list[Path]) -> np.ndarray:
         """Cell ``c``'s ordered pass, reading only its slice of each piece: each of its vectors' piece, row in the
         piece and distance to the nearest earlier vector stored in the cell."""
         pieces, rows = [], []
@@ -419,33 +423,45 @@ class NearDuplicates(Stage):
                     yield np.array(np.load(path.with_suffix(".npy"), mmap_mode="r")[lo:hi]), stored
 
         distances = list(search_cell(chunks(), self.neighbours))
-        cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)
-        return {"piece": cat(pieces, np.int64), "row": cat(rows, np.int64), "distance": cat(distances, np.float64)}
+        out = np.zeros(sum(len(d) for d in distances), dtype=[("piece", "<i8"), ("row", "<i8"), ("distance", "<f8")])
+        if len(out):
+            out["piece"], out["row"], out["distance"] = map(np.concatenate, (pieces, rows, distances))
+        return out
+
+    def _combine_cells(self, ctx: FunnelContext) -> None:
+        """Each rank, for its pieces: every image's least distance over the cells it was searched in, into the
+        piece's score table (each cell's results are read by memory map, only the piece's slice)."""
+        searched = [self._cell_file(ctx, f"search_{c:05d}.npy") for c in range(self.cells)]
+        ctx.wait_for(searched, f"stage {self.name!r}'s cells")
+        for piece in ctx.track(ctx.my_pieces(), f"{self.name} combine"):
+            path = ctx.piece_file(self.name, piece)
+            if path.is_file():
+                continue
+            with np.load(ctx.piece_file(self.name, piece, ".npz")) as f:
+                keys = f["keys"].tolist()
+            scores = np.full(len(keys), np.inf)
+            for cell in searched:
+                found = np.load(cell, mmap_mode="r")
+                lo, hi = np.searchsorted(found["piece"], [piece, piece + 1])
+                np.minimum.at(scores, np.asarray(found["row"][lo:hi]), np.asarray(found["distance"][lo:hi]))
+            rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores.tolist(), strict=True)]
+            atomic_write_text(path, "".join(rows))
 
     def finish(self, ctx: FunnelContext, survivors: Table) -> Keep:
-        """The ordered search over every piece's features (or the cells' results, least distance per image), into a
-        score table per piece; then the rule."""
-        paths = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
-        ctx.wait_for(paths, f"stage {self.name!r}")
-        searched = [self._cell_file(ctx, f"search_{c:05d}.npz") for c in range(self.cells)]
-        ctx.wait_for(searched, f"stage {self.name!r}'s cells")
-        self.neighbours.reset()
-        for piece, path in enumerate(ctx.track(paths, f"{self.name} search")):
-            with np.load(path) as f:
-                keys, feats = f["keys"].tolist(), f["features"]
-            if self.cells:  # each image's least distance over the cells it was searched in
-                scores = np.full(len(keys), np.inf)
-                for cell in searched:
-                    with np.load(cell) as f:
-                        lo, hi = np.searchsorted(f["piece"], [piece, piece + 1])
-                        np.minimum.at(scores, f["row"][lo:hi], f["distance"][lo:hi])
-                scores = scores.tolist()
-            else:
+        """Without cells, the ordered search over every piece's features, into a score table per piece (with cells the
+        ranks wrote those); then the rule."""
+        if not self.cells:
+            paths = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
+            ctx.wait_for(paths, f"stage {self.name!r}")
+            self.neighbours.reset()
+            for piece, path in enumerate(ctx.track(paths, f"{self.name} search")):
+                with np.load(path) as f:
+                    keys, feats = f["keys"].tolist(), f["features"]
                 scores = []
                 for start in range(0, len(keys), 256):  # in batches, as the images came
                     scores += self.neighbours.add(feats[start : start + 256])
-            rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores, strict=True)]
-            atomic_write_text(ctx.piece_file(self.name, piece), "".join(rows))
+                rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores, strict=True)]
+                atomic_write_text(ctx.piece_file(self.name, piece), "".join(rows))
         return super().finish(ctx, survivors)
 
 
