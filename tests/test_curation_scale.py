@@ -14,7 +14,7 @@ import pytest
 
 from emu.curation.funnel import Funnel
 from emu.curation.neighbours import Cells, EarlierNeighbours, search_cell
-from emu.curation.stages import KeepRule, SizeAspect, Stage
+from emu.curation.stages import CurationError, KeepRule, SizeAspect, Stage
 from emu.curation.tables import kth_best, quantiles
 from emu.data import EmuDataModule, HaystackSource
 from tests.conftest import ROOT
@@ -77,29 +77,30 @@ def test_one_cell_is_the_single_pass_and_more_cells_find_the_planted_near_duplic
         assert len(found & truth) / len(truth) >= 0.95, (cells, probe, len(found & truth) / len(truth))
 
 
-def _overrides(out, tiny_clip, aesthetic_head):
+def _overrides(out, tiny_clip, aesthetic_head, cells=0):
     return [
         f"out={out}", f"paths.output_dir={out}", f"clip={tiny_clip}", "data=haystack", "data.source.n_train=240",
         "data.source.n_val=0", "data.resolution=32", "data.batch_size=32", "data.num_workers=0", "piece_size=64",
         f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
         "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",
-        "poll_seconds=0.2", "stages.near_duplicates.cells=3",  # the cells searched by both ranks
+        "poll_seconds=0.2", f"stages.near_duplicates.cells={cells}",
     ]  # fmt: skip
 
 
-def test_two_ranks_curate_what_one_process_curates(tmp_path, tiny_clip, aesthetic_head):
+@pytest.mark.parametrize("cells", [0, 3])  # 0: one ordered search on rank 0; 3: the cells shared by the ranks
+def test_two_ranks_curate_what_one_process_curates(tmp_path, tiny_clip, aesthetic_head, cells):
     from hydra import compose, initialize_config_dir
 
     import curate
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        one = curate.run(compose("curate", overrides=_overrides(tmp_path / "one", tiny_clip, aesthetic_head)))
+        one = curate.run(compose("curate", overrides=_overrides(tmp_path / "one", tiny_clip, aesthetic_head, cells)))
 
     out = tmp_path / "two"
     procs = []
     for rank in (0, 1):  # the variables torchrun sets (TORCHELASTIC_RUN_ID marks a torchelastic launch)
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "t"}
-        cmd = [sys.executable, "curate.py", *_overrides(out, tiny_clip, aesthetic_head),
+        cmd = [sys.executable, "curate.py", *_overrides(out, tiny_clip, aesthetic_head, cells),
                f"hydra.run.dir={tmp_path}/hydra{rank}"]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     logs = [p.communicate(timeout=600)[0].decode() for p in procs]
@@ -137,6 +138,8 @@ def test_kth_best_streams_to_the_exact_cut(lowest, small):
         assert cut == ordered[k - 1]
         assert better == int(((values < cut) if lowest else (values > cut)).sum())
     assert quantiles(chunks, [0, 0.5, 1]) == [ordered.min(), np.sort(values)[(len(values) - 1) // 2], ordered.max()]
+    tied = lambda: iter([np.full(3000, 2.5), np.full(2000, -1.0)])  # more equal values than `small` at the cut
+    assert kth_best(tied, 3001, lowest, small=small) == ((2.5, 2000) if lowest else (-1.0, 3000))
 
 
 def test_a_streamed_rule_keeps_what_the_sorted_rule_keeps_ties_in_source_order():
@@ -149,6 +152,8 @@ def test_a_streamed_rule_keeps_what_the_sorted_rule_keeps_ties_in_source_order()
         assert rule.select(scores) == set(by_score[:n])
         keep = rule.stream(lambda: iter(np.array_split(np.array(list(scores.values())), 9)))  # pieces of a stream
         assert {k for k, s in scores.items() if keep(s)} == set(by_score[:n])
+    with pytest.raises(CurationError, match="NaN"):
+        KeepRule(top_k=1).select({"a": 1.0, "b": float("nan")})
 
 
 class _Brightness(Stage):

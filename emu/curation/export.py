@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from emu.curation.stages import FunnelContext
+from emu.curation.stages import CurationError, FunnelContext
 from emu.curation.tables import Table
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, to_pil, to_uint8
@@ -79,7 +79,14 @@ def export_curated(ctx: FunnelContext, wanted: dict[int, list[str]]) -> Path:
     written a piece at a time; kept when complete."""
     folder = ctx.out / "curated"
     done = folder / "metadata.jsonl"
-    if done.is_file() and sum(1 for _ in done.open()) == sum(len(keys) for keys in wanted.values()):
+    every = [k for ks in wanted.values() for k in ks]  # the curated set is small: it is a human pass's output
+    keys = set(every)
+    if len(keys) < len(every):  # a file per key: two images under one key would overwrite each other
+        twice = sorted({k for k in every if every.count(k) > 1})
+        raise CurationError(f"keys name images, but {len(twice)} curated keys come from more than one piece of the "
+                            f"data (first: {twice[0]!r}): give the source unique keys (WebDataset: unique __key__ "
+                            "across shards)")  # fmt: skip
+    if done.is_file() and {json.loads(line)["key"] for line in done.open()} == keys:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tmp = done.with_name("metadata.jsonl.partial")

@@ -96,7 +96,9 @@ class Funnel:
 
     def scan(self) -> Table:
         """``index.jsonl``: every image's key, caption, source size and hidden labels, in piece order (each rank
-        writes ``index/<piece>.jsonl`` for its pieces; rank 0 joins them, a piece at a time)."""
+        writes ``index/<piece>.jsonl`` for its pieces; rank 0 joins them, a piece at a time). Keys name images: a key
+        is read once per piece, and must not repeat across pieces (checking that would take memory that grows with
+        the corpus; the export refuses a curated set with a repeated key)."""
         path = self.out / "index.jsonl"
         if not Table.finished(path):
             t = time.time()
@@ -167,6 +169,7 @@ class Funnel:
             counts.add(self.index.rows(piece), out)
         n_in, n_out = len(survivors), sum(p["kept"] for p in writer.pieces)
         if n_in and not n_out:
+            writer.discard()
             dist = ", ".join(f"{v:.3g}" for v in quantiles(scores, (0, 0.25, 0.5, 0.75, 1)))
             raise CurationError(f"stage {stage.name!r} keeps nothing of {n_in} images ({note}); its scores "
                                 f"min/25%/median/75%/max: {dist}: loosen its rule")  # fmt: skip

@@ -77,6 +77,9 @@ class KeepRule:
         def passing() -> Iterator[np.ndarray]:
             for c in chunks():
                 c = np.asarray(c, dtype=np.float64)
+                if np.isnan(c).any():
+                    raise CurationError(f"{int(np.isnan(c).sum())} scores are NaN: the rule {self.describe()!r} "
+                                        "cannot order them")  # fmt: skip
                 mask = np.ones(len(c), dtype=bool)
                 if self.min is not None:
                     mask &= c >= self.min
@@ -367,7 +370,9 @@ class NearDuplicates(Stage):
         ``search_<cell>.npy``, its vectors' piece, row and distance, sorted by piece)."""
         features = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
         ctx.wait_for(features, f"stage {self.name!r}'s features")
-        plan = {"cells": self.cells, "probe": self.probe, "train_size": self.train_size, "index": self.neighbours.kind}
+        n = self.neighbours
+        plan = {"cells": self.cells, "probe": self.probe, "train_size": self.train_size, "index": n.kind,
+                "thumbnail_size": self.size, "hnsw_m": n.hnsw_m, "ef_search": n.ef_search}  # fmt: skip
         centroids = self._cell_file(ctx, "centroids.npz")
         if ctx.ranks.is_main and not centroids.is_file():
             sample, n = [], 0
@@ -533,6 +538,8 @@ class Balance(Stage):
         super().__init__(name, {})
         if not concepts:
             raise ConfigError(f"stages.{name}.concepts", "needs at least one concept: name -> prompt")
+        if per_class < 1:
+            raise ConfigError(f"stages.{name}.per_class", f"must keep at least 1 image per concept, got {per_class}")
         self.clip, self.per_class, self.rank_by = clip, per_class, rank_by
         self.names = list(concepts)
         self.text = self.clip.embed_texts(list(concepts.values()))

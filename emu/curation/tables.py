@@ -48,11 +48,17 @@ class TableWriter:
 
     def close(self) -> Table:
         self.file.close()
-        self.tmp.replace(self.path)
         index, tmp = pieces_file(self.path), pieces_file(self.path).with_suffix(f".{os.getpid()}.tmp")
+        index.unlink(missing_ok=True)  # an older table's index must never describe these rows
+        self.tmp.replace(self.path)
         tmp.write_text(json.dumps(self.pieces))
         tmp.replace(index)
         return Table(self.path)
+
+    def discard(self) -> None:
+        """Drop what was written (a stage that stopped with an error)."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class Table:
@@ -136,9 +142,12 @@ def kth_best(chunks: Callable[[], Iterable[np.ndarray]], k: int, lowest: bool = 
         before = int(above[j - 1]) if j else 0
         better, k, count = better + before, k - before, int(hist[digit])
         prefix, bits = (prefix << 16) | digit, bits + 16
-    keys = np.sort(np.concatenate([in_bucket(c) for c in chunks()] or [np.zeros(0, np.uint64)]))[::-1]
-    cut = keys[k - 1]
-    better += int((keys > cut).sum())
+    if count > small:  # all 64 bits fixed: every candidate left is the same value
+        cut = np.uint64(prefix)
+    else:
+        keys = np.sort(np.concatenate([in_bucket(c) for c in chunks()] or [np.zeros(0, np.uint64)]))[::-1]
+        cut = keys[k - 1]
+        better += int((keys > cut).sum())
     cut = ~cut if lowest else cut
     value = (cut & ~np.uint64(1 << 63)) if cut >> np.uint64(63) else ~cut  # back from the order key
     return float(np.array([value], np.uint64).view(np.float64)[0]), better

@@ -1,6 +1,6 @@
 """Curation never loses labels: curate.py killed with SIGKILL mid-stage (twice, at different points) and re-run
 gives the same funnel and the same curated set as a run that was never interrupted; what it had written stays
-readable (atomic tables and labels, a torn partial line dropped)."""
+readable (tables, piece tables and labels are written whole, then renamed into place)."""
 
 import json
 import os
@@ -25,7 +25,7 @@ def head(tiny_clip, tmp_path_factory):
 
 def _cmd(out, tiny_clip, head):
     data = ["data=haystack", "data.source.n_train=480", "data.source.n_val=0", "data.resolution=32",
-            "data.batch_size=8", "data.num_workers=0"]  # fmt: skip
+            "data.batch_size=8", "data.num_workers=0", "piece_size=96"]  # fmt: skip
     stages = [f"stages.aesthetic.head={head}", "stages.text_overlay.engine=off",
               "stages.aesthetic.keep.top_fraction=0.5", "stages.balance.per_class=120",  # 40 left the specialist pass
               # nothing to keep since the haystack's stripes (2026-12-02): 120 gives 125 -> 9 -> 2
@@ -67,11 +67,12 @@ def test_curate_py_killed_twice_gives_the_same_funnel(tmp_path, tiny_clip, head)
 
     out = tmp_path / "killed"
     cmd = _cmd(out, tiny_clip, head)
-    assert _kill_when(cmd, lambda: _lines(out / "scores" / "clip_score.partial.jsonl") >= 40), "killed while scoring"
+    pieces = lambda: len(list((out / "scores" / "clip_score").glob("0*.jsonl")))
+    assert _kill_when(cmd, lambda: pieces() >= 1), "killed while scoring (after its first piece of five)"
+    assert pieces() < 5, "the stage had finished"
     assert _kill_when(cmd, lambda: (out / "human" / "generalist" / "labels.jsonl").is_file()), "killed after labels"
-    for f in (out / "scores").glob("*.jsonl"):  # what it left is readable: whole lines at most one torn at the end
-        lines = f.read_text().splitlines()
-        for line in lines[:-1] if f.name.endswith(".partial.jsonl") else lines:
+    for f in (out / "scores").rglob("*.jsonl"):  # what it left is whole (temporary files have other names)
+        for line in f.read_text().splitlines():
             json.loads(line)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
