@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ Rows = dict[str, dict[str, Any]]  # key -> {"score": float, "extra": {...}?}
 Keep = Callable[[str, dict[str, Any]], bool]  # a stage's decision: (key, row) -> kept, asked in the source's order
 
 
-class IndexRows:
+class IndexRows(Protocol):
     """What the funnel knows of each image, by piece (``rows(piece)``: key, caption, source size, hidden labels)."""
 
     def rows(self, piece: int) -> list[dict[str, Any]]: ...
@@ -172,12 +172,6 @@ class FunnelContext:
     def table(self, stage: str) -> Path:
         """``scores/<stage>.jsonl``: a finished stage's rows."""
         return self.out / "scores" / f"{stage}.jsonl"
-
-    def finished(self, stage: str) -> Table:
-        """A finished stage's table (an error naming the stage when it has not finished)."""
-        if not Table.finished(self.table(stage)):
-            raise CurationError(f"stage {stage!r} has not finished (no {self.table(stage)}): name an earlier stage")
-        return Table(self.table(stage))
 
     def piece_file(self, stage: str, piece: int, suffix: str = ".jsonl") -> Path:
         """``scores/<stage>/<piece>.jsonl``: what a stage made of one piece of the data."""
