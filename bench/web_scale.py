@@ -5,10 +5,10 @@
 
 The frozen networks' forward FLOPs per image are counted on the meta device (nothing allocated): the paper-scale
 autoencoder's encoder (conf/model/autoencoder.yaml) at 256 / 512 / 1024 px, T5-XXL's encoder (v1.1 shapes) over 128
-tokens, CLIP ViT-L/14's text tower over 77 tokens and its image tower at 224 px. GPU time is FLOPs / (peak x MFU);
-CPU work (decoding, OCR, the near-duplicate search: one pass, or in cells) uses the per-core rates measured on this machine's CPU (flags;
-docs/benchmarks.md says where they come from) spread over ``--cpu-per-gpu`` cores per GPU. Prints a table and, last,
-one JSON line.
+tokens, CLIP ViT-L/14's text tower over 77 tokens and its image tower at 224 px. GPU time is FLOPs / (peak x MFU); CPU
+work (decoding, OCR, the near-duplicate search: one pass, or in cells) uses the per-core rates measured on this
+machine's CPU (flags; docs/benchmarks.md says where they come from) spread over ``--cpu-per-gpu`` cores per GPU. Prints
+a table and, last, one JSON line.
 """
 
 from __future__ import annotations
