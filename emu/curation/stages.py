@@ -402,9 +402,8 @@ class NearDuplicates(Stage):
             out = self._cell_file(ctx, f"search_{c:05d}.npy")
             if out.is_file():
                 continue
-            tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial.npy")
-            np.save(tmp, self._search_cell(c, assigned))
-            tmp.replace(out)
+            found = self._search_cell(c, assigned)
+            _save_whole(out, lambda tmp, found=found: np.save(tmp, found))
 
     def _search_cell(self, c: int, assigned: list[Path]) -> np.ndarray:
         """Cell ``c``'s ordered pass, reading only its slice of each piece: each of its vectors' piece, row in the
@@ -464,12 +463,16 @@ class NearDuplicates(Stage):
         return super().finish(ctx, survivors)
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    """``np.savez`` to a temporary name, then renamed into place (a file that exists is whole)."""
+def _save_whole(path: Path, save: Callable[[Path], None]) -> None:
+    """``save`` to a temporary name of the same suffix, then renamed into place (a file that exists is whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
-    np.savez(tmp, **arrays)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
+    save(tmp)
     tmp.replace(path)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    _save_whole(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 # ------------------------------------------------------------------------------------------------ CLIP based
