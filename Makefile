@@ -33,15 +33,15 @@ format: install
 
 # The miniature end to end (emu/demo): every stage through the real entry points, then outputs/demo/REPORT.md.
 # Finished stages are skipped and an interrupted run resumes; FORCE=1 reruns everything.
-demo: install  ## the whole recipe in miniature (SCALE=mini|tiny|gpu; FORCE=1 starts over)
-	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force)
+demo: install  ## the whole recipe in miniature (SCALE=mini|tiny|gpu; FORCE=1 starts over; JOBS=1 one step at a time)
+	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
 
 # The paper's ablations in miniature (emu/demo/ablations.py) on top of the demo, which runs (or is skipped) first:
 # fewer curated images, as many random ones, no human passes, other training lengths and seeds -> $(DEMO)/ABLATIONS.md.
 # Finished arms are skipped; FORCE=1 reruns the ablations (not the demo).
 ablations: install  ## the ablations on top of the demo (SCALE=mini|tiny|gpu; FORCE=1 reruns them)
-	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO)
-	$(PY) -m emu.demo --ablations --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force)
+	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(JOBS),--jobs $(JOBS))
+	$(PY) -m emu.demo --ablations --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
 
 # The CPU benchmarks (each about a minute on 2 cores); the GPU commands are in each script's docstring.
 bench: install  ## data pipeline, U-Net and autoencoder training step vs diffusers, sampling s/image

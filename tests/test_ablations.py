@@ -265,7 +265,7 @@ def test_ablations_run_every_arm_then_skip_and_resume(tmp_path, monkeypatch):
     scale = driver.load_scale("tiny")
     calls: list[list[str]] = []
 
-    def run_step(step, argv, log_path):
+    def run_step(step, argv, log_path, env=None, echo=True):
         calls.append(argv)
         done = tmp_path / step.done
         done.parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def test_every_step_of_every_scale_composes(scale, tmp_path):
 def _fake_run_step(calls: list[list[str]], out: Path):
     """Stands in for the subprocess: records the command and leaves the step's output behind."""
 
-    def run_step(step, argv, log_path):
+    def run_step(step, argv, log_path, env=None, echo=True):
         calls.append(argv)
         done = out / step.done
         done.parent.mkdir(parents=True, exist_ok=True)

@@ -84,10 +84,12 @@ def _arm_steps(name: str, scale: dict[str, Any], data: Step | None, train_args: 
         run_dir = f"ablations/{name}/stage2"
         args = f"train.py experiment=mini/stage2_quality_tune {train_args}".replace("{arm}", arm).strip()
         steps.append(_step(f"{name}/stage2", args, f"{run_dir}/checkpoints/select/selection.json", run_dir=run_dir,
-                           resumable=True, like="stage2", last=train_last))  # fmt: skip
+                           resumable=True, like="stage2", last=train_last, follows_threads=True))  # fmt: skip
     ev = eval_args(scale, ckpt.replace("{arm}", arm), name, f"{arm}/eval", accuracy=False)
     steps.append(_step(f"{name}/eval", ev, f"ablations/{name}/eval/metrics.json", run_dir=f"ablations/{name}/eval",
                        like="eval"))  # fmt: skip
+    for i, step in enumerate(steps):  # an arm reads only the finished demo and its own steps: arms run side by side
+        step.needs = (steps[i - 1].name,) if i else ()
     return Stage(name, f"ablation {name}", steps)
 
 

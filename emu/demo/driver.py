@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from emu.demo.ablation_report import write_ablations
 from emu.demo.ablations import demo_facts, plan
 from emu.demo.report import write_report
+from emu.demo.schedule import Job, available_cores, check_needs, run_scheduled, step_log
 from emu.demo.stages import Stage, Step, command, demo_stages
 from emu.utils.files import atomic_write_text
 
@@ -62,8 +63,15 @@ class State:
     def finished(self, step: Step, out: Path) -> bool:
         return step.name in self.data["steps"] and (out / step.done).exists()
 
-    def record_step(self, step: Step, seconds: float) -> None:
-        self.data["steps"][step.name] = {"seconds": round(seconds, 1), "finished": _now()}
+    def record_step(self, step: Step, seconds: float, threads: list[int] | None = None,
+                    alongside: list[str] | None = None) -> None:  # fmt: skip
+        """``step`` finished after ``seconds``, with these thread counts, beside these other steps."""
+        info: dict[str, Any] = {"seconds": round(seconds, 1), "finished": _now()}
+        if threads:
+            info["threads"] = threads
+        if alongside:
+            info["alongside"] = alongside
+        self.data["steps"][step.name] = info
         self.save()
 
     def record_stage(self, stage: Stage) -> float:
@@ -85,22 +93,35 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
+def default_jobs() -> int:
+    """Two steps side by side where there are two cores or more: on the miniature's small networks two 1-thread
+    jobs do 1.4x the work of one 2-thread job (:mod:`emu.demo.schedule`)."""
+    return 2 if available_cores() >= 2 else 1
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_step(step: Step, argv: list[str], log_path: Path) -> None:
-    print(f"\n[demo] {step.name}: {shlex.join(argv)}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_step(step: Step, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+             echo: bool = True) -> None:  # fmt: skip
+    """Run ``argv``, its output appended to ``log_path`` (and, with ``echo``, passed to the console as it comes);
+    ``env`` adds to the environment. A failure raises SystemExit naming the log."""
+    if echo:
+        print(f"\n[demo] {step.name}: {shlex.join(argv)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
         log.write(f"\n$ {shlex.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # progress bars (\r) pass through unbuffered
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
             log.write(chunk.decode(errors="replace"))
+            log.flush()
         code = proc.wait()
     if code != 0:
         raise SystemExit(
@@ -110,38 +131,65 @@ def run_step(step: Step, argv: list[str], log_path: Path) -> None:
 
 
 def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: State, log: Path,
-               only: list[str] | None = None) -> None:  # fmt: skip
-    """Run ``stages`` in order into the demo folder ``out``: finished steps are skipped, an interrupted training run
-    resumes from its ``last.ckpt``, ``only`` reruns just those stages from scratch; ``state`` records each step."""
+               only: list[str] | None = None, jobs: int = 1) -> None:  # fmt: skip
+    """Run ``stages`` into the demo folder ``out``: finished steps are skipped, an interrupted training run resumes
+    from its ``last.ckpt``, ``only`` reruns just those stages from scratch; ``state`` records each step. Up to ``jobs``
+    steps run at once as their ``needs`` allow, sharing the cores (:mod:`emu.demo.schedule`); each step's output goes
+    to ``<log folder>/logs/<step>.log`` and, once it ends, to ``log``."""
     t_all = time.perf_counter()
+    wall_before = float(state.data.get("wall_seconds", 0.0))
+    check_needs([s for stage in stages for s in stage.steps])
+    logs = log.parent / "logs"
+    todo: list[Step] = []
     for stage in stages:
         if only and stage.name not in only:
             continue
         if only:
             state.forget(stage, out)
-        todo = [s for s in stage.steps if not state.finished(s, out)]
-        if not todo:
-            print(
-                f"[demo] {stage.name}: done earlier ({state.data['stages'].get(stage.name, {}).get('seconds', 0):.0f}s)"
-                " - skipped",
-                flush=True,
-            )
-            continue
-        t0 = time.perf_counter()
-        for step in todo:
-            resume = step.resumable and (out / (step.run_dir or "") / "checkpoints" / "last.ckpt").is_file()
-            argv = command(step, out, scale, resume)
-            t_step = time.perf_counter()
-            run_step(step, argv, log)
-            state.record_step(step, time.perf_counter() - t_step)
-        state.record_stage(stage)
-        print(f"[demo] {stage.name} ({stage.title}): {time.perf_counter() - t0:.0f}s", flush=True)
+        steps = [s for s in stage.steps if not state.finished(s, out)]
+        if not steps:
+            done = state.data["stages"].get(stage.name, {}).get("seconds", 0)
+            print(f"[demo] {stage.name}: done earlier ({done:.0f}s) - skipped", flush=True)
+        todo += steps
+    stage_of = {s.name: stage for stage in stages for s in stage.steps}
+    left = {stage.name: sum(s in todo for s in stage.steps) for stage in stages}
+
+    def start(step: Step, env: dict[str, str], echo: bool) -> None:
+        resume = step.resumable and (out / (step.run_dir or "") / "checkpoints" / "last.ckpt").is_file()
+        argv = command(step, out, scale, resume)
+        if echo:
+            run_step(step, argv, log, env, echo=True)
+            return
+        own = step_log(logs, step)
+        own.unlink(missing_ok=True)  # this run's output only (demo.log keeps every run's)
+        print(f"[demo] {step.name} started ({env.get('OMP_NUM_THREADS')} threads; output: {own})", flush=True)
+        try:
+            run_step(step, argv, own, env, echo=False)
+        finally:
+            with log.open("a") as whole, own.open() as part:  # the whole record, step by step
+                shutil.copyfileobj(part, whole)
+
+    def finished(job: Job) -> None:
+        state.record_step(job.step, job.seconds, threads=job.threads_seen, alongside=sorted(job.alongside))
+        state.data["wall_seconds"] = round(wall_before + time.perf_counter() - t_all, 1)
+        stage = stage_of[job.step.name]
+        left[stage.name] -= 1
+        if not left[stage.name]:
+            seconds = state.record_stage(stage)
+            print(f"[demo] {stage.name} ({stage.title}): {seconds:.0f}s", flush=True)
+        elif jobs > 1:
+            print(f"[demo] {job.step.name} finished: {job.seconds:.0f}s", flush=True)
+
+    own_log = (lambda step: step_log(logs, step)) if jobs > 1 else (lambda step: None)
+    run_scheduled(todo, start, finished, jobs=jobs, cores=available_cores(), logs=logs, log_of=own_log)
     state.data["finished"] = _now()
     state.data["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
+    state.data["wall_seconds"] = round(wall_before + state.data["last_run_seconds"], 1)
+    state.data["jobs"] = jobs
     state.save()
 
 
-def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] | None = None) -> Path:
+def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] | None = None, jobs: int = 1) -> Path:
     out = out.resolve()
     if force and out.exists():
         for child in out.iterdir():  # keep the folder (and a log someone is tailing), drop every stage's outputs
@@ -160,14 +208,15 @@ def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] |
     unknown = set(only or []) - {s.name for s in stages}
     if unknown:
         raise SystemExit(f"[demo] unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in stages]}")
-    run_stages(out, scale, stages, state, out / "demo.log", only)
+    run_stages(out, scale, stages, state, out / "demo.log", only, jobs)
     report = write_report(out, scale, state.data, stages)
     print("\n" + report.read_text())
     print(f"[demo] report: {report}")
     return report
 
 
-def run_ablations(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False) -> Path:
+def run_ablations(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False,
+                  jobs: int = 1) -> Path:  # fmt: skip
     """``--ablations``: the arms of :mod:`emu.demo.ablations` on top of the finished demo in ``out`` (into
     ``<out>/ablations/``, skip / resume as the demo), then ``ABLATIONS.md`` and ``REPORT.md`` again (``report_only``:
     just the reports, from what is there)."""
@@ -188,7 +237,7 @@ def run_ablations(out: Path, scale: dict[str, Any], force: bool = False, report_
         state.data.setdefault("started", _now())
         state.save()
         print(f"[ablations] {len(arms) - 1} arms on top of {out}: " + ", ".join(a.name for a in arms[1:]), flush=True)
-        run_stages(out, scale, [a.stage for a in arms if a.stage], state, folder / "ablations.log")
+        run_stages(out, scale, [a.stage for a in arms if a.stage], state, folder / "ablations.log", jobs=jobs)
     report = write_ablations(out, scale, arms, state.data, demo.data)
     write_report(out, scale, demo.data, demo_stages(scale))
     print("\n" + report.read_text())
@@ -213,19 +262,24 @@ def main(argv: list[str] | None = None) -> None:
         help="run the ablations on top of the finished demo in --out "
         "(into <out>/ablations/, then ABLATIONS.md); with --force, only the ablations start over",
     )
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="steps run side by side when their inputs allow, sharing the cores (default: 2 on 2 or more "
+                   "cores; 1 runs them one by one, as listed)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs is at least 1, got {args.jobs}")
     scale = load_scale(args.scale)
     out = Path(args.out)
     if args.ablations:
         if args.only:
             p.error("--ablations runs on its own: finish the demo first, then run --ablations")
-        run_ablations(out, scale, force=args.force, report_only=args.only_report)
+        run_ablations(out, scale, force=args.force, report_only=args.only_report, jobs=args.jobs)
         return
     if args.only_report:
         state = State(out / "demo_state.json")
         print(write_report(out.resolve(), scale, state.data, demo_stages(scale)).read_text())
         return
-    run(out, scale, force=args.force, only=args.only)
+    run(out, scale, force=args.force, only=args.only, jobs=args.jobs)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ class Step:
     on_corpus: bool = False  # trains on the haystack corpus: reads its shards (<out>/haystack/*.tar)
     like: str | None = None  # takes the scale's overrides of this step (default: its own name's)
     last: tuple[str, ...] = ()  # Hydra overrides after the scale's: they win over them
+    # the steps whose outputs it reads: it may start once they finished, beside other steps (the driver's --jobs);
+    # None: after every step listed before it
+    needs: tuple[str, ...] | None = None
+    follows_threads: bool = False  # a train.py run: follows the driver's thread budget (emu.training.threads)
 
 
 @dataclass
@@ -48,10 +52,11 @@ def _step(name: str, args: str, done: str, **kw) -> Step:
     return Step(name, [PY, *shlex.split(args)], done, **kw)
 
 
-def _train(name: str, experiment: str, done: str | None = None, on_corpus: bool = False) -> Step:
+def _train(name: str, experiment: str, done: str | None = None, on_corpus: bool = False, **kw) -> Step:
     """``train.py experiment=<experiment>`` into ``<out>/<name>``, resumable from its ``last.ckpt``."""
     done = done or f"{name}/checkpoints/last.ckpt"
-    return _step(name, f"train.py experiment={experiment}", done, run_dir=name, resumable=True, on_corpus=on_corpus)
+    return _step(name, f"train.py experiment={experiment}", done, run_dir=name, resumable=True, on_corpus=on_corpus,
+                 follows_threads=True, **kw)  # fmt: skip
 
 
 def eval_args(scale: dict[str, Any], a: str, name_a: str, out: str, accuracy: bool = True) -> str:
@@ -91,28 +96,38 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
     return [
         Stage("haystack", "haystack corpus", [
             _step("haystack", f"{haystack} --workers {scale.get('workers', 2)}", "haystack/haystack.json", hydra=False),
-            _step("data_check", data_check, "haystack/first_batch.png"),
+            _step("data_check", data_check, "haystack/first_batch.png", needs=("haystack",)),
         ]),
-        Stage("judge", "evaluation judge", [_train("judge", "mini/judge")]),
+        Stage("judge", "evaluation judge", [_train("judge", "mini/judge", needs=())]),  # its own haystack seed
         Stage("text", "mini CLIP and T5", [
-            _train("clip", "mini/clip", "clip/export/config.json", on_corpus=True),
-            _step("t5", "-m emu.text.mini_t5 --out {out}/t5", "t5/config.json", hydra=False),
+            _train("clip", "mini/clip", "clip/export/config.json", on_corpus=True, needs=("haystack",)),
+            _step("t5", "-m emu.text.mini_t5 --out {out}/t5", "t5/config.json", hydra=False, needs=()),
         ]),
         Stage("autoencoders", "16- and 4-channel autoencoders", [
-            _train("autoencoder_16ch", "mini/autoencoder", "autoencoder_16ch/export/config.json", on_corpus=True),
-            _train("autoencoder_4ch", "mini/autoencoder_4ch", "autoencoder_4ch/export/config.json", on_corpus=True),
-            _step("autoencoder_eval", ae_eval, "autoencoder_eval/metrics.json", run_dir="autoencoder_eval"),
+            _train("autoencoder_16ch", "mini/autoencoder", "autoencoder_16ch/export/config.json", on_corpus=True,
+                   needs=("haystack",)),
+            _train("autoencoder_4ch", "mini/autoencoder_4ch", "autoencoder_4ch/export/config.json", on_corpus=True,
+                   needs=("haystack",)),
+            _step("autoencoder_eval", ae_eval, "autoencoder_eval/metrics.json", run_dir="autoencoder_eval",
+                  needs=("autoencoder_16ch", "autoencoder_4ch", "clip", "judge")),
         ]),
-        Stage("stage1", "stage 1: pre-training", [_train("stage1", "mini/stage1_pretrain", on_corpus=True)]),
+        Stage("stage1", "stage 1: pre-training", [
+            _train("stage1", "mini/stage1_pretrain", on_corpus=True,
+                   needs=("haystack", "clip", "t5", "autoencoder_16ch")),
+        ]),
         Stage("curation", "curation", [
-            _step("aesthetic_head", aesthetic, "curate/aesthetic.safetensors", hydra=False),
-            _step("curate", "curate.py", "curate/funnel.json", run_dir="curate"),
+            _step("aesthetic_head", aesthetic, "curate/aesthetic.safetensors", hydra=False, needs=("clip",)),
+            _step("curate", "curate.py", "curate/funnel.json", run_dir="curate",
+                  needs=("haystack", "clip", "aesthetic_head")),
         ]),
         # selection.json is written from the first scoring on; the driver's state says when the run finished
         Stage("stage2", "stage 2: quality-tuning", [
-            _train("stage2", "mini/stage2_quality_tune", "stage2/checkpoints/select/selection.json"),
+            _train("stage2", "mini/stage2_quality_tune", "stage2/checkpoints/select/selection.json",
+                   needs=("stage1", "curate", "judge")),  # checkpoint selection scores with the judge
         ]),
-        Stage("eval", "evaluation", [_step("eval", evaluation, "eval/metrics.json", run_dir="eval")]),
+        Stage("eval", "evaluation", [
+            _step("eval", evaluation, "eval/metrics.json", run_dir="eval", needs=("stage2", "judge", "clip", "curate")),
+        ]),
         # the same comparison as an A/B task of the annotation app, answered by simulated raters (the judge + noise)
         Stage("human_ab", "A/B task, simulated raters", [
             _step("ab_task", ab_task, "human_ab/task.json", hydra=False),
