@@ -156,7 +156,7 @@ def test_thread_budget_is_followed(tmp_path, monkeypatch):
         assert budget.apply() is None  # no file yet: nothing changes
         write_budget(path, 1)
         assert budget.apply() == 1 and torch.get_num_threads() == 1
-        assert budget.apply() is None  # unchanged file: not read again
+        assert budget.apply() is None  # the same budget: nothing to do
         path.write_text("garbage")
         assert budget.apply() is None and torch.get_num_threads() == 1
         monkeypatch.setenv(ENV, str(path))
@@ -172,12 +172,13 @@ def test_thread_budget_is_followed(tmp_path, monkeypatch):
     assert FollowThreadBudget().budget is None
 
 
-def test_driver_runs_real_steps_side_by_side_with_their_own_logs(tmp_path):
+def test_driver_runs_real_steps_side_by_side_with_their_own_logs(tmp_path, monkeypatch):
     """Two real subprocesses under the driver: p (follows a budget) starts alone with both cores and gives one to q;
     each has its own log, and demo.log has both."""
     code = "import os, sys; print('threads', os.environ.get('OMP_NUM_THREADS'), sys.argv[1])"
     steps = [Step(n, [sys.executable, "-c", code, n], f"{n}.done", hydra=False, needs=(), follows_threads=f)
              for n, f in (("p", True), ("q", False))]  # fmt: skip
+    monkeypatch.setattr(driver, "available_cores", lambda: 2)
     state = driver.State(tmp_path / "demo_state.json")
     driver.run_stages(tmp_path, {"name": "x"}, [Stage("s", "both", steps)], state, tmp_path / "demo.log", jobs=2)
     whole = (tmp_path / "demo.log").read_text()
@@ -185,7 +186,8 @@ def test_driver_runs_real_steps_side_by_side_with_their_own_logs(tmp_path):
         line = f"threads {threads} {n}"
         assert line in (tmp_path / "logs" / f"{n}.log").read_text() and line in whole
     assert state.data["steps"]["p"]["threads"][:2] == [2, 1] and state.data["steps"]["q"]["threads"] == [1]
-    assert state.data["steps"]["q"]["alongside"] == ["p"] and state.data["wall_seconds"] > 0
+    assert state.data["steps"]["q"]["alongside"] == ["p"]
+    assert state.data["runs"][0]["steps"] and state.data["runs"][0]["seconds"] > 0
 
 
 def _producers(steps: list[Step]) -> dict[str, list[tuple[str, str]]]:
@@ -217,7 +219,7 @@ def _strings(x):
         yield x
 
 
-@pytest.mark.parametrize("scale", ["mini", "tiny"])
+@pytest.mark.parametrize("scale", ["mini", "tiny", "gpu"])
 def test_every_step_needs_the_steps_whose_outputs_it_reads(scale, tmp_path):
     """Each path under the demo folder that a step's command or composed config names is written by a step it
     (transitively) needs: side by side, no step reads another's half-written outputs."""
@@ -248,3 +250,19 @@ def test_every_step_needs_the_steps_whose_outputs_it_reads(scale, tmp_path):
                     if step.name in makers:
                         continue  # its own output
                     assert set(makers) & closure[step.name], f"{step.name} reads {path} (made by {makers})"
+
+
+def test_report_total_is_the_wall_clock_only_when_steps_overlapped(tmp_path):
+    from emu.demo.report import section_times
+
+    scale = driver.load_scale("tiny")
+    stages = demo_stages(scale)
+    state = {"stages": {"haystack": {"title": "h", "seconds": 600.0}, "judge": {"title": "j", "seconds": 600.0}},
+             "steps": {"haystack": {"seconds": 600.0}, "judge": {"seconds": 600.0}},
+             "runs": [{"seconds": 660.0, "jobs": 2, "steps": ["haystack", "judge"]},
+                      {"seconds": 5.0, "steps": []}]}  # fmt: skip
+    text = "\n".join(section_times(tmp_path, state, stages))
+    assert "| **total** | | **20.0 min** |" in text  # nothing overlapped: the stages add up
+    state["steps"]["judge"]["alongside"] = ["haystack"]
+    text = "\n".join(section_times(tmp_path, state, stages))
+    assert "**total, wall clock** | | **11.0 min**" in text and "add up to 20.0 min" in text and "--jobs 2" in text

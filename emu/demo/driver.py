@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,9 +94,11 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
-def default_jobs() -> int:
-    """Two steps side by side where there are two cores or more: on the miniature's small networks two 1-thread
-    jobs do 1.4x the work of one 2-thread job (:mod:`emu.demo.schedule`)."""
+def default_jobs(scale: dict[str, Any]) -> int:
+    """The scale's ``jobs``, else two steps side by side where there are two cores or more: on the miniature's small
+    networks two 1-thread jobs do 1.4x the work of one 2-thread job (:mod:`emu.demo.schedule`)."""
+    if scale.get("jobs") is not None:
+        return max(1, int(scale["jobs"]))
     return 2 if available_cores() >= 2 else 1
 
 
@@ -137,9 +140,9 @@ def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: Sta
     steps run at once as their ``needs`` allow, sharing the cores (:mod:`emu.demo.schedule`); each step's output goes
     to ``<log folder>/logs/<step>.log`` and, once it ends, to ``log``."""
     t_all = time.perf_counter()
-    wall_before = float(state.data.get("wall_seconds", 0.0))
     check_needs([s for stage in stages for s in stage.steps])
     logs = log.parent / "logs"
+    appending = threading.Lock()
     todo: list[Step] = []
     for stage in stages:
         if only and stage.name not in only:
@@ -153,6 +156,9 @@ def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: Sta
         todo += steps
     stage_of = {s.name: stage for stage in stages for s in stage.steps}
     left = {stage.name: sum(s in todo for s in stage.steps) for stage in stages}
+    run = {"started": _now(), "seconds": 0.0, "jobs": jobs, "steps": []}  # this invocation, if it runs anything
+    if todo:
+        state.data.setdefault("runs", []).append(run)
 
     def start(step: Step, env: dict[str, str], echo: bool) -> None:
         resume = step.resumable and (out / (step.run_dir or "") / "checkpoints" / "last.ckpt").is_file()
@@ -166,12 +172,14 @@ def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: Sta
         try:
             run_step(step, argv, own, env, echo=False)
         finally:
-            with log.open("a") as whole, own.open() as part:  # the whole record, step by step
+            with appending, log.open("a") as whole, own.open() as part:  # the whole record, a step at a time
                 shutil.copyfileobj(part, whole)
 
     def finished(job: Job) -> None:
-        state.record_step(job.step, job.seconds, threads=job.threads_seen, alongside=sorted(job.alongside))
-        state.data["wall_seconds"] = round(wall_before + time.perf_counter() - t_all, 1)
+        run["seconds"] = round(time.perf_counter() - t_all, 1)
+        run["steps"].append(job.step.name)
+        threads = job.threads_seen if jobs > 1 else None  # jobs=1: the machine's default threads
+        state.record_step(job.step, job.seconds, threads=threads, alongside=sorted(job.alongside))
         stage = stage_of[job.step.name]
         left[stage.name] -= 1
         if not left[stage.name]:
@@ -183,9 +191,7 @@ def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: Sta
     own_log = (lambda step: step_log(logs, step)) if jobs > 1 else (lambda step: None)
     run_scheduled(todo, start, finished, jobs=jobs, cores=available_cores(), logs=logs, log_of=own_log)
     state.data["finished"] = _now()
-    state.data["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
-    state.data["wall_seconds"] = round(wall_before + state.data["last_run_seconds"], 1)
-    state.data["jobs"] = jobs
+    state.data["last_run_seconds"] = run["seconds"] = round(time.perf_counter() - t_all, 1)
     state.save()
 
 
@@ -262,13 +268,13 @@ def main(argv: list[str] | None = None) -> None:
         help="run the ablations on top of the finished demo in --out "
         "(into <out>/ablations/, then ABLATIONS.md); with --force, only the ablations start over",
     )
-    p.add_argument("--jobs", type=int, default=default_jobs(),
-                   help="steps run side by side when their inputs allow, sharing the cores (default: 2 on 2 or more "
-                   "cores; 1 runs them one by one, as listed)")  # fmt: skip
+    p.add_argument("--jobs", type=int, help="steps run side by side when their inputs allow, sharing the cores "
+                   "(default: the scale's jobs, else 2 on 2 or more cores; 1: one by one, as listed)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs is at least 1, got {args.jobs}")
     scale = load_scale(args.scale)
+    args.jobs = args.jobs or default_jobs(scale)
     out = Path(args.out)
     if args.ablations:
         if args.only:

@@ -3,7 +3,7 @@
 A step starts once the steps it ``needs`` (:class:`~emu.demo.stages.Step`) have finished, while fewer than ``jobs``
 run. Threads beyond the cores cost far more than they give (on 2 cores a 2-thread U-Net step beside a 1-thread job is
 3x slower than alone), while two 1-thread jobs side by side each run at full single-thread speed (1.4x the work of
-one 2-thread job on the miniature's U-Net). So the cores are shared out, never oversubscribed:
+one 2-thread job on the miniature's U-Net). So the compute threads are shared out, never more than the cores:
 
 * a step that follows a thread budget (a ``train.py`` run: :mod:`emu.training.threads`) gets its share of the cores
   now and a new share whenever another step starts or ends: all of them while it runs alone;
@@ -11,6 +11,9 @@ one 2-thread job on the miniature's U-Net). So the cores are shared out, never o
   one can keep at least one thread.
 
 With ``jobs=1`` the steps run one by one in their order, with the machine's default threads, as they always did.
+
+Not counted: processes a step starts besides its own threads (a training run's data-loader worker, ``curate.py``'s
+two, the haystack's renderers); they decode and render in bursts, beside the compute threads.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def run_scheduled(steps: list[Step], start: Callable[[Step, dict[str, str], bool
     names = {s.name for s in steps}
     waits = {s.name: set(needs_of(s, steps)) & names for s in steps}
     pending, running, done = list(steps), [], set()
-    failure: BaseException | None = None
+    failures: list[BaseException] = []
 
     def has_room() -> bool:
         held = sum(j.threads if not j.follows else 1 for j in running)
@@ -142,7 +145,7 @@ def run_scheduled(steps: list[Step], start: Callable[[Step, dict[str, str], bool
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while True:
-            while failure is None and has_room():
+            while not failures and has_room():
                 step = next((s for s in pending if waits[s.name] <= done), None)
                 if step is None:
                     break
@@ -162,7 +165,8 @@ def run_scheduled(steps: list[Step], start: Callable[[Step, dict[str, str], bool
                 running.append(job)
             if not running:
                 break
-            ended, _ = wait([j.future for j in running], timeout=heartbeat, return_when=FIRST_COMPLETED)
+            timeout = heartbeat if jobs > 1 else None  # one at a time, the step's own output is on the console
+            ended, _ = wait([j.future for j in running], timeout=timeout, return_when=FIRST_COMPLETED)
             if not ended:
                 now = time.perf_counter()
                 print("[demo] running: " + "; ".join(
@@ -176,11 +180,16 @@ def run_scheduled(steps: list[Step], start: Callable[[Step, dict[str, str], bool
                 if error is None:
                     done.add(job.step.name)
                     finished(job)
-                elif failure is None:
-                    failure = error
+                    continue
+                failures.append(error)
+                if running:  # say so now: the others may run for a long while yet
+                    print(f"{error}\n[demo] no new step starts; waiting for {', '.join(j.step.name for j in running)} "
+                          "to finish", flush=True)  # fmt: skip
             share_out()
-    if failure is not None:
-        raise failure
+    if failures:
+        if len(failures) > 1:
+            print("[demo] more than one step failed:\n" + "\n".join(map(str, failures)), flush=True)
+        raise failures[0]
     if pending:
         raise SystemExit(f"[demo] steps left that could not start: {[s.name for s in pending]}")
 

@@ -4,7 +4,7 @@
 runs several jobs on one machine (``make demo``'s driver, :mod:`emu.demo.driver`) rewrites it as its other jobs start
 and finish, so that a training run has every core while it runs alone and its share while others run beside it.
 Threads beyond the cores cost far more than they give: on 2 cores a 2-thread U-Net step beside a 1-thread job is 3x
-slower than alone. :class:`FollowThreadBudget` rereads the file (one ``stat``) before every batch and calls
+slower than alone. :class:`FollowThreadBudget` rereads the file (microseconds) before every batch and calls
 ``torch.set_num_threads`` when the number changed. Without ``EMU_THREADS_FILE`` it does nothing.
 """
 
@@ -33,7 +33,6 @@ class ThreadBudget:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._seen: tuple[int, int] | None = None  # (mtime_ns, inode) of the file last read
 
     def read(self) -> int | None:
         """The budget, or None while the file is missing or holds no positive integer."""
@@ -44,16 +43,8 @@ class ThreadBudget:
         return n if n >= 1 else None
 
     def apply(self) -> int | None:
-        """If the file changed since the last call and holds a new budget: ``torch.set_num_threads`` to it, which is
-        returned; else None (also when unreadable: the threads stay as they are)."""
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        key = (st.st_mtime_ns, st.st_ino)  # a rewrite is a rename: a new inode even within one mtime tick
-        if key == self._seen:
-            return None
-        self._seen = key
+        """If the file holds a budget other than the threads in use: ``torch.set_num_threads`` to it, which is
+        returned; else None (also while unreadable: the threads stay as they are). Reading it costs microseconds."""
         n = self.read()
         if n is None or n == torch.get_num_threads():
             return None
