@@ -152,6 +152,7 @@ def test_thread_budget_is_followed(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     path = tmp_path / "budget.threads"
     try:
+        torch.set_num_threads(2)  # other tests may have left one
         budget = ThreadBudget(path)
         assert budget.apply() is None  # no file yet: nothing changes
         write_budget(path, 1)
@@ -187,7 +188,8 @@ def test_driver_runs_real_steps_side_by_side_with_their_own_logs(tmp_path, monke
         assert line in (tmp_path / "logs" / f"{n}.log").read_text() and line in whole
     assert state.data["steps"]["p"]["threads"][:2] == [2, 1] and state.data["steps"]["q"]["threads"] == [1]
     assert state.data["steps"]["q"]["alongside"] == ["p"]
-    assert state.data["runs"][0]["steps"] and state.data["runs"][0]["seconds"] > 0
+    run = state.data["runs"][0]
+    assert sorted(run["steps"]) == ["p", "q"] and run["jobs"] == 2 and run["seconds"] == state.data["last_run_seconds"]
 
 
 def _producers(steps: list[Step]) -> dict[str, list[tuple[str, str]]]:
