@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all lint format demo ablations bench gpu-check latents clean
+.PHONY: install test test-all lint format demo ablations bench gpu-check clean
 
 install: $(STAMP)
 
@@ -52,7 +52,7 @@ bench: install  ## data pipeline, U-Net and autoencoder training step vs diffuse
 	@if [ -d $(DEMO)/autoencoder_16ch/export ]; then $(PY) bench/stage1_step.py $(STAGE1_SHARDS) data.num_workers=1; \
 	else echo "bench/stage1_step.py skipped: it needs the demo's models (make demo)"; fi
 	@if [ -f $(DEMO)/latents/precompute.json ]; then $(PY) bench/stage1_step.py $(STAGE1_LATENTS) data.num_workers=1; \
-	else echo "bench/stage1_step.py on precomputed latents skipped: make latents first"; fi
+	else echo "bench/stage1_step.py on precomputed latents skipped: it needs the demo's latents (make demo)"; fi
 
 # One prepared GPU check (bench/gpu_check.py), unattended, within GPU_CHECK_BUDGET minutes: make install (timed here:
 # ~0 s on an installed tree), the gpu tests, U-Net and autoencoder training steps vs diffusers (ratio, MFU, memory),
@@ -66,12 +66,11 @@ gpu-check:  ## GPU check in GPU_CHECK_BUDGET minutes -> $(GPU_CHECK_OUT) (GPU_CH
 	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT) --budget-min $(GPU_CHECK_BUDGET) --device $(GPU_CHECK_DEVICE) \
 		--install-seconds $$((end - start))
 
-# The demo corpus's latents and text embeddings, precomputed once (emu/diffusion/precompute.py) for data=latents.
+# Stage 1 of the demo on its corpus's shards, and on the latents + text embeddings the demo precomputes
+# (emu/diffusion/precompute.py, <demo>/latents): what bench/stage1_step.py times.
 STAGE1 := experiment=mini/stage1_pretrain paths.demo_dir=$(DEMO) '~data.source.n_train' '~data.source.n_val'
 STAGE1_SHARDS := $(STAGE1) data=webdataset 'data.source.shards=$(DEMO)/haystack/*.tar'
-STAGE1_LATENTS := $(STAGE1) data=latents data.hflip=0 'data.source.shards=$(DEMO)/latents/train/*.tar'
-latents: install  ## precompute the demo corpus's latents + text embeddings (needs make demo)
-	$(PY) -m emu.diffusion.precompute --out $(DEMO)/latents $(STAGE1_SHARDS) data.source.val_fraction=0.0128
+STAGE1_LATENTS := $(STAGE1) data=latents 'data.source.shards=$(DEMO)/latents/train/*.tar'
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

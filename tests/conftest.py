@@ -13,6 +13,15 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# the demo's Hydra entry points (as they appear in a step's argv) and the config each composes
+ENTRY_CONFIGS = {
+    "train.py": "train",
+    "eval.py": "eval",
+    "curate.py": "curate",
+    "bench/data_throughput.py": "train",
+    "emu.diffusion.precompute": "train",
+    "emu.curation.subset": "curate",
+}
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -21,10 +21,10 @@ from emu.demo.ablations import length_steps, plan
 from emu.demo.report import write_report
 from emu.demo.stages import command, demo_stages
 from emu.evaluation.winrate import compare
+from tests.conftest import ENTRY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = sorted(p.stem for p in (ROOT / "conf" / "demo").glob("*.yaml"))
-ENTRY_CONFIGS = {"train.py": "train", "eval.py": "eval", "emu.curation.subset": "curate"}
 
 
 def _selection(steps=(40, 80, 120, 160, 200), best=120) -> dict:

@@ -16,10 +16,10 @@ from emu.demo import driver
 from emu.demo.report import write_report
 from emu.demo.stages import command, demo_stages
 from emu.evaluation.winrate import compare
+from tests.conftest import ENTRY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = sorted(p.stem for p in (ROOT / "conf" / "demo").glob("*.yaml"))
-ENTRY_CONFIGS = {"train.py": "train", "eval.py": "eval", "curate.py": "curate", "bench/data_throughput.py": "train"}
 SECTIONS = [
     "## Targets",
     "## Time per stage",
@@ -52,8 +52,9 @@ def test_every_step_of_every_scale_composes(scale, tmp_path):
                 overrides = [a for a in overrides if a.partition("=")[0] not in ("batches", "grid")]
                 cfg = compose(ENTRY_CONFIGS[entry], overrides=overrides)
                 assert cfg.paths.demo_dir == str(tmp_path)
-                if step.on_corpus:  # trains on the corpus shards, with no haystack-only keys left over
-                    assert cfg.data.source.shards == f"{tmp_path}/haystack/*.tar"
+                if step.corpus:  # reads the corpus as written, with no haystack-only keys left over
+                    folder = {"images": "haystack", "latents": "latents/train"}[step.corpus]
+                    assert cfg.data.source.shards == f"{tmp_path}/{folder}/*.tar"
                     assert "n_train" not in cfg.data.source and "n_val" not in cfg.data.source
 
 

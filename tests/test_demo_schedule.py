@@ -15,12 +15,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from emu.demo import driver
-from emu.demo.schedule import check_needs, needs_of, run_scheduled, thread_shares
+from emu.demo.schedule import chain_lengths, check_needs, needs_of, run_scheduled, thread_shares
 from emu.demo.stages import Stage, Step, command, demo_stages
 from emu.training.threads import ENV, FollowThreadBudget, ThreadBudget, write_budget
+from tests.conftest import ENTRY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_CONFIGS = {"train.py": "train", "eval.py": "eval", "curate.py": "curate", "bench/data_throughput.py": "train"}
 
 
 def _step(name: str, needs=None, follows: bool = False) -> Step:
@@ -114,6 +114,19 @@ def test_budgets_follow_the_running_steps_and_needs_hold(tmp_path):
     assert rec.spans["c"][0] >= rec.spans["a"][1]
     assert rec.spans["d"][0] >= max(rec.spans[n][1] for n in "abc")
     assert rec.most == 2 and sorted(ends) == ["a", "b", "c", "d"]
+
+
+def test_the_longest_chain_starts_first_side_by_side_and_the_listed_order_holds_one_at_a_time(tmp_path):
+    steps = [_step("x", (), True), _step("y", (), True), _step("a", (), True), _step("b", ("a",), True),
+             _step("c", ("b",), True)]  # fmt: skip
+    assert chain_lengths(steps) == {"x": 0, "y": 0, "a": 2, "b": 1, "c": 0}
+    assert chain_lengths([_step("p", ()), _step("q")]) == {"p": 1, "q": 0}  # no needs given: after p
+    for jobs, first in ((2, ["a", "x"]), (1, ["x", "y", "a", "b", "c"])):
+        rec = Recorder()
+        run_scheduled(steps, rec, lambda job: None, jobs=jobs, cores=2, logs=tmp_path)
+        order = sorted(rec.spans, key=lambda n: rec.spans[n][0])
+        assert sorted(order[: len(first)]) == sorted(first)
+        assert jobs > 1 or order == first
 
 
 def test_a_step_that_keeps_every_core_runs_alone(tmp_path):

@@ -102,8 +102,8 @@ def test_training_reads_precomputed_shards_and_refuses_mismatches(corpus, tmp_pa
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "val/loss" in metrics
 
-    with pytest.raises(Exception, match=r"data\.hflip"):  # hydra wraps the ConfigError
-        hydra.utils.instantiate(_compose([*corpus["latents"], "data.hflip=0.5"]).data)
+    with pytest.raises(Exception, match=r"data\.flip_captions"):  # hydra wraps the ConfigError
+        hydra.utils.instantiate(_compose([*corpus["latents"], "data.hflip=0.5", "data.flip_captions=false"]).data)
     with pytest.raises(Exception, match=r"data\.resolution"):
         hydra.utils.instantiate(_compose([*corpus["latents"], "data.resolution=64"]).data)
     module = hydra.utils.instantiate(cfg.model)
@@ -112,6 +112,60 @@ def test_training_reads_precomputed_shards_and_refuses_mismatches(corpus, tmp_pa
     encoders = {**corpus["manifest"]["encoders"], "t5": {**corpus["manifest"]["encoders"]["t5"], "max_length": 77}}
     with pytest.raises(ConfigError, match=r"model\.text\.encoders"):
         module.check_precomputed({**corpus["manifest"], "encoders": encoders})
+
+
+def test_flipped_copies_are_the_flipped_images_and_swapped_captions_and_training_draws_them_resumably(corpus, tmp_path):
+    from emu.data.samples import swap_left_right
+
+    m = corpus["manifest"]
+    assert m["flips"] == {"captions": True}  # the stage trains with data.hflip 0.5: both orientations were written
+    stored, _ = _tensors_by_key(corpus["root"] / "latents")
+    assert all(("flipped.latent" in t) == k.startswith("train/") for k, t in stored.items())  # val is never flipped
+
+    cfg = _compose([*corpus["latents"][:-1], "data.hflip=0.5"])
+    module = hydra.utils.instantiate(cfg.model).eval()
+    on_the_fly = hydra.utils.instantiate(_compose([*corpus["images"], "data.hflip=0", "data.drop_last=false"]).data)
+    images = {}
+    for b in on_the_fly.dataloader("train", shuffle=False):
+        images.update({k: (im, c) for k, im, c in zip(b["key"], b["image"], b["caption"], strict=True)})
+    assert any(swap_left_right(c) != c for _, c in images.values())  # some captions name a side
+    keys = sorted(images)
+    with torch.no_grad():
+        posterior = module.autoencoder.encode(torch.stack([images[k][0] for k in keys]).flip(-1))
+        swapped = module.conditioner.encode([swap_left_right(images[k][1]) for k in keys])
+    for i, k in enumerate(keys):
+        t = stored[f"train/{k}.safetensors"]
+        torch.testing.assert_close(t["flipped.latent"][:16], posterior.mean[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t["flipped.latent"][16:], posterior.logvar[i], atol=1e-5, rtol=1e-5)
+        n = int(swapped["clip"].mask[i].sum())
+        torch.testing.assert_close(t["flipped.clip.tokens"], swapped["clip"].tokens[i, :n], atol=1e-5, rtol=1e-5)
+        assert not torch.equal(t["flipped.latent"], t["latent"])
+
+    def epoch(dm, n):  # {key: (flipped, caption, moments)} of training epoch n
+        dm.trainer = None
+        loader = dm.source.stream("train", dm.train_prepare, dm._skips["train"], 5, False, epoch=n)
+        return {k: (meta.get("flipped", False), c, lat) for b in loader
+                for k, meta, c, lat in zip(b["key"], b["meta"], b["caption"], b["latent"], strict=True)}  # fmt: skip
+
+    dm = hydra.utils.instantiate(_compose([*corpus["latents"][:-1], "data.hflip=0.5", "data.drop_last=false"]).data)
+    first, again, other = epoch(dm, 0), epoch(dm, 0), epoch(dm, 1)
+    assert {k: v[:2] for k, v in first.items()} == {k: v[:2] for k, v in again.items()}  # resumable: same draws
+    assert {k: v[0] for k, v in first.items()} != {k: v[0] for k, v in other.items()}  # a new epoch draws anew
+    flips = [v[0] for e in (first, other) for v in e.values()]
+    assert 0 < sum(flips) < len(flips)
+    for e in (first, other):
+        for k, (flipped, caption, latent) in e.items():
+            t = stored[f"train/{k}.safetensors"]
+            assert torch.equal(latent, t["flipped.latent" if flipped else "latent"])
+            assert caption == (swap_left_right(images[k][1]) if flipped else images[k][1])
+
+    unflipped = tmp_path / "unflipped"  # a stage that trains without flips: one orientation, and flips are refused
+    manifest = precompute(_compose([*corpus["images"], "data.hflip=0"]), unflipped, shard_size=4, progress=False)
+    assert manifest["flips"] is None
+    assert not any(k.startswith("flipped.") for t in _tensors_by_key(unflipped)[0].values() for k in t)
+    with pytest.raises(Exception, match=r"data\.hflip"):  # hydra wraps the ConfigError
+        hydra.utils.instantiate(_compose([*corpus["latents"][:-1], f"data.source.shards={unflipped}/train/*.tar",
+                                          "data.hflip=0.5"]).data)  # fmt: skip
 
 
 def _tensors_by_key(folder):

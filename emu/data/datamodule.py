@@ -76,7 +76,8 @@ class EmuDataModule(L.LightningDataModule):
         if batch_size <= 0:
             raise ConfigError("data.batch_size", f"must be positive, got {batch_size}")
         source.check_loader_settings(resolution=resolution, batch_size=batch_size, drop_last=drop_last, hflip=hflip,
-                                     num_workers=num_workers, persistent_workers=persistent_workers)  # fmt: skip
+                                     flip_captions=flip_captions, num_workers=num_workers,
+                                     persistent_workers=persistent_workers)  # fmt: skip
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size

@@ -1,9 +1,11 @@
 """Run steps as their dependencies allow, a few at a time, sharing the machine's cores among them.
 
 A step starts once the steps it ``needs`` (:class:`~emu.demo.stages.Step`) have finished, while fewer than ``jobs``
-run. Threads beyond the cores cost far more than they give (on 2 cores a 2-thread U-Net step beside a 1-thread job is
-3x slower than alone), while two 1-thread jobs side by side each run at full single-thread speed (1.4x the work of
-one 2-thread job on the miniature's U-Net). So the compute threads are shared out, never more than the cores:
+run; of the steps ready, the one with the longest chain of steps waiting on it goes first (then the one listed first),
+so that the chain to the end is not held up by side work (:func:`chain_lengths`). Threads beyond the cores cost far
+more than they give (on 2 cores a 2-thread U-Net step beside a 1-thread job is 3x slower than alone), while two
+1-thread jobs side by side each run at full single-thread speed (1.4x the work of one 2-thread job on the miniature's
+U-Net). So the compute threads are shared out, never more than the cores:
 
 * a step that follows a thread budget (a ``train.py`` run: :mod:`emu.training.threads`) gets its share of the cores
   now and a new share whenever another step starts or ends: all of them while it runs alone;
@@ -80,6 +82,23 @@ def needs_of(step: Step, steps: list[Step]) -> list[str]:
     return [s.name for s in steps[: next(i for i, s in enumerate(steps) if s is step)]]
 
 
+def chain_lengths(steps: list[Step]) -> dict[str, int]:
+    """Per step, the number of steps in the longest chain that waits on it (0: nothing needs it)."""
+    waiting: dict[str, list[str]] = {s.name: [] for s in steps}
+    for s in steps:
+        for n in needs_of(s, steps):
+            if n in waiting:
+                waiting[n].append(s.name)
+    lengths: dict[str, int] = {}
+
+    def length(name: str) -> int:
+        if name not in lengths:
+            lengths[name] = max((1 + length(w) for w in waiting[name]), default=0)
+        return lengths[name]
+
+    return {s.name: length(s.name) for s in steps}
+
+
 @dataclass
 class Job:
     """A running step."""
@@ -128,6 +147,9 @@ def run_scheduled(steps: list[Step], start: Callable[[Step, dict[str, str], bool
     names = {s.name for s in steps}
     waits = {s.name: set(needs_of(s, steps)) & names for s in steps}
     pending, running, done = list(steps), [], set()
+    if jobs > 1:  # the longest chain first; one at a time, the listed order
+        chain = chain_lengths(steps)
+        pending.sort(key=lambda s: -chain[s.name])  # stable: the listed order among equals
     failures: list[BaseException] = []
 
     def has_room() -> bool:

@@ -31,7 +31,8 @@ class Step:
     hydra: bool = True  # a Hydra entry point: gets paths.demo_dir, hydra.run.dir and the scale's overrides
     run_dir: str | None = None  # its Hydra run folder, relative to the demo folder
     resumable: bool = False  # a train.py run: resume from <run_dir>/checkpoints/last.ckpt when it exists
-    on_corpus: bool = False  # trains on the haystack corpus: reads its shards (<out>/haystack/*.tar)
+    # reads the haystack corpus: "images", its shards (<out>/haystack/*.tar), or "latents", its precomputed latents
+    corpus: str | None = None
     like: str | None = None  # takes the scale's overrides of this step (default: its own name's)
     last: tuple[str, ...] = ()  # Hydra overrides after the scale's: they win over them
     # the steps whose outputs it reads: it may start once they finished, beside other steps (the driver's --jobs);
@@ -52,11 +53,19 @@ def _step(name: str, args: str, done: str, **kw) -> Step:
     return Step(name, [PY, *shlex.split(args)], done, **kw)
 
 
-def _train(name: str, experiment: str, done: str | None = None, on_corpus: bool = False, **kw) -> Step:
+# the data overrides of a step that reads the corpus as written (the shards curation reads), not rendered on the fly
+CORPUS = {
+    "images": ["data=webdataset", "data.source.shards={out}/haystack/*.tar"],
+    # stage 1's latents and text embeddings, precomputed once in both orientations (emu.diffusion.precompute)
+    "latents": ["data=latents", "data.source.shards={out}/latents/train/*.tar"],
+}
+
+
+def _train(name: str, experiment: str, done: str | None = None, **kw) -> Step:
     """``train.py experiment=<experiment>`` into ``<out>/<name>``, resumable from its ``last.ckpt``."""
     done = done or f"{name}/checkpoints/last.ckpt"
-    return _step(name, f"train.py experiment={experiment}", done, run_dir=name, resumable=True, on_corpus=on_corpus,
-                 follows_threads=True, **kw)  # fmt: skip
+    return _step(name, f"train.py experiment={experiment}", done, run_dir=name, resumable=True, follows_threads=True,
+                 **kw)  # fmt: skip
 
 
 def eval_args(scale: dict[str, Any], a: str, name_a: str, out: str, accuracy: bool = True) -> str:
@@ -100,20 +109,24 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         ]),
         Stage("judge", "evaluation judge", [_train("judge", "mini/judge", needs=())]),  # its own haystack seed
         Stage("text", "mini CLIP and T5", [
-            _train("clip", "mini/clip", "clip/export/config.json", on_corpus=True, needs=("haystack",)),
+            _train("clip", "mini/clip", "clip/export/config.json", corpus="images", needs=("haystack",)),
             _step("t5", "-m emu.text.mini_t5 --out {out}/t5", "t5/config.json", hydra=False, needs=()),
         ]),
         Stage("autoencoders", "16- and 4-channel autoencoders", [
-            _train("autoencoder_16ch", "mini/autoencoder", "autoencoder_16ch/export/config.json", on_corpus=True,
+            _train("autoencoder_16ch", "mini/autoencoder", "autoencoder_16ch/export/config.json", corpus="images",
                    needs=("haystack",)),
-            _train("autoencoder_4ch", "mini/autoencoder_4ch", "autoencoder_4ch/export/config.json", on_corpus=True,
+            _train("autoencoder_4ch", "mini/autoencoder_4ch", "autoencoder_4ch/export/config.json", corpus="images",
                    needs=("haystack",)),
             _step("autoencoder_eval", ae_eval, "autoencoder_eval/metrics.json", run_dir="autoencoder_eval",
                   needs=("autoencoder_16ch", "autoencoder_4ch", "clip", "judge")),
         ]),
         Stage("stage1", "stage 1: pre-training", [
-            _train("stage1", "mini/stage1_pretrain", on_corpus=True,
-                   needs=("haystack", "clip", "t5", "autoencoder_16ch")),
+            # the frozen autoencoder and text encoders run once over the corpus instead of at every step (the flipped
+            # images and swapped captions too: stage 1 trains with flips), with stage 1's data settings
+            _step("latents", "-m emu.diffusion.precompute --out {out}/latents experiment=mini/stage1_pretrain",
+                  "latents/precompute.json", corpus="images", like="stage1", needs=("haystack", "clip", "t5",
+                  "autoencoder_16ch")),
+            _train("stage1", "mini/stage1_pretrain", corpus="latents", needs=("latents",)),
         ]),
         Stage("curation", "curation", [
             _step("aesthetic_head", aesthetic, "curate/aesthetic.safetensors", hydra=False, needs=("clip",)),
@@ -144,9 +157,9 @@ def command(step: Step, out: Path, scale: dict[str, Any], resume: bool) -> list[
     argv = [a.replace("{out}", str(out)) for a in step.argv]
     if step.hydra:
         argv.append(f"paths.demo_dir={out}")
-        if step.on_corpus:  # the corpus as written (the shards curation reads), not rendered again on the fly
-            argv += ["data=webdataset", f"data.source.shards={out}/haystack/*.tar", "~data.source.n_train",
-                     "~data.source.n_val"]  # fmt: skip
+        if step.corpus:  # the haystack source's own keys go: the corpus is read from the demo folder
+            argv += [a.replace("{out}", str(out)) for a in CORPUS[step.corpus]]
+            argv += ["~data.source.n_train", "~data.source.n_val"]
         argv += list((scale.get("overrides") or {}).get(step.like or step.name, []))
         argv += [a.replace("{out}", str(out)) for a in step.last]
         if step.run_dir:

@@ -10,6 +10,12 @@ stacked on the channel axis, C_lat*2 x h x w, so that training still draws a fre
 padding and padded back to the encoder's ``max_length`` with zeros and a False mask when batched: masked tokens
 never reach the U-Net (cross-attention masks them), so the conditioning is unchanged.
 
+Horizontal flips: when the stage trains with ``data.hflip > 0``, the precompute also encodes each training image
+flipped and its caption with 'left' and 'right' swapped (``data.flip_captions``), stored under the same names with a
+``flipped.`` prefix (the manifest's ``flips``). Training then picks the flipped tensors with probability
+``data.hflip``, drawn as the image path draws its flip: from the sample's own generator, seeded by (seed, epoch,
+key), so a resumed run sees the same flips.
+
 ``precompute.json`` beside the shards records what made them (autoencoder, its fingerprint, encoders, resolution)
 and the DiffusionModule refuses shards made with another autoencoder or other encoders.
 """
@@ -24,7 +30,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from emu.data.samples import BadSample
+from emu.data.samples import BadSample, swap_left_right
 from emu.data.sources import WebDatasetSource, expand_shards
 from emu.errors import ConfigError
 from emu.text.encoders import TextEmbedding
@@ -32,10 +38,11 @@ from emu.text.encoders import TextEmbedding
 MANIFEST = "precompute.json"
 PLAN = "precompute.plan.json"  # what a (possibly unfinished) precompute computes
 EXTENSION = "safetensors"
+FLIPPED = "flipped."  # the prefix of a sample's tensors for its horizontally flipped image and swapped caption
 
 
-def pack(latent: torch.Tensor, text: dict[str, TextEmbedding], index: int) -> bytes:
-    """One sample's tensors (row ``index`` of a batch) as safetensors bytes; token padding is dropped."""
+def sample_tensors(latent: torch.Tensor, text: dict[str, TextEmbedding], index: int) -> dict[str, torch.Tensor]:
+    """One sample's tensors (row ``index`` of a batch) by name; token padding is dropped."""
     tensors = {"latent": latent[index].contiguous()}
     for name, emb in text.items():
         mask = emb.mask[index]
@@ -45,6 +52,16 @@ def pack(latent: torch.Tensor, text: dict[str, TextEmbedding], index: int) -> by
         tensors[f"{name}.tokens"] = emb.tokens[index, :n].contiguous()
         if emb.pooled is not None:
             tensors[f"{name}.pooled"] = emb.pooled[index].contiguous()
+    return tensors
+
+
+def pack(latent: torch.Tensor, text: dict[str, TextEmbedding], index: int,
+         flipped: tuple[torch.Tensor, dict[str, TextEmbedding]] | None = None) -> bytes:  # fmt: skip
+    """One sample's tensors as safetensors bytes; ``flipped``: the batch's moments and text embeddings of the flipped
+    images and swapped captions, stored under the ``flipped.`` prefix."""
+    tensors = sample_tensors(latent, text, index)
+    if flipped is not None:
+        tensors.update({FLIPPED + k: v for k, v in sample_tensors(*flipped, index).items()})
     return save_safetensors({k: v.cpu() for k, v in tensors.items()})
 
 
@@ -78,15 +95,24 @@ def collate_latents(samples: list[dict[str, Any]], encoders: dict[str, int]) -> 
 
 
 class LatentPreparer:
-    """Checks a raw precomputed sample (picklable: runs in the loader workers)."""
+    """Checks a raw precomputed sample and, with probability ``hflip``, takes its flipped tensors and caption
+    (picklable: runs in the loader workers; the flip draws from the global generator, which the stream seeds per
+    sample)."""
 
-    def __init__(self, encoders: dict[str, int], latent_shapes: list[list[int]]):
+    def __init__(self, encoders: dict[str, int], latent_shapes: list[list[int]], hflip: float = 0.0,
+                 flip_captions: bool = True):  # fmt: skip
         self.encoders, self.latent_shapes = encoders, [list(s) for s in latent_shapes]
+        self.hflip, self.flip_captions = hflip, flip_captions
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         if raw.get("image") is None:
             raise BadSample("missing_image", f"no .{EXTENSION} tensors")
         tensors = unpack(raw["image"])
+        flipped = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
+        if flipped:
+            if "flipped.latent" not in tensors:
+                raise BadSample("corrupt_image", "no flipped tensors (the precompute wrote both orientations)")
+            tensors = {k[len(FLIPPED) :]: v for k, v in tensors.items() if k.startswith(FLIPPED)}
         shape = list(tensors.get("latent", torch.empty(0)).shape)
         if shape not in self.latent_shapes:
             raise BadSample("corrupt_image", f"latent shape {shape}, expected one of {self.latent_shapes}")
@@ -97,6 +123,9 @@ class LatentPreparer:
         caption = raw.get("caption")
         caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else (caption or "")
         meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+        if flipped:
+            meta = {**meta, "flipped": True}
+            caption = swap_left_right(caption) if self.flip_captions else caption
         return {"tensors": tensors, "caption": caption, "key": raw["key"], "meta": meta}
 
 
@@ -130,13 +159,17 @@ class LatentSource(WebDatasetSource):
         super().__init__(shards, val_shards, **kw)
         self.encoders = {n: int(e["max_length"]) for n, e in self.manifest["encoders"].items()}
         self.latent_shapes = self.manifest.get("latent_shapes") or [self.manifest["latent_shape"]]
-        self.preparer = LatentPreparer(self.encoders, self.latent_shapes)
 
-    def check_loader_settings(self, *, hflip: float, resolution: int, **settings: Any) -> None:
+    def check_loader_settings(self, *, hflip: float, resolution: int, flip_captions: bool = True,
+                              **settings: Any) -> None:  # fmt: skip
         super().check_loader_settings(**settings)
-        if hflip > 0:
-            raise ConfigError("data.hflip", f"is {hflip}, but precomputed latents are fixed crops (no flipping "
-                              "at training time); set data.hflip=0")  # fmt: skip
+        flips = self.manifest.get("flips")
+        if hflip > 0 and not flips:
+            raise ConfigError("data.hflip", f"is {hflip}, but these latents were precomputed without "
+                              "flipped copies (precompute with data.hflip > 0 for both); set data.hflip=0")  # fmt: skip
+        if hflip > 0 and bool(flips["captions"]) != bool(flip_captions):
+            raise ConfigError("data.flip_captions", f"is {flip_captions}, but the flipped copies were precomputed "
+                              f"with flip_captions={flips['captions']}")  # fmt: skip
         if resolution != self.resolution:
             raise ConfigError("data.resolution", f"is {resolution} but the precomputed latents were made at "
                               f"{self.resolution}px; set data.resolution={self.resolution}")  # fmt: skip
@@ -157,5 +190,8 @@ class LatentSource(WebDatasetSource):
         return tuple(sample["tensors"]["latent"].shape)
 
     def stream(self, split, prepare, skips, batch_size, drop_last, world_size=1, workers=0, epoch=None):
-        """As :meth:`WebDatasetSource.stream`, with the latent sample check instead of image decoding."""
-        return super().stream(split, self.preparer, skips, batch_size, drop_last, world_size, workers, epoch)
+        """As :meth:`WebDatasetSource.stream`, with the latent sample check instead of image decoding; flips as
+        ``prepare`` would flip images (its ``hflip``: the DataModule's for training, 0 for validation)."""
+        hflip = float(getattr(prepare, "hflip", 0.0))
+        preparer = LatentPreparer(self.encoders, self.latent_shapes, hflip, getattr(prepare, "flip_captions", True))
+        return super().stream(split, preparer, skips, batch_size, drop_last, world_size, workers, epoch)

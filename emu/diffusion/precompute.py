@@ -7,8 +7,10 @@
 
 The config overrides are those of ``train.py`` for the stage to be trained: its data (source, resolution, buckets) and
 its model's frozen parts (``model.autoencoder``, ``model.text.encoders``) are what gets precomputed; the U-Net is
-never built. Images are center-cropped (in their aspect-ratio bucket, with ``data.buckets``) and not flipped (the
-latents are fixed crops). Bad samples are skipped and counted as in training.
+never built. Images are center-cropped (in their aspect-ratio bucket, with ``data.buckets``). When the stage trains
+with ``data.hflip > 0``, each training image is also encoded flipped, with its caption's 'left' and 'right' swapped
+(``data.flip_captions``): training on the shards then flips as on images (:mod:`emu.diffusion.latents`), at twice
+the encoding cost here. Bad samples are skipped and counted as in training.
 
 The data is read in pieces (:meth:`~emu.data.EmuDataModule.piece_loader`: an input shard of a stream, ``--shard-size``
 indices of a map-style source); piece ``j`` of a split becomes ``<out>/<split>/<j>.tar`` and ``<j>.json`` (its counts),
@@ -39,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from emu.autoencoder.module import load_autoencoder
+from emu.data.samples import swap_left_right
 from emu.diffusion.latents import EXTENSION, MANIFEST, PLAN, pack
 from emu.errors import ConfigError
 from emu.text.encoders import FrozenTextEncoder
@@ -58,6 +61,14 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _flips(cfg: DictConfig) -> dict[str, bool] | None:
+    """Whether the training split gets flipped copies (the stage trains with flips) and whether their captions swap
+    'left' and 'right'."""
+    if float(cfg.data.get("hflip", 0.0)) <= 0:
+        return None
+    return {"captions": bool(cfg.data.get("flip_captions", True))}
+
+
 def _fixed_crops(cfg: DictConfig) -> DictConfig:
     """The data config with augmentation off and every sample read once, in order."""
     cfg = cfg.copy()
@@ -74,7 +85,7 @@ def _encoder_record(spec: dict[str, Any], encoder: FrozenTextEncoder) -> dict[st
 
 
 def _plan(cfg: DictConfig, datamodule, autoencoder: torch.nn.Module, specs: dict[str, Any],
-          encoders: dict[str, Any], shard_size: int) -> dict[str, Any]:  # fmt: skip
+          encoders: dict[str, Any], shard_size: int, flips: dict[str, bool] | None) -> dict[str, Any]:  # fmt: skip
     """What a precompute computes: a rerun into the same folder must compute the same (the input shards themselves,
     not only their pattern, and every setting that changes which samples pass or how they are cropped)."""
     source = datamodule.source
@@ -92,6 +103,7 @@ def _plan(cfg: DictConfig, datamodule, autoencoder: torch.nn.Module, specs: dict
         "encoders": {n: _encoder_record(s, encoders[n]) for n, s in specs.items()},
         "source": OmegaConf.to_container(cfg.data.source, resolve=True),
         "shard_size": shard_size,
+        "flips": flips,
     }
 
 
@@ -125,6 +137,14 @@ def _skips(records: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "no samples skipped"
 
 
+def _encode(autoencoder: torch.nn.Module, encoders: dict[str, FrozenTextEncoder], images: torch.Tensor,
+            captions: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """A batch's posterior moments (mean and log-variance on the channel axis, fp32) and text embeddings."""
+    posterior = autoencoder.encode(images)
+    text = {name: enc(captions) for name, enc in encoders.items()}
+    return torch.cat([posterior.mean, posterior.logvar], 1).float(), text
+
+
 @torch.no_grad()
 def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device: str = "cpu", progress: bool = True,
                ranks: Ranks | None = None) -> dict[str, Any] | None:  # fmt: skip
@@ -134,6 +154,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
 
     check_required(cfg.data)
     check_required(cfg.model)
+    flips = _flips(cfg)
     cfg, ranks = _fixed_crops(cfg), ranks or Ranks()
     out = Path(out).expanduser().resolve()
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -142,7 +163,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
     encoders = {name: FrozenTextEncoder(**spec).to(device) for name, spec in specs.items()}
     cuda = torch.device(device).type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()  # the frozen nets in bf16 on GPU
-    plan = _plan(cfg, datamodule, autoencoder, specs, encoders, shard_size)
+    plan = _plan(cfg, datamodule, autoencoder, specs, encoders, shard_size, flips)
     out.mkdir(parents=True, exist_ok=True)
     _check_plan(out, plan, ranks)
 
@@ -159,13 +180,18 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
             before, t, n, shapes = datamodule.skipped[split], time.perf_counter(), 0, set()
             with wds.TarWriter(str(partial)) as sink:
                 for batch in datamodule.piece_loader(split, j, shard_size):
+                    images = batch["image"].to(device)
                     with autocast:
-                        posterior = autoencoder.encode(batch["image"].to(device))
-                        text = {name: enc(batch["caption"]) for name, enc in encoders.items()}
-                    latent = torch.cat([posterior.mean, posterior.logvar], 1).float()
+                        latent, text = _encode(autoencoder, encoders, images, batch["caption"])
+                        flipped = None
+                        if flips and split == "train":
+                            captions = batch["caption"]
+                            captions = [swap_left_right(c) for c in captions] if flips["captions"] else captions
+                            flipped = _encode(autoencoder, encoders, images.flip(-1), captions)
                     shapes.add(tuple(latent.shape[1:]))
                     for i, key in enumerate(batch["key"]):
-                        sink.write({"__key__": key, EXTENSION: pack(latent, text, i), "txt": batch["caption"][i],
+                        sink.write({"__key__": key, EXTENSION: pack(latent, text, i, flipped),
+                                    "txt": batch["caption"][i],
                                     "json": json.dumps(batch["meta"][i], default=str)})  # fmt: skip
                     n += len(batch["key"])
                     bar.set_postfix(images=n, refresh=False)
