@@ -2,8 +2,8 @@
 
     python bench/stage1_step.py experiment=mini/stage1_pretrain data=webdataset \\
         data.source.shards='outputs/demo/haystack/*.tar' '~data.source.n_train' '~data.source.n_val'
-    python bench/stage1_step.py experiment=mini/stage1_pretrain data=latents data.hflip=0 \\
-        data.source.shards='outputs/demo/latents/train/*.tar'         # after python -m emu.diffusion.precompute
+    python bench/stage1_step.py experiment=mini/stage1_pretrain data=latents '~data.source.n_train' \\
+        '~data.source.n_val' data.source.shards='outputs/demo/latents/train/*.tar'   # the demo precomputes them
 
 Composes conf/train.yaml with the overrides (any of train.py's), then measures (1) the DataModule's training loader
 alone, images/s; (2) the DiffusionModule's training step alone on batches taken from it beforehand: frozen

@@ -113,6 +113,20 @@ def test_driver_runs_stages_in_order_then_skips_and_resumes(tmp_path, monkeypatc
     assert len(calls) == 1 and "name_a=quality_tuned" in " ".join(calls[0])
     assert not (tmp_path / "eval" / "stale.png").exists()
 
+    calls.clear()  # --only stage1: the latents are made again (from the text encoders and autoencoder of now)
+    (tmp_path / "latents" / "train").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "latents" / "train" / "00000.tar").write_text("stale")
+    driver.run(tmp_path, scale, only=["stage1"])
+    assert [c[c.index("-m") + 1] if "-m" in c else c[1] for c in calls] == ["emu.diffusion.precompute", "train.py"]
+    assert not (tmp_path / "latents" / "train" / "00000.tar").exists()
+
+    calls.clear()  # a folder whose stage 1 finished before the demo precomputed latents: they are not made now
+    state = json.loads((tmp_path / "demo_state.json").read_text())
+    del state["steps"]["latents"]
+    (tmp_path / "demo_state.json").write_text(json.dumps(state))
+    driver.run(tmp_path, scale)
+    assert calls == []
+
     with pytest.raises(SystemExit, match="holds a 'tiny' demo"):
         driver.run(tmp_path, driver.load_scale("mini"))
 

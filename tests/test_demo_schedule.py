@@ -122,7 +122,7 @@ def test_the_longest_chain_starts_first_side_by_side_and_the_listed_order_holds_
     assert chain_lengths(steps) == {"x": 0, "y": 0, "a": 2, "b": 1, "c": 0}
     assert chain_lengths([_step("p", ()), _step("q")]) == {"p": 1, "q": 0}  # no needs given: after p
     for jobs, first in ((2, ["a", "x"]), (1, ["x", "y", "a", "b", "c"])):
-        rec = Recorder()
+        rec = Recorder({"x": lambda env: time.sleep(1.0)})  # y cannot start before a, even on a slow machine
         run_scheduled(steps, rec, lambda job: None, jobs=jobs, cores=2, logs=tmp_path)
         order = sorted(rec.spans, key=lambda n: rec.spans[n][0])
         assert sorted(order[: len(first)]) == sorted(first)

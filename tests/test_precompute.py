@@ -112,6 +112,10 @@ def test_training_reads_precomputed_shards_and_refuses_mismatches(corpus, tmp_pa
     encoders = {**corpus["manifest"]["encoders"], "t5": {**corpus["manifest"]["encoders"]["t5"], "max_length": 77}}
     with pytest.raises(ConfigError, match=r"model\.text\.encoders"):
         module.check_precomputed({**corpus["manifest"], "encoders": encoders})
+    t5 = corpus["manifest"]["encoders"]["t5"]  # the same settings, other weights (a retrained encoder, same path)
+    encoders = {**corpus["manifest"]["encoders"], "t5": {**t5, "fingerprint": "0" * 16}}
+    with pytest.raises(ConfigError, match=r"t5 encoder .* whose weights differ"):
+        module.check_precomputed({**corpus["manifest"], "encoders": encoders})
 
 
 def test_flipped_copies_are_the_flipped_images_and_swapped_captions_and_training_draws_them_resumably(corpus, tmp_path):
@@ -137,27 +141,36 @@ def test_flipped_copies_are_the_flipped_images_and_swapped_captions_and_training
         t = stored[f"train/{k}.safetensors"]
         torch.testing.assert_close(t["flipped.latent"][:16], posterior.mean[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(t["flipped.latent"][16:], posterior.logvar[i], atol=1e-5, rtol=1e-5)
-        n = int(swapped["clip"].mask[i].sum())
-        torch.testing.assert_close(t["flipped.clip.tokens"], swapped["clip"].tokens[i, :n], atol=1e-5, rtol=1e-5)
         assert not torch.equal(t["flipped.latent"], t["latent"])
+        for name, emb in swapped.items():
+            n = int(emb.mask[i].sum())
+            torch.testing.assert_close(t[f"flipped.{name}.tokens"], emb.tokens[i, :n], atol=1e-5, rtol=1e-5)
+            if emb.pooled is None:  # the T5 has no pooled output
+                assert f"flipped.{name}.pooled" not in t
+            else:
+                torch.testing.assert_close(t[f"flipped.{name}.pooled"], emb.pooled[i], atol=1e-5, rtol=1e-5)
 
-    def epoch(dm, n):  # {key: (flipped, caption, moments)} of training epoch n
-        dm.trainer = None
+    def epoch(dm, n):  # {key: (flipped, caption, crop, moments or image)} of training epoch n
         loader = dm.source.stream("train", dm.train_prepare, dm._skips["train"], 5, False, epoch=n)
-        return {k: (meta.get("flipped", False), c, lat) for b in loader
-                for k, meta, c, lat in zip(b["key"], b["meta"], b["caption"], b["latent"], strict=True)}  # fmt: skip
+        return {k: (m.get("flipped", False), c, m["crop_top_left"], x) for b in loader
+                for k, m, c, x in zip(b["key"], b["meta"], b["caption"], b.get("latent", b.get("image")),
+                                      strict=True)}  # fmt: skip
 
     dm = hydra.utils.instantiate(_compose([*corpus["latents"][:-1], "data.hflip=0.5", "data.drop_last=false"]).data)
     first, again, other = epoch(dm, 0), epoch(dm, 0), epoch(dm, 1)
-    assert {k: v[:2] for k, v in first.items()} == {k: v[:2] for k, v in again.items()}  # resumable: same draws
+    assert {k: v[:3] for k, v in first.items()} == {k: v[:3] for k, v in again.items()}  # resumable: same draws
     assert {k: v[0] for k, v in first.items()} != {k: v[0] for k, v in other.items()}  # a new epoch draws anew
     flips = [v[0] for e in (first, other) for v in e.values()]
     assert 0 < sum(flips) < len(flips)
     for e in (first, other):
-        for k, (flipped, caption, latent) in e.items():
+        for k, (flipped, caption, _, latent) in e.items():
             t = stored[f"train/{k}.safetensors"]
             assert torch.equal(latent, t["flipped.latent" if flipped else "latent"])
             assert caption == (swap_left_right(images[k][1]) if flipped else images[k][1])
+    # the image path, same seed and epochs: the same images flipped, the same captions and crop records
+    dm_images = hydra.utils.instantiate(_compose([*corpus["images"], "data.hflip=0.5", "data.drop_last=false"]).data)
+    for n, e in ((0, first), (1, other)):
+        assert {k: v[:3] for k, v in epoch(dm_images, n).items()} == {k: v[:3] for k, v in e.items()}
 
     unflipped = tmp_path / "unflipped"  # a stage that trains without flips: one orientation, and flips are refused
     manifest = precompute(_compose([*corpus["images"], "data.hflip=0"]), unflipped, shard_size=4, progress=False)
@@ -210,13 +223,22 @@ def test_two_ranks_launched_like_torchrun_write_what_one_process_writes(corpus, 
             torch.testing.assert_close(t, theirs[key][name], atol=1e-6, rtol=1e-6)
 
 
-def test_a_killed_precompute_resumes_without_redoing_or_losing_pieces(corpus, tmp_path):
+def test_a_killed_precompute_resumes_without_redoing_or_losing_pieces(corpus, tmp_path, monkeypatch):
     import json
 
     from emu.training.ranks import Ranks
+    from emu.training.threads import ENV, write_budget
 
     cfg, out = _compose(corpus["images"]), tmp_path / "latents"
-    assert precompute(cfg, out, progress=False, ranks=Ranks(0, 2)) is None  # rank 1 of the job never ran
+    threads = torch.get_num_threads()
+    write_budget(tmp_path / "budget", threads + 1)  # a scheduler's budget (make demo): followed from the first batch
+    monkeypatch.setenv(ENV, str(tmp_path / "budget"))
+    try:
+        assert precompute(cfg, out, progress=False, ranks=Ranks(0, 2)) is None  # rank 1 of the job never ran
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.delenv(ENV)
     done = {p: p.stat().st_mtime_ns for p in out.glob("*/*.tar")}
     assert done and not (out / "precompute.json").exists()
     (out / "train" / "00001.tar.partial").write_bytes(b"half a shard")  # killed while writing a piece

@@ -106,6 +106,14 @@ def cover_size(width: int, height: int, target: tuple[int, int]) -> tuple[int, i
     return max(tw, int(width * th / height)), th
 
 
+def mirror_crop(meta: dict[str, Any]) -> None:
+    """Make a crop record (``original_size``, ``crop_top_left``, ``target_size``, as :class:`SamplePreparer` writes it)
+    that of the flipped image: the crop's left edge, measured from the other side of the resized image."""
+    (height, width), (target_height, target_width) = meta["original_size"], meta["target_size"]
+    resized_width = cover_size(width, height, (target_width, target_height))[0]
+    meta["crop_top_left"][1] = resized_width - meta["crop_top_left"][1] - target_width
+
+
 def crop_origin(size: tuple[int, int], target: tuple[int, int], random: bool) -> tuple[int, int]:
     """(top, left) of a ``target`` (width, height) crop of an image of ``size`` (width, height): centred as
     torchvision's ``CenterCrop``, or drawn from the global torch RNG as its ``RandomCrop`` (rows first)."""
@@ -157,7 +165,7 @@ class SamplePreparer:
 
     def resize_crop(self, img: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
         """uint8 C x H x W of the image resized to cover its target and cropped to it, with the crop's record
-        (``original_size``, ``crop_top_left``, ``target_size``, ``resized_width``)."""
+        (``original_size``, ``crop_top_left``, ``target_size``)."""
         target = self.target(*img.size)
         size = cover_size(*img.size, target)
         x = v2.functional.resize(v2.functional.pil_to_tensor(img), [size[1], size[0]],
@@ -165,7 +173,7 @@ class SamplePreparer:
         top, left = crop_origin(size, target, self.crop == "random")
         x = x[:, top : top + target[1], left : left + target[0]]
         return x, {"original_size": [img.size[1], img.size[0]], "crop_top_left": [top, left],
-                   "target_size": [target[1], target[0]], "resized_width": size[0]}  # fmt: skip
+                   "target_size": [target[1], target[0]]}  # fmt: skip
 
     def __call__(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         key = str(raw.get("key", "?"))
@@ -185,13 +193,12 @@ class SamplePreparer:
         meta = dict(meta) if isinstance(meta, Mapping) else {}
         meta["source_size"] = list(img.size)  # width, height before resizing (curation's size filter reads it)
         pixels, record = self.resize_crop(img)
-        resized_width = record.pop("resized_width")
         meta.update(record)
         image = self._normalize(pixels).clamp_(-1.0, 1.0)
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             image = image.flip(-1)
             meta["flipped"] = True
-            meta["crop_top_left"][1] = resized_width - meta["crop_top_left"][1] - meta["target_size"][1]  # mirrored
+            mirror_crop(meta)
             if self.flip_captions:
                 caption = swap_left_right(caption)
         return {"image": image, "caption": caption, "key": key, "meta": meta}

@@ -83,11 +83,11 @@ class State:
         return seconds
 
     def forget(self, stage: Stage, out: Path) -> None:
-        """Start ``stage`` over: its steps are unfinished and their run folders gone (``--only``)."""
+        """Start ``stage`` over: its steps are unfinished and their run and output folders gone (``--only``)."""
         for step in stage.steps:
             self.data["steps"].pop(step.name, None)
-            if step.run_dir:
-                shutil.rmtree(out / step.run_dir, ignore_errors=True)
+            for folder in {step.run_dir, step.outputs} - {None}:
+                shutil.rmtree(out / folder, ignore_errors=True)
         self.save()
 
     def save(self) -> None:
@@ -133,6 +133,20 @@ def run_step(step: Step, argv: list[str], log_path: Path, env: dict[str, str] | 
         )
 
 
+def _needed(todo: list[Step], steps: list[Step]) -> list[Step]:
+    """``todo`` without the intermediate steps whose every consumer (a step naming it in its ``needs``) has finished,
+    e.g. stage 1's latents in a demo folder whose stage 1 finished before the demo precomputed them."""
+    names = {s.name for s in todo}
+    keep = []
+    for step in todo:
+        consumers = [s.name for s in steps if step.name in (s.needs or ())]
+        if step.intermediate and consumers and not names & set(consumers):
+            print(f"[demo] {step.name}: not needed ({', '.join(consumers)} finished) - skipped", flush=True)
+            continue
+        keep.append(step)
+    return keep
+
+
 def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: State, log: Path,
                only: list[str] | None = None, jobs: int = 1) -> None:  # fmt: skip
     """Run ``stages`` into the demo folder ``out``: finished steps are skipped, an interrupted training run resumes
@@ -154,6 +168,7 @@ def run_stages(out: Path, scale: dict[str, Any], stages: list[Stage], state: Sta
             done = state.data["stages"].get(stage.name, {}).get("seconds", 0)
             print(f"[demo] {stage.name}: done earlier ({done:.0f}s) - skipped", flush=True)
         todo += steps
+    todo = _needed(todo, [s for stage in stages for s in stage.steps])
     stage_of = {s.name: stage for stage in stages for s in stage.steps}
     left = {stage.name: sum(s in todo for s in stage.steps) for stage in stages}
     run = {"started": _now(), "seconds": 0.0, "jobs": jobs, "steps": []}  # this invocation, if it runs anything

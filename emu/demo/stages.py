@@ -38,7 +38,10 @@ class Step:
     # the steps whose outputs it reads: it may start once they finished, beside other steps (the driver's --jobs);
     # None: after every step listed before it
     needs: tuple[str, ...] | None = None
-    follows_threads: bool = False  # a train.py run: follows the driver's thread budget (emu.training.threads)
+    # follows the driver's thread budget (emu.training.threads): a train.py run, the latents' precompute
+    follows_threads: bool = False
+    outputs: str | None = None  # the folder it writes, if not its run folder: removed when it starts over (--only)
+    intermediate: bool = False  # its outputs only feed the steps that need it: not run once they all finished
 
 
 @dataclass
@@ -124,8 +127,8 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
             # the frozen autoencoder and text encoders run once over the corpus instead of at every step (the flipped
             # images and swapped captions too: stage 1 trains with flips), with stage 1's data settings
             _step("latents", "-m emu.diffusion.precompute --out {out}/latents experiment=mini/stage1_pretrain",
-                  "latents/precompute.json", corpus="images", like="stage1", needs=("haystack", "clip", "t5",
-                  "autoencoder_16ch")),
+                  "latents/precompute.json", corpus="images", like="stage1", outputs="latents", intermediate=True,
+                  follows_threads=True, needs=("haystack", "clip", "t5", "autoencoder_16ch")),
             _train("stage1", "mini/stage1_pretrain", corpus="latents", needs=("latents",)),
         ]),
         Stage("curation", "curation", [

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from emu.data.samples import BadSample, swap_left_right
+from emu.data.samples import BadSample, mirror_crop, swap_left_right
 from emu.data.sources import WebDatasetSource, expand_shards
 from emu.errors import ConfigError
 from emu.text.encoders import TextEmbedding
@@ -110,7 +110,7 @@ class LatentPreparer:
         tensors = unpack(raw["image"])
         flipped = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
         if flipped:
-            if "flipped.latent" not in tensors:
+            if FLIPPED + "latent" not in tensors:
                 raise BadSample("corrupt_image", "no flipped tensors (the precompute wrote both orientations)")
             tensors = {k[len(FLIPPED) :]: v for k, v in tensors.items() if k.startswith(FLIPPED)}
         shape = list(tensors.get("latent", torch.empty(0)).shape)
@@ -125,6 +125,9 @@ class LatentPreparer:
         meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
         if flipped:
             meta = {**meta, "flipped": True}
+            if "crop_top_left" in meta:  # as the image path mirrors it (SDXL's crop conditioning)
+                meta["crop_top_left"] = list(meta["crop_top_left"])
+                mirror_crop(meta)
             caption = swap_left_right(caption) if self.flip_captions else caption
         return {"tensors": tensors, "caption": caption, "key": raw["key"], "meta": meta}
 

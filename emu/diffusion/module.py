@@ -268,6 +268,11 @@ class DiffusionModule(L.LightningModule):
         if ours != theirs:
             raise ConfigError("model.text.encoders", f"are {ours} (name: max_length) but the precomputed embeddings "
                               f"hold {theirs}; precompute again with this model's text encoders")  # fmt: skip
+        for name, record in manifest.get("encoders", {}).items():  # manifests from before fingerprints pass
+            if "fingerprint" in record and record["fingerprint"] != fingerprint(self.conditioner.encoders[name]):
+                raise ConfigError("model.text.encoders", f"the precomputed embeddings were made with the {name} "
+                                  f"encoder '{record['name_or_path']}', whose weights differ from this model's; "
+                                  "precompute again or use that encoder")  # fmt: skip
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

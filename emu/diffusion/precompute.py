@@ -16,6 +16,7 @@ The data is read in pieces (:meth:`~emu.data.EmuDataModule.piece_loader`: an inp
 indices of a map-style source); piece ``j`` of a split becomes ``<out>/<split>/<j>.tar`` and ``<j>.json`` (its counts),
 so the output is the same whatever the number of ranks. Under ``torchrun``, ``srun`` or Lightning's launcher
 (:mod:`emu.training.ranks`) each rank takes every ``world``-th piece, on its own GPU with the frozen networks in bf16.
+Under ``make demo``'s scheduler it follows the thread budget of ``EMU_THREADS_FILE`` (:mod:`emu.training.threads`).
 A finished piece is never redone: a killed job, restarted, does what is left (a piece is written to ``.partial`` and
 put in place when whole). The last rank to finish writes ``<out>/precompute.json`` from the pieces' records.
 ``<out>/precompute.plan.json`` records what is being computed; a rerun with another autoencoder, encoders or data into
@@ -46,6 +47,7 @@ from emu.diffusion.latents import EXTENSION, MANIFEST, PLAN, pack
 from emu.errors import ConfigError
 from emu.text.encoders import FrozenTextEncoder
 from emu.training.ranks import Ranks, detect_ranks, share
+from emu.training.threads import budget_from_env
 from emu.utils.config import check_required, config_errors_as_messages
 from emu.utils.files import atomic_write_text
 
@@ -80,8 +82,11 @@ def _fixed_crops(cfg: DictConfig) -> DictConfig:
 
 
 def _encoder_record(spec: dict[str, Any], encoder: FrozenTextEncoder) -> dict[str, Any]:
+    """What identifies a text encoder's embeddings: its settings and its weights (the same path may hold another
+    encoder later, e.g. a retrained one)."""
     return {"name_or_path": str(spec["name_or_path"]), "kind": spec.get("kind", "clip"),
-            "max_length": encoder.max_length, "hidden_size": encoder.hidden_size}  # fmt: skip
+            "max_length": encoder.max_length, "hidden_size": encoder.hidden_size,
+            "fingerprint": fingerprint(encoder)}  # fmt: skip
 
 
 def _plan(cfg: DictConfig, datamodule, autoencoder: torch.nn.Module, specs: dict[str, Any],
@@ -171,7 +176,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
     pieces = [(split, j) for split in splits for j in range(datamodule.num_pieces(split, shard_size))]
     done = {split: _pieces_done(out / split) for split in splits}
     todo = [(split, j) for split, j in share(pieces, ranks) if j not in done[split]]
-    t0 = time.perf_counter()
+    t0, budget = time.perf_counter(), budget_from_env()
     with tqdm(total=len(todo), desc=f"precompute ({ranks.describe()})", unit="piece", disable=not progress) as bar:
         for split, j in todo:
             folder = out / split
@@ -180,6 +185,8 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
             before, t, n, shapes = datamodule.skipped[split], time.perf_counter(), 0, set()
             with wds.TarWriter(str(partial)) as sink:
                 for batch in datamodule.piece_loader(split, j, shard_size):
+                    if budget is not None:  # a scheduler beside us may change our share of the cores
+                        budget.apply()
                     images = batch["image"].to(device)
                     with autocast:
                         latent, text = _encode(autoencoder, encoders, images, batch["caption"])
