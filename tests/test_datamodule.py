@@ -198,3 +198,32 @@ def test_skip_counts_survive_checkpoint_state():
     other = EmuDataModule(HaystackSource(n_train=8, n_val=0), batch_size=4)
     other.load_state_dict(dm.state_dict())
     assert other.skipped["train"] == Counter({"corrupt_image": 3, "empty_file": 1})
+
+
+def test_persistent_workers_see_each_epoch_as_fresh_workers_do(tmp_path):
+    """A small folder re-read every few steps (stage 2) keeps its loader worker between epochs
+    (``data.persistent_workers``): the epochs' orders and flips must be those of fresh workers, since they come
+    from the sampler in the main process, not from state a kept worker would carry over."""
+    for i in range(6):
+        img = rgb_image(16, 16, seed=i)
+        img.paste((255, 255, 255), (0, 0, 4, 16))  # a white left edge: a flip moves it to the right
+        (tmp_path / f"img{i}.png").write_bytes(png_bytes(img))
+        (tmp_path / f"img{i}.txt").write_text(f"a star on the left {i}")
+
+    def epochs(persistent: bool) -> list[list[tuple]]:
+        dm = EmuDataModule(FolderSource(str(tmp_path), val_fraction=0.0), resolution=16, hflip=0.5, batch_size=2,
+                           num_workers=1, persistent_workers=persistent, seed=5)  # fmt: skip
+        epoch = {"n": 0}
+        dm._position = lambda: (epoch["n"], 0)  # the Trainer's progress: which epoch the loader starts
+        loader = dm.dataloader("train")
+        out = []
+        for n in range(3):
+            epoch["n"] = n
+            out.append([(k, c, b["image"][j].sum().item()) for b in loader
+                        for j, (k, c) in enumerate(zip(b["key"], b["caption"], strict=True))])  # fmt: skip
+        return out
+
+    kept, fresh = epochs(True), epochs(False)
+    assert kept == fresh
+    assert len({tuple(e) for e in kept}) == 3  # each epoch its own order and flips
+    assert any("right" in c for e in kept for _, c, _ in e) and any("left" in c for e in kept for _, c, _ in e)
