@@ -236,8 +236,8 @@ def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path
         f"model.text.encoders.t5.name_or_path={tiny_t5}",
         "model.text.encoders.t5.max_length=16",
         "model.unet.pooled_dim=24",
-        # a ~0.2M-parameter U-Net: a mini-U-Net checkpoint is ~100 MB with its EMA and Adam state, and the fault
-        # tests keep a checkpoint per step
+        # a 0.46M-parameter U-Net (~7 MB checkpoints): a mini-U-Net checkpoint is ~100 MB with its EMA and Adam
+        # state, and the fault tests keep a checkpoint per step
         "model.unet.block_channels=[32,32]",
         "model.unet.layers_per_block=1",
         "model.unet.head_dim=16",
