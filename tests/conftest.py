@@ -227,6 +227,13 @@ def tiny_autoencoder(tmp_path_factory) -> Path:
     return save_tiny_autoencoder(tmp_path_factory.mktemp("autoencoder"))
 
 
+# The tests' U-Net over the tiny models (16 latent channels, the tiny CLIP's 24-wide pooled embedding): built
+# directly by tests/test_stage1.py; its widths replace the mini U-Net's in tiny_stage1_overrides.
+TINY_UNET = dict(in_channels=16, out_channels=16, block_channels=[32, 32], layers_per_block=1, transformer_depth=[0, 1],
+                 head_dim=16, context_dim=32, pooled_dim=24, norm_groups=8)  # fmt: skip
+TINY_UNET_WIDTHS = ("block_channels", "layers_per_block", "head_dim", "context_dim", "pooled_dim", "norm_groups")
+
+
 def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path) -> list[str]:
     """Hydra overrides that point the mini stage-1 model at the tiny test models."""
     return [
@@ -235,14 +242,9 @@ def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path
         "model.text.encoders.clip.max_length=16",
         f"model.text.encoders.t5.name_or_path={tiny_t5}",
         "model.text.encoders.t5.max_length=16",
-        "model.unet.pooled_dim=24",
-        # a 0.46M-parameter U-Net (~7 MB checkpoints): a mini-U-Net checkpoint is ~100 MB with its EMA and Adam
-        # state, and the fault tests keep a checkpoint per step
-        "model.unet.block_channels=[32,32]",
-        "model.unet.layers_per_block=1",
-        "model.unet.head_dim=16",
-        "model.unet.context_dim=32",
-        "model.unet.norm_groups=8",
+        # the tiny U-Net's widths (0.46M parameters, ~7 MB checkpoints; the mini U-Net's checkpoints are ~100 MB with
+        # their EMA and Adam state, and the fault tests keep one per step); the mini config's attention depth stays
+        *(f"model.unet.{k}={str(TINY_UNET[k]).replace(' ', '')}" for k in TINY_UNET_WIDTHS),
         "model.val_sampling.steps=2",
     ]
 

@@ -13,10 +13,9 @@ from omegaconf import OmegaConf
 from emu.diffusion.module import DiffusionModule, load_diffusion
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
-from tests.conftest import ROOT, haystack_batch
+from tests.conftest import ROOT, TINY_UNET, haystack_batch
 
-UNET = dict(in_channels=16, out_channels=16, block_channels=(32, 32), layers_per_block=1, transformer_depth=(0, 1),
-            head_dim=16, context_dim=32, pooled_dim=24, norm_groups=8)  # fmt: skip
+UNET = TINY_UNET
 
 
 def text_config(tiny_clip, tiny_t5, dropout=0.1):
