@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all lint format demo ablations bench gpu-check clean
+.PHONY: install test test-all lint format demo ablations bench gpu-check gpu-wheels gpu-rehearsal clean
 
 install: $(STAMP)
 
@@ -61,10 +61,23 @@ bench: install  ## data pipeline, U-Net and autoencoder training step vs diffuse
 GPU_CHECK_OUT ?= outputs/gpu_check
 GPU_CHECK_BUDGET ?= 8
 GPU_CHECK_DEVICE ?= auto
+# On a lent GPU machine with no network (no make, its own Python): bench/gpu_remote.sh with the wheels of
+# `make gpu-wheels`; docs/benchmarks.md has the two device calls, ready to paste.
 gpu-check:  ## GPU check in GPU_CHECK_BUDGET minutes -> $(GPU_CHECK_OUT) (GPU_CHECK_DEVICE=auto|cuda|cpu)
-	@start=$$(date +%s); $(MAKE) --no-print-directory install; end=$$(date +%s); \
+	@start=$$(date +%s); $(MAKE) --no-print-directory install || exit $$?; end=$$(date +%s); \
 	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT) --budget-min $(GPU_CHECK_BUDGET) --device $(GPU_CHECK_DEVICE) \
 		--install-seconds $$((end - start))
+
+# The wheels a lent GPU machine lacks (bench/gpu_machine/wheels.txt) -> .whl/ (git-ignored), for the device tool to
+# carry; needs the package index, prints the total (at most 16 MiB).
+gpu-wheels: install  ## wheels of what the GPU machine lacks -> .whl/
+	$(PY) bench/gpu_wheels.py --dest .whl
+
+# The GPU machine's run rehearsed here: its package set only (borrowed from FROM, default .venv), the wheels, no
+# network, bench/gpu_remote.sh (CPU dry run) -> outputs/gpu_rehearsal/; fails unless every step is ok.
+FROM ?= $(VENV)
+gpu-rehearsal: install gpu-wheels  ## rehearse bench/gpu_remote.sh offline on the GPU machine's packages
+	$(PY) bench/gpu_rehearsal.py --from $(FROM) --out outputs/gpu_rehearsal
 
 # Stage 1 of the demo on its corpus's shards, and on the latents + text embeddings the demo precomputes
 # (emu/diffusion/precompute.py, <demo>/latents): what bench/stage1_step.py times.

@@ -2,6 +2,7 @@
 
     make gpu-check                                  # make install (timed), then this script with the options below
     python bench/gpu_check.py --out outputs/gpu_check --budget-min 8 --device auto --install-seconds 0
+    bash bench/gpu_remote.sh --budget-min 8 ...     # on a lent GPU machine: no network, its own Python (the wheels)
 
 It prints the machine (device, driver from nvidia-smi, torch, CUDA and cuDNN versions, the install time it was given),
 then runs these steps, each as a subprocess with its own time box, and writes ``<out>/gpu_check.json`` and
@@ -73,6 +74,9 @@ KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL, and after SIGKILL, when stopp
 KILL_MARGIN_S = 2 * KILL_GRACE_S + 2  # kept back from the time left for stopping a step that runs over
 STEP_NAMES = tuple(ESTIMATES["cuda"])
 TARGETS = {"ratio": 1.15, "mfu": 0.40}  # training step ours / diffusers eager; model FLOPs utilisation
+# the files holding the gpu-marked tests (tests/test_gpu_remote.py checks no other has one): collecting only these, the
+# gpu tests run where the rest of the suite's imports (fastapi, selenium, faiss) are not installed, as on a lent GPU
+GPU_TEST_FILES = ("tests/test_gpu.py",)
 
 
 @dataclass(frozen=True)
@@ -231,8 +235,8 @@ def steps_for(device: str, out: Path, peak: tuple[str, float] | None) -> list[St
         sampling = ["--config", "tiny", "--device", "cpu"]
         stage1 = ["--scale", "tiny", "--device", "cpu"]
     specs = [
-        ("gpu_tests", "gpu tests (pytest -m gpu)", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
-         tests_headline),
+        ("gpu_tests", "gpu tests (pytest -m gpu)", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+         *GPU_TEST_FILES], tests_headline),
         ("unet_step", "U-Net training step vs diffusers", [py, str(BENCH / "unet_step.py"), *unet], training_headline),
         ("autoencoder_step", "autoencoder step vs diffusers", [py, str(BENCH / "autoencoder_step.py"), *autoencoder],
          training_headline),
@@ -340,8 +344,8 @@ def environment(device: str, install_seconds: float | None) -> dict:
 
 def install_note(seconds: float | None) -> str:
     if seconds is None:
-        return "not timed (run through `make gpu-check` to time `make install`)"
-    return f"{seconds:.0f} s" + (" (already installed: nothing to do)" if seconds < 5 else "")
+        return "not timed (`make gpu-check` times `make install`, bench/gpu_remote.sh its wheels)"
+    return f"{seconds:.0f} s"
 
 
 def describe_environment(env: dict, peak: tuple[str, float] | None) -> list[str]:
@@ -350,7 +354,8 @@ def describe_environment(env: dict, peak: tuple[str, float] | None) -> list[str]
              f"driver (nvidia-smi): {env['nvidia_smi']}",
              f"torch {env['torch']}, CUDA {env['cuda']}" + (f", cuDNN {env['cudnn']}" if env.get("cudnn") else ""),
              f"CPU: {env['cpu']}; python {env['python']}; {env['date']}",
-             f"make install: {install_note(env['install_seconds'])}"]  # fmt: skip
+             f"install before the check (make install, or gpu_remote.sh's wheels): "
+             f"{install_note(env['install_seconds'])}"]  # fmt: skip
     if env["device_type"] == "cuda" and peak:
         lines.append(f"MFU peak: {peak[0]} bf16 dense {peak[1] / 1e12:.0f} TFLOP/s (bench/gpu_check.py's table)")
     elif env["device_type"] == "cuda":
@@ -394,7 +399,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=8.0, help="wall-time budget in minutes, counted from start")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: cuda if available, else a CPU dry run on tiny configs")  # fmt: skip
-    p.add_argument("--install-seconds", type=float, default=None, help="how long `make install` took (the Makefile)")
+    p.add_argument("--install-seconds", type=float, default=None, help="how long the install before took (make install or the wheels)")
     p.add_argument("--only", nargs="+", choices=STEP_NAMES, default=None, help="run only these steps (a rerun)")
     return p.parse_args(argv)
 
