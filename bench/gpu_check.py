@@ -2,7 +2,7 @@
 
     make gpu-check                                  # make install (timed), then this script with the options below
     python bench/gpu_check.py --out outputs/gpu_check --budget-min 8 --device auto --install-seconds 0
-    bash bench/gpu_remote.sh --budget-min 8 ...     # on a lent GPU machine: no network, its own Python (the wheels)
+    bash bench/gpu_remote.sh --call 1               # on a lent GPU machine (no network, its own Python), then --call 2
 
 It prints the machine (device, driver from nvidia-smi, torch, CUDA and cuDNN versions, the install time it was given),
 then runs these steps, each as a subprocess with its own time box, and writes ``<out>/gpu_check.json`` and
@@ -23,7 +23,9 @@ whole output in ``<out>/logs/<step>.log``:
 
 Without CUDA (``--device auto`` on a CPU machine, or ``--device cpu``) the same steps run on tiny configs on CPU: a dry
 run that proves the plumbing (the gpu tests are collected and skip) in about a minute on 2 cores. ``--only STEP ...``
-runs some of the steps (a rerun of what a first run skipped).
+runs some of the steps (a rerun of what a first run skipped). ``--call 1`` and ``--call 2`` are the two device calls of
+one loan of a GPU machine (:data:`DEVICE_CALLS`: the budget and steps of each; an explicit ``--budget-min`` or
+``--only`` wins): a loan is 15 minutes of device time, its start included, and no command may run over 10 minutes.
 
 The budget counts from this script's start. Before each step the time left is compared with the step's estimate
 (:data:`ESTIMATES`, guessed for an H100/H200 until a GPU run replaces them with the seconds it records): a step that
@@ -73,6 +75,24 @@ ESTIMATES = {
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL, and after SIGKILL, when stopping a step at its time box
 KILL_MARGIN_S = 2 * KILL_GRACE_S + 2  # kept back from the time left for stopping a step that runs over
 STEP_NAMES = tuple(ESTIMATES["cuda"])
+
+
+@dataclass(frozen=True)
+class DeviceCall:
+    """One call of the device tool on a lent GPU machine: bench/gpu_remote.sh with ``--call N``."""
+
+    budget_min: float  # bench/gpu_check.py's budget
+    steps: tuple[str, ...]
+    timeout_s: int  # the device call's timeout_s: the budget plus REMOTE_SETUP_S
+
+
+# One loan: the first call ≤ 9 min (gpu tests, U-Net and autoencoder steps, sampling), the second ≤ 5 min (the 2.8B
+# FSDP stage 1 with its save and resume), on one warm machine (docs/benchmarks.md: the calls, ready to paste)
+DEVICE_CALLS = {
+    1: DeviceCall(8.0, ("gpu_tests", "unet_step", "autoencoder_step", "sampling"), 540),
+    2: DeviceCall(4.25, ("stage1_fsdp",), 300),
+}
+REMOTE_SETUP_S = 30  # bench/gpu_remote.sh around the check: machine and disk listing, wheels, versions, copies to $OUT
 TARGETS = {"ratio": 1.15, "mfu": 0.40}  # training step ours / diffusers eager; model FLOPs utilisation
 # the files holding the gpu-marked tests (tests/test_gpu_remote.py checks no other has one): collecting only these, the
 # gpu tests run where the rest of the suite's imports (fastapi, selenium, faiss) are not installed, as on a lent GPU
@@ -396,12 +416,21 @@ def resolve_device(requested: str) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/gpu_check", help="folder for gpu_check.json / .md and the logs")
-    p.add_argument("--budget-min", type=float, default=8.0, help="wall-time budget in minutes, counted from start")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="wall-time budget in minutes, counted from start (default: --call's, else 8)")  # fmt: skip
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: cuda if available, else a CPU dry run on tiny configs")  # fmt: skip
     p.add_argument("--install-seconds", type=float, default=None, help="how long the install before took (make install or the wheels)")
     p.add_argument("--only", nargs="+", choices=STEP_NAMES, default=None, help="run only these steps (a rerun)")
-    return p.parse_args(argv)
+    p.add_argument("--call", type=int, choices=sorted(DEVICE_CALLS), default=None,
+                   help="one of the two device calls of a GPU loan: its budget and steps (DEVICE_CALLS)")  # fmt: skip
+    args = p.parse_args(argv)
+    call = DEVICE_CALLS.get(args.call)
+    if args.budget_min is None:
+        args.budget_min = call.budget_min if call else 8.0
+    if args.only is None and call:
+        args.only = list(call.steps)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     records = run_steps(steps, budget, out / "logs", cuda=device == "cuda")
     used = time.monotonic() - STARTED
     report = {"environment": env, "mfu_peak": {"entry": peak[0], "flops": peak[1]} if peak else None,
-              "budget_s": budget, "used_s": round(used, 1), "steps": records}  # fmt: skip
+              "call": args.call, "budget_s": budget, "used_s": round(used, 1), "steps": records}  # fmt: skip
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     md = markdown(records, env_lines, budget, used)
     (out / "gpu_check.md").write_text(md)
