@@ -420,7 +420,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall-time budget in minutes, counted from start (default: --call's, else 8)")  # fmt: skip
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: cuda if available, else a CPU dry run on tiny configs")  # fmt: skip
-    p.add_argument("--install-seconds", type=float, default=None, help="how long the install before took (make install or the wheels)")
+    p.add_argument("--install-seconds", type=float, default=None, help="seconds of the install before the check")
     p.add_argument("--only", nargs="+", choices=STEP_NAMES, default=None, help="run only these steps (a rerun)")
     p.add_argument("--call", type=int, choices=sorted(DEVICE_CALLS), default=None,
                    help="one of the two device calls of a GPU loan: its budget and steps (DEVICE_CALLS)")  # fmt: skip

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command a lent GPU machine runs, from the repository root (docs/benchmarks.md has the two calls to paste):
 #
-#   bash bench/gpu_remote.sh --budget-min 8 --only gpu_tests unet_step autoencoder_step sampling
-#   bash bench/gpu_remote.sh --budget-min 4 --only stage1_fsdp
+#   bash bench/gpu_remote.sh --call 1     # gpu tests, U-Net and autoencoder steps, sampling (8 min budget)
+#   bash bench/gpu_remote.sh --call 2     # the 2.8B U-Net under FSDP: steps, sharded checkpoint, resume (4.25 min)
 #
 # That machine has no network, no make and its own Python with PyTorch (bench/gpu_machine/packages.txt). So: no venv,
 # no index. The wheels of what it lacks (`make gpu-wheels` here -> .whl/, carried by the device tool) are installed
@@ -103,5 +103,6 @@ print(f"emu from {emu.__file__}")
 PY
 
 section "bench/gpu_check.py $*"
+rm -rf "$RUN/gpu_check"  # an earlier call's report and logs (a warm machine keeps its disk between calls)
 "$PYTHON" bench/gpu_check.py --out "$RUN/gpu_check" --install-seconds "$install_seconds" "$@"
 finish $?

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         stale.unlink()
     total = sum(w.stat().st_size for *_, w, _ in rows)
     width = max(len(w.name) for *_, w, _ in rows)
-    for name, version, wheel, how in rows:
+    for *_, wheel, how in rows:
         print(f"{wheel.name:<{width}}  {wheel.stat().st_size / 2**10:8.1f} KiB  {how}")
     verdict = "ok" if total <= args.max_mib * 2**20 else f"OVER the {args.max_mib:g} MiB limit"
     print(f"{len(rows)} wheels in {dest}: {total / 2**20:.2f} MiB ({verdict}, limit {args.max_mib:g} MiB)")

@@ -90,17 +90,18 @@ def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name}.py", "VALUE = 1\n")
         z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
-        z.writestr(f"{name}-{version}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel = "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        z.writestr(f"{name}-{version}.dist-info/WHEEL", wheel)
         z.writestr(f"{name}-{version}.dist-info/RECORD", "")
     return path
 
 
 def test_unmet_requirements_are_judged_for_the_gpu_machine(tmp_path):
-    wheels = [_wheel(tmp_path, "alpha", "1.0", ["beta>=2", "zipp", 'typing; python_version < "3.5"',
-                                                  'lazy-importer>=0.1; python_version < "3.15"', 'pytest; extra == "test"']),
-              _wheel(tmp_path, "beta", "2.0", [])]  # fmt: skip
+    lazy = 'lazy-importer>=0.1; python_version < "3.15"'  # true on the GPU machine's 3.12
+    alpha = ["beta>=2", "zipp", 'typing; python_version < "3.5"', lazy, 'pytest; extra == "test"']
+    wheels = [_wheel(tmp_path, "alpha", "1.0", alpha), _wheel(tmp_path, "beta", "2.0", [])]
     assert gpu_wheels.requirements_of(wheels[1]) == []
-    assert gpu_wheels.unmet(wheels, {"zipp"}) == ['alpha-1.0-py3-none-any.whl: lazy-importer>=0.1; python_version < "3.15"']
+    assert gpu_wheels.unmet(wheels, {"zipp"}) == [f"alpha-1.0-py3-none-any.whl: {lazy}"]
     assert gpu_wheels.unmet(wheels, {"zipp", "lazy-importer"}) == []
 
 
@@ -143,7 +144,8 @@ def _dist(site: Path, name: str, files: dict[str, str], requires: tuple[str, ...
 
 def test_link_plan_shows_only_the_wanted_distributions_and_enters_shared_namespace_folders(tmp_path):
     """``nvidia/`` is shared by two distributions, one of them unwanted: it is entered, its own part linked."""
-    _dist(tmp_path, "torch", {"torch/__init__.py": "", "functorch/__init__.py": ""}, ("cublas", 'win; sys_platform == "win32"'))
+    requires = ("cublas", 'win; sys_platform == "win32"')
+    _dist(tmp_path, "torch", {"torch/__init__.py": "", "functorch/__init__.py": ""}, requires)
     _dist(tmp_path, "cublas", {"nvidia/cublas/lib.so": "", "nvidia/cublas/__init__.py": ""})
     _dist(tmp_path, "other", {"nvidia/other/lib.so": "", "other.pth": "import os\n"})
     _dist(tmp_path, "win", {"win.py": ""})
