@@ -83,6 +83,25 @@ def test_distance_matches_direct_computation(extractor, images):
     np.testing.assert_allclose(fid.features(extractor, iter(images.split(37))), f1, rtol=1e-12, atol=1e-12)
 
 
+def test_distance_is_clean_fids_on_a_scipy_without_sqrtm_disp(monkeypatch):
+    """SciPy >= 1.18 (Python >= 3.12) dropped ``sqrtm(..., disp=False)``, which clean-fid 0.1.35 calls: the adapter
+    gives clean-fid the old signature; forced here whatever SciPy is installed, the distance is the same."""
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(60, 8)), rng.normal(0.3, 1.2, size=(50, 8))
+    expected = direct_frechet(f1, f2)
+    monkeypatch.setattr(fid, "SQRTM_TAKES_DISP", False)
+    calls = []
+    sqrtm = fid._ScipyLinalgWithDisp.sqrtm
+    monkeypatch.setattr(fid._ScipyLinalgWithDisp, "sqrtm", staticmethod(lambda a, disp=True: calls.append(disp)
+                                                                       or sqrtm(a, disp)))  # fmt: skip
+    assert fid.frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
+    assert calls == [False]  # clean-fid's own call, through the adapter
+    a = np.cov(f1, rowvar=False) @ np.cov(f2, rowvar=False)
+    root, err = sqrtm(a, disp=False)
+    np.testing.assert_allclose(root @ root, a, rtol=1e-8, atol=1e-10)
+    assert 0 <= err < 1e-10 and isinstance(sqrtm(a), np.ndarray)
+
+
 def test_reference_statistics_are_cached(tmp_path, extractor, images):
     calls = []
 

@@ -28,6 +28,7 @@ clean-fid's distance) takes one to two minutes there.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import platform
 import re
@@ -40,7 +41,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from unittest import mock
 
+import cleanfid.fid
 import numpy as np
+import scipy.linalg
 import torch
 from cleanfid.downloads_helper import inception_url as TORCHSCRIPT_URL
 from cleanfid.fid import frechet_distance as _cleanfid_frechet_distance
@@ -260,12 +263,32 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
+class _ScipyLinalgWithDisp:
+    """``scipy.linalg`` as clean-fid 0.1.35 (the latest release) calls it: ``sqrtm(A, disp=False)`` returning ``(root,
+    error estimate)``. SciPy 1.18 (Python >= 3.12) removed ``disp``; this gives clean-fid back the old signature
+    (the error estimate as SciPy's was: ``||root @ root - A||_F / ||A||_F``), so the distance stays clean-fid's own."""
+
+    @staticmethod
+    def sqrtm(a: np.ndarray, disp: bool = True):
+        root = scipy.linalg.sqrtm(a)
+        if disp:
+            return root
+        return root, np.linalg.norm(root @ root - a, "fro") / np.linalg.norm(a, "fro")
+
+
+SQRTM_TAKES_DISP = "disp" in inspect.signature(scipy.linalg.sqrtm).parameters  # SciPy < 1.18
+
+
 def frechet(stats1: tuple | Statistics, stats2: tuple | Statistics) -> float:
-    """Fréchet distance between two ``(mu, sigma[, n])`` via ``cleanfid.fid.frechet_distance``."""
+    """Fréchet distance between two ``(mu, sigma[, n])`` via ``cleanfid.fid.frechet_distance`` (on SciPy >= 1.18
+    through :class:`_ScipyLinalgWithDisp`)."""
     (mu1, s1), (mu2, s2) = stats1[:2], stats2[:2]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated.*")  # scipy, inside clean-fid
-        return float(_cleanfid_frechet_distance(mu1, s1, mu2, s2))
+        if SQRTM_TAKES_DISP:
+            return float(_cleanfid_frechet_distance(mu1, s1, mu2, s2))
+        with mock.patch.object(cleanfid.fid, "linalg", _ScipyLinalgWithDisp):
+            return float(_cleanfid_frechet_distance(mu1, s1, mu2, s2))
 
 
 def frechet_distance_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
