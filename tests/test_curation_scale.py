@@ -11,6 +11,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 from emu.curation.funnel import Funnel
 from emu.curation.neighbours import Cells, EarlierNeighbours, search_cell
@@ -63,6 +64,29 @@ def _cells_nearest_earlier(x: np.ndarray, cells: int, probe: int, index: str = "
         for i, d in zip(starts, search_cell(chunks, EarlierNeighbours("thumbnail", index)), strict=True):
             np.minimum.at(best, rows[i : i + 256], d)
     return best
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_near_duplicate_distances_are_exact_whatever_the_threads(index, threads):
+    """Thumbnail-like vectors (norm ~16) and copies 1e-3 away, 40 at a time (faiss's exact search switches to BLAS
+    from 20 queries): the expanded |x|^2 + |y|^2 - 2xy form in float32 got these small distances wrong by up to 100%
+    (0 for some), differently with the threads; from the differences they are exact, in and across batches."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 256)).astype(np.float32)
+    copies = (x + rng.normal(scale=1e-3, size=x.shape)).astype(np.float32)
+    exact = np.sqrt(((copies.astype(np.float64) - x) ** 2).mean(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        across = EarlierNeighbours("thumbnail", index)
+        across.add(x)
+        d_across = np.array(across.add(copies))
+        within = np.array(EarlierNeighbours("thumbnail", index).add(np.concatenate([x, copies])))[40:]
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(d_across, exact, rtol=1e-6)
+    np.testing.assert_allclose(within, exact, rtol=1e-6)
 
 
 def test_one_cell_is_the_single_pass_and_more_cells_find_the_planted_near_duplicates():

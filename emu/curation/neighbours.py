@@ -50,7 +50,9 @@ class EarlierNeighbours:
     ``index``: ``hnsw`` (faiss's approximate HNSW graph: about log N per query, the default), ``flat`` (faiss's exact
     search: N per query) for ``thumbnail`` features, measured as the RMS difference; ``phash`` features (uint64 hashes)
     are compared exactly by Hamming distance. faiss builds the graph on one thread, so that its result does not depend
-    on thread timing.
+    on thread timing. Distances are computed in float64 from the differences (faiss only picks the neighbour): the
+    expanded form (|x|^2 + |y|^2 - 2xy) that faiss's BLAS search and torch's cdist use in float32 loses most digits of
+    a near-duplicate's small distance, and its rounding depends on the threads.
     """
 
     def __init__(self, method: str = "thumbnail", index: str = "hnsw", hnsw_m: int = 16, ef_search: int = 64,
@@ -87,15 +89,22 @@ class EarlierNeighbours:
         dim = x.shape[1]
         if self.index is None:
             self.index = self._faiss(dim)
-        if self.index.ntotal:
-            d2, _ = self.index.search(x, 1)
-            d_seen = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0))).double() / dim**0.5
+        if self.index.ntotal:  # faiss finds the nearest; its distance is recomputed from the difference, as below
+            _, ids = self.index.search(x, 1)
+            found = ids[:, 0] >= 0
+            near = self.index.reconstruct_batch(np.where(found, ids[:, 0], 0))
+            d = np.sqrt(((x.astype(np.float64) - near.astype(np.float64)) ** 2).sum(1)) / dim**0.5
+            d_seen = torch.from_numpy(np.where(found, d, 1e9))
         else:
             d_seen = torch.full((len(x),), 1e9, dtype=torch.float64)
         insert = np.ones(len(x), dtype=bool) if insert is None else np.asarray(insert, dtype=bool)
-        t = torch.from_numpy(x)  # earlier in the same batch: exact (a batch is small)
+        # earlier in the same batch: exact (a batch is small), from the differences themselves: cdist's default matmul
+        # form (|x|^2 + |y|^2 - 2xy) cancels in float32 exactly where near-duplicates are, and its rounding moves with
+        # the BLAS threads (two ranks then scored the same pair ~3e-3 apart)
+        t = torch.from_numpy(x)
         later_or_not_kept = torch.ones(len(x), len(x), dtype=torch.bool).triu() | ~torch.from_numpy(insert)[None, :]
-        d_self = (torch.cdist(t, t).double() / dim**0.5).masked_fill(later_or_not_kept, 1e9)
+        d_self = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist").double() / dim**0.5
+        d_self = d_self.masked_fill(later_or_not_kept, 1e9)
         if insert.any():
             self.index.add(np.ascontiguousarray(x[insert]))
         return torch.minimum(d_seen, d_self.min(1).values).tolist()
