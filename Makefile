@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all lint format demo ablations bench gpu-check gpu-wheels gpu-rehearsal clean
+.PHONY: install test test-all lint format demo ablations bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
 
 install: $(STAMP)
 
@@ -78,6 +78,20 @@ gpu-wheels: install  ## wheels of what the GPU machine lacks -> .whl/
 FROM ?= $(VENV)
 gpu-rehearsal: install gpu-wheels  ## rehearse bench/gpu_remote.sh offline on the GPU machine's packages
 	$(PY) bench/gpu_rehearsal.py --from $(FROM) --out outputs/gpu_rehearsal
+
+# A venv with the GPU machine's versions (bench/gpu_machine/packages.txt: Python 3.12, torch 2.11, torchvision 0.26,
+# lightning 2.6.6, transformers 5.17, ...) and the rest of requirements*.txt: `make gpu-rehearsal FROM=.venv-gpu`
+# rehearses on those versions, `.venv-gpu/bin/python -m pytest` runs the suite on them (downloads ~3 GB: CUDA torch).
+GPU_STACK := .venv-gpu
+GPU_PYTHON ?= python3.12
+gpu-stack:  ## a venv of the GPU machine's versions -> .venv-gpu (GPU_PYTHON=a Python 3.12)
+	$(GPU_PYTHON) -m venv $(GPU_STACK)
+	grep -E '^[^#]+==' bench/gpu_machine/packages.txt | grep -v '^python==' > $(GPU_STACK)/constraints.txt
+	grep -vE '^(torch|torchvision)==' requirements.txt > $(GPU_STACK)/requirements.txt
+	$(GPU_STACK)/bin/pip install --quiet --upgrade pip
+	$(GPU_STACK)/bin/pip install --quiet -c $(GPU_STACK)/constraints.txt torch torchvision \
+		-r $(GPU_STACK)/requirements.txt -r requirements-dev.txt
+	$(GPU_STACK)/bin/pip install --quiet --no-deps -e .
 
 # Stage 1 of the demo on its corpus's shards, and on the latents + text embeddings the demo precomputes
 # (emu/diffusion/precompute.py, <demo>/latents): what bench/stage1_step.py times.

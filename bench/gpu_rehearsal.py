@@ -63,6 +63,11 @@ def read_machine(path: Path = PACKAGES) -> tuple[str | None, dict[str, str | Non
     return python, packages
 
 
+def python_version(python: Path) -> str:
+    return subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+
+
 def site_packages(venv: Path) -> Path:
     """The purelib folder of a venv, asked of its own Python."""
     r = subprocess.run([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -101,17 +106,20 @@ def link_plan(dists: dict[str, metadata.Distribution], wanted: set[str]) -> dict
     return plan
 
 
-def needed_by(dists: dict[str, metadata.Distribution], names: set[str]) -> set[str]:
+def needed_by(dists: dict[str, metadata.Distribution], names: set[str], python: str | None = None) -> set[str]:
     """The installed distributions that ``names`` need, directly or not (their requirements without extras, markers
-    evaluated for the running Python), less ``names`` themselves."""
+    evaluated for Python ``python``, e.g. ``"3.12.1"``, default the running one), less ``names`` themselves."""
     from packaging.requirements import Requirement
 
+    env = {"extra": ""}
+    if python:
+        env.update(python_full_version=python, python_version=".".join(python.split(".")[:2]))
     found, todo = set(names), list(names)
     while todo:
         for raw in dists[todo.pop()].requires or []:
             req = Requirement(raw)
             dep = canonical(req.name)
-            if (req.marker is None or req.marker.evaluate({"extra": ""})) and dep in dists and dep not in found:
+            if (req.marker is None or req.marker.evaluate(env)) and dep in dists and dep not in found:
                 found.add(dep)
                 todo.append(dep)
     return found - names
@@ -128,7 +136,7 @@ def build_env(source: Path, target: Path, wanted: set[str]) -> tuple[Path, dict[
     src_site, dst_site = site_packages(source), site_packages(target)
     dists = distributions(src_site)
     present = wanted & set(dists)
-    extra = needed_by(dists, present)
+    extra = needed_by(dists, present, python_version(target / "bin/python"))
     for parts in link_plan(dists, present | extra):
         src, dst = src_site.joinpath(*parts), dst_site.joinpath(*parts)
         if src.exists() or src.is_symlink():
@@ -191,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no wheels in {args.wheels}: run `make gpu-wheels` first")
     want_python, machine = read_machine()
     python, borrowed, needed = build_env(source, out / "venv", set(machine))
-    version = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    print(f"rehearsal venv {out / 'venv'}: Python {version} (the GPU machine: {want_python}), {len(borrowed)} of the "
-          f"machine's {len(machine)} packages borrowed from {source}")  # fmt: skip
+    print(f"rehearsal venv {out / 'venv'}: Python {python_version(python)} (the GPU machine: {want_python}), "
+          f"{len(borrowed)} of the machine's {len(machine)} packages borrowed from {source}")  # fmt: skip
     differ = [f"{n} {v} (there {machine[n]})" for n, v in borrowed.items() if machine[n] and machine[n] != v]
     if differ:
         print("versions here that differ from the GPU machine's: " + ", ".join(differ))
