@@ -30,8 +30,9 @@ from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
+from gpu_wheels import canonical, read_machine
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ROOT / "bench/gpu_machine/packages.txt"
 MAX_FILES, MAX_FOLDERS = 8, 2  # what the device tool brings back from $OUT
 NAME_OK = re.compile(r"[A-Za-z0-9._-]+")
 # brings loopback up inside the new network namespace (gloo's FSDP dry run talks to 127.0.0.1), then runs the command
@@ -42,25 +43,6 @@ flags = struct.unpack("16sh", fcntl.ioctl(s, 0x8913, struct.pack("16sh", b"lo", 
 fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
 os.execvp(sys.argv[1], sys.argv[1:])
 """
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def read_machine(path: Path = PACKAGES) -> tuple[str | None, dict[str, str | None]]:
-    """The GPU machine's Python version and ``{canonical package name: version or None}`` from packages.txt."""
-    python, packages = None, {}
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, _, version = line.partition("==")
-        if canonical(name) == "python":
-            python = version or None
-        else:
-            packages[canonical(name)] = version or None
-    return python, packages
 
 
 def python_version(python: Path) -> str:

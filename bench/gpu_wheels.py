@@ -121,10 +121,20 @@ def unmet(wheels: list[Path], there: set[str]) -> list[str]:
     return missing
 
 
-def machine_packages(path: Path = MACHINE) -> set[str]:
-    """The canonical names of bench/gpu_machine/packages.txt (``name`` or ``name==version`` lines)."""
-    lines = (raw.split("#", 1)[0].strip() for raw in path.read_text().splitlines())
-    return {canonical(line.partition("==")[0]) for line in lines if line}
+def read_machine(path: Path = MACHINE) -> tuple[str | None, dict[str, str | None]]:
+    """The GPU machine's Python version and ``{canonical package name: version or None}`` from packages.txt
+    (``name`` or ``name==version`` lines; ``python==X`` is the interpreter)."""
+    python, packages = None, {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, version = line.partition("==")
+        if canonical(name) == "python":
+            python = version or None
+        else:
+            packages[canonical(name)] = version or None
+    return python, packages
 
 
 def pip(*args: str) -> subprocess.CompletedProcess:
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{wheel.name:<{width}}  {wheel.stat().st_size / 2**10:8.1f} KiB  {how}")
     verdict = "ok" if total <= args.max_mib * 2**20 else f"OVER the {args.max_mib:g} MiB limit"
     print(f"{len(rows)} wheels in {dest}: {total / 2**20:.2f} MiB ({verdict}, limit {args.max_mib:g} MiB)")
-    missing = unmet([w for *_, w, _ in rows], machine_packages())
+    missing = unmet([w for *_, w, _ in rows], set(read_machine()[1]))
     for line in missing:
         print(f"unmet on the GPU machine: {line} (pin it in {args.pins}, or add it to {MACHINE.name} if it is there)")
     return 0 if total <= args.max_mib * 2**20 and not missing else 1

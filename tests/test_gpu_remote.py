@@ -29,7 +29,7 @@ def requirement_names(path: Path) -> list[str]:
 # ------------------------------------------------------------------------------------ what is carried
 def test_every_requirement_is_on_the_gpu_machine_carried_or_declared_not_needed():
     """A new requirement forces a decision: on the machine, pinned in wheels.txt, or named in NOT_CARRIED."""
-    machine = gpu_wheels.machine_packages()
+    machine = set(gpu_wheels.read_machine()[1])
     pins = gpu_wheels.read_pins(gpu_wheels.PINS)
     for name in requirement_names(ROOT / "requirements.txt") + requirement_names(ROOT / "requirements-dev.txt"):
         homes = [name in machine, name in pins, name in gpu_wheels.NOT_CARRIED]
@@ -42,7 +42,7 @@ def test_pins_are_what_requirements_allow_and_shadow_nothing_on_the_machine():
     pins = gpu_wheels.read_pins(gpu_wheels.PINS)
     assert {"hydra-core", "omegaconf", "antlr4-python3-runtime", "braceexpand", "clean-fid", "diffusers",
             "webdataset"} <= set(pins)  # fmt: skip
-    assert not set(pins) & gpu_wheels.machine_packages()  # --no-deps over the machine's own version would shadow it
+    assert not set(pins) & set(gpu_wheels.read_machine()[1])  # --no-deps over the machine's own version would shadow it
     assert pins["omegaconf"].startswith("2.3.")  # hydra-core 1.3 refuses omegaconf 2.4
     specs = {}
     for f in ("requirements.txt", "requirements-dev.txt"):
@@ -174,7 +174,7 @@ def test_out_problems_are_what_the_device_tool_would_not_bring_back(tmp_path):
 
 
 def test_machine_list_names_the_python_and_the_torch_stack():
-    python, machine = gpu_rehearsal.read_machine()
+    python, machine = gpu_wheels.read_machine()
     assert python == "3.12.3"
     assert {machine[n] for n in ("torch", "torchvision", "lightning", "transformers")} == {"2.11.0", "0.26.0", "2.6.6",
                                                                                           "5.17.0"}  # fmt: skip
