@@ -162,6 +162,8 @@ def test_diffusers_pipeline_makes_sample_py_images(sampler, tiny_stage1_checkpoi
         assert torch.equal(theirs(negative_prompt=""), theirs())  # an empty negative prompt is none
         interval = SamplingSettings(sampler=sampler, steps=4, guidance=3.0, guidance_interval=(0.5, 5.0))
         close(theirs(guidance_interval=(0.5, 5.0)), ours.sample(PROMPTS, SEEDS, interval))
+        rescaled = SamplingSettings(sampler=sampler, steps=4, guidance=3.0, guidance_rescale=0.7)  # on the eps, both
+        close(theirs(guidance_rescale=0.7), ours.sample(PROMPTS, SEEDS, rescaled))
         with pytest.raises(ValueError, match="positive multiples of 16"):
             theirs(height=40)
         # the autoencoder's encoder side (Fourier features, patch path) too

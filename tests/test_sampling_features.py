@@ -1,4 +1,5 @@
-"""Inference features: negative prompts, non-square sizes, a guidance interval, and sample.py's guidance grid."""
+"""Inference features: negative prompts, non-square sizes, a guidance interval, guidance rescale, and sample.py's
+guidance grid."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from emu.diffusion.denoiser import preconditioning
 from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.sampling import CFGDenoiser
@@ -88,6 +90,42 @@ def test_guidance_interval_guides_only_inside_it():
         CFGDenoiser(fake, interval=(5.0, 1.0))
     with pytest.raises(ConfigError, match=r"sampling\.guidance_interval"):
         SamplingSettings.from_config({"guidance_interval": [3, 1]})
+
+
+class _Preconditioned:
+    """A denoiser ``D = c_skip x + c_out F`` whose network output ``F`` is its conditioning value."""
+
+    sigma_data = 1.0
+
+    def __init__(self, parameterization: str | None):
+        self.parameterization = parameterization
+
+    def __call__(self, x, sigma, value):
+        c_skip, c_out, _ = (c.view(-1, 1, 1, 1) for c in preconditioning(self.parameterization or "eps", sigma, 1.0))
+        return c_skip * x + c_out * value
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", None])
+def test_guidance_rescale_acts_where_diffusers_applies_it(kind):
+    """On the network's output (eps or v), through diffusers' own ``rescale_noise_cfg``, so that ``sample.py`` and a
+    diffusers export of the same model agree; a denoiser that does not say its parameterization: on x0."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(0)
+    x, f_cond, f_uncond = (torch.randn(2, 4, 8, 8, generator=g) * s for s in (3.0, 1.0, 0.4))
+    sigma, scale, rescale = torch.tensor([3.0, 0.7]), 5.0, 0.7
+    denoiser = _Preconditioned(kind)
+    got = CFGDenoiser(denoiser, scale, rescale)(x, sigma, {"value": f_cond}, {"value": f_uncond})
+    c_skip, c_out, _ = (c.view(-1, 1, 1, 1) for c in preconditioning(kind or "eps", sigma, 1.0))
+    if kind is None:  # a plain k-diffusion denoiser: x0 is all there is
+        d_cond, d_uncond = (c_skip * x + c_out * f for f in (f_cond, f_uncond))
+        expected = rescale_noise_cfg(d_uncond + scale * (d_cond - d_uncond), d_cond, guidance_rescale=rescale)
+    else:
+        f = rescale_noise_cfg(f_uncond + scale * (f_cond - f_uncond), f_cond, guidance_rescale=rescale)
+        expected = c_skip * x + c_out * f
+        on_x0 = CFGDenoiser(lambda x, sigma, value: denoiser(x, sigma, value), scale, rescale)  # hides the kind
+        assert (on_x0(x, sigma, {"value": f_cond}, {"value": f_uncond}) - expected).abs().max() > 0.1  # not the same
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_guidance_interval_on_the_model(module):

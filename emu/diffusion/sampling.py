@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
+from emu.diffusion.denoiser import preconditioning
 from emu.diffusion.noise import DiscreteSchedule
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "ddim")
@@ -155,7 +156,11 @@ class CFGDenoiser(nn.Module):
 
     ``cond`` / ``uncond`` are the keyword arguments of the denoiser for the prompts and for the empty prompt
     (tensors batched like ``x``). ``rescale`` (Lin et al. 2023, "guidance rescale") pulls the guided prediction's
-    per-sample std back to the conditional one's, mixed by that fraction; it is applied to the denoised x0.
+    per-sample std back to the conditional one's, mixed by that fraction. Like diffusers' ``rescale_noise_cfg``, it
+    acts on the network's own output (eps, v), so ``sample.py`` and a diffusers export agree: for a denoiser with a
+    ``parameterization`` and ``sigma_data`` (:class:`~emu.diffusion.denoiser.Denoiser`), ``D = c_skip x + c_out F``
+    is inverted to ``F`` per :func:`~emu.diffusion.denoiser.preconditioning`; any other k-diffusion denoiser is
+    rescaled on its denoised x0.
     ``interval = (lo, hi)`` guides only at noise levels ``lo < sigma <= hi`` (Kynkäänniemi et al. 2024, "guidance in
     a limited interval") and returns the conditional prediction elsewhere. ``scale == 1`` and steps outside the
     interval skip the unconditional call.
@@ -186,10 +191,24 @@ class CFGDenoiser(nn.Module):
         out_uncond, out_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
         out = out_uncond + self.scale * (out_cond - out_uncond)
         if self.rescale:
-            dims = list(range(1, x.ndim))
-            rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
-            out = self.rescale * rescaled + (1 - self.rescale) * out
+            out = self._rescaled(x, sigma, out, out_cond)
         return torch.where(guided.view(-1, *([1] * (x.ndim - 1))), out, out_cond)
+
+    def _rescaled(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, out_cond: torch.Tensor):
+        """Guidance rescale of the guided x0 ``out``, in the network's output space where the denoiser says what it
+        is (guidance is linear, so the guided network output is ``(out - c_skip x) / c_out``)."""
+        kind = getattr(self.denoiser, "parameterization", None)
+        if kind is not None:
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            c_skip, c_out, _ = (c.view(shape) for c in preconditioning(kind, sigma.float(), self.denoiser.sigma_data))
+            to_net = lambda d: (d.float() - c_skip * x.float()) / c_out
+            out_net, cond_net = to_net(out), to_net(out_cond)
+        else:
+            out_net, cond_net = out, out_cond
+        dims = list(range(1, x.ndim))
+        rescaled = out_net * (cond_net.std(dim=dims, keepdim=True) / out_net.std(dim=dims, keepdim=True))
+        out_net = self.rescale * rescaled + (1 - self.rescale) * out_net
+        return out_net if kind is None else (c_skip * x.float() + c_out * out_net).to(out.dtype)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
