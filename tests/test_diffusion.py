@@ -34,6 +34,36 @@ def test_scaled_linear_matches_diffusers_and_zero_snr():
     assert zsnr[-1] < 1e-7 and ref_z[-1] < 1e-7  # terminal SNR ~ 0 (clamped finite for k-diffusion samplers)
 
 
+def test_a_zero_terminal_snr_model_samples_on_trailing_timesteps_here_and_in_its_diffusers_export():
+    """Karras spacing from a zero-SNR model's clamped sigma_max (~4519) spent 17 of 25 steps above 14.6 (an ordinary
+    schedule's sigma_max): the default spacing (``auto``) takes its trailing timesteps instead, 3 of 25 up there, and
+    so does the exported diffusers scheduler; an ordinary model keeps Karras."""
+    from types import SimpleNamespace
+
+    from emu.diffusion.pipeline import sampling_sigmas
+
+    zero, plain = (DiscreteSchedule(scaled_linear_alphas_cumprod(1000, zero_terminal_snr=z)) for z in (True, False))
+    assert zero.zero_terminal_snr and not plain.zero_terminal_snr
+    model = lambda s, kind: SimpleNamespace(noise_schedule=s, parameterization=kind, sigma_min=s.sigma_min,
+                                            sigma_max=s.sigma_max)  # fmt: skip
+    assert SamplingSettings().sigmas == "auto"
+    sigmas = sampling_sigmas(model(zero, "v"), 25)
+    torch.testing.assert_close(sigmas, get_sigmas_discrete(zero, 25))
+    karras = get_sigmas_karras(25, zero.sigma_min, zero.sigma_max)
+    assert int((sigmas[:-1] > 14.6).sum()) == 3 and int((karras > 14.6).sum()) == 17
+    ordinary = get_sigmas_karras(25, plain.sigma_min, plain.sigma_max)
+    torch.testing.assert_close(sampling_sigmas(model(plain, "eps"), 25), ordinary)
+    pytest.importorskip("diffusers")
+    from emu.export.diffusers import make_scheduler
+
+    hp = SimpleNamespace(noise_schedule={"zero_terminal_snr": True}, parameterization="v")
+    scheduler = make_scheduler(SimpleNamespace(hparams=hp), "euler")
+    scheduler.set_timesteps(25)
+    torch.testing.assert_close(scheduler.timesteps.float(), zero.sigma_to_t(sigmas[:-1]), atol=1e-3, rtol=0)
+    # diffusers clamps the terminal alpha_cumprod to 2^-24 (sigma 4096), emu to 4.9e-8 (4519): the rest agree
+    torch.testing.assert_close(scheduler.sigmas[1:].float(), sigmas[1:], rtol=1e-4, atol=1e-5)
+
+
 def test_sigma_t_round_trip():
     s = DiscreteSchedule(scaled_linear_alphas_cumprod(1000))
     t = torch.tensor([0.0, 1.5, 420.25, 999.0])
@@ -153,7 +183,7 @@ def test_sampling_settings_are_checked_once_with_their_key_and_match_their_confi
     for node, message in [
         ({"steps": 0}, "model.val_sampling.steps: must be in 1..1000, got 0"),
         ({"sampler": "plms"}, "model.val_sampling.sampler: must be one of"),
-        ({"sigmas": "linear"}, "model.val_sampling.sigmas: must be one of ['karras', 'discrete']"),
+        ({"sigmas": "linear"}, "model.val_sampling.sigmas: must be one of ['auto', 'karras', 'discrete']"),
         ({"guidance_rescale": 2}, "model.val_sampling.guidance_rescale: must be in [0, 1]"),
         ({"resolution": 0}, "model.val_sampling.resolution: must be positive"),
         ({"ema": "yes"}, "model.val_sampling.ema: must be true or false"),

@@ -13,6 +13,7 @@ import torch
 # alphas_cumprod of the final step after zero-terminal-SNR rescaling is 0 (sigma = inf); k-diffusion samplers need a
 # finite sigma_max, so it is clamped here (sigma_max ~ 4500: the image is gone to float precision).
 MIN_ALPHA_CUMPROD = 4.8973451890853435e-08
+ZERO_SNR_SIGMA_MAX = ((1 - MIN_ALPHA_CUMPROD) / MIN_ALPHA_CUMPROD) ** 0.5
 
 
 def scaled_linear_alphas_cumprod(
@@ -51,6 +52,11 @@ class DiscreteSchedule(torch.nn.Module):
     @property
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the last timestep is pure noise (SNR 0, its sigma clamped to :data:`ZERO_SNR_SIGMA_MAX`)."""
+        return self.sigma_max >= 0.999 * ZERO_SNR_SIGMA_MAX
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep by linear interpolation in log sigma."""

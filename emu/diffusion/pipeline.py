@@ -21,7 +21,7 @@ from emu.errors import ConfigError
 from emu.text.conditioner import Conditioning
 from emu.utils.resolution import check_resolution
 
-SIGMA_SCHEDULES = ("karras", "discrete")
+SIGMA_SCHEDULES = ("auto", "karras", "discrete")
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class SamplingSettings:
         sampler: a k-diffusion-style sampler of :mod:`emu.diffusion.sampling` (``euler``, ``heun``, ``dpmpp_2m``,
             ``ddim``).
         steps: sampler steps.
-        sigmas: the sigma spacing: ``karras`` (Karras et al., rho 7) or ``discrete`` (the model's own timesteps,
-            trailing; eps / v models only).
+        sigmas: the sigma spacing: ``karras`` (Karras et al., rho 7), ``discrete`` (the model's own timesteps,
+            trailing; eps / v models only) or ``auto`` (``discrete`` for zero-terminal-SNR models, else ``karras``).
         guidance: the classifier-free guidance scale (1: none).
         guidance_rescale: rescale of the guided prediction's std (Lin et al. 2023), 0 to 1.
         guidance_interval: ``[sigma_lo, sigma_hi]``: guide only at noise levels in ``(sigma_lo, sigma_hi]`` and use the
@@ -50,7 +50,7 @@ class SamplingSettings:
 
     sampler: str = "dpmpp_2m"
     steps: int = 25
-    sigmas: str = "karras"
+    sigmas: str = "auto"
     guidance: float = 5.0
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
@@ -127,10 +127,17 @@ class SamplingSettings:
         return asdict(self)
 
 
-def sampling_sigmas(denoiser, steps: int, sigmas: str = "karras") -> torch.Tensor:
-    """The noise levels a sampler steps through: ``karras`` spacing or the model's own ``discrete`` timesteps."""
+def sampling_sigmas(denoiser, steps: int, sigmas: str = "auto") -> torch.Tensor:
+    """The noise levels a sampler steps through: ``karras`` spacing or the model's own ``discrete`` timesteps
+    (trailing); ``auto``: ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR model's last sigma is
+    ~4519 (clamped infinity): Karras spacing from there spends 17 of 25 steps above 14.6 (an ordinary schedule's
+    sigma_max), trailing timesteps 3 (Lin et al. 2023 sample such models on trailing timesteps)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if sigmas == "auto":
+        schedule = denoiser.noise_schedule
+        zero_snr = schedule is not None and denoiser.parameterization != "edm" and schedule.zero_terminal_snr
+        sigmas = "discrete" if zero_snr else "karras"
     if sigmas == "karras":
         return get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
     if sigmas == "discrete":
@@ -159,7 +166,7 @@ def generate(
     guidance: float = 5.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
-    sigmas: str = "karras",
+    sigmas: str = "auto",
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
