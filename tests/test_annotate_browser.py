@@ -73,10 +73,17 @@ def _shots(tmp_path) -> Path:
 
 
 def _wait(predicate, timeout=10.0):
+    """Poll ``predicate`` until it holds. An element found on a page that is being replaced (the name form posts and
+    the page reloads) goes stale between finding it and reading it: that is "not yet", and is asked again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     end = time.time() + timeout
     while time.time() < end:
-        if predicate():
-            return True
+        try:
+            if predicate():
+                return True
+        except (StaleElementReferenceException, NoSuchElementException):
+            pass
         time.sleep(0.05)
     raise AssertionError("timed out")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from emu.autoencoder.losses import AutoencoderLoss
@@ -23,7 +24,7 @@ from emu.training.numerics import NumericalGuard
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
-from emu.utils.schedules import warmup_constant
+from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant
 
 KIND = "autoencoder"
 
@@ -54,6 +55,8 @@ class AutoencoderModule(L.LightningModule):
     Args:
         autoencoder, loss: the network and its losses (built by Hydra from the model config).
         lr, betas, weight_decay, warmup_steps: AdamW of the autoencoder (linear warm-up, then constant).
+        lr_scaling: how ``lr`` (and ``disc_lr``) scale with the global batch (:func:`~emu.utils.schedules.scaled_lr`):
+            ``none`` (as given), ``linear`` (``lr`` is per image: the LDM recipe's 4.5e-6 x GPUs x batch) or ``sqrt``.
         disc_lr: learning rate of the discriminator (default: ``lr``).
         grad_clip: gradient-norm clip for both optimizers (0: off).
         init_from: an autoencoder checkpoint or export folder to initialise the weights from.
@@ -71,6 +74,7 @@ class AutoencoderModule(L.LightningModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_scaling: str = "none",
         disc_lr: float | None = None,
         grad_clip: float = 0.0,
         init_from: str | None = None,
@@ -79,6 +83,8 @@ class AutoencoderModule(L.LightningModule):
         export_on_fit_end: bool = True,
     ):
         super().__init__()
+        if lr_scaling not in LR_SCALINGS:
+            raise ConfigError("model.lr_scaling", f"must be one of {list(LR_SCALINGS)}, got {lr_scaling!r}")
         betas = tuple(float(b) for b in betas)  # plain values in checkpoints (resume loads them weights_only)
         self.save_hyperparameters(ignore=["autoencoder", "loss"])
         self.automatic_optimization = False
@@ -114,12 +120,30 @@ class AutoencoderModule(L.LightningModule):
     def resolution_multiple(self) -> int:
         return self.autoencoder.downsample_factor
 
+    def global_batch(self) -> int:
+        """Images per optimizer step: the per-rank batch x ranks (manual optimization: no gradient accumulation)."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None or not hasattr(dm, "batch_size"):
+            raise ConfigError("model.lr_scaling", "scales the learning rate by the batch, which needs a DataModule "
+                              "with a batch_size: use lr_scaling=none to give the rate itself")  # fmt: skip
+        return int(dm.batch_size) * self.trainer.world_size
+
+    def learning_rates(self) -> tuple[float, float]:
+        """(autoencoder, discriminator) learning rates after ``lr_scaling``."""
+        h = self.hparams
+        batch = self.global_batch() if h.lr_scaling != "none" else 1
+        return scaled_lr(h.lr, h.lr_scaling, batch), scaled_lr(h.disc_lr or h.lr, h.lr_scaling, batch)
+
     def configure_optimizers(self):
         h = self.hparams
+        lr, disc_lr = self.learning_rates()
+        if h.lr_scaling != "none":
+            rank_zero_info(f"autoencoder learning rate {h.lr:g} scaled ({h.lr_scaling}) to {self.global_batch()} "
+                           f"images per step: {lr:.3g}; discriminator {disc_lr:.3g}")  # fmt: skip
         opt_ae = torch.optim.AdamW(
-            self.autoencoder.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay
+            self.autoencoder.parameters(), lr=lr, betas=tuple(h.betas), weight_decay=h.weight_decay
         )
-        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas))
+        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=disc_lr, betas=tuple(h.betas))
         warmup = max(1, h.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, partial(warmup_constant, warmup=warmup))
         return [opt_ae, opt_d], [{"scheduler": sched, "interval": "step"}]
