@@ -231,3 +231,34 @@ def test_prompt_files(tmp_path):
         read_prompts(tmp_path / "bad.tsv")
     with pytest.raises(ConfigError, match="is not a file"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_partiprompts_ship_with_emu_and_parti_n_spreads_over_the_categories(tmp_path):
+    """The paper-scale configs log a grid of ``parti:32`` at every validation (they logged none: ``val_prompts``
+    was null); the TSV and its Apache-2.0 licence are in the package, identical to ../shared/data's."""
+    import csv
+
+    from hydra import compose, initialize_config_dir
+
+    from emu.diffusion.prompts import PARTI_TSV, parti_prompts, read_prompts
+
+    assert "Apache License" in (PARTI_TSV.parent / "LICENSE").read_text()
+    with PARTI_TSV.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(read_prompts("parti")) == len(rows) == 1632
+    category = {r["Prompt"].strip(): r["Category"] for r in rows}
+    val = read_prompts("parti:32", "model.val_prompts")
+    assert len(set(val)) == 32 and val == parti_prompts("parti:32")  # fixed
+    counts = {c: sum(category[p] == c for p in val) for c in set(category.values())}
+    assert len(counts) == 12 and set(counts.values()) == {2, 3}  # every category, 32 = 8 x 3 + 4 x 2
+    assert sum(len(p.split()) > 3 for p in val) >= 16  # spread through each category, not its one-word head
+    small = tmp_path / "small.tsv"
+    small.write_text("Prompt\tCategory\na\tX\nb\tY\nc\tY\nd\tY\n")
+    assert parti_prompts("parti:4", path=small) == ["a", "b", "d", "c"]  # X has 1 of its 2, Y 2 spread; then the rest
+    for spec in ("parti:0", "parti:x", "parti:5000"):
+        with pytest.raises(ConfigError, match=r"model\.val_prompts: 'parti:"):
+            read_prompts(spec, "model.val_prompts")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for experiment in ("stage1_pretrain", "stage1_pretrain_512", "stage1_pretrain_1024", "stage2_quality_tune"):
+            assert compose("train", overrides=[f"experiment={experiment}"]).model.val_prompts == "parti:32"
+        assert compose("train", overrides=["experiment=mini/stage1_pretrain"]).model.val_prompts[0].startswith("a ")
