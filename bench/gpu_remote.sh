@@ -46,7 +46,7 @@ echo "cpus: $(nproc); memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 2^20}' 
 
 section "disks"
 # Candidates for the run's outputs (the 2.8B stage-1 checkpoint needs ~34-46 GB): the one with the most room wins.
-candidates=("${TMPDIR:-/tmp}" /tmp /var/tmp /dev/shm "$ROOT/outputs" "$HOME" /scratch /mnt /data /workspace)
+candidates=("${TMPDIR:-/tmp}" /tmp /var/tmp /dev/shm "$ROOT/outputs" "${HOME:-/root}" /scratch /mnt /data /workspace)
 mkdir -p "$ROOT/outputs" 2>/dev/null
 df -h "${candidates[@]}" 2>/dev/null | awk 'NR == 1 || !seen[$0]++'
 best="" best_kb=-1
