@@ -262,3 +262,41 @@ def test_partiprompts_ship_with_emu_and_parti_n_spreads_over_the_categories(tmp_
         for experiment in ("stage1_pretrain", "stage1_pretrain_512", "stage1_pretrain_1024", "stage2_quality_tune"):
             assert compose("train", overrides=[f"experiment={experiment}"]).model.val_prompts == "parti:32"
         assert compose("train", overrides=["experiment=mini/stage1_pretrain"]).model.val_prompts[0].startswith("a ")
+
+
+def test_paper_optimizer_decays_weights_only_and_scales_its_rate_with_the_batch(tiny_autoencoder, tiny_clip, tiny_t5):
+    """Issue 38 row 8: the 512 / 1024 stages kept 1e-4 while the global batch fell 16x (2048 -> 128), had no cooldown,
+    and decayed norms, biases and embeddings. Now: weight decay on weight matrices and kernels only; the rate given
+    at a reference batch and scaled (sqrt) to the run's; each stage ends on a linear cooldown to 0."""
+    from hydra import compose, initialize_config_dir
+
+    from emu.training.optim import weight_decay_groups
+    from emu.utils.schedules import scaled_lr, warmup_constant_cooldown
+
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, weight_decay=0.01)
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    trained = [p for m in module.trained_modules().values() for p in m.parameters()]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trained) and len(no_decay["params"]) > 0
+    table = torch.nn.Embedding(10, 4)
+    (only,) = weight_decay_groups([torch.nn.Sequential(torch.nn.Linear(4, 4), table)], 0.0)  # no decay: one group
+    assert len(only["params"]) == 3
+    groups = weight_decay_groups([torch.nn.Sequential(torch.nn.Linear(4, 4), table)], 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 2]  # the Linear's weight; its bias and the embedding table
+
+    assert [round(warmup_constant_cooldown(s, 2, 10, 4), 2) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75,
+                                                                                  0.5, 0.25]  # fmt: skip
+    with pytest.raises(ConfigError, match="cooldown_steps"):
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, cooldown_steps=10, lr_schedule="cosine")
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, lr_scaling="quadratic")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        stages = {e: compose("train", overrides=[f"experiment={e}"]) for e in
+                  ("stage1_pretrain", "stage1_pretrain_512", "stage1_pretrain_1024")}  # fmt: skip
+    per_gpu = {e: c.data.batch_size for e, c in stages.items()}
+    assert per_gpu == {"stage1_pretrain": 64, "stage1_pretrain_512": 16, "stage1_pretrain_1024": 4}
+    rates = [scaled_lr(c.model.lr, c.model.lr_scaling, 32 * c.data.batch_size, c.model.lr_reference_batch)
+             for c in stages.values()]  # fmt: skip
+    assert rates == pytest.approx([1e-4, 5e-5, 2.5e-5])  # 32 GPUs, as the configs' comments say
+    assert all(c.model.cooldown_steps > 0 and c.model.weight_decay > 0 for c in stages.values())

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
@@ -39,10 +40,11 @@ from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
 from emu.training.distributed import FSDPStrategy, shard_modules
+from emu.training.optim import weight_decay_groups
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
-from emu.utils.schedules import warmup_constant, warmup_cosine
+from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
 
 KIND = "diffusion"
 FROZEN_PREFIXES = ("autoencoder.", "conditioner.encoders.")
@@ -75,7 +77,13 @@ class DiffusionModule(L.LightningModule):
         latent_scaling: ``channel`` (unit std per latent channel, EDM2) or ``global`` (one scale for all channels,
             as SD's scale factor: a channel keeps its share of the energy, so the diffusion loss and the noise weigh
             the autoencoder's coarse channels above its fine ones).
-        lr, betas, weight_decay, warmup_steps, lr_schedule: AdamW; ``constant`` or ``cosine`` after warm-up.
+        lr, betas, weight_decay, warmup_steps, lr_schedule: AdamW; ``constant`` or ``cosine`` after warm-up; weight
+            decay on weight matrices and kernels only, not on biases, norms and embeddings
+            (:func:`~emu.training.optim.weight_decay_groups`).
+        lr_scaling, lr_reference_batch: ``lr`` is the rate at ``lr_reference_batch`` images per step, scaled to the
+            run's global batch by ``none`` / ``linear`` / ``sqrt`` (:func:`~emu.utils.schedules.scaled_lr`): the
+            progressive-resolution stages shrink the batch 16x and their rate with it.
+        cooldown_steps: with ``lr_schedule=constant``, a linear cooldown to 0 over the run's last steps.
         ema_half_life_images, ema_ramp: the EMA (see :mod:`emu.diffusion.ema`); 0 disables it.
         val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
         val_sampling: how they are sampled: :class:`~emu.diffusion.pipeline.SamplingSettings` fields (the
@@ -109,6 +117,9 @@ class DiffusionModule(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 1000,
         lr_schedule: str = "constant",
+        lr_scaling: str = "none",
+        lr_reference_batch: int = 1,
+        cooldown_steps: int = 0,
         ema_half_life_images: float = 500_000,
         ema_ramp: float | None = 0.05,
         val_prompts: list[str] | str | None = None,
@@ -126,6 +137,12 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if lr_scaling not in LR_SCALINGS or lr_reference_batch < 1:
+            raise ConfigError("model.lr_scaling", f"must be one of {list(LR_SCALINGS)} with lr_reference_batch >= 1, "
+                              f"got {lr_scaling!r} and {lr_reference_batch}")  # fmt: skip
+        if cooldown_steps < 0 or (cooldown_steps and lr_schedule != "constant"):
+            raise ConfigError("model.cooldown_steps", f"must be >= 0, and only with lr_schedule=constant (cosine "
+                              f"decays already), got {cooldown_steps} with {lr_schedule}")  # fmt: skip
         if latent_scaling not in LATENT_SCALINGS:
             raise ConfigError("model.latent_scaling", f"must be one of {LATENT_SCALINGS}, got {latent_scaling!r}")
         if noise_schedule.get("zero_terminal_snr") and parameterization == "eps":
@@ -330,14 +347,33 @@ class DiffusionModule(L.LightningModule):
             beta = self.ema.update(self.trained_modules(), self._images_per_step)
             self.log("train/ema_beta", beta, batch_size=1)
 
-    def configure_optimizers(self):
-        params = [p for m in self.trained_modules().values() for p in m.parameters()]
+    def learning_rate(self) -> float:
+        """``lr`` scaled from ``lr_reference_batch`` to the run's global batch (per-rank batch x ranks x
+        accumulation), as ``lr_scaling`` says."""
         hp = self.hparams
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                                fused=self.device.type == "cuda")  # fmt: skip
+        if hp.lr_scaling == "none":
+            return hp.lr
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None or not hasattr(dm, "batch_size"):
+            raise ConfigError("model.lr_scaling", "scales the rate by the batch, which needs a DataModule with a "
+                              "batch_size: use lr_scaling=none to give the rate itself")  # fmt: skip
+        batch = int(dm.batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        lr = scaled_lr(hp.lr, hp.lr_scaling, batch, hp.lr_reference_batch)
+        rank_zero_info(f"learning rate {hp.lr:g} at {hp.lr_reference_batch} images per step, scaled ({hp.lr_scaling}) "
+                       f"to {batch}: {lr:.3g}")  # fmt: skip
+        return lr
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = weight_decay_groups(self.trained_modules().values(), hp.weight_decay)
+        opt = torch.optim.AdamW(
+            groups, lr=self.learning_rate(), betas=tuple(hp.betas), fused=self.device.type == "cuda"
+        )
+        total = lambda: max(1, self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
         if hp.lr_schedule == "cosine":
-            total = max(1, self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-            fn = partial(warmup_cosine, warmup=hp.warmup_steps, total=total)
+            fn = partial(warmup_cosine, warmup=hp.warmup_steps, total=total())
+        elif hp.cooldown_steps:
+            fn = partial(warmup_constant_cooldown, warmup=hp.warmup_steps, total=total(), cooldown=hp.cooldown_steps)
         else:
             fn = partial(warmup_constant, warmup=hp.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
