@@ -172,24 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     pins, dest = read_pins(Path(args.pins)), Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    rows = []
+    wheels = {}  # wheel -> how it came
     for name, version in pins.items():
         wheel = find_wheel(dest, name, version)
-        how = "already here"
         if wheel is None:
             wheel, how = fetch(name, version, dest)
-        rows.append((name, version, wheel, how))
-    keep = {w for *_, w, _ in rows}
-    for stale in sorted(set(dest.iterdir()) - keep):
+            wheels[wheel] = how
+        else:
+            wheels[wheel] = "already here"
+    for stale in sorted(set(dest.iterdir()) - set(wheels)):
         print(f"removed {stale.name} (not pinned in {args.pins})")
         stale.unlink()
-    total = sum(w.stat().st_size for *_, w, _ in rows)
-    width = max(len(w.name) for *_, w, _ in rows)
-    for *_, wheel, how in rows:
+    total = sum(w.stat().st_size for w in wheels)
+    width = max(len(w.name) for w in wheels)
+    for wheel, how in wheels.items():
         print(f"{wheel.name:<{width}}  {wheel.stat().st_size / 2**10:8.1f} KiB  {how}")
     verdict = "ok" if total <= args.max_mib * 2**20 else f"OVER the {args.max_mib:g} MiB limit"
-    print(f"{len(rows)} wheels in {dest}: {total / 2**20:.2f} MiB ({verdict}, limit {args.max_mib:g} MiB)")
-    missing = unmet([w for *_, w, _ in rows], set(read_machine()[1]))
+    print(f"{len(wheels)} wheels in {dest}: {total / 2**20:.2f} MiB ({verdict}, limit {args.max_mib:g} MiB)")
+    missing = unmet(list(wheels), set(read_machine()[1]))
     for line in missing:
         print(f"unmet on the GPU machine: {line} (pin it in {args.pins}, or add it to {MACHINE.name} if it is there)")
     return 0 if total <= args.max_mib * 2**20 and not missing else 1
