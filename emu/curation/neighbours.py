@@ -50,9 +50,10 @@ class EarlierNeighbours:
     ``index``: ``hnsw`` (faiss's approximate HNSW graph: about log N per query, the default), ``flat`` (faiss's exact
     search: N per query) for ``thumbnail`` features, measured as the RMS difference; ``phash`` features (uint64 hashes)
     are compared exactly by Hamming distance. faiss builds the graph on one thread, so that its result does not depend
-    on thread timing. Distances are computed in float64 from the differences (faiss only picks the neighbour): the
-    expanded form (|x|^2 + |y|^2 - 2xy) that faiss's BLAS search and torch's cdist use in float32 loses most digits of
-    a near-duplicate's small distance, and its rounding depends on the threads.
+    on thread timing. Distances are computed from the differences (faiss only picks the neighbour; its distance is
+    recomputed in float64, those within a batch by cdist without its matmul form): the expanded form
+    (|x|^2 + |y|^2 - 2xy) that faiss's BLAS search and torch's cdist use in float32 loses most digits of a
+    near-duplicate's small distance, and its rounding depends on the threads.
     """
 
     def __init__(self, method: str = "thumbnail", index: str = "hnsw", hnsw_m: int = 16, ef_search: int = 64,
@@ -100,7 +101,7 @@ class EarlierNeighbours:
         insert = np.ones(len(x), dtype=bool) if insert is None else np.asarray(insert, dtype=bool)
         # earlier in the same batch: exact (a batch is small), from the differences themselves: cdist's default matmul
         # form (|x|^2 + |y|^2 - 2xy) cancels in float32 exactly where near-duplicates are, and its rounding moves with
-        # the BLAS threads (two ranks then scored the same pair ~3e-3 apart)
+        # the BLAS threads (two ranks then scored the same pair 3e-3 apart, relative)
         t = torch.from_numpy(x)
         later_or_not_kept = torch.ones(len(x), len(x), dtype=torch.bool).triu() | ~torch.from_numpy(insert)[None, :]
         d_self = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist").double() / dim**0.5
