@@ -21,6 +21,7 @@ from emu.autoencoder.model import AutoencoderKL, patch_second_moment
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy
 from emu.training.numerics import NumericalGuard
+from emu.training.optim import images_per_step
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
@@ -122,11 +123,11 @@ class AutoencoderModule(L.LightningModule):
 
     def global_batch(self) -> int:
         """Images per optimizer step: the per-rank batch x ranks (manual optimization: no gradient accumulation)."""
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is None or not hasattr(dm, "batch_size"):
+        batch = images_per_step(self.trainer) if self.trainer is not None else None
+        if batch is None:
             raise ConfigError("model.lr_scaling", "scales the learning rate by the batch, which needs a DataModule "
                               "with a batch_size: use lr_scaling=none to give the rate itself")  # fmt: skip
-        return int(dm.batch_size) * self.trainer.world_size
+        return batch
 
     def learning_rates(self) -> tuple[float, float]:
         """(autoencoder, discriminator) learning rates after ``lr_scaling``."""

@@ -40,7 +40,7 @@ from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
 from emu.training.distributed import FSDPStrategy, shard_modules
-from emu.training.optim import weight_decay_groups
+from emu.training.optim import images_per_step, weight_decay_groups
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
@@ -335,7 +335,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         bs = len(batch["caption"])
-        self._images_per_step = bs * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self._images_per_step = images_per_step(self.trainer, bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
@@ -353,11 +353,10 @@ class DiffusionModule(L.LightningModule):
         hp = self.hparams
         if hp.lr_scaling == "none":
             return hp.lr
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        if dm is None or not hasattr(dm, "batch_size"):
+        batch = images_per_step(self.trainer) if self.trainer is not None else None
+        if batch is None:
             raise ConfigError("model.lr_scaling", "scales the rate by the batch, which needs a DataModule with a "
                               "batch_size: use lr_scaling=none to give the rate itself")  # fmt: skip
-        batch = int(dm.batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
         lr = scaled_lr(hp.lr, hp.lr_scaling, batch, hp.lr_reference_batch)
         rank_zero_info(f"learning rate {hp.lr:g} at {hp.lr_reference_batch} images per step, scaled ({hp.lr_scaling}) "
                        f"to {batch}: {lr:.3g}")  # fmt: skip

@@ -27,6 +27,7 @@ import torch
 
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
+from emu.training.optim import images_per_step
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, log_image
 from emu.utils.steps import log_step
@@ -126,7 +127,7 @@ class CheckpointSelection(L.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         row = {
             "step": step,
-            "images_seen": step * _batch_size(trainer),
+            "images_seen": step * (images_per_step(trainer) or 0),
             "appeal": float(np.nanmean(scores["appeal"].numpy())),
             "faithfulness": float(np.nanmean(scores["faithfulness"].numpy())),
             "train_loss": float(loss) if loss is not None else None,
@@ -186,8 +187,3 @@ class CheckpointSelection(L.Callback):
             tmp.unlink(missing_ok=True)
             os.symlink(Path(best["ckpt"]).name, tmp)
             os.replace(tmp, link)
-
-
-def _batch_size(trainer: L.Trainer) -> int:
-    dm = getattr(trainer, "datamodule", None)
-    return int(getattr(dm, "batch_size", 0) or 0) * trainer.world_size * trainer.accumulate_grad_batches

@@ -1,10 +1,20 @@
-"""Optimizer parameter groups."""
+"""What the optimizer sees: its parameter groups, and how many images make one of its steps."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from torch import nn
+
+
+def images_per_step(trainer, batch_size: int | None = None) -> int | None:
+    """Images per optimizer step: the per-rank batch (``batch_size``, else the DataModule's) x ranks x gradient
+    accumulation; None when no batch size is known."""
+    if batch_size is None:
+        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if not batch_size:
+        return None
+    return int(batch_size) * trainer.world_size * trainer.accumulate_grad_batches
 
 
 def weight_decay_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
