@@ -156,8 +156,9 @@ def test_ema_is_used_for_validation_and_restored_and_checkpoint_round_trips(tmp_
 
 
 def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
-    """Checkpoints written before ``schedule`` became ``noise_schedule`` and ``val_sampler/steps/guidance/schedule``
-    became ``val_sampling`` load with their settings under the new names."""
+    """Checkpoints written before ``schedule`` became ``noise_schedule``, ``val_sampler/steps/guidance/schedule``
+    became ``val_sampling`` and ``text.dropout`` became one joint rate load with their settings under the new names
+    (the old per-encoder dropout dict as the independent draws it meant)."""
     module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, parameterization="v",
                          noise_schedule={"steps": 500, "zero_terminal_snr": True})  # fmt: skip
     _trainer(tmp_path, 1).fit(module, datamodule=_Data())
@@ -166,8 +167,11 @@ def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder,
     hp["schedule"] = hp.pop("noise_schedule")
     del hp["val_sampling"]
     hp.update(val_sampler="heun", val_steps=7, val_guidance=3.0, val_schedule="discrete")
+    hp["text"] = {**hp["text"], "dropout": {"clip": 0.1, "t5": 0.2}}
+    hp["text"].pop("encoder_dropout", None)
     torch.save(ckpt, tmp_path / "old.ckpt")
     old = load_diffusion(tmp_path / "old.ckpt")
+    assert old.conditioner.dropout == 0.0 and old.conditioner.encoder_dropout == {"clip": 0.1, "t5": 0.2}
     assert old.val_sampling == SamplingSettings(sampler="heun", steps=7, guidance=3.0, sigmas="discrete")
     assert len(old.noise_schedule.sigmas) == 500
     assert torch.equal(old.noise_schedule.sigmas, module.noise_schedule.sigmas)

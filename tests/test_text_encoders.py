@@ -74,21 +74,42 @@ def test_conditioner_shapes_masks_and_pooled(tiny_clip, tiny_t5):
     assert uncond.context.shape == (3, 32, 20) and uncond.mask[0, :16].sum() == 2
 
 
-def test_cfg_dropout_rate_per_encoder(tiny_clip, tiny_t5):
-    cond = make_conditioner(tiny_clip, tiny_t5, dropout={"clip": 0.3, "t5": 0.0})
-    embs = cond.encode(CAPTIONS[:1] * 1000)
-    embs = {k: v for k, v in embs.items()}
+def _dropped(cond, out, name):
+    """Which rows of ``out`` carry ``name``'s unconditional embedding (by its slice of the context)."""
+    sizes = {n: e.max_length for n, e in cond.encoders.items()}
+    start = sum(sizes[n] for n in list(sizes)[: list(sizes).index(name)])
+    u = cond.unconditional_batch(out.context.shape[0]).context[:, start : start + sizes[name]]
+    return torch.isclose(out.context[:, start : start + sizes[name]], u).all(-1).all(-1)
+
+
+def test_cfg_dropout_drops_all_encoders_together(tiny_clip, tiny_t5):
+    """The empty input that guidance samples with is trained at the configured rate, and no sample is half-dropped
+    (the old per-encoder draws trained the all-empty input 1% of the time at 0.1 each, and a half-empty one 18%)."""
+    cond = make_conditioner(tiny_clip, tiny_t5, dropout=0.2)
+    embs = cond.encode(CAPTIONS[:1] * 2000)
     out = cond(embs, drop=True, generator=torch.Generator().manual_seed(0))
+    clip, t5 = _dropped(cond, out, "clip"), _dropped(cond, out, "t5")
+    assert 0.17 < clip.float().mean() < 0.23
+    assert torch.equal(clip, t5)
     empty = cond.unconditional("clip")
-    dropped_clip = (out.pooled == empty.pooled).all(-1).float().mean()
-    assert 0.26 < dropped_clip < 0.34
+    assert (out.pooled[clip] == empty.pooled).all() and (out.mask[clip, :16].sum(-1) == 2).all()
     ref = cond(embs, drop=False)
-    torch.testing.assert_close(out.context[:, 16:], ref.context[:, 16:])  # t5 never dropped
-    dropped_rows = (out.pooled == empty.pooled).all(-1)
-    assert (out.mask[dropped_rows, :16].sum(-1) == 2).all()  # the empty prompt's mask
+    torch.testing.assert_close(out.context[~clip], ref.context[~clip])  # the others keep their text
+
+
+def test_cfg_encoder_dropout_adds_independent_drops(tiny_clip, tiny_t5):
+    cond = make_conditioner(tiny_clip, tiny_t5, dropout=0.1, encoder_dropout={"clip": 0.3})
+    embs = cond.encode(CAPTIONS[:1] * 4000)
+    out = cond(embs, drop=True, generator=torch.Generator().manual_seed(0))
+    clip, t5 = _dropped(cond, out, "clip"), _dropped(cond, out, "t5")
+    assert 0.08 < t5.float().mean() < 0.12  # t5: the joint drop only
+    assert (clip[t5]).all()  # a joint drop drops clip too
+    assert 0.35 < clip.float().mean() < 0.41  # 1 - 0.9 * 0.7 = 0.37
     zeros = make_conditioner(tiny_clip, tiny_t5, dropout=1.0, uncond="zeros")
     z = zeros(zeros.encode(CAPTIONS), drop=True)
     assert (z.pooled == 0).all() and z.mask.all()
+    none = make_conditioner(tiny_clip, tiny_t5, dropout=0.0)
+    torch.testing.assert_close(none(embs, drop=True).context, none(embs).context)
 
 
 def test_cached_embeddings_equal_fresh_ones(tiny_clip, tiny_t5, tmp_path):
@@ -114,7 +135,11 @@ def test_conditioner_config_errors(tiny_clip, tiny_t5):
     with pytest.raises(ConfigError, match="pooled_from"):
         make_conditioner(tiny_clip, tiny_t5, pooled_from="t5")
     with pytest.raises(ConfigError, match="unknown encoders"):
-        make_conditioner(tiny_clip, tiny_t5, dropout={"bert": 0.1})
+        make_conditioner(tiny_clip, tiny_t5, encoder_dropout={"bert": 0.1})
+    with pytest.raises(ConfigError, match="encoder_dropout"):  # the old per-encoder dict says where it went
+        make_conditioner(tiny_clip, tiny_t5, dropout={"clip": 0.1, "t5": 0.1})
+    with pytest.raises(ConfigError, match="probability"):
+        make_conditioner(tiny_clip, tiny_t5, dropout=1.5)
 
 
 def test_mini_clip_exports_a_folder_public_loaders_read(tmp_path):

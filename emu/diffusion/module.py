@@ -14,6 +14,7 @@ path in the hyperparameters (a T5-XXL is not copied into every checkpoint). ``ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -463,9 +464,13 @@ OLD_VAL_SAMPLING = {"val_sampler": "sampler", "val_steps": "steps", "val_guidanc
 
 
 def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a checkpoint written before ``schedule`` became ``noise_schedule`` and the ``val_*`` sampling
-    arguments became ``val_sampling``, under their new names (the old names are ignored when loading)."""
+    """The settings of a checkpoint written before ``schedule`` became ``noise_schedule``, the ``val_*`` sampling
+    arguments became ``val_sampling`` and per-encoder CFG dropout became ``text.encoder_dropout``, under their new
+    names (the old names are ignored when loading)."""
     out: dict[str, Any] = {}
+    text = hp.get("text")
+    if isinstance(text, Mapping) and isinstance(text.get("dropout"), Mapping):  # independent draws, as trained
+        out["text"] = {**text, "dropout": 0.0, "encoder_dropout": dict(text["dropout"])}
     if "schedule" in hp and "noise_schedule" not in hp:
         out["noise_schedule"] = hp["schedule"]
     if "val_sampling" not in hp and any(k in hp for k in OLD_VAL_SAMPLING):
@@ -501,7 +506,13 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
 
 def _load_export(folder: Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
     config = read_export_config(folder)
-    hp = {**config["hyper_parameters"], **overrides, "init_from": None, "ema_half_life_images": 0}  # one weight set
+    hp = {
+        **config["hyper_parameters"],
+        **_renamed_hparams(config["hyper_parameters"]),
+        **overrides,
+        "init_from": None,
+        "ema_half_life_images": 0,
+    }  # one weight set
     module = DiffusionModule(**hp)
     for key in ("init_from", "ema_half_life_images"):  # records of how it was trained (not used to load it)
         if key in config["hyper_parameters"]:

@@ -2,8 +2,10 @@
 
 Each encoder's per-token hidden states are projected (trainable) to the U-Net's context width and concatenated
 along the sequence with their masks; the pooled CLIP text embedding conditions globally. Classifier-free
-guidance dropout replaces an encoder's output, per sample and per encoder with its own probability, by the
-unconditional embedding (the empty prompt's, or zeros). The frozen part (:meth:`TextConditioner.encode`) can be
+guidance dropout replaces, per sample, **all** encoders' outputs together by the unconditional embedding (the empty
+prompt's, or zeros), so that ``dropout`` is the rate at which the input that guidance samples with (every encoder
+empty) is trained. ``encoder_dropout`` adds independent per-encoder drops on top (SD3's recipe, which lets a large
+encoder such as T5 be left out at inference). The frozen part (:meth:`TextConditioner.encode`) can be
 precomputed for a dataset and cached (:func:`precompute_embeddings`, :class:`EmbeddingCache`).
 """
 
@@ -33,7 +35,9 @@ class TextConditioner(nn.Module):
     Args:
         encoders: name -> :class:`~emu.text.encoders.FrozenTextEncoder` (e.g. ``clip``, ``t5``), in sequence order.
         context_dim: width of the U-Net's cross-attention context.
-        dropout: CFG dropout probability per encoder (a dict) or one value for all.
+        dropout: CFG dropout probability: one draw per sample replaces every encoder's output by its unconditional one.
+        encoder_dropout: extra per-encoder drop probabilities (name -> p), drawn independently of each other and of
+            ``dropout``; encoders not named get none.
         uncond: ``empty`` (the empty prompt's embedding) or ``zeros``.
         pooled_from: the encoder whose pooled embedding is returned (None: no pooled vector).
     """
@@ -42,7 +46,8 @@ class TextConditioner(nn.Module):
         self,
         encoders: dict[str, FrozenTextEncoder],
         context_dim: int,
-        dropout: dict[str, float] | float = 0.1,
+        dropout: float = 0.1,
+        encoder_dropout: dict[str, float] | None = None,
         uncond: str = "empty",
         pooled_from: str | None = "clip",
     ):
@@ -55,11 +60,21 @@ class TextConditioner(nn.Module):
             raise ConfigError("model.text.pooled_from", f"{pooled_from!r} is not an encoder with a pooled output")
         self.encoders = nn.ModuleDict(encoders)
         self.proj = nn.ModuleDict({n: nn.Linear(e.hidden_size, context_dim) for n, e in encoders.items()})
-        rates = dropout if isinstance(dropout, dict) else dict.fromkeys(encoders, float(dropout))
+        if not isinstance(dropout, (int, float)):
+            raise ConfigError(
+                "model.text.dropout",
+                f"must be one probability (all encoders are dropped together), got {dropout!r}; per-encoder drops on "
+                "top of it go in model.text.encoder_dropout",
+            )
+        rates = dict(encoder_dropout or {})
         unknown = set(rates) - set(encoders)
         if unknown:
-            raise ConfigError("model.text.dropout", f"names unknown encoders {sorted(unknown)}")
-        self.dropout = {n: float(rates.get(n, 0.0)) for n in encoders}
+            raise ConfigError("model.text.encoder_dropout", f"names unknown encoders {sorted(unknown)}")
+        for key, p in [("dropout", dropout), *((f"encoder_dropout.{n}", p) for n, p in rates.items())]:
+            if not 0.0 <= float(p) <= 1.0:
+                raise ConfigError(f"model.text.{key}", f"is a probability in [0, 1], got {p}")
+        self.dropout = float(dropout)
+        self.encoder_dropout = {n: float(rates.get(n, 0.0)) for n in encoders}
         self.uncond, self.pooled_from, self.context_dim = uncond, pooled_from, context_dim
         self._uncond_cache: dict[str, TextEmbedding] = {}
 
@@ -88,14 +103,15 @@ class TextConditioner(nn.Module):
     def forward(
         self, embeddings: dict[str, TextEmbedding], drop: bool = False, generator: torch.Generator | None = None
     ) -> Conditioning:
-        """Project and concatenate; with ``drop``, apply CFG dropout per sample and encoder."""
+        """Project and concatenate; with ``drop``, apply CFG dropout (:meth:`keep_masks`)."""
         contexts, masks, pooled = [], [], None
+        batch = next(iter(embeddings.values())).tokens.shape[0]
+        keeps = self.keep_masks(batch, generator) if drop else {}
         for name, emb in embeddings.items():
             tokens, mask, pool = emb.tokens, emb.mask, emb.pooled
-            p = self.dropout[name]
-            if drop and p > 0:
+            keep = keeps.get(name)
+            if keep is not None:
                 u = self.unconditional(name)
-                keep = torch.rand(tokens.shape[0], generator=generator, device="cpu") >= p
                 keep = keep.to(tokens.device)
                 tokens = torch.where(keep[:, None, None], tokens, u.tokens.to(tokens))
                 mask = torch.where(keep[:, None], mask, u.mask.to(mask.device))
@@ -107,6 +123,24 @@ class TextConditioner(nn.Module):
             if name == self.pooled_from:
                 pooled = pool
         return Conditioning(torch.cat(contexts, 1), torch.cat(masks, 1), pooled)
+
+    def keep_masks(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per encoder, which of ``batch_size`` samples keep their text (bool, on the CPU); encoders that are never
+        dropped are left out. One draw per sample decides ``dropout`` for all encoders at once, then one draw per
+        sample and encoder for each ``encoder_dropout`` rate above 0 (in encoder order)."""
+
+        def keep(p: float) -> torch.Tensor | None:
+            return torch.rand(batch_size, generator=generator, device="cpu") >= p if p > 0 else None
+
+        keep_all = keep(self.dropout)
+        keeps = {}
+        for name, p in self.encoder_dropout.items():
+            own = keep(p)
+            if keep_all is not None and own is not None:
+                keeps[name] = keep_all & own
+            elif keep_all is not None or own is not None:
+                keeps[name] = keep_all if own is None else own
+        return keeps
 
     def condition(self, prompts: list[str], drop: bool = False) -> Conditioning:
         return self(self.encode(prompts), drop=drop)
