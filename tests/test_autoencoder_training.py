@@ -1,3 +1,5 @@
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -86,9 +88,10 @@ def test_checkpoint_round_trip_and_latent_statistics(tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=4)
     trainer.fit(module, datamodule=data)
     trainer.validate(module, datamodule=data)
-    # the statistics are those of encode(x).mode() over the validation images
+    # the statistics are those of posterior samples over the validation images, with where they came from
     mean, std, n = measure_latent_statistics(module.autoencoder, data.dataloader("val"), 10**6, progress=False)
     assert n == 8
+    assert module.autoencoder.latent_statistics == {"of": "posterior samples", "step": 4, "images": 8, "split": "val"}
     torch.testing.assert_close(module.autoencoder.latent_mean, mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(module.autoencoder.latent_std, std, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(std, torch.ones_like(std))
@@ -99,10 +102,12 @@ def test_checkpoint_round_trip_and_latent_statistics(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), module.autoencoder.eval()(x), rtol=0, atol=0)
     torch.testing.assert_close(loaded.latent_std, module.autoencoder.latent_std)
+    assert loaded.latent_statistics["step"] == 4
     normalized = loaded.normalize(loaded.encode(haystack_batch(8)["image"]).mode())
     torch.testing.assert_close(loaded.denormalize(normalized), loaded.encode(haystack_batch(8)["image"]).mode())
     exported = load_autoencoder(module.autoencoder.save_pretrained(tmp_path / "export"))
     torch.testing.assert_close(exported.latent_mean, module.autoencoder.latent_mean)
+    assert exported.latent_statistics == module.autoencoder.latent_statistics
     assert (tmp_path / "export" / "model.safetensors").exists()  # on_fit_end wrote one into the run dir too
     assert (tmp_path / "export" / "config.json").exists()
 
@@ -181,6 +186,43 @@ def test_latent_statistics_cli_writes_an_export_with_them(tmp_path, capsys):
     mean, std, _ = measure_latent_statistics(out, tiny_data(n_train=8, n_val=12).dataloader("val"), 12, progress=False)
     torch.testing.assert_close(out.latent_mean, mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.latent_std, std, atol=1e-5, rtol=1e-4)
+
+
+def test_latent_statistics_are_those_of_posterior_samples_and_sum_over_ranks(caplog):
+    """Stage 1 trains on posterior samples: their std includes the posterior noise. A channel whose means are constant
+    is normalised by its noise (unit std after normalising), not blown up by a std clamped at 1e-6; the old statistics
+    of the means alone gave it ~0. Statistics of two ranks' halves, summed, are those of the whole."""
+    from emu.autoencoder.model import DiagonalGaussian, collapsed_channels
+    from emu.autoencoder.module import LatentStatistics
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 4, 8, 8, generator=g) * torch.tensor([1.0, 2.0, 0.5, 0.0]).view(1, 4, 1, 1)
+    logvar = torch.full_like(mean, math.log(0.3**2))
+    posterior = DiagonalGaussian(torch.cat([mean, logvar], 1))
+    stats = LatentStatistics(4)
+    stats.update(posterior)
+    m, std = stats.compute()
+    samples = torch.cat([posterior.sample(g) for _ in range(20)])
+    torch.testing.assert_close(std, samples.transpose(0, 1).flatten(1).std(1), atol=0.01, rtol=0.01)
+    assert abs(std[3] - 0.3) < 1e-4 and collapsed_channels(std) == []
+    model = AutoencoderKL(latent_channels=4, **TINY)
+    model.set_latent_statistics(m, std)
+    assert abs(float(model.normalize(samples)[:, 3].std()) - 1.0) < 0.02
+    means_only = LatentStatistics(4)
+    means_only.update(mean)
+    with caplog.at_level("WARNING", logger="emu.autoencoder.model"):
+        assert model.set_latent_statistics(*means_only.compute()) == [3]
+    assert "latent channels [3] have collapsed" in caplog.text
+
+    halves = [LatentStatistics(4), LatentStatistics(4)]
+    for half, part in zip(halves, (slice(0, 40), slice(40, 64))):
+        half.update(DiagonalGaussian(torch.cat([mean[part], logvar[part]], 1)))
+    other = []
+    halves[1].reduced(lambda t: other.append(t) or t)
+    summed = halves[0].reduced(lambda t: t + other[0])
+    assert summed.images == 64 and summed.count == stats.count
+    for a, b in zip(summed.compute(), stats.compute()):
+        torch.testing.assert_close(a, b)
 
 
 class FlatColours(torch.utils.data.Dataset):

@@ -34,7 +34,8 @@ def from_diffusers(vae) -> AutoencoderKL:
     if unexpected or set(missing) - set(_OURS_ONLY):
         raise ValueError(f"state dicts differ: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     if getattr(c, "latents_mean", None) is not None and getattr(c, "latents_std", None) is not None:
-        model.set_latent_statistics(torch.tensor(c.latents_mean).float(), torch.tensor(c.latents_std).float())
+        model.set_latent_statistics(torch.tensor(c.latents_mean).float(), torch.tensor(c.latents_std).float(),
+                                    {"of": "the diffusers config's latents_mean / latents_std"})  # fmt: skip
     return model.to(next(vae.parameters()).dtype)
 
 

@@ -13,8 +13,10 @@ latent statistics are buffers of our own.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from emu.errors import ConfigError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+log = logging.getLogger(__name__)
+MIN_LATENT_STD = 1e-6  # the floor of a stored std (a channel at it is collapsed)
+COLLAPSE_RATIO = 1e-2  # a channel whose std is below this fraction of the median channel's is collapsed
 INITIAL_LOGVAR = -8.0  # posterior std e^-4 at the start when the patch shortcut is on
 
 
@@ -243,6 +248,13 @@ def pca_patch_weights(second_moment: torch.Tensor, k: int) -> torch.Tensor:
 LATENT_SCALINGS = ("channel", "global")
 
 
+def collapsed_channels(std: torch.Tensor, ratio: float = COLLAPSE_RATIO) -> list[int]:
+    """The latent channels whose std is below ``ratio`` times the median channel's (or at the floor): channels the
+    encoder does not use."""
+    floor = torch.maximum(std.median() * ratio, torch.tensor(MIN_LATENT_STD, dtype=std.dtype, device=std.device))
+    return [int(c) for c in torch.nonzero(std <= floor).flatten()]
+
+
 class DiagonalGaussian:
     """The encoder's posterior N(mean, exp(logvar)) per latent element."""
 
@@ -330,6 +342,7 @@ class AutoencoderKL(nn.Module):
                 self.quant_conv.bias[latent_channels:].fill_(INITIAL_LOGVAR)
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
+        self.latent_statistics: dict[str, Any] = {}  # how latent_mean / latent_std were measured (none: not yet)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     @property
@@ -393,11 +406,25 @@ class AutoencoderKL(nn.Module):
     def denormalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
         return z * self._scale(scaling).to(z) + self.latent_mean.to(z).view(1, -1, 1, 1)
 
-    def set_latent_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def set_latent_statistics(
+        self, mean: torch.Tensor, std: torch.Tensor, record: dict[str, Any] | None = None
+    ) -> list[int]:
+        """Store the per-channel statistics that :meth:`normalize` uses; ``record`` says how they were measured (it is
+        written to ``config.json`` with them). Returns the collapsed channels (:func:`collapsed_channels`), with a
+        warning: normalising divides their posterior noise by a tiny std."""
         if mean.shape != (self.latent_channels,) or std.shape != (self.latent_channels,):
             raise ValueError(f"latent statistics must have shape ({self.latent_channels},)")
         self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std.clamp(min=1e-6))
+        self.latent_std.copy_(std.clamp(min=MIN_LATENT_STD))
+        self.latent_statistics = dict(record or {})
+        collapsed = collapsed_channels(std)
+        if collapsed:
+            log.warning(
+                "latent channels %s have collapsed (std %s against a median of %.3g): the encoder does not use them, "
+                "and normalising them amplifies whatever noise they carry",
+                collapsed, [round(float(std[c]), 6) for c in collapsed], float(std.median()),
+            )  # fmt: skip
+        return collapsed
 
     # ------------------------------------------------------------------------------------ export/import
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -409,6 +436,8 @@ class AutoencoderKL(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "emu_kind": "autoencoder"})
         config = {"_class_name": "emu.AutoencoderKL", **self.config}
+        if self.latent_statistics:
+            config["latent_statistics"] = self.latent_statistics
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         return folder
 
@@ -431,6 +460,8 @@ class AutoencoderKL(nn.Module):
             kind = (f.metadata() or {}).get("emu_kind")
         if kind != "autoencoder":
             raise ValueError(f"'{weights_path}' holds a {kind or 'foreign'} checkpoint, not an emu autoencoder")
+        record = config.pop("latent_statistics", {})
         model = cls(**config)
         model.load_state_dict(load_file(str(weights_path)))
+        model.latent_statistics = record
         return model

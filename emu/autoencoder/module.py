@@ -1,23 +1,26 @@
 """Stage 0 LightningModule: trains the autoencoder with a PatchGAN (two optimizers, manual optimization).
 
 Validation logs PSNR and SSIM (torchmetrics), LPIPS when the loss has it, rFID when Inception weights are
-given, a grid of inputs over reconstructions, and measures the per-channel mean and std of ``encode(x).mode()``
-over the validation set; they are stored in the autoencoder's buffers and so in every checkpoint and export.
+given, a grid of inputs over reconstructions, and measures the per-channel mean and std of the latents stage 1
+trains on (posterior samples, :class:`LatentStatistics`) over the whole validation set, summed across ranks; they are
+stored in the autoencoder's buffers, so every checkpoint carries the statistics of its own weights, and the export
+records the step and image count they came from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from emu.autoencoder.losses import AutoencoderLoss
-from emu.autoencoder.model import AutoencoderKL, patch_second_moment
+from emu.autoencoder.model import AutoencoderKL, DiagonalGaussian, patch_second_moment
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy
 from emu.training.numerics import NumericalGuard
@@ -31,18 +34,37 @@ KIND = "autoencoder"
 
 
 class LatentStatistics:
-    """Running per-channel mean and std of latents (float64 sums)."""
+    """Running per-channel mean and std of what stage 1 trains on, posterior **samples** (float64 sums).
+
+    A sample's variance is the spread of the posterior means plus the mean posterior variance, so both are summed
+    exactly from each posterior's mean and variance, with no noise drawn. (Measured on the means alone, a channel
+    whose means barely move got a std near 0, and normalising then blew its posterior noise up.) A plain tensor
+    counts as a posterior with no variance. :meth:`reduced` sums the counts of all ranks.
+    """
 
     def __init__(self, channels: int):
         self.sum = torch.zeros(channels, dtype=torch.float64)
         self.sumsq = torch.zeros(channels, dtype=torch.float64)
-        self.count = 0
+        self.count = 0  # latent elements per channel
+        self.images = 0
 
-    def update(self, z: torch.Tensor) -> None:
-        z = z.detach().double().cpu().transpose(0, 1).flatten(1)  # C x (B*H*W)
-        self.sum += z.sum(1)
-        self.sumsq += z.square().sum(1)
-        self.count += z.shape[1]
+    def update(self, latents: DiagonalGaussian | torch.Tensor) -> None:
+        mean = latents.mean if isinstance(latents, DiagonalGaussian) else latents
+        m = mean.detach().double().cpu().transpose(0, 1).flatten(1)  # C x (B*H*W)
+        self.sum += m.sum(1)
+        self.sumsq += m.square().sum(1)
+        if isinstance(latents, DiagonalGaussian):
+            self.sumsq += latents.logvar.detach().double().exp().cpu().transpose(0, 1).flatten(1).sum(1)
+        self.count += m.shape[1]
+        self.images += mean.shape[0]
+
+    def reduced(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> LatentStatistics:
+        """These statistics summed over ranks by ``reduce_sum`` (e.g. the strategy's all-reduce; identity on one)."""
+        counts = torch.tensor([self.count, self.images], dtype=torch.float64)
+        packed = reduce_sum(torch.cat([self.sum, self.sumsq, counts])).double().cpu()
+        out, c = LatentStatistics(len(self.sum)), len(self.sum)
+        out.sum, out.sumsq, out.count, out.images = packed[:c], packed[c : 2 * c], int(packed[-2]), int(packed[-1])
+        return out
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.sum / self.count
@@ -208,7 +230,7 @@ class AutoencoderModule(L.LightningModule):
         posterior = self.autoencoder.encode(x)
         z = posterior.mode()
         recon = self.autoencoder.decode(z).clamp(-1, 1)
-        self._stats.update(z)
+        self._stats.update(posterior)
         rec, logs = self.loss.reconstruction(x, recon)
         bs = x.shape[0]
         self.log("val/rec", rec, prog_bar=True, batch_size=bs)
@@ -236,16 +258,30 @@ class AutoencoderModule(L.LightningModule):
         if self.rfid is not None:
             self.log("val/rfid", self.rfid.compute())
             self.rfid.reset()
-        if self._stats is not None and self._stats.count and not self.trainer.sanity_checking:
-            mean, std = self._stats.compute()
-            self.autoencoder.set_latent_statistics(mean.to(self.device), std.to(self.device))
-            self.log("val/latent_std_mean", std.mean())
+        if self._stats is not None and not self.trainer.sanity_checking:
+            strategy = self.trainer.strategy
+            stats = self._stats.reduced(lambda t: strategy.reduce(t.to(self.device), reduce_op="sum"))
+            if stats.count:
+                mean, std = stats.compute()
+                record = {"of": "posterior samples", "step": self.global_step, "images": stats.images,
+                          "split": "val"}  # fmt: skip
+                collapsed = self.autoencoder.set_latent_statistics(mean.to(self.device), std.to(self.device), record)
+                self.log("val/latent_std_mean", std.mean(), sync_dist=False)
+                self.log("val/latent_std_min", std.min(), sync_dist=False)
+                self.log("val/latent_collapsed_channels", float(len(collapsed)), sync_dist=False)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_header(checkpoint, KIND, autoencoder_config=self.autoencoder.config)
+        write_header(checkpoint, KIND, autoencoder_config=self.autoencoder.config,
+                     latent_statistics=self.autoencoder.latent_statistics)  # fmt: skip
 
     def on_fit_end(self) -> None:
+        record = self.autoencoder.latent_statistics
+        if record.get("step") != self.global_step:
+            rank_zero_warn(
+                f"the latent statistics are from step {record.get('step', 'none: never measured')}, not the final step "
+                f"{self.global_step}: validate at the last step, or measure them with python -m emu.autoencoder.stats"
+            )
         if self.hparams.export_on_fit_end and self.trainer.is_global_zero and self.trainer.default_root_dir:
             folder = self.autoencoder.save_pretrained(Path(self.trainer.default_root_dir) / "export")
             print(f"  exported autoencoder to {folder}")
@@ -276,6 +312,7 @@ def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> 
         model = AutoencoderKL(**info["autoencoder_config"])
         prefix = "autoencoder."
         model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+        model.latent_statistics = dict(info.get("latent_statistics") or {})
     else:
         raise FileNotFoundError(f"no autoencoder checkpoint or export folder at '{path}'")
     for key, value in (expect or {}).items():

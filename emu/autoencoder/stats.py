@@ -3,9 +3,10 @@
     python -m emu.autoencoder.stats --ckpt outputs/.../checkpoints/last.ckpt --out outputs/ae_export \
         --images 2048 data=webdataset data.source.shards='/data/{00000..00099}.tar'
 
-Measures the mean and std of ``encode(x).mode()`` per channel over ``--images`` images of the data config
-(any ``data.*`` override of train.py), stores them in the model and writes an export folder
-(``model.safetensors`` + ``config.json``) that every later stage loads.
+Measures the mean and std per channel of what stage 1 trains on, posterior samples of ``encode(x)``
+(:class:`~emu.autoencoder.module.LatentStatistics`), over ``--images`` images of the data config (any ``data.*``
+override of train.py), stores them in the model and writes an export folder (``model.safetensors`` + ``config.json``,
+which records how they were measured) that every later stage loads.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from emu.autoencoder.module import LatentStatistics, load_autoencoder
 def measure_latent_statistics(
     autoencoder: AutoencoderKL, batches, max_images: int, device: str | torch.device = "cpu", progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(mean, std, images used) of ``encode(x).mode()`` per channel over up to ``max_images`` images."""
+    """(mean, std, images used) per channel of posterior samples of ``encode(x)`` over up to ``max_images`` images."""
     stats = LatentStatistics(autoencoder.latent_channels)
     seen = 0
     autoencoder = autoencoder.to(device).eval()
     with tqdm(total=max_images, desc="latent statistics", unit="img", disable=not progress) as bar:
         for batch in batches:
             x = batch["image"][: max_images - seen].to(device)
-            stats.update(autoencoder.encode(x).mode())
+            stats.update(autoencoder.encode(x))
             seen += x.shape[0]
             bar.update(x.shape[0])
             if seen >= max_images:
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     mean, std, n = measure_latent_statistics(
         model, datamodule.dataloader(split, shuffle=False), args.images, args.device
     )
-    model.set_latent_statistics(mean.to(model.latent_mean), std.to(model.latent_std))
+    record = {"of": "posterior samples", "images": n, "split": split, "measured_by": "emu.autoencoder.stats"}
+    model.set_latent_statistics(mean.to(model.latent_mean), std.to(model.latent_std), record)
     folder = model.cpu().save_pretrained(args.out)
     print(f"latent statistics over {n} {split} images: mean {mean.numpy().round(3)} std {std.numpy().round(3)}")
     print(f"wrote {folder}; skipped samples: {datamodule.skip_summary()}")
