@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from emu.data.haystack import BACKGROUNDS, parse_caption
+from emu.diffusion.selection import CheckpointSelection
+from emu.errors import ConfigError
 from emu.evaluation.judges import PRESENCE_GROUPS, faithfulness
 from emu.evaluation.winrate import compare, paired_outcomes, win_rates
 from tests.conftest import tiny_stage1_overrides
@@ -155,6 +158,28 @@ def test_quality_tuning_scores_keeps_and_marks_checkpoints(tmp_path, request):
     assert (select / "best.ckpt").resolve() == Path(summary["best"]["ckpt"]).resolve()
     ckpt = torch.load(select / "step_0000002.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # initialised from stage 1, counted from 0
+
+
+def test_quality_tuning_can_keep_ema_weights_only(tmp_path, request):
+    """keep=ema (the paper-scale setting): at each scoring an export folder with the EMA weights alone, the frozen
+    models referenced rather than copied, no optimizer state; best/ links to the best one and loads for sampling."""
+    import train
+    from emu.diffusion.export import read_export_config
+    from emu.diffusion.module import load_diffusion
+
+    train.train(_stage2_cfg(tmp_path, request, "trainer.max_steps=4", "+callbacks.selection.keep=ema"))
+    select = tmp_path / "checkpoints" / "select"
+    summary = json.loads((select / "selection.json").read_text())
+    assert summary["keep"] == "ema" and [r["step"] for r in summary["rows"]] == [0, 2, 4]
+    kept = select / "step_0000002"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "model.safetensors"]  # no frozen copies
+    config = read_export_config(kept)
+    assert config["weights"] == "ema" and config["step"] == 2 and config["frozen"] == "referenced"
+    assert (select / "best").resolve() == Path(summary["best"]["ckpt"]).resolve()
+    model = load_diffusion(select / "best")
+    assert model.exported_weights == "ema" and model.trained_steps == summary["best"]["step"]
+    with pytest.raises(ConfigError, match="keep"):
+        CheckpointSelection(judge=DecliningJudge(), prompts=["a"], dirpath=tmp_path, keep="everything")
 
 
 def test_quality_tuning_stops_early_when_appeal_stops_improving(tmp_path, request):
@@ -309,3 +334,34 @@ def test_headroom_scores_the_same_scenes_as_corpus_and_as_needles():
     r = h["needles_vs_corpus"]
     assert r["n"] == 6 and r["win"] + r["tie"] + r["loss"] == pytest.approx(1.0)
     assert "needles_vs_corpus" in judge_headroom(_BrightnessJudge(), 3, n_boot=10)  # no autoencoder: no reconstructions
+
+
+def test_paper_scale_quality_tuning_wires_its_stopping_rule(tmp_path):
+    """experiment=stage2_quality_tune spends no image on a validation split, selects by a preference judge given by
+    path every 1000 steps, keeps EMA weights only there, stops by patience, and keeps one full checkpoint."""
+    from tests.test_train import compose_train
+
+    cfg = compose_train(["experiment=stage2_quality_tune", f"paths.output_dir={tmp_path}"])
+    assert cfg.data.source.val_fraction == 0 and cfg.trainer.limit_val_batches == 0
+    sel = cfg.callbacks.selection
+    assert sel._target_ == "emu.diffusion.selection.CheckpointSelection"
+    assert sel.keep == "ema" and sel.patience and sel.every_n_steps == 1000
+    assert sel.judge._target_ == "emu.curation.aesthetic.CurationJudge"  # not the evaluation's (pickscore, people)
+    missing = {k for k in ("clip", "head") if OmegaConf.is_missing(sel.judge, k)}
+    assert missing == {"clip", "head"} and OmegaConf.is_missing(sel, "prompts")  # by path: nothing downloaded
+    assert cfg.callbacks.model_checkpoint.save_top_k == 1
+
+
+def test_eval_warns_when_the_selection_judge_also_scores(tmp_path):
+    from emu.evaluation.run import same_judge_note
+
+    select = tmp_path / "select"
+    select.mkdir()
+    (select / "best.ckpt").write_bytes(b"")
+    assert same_judge_note(select / "best.ckpt", "tuned", DecliningJudge()) is None  # no selection record
+    (select / "selection.json").write_text(json.dumps({"judge": "declining"}))
+    assert "selected by the judge that scores it here (declining" in same_judge_note(
+        select / "best.ckpt", "tuned", DecliningJudge()
+    )
+    (select / "selection.json").write_text(json.dumps({"judge": "aesthetic"}))
+    assert same_judge_note(select / "best.ckpt", "tuned", DecliningJudge()) is None

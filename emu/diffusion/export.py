@@ -15,7 +15,6 @@ The folder is self-contained: it can be copied or shared and loads anywhere emu 
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,30 @@ def plain_json(value: Any, key: str = "hyper_parameters") -> Any:
     raise ValueError(f"{key} is a {type(value).__name__}, which has no JSON form; the model cannot be exported")
 
 
+def trained_state(module, ema: bool = True, keep: bool = True) -> dict[str, Any]:
+    """The trained weights of ``module`` by export key, full tensors on the CPU: the EMA's parameters when ``ema`` and
+    it has one (buffers are the live ones), else the weights it holds. Under FSDP each sharded tensor is gathered, so
+    every rank must call it; ranks with ``keep=False`` take part in the gathering and get ``{}``."""
+    use_ema = bool(ema and module.ema is not None)
+    state = {}
+    for name, sub in module.trained_modules().items():
+        averaged = dict(module.ema.shadow[name].named_parameters()) if use_ema else {}
+        for k, v in sub.state_dict().items():
+            v = averaged.get(k, v).detach()
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a DTensor shard under FSDP2: all-gather it
+            if keep:
+                state[TRAINED_PREFIXES[name] + k] = v.cpu().contiguous()
+    return state
+
+
 def save_export(module, folder: str | Path, ema: bool = True, step: int | None = None,
-                source: str | None = None) -> Path:  # fmt: skip
+                source: str | None = None, copy_frozen: bool = True,
+                state: dict[str, Any] | None = None) -> Path:  # fmt: skip
     """Write ``module`` (a :class:`~emu.diffusion.module.DiffusionModule`) as an export folder: its EMA weights when
     ``ema`` and it has them (else the weights it holds; ``config.json`` says which), and copies of its frozen
-    models."""
+    models; with ``copy_frozen=False`` the frozen models stay where they are, named by absolute path (a folder that
+    loads on this machine only: what checkpoint selection keeps at every scoring). ``state``: the weights from
+    :func:`trained_state` when they were gathered already (under FSDP, on every rank)."""
     from safetensors.torch import save_file
 
     hp = plain_json(dict(module.hparams))  # before anything is written: a model that cannot be described fails here
@@ -62,25 +80,25 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
     folder.mkdir(parents=True, exist_ok=True)
     use_ema = bool(ema and module.ema is not None)
     weights = "ema" if use_ema else (module.exported_weights or "raw")  # an export's own label carries over
-    modules = module.trained_modules()
-    if use_ema:  # on a copy: the module keeps its own weights
-        modules = {k: copy.deepcopy(v) for k, v in modules.items()}
-        module.ema.copy_to(modules)
-    state = {}
-    for name, sub in modules.items():
-        state.update({TRAINED_PREFIXES[name] + k: v.detach().cpu().contiguous() for k, v in sub.state_dict().items()})
+    state = trained_state(module, ema) if state is None else state
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "emu_kind": "diffusion"})
 
-    module.autoencoder.save_pretrained(folder / "autoencoder")
-    hp["autoencoder"] = "autoencoder"
-    for name, encoder in module.conditioner.encoders.items():
-        target = folder / "text_encoders" / name
-        encoder.model.save_pretrained(target)
-        encoder.tokenizer.save_pretrained(target)
-        hp["text"]["encoders"][name]["name_or_path"] = f"text_encoders/{name}"
+    if copy_frozen:
+        module.autoencoder.save_pretrained(folder / "autoencoder")
+        hp["autoencoder"] = "autoencoder"
+        for name, encoder in module.conditioner.encoders.items():
+            target = folder / "text_encoders" / name
+            encoder.model.save_pretrained(target)
+            encoder.tokenizer.save_pretrained(target)
+            hp["text"]["encoders"][name]["name_or_path"] = f"text_encoders/{name}"
+    else:  # referenced where they are: local paths made absolute, hub ids kept
+        hp["autoencoder"] = str(Path(hp["autoencoder"]).expanduser().resolve())
+        for enc in hp["text"]["encoders"].values():
+            local = Path(enc["name_or_path"]).expanduser()
+            enc["name_or_path"] = str(local.resolve()) if local.exists() else enc["name_or_path"]
     config = {"_class_name": CLASS_NAME, "weights": weights, "step": step,
               "resolution": module.train_resolution, "data": module.trained_on, "source": source,
-              "hyper_parameters": hp}  # fmt: skip
+              "frozen": "copied" if copy_frozen else "referenced", "hyper_parameters": hp}  # fmt: skip
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -104,7 +122,7 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     hp = config["hyper_parameters"]
 
     def resolve(p: str) -> str:
-        if Path(p).is_absolute():
+        if Path(p).is_absolute() or config.get("frozen") == "referenced":  # the latter: a hub id or absolute path
             return p
         if not (folder / p).exists():
             raise FileNotFoundError(f"the export '{folder}' lacks '{p}', a frozen model it needs (copy whole folders)")

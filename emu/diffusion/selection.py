@@ -4,10 +4,13 @@ checkpoint, mark the best, and optionally stop early.
 The paper stops quality-tuning well before the loss plateaus, because longer training overfits the few thousand
 curated images. The loss cannot show that; samples can. Every ``every_n_steps`` optimizer steps (and once before
 the first step, as the baseline: the stage-1 weights) this callback samples a fixed prompt set with fixed seeds
-through the EMA weights, scores the images with an evaluation judge (``score(images, prompts)`` -> per-image
-``appeal`` and ``faithfulness``), saves ``checkpoints/select/step_XXXXXXX.ckpt`` and appends a row to
-``selection.jsonl``. The best checkpoint is the one with the highest mean appeal whose faithfulness stays within
-``faithfulness_margin`` of the baseline; ``selection.json`` names it and ``best.ckpt`` links to it. Optional early
+through the EMA weights, scores the images with a judge (``score(images, prompts)`` -> per-image ``appeal`` and
+``faithfulness``; at paper scale a preference model by path, not the one the evaluation uses), keeps the weights and
+appends a row to ``selection.jsonl``. ``keep="full"`` saves a Lightning checkpoint (``step_XXXXXXX.ckpt``, optimizer
+state included: resumable); ``keep="ema"`` only the EMA weights, as an export folder (``step_XXXXXXX/``, the frozen
+models referenced by path, not copied: ~1/4 of a full checkpoint with AdamW; gathered to rank 0 under FSDP). The
+best is the one with the highest mean appeal whose faithfulness stays within ``faithfulness_margin`` of the baseline;
+``selection.json`` names it and ``best.ckpt`` (or ``best/``) links to it. Optional early
 stop: ``patience`` scorings without an appeal gain of ``min_delta``, or faithfulness falling more than
 ``faithfulness_margin`` below the baseline. Scores, the training loss beside them, and the sample grids are logged.
 """
@@ -25,14 +28,17 @@ import lightning as L
 import numpy as np
 import torch
 
+from emu.diffusion.export import save_export, trained_state
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
+from emu.errors import ConfigError
 from emu.training.optim import images_per_step
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, log_image
 from emu.utils.steps import log_step
 
 log = logging.getLogger("emu.selection")
+KEEP = ("full", "ema")  # what is kept at every scoring: a Lightning checkpoint, or the EMA weights as an export folder
 
 
 class CheckpointSelection(L.Callback):
@@ -53,9 +59,13 @@ class CheckpointSelection(L.Callback):
         min_delta: float = 0.0,
         stop_on_faithfulness_drop: bool = False,
         log_grid_images: int = 16,
+        keep: str = "full",
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if keep not in KEEP:
+            raise ConfigError("callbacks.selection.keep", f"must be one of {KEEP}, got {keep!r}")
+        self.keep = keep
         self.judge = judge
         self.prompts = read_prompts(prompts, "callbacks.selection.prompts") if isinstance(prompts, str) else prompts
         self.prompts = list(self.prompts)[:limit] if limit else list(self.prompts)
@@ -88,6 +98,12 @@ class CheckpointSelection(L.Callback):
         return max(eligible, key=lambda r: r["appeal"], default=None)
 
     # ----------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.keep == "ema" and getattr(pl_module, "ema", None) is None:
+            raise ConfigError(
+                "callbacks.selection.keep", "'ema' needs a model with an EMA (model.ema_half_life_images)"
+            )
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and self.baseline is None:
             self._score(trainer, pl_module, save=False)
@@ -134,9 +150,7 @@ class CheckpointSelection(L.Callback):
             "ckpt": None,
         }
         if save:
-            path = self.dirpath / f"step_{step:07d}.ckpt"
-            trainer.save_checkpoint(path)
-            row["ckpt"] = str(path)
+            row["ckpt"] = str(self._keep(trainer, pl_module, step))
         self.rows.append(row)
         for logger in trainer.loggers:
             logger.log_metrics({"select/appeal": row["appeal"], "select/faithfulness": row["faithfulness"]},
@@ -149,6 +163,20 @@ class CheckpointSelection(L.Callback):
             print(f"[selection] step {step}: appeal {row['appeal']:.3f}, faithfulness {row['faithfulness']:.3f}"
                   + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else ""))  # fmt: skip
         self._maybe_stop(trainer)
+
+    def _keep(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path:
+        """Save what ``keep`` says for ``step``; its path."""
+        if self.keep == "full":
+            path = self.dirpath / f"step_{step:07d}.ckpt"
+            trainer.save_checkpoint(path)
+            return path
+        path = self.dirpath / f"step_{step:07d}"
+        state = trained_state(pl_module, ema=True, keep=trainer.is_global_zero)  # every rank: FSDP gathers shards
+        if trainer.is_global_zero:
+            save_export(pl_module, path, ema=True, step=step, source=f"checkpoint selection at step {step}",
+                        copy_frozen=False, state=state)  # fmt: skip
+        trainer.strategy.barrier("selection_keep")
+        return path
 
     def _maybe_stop(self, trainer: L.Trainer) -> None:
         base, scored = self.baseline, [r for r in self.rows if r["step"] > 0]
@@ -180,10 +208,11 @@ class CheckpointSelection(L.Callback):
         summary = {"best": best, "baseline": self.baseline, "stopped": self.stopped, "rows": self.rows,
                    "faithfulness_margin": self.faithfulness_margin, "every_n_steps": self.every_n_steps,
                    "prompts": len(self.prompts), "sampling": self.sampling.as_dict(),
-                   "judge": getattr(self.judge, "name", type(self.judge).__name__)}  # fmt: skip
+                   "judge": getattr(self.judge, "name", type(self.judge).__name__), "keep": self.keep}  # fmt: skip
         atomic_write_text(self.dirpath / "selection.json", json.dumps(summary, indent=2))
         if best:
-            link, tmp = self.dirpath / "best.ckpt", self.dirpath / ".best.ckpt.tmp"
+            name = "best.ckpt" if self.keep == "full" else "best"
+            link, tmp = self.dirpath / name, self.dirpath / f".{name}.tmp"
             tmp.unlink(missing_ok=True)
             os.symlink(Path(best["ckpt"]).name, tmp)
             os.replace(tmp, link)

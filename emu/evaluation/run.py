@@ -97,6 +97,23 @@ def evaluate_autoencoders(
     return Evaluation({"autoencoders": results, "baselines": baselines, "images": source}, grids=[str(grid)])
 
 
+def same_judge_note(path: str | Path, name: str, judge: Any) -> str | None:
+    """A warning when the checkpoint at ``path`` was chosen by checkpoint selection (a ``selection.json`` beside it)
+    with the judge that scores it here: selection picked the judge's favourite, so its appeal is biased upward."""
+    record = Path(path).expanduser().parent / "selection.json"
+    if judge is None or not record.is_file():
+        return None
+    try:
+        chosen_by = json.loads(record.read_text()).get("judge")
+    except (OSError, ValueError):
+        return None
+    ours = getattr(judge, "name", type(judge).__name__)
+    if chosen_by != ours:
+        return None
+    return (f"{name} was selected by the judge that scores it here ({ours}, {record}): its appeal is biased upward; "
+            "select with another judge (callbacks.selection.judge) or compare with people")  # fmt: skip
+
+
 def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tuple[str, str, str]], exs, skipped,
                     notes) -> Evaluation:  # fmt: skip
     device = _device(cfg)
@@ -113,6 +130,11 @@ def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tupl
     if len(gens) == 2:
         items.check_paired(*gens)
     judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
+    for path, _, name in todo:
+        note = same_judge_note(path, name, judge)
+        if note:
+            print(f"[eval] warning: {note}")
+            notes.append(note)
     models, scores = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
