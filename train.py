@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from emu.data.callbacks import DataFault
+from emu.plan import check_fits
 from emu.training.checkpoints import resolve_checkpoint
 from emu.training.loggers import start_fresh
 from emu.training.numerics import NumericalFault
@@ -30,6 +31,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
     check_required(cfg)
     validate(cfg)  # unknown keys and mismatched stages, before anything is built
+    plan = check_fits(cfg)  # GPU runs: the memory per rank, and a refusal of a run that cannot fit
+    if plan is not None:
+        log.info("memory plan: %.1f GiB per rank", plan.peak / 2**30)
     folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, folder)  # a broken checkpoint is refused before any work
     L.seed_everything(cfg.seed, workers=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 LAYERS = [("errors", "paper"), ("utils",), ("training",), ("data",), ("autoencoder", "text"), ("diffusion",),
-          ("curation", "evaluation", "export"), ("demo", "annotate")]  # fmt: skip
+          ("curation", "evaluation", "export", "plan"), ("demo", "annotate")]  # fmt: skip
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
