@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from emu.diffusion.module import DiffusionModule, load_diffusion
+from emu.diffusion.module import FROZEN_PREFIXES, DiffusionModule, load_diffusion
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from tests.conftest import ROOT, TINY_UNET, haystack_batch
@@ -153,6 +153,31 @@ def test_ema_is_used_for_validation_and_restored_and_checkpoint_round_trips(tmp_
     b = loaded.sample(prompts, [1, 3], settings)
     assert a.shape == (2, 3, 32, 32) and torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
     assert loaded.val_sampling == SamplingSettings(steps=2)  # model.val_sampling survives the checkpoint
+
+
+def test_next_stage_initialises_from_a_sharded_checkpoint_folder(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
+    """An FSDP run's last.ckpt is a folder of shards: the next stage (512 from 256, stage 2 from 1024) reads its EMA
+    weights alone from it, and config validation reads its header to check the U-Net."""
+    import torch.distributed.checkpoint as dcp
+
+    from emu.utils.checkpoint_header import read_header
+    from emu.utils.validate import _init_from_links
+
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5)
+    with torch.no_grad():
+        for p in module.ema.shadow["unet"].parameters():
+            p.add_(1.0)  # the EMA differs from the live weights
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": state}, checkpoint_id=str(folder))  # as Lightning's ModelParallelStrategy saves it
+    torch.save({"emu": {"kind": "diffusion", "unet_config": dict(module.unet.config)}}, folder / "meta.pt")
+    assert read_header(folder)["kind"] == "diffusion"
+    tuned = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, init_from=str(folder))
+    for a, b in zip(tuned.unet.parameters(), module.ema.shadow["unet"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    problems = []
+    _init_from_links(OmegaConf.create({"init_from": str(folder)}), OmegaConf.create({"head_dim": 999}), problems)
+    assert problems and problems[0][0] == "model.unet.head_dim"
 
 
 def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):

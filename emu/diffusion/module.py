@@ -40,9 +40,9 @@ from emu.diffusion.unet import UNet
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
-from emu.training.distributed import FSDPStrategy, shard_modules
+from emu.training.distributed import FSDPStrategy, read_sharded_weights, shard_modules
 from emu.training.optim import images_per_step, weight_decay_groups
-from emu.utils.checkpoint_header import header, write_header
+from emu.utils.checkpoint_header import header, is_sharded_checkpoint, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
 from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
@@ -438,11 +438,18 @@ class DiffusionModule(L.LightningModule):
             checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
 
     def initialise_from(self, path: str) -> None:
-        """Weights (EMA where present) from a diffusion checkpoint: initialisation, not resume."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if header(ckpt).get("kind") != KIND:
-            raise ConfigError("model.init_from", f"'{path}' is not a diffusion checkpoint")
-        sd = ckpt["state_dict"]
+        """Weights (EMA where present) from a diffusion checkpoint, one file or a sharded (FSDP) checkpoint folder,
+        from which only the EMA (else the trained weights) is read: initialisation, not resume."""
+        if is_sharded_checkpoint(path):
+            sd = read_sharded_weights(path, ["ema.shadow."])
+            sd = sd or read_sharded_weights(path, [TRAINED_PREFIXES[n] for n in self.trained_modules()])
+            if not any(k.startswith(("ema.shadow.unet.", "unet.")) for k in sd):
+                raise ConfigError("model.init_from", f"'{path}' is a sharded checkpoint without diffusion weights")
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if header(ckpt).get("kind") != KIND:
+                raise ConfigError("model.init_from", f"'{path}' is not a diffusion checkpoint")
+            sd = ckpt["state_dict"]
         for name, module in self.trained_modules().items():
             prefix = f"ema.shadow.{name}." if any(k.startswith(f"ema.shadow.{name}.") for k in sd) else None
             prefix = prefix or TRAINED_PREFIXES[name]

@@ -7,9 +7,11 @@ opens a checkpoint reads it through :func:`header`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 KEY = "emu"
+SHARDED_META = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME: a sharded checkpoint's non-tensor part
 
 
 def write_header(checkpoint: dict[str, Any], kind: str, **fields: Any) -> None:
@@ -21,3 +23,21 @@ def header(checkpoint: Any) -> dict[str, Any]:
     """The header of a loaded checkpoint; ``{}`` for anything without one (another program's file, not a dict)."""
     info = checkpoint.get(KEY) if isinstance(checkpoint, dict) else None
     return info if isinstance(info, dict) else {}
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded (FSDP, torch.distributed.checkpoint) checkpoint folder."""
+    return Path(path).is_dir() and any(Path(path).glob("*.distcp"))
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The header of a checkpoint file, or of a sharded checkpoint folder (Lightning keeps everything but the weights
+    and optimizer states, the header included, in the folder's ``meta.pt``); ``{}`` when it has none."""
+    import torch
+
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        path = path / SHARDED_META
+        if not path.is_file():
+            return {}
+    return header(torch.load(path, map_location="cpu", weights_only=False, mmap=not path.name.endswith(SHARDED_META)))

@@ -24,7 +24,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from emu.errors import ConfigError
-from emu.utils.checkpoint_header import header
+from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header
 from emu.utils.resolution import resolution_problem
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -136,14 +136,12 @@ def _autoencoder_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None
 
 
 def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[str, str]]) -> None:
-    import torch
 
     path = Path(str(model.init_from)).expanduser()
-    if not path.is_file():
+    if not path.is_file() and not is_sharded_checkpoint(path):
         problems.append(("model.init_from", f"no checkpoint at '{path}'"))
         return
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    theirs = header(ckpt).get("unet_config", {})
+    theirs = read_header(path).get("unet_config", {})  # a file, or an FSDP run's sharded folder
     for key, value in OmegaConf.to_container(unet, resolve=True).items():
         if key in theirs and key != "gradient_checkpointing" and not _same(theirs[key], value):
             problems.append((f"model.unet.{key}", f"is {value} but model.init_from's U-Net has {theirs[key]}; "
