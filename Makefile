@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all lint format demo ablations bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
+.PHONY: install test test-all rehearsal lint format demo ablations bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ test: install  ## fast tests (< 10 min on 2 cores)
 
 test-all: install  ## everything, slow tests included
 	$(PY) -m pytest -m "not gpu"
+
+rehearsal: install  ## every paper-scale experiment, shrunk, on 2 CPU processes with a kill and a resume (slow)
+	$(PY) -m pytest -m slow tests/test_rehearsal.py -x
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -30,3 +30,20 @@ class DumpWeights(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"{prefix}rank{trainer.global_rank}.pt"
         torch.save({"step": trainer.global_step, "weights": weights, "rng": torch.get_rng_state()}, path)
+
+
+class KillAt(L.Callback):
+    """SIGKILL the whole run (every rank: the process group the test started it in) at the start of the batch after
+    ``step``: the checkpoint of ``step`` is on disk, nothing after it is, and no process gets to clean up."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.strategy.barrier("kill_at")  # every rank has saved and arrived
+            if trainer.is_global_zero:
+                import os
+                import signal
+
+                os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -21,6 +21,23 @@ def test_shapes(channels, fourier):
         assert model.encoder.conv_in.in_channels == 15  # 3 + 3 * 2 * 2: five times the RGB channels
 
 
+def test_default_fourier_features_carry_intensity_structure_below_the_8bit_nyquist():
+    """On a 256-level ramp over [-1, 1] every default feature changes sign as often as the continuous sin does (4f
+    times) with at least 2 levels per half-period. The old [64, 128] failed both: sin(2π·64x) flipped at every level
+    (the last bit's parity) and sin(2π·128x) aliased to 1 flip."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import ROOT
+
+    default = OmegaConf.load(ROOT / "conf/model/autoencoder.yaml").autoencoder.fourier_frequencies
+    assert len(default) >= 2 and FourierFeatures().frequencies.tolist() == list(default)
+    ramp = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for f in default:
+        s = torch.sin(2 * torch.pi * f * ramp)
+        flips = int((torch.sign(s[1:]) * torch.sign(s[:-1]) < 0).sum())
+        assert abs(flips - 4 * f) <= 2 and 4 * f <= 255 / 2, (f, flips)
+
+
 def test_fourier_features_are_fixed_sin_cos():
     ff = FourierFeatures((1.0, 2.0))
     x = torch.tensor([0.25, -0.1, 0.5]).view(1, 3, 1, 1)

@@ -191,6 +191,23 @@ def test_config_errors_are_clear(tmp_path):
         WebDatasetSource(str(tmp_path / "0.tar"), resampled=True)
 
 
+def test_multi_rank_webdataset_settings_that_would_hang_are_refused(tmp_path):
+    """Found by the CPU rehearsal (tests/test_rehearsal.py): ranks reading shards once get different numbers of
+    batches, and a rank without val shards never joins the metrics' all-gather; both hung, now both are errors."""
+    from emu.data.sources import SkipCounter
+
+    samples = [{"__key__": f"k{i:04d}", "png": png_bytes(rgb_image(16, 16, i)), "txt": b"x"} for i in range(8)]
+    pattern = write_shards(tmp_path / "a", samples, per_shard=4)
+    one_val = write_shards(tmp_path / "v", samples[:2], per_shard=4)
+    args = dict(prepare=lambda s: s, skips=SkipCounter(), batch_size=2, drop_last=False, workers=0)
+    with pytest.raises(ConfigError, match=r"data\.source\.resampled: must be true when 2 ranks"):
+        WebDatasetSource(pattern).stream("train", world_size=2, **args)
+    WebDatasetSource(pattern, resampled=True, epoch_size=8).stream("train", world_size=2, **args)
+    WebDatasetSource(pattern).stream("train", world_size=1, **args)  # one rank: read once, as before
+    with pytest.raises(ConfigError, match=r"data\.source\.val_shards: 1 shards for 2 ranks"):
+        WebDatasetSource(pattern, val_shards=one_val, resampled=True, epoch_size=8).stream("val", world_size=2, **args)
+
+
 def test_skip_counts_survive_checkpoint_state():
     dm = EmuDataModule(HaystackSource(n_train=8, n_val=0), batch_size=4)
     dm.load_state_dict({"skipped": {"train": {"corrupt_image": 3}}})

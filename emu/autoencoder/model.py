@@ -188,11 +188,13 @@ class Decoder(nn.Module):
 class FourierFeatures(nn.Module):
     """Fixed sin/cos features of the input, concatenated to it: C -> C * (1 + 2 * len(frequencies)) channels.
 
-    ``frequencies`` are multiples of 2π (Emu gives none; a public analogue uses 2^6 and 2^7 on [-1, 1] input).
+    ``frequencies`` multiply 2π on input in [-1, 1] (Emu gives none). 8-bit levels are 2/255 apart there, so above
+    255/4 = 63.75 a feature no longer varies smoothly with intensity: at 64 it flips sign at every level (the last
+    bit's parity) and at 128 it aliases. The paper-scale default is 1..16 (docs/benchmarks.md#fourier-features).
     Nothing in it is learned.
     """
 
-    def __init__(self, frequencies: tuple[float, ...] = (64.0, 128.0)):
+    def __init__(self, frequencies: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)):
         super().__init__()
         self.register_buffer("frequencies", torch.tensor(frequencies, dtype=torch.float32), persistent=False)
 

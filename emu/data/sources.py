@@ -479,6 +479,15 @@ class WebDatasetSource:
         train = split == "train"
         seed = self.seed if epoch is None else self.seed * 1_000_003 + epoch
         urls = self.val_shards if (not train and self.val_shards) else self.shards
+        if world_size > 1 and train and not self.resampled:  # found by the CPU rehearsal: a hang, not an error
+            raise ConfigError("data.source.resampled", f"must be true when {world_size} ranks train on shards: read "
+                              "once, the ranks' shards hold different numbers of batches, the rank that runs out "
+                              "first stops while the others wait for it in their gradient all-reduce, and the run "
+                              "hangs; set data.source.resampled=true and data.source.epoch_size")  # fmt: skip
+        if world_size > 1 and not train and self.val_shards and len(urls) < world_size:
+            raise ConfigError("data.source.val_shards", f"{len(urls)} shards for {world_size} ranks: a rank without "
+                              "validation data never reaches the metrics' all-gather the others wait in; write at "
+                              "least one val shard a rank")  # fmt: skip
         if train and self.resampled:
             stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
         else:
