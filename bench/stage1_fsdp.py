@@ -147,6 +147,7 @@ def train_overrides(scale: str, device: str, models: dict[str, Path], run_dir: P
         "~data.source.shuffle_buffer", "~data.source.resampled", "~data.source.epoch_size",
         f"data.resolution={res}", f"data.min_size={res}", f"data.batch_size={batch}",
         f"data.num_workers={s['workers']}", f"data.pin_memory={device == 'cuda'}", "trainer.devices=1",
+        "trainer.num_nodes=1",
         f"trainer.max_steps={max_steps}",
         "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "model.val_prompts=null", "model.compile=false",
         "logger=csv", "callbacks.progress_bar=null", f"paths.output_dir={run_dir}", f"hydra.run.dir={run_dir}",
@@ -265,6 +266,8 @@ def run(args) -> dict:
         raise RuntimeError(f"resume went wrong: the first run ended at step {first['end_step']} (expected {steps}), "
                            f"the resumed one ran from {resumed['start_step']} to {resumed['end_step']} "
                            f"(expected {steps} to {steps + resume_steps})")  # fmt: skip
+    plan = planned_peak(train_overrides(run_dir=first_dir, max_steps=steps, stats=out / "first.json", **common),
+                        first["peak_memory_gb"], device)  # fmt: skip
     if not args.keep:
         shutil.rmtree(first_dir / "checkpoints")
         shutil.rmtree(out / "models")
@@ -275,8 +278,27 @@ def run(args) -> dict:
         "frozen_models": frozen, "frozen_models_build_seconds": round(build_seconds, 1), "first": first,
         "resumed": resumed, "checkpoint": {"shards": shards, "gb": round(size / 2**30, 3), "ema": ema,
                                            "kept": bool(args.keep)},
+        "plan": plan,
         "notes": [n for n in (note, "model.compile=false (bench/unet_step.py measures compiling the U-Net)") if n],
     }  # fmt: skip
+
+
+def planned_peak(overrides: list[str], measured_gb: float, device: str) -> dict:
+    """``python -m emu.plan``'s training-step memory for the first run's config (no overhead: CUDA's
+    max_memory_allocated counts tensors only) beside the measured peak; on a CPU only the plan (RSS holds the whole
+    process)."""
+    from emu.plan import GIB, compose_train, plan_config
+
+    cfg = compose_train([o for o in overrides if not o.startswith(("hydra.", "+callbacks."))])
+    if device != "cuda":  # the plan is for the GPU run: a CPU run has no autocast copies and keeps everything in RSS
+        cfg.trainer.accelerator = "gpu"
+    plan = plan_config(cfg, overhead_gib=0.0)
+    planned = sum(plan.train.values()) / GIB
+    out = {"planned_gb": round(planned, 2), "parts_gb": {k: round(v / GIB, 2) for k, v in plan.train.items()}}
+    if device == "cuda":
+        out["measured_gb"] = measured_gb
+        out["difference_pct"] = round(100 * (planned - measured_gb) / measured_gb, 1)
+    return out
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,6 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"sharded checkpoint: {c['shards']} shard file(s), {c['gb']} GB (EMA: {c['ema']}); memory: "
           f"{r['first']['memory_kind']}")  # fmt: skip
     print(f"frozen models: {r['frozen_models']}")
+    plan = r["plan"]
+    if "measured_gb" in plan:
+        print(f"memory plan (python -m emu.plan): {plan['planned_gb']} GiB planned, {plan['measured_gb']} GiB measured "
+              f"({plan['difference_pct']:+.1f}%)")  # fmt: skip
     for note in r["notes"]:
         print(f"note: {note}")
     print(json.dumps(r))
