@@ -307,20 +307,16 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
     with torch.device("meta"):
         unet = UNet(**unet_cfg)
     encoders = OmegaConf.to_container(m.text.encoders, resolve=True)
-    hidden = 0
     frozen_params, frozen_bytes = 0, 0.0
     for enc in encoders.values():
         p, b = text_encoder_size(enc)
         frozen_params, frozen_bytes = frozen_params + p, frozen_bytes + b
     context_len = sum(int(e.get("max_length", 77)) for e in encoders.values())
-    proj = sum(_encoder_hidden(e) * unet.config["context_dim"] + unet.config["context_dim"] for e in encoders.values())
-    hidden = proj
-    trained = count(unet) + hidden
-    ae_path = m.get("autoencoder")
-    ae = autoencoder_model(None if OmegaConf.is_missing(m, "autoencoder") else str(ae_path))
+    projections = sum((_encoder_hidden(e) + 1) * unet.config["context_dim"] for e in encoders.values())
+    trained = count(unet) + projections
+    ae = autoencoder_model(None if OmegaConf.is_missing(m, "autoencoder") else str(m.autoencoder))
     ae_bytes = count(ae) * 4
-    precomputed = str(cfg.data.source.get("_target_", "")).endswith("LatentSource") or "latents" in str(
-        cfg.data.source.get("_target_", "")).lower()  # fmt: skip
+    precomputed = str(cfg.data.source.get("_target_", "")).endswith("LatentSource")
     h, w = _resolution(cfg)
     f = ae.downsample_factor
     batch = int(cfg.data.batch_size)

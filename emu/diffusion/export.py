@@ -56,6 +56,8 @@ def trained_state(module, ema: bool = True, keep: bool = True) -> dict[str, Any]
     state = {}
     for name, sub in module.trained_modules().items():
         averaged = dict(module.ema.shadow[name].named_parameters()) if use_ema else {}
+        if use_ema and set(averaged) != {k for k, _ in sub.named_parameters()}:
+            raise ValueError(f"the EMA's copy of {name} has other parameters than the model")
         for k, v in sub.state_dict().items():
             v = averaged.get(k, v).detach()
             v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a DTensor shard under FSDP2: all-gather it
