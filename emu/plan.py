@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from torch import nn
 
 from emu.errors import ConfigError
 
+log = logging.getLogger("emu.plan")
 GIB = 2**30
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, None: 4}
@@ -342,7 +344,7 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
         p.train["autoencoder encode (transient)"] = _encode_transient(ae, batch, h, w, amp)
     else:
         p.notes.append("latents and text embeddings precomputed: no encoder runs in the step")
-    if int(cfg.trainer.get("limit_val_batches", 1) or 0) != 0:
+    if float(cfg.trainer.get("limit_val_batches", 1.0) or 0) > 0:
         keep = (
             "weights (float32)",
             "gradients (float32)",
@@ -498,10 +500,14 @@ def check_fits(cfg: DictConfig) -> Plan | None:
     settings = cfg.get("plan") or {}
     if str(cfg.trainer.get("accelerator", "cpu")) not in ("gpu", "cuda") or not settings.get("enforce", True):
         return None
+    if cfg.trainer.get("devices") in ("auto", -1, "-1") and torch.cuda.is_available():  # this node's GPUs, not 8
+        cfg = cfg.copy()
+        cfg.trainer.devices = torch.cuda.device_count()
     try:
         plan = plan_config(cfg, float(settings.get("overhead_gib", 3.0)))
-    except ConfigError:
-        return None  # a model the plan does not cover
+    except ConfigError as e:  # a model the plan does not cover, or an encoder it cannot size
+        log.warning("no memory plan: %s", e)
+        return None
     gpu_gib = float(settings.get("gpu_gib") or _device_gib() or 80.0)
     if plan.peak > gpu_gib * GIB:
         print(plan.report(gpu_gib), file=sys.stderr)  # the plan above the one-line error
@@ -520,7 +526,12 @@ def _device_gib() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emu.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="the same overrides as train.py, e.g. experiment=stage1_pretrain")
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (default 80: A100/H100 80 GB)")
+    p.add_argument(
+        "--gpu-gib",
+        type=float,
+        default=80.0,
+        help="memory of one GPU in GiB (default 80; an 80 GB A100/H100 reports ~79)",
+    )
     p.add_argument("--overhead-gib", type=float, default=3.0)
     p.add_argument("--json", action="store_true", help="one line of JSON (per_rank_gib, fits, the parts)")
     p.add_argument("--check", action="store_true", help="also measure the activation estimate against a CPU run")

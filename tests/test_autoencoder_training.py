@@ -103,6 +103,9 @@ def test_checkpoint_round_trip_and_latent_statistics(tmp_path):
         torch.testing.assert_close(loaded(x), module.autoencoder.eval()(x), rtol=0, atol=0)
     torch.testing.assert_close(loaded.latent_std, module.autoencoder.latent_std)
     assert loaded.latent_statistics["step"] == 4
+    resumed = tiny_module(tmp_path, disc_start=2)
+    resumed.on_load_checkpoint(torch.load(ckpt, weights_only=False))  # what a resume calls
+    assert resumed.autoencoder.latent_statistics == module.autoencoder.latent_statistics
     normalized = loaded.normalize(loaded.encode(haystack_batch(8)["image"]).mode())
     torch.testing.assert_close(loaded.denormalize(normalized), loaded.encode(haystack_batch(8)["image"]).mode())
     exported = load_autoencoder(module.autoencoder.save_pretrained(tmp_path / "export"))

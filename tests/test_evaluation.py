@@ -121,9 +121,14 @@ class DecliningJudge:
     """Appeal falls with every scoring: early stopping with patience 1 must end the run."""
 
     name = "declining"
+    moved_to: str | None = None  # where checkpoint selection put it (the class keeps it: Hydra builds the instance)
 
     def __init__(self):
         self.calls = 0
+
+    def to(self, device):
+        DecliningJudge.moved_to = str(device)
+        return self
 
     def score(self, images, prompts):
         self.calls += 1
@@ -191,6 +196,7 @@ def test_quality_tuning_stops_early_when_appeal_stops_improving(tmp_path, reques
     train.train(cfg)
     summary = json.loads((tmp_path / "checkpoints" / "select" / "selection.json").read_text())
     assert summary["stopped"].startswith("step 4: appeal has not improved")
+    assert DecliningJudge.moved_to == "cpu"  # the callback moved its judge to the rank's device
     assert [r["step"] for r in summary["rows"]] == [0, 2, 4]
     assert summary["best"]["step"] == 2
 
@@ -338,7 +344,8 @@ def test_headroom_scores_the_same_scenes_as_corpus_and_as_needles():
 
 def test_paper_scale_quality_tuning_wires_its_stopping_rule(tmp_path):
     """experiment=stage2_quality_tune spends no image on a validation split, selects by a preference judge given by
-    path every 1000 steps, keeps EMA weights only there, stops by patience, and keeps one full checkpoint."""
+    path every 1000 steps, keeps EMA weights only there, stops by patience, and keeps one full checkpoint (last.ckpt);
+    PickScore swaps in by its group."""
     from tests.test_train import compose_train
 
     cfg = compose_train(["experiment=stage2_quality_tune", f"paths.output_dir={tmp_path}"])
@@ -349,7 +356,10 @@ def test_paper_scale_quality_tuning_wires_its_stopping_rule(tmp_path):
     assert sel.judge._target_ == "emu.curation.aesthetic.CurationJudge"  # not the evaluation's (pickscore, people)
     missing = {k for k in ("clip", "head") if OmegaConf.is_missing(sel.judge, k)}
     assert missing == {"clip", "head"} and OmegaConf.is_missing(sel, "prompts")  # by path: nothing downloaded
-    assert cfg.callbacks.model_checkpoint.save_top_k == 1
+    assert cfg.callbacks.model_checkpoint.save_top_k == 0 and cfg.callbacks.model_checkpoint.save_last  # last only
+    swapped = compose_train(["experiment=stage2_quality_tune", "judge@callbacks.selection.judge=pickscore",
+                             "callbacks.selection.judge.path=/models/pickscore"])  # fmt: skip
+    assert set(swapped.callbacks.selection.judge) == {"_target_", "path", "device"}  # no aesthetic keys left over
 
 
 def test_eval_warns_when_the_selection_judge_also_scores(tmp_path):

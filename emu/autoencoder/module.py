@@ -275,6 +275,10 @@ class AutoencoderModule(L.LightningModule):
         write_header(checkpoint, KIND, autoencoder_config=self.autoencoder.config,
                      latent_statistics=self.autoencoder.latent_statistics)  # fmt: skip
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run keeps the record of its restored statistics (the buffers come back with the weights)."""
+        self.autoencoder.latent_statistics = dict(header(checkpoint).get("latent_statistics") or {})
+
     def on_fit_end(self) -> None:
         record = self.autoencoder.latent_statistics
         if record.get("step") != self.global_step:

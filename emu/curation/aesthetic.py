@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -67,13 +68,18 @@ class CurationJudge:
     """The curation's models as a judge (``score(images, prompts) -> {"appeal", "faithfulness"}``, the protocol
     of :class:`~emu.diffusion.selection.CheckpointSelection`): appeal is the aesthetic head on the CLIP image
     embedding; faithfulness is the CLIP's zero-shot accuracy on the attributes of an image's one-object haystack
-    caption (colour, shape, size, position, background), NaN for other captions."""
-
-    name = "curation judge (mini CLIP + aesthetic head)"
+    caption (colour, shape, size, position, background), NaN for other captions (at paper scale, real prompts:
+    appeal only). ``name`` says which head on which CLIP."""
 
     def __init__(self, clip: str, head: str, device: str = "cpu"):
         self.clip = ClipEmbedder(clip, device=device)
         self.head = AestheticHead.from_file(head).eval()
+        self.name = f"aesthetic head {Path(head).name} on CLIP {Path(clip).name}"
+
+    def to(self, device: str | torch.device) -> CurationJudge:
+        """Score on ``device`` (checkpoint selection moves its judge to each rank's own GPU)."""
+        self.clip.to(device)
+        return self
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

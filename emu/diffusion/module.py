@@ -42,7 +42,7 @@ from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
 from emu.training.distributed import FSDPStrategy, read_sharded_weights, shard_modules
 from emu.training.optim import images_per_step, weight_decay_groups
-from emu.utils.checkpoint_header import header, is_sharded_checkpoint, write_header
+from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
 from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
@@ -441,6 +441,9 @@ class DiffusionModule(L.LightningModule):
         """Weights (EMA where present) from a diffusion checkpoint, one file or a sharded (FSDP) checkpoint folder,
         from which only the EMA (else the trained weights) is read: initialisation, not resume."""
         if is_sharded_checkpoint(path):
+            if read_header(path).get("kind") not in (KIND, None):
+                raise ConfigError("model.init_from", f"'{path}' is a {read_header(path)['kind']} checkpoint, not a "
+                                  "diffusion checkpoint")  # fmt: skip
             sd = read_sharded_weights(path, ["ema.shadow."])
             sd = sd or read_sharded_weights(path, [TRAINED_PREFIXES[n] for n in self.trained_modules()])
             if not any(k.startswith(("ema.shadow.unet.", "unet.")) for k in sd):

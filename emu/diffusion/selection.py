@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from emu.diffusion.export import save_export, trained_state
+from emu.diffusion.export import plain_json, save_export, trained_state
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
@@ -99,6 +99,8 @@ class CheckpointSelection(L.Callback):
 
     # ----------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if hasattr(self.judge, "to"):  # built before the trainer: onto this rank's own device now
+            self.judge.to(pl_module.device)
         if self.keep == "ema" and getattr(pl_module, "ema", None) is None:
             raise ConfigError(
                 "callbacks.selection.keep", "'ema' needs a model with an EMA (model.ema_half_life_images)"
@@ -171,6 +173,7 @@ class CheckpointSelection(L.Callback):
             trainer.save_checkpoint(path)
             return path
         path = self.dirpath / f"step_{step:07d}"
+        plain_json(dict(pl_module.hparams))  # on every rank before the gather: no rank fails alone after it
         state = trained_state(pl_module, ema=True, keep=trainer.is_global_zero)  # every rank: FSDP gathers shards
         if trainer.is_global_zero:
             save_export(pl_module, path, ema=True, step=step, source=f"checkpoint selection at step {step}",

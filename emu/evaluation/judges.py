@@ -264,13 +264,17 @@ class PreferenceJudge:
     paper's appeal raters did); ``faithfulness`` is the same model's CLIP score, ``100 * max(cos, 0)``. Any object
     with this ``score`` works as ``judge=`` in ``eval.py`` and in checkpoint selection."""
 
-    name = "preference model (PickScore format)"
-
     def __init__(self, path: str | Path, device: str = "cpu"):
         path = Path(path).expanduser()
         if not (path / "config.json").is_file():
             raise ConfigError("judge.path", f"'{path}' is not a CLIPModel folder (no config.json): nothing is fetched")
         self.clip = ClipEmbedder(path, device=device)
+        self.name = f"preference model {path.name} (PickScore format)"
+
+    def to(self, device: str | torch.device) -> PreferenceJudge:
+        """Score on ``device`` (checkpoint selection moves its judge to each rank's own GPU)."""
+        self.clip.to(device)
+        return self
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -36,6 +36,12 @@ class ClipEmbedder:
         self.size = self.model.config.vision_config.image_size
         self.max_length = self.model.config.text_config.max_position_embeddings
 
+    def to(self, device: str | torch.device) -> ClipEmbedder:
+        """Move the model to ``device`` (embeddings still come back on the CPU)."""
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Images in [-1, 1], B x 3 x H x W -> L2-normalised embeddings."""
