@@ -375,3 +375,16 @@ def test_eval_warns_when_the_selection_judge_also_scores(tmp_path):
     )
     (select / "selection.json").write_text(json.dumps({"judge": "aesthetic"}))
     assert same_judge_note(select / "best.ckpt", "tuned", DecliningJudge()) is None
+
+
+def test_win_rates_by_tie_band_and_their_report_table(tmp_path):
+    from emu.demo.report import tie_band_lines
+    from emu.evaluation.winrate import tie_band_sweep
+
+    a, b = [1.05, 1.2, 1.3, 0.4], [1.0, 1.0, 1.0, 1.0]  # A ahead by 0.05, 0.2, 0.3, behind by 0.6
+    got = [(r["tie_band"], r["win"], r["tie"], r["loss"]) for r in tie_band_sweep(a, b, [0, 0.1, 0.25, 0.5], n_boot=50)]
+    assert got == [(0.0, 0.75, 0.0, 0.25), (0.1, 0.5, 0.25, 0.25), (0.25, 0.25, 0.5, 0.25), (0.5, 0.0, 0.75, 0.25)]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"tuned": {"appeal": x}, "base": {"appeal": y}}) + "\n" for x, y in zip(a, b)))
+    table = "\n".join(tie_band_lines(scores, ["tuned", "base"]))
+    assert "| 0.25 | 25.0% [" in table and "| 50.0% |" in table  # the 0.25 band: ties split half 25 + 25

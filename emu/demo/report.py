@@ -19,7 +19,7 @@ from typing import Any
 from emu import paper
 from emu.demo.stages import Stage
 from emu.evaluation.report import headroom_lines
-from emu.evaluation.winrate import format_win_rate
+from emu.evaluation.winrate import format_win_rate, tie_band_sweep
 from emu.utils.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,6 +356,7 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
             f"Inception FID: {fid_note.splitlines()[0].rstrip('.')}. The domain Fréchet distance above uses the "
             "mini CLIP's image tower, reported under its own name, not as FID.",
         ]
+    lines += tie_band_lines(out / "eval" / "scores.jsonl", names)
     lines += ["", *headroom_lines(m.get("headroom"), models)]
     lines += trust_table(m.get("judge_accuracy"), m.get("clip_accuracy"), targets)
     ap, fa = paired.get("appeal"), paired.get("faithfulness")
@@ -381,6 +382,26 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
     )
     lines += ["", "Full evaluation: [eval/report.md](eval/report.md)."]
     return [*lines, ""]
+
+
+TIE_BANDS = (0.0, 0.1, 0.25, 0.5)  # judge-appeal points (0-10 scale); the headline's is conf/eval.yaml tie_band.appeal
+
+
+def tie_band_lines(scores: Path, names: list[str]) -> list[str]:
+    """The appeal win / tie / loss of the first model over the second at each of :data:`TIE_BANDS`, and with ties
+    split, from ``eval/scores.jsonl``: how much of the headline is the band's choice."""
+    if len(names) != 2 or not scores.is_file():
+        return []
+    rows = [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
+    a, b = ([r[n]["appeal"] for r in rows] for n in names)
+    lines = ["", f"Appeal, {names[0]} vs {names[1]}, by the tie band (|difference| of the judge's 0-10 appeal within "
+             "it is a tie):", "", "| tie band | win | tie | loss | ties split half |",
+             "| ---: | --- | ---: | --- | ---: |"]  # fmt: skip
+    for r in tie_band_sweep(a, b, TIE_BANDS, n_boot=1000):
+        lines.append(f"| {r['tie_band']:g} | {_pct(r['win'])} [{_pct(r['win_ci'][0])}-{_pct(r['win_ci'][1])}] | "
+                     f"{_pct(r['tie'])} | {_pct(r['loss'])} [{_pct(r['loss_ci'][0])}-{_pct(r['loss_ci'][1])}] | "
+                     f"{_pct(r['win_rate'])} |")  # fmt: skip
+    return lines
 
 
 def section_ablations(out: Path, targets: Targets) -> list[str]:

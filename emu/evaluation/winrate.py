@@ -62,3 +62,8 @@ def format_win_rate(r: dict[str, object]) -> str:
         return f"{100 * r[k]:.1f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
     return f"win {pct('win')} / tie {100 * r['tie']:.1f}% / loss {pct('loss')} (n={r['n']})"
+
+
+def tie_band_sweep(score_a: Sequence[float], score_b: Sequence[float], bands: Sequence[float], **kw) -> list[dict]:
+    """:func:`compare` of A over B at each tie band in ``bands``: how much of a win rate is the band's choice."""
+    return [compare(score_a, score_b, float(band), **kw) for band in bands]
