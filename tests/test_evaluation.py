@@ -145,7 +145,8 @@ def _stage2_cfg(tmp_path, request, *extra):
         f"model.init_from={request.getfixturevalue('tiny_stage1_checkpoint')}",
         f"data.source.root={request.getfixturevalue('tiny_curated')}", "data.source.val_fraction=0.25",
         "data.batch_size=2", "data.num_workers=0", "trainer.check_val_every_n_epoch=1000", "model.warmup_steps=1",
-        f"callbacks.selection.judge.path={request.getfixturevalue('tiny_judge')}", "callbacks.selection.limit=2",
+        f"callbacks.selection.judge.clip={request.getfixturevalue('tiny_clip')}", "callbacks.selection.limit=2",
+        f"callbacks.selection.judge.head={request.getfixturevalue('aesthetic_head')}",
         "callbacks.selection.sampling.steps=2", "callbacks.selection.every_n_steps=2",
         *tiny_stage1_overrides(*fixtures), *extra,
     ])  # fmt: skip

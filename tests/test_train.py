@@ -57,7 +57,8 @@ def test_mini_experiment_survives_fast_dev_run(experiment, tmp_path, request):
     if "stage2" in experiment:
         ckpt, folder = request.getfixturevalue("tiny_stage1_checkpoint"), request.getfixturevalue("tiny_curated")
         extra += [f"model.init_from={ckpt}", f"data.source.root={folder}", "data.source.val_fraction=0.25",
-                  f"callbacks.selection.judge.path={request.getfixturevalue('tiny_judge')}",
+                  f"callbacks.selection.judge.clip={request.getfixturevalue('tiny_clip')}",
+                  f"callbacks.selection.judge.head={request.getfixturevalue('aesthetic_head')}",
                   "callbacks.selection.limit=2", "callbacks.selection.sampling.steps=2"]  # fmt: skip
     cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", f"paths.output_dir={tmp_path}", *extra])
     metrics = train.train(cfg)
