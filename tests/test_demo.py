@@ -70,6 +70,17 @@ def _fake_run_step(calls: list[list[str]], out: Path):
     return run_step
 
 
+def test_rerunning_a_stage_starts_from_empty_folders(tmp_path):
+    """``--only`` forgets a stage: every folder its steps write goes, so nothing of the last run is read back (the
+    A/B stage's vote store kept the previous run's votes, on the previous images, until it declared its folder)."""
+    stages = demo_stages(driver.load_scale("mini"))
+    human = next(s for s in stages if s.name == "human_ab")
+    (tmp_path / "human_ab").mkdir()
+    (tmp_path / "human_ab" / "votes.jsonl").write_text("old")
+    driver.State(tmp_path / "demo_state.json").forget(human, tmp_path)
+    assert not (tmp_path / "human_ab").exists()
+
+
 def test_driver_runs_stages_in_order_then_skips_and_resumes(tmp_path, monkeypatch):
     scale = driver.load_scale("tiny")
     calls: list[list[str]] = []

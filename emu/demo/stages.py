@@ -146,7 +146,7 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         ]),
         # the same comparison as an A/B task of the annotation app, answered by simulated raters (the judge + noise)
         Stage("human_ab", "A/B task, simulated raters", [
-            _step("ab_task", ab_task, "human_ab/task.json", hydra=False),
+            _step("ab_task", ab_task, "human_ab/task.json", hydra=False, outputs="human_ab"),
             _step("ab_votes", "-m emu.annotate simulate {out}/human_ab --scores {out}/eval/scores.jsonl",
                   "human_ab/votes.jsonl", hydra=False),
             _step("ab_results", "-m emu.annotate results {out}/human_ab --out {out}/human_ab/results.json",
