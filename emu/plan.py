@@ -143,32 +143,26 @@ def count(module: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ frozen networks
-def text_encoder_size(cfg: dict[str, Any]) -> tuple[int, int]:
-    """(parameters, bytes) of a frozen text encoder config (``name_or_path``, ``kind``, ``dtype``)."""
+def text_encoder_size(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(parameters, bytes, hidden size) of a frozen text encoder config (``name_or_path``, ``kind``, ``dtype``): from
+    its config when it is on disk (a folder or the local hub cache), else from :data:`KNOWN_ENCODERS`."""
     name, dtype = str(cfg["name_or_path"]), cfg.get("dtype") or "float32"
-    params = _local_encoder_params(name, cfg.get("kind", "clip"))
-    if params is None:
-        if name not in KNOWN_ENCODERS:
-            raise ConfigError("model.text.encoders", f"cannot size '{name}': not on disk and not one of "
-                              f"{sorted(KNOWN_ENCODERS)}; give a local folder")  # fmt: skip
-        params = KNOWN_ENCODERS[name][0]
-    return params, params * DTYPE_BYTES.get(dtype, 4)
-
-
-def _local_encoder_params(name: str, kind: str) -> int | None:
     try:
         from transformers import AutoConfig, CLIPTextModelWithProjection, T5EncoderModel
 
         config = AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception:  # not a folder and not in the local hub cache
-        return None
-    if kind == "clip":
-        config = getattr(config, "text_config", config)
-        cls = CLIPTextModelWithProjection
+        if name not in KNOWN_ENCODERS:
+            raise ConfigError("model.text.encoders", f"cannot size '{name}': not on disk and not one of "
+                              f"{sorted(KNOWN_ENCODERS)}; give a local folder") from None  # fmt: skip
+        params, hidden, _ = KNOWN_ENCODERS[name]
     else:
-        cls = T5EncoderModel
-    with torch.device("meta"):
-        return count(cls(config))
+        config = getattr(config, "text_config", config) if cfg.get("kind", "clip") == "clip" else config
+        cls = CLIPTextModelWithProjection if cfg.get("kind", "clip") == "clip" else T5EncoderModel
+        with torch.device("meta"):
+            params = count(cls(config))
+        hidden = int(getattr(config, "hidden_size", None) or config.d_model)
+    return params, params * DTYPE_BYTES.get(dtype, 4), hidden
 
 
 def autoencoder_model(path: str | None):
@@ -309,12 +303,10 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
     with torch.device("meta"):
         unet = UNet(**unet_cfg)
     encoders = OmegaConf.to_container(m.text.encoders, resolve=True)
-    frozen_params, frozen_bytes = 0, 0.0
-    for enc in encoders.values():
-        p, b = text_encoder_size(enc)
-        frozen_params, frozen_bytes = frozen_params + p, frozen_bytes + b
+    sizes = [text_encoder_size(enc) for enc in encoders.values()]
+    frozen_params, frozen_bytes = sum(s[0] for s in sizes), float(sum(s[1] for s in sizes))
     context_len = sum(int(e.get("max_length", 77)) for e in encoders.values())
-    projections = sum((_encoder_hidden(e) + 1) * unet.config["context_dim"] for e in encoders.values())
+    projections = sum((hidden + 1) * unet.config["context_dim"] for _, _, hidden in sizes)
     trained = count(unet) + projections
     ae = autoencoder_model(None if OmegaConf.is_missing(m, "autoencoder") else str(m.autoencoder))
     ae_bytes = count(ae) * 4
@@ -361,20 +353,6 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
             p.validation["EMA swap (live weights kept)"] = 4 * trained / shard
         p.validation["sampling activations (no grad)"] = _inference_transient(unet_cfg, batch, (h // f, w // f))
     return p
-
-
-def _encoder_hidden(enc: dict[str, Any]) -> int:
-    name = str(enc["name_or_path"])
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-        config = getattr(config, "text_config", config)
-        return int(getattr(config, "hidden_size", None) or config.d_model)
-    except Exception:
-        if name in KNOWN_ENCODERS:
-            return KNOWN_ENCODERS[name][1]
-        raise ConfigError("model.text.encoders", f"cannot size '{name}': give a local folder") from None
 
 
 def _encode_transient(ae: nn.Module, batch: int, h: int, w: int, amp: bool) -> float:
