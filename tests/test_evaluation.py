@@ -18,7 +18,7 @@ from emu.data.haystack import BACKGROUNDS, parse_caption
 from emu.diffusion.selection import CheckpointSelection
 from emu.errors import ConfigError
 from emu.evaluation.judges import PRESENCE_GROUPS, faithfulness
-from emu.evaluation.winrate import compare, paired_outcomes, win_rates
+from emu.evaluation.winrate import compare, paired_outcomes, pooled_win_rates, win_rates
 from tests.conftest import tiny_stage1_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,41 @@ def test_tie_band_and_missing_scores():
         paired_outcomes([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="no judged pairs"):
         win_rates(paired_outcomes([float("nan")], [1.0]))
+
+
+def test_pooled_win_rates_point_estimates_are_over_every_pair():
+    r = pooled_win_rates([[1, 1, 0, -1], [1, -1]], n_boot=200)
+    assert (r["n"], r["n_seeds"], r["n_boot"], r["level"]) == (6, 2, 200, 0.95)
+    assert (r["win"], r["tie"], r["loss"]) == (0.5, 1 / 6, 2 / 6) and r["win_rate"] == 0.5 + 1 / 12
+    for k in ("win", "tie", "loss", "win_rate"):
+        lo, hi = r[f"{k}_ci"]
+        assert 0 <= lo <= r[k] <= hi <= 1
+    assert pooled_win_rates([[1] * 30, [1] * 20])["win_ci"] == [1.0, 1.0]
+
+
+def test_pooled_interval_holds_the_spread_between_seeds():
+    """Seeds that disagree (one all wins, one all losses): the two-level interval spans nearly everything, the
+    prompt-only interval of the same pairs does not; identical seeds: about the prompt-only width."""
+    disagree = [[1] * 64, [-1] * 64]
+    two, flat = pooled_win_rates(disagree), win_rates(np.concatenate(disagree))
+    assert two["win"] == flat["win"] == 0.5
+    assert two["win_ci"][0] <= 0.05 and two["win_ci"][1] >= 0.95 and flat["win_ci"][1] - flat["win_ci"][0] < 0.3
+    o = np.random.default_rng(1).choice([1, 0, -1], size=64, p=[0.7, 0.1, 0.2])
+    two, flat = pooled_win_rates([o, o, o]), win_rates(np.concatenate([o, o, o]))
+    w2, w1 = (r["win_ci"][1] - r["win_ci"][0] for r in (two, flat))
+    assert abs(w2 - w1) < 0.2 * w1 and two["win"] == flat["win"]
+    one, alone = pooled_win_rates([o]), win_rates(o)  # one seed: a bootstrap over its prompts only
+    assert abs((one["win_ci"][1] - one["win_ci"][0]) - (alone["win_ci"][1] - alone["win_ci"][0])) < 0.05
+
+
+def test_pooled_win_rates_are_seeded_and_refuse_empty_input():
+    runs = [[1, 0, -1, 1, 1], [1, 1, -1], [0, 1, 1, 1]]
+    assert pooled_win_rates(runs, seed=3) == pooled_win_rates(runs, seed=3)
+    assert pooled_win_rates(runs, seed=3) != pooled_win_rates(runs, seed=4)  # another seed, other intervals
+    with pytest.raises(ValueError, match="no seeds"):
+        pooled_win_rates([])
+    with pytest.raises(ValueError, match="a seed has no judged pairs"):
+        pooled_win_rates([[1, 1], []])
 
 
 # ------------------------------------------------------------------------------------------------ judges

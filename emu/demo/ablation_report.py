@@ -2,9 +2,11 @@
 
 Reads each arm's ``metrics.json`` (``paired.appeal`` / ``paired.faithfulness``: win, tie, loss with 95% bootstrap
 intervals), its data's ``subset.json`` (hidden needles in what it trained on), the stage-2 ``selection.json`` files
-(the judge's scores per step) and the ablations' ``ablation_state.json`` (wall time per arm). Judges the two targets
-(:data:`TARGETS`) as met or missed, writes them to ``ablations/targets.json`` for ``REPORT.md``, and plots appeal and
-faithfulness against quality-tuning steps (``ablations/lengths.png``). Measures nothing itself.
+(the judge's scores per step), the ablations' ``ablation_state.json`` (wall time per arm) and the stage-2 seeds'
+``eval/scores.jsonl`` (the appeal pooled over the seeds, :func:`pooled_appeal`). Judges the targets
+(:data:`TARGETS`) as met or missed, writes them to ``ablations/targets.json`` for ``REPORT.md``, and plots appeal
+and faithfulness against quality-tuning steps (``ablations/lengths.png``). Measures nothing but the pooled appeal,
+from the judge's scores the evals wrote.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from emu import paper
 from emu.demo.ablations import Arm, settings
 from emu.demo.plot import Panel, Series, chart
-from emu.demo.report import Targets, _load, _pct, wall_clock
-from emu.evaluation.winrate import format_win_rate
+from emu.demo.report import POOLED, ROOT, Targets, _load, _pct, wall_clock
+from emu.evaluation.winrate import format_win_rate, paired_outcomes, pooled_win_rates
 from emu.utils.files import atomic_write_text
 
 TARGETS = {  # appeal win (ties not counted as wins) of an arm vs the pre-trained model, against this level
     "curated_above": 0.5,  # a small curated set: the win's 95% interval lies above it
     "random_not_above": 0.5,  # the same number of random images (the control): its interval does not
+    "pooled_win": 0.75,  # the headline's appeal pooled over the stage-2 seeds (two-level bootstrap): win at least this
+    "pooled_win_low": 0.65,  # and its 95% interval's lower end above this
 }
 PLOT = "ablations/lengths.png"
 
@@ -83,10 +89,78 @@ def judge_targets(arms: list[Arm], metrics: dict[str, dict], scale: dict[str, An
     return out
 
 
-def _seeds(arms: list[Arm], metrics: dict[str, dict]) -> list[str]:
+def _seed_runs(arms: list[Arm]) -> list[Arm]:
+    """The stage-2 runs on the whole curated set: the headline (seed 0), then the seed arms."""
+    return [a for a in arms if a.group == "seed" or (a.group == "curated" and a.stage is None)]
+
+
+def _tie_band(headline: dict[str, Any] | None) -> float:
+    """The headline's appeal tie band: as its ``metrics.json`` records it, else ``conf/eval.yaml``'s."""
+    paired = ((headline or {}).get("paired") or {}).get("appeal") or {}
+    band = paired.get("tie_band", ((headline or {}).get("config") or {}).get("tie_band", {}).get("appeal"))
+    if band is None:
+        band = yaml.safe_load((ROOT / "conf" / "eval.yaml").read_text())["tie_band"]["appeal"]
+    return float(band)
+
+
+def pooled_appeal(out: Path, arms: list[Arm], metrics: dict[str, dict], n_boot: int = 2000) -> dict[str, Any] | None:
+    """The appeal win / tie / loss of the quality-tuned models over the pre-trained one pooled over the stage-2 seeds
+    whose eval wrote a ``scores.jsonl`` (:func:`pooled_win_rates`, the headline's tie band for all), with ``seeds``
+    and ``pairs`` (per seed) and ``tie_band``; None when fewer than two seeds have scores."""
+    runs = _seed_runs(arms)
+    band = _tie_band(next((metrics.get(a.name) for a in runs if a.stage is None), None))
+    seeds, outcomes = [], []
+    for arm in runs:
+        path = out / Path(arm.metrics).parent / "scores.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        names = [k for k in (rows[0] if rows else {}) if k not in ("prompt", "seed")]
+        if len(names) != 2 or "pretrained" not in names:  # the tuned model is named after the arm (or quality_tuned)
+            continue
+        tuned = next(n for n in names if n != "pretrained")
+        o = paired_outcomes([r[tuned]["appeal"] for r in rows], [r["pretrained"]["appeal"] for r in rows], band)
+        if len(o):
+            seeds.append(arm.seed)
+            outcomes.append(o)
+    if len(outcomes) < 2:
+        return None
+    r = pooled_win_rates(outcomes, n_boot=n_boot)
+    return {**r, "seeds": seeds, "pairs": [len(o) for o in outcomes], "tie_band": band}
+
+
+def judge_pooled(pooled: dict[str, Any] | None, planned: int) -> tuple[str, str, bool | None]:
+    """``(target, measured, met)`` of the appeal pooled over the stage-2 seeds (``planned`` of them when none is
+    measured): win at least ``pooled_win`` and its interval's lower end above ``pooled_win_low``."""
+    win, low = TARGETS["pooled_win"], TARGETS["pooled_win_low"]
+    k = pooled["n_seeds"] if pooled else planned
+    what = f"appeal pooled over {k} stage-2 seeds (two-level bootstrap): win >= {win:.0%}, interval above {low:.0%}"
+    if not pooled:
+        return what, "n/a", None
+    measured = (f"win {_pct(pooled['win'])} [{_pct(pooled['win_ci'][0])}, {_pct(pooled['win_ci'][1])}] over "
+                f"{pooled['n_seeds']} seeds, {pooled['n']} pairs (tie {_pct(pooled['tie'])}, loss "
+                f"{_pct(pooled['loss'])})")  # fmt: skip
+    return what, measured, pooled["win"] >= win and pooled["win_ci"][0] > low
+
+
+def _pooled_lines(r: dict[str, Any]) -> list[str]:
+    """The pooled appeal in words: win / tie / loss with their intervals, the seeds and the pairs."""
+
+    def ci(k: str) -> str:
+        return f"{_pct(r[k])} [{_pct(r[f'{k}_ci'][0])}, {_pct(r[f'{k}_ci'][1])}]"
+
+    pairs = r["pairs"]
+    prompts = f"{pairs[0]} prompts each" if len(set(pairs)) == 1 else f"{' / '.join(map(str, pairs))} prompts"
+    return [
+        f"Appeal pooled over {r['n_seeds']} stage-2 seeds ({', '.join(map(str, r['seeds']))}; {prompts}, {r['n']} "
+        f"pairs; tie band {r['tie_band']:g}), {100 * r['level']:.0f}% intervals from a two-level bootstrap (the seeds "
+        f"drawn with replacement, then each drawn seed's prompts): **win {ci('win')} / tie {ci('tie')} / loss "
+        f"{ci('loss')}** (ties counted half: {ci('win_rate')}).",
+        "",
+    ]
+
+
+def _seeds(arms: list[Arm], metrics: dict[str, dict], pooled: dict[str, Any] | None = None) -> list[str]:
     """Mean and spread of the appeal and faithfulness win over the stage-2 seeds (the headline arm is seed 0)."""
-    runs = [a for a in arms if a.group == "seed" or (a.group == "curated" and a.stage is None)]
-    runs = [(a, metrics[a.name]["paired"]) for a in runs if metrics.get(a.name, {}).get("paired")]
+    runs = [(a, metrics[a.name]["paired"]) for a in _seed_runs(arms) if metrics.get(a.name, {}).get("paired")]
     lines = ["## Seeds: is the effect larger than the noise?", ""]
     if len(runs) < 2:
         return [*lines, "_Fewer than two stage-2 seeds have been evaluated._", ""]
@@ -106,7 +180,7 @@ def _seeds(arms: list[Arm], metrics: dict[str, dict]) -> list[str]:
         f"wide on average. A difference between arms smaller than the seed range is not an effect.",
         "",
     ]
-    return lines
+    return lines + (_pooled_lines(pooled) if pooled else ["_Fewer than two stage-2 seeds have a `scores.jsonl`._", ""])
 
 
 def _plot(out: Path, arms: list[Arm], metrics: dict[str, dict]) -> str | None:
@@ -145,6 +219,9 @@ def write_ablations(out: Path, scale: dict[str, Any], arms: list[Arm], state: di
     metrics = {a.name: _load(out / a.metrics) for a in arms}
     metrics = {k: v for k, v in metrics.items() if v}
     targets = judge_targets(arms, metrics, scale)
+    pooled = pooled_appeal(out, arms, metrics)
+    if len(_seed_runs(arms)) > 1:  # a plan with other stage-2 seeds than the headline's
+        targets[POOLED] = judge_pooled(pooled, len(_seed_runs(arms)))
     curated = (_load(out / "curate" / "funnel.json") or {}).get("final")
     head = arms[0]
     ev = metrics.get(head.name, {})
@@ -183,7 +260,7 @@ def write_ablations(out: Path, scale: dict[str, Any], arms: list[Arm], state: di
     for what, measured, met in targets.values():
         table.add(what, measured, met)
     lines += table.markdown() if targets else ["_No target arm in this plan._", ""]
-    lines += _seeds(arms, metrics)
+    lines += _seeds(arms, metrics, pooled)
     lines += ["## Training length", ""]
     plot = _plot(out, arms, metrics)
     if plot:
