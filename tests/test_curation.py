@@ -99,6 +99,9 @@ def test_labels_import_round_trip_and_bad_rows(tmp_path):
     rows = [{"key": "a", "keep": 1}, {"key": "a", "keep": 0}, {"key": "a", "keep": 1}, {"key": "b", "keep": 0}]
     assert combine(rows, "majority") == {"a": True, "b": False}
     assert combine(rows, "all") == {"a": False, "b": False}
+    assert combine(rows, "mean", 0.6) == {"a": True, "b": False} and combine(rows, "mean", 0.8)["a"] is False
+    stage = HumanStage("s", "specialist", simulated=[], combine="mean", threshold=0.8)
+    assert stage.describe() == "specialist pass, labels file, kept by >= 80% of votes"
     ann = SimulatedAnnotator("x", noise=0.0, appeal_noise=0.0, appeal_threshold=7.5)
     assert ann.label("k", {"flaws": [], "appeal": 8.0})["keep"] == 1
     assert ann.label("k", {"flaws": ["too_dark"], "appeal": 8.0})["keep"] == 0
@@ -162,6 +165,7 @@ def test_funnel_end_to_end_counts_outputs_and_resume(tmp_path, tiny_clip, aesthe
     assert report["final"]["n"] == stages[-1]["n_out"]
     assert stages[1]["removed_by_flaw"].get("near_duplicate", 0) >= 1  # the haystack's near-duplicates are caught
     assert stages[4]["rule"].startswith("skipped") and stages[4]["n_out"] == stages[4]["n_in"]
+    assert [s.get("role") for s in stages[-2:]] == ["generalist", "specialist"] and "role" not in stages[0]
     for name in (
         "funnel.json",
         "funnel.md",

@@ -422,5 +422,7 @@ def test_win_rates_by_tie_band_and_their_report_table(tmp_path):
     assert got == [(0.0, 0.75, 0.0, 0.25), (0.1, 0.5, 0.25, 0.25), (0.25, 0.25, 0.5, 0.25), (0.5, 0.0, 0.75, 0.25)]
     scores = tmp_path / "scores.jsonl"
     scores.write_text("".join(json.dumps({"tuned": {"appeal": x}, "base": {"appeal": y}}) + "\n" for x, y in zip(a, b)))
-    table = "\n".join(tie_band_lines(scores, ["tuned", "base"]))
+    table = "\n".join(tie_band_lines(scores, ["tuned", "base"], 0.25))
     assert "| 0.25 | 25.0% [" in table and "| 50.0% |" in table  # the 0.25 band: ties split half 25 + 25
+    assert "The headline's band, 0.25 (`conf/eval.yaml`), was fixed" in table
+    assert "headline's band" not in "\n".join(tie_band_lines(scores, ["tuned", "base"]))

