@@ -177,7 +177,7 @@ class Funnel:
         info = {"stage": stage.name, "kind": stage.kind, "rule": note, "n_in": n_in, "n_out": n_out,
                 "seconds": round(seconds, 2), "seconds_per_1k": round(1000 * seconds / max(1, n_in), 2),
                 "ranks": self.ranks.world, **counts.describe(n_out, self.total_needles)}  # fmt: skip
-        if getattr(stage, "role", None):  # a human pass's role in the paper: generalist (recall), specialist (precision)
+        if getattr(stage, "role", None):  # a human pass's role: generalist (recall), specialist (precision)
             info["role"] = stage.role
         atomic_write_text(ctx.table(stage.name).with_suffix(".json"), json.dumps(info, indent=2))
         writer.close()

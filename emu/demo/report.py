@@ -286,7 +286,8 @@ def section_curation(out: Path, targets: Targets) -> list[str]:
     else:
         targets.add(gen_what, "n/a", None)
     if "precision" in fin:
-        targets.add(prec_what, f"{_pct(fin['precision'])} of {fin['n']} images", fin["precision"] >= TARGETS["precision"])
+        met = fin["precision"] >= TARGETS["precision"]
+        targets.add(prec_what, f"{_pct(fin['precision'])} of {fin['n']} images", met)
     else:
         targets.add(prec_what, "n/a", None)
     sheet = next(
