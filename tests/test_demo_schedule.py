@@ -237,7 +237,9 @@ def _strings(x):
 @pytest.mark.parametrize("scale", ["mini", "tiny", "gpu"])
 def test_every_step_needs_the_steps_whose_outputs_it_reads(scale, tmp_path):
     """Each path under the demo folder that a step's command or composed config names is written by a step it
-    (transitively) needs: side by side, no step reads another's half-written outputs."""
+    (transitively) needs: side by side, no step reads another's half-written outputs. And each step it names as a
+    need writes something it reads: a stale need (stage 2 waited for the judge its selection no longer uses) holds
+    a step back for nothing and lengthens the critical path."""
     s = driver.load_scale(scale)
     steps = [step for stage in demo_stages(s) for step in stage.steps]
     check_needs(steps)
@@ -258,13 +260,18 @@ def test_every_step_needs_the_steps_whose_outputs_it_reads(scale, tmp_path):
                 overrides = [a for a in overrides if a.partition("=")[0] not in ("batches", "grid")]
                 cfg = OmegaConf.to_container(compose(ENTRY_CONFIGS[entry], overrides=overrides), resolve=False)
                 texts += [t.replace("${paths.demo_dir}", out) for t in _strings(cfg)]
+            read_from: set[str] = set()
             for text in texts:
                 for path in pattern.findall(text):
                     path = path.rstrip("/")
                     makers = _producer_of(path, steps)
-                    if step.name in makers:
-                        continue  # its own output
+                    if step.name in makers:  # its own output (and, in a shared folder, perhaps others')
+                        read_from |= set(makers) & closure[step.name]
+                        continue
                     assert set(makers) & closure[step.name], f"{step.name} reads {path} (made by {makers})"
+                    read_from |= set(makers)
+            stale = set(step.needs or ()) - read_from
+            assert not stale, f"{step.name} waits for {sorted(stale)} but reads nothing they write"
 
 
 def test_report_total_is_the_wall_clock_only_when_steps_overlapped(tmp_path):

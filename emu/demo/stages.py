@@ -139,10 +139,11 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         # selection.json is written from the first scoring on; the driver's state says when the run finished
         Stage("stage2", "stage 2: quality-tuning", [
             _train("stage2", "mini/stage2_quality_tune", "stage2/checkpoints/select/selection.json",
-                   needs=("stage1", "curate", "judge")),  # checkpoint selection scores with the judge
+                   needs=("stage1", "curate")),  # selection scores with the curation's judge (clip, aesthetic head)
         ]),
         Stage("eval", "evaluation", [
-            _step("eval", evaluation, "eval/metrics.json", run_dir="eval", needs=("stage2", "judge", "clip", "curate")),
+            _step("eval", evaluation, "eval/metrics.json", run_dir="eval",
+                  needs=("stage2", "judge", "clip", "aesthetic_head")),
         ]),
         # the same comparison as an A/B task of the annotation app, answered by simulated raters (the judge + noise)
         Stage("human_ab", "A/B task, simulated raters", [
