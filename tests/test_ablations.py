@@ -231,7 +231,8 @@ def test_ablations_pool_the_appeal_over_the_stage2_seeds(tmp_path, agree):
         _scores(tmp_path / Path(arm.metrics).parent / "scores.jsonl", tuned, base + diff[arm.seed], base)
     text = write_ablations(tmp_path, scale, arms, {}, {}).read_text()
     win = (20 + 16 + (20 if agree else 0)) / 60
-    m = re.search(r"Appeal pooled over 3 stage-2 seeds \(0, 1, 2; 20 prompts each, 60 pairs; tie band 0.25\), 95% "
+    m = re.search(r"Appeal pooled over 3 stage-2 seeds \(0, 1, 2; the 20 prompts every one was judged on, 60 pairs; "
+                  r"tie band 0.25\), 95% "
                   r"intervals from a two-level bootstrap .*: \*\*win ([\d.]+)% \[([\d.]+)%, ([\d.]+)%\] / "
                   r"tie ([\d.]+)%", text)  # fmt: skip
     assert m, text
@@ -240,17 +241,33 @@ def test_ablations_pool_the_appeal_over_the_stage2_seeds(tmp_path, agree):
     targets = {t["arm"]: t for t in json.loads((tmp_path / "ablations" / "targets.json").read_text())["targets"]}
     pooled = targets["pooled_seeds"]
     assert (
-        pooled["target"] == "appeal pooled over 3 stage-2 seeds (two-level bootstrap): win >= 75%, interval above 65%"
+        pooled["target"] == "appeal pooled over the 3 stage-2 seeds (two-level bootstrap): win >= 75%, interval "
+        "above 65%"
     )
     assert pooled["met"] is agree and pooled["measured"].startswith(f"win {100 * win:.1f}% [")
     yes = "yes" if agree else "no"
-    assert re.search(rf"## Targets\n(.*\n)*\| appeal pooled over 3 stage-2 seeds .* \| \*\*{yes}\*\* \|", text)
+    assert re.search(rf"## Targets\n(.*\n)*\| appeal pooled over the 3 stage-2 seeds .* \| \*\*{yes}\*\* \|", text)
     # REPORT.md: the headline labelled as one stage-2 seed, the pooled figure linked, its target in the table
     report = write_report(tmp_path, scale, {}, demo_stages(scale)).read_text()
     assert "one stage-2 seed;" in report
     link = r"\(\[ABLATIONS.md\]\(ABLATIONS.md#seeds-is-the-effect-larger-than-the-noise\)\)"
     assert re.search(rf"Its appeal pooled with the other stage-2 seeds' .*: win [\d.]+% .*{link}", report)
-    assert re.search(rf"\| ablation: appeal pooled over 3 stage-2 seeds .* \| \*\*{yes}\*\* \|", report)
+    assert re.search(rf"\| ablation: appeal pooled over the 3 stage-2 seeds .* \| \*\*{yes}\*\* \|", report)
+    # the headline rerun since (--only stage2 eval): the pooled row held its old scores, so it is judged neither way
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics["paired"]["appeal"]["win"] -= 0.1
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    report = write_report(tmp_path, scale, {}, demo_stages(scale)).read_text()
+    assert re.search(r"\| ablation: appeal pooled over the 3 stage-2 seeds .* \| stale: pooled with an earlier "
+                     r"headline run .*rerun `make ablations` \| not measured \|", report)  # fmt: skip
+    assert "Its appeal pooled with" not in report
+    # a seed not yet evaluated: the figure over the two that are, judged only when all three are
+    (tmp_path / Path(runs[2].metrics).parent / "scores.jsonl").unlink()
+    write_ablations(tmp_path, scale, arms, {}, {})
+    targets = {t["arm"]: t for t in json.loads((tmp_path / "ablations" / "targets.json").read_text())["targets"]}
+    assert (
+        targets["pooled_seeds"]["met"] is None and "1 seed(s) not yet evaluated" in targets["pooled_seeds"]["measured"]
+    )
 
 
 def test_ablation_table_says_what_has_not_run(tmp_path):

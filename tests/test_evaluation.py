@@ -53,38 +53,44 @@ def test_tie_band_and_missing_scores():
 
 
 def test_pooled_win_rates_point_estimates_are_over_every_pair():
-    r = pooled_win_rates([[1, 1, 0, -1], [1, -1]], n_boot=200)
-    assert (r["n"], r["n_seeds"], r["n_boot"], r["level"]) == (6, 2, 200, 0.95)
+    r = pooled_win_rates([[1, 1, 0], [-1, 1, -1]], n_boot=200)
+    assert (r["n"], r["n_seeds"], r["n_prompts"], r["n_boot"], r["level"]) == (6, 2, 3, 200, 0.95)
     assert (r["win"], r["tie"], r["loss"]) == (0.5, 1 / 6, 2 / 6) and r["win_rate"] == 0.5 + 1 / 12
     for k in ("win", "tie", "loss", "win_rate"):
         lo, hi = r[f"{k}_ci"]
         assert 0 <= lo <= r[k] <= hi <= 1
-    assert pooled_win_rates([[1] * 30, [1] * 20])["win_ci"] == [1.0, 1.0]
+    assert pooled_win_rates([[1] * 30, [1] * 30])["win_ci"] == [1.0, 1.0]
 
 
-def test_pooled_interval_holds_the_spread_between_seeds():
+def test_pooled_interval_holds_the_spread_between_seeds_and_no_more():
     """Seeds that disagree (one all wins, one all losses): the two-level interval spans nearly everything, the
-    prompt-only interval of the same pairs does not; identical seeds: about the prompt-only width."""
+    prompt-only interval of the same pairs does not. Identical seeds on the same prompts hold no more information
+    than one: the interval is one seed's width, not the narrower width of their pairs concatenated (which a draw of
+    the prompts per seed would give: the seeds are crossed with the prompts, not nested in them)."""
     disagree = [[1] * 64, [-1] * 64]
     two, flat = pooled_win_rates(disagree), win_rates(np.concatenate(disagree))
     assert two["win"] == flat["win"] == 0.5
     assert two["win_ci"][0] <= 0.05 and two["win_ci"][1] >= 0.95 and flat["win_ci"][1] - flat["win_ci"][0] < 0.3
-    o = np.random.default_rng(1).choice([1, 0, -1], size=64, p=[0.7, 0.1, 0.2])
-    two, flat = pooled_win_rates([o, o, o]), win_rates(np.concatenate([o, o, o]))
-    w2, w1 = (r["win_ci"][1] - r["win_ci"][0] for r in (two, flat))
-    assert abs(w2 - w1) < 0.2 * w1 and two["win"] == flat["win"]
-    one, alone = pooled_win_rates([o]), win_rates(o)  # one seed: a bootstrap over its prompts only
-    assert abs((one["win_ci"][1] - one["win_ci"][0]) - (alone["win_ci"][1] - alone["win_ci"][0])) < 0.05
+    o = np.random.default_rng(1).choice([1, 0, -1], size=256, p=[0.7, 0.1, 0.2])
+
+    def width(r):
+        return r["win_ci"][1] - r["win_ci"][0]
+
+    three, one, concatenated = pooled_win_rates([o, o, o]), win_rates(o), win_rates(np.concatenate([o, o, o]))
+    assert three["win"] == one["win"] and abs(width(three) - width(one)) < 0.1 * width(one)
+    assert width(three) > 1.4 * width(concatenated)  # sqrt(3) wider in theory
 
 
-def test_pooled_win_rates_are_seeded_and_refuse_empty_input():
-    runs = [[1, 0, -1, 1, 1], [1, 1, -1], [0, 1, 1, 1]]
+def test_pooled_win_rates_are_seeded_and_refuse_bad_input():
+    runs = np.random.default_rng(0).choice([1, 0, -1], size=(3, 40))
     assert pooled_win_rates(runs, seed=3) == pooled_win_rates(runs, seed=3)
-    assert pooled_win_rates(runs, seed=3) != pooled_win_rates(runs, seed=4)  # another seed, other intervals
+    assert pooled_win_rates(runs, seed=3)["win_ci"] != pooled_win_rates(runs, seed=4)["win_ci"]
     with pytest.raises(ValueError, match="no seeds"):
         pooled_win_rates([])
-    with pytest.raises(ValueError, match="a seed has no judged pairs"):
-        pooled_win_rates([[1, 1], []])
+    with pytest.raises(ValueError, match="the same prompts"):
+        pooled_win_rates([[1, 1], [1]])
+    with pytest.raises(ValueError, match="the same prompts"):
+        pooled_win_rates([[], []])
 
 
 # ------------------------------------------------------------------------------------------------ judges
@@ -424,5 +430,5 @@ def test_win_rates_by_tie_band_and_their_report_table(tmp_path):
     scores.write_text("".join(json.dumps({"tuned": {"appeal": x}, "base": {"appeal": y}}) + "\n" for x, y in zip(a, b)))
     table = "\n".join(tie_band_lines(scores, ["tuned", "base"], 0.25))
     assert "| 0.25 | 25.0% [" in table and "| 50.0% |" in table  # the 0.25 band: ties split half 25 + 25
-    assert "The headline's band, 0.25 (`conf/eval.yaml`), was fixed" in table
+    assert "The headline's band is 0.25. The default, 0.25 (`conf/eval.yaml`), was fixed" in table
     assert "headline's band" not in "\n".join(tie_band_lines(scores, ["tuned", "base"]))

@@ -348,7 +348,7 @@ def section_quality_tuning(out: Path, targets: Targets) -> list[str]:
     }
     for key, r in paired.items():
         lines.append(f"| {labels.get(key, key)} | {format_win_rate(r)} | {paper.get(key, '-')} |")
-    pooled = [r for r in (_load(out / "ablations" / "targets.json") or {}).get("targets", []) if r.get("arm") == POOLED]
+    pooled = [r for r in ablation_rows(out) if r.get("arm") == POOLED]
     lines += ["", "Ours: one stage-2 run (one training seed)." + (
         f" Its appeal pooled with the other stage-2 seeds' (two-level bootstrap: seeds, then prompts): "
         f"{pooled[0]['measured']} ([ABLATIONS.md](ABLATIONS.md#seeds-is-the-effect-larger-than-the-noise))."
@@ -416,10 +416,10 @@ def tie_band_lines(scores: Path, names: list[str], headline: float | None = None
     a, b = ([r[n]["appeal"] for r in rows] for n in names)
     lines = ["", f"Appeal, {names[0]} vs {names[1]}, by the tie band (|difference| of the judge's 0-10 appeal within "
              "it is a tie)." + ("" if headline is None else
-             f" The headline's band, {headline:g} (`conf/eval.yaml`), was fixed with the first `eval.py` "
-             "(2026-11-25), before any quality-tuned image was scored, and is not tuned: so small a difference is "
-             "far below what the judge resolves (its appeal is ~1.1 points off the truth on average), so such a "
-             "pair is a tie, as the paper's raters may call one."),
+             f" The headline's band is {headline:g}. The default, 0.25 (`conf/eval.yaml`), was fixed with the first "
+             "`eval.py` (2026-11-25), before any quality-tuned image was scored, and is not tuned: so small a "
+             "difference is far below what the judge resolves (its appeal is ~1.1 points off the truth on average), "
+             "so such a pair is a tie, as the paper's raters may call one."),
              "", "| tie band | win | tie | loss | ties split half |",
              "| ---: | --- | ---: | --- | ---: |"]  # fmt: skip
     for r in tie_band_sweep(a, b, TIE_BANDS, n_boot=1000):
@@ -429,12 +429,26 @@ def tie_band_lines(scores: Path, names: list[str], headline: float | None = None
     return lines
 
 
+def ablation_rows(out: Path) -> list[dict[str, Any]]:
+    """``ablations/targets.json``'s rows; the appeal pooled over the stage-2 seeds holds the headline's own scores,
+    so when the headline has changed since (``--only stage2 eval``) its row says so and is judged neither way."""
+    rows = (_load(out / "ablations" / "targets.json") or {}).get("targets", [])
+    win = (((_load(out / "eval" / "metrics.json") or {}).get("paired") or {}).get("appeal") or {}).get("win")
+    for r in rows:
+        if r.get("arm") == POOLED and r.get("met") is not None and r.get("headline_win") != win:
+            was, now = (_pct(x) if x is not None else "n/a" for x in (r.get("headline_win"), win))
+            r["measured"] = (
+                f"stale: pooled with an earlier headline run (its win {was}, now {now}): rerun `make ablations`"
+            )
+            r["met"] = None
+    return rows
+
+
 def section_ablations(out: Path, targets: Targets) -> list[str]:
     """When ``make ablations`` has run: its targets join the table above, and a link to ``ABLATIONS.md``."""
     if not (out / "ABLATIONS.md").is_file():
         return []
-    rows = (_load(out / "ablations" / "targets.json") or {}).get("targets", [])
-    for r in rows:
+    for r in ablation_rows(out):
         targets.add(f"ablation: {r['target']}", r["measured"], r["met"])
     lines = ["## Ablations", "",
              "Quality-tuning on fewer curated images, on as many random haystack images (quality vs quantity), on the "

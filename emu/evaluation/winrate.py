@@ -4,8 +4,8 @@ For each pair the judge gives both images a score (visual appeal, or the fractio
 image shows); A wins when its score beats B's by more than the tie band, loses when it trails by more, and ties
 otherwise. The paper reports win / loss percentages of human majority votes (its figures: :mod:`emu.paper`); here
 each of win, tie, loss and the headline ``win_rate = win + tie / 2`` comes with a percentile-bootstrap 95% interval
-over the prompts; pooled over several training seeds (:func:`pooled_win_rates`), with a two-level bootstrap over the
-seeds, then the prompts within each.
+over the prompts; pooled over several training seeds judged on the same prompts (:func:`pooled_win_rates`), with a
+two-level bootstrap: the seeds, then the prompts.
 """
 
 from __future__ import annotations
@@ -50,33 +50,31 @@ def win_rates(outcomes: Sequence[int], n_boot: int = 2000, level: float = 0.95, 
 
 def pooled_win_rates(outcomes_per_seed: Sequence[Sequence[int]], n_boot: int = 2000, level: float = 0.95,
                      seed: int = 0) -> dict[str, object]:  # fmt: skip
-    """:func:`win_rates` of the outcomes of several training seeds pooled together (``n``: all pairs, ``n_seeds``):
-    the point estimates are the fractions over every pair; each of the ``n_boot`` resamples of the two-level
-    percentile bootstrap draws as many seeds as there are with replacement, then each drawn seed's pairs with
-    replacement, and pools them, so the interval holds the spread between seeds as well as between prompts."""
-    runs = [np.asarray(o, dtype=np.int8).ravel() for o in outcomes_per_seed]
-    if not runs:
+    """:func:`win_rates` of several training seeds judged on the same prompts, pooled (``n``: all pairs,
+    ``n_seeds``, ``n_prompts``). Row ``i`` holds seed ``i``'s outcomes, column ``j`` the same prompt (and sampling
+    seed) in every row: seeds and prompts are crossed. The point estimates are the fractions over every pair; each of
+    the ``n_boot`` resamples of the two-level percentile bootstrap draws as many seeds as there are with replacement,
+    then one draw of the prompts with replacement, shared by the drawn seeds (a prompt's difficulty is the same for
+    every seed, so redrawing it per seed would shrink the interval), and pools them: the interval holds the spread
+    between seeds as well as between prompts."""
+    rows = [np.asarray(o, dtype=np.int8).ravel() for o in outcomes_per_seed]
+    if not rows:
         raise ValueError("no seeds to pool")
-    if any(len(o) == 0 for o in runs):
-        raise ValueError("a seed has no judged pairs: every pair had a missing score")
-    n_seeds, sizes = len(runs), np.array([len(o) for o in runs])
-    padded = np.zeros((n_seeds, sizes.max()), dtype=np.int8)
-    for i, o in enumerate(runs):
-        padded[i, : len(o)] = o
+    if len({len(o) for o in rows}) != 1 or len(rows[0]) == 0:
+        raise ValueError(f"each seed needs the same prompts, in the same order, got {[len(o) for o in rows]} pairs")
+    o = np.stack(rows)  # (seeds, prompts)
+    n_seeds, n_prompts = o.shape
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # the seeds of each resample
-    n = sizes[drawn][..., None]  # (n_boot, n_seeds, 1): each drawn seed's number of pairs
-    idx = rng.integers(0, n, size=(n_boot, n_seeds, sizes.max()))  # its pairs, drawn from its own
-    used = np.arange(sizes.max()) < n  # a seed with fewer pairs than the most draws only as many as it has
-    o = np.where(used, padded[drawn[..., None], idx], 2)  # 2: not drawn
-    total = used.sum((1, 2))
-    samples = {k: (o == v).sum((1, 2)) / total for k, v in (("win", 1), ("tie", 0), ("loss", -1))}
+    prompts = rng.integers(0, n_prompts, size=(n_boot, n_prompts))  # its prompts, the same for each drawn seed
+    stats = {"win": o == 1, "tie": o == 0, "loss": o == -1}
+    samples = {k: v[drawn[:, :, None], prompts[:, None, :]].mean((1, 2)) for k, v in stats.items()}
     samples["win_rate"] = samples["win"] + samples["tie"] / 2
-    pooled = np.concatenate(runs)
-    points = {k: float(np.mean(pooled == v)) for k, v in (("win", 1), ("tie", 0), ("loss", -1))}
+    points = {k: float(v.mean()) for k, v in stats.items()}
     points["win_rate"] = points["win"] + points["tie"] / 2
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    out: dict[str, object] = {"n": len(pooled), "n_seeds": n_seeds, "level": level, "n_boot": n_boot}
+    out: dict[str, object] = {"n": o.size, "n_seeds": n_seeds, "n_prompts": n_prompts, "level": level,
+                              "n_boot": n_boot}  # fmt: skip
     for k, point in points.items():
         out[k] = point
         out[f"{k}_ci"] = [float(np.percentile(samples[k], lo_q)), float(np.percentile(samples[k], hi_q))]
