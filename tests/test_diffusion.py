@@ -88,7 +88,7 @@ def test_perfect_network_gives_exact_x0_and_zero_loss(kind):
             return target
 
     schedule = DiscreteSchedule(scaled_linear_alphas_cumprod())
-    for weighting in ("uniform", "min_snr", "edm"):
+    for weighting in ("simple", "min_snr", "edm"):
         d = Denoiser(Oracle(), kind, schedule if kind != "edm" else None, weighting=weighting)
         torch.testing.assert_close(d(x, sigma), x0, atol=1e-5, rtol=1e-5)
         assert d.loss(x0, noise, sigma).abs().max() < 1e-8
@@ -106,6 +106,15 @@ def test_loss_weights():
     torch.testing.assert_close(loss_weight("min_snr", sigma, c_out), torch.tensor([0.05, 1.0, 1.0]))
     _, c_out, _ = preconditioning("edm", sigma, 0.5)
     torch.testing.assert_close(loss_weight("edm", sigma, c_out, 0.5), torch.ones(3))  # EDM: 1 in F space
+    # simple: 1 on the network's own target, which in x0 space (weight / c_out^2) is SNR for eps, SNR + 1 for v
+    snr = 1 / sigma**2
+    for kind, x0_space in (("eps", snr), ("v", snr + 1), ("edm", snr + 1)):
+        _, c_out, _ = preconditioning(kind, sigma)
+        torch.testing.assert_close(loss_weight("simple", sigma, c_out), torch.ones(3))
+        torch.testing.assert_close(loss_weight("simple", sigma, c_out) / c_out**2, x0_space)
+    # its old name is refused with the new one, when the denoiser is made (not at the first loss)
+    with pytest.raises(ValueError, match="'uniform' is now called 'simple'"):
+        Denoiser(torch.nn.Identity(), "eps", DiscreteSchedule(scaled_linear_alphas_cumprod()), weighting="uniform")
 
 
 def test_offset_noise():

@@ -72,6 +72,8 @@ def test_refuses_mismatched_autoencoder_and_bad_settings(tmp_path, tiny_clip, ti
         DiffusionModule({**UNET, "pooled_dim": 7}, text_config(tiny_clip, tiny_t5), str(tiny_autoencoder))
     with pytest.raises(ConfigError, match=r"^model\.latent_scaling: must be one of \('channel', 'global'\)"):
         tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, latent_scaling="pixel")
+    with pytest.raises(ConfigError, match=r"^model\.weighting: 'uniform' is now called 'simple'"):  # the old name
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, weighting="uniform")
 
 
 def test_latent_scaling_is_what_training_sees(tiny_clip, tiny_t5, tiny_autoencoder):
@@ -182,13 +184,16 @@ def test_next_stage_initialises_from_a_sharded_checkpoint_folder(tmp_path, tiny_
 
 def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
     """Checkpoints written before ``schedule`` became ``noise_schedule``, ``val_sampler/steps/guidance/schedule``
-    became ``val_sampling`` and ``text.dropout`` became one joint rate load with their settings under the new names
-    (the old per-encoder dropout dict as the independent draws it meant)."""
+    became ``val_sampling``, ``text.dropout`` became one joint rate and the ``uniform`` loss weighting became
+    ``simple`` (issue 40) load with their settings under the new names (the old per-encoder dropout dict as the
+    independent draws it meant); so do export folders whose config holds the old names."""
     module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, parameterization="v",
                          noise_schedule={"steps": 500, "zero_terminal_snr": True})  # fmt: skip
     _trainer(tmp_path, 1).fit(module, datamodule=_Data())
     ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
     hp = ckpt["hyper_parameters"]
+    assert hp["weighting"] == "simple"
+    hp["weighting"] = "uniform"
     hp["schedule"] = hp.pop("noise_schedule")
     del hp["val_sampling"]
     hp.update(val_sampler="heun", val_steps=7, val_guidance=3.0, val_schedule="discrete")
@@ -200,6 +205,17 @@ def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder,
     assert old.val_sampling == SamplingSettings(sampler="heun", steps=7, guidance=3.0, sigmas="discrete")
     assert len(old.noise_schedule.sigmas) == 500
     assert torch.equal(old.noise_schedule.sigmas, module.noise_schedule.sigmas)
+    assert old.hparams.weighting == old.denoiser.weighting == "simple"
+
+    # an export folder of those days: its config.json holds the hyper-parameters under their old names
+    from emu.export.__main__ import main as export_main
+
+    assert export_main(["safetensors", str(tmp_path / "old.ckpt"), str(tmp_path / "export")]) == 0
+    config = json.loads((tmp_path / "export/config.json").read_text())
+    config["hyper_parameters"]["weighting"] = "uniform"
+    (tmp_path / "export/config.json").write_text(json.dumps(config))
+    exported = load_diffusion(tmp_path / "export")
+    assert exported.hparams.weighting == exported.denoiser.weighting == "simple"
 
 
 def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
