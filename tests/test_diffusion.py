@@ -46,7 +46,7 @@ def test_a_zero_terminal_snr_model_samples_on_trailing_timesteps_here_and_in_its
     assert zero.zero_terminal_snr and not plain.zero_terminal_snr
     model = lambda s, kind: SimpleNamespace(noise_schedule=s, parameterization=kind, sigma_min=s.sigma_min,
                                             sigma_max=s.sigma_max)  # fmt: skip
-    assert SamplingSettings().sigmas == "auto"
+    assert SamplingSettings().spacing == "auto"
     sigmas = sampling_sigmas(model(zero, "v"), 25)
     torch.testing.assert_close(sigmas, get_sigmas_discrete(zero, 25))
     karras = get_sigmas_karras(25, zero.sigma_min, zero.sigma_max)
@@ -185,14 +185,15 @@ def test_cfg_pads_token_sequences_of_different_lengths():
 def test_sampling_settings_are_checked_once_with_their_key_and_match_their_config_group():
     group = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampling" / "default.yaml"))
     assert group == asdict(SamplingSettings())  # the config group and the object agree on fields and defaults
-    s = SamplingSettings.from_config({"steps": 7, "sigmas": "discrete"}, "model.val_sampling")
-    assert (s.steps, s.sigmas, s.sampler) == (7, "discrete", "dpmpp_2m")
-    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "sigmas": "discrete", "guidance": 5.0,
+    s = SamplingSettings.from_config({"steps": 7, "spacing": "discrete"}, "model.val_sampling")
+    assert (s.steps, s.spacing, s.sampler) == (7, "discrete", "dpmpp_2m")
+    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "spacing": "discrete", "guidance": 5.0,
                                    "guidance_rescale": 0.0, "guidance_interval": None, "batch_size": 16}  # fmt: skip
     for node, message in [
         ({"steps": 0}, "model.val_sampling.steps: must be in 1..1000, got 0"),
         ({"sampler": "plms"}, "model.val_sampling.sampler: must be one of"),
-        ({"sigmas": "linear"}, "model.val_sampling.sigmas: must be one of ['auto', 'karras', 'discrete']"),
+        ({"spacing": "linear"}, "model.val_sampling.spacing: must be one of ['auto', 'karras', 'discrete']"),
+        ({"sigmas": "karras"}, "sigmas: is now called 'spacing' (the same values); set model.val_sampling.spacing="),
         ({"guidance_rescale": 2}, "model.val_sampling.guidance_rescale: must be in [0, 1]"),
         ({"resolution": 0}, "model.val_sampling.resolution: must be positive"),
         ({"ema": "yes"}, "model.val_sampling.ema: must be true or false"),

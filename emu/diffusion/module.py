@@ -474,15 +474,16 @@ def _read_prompts(prompts: list[str] | str | None) -> list[str]:
 
 
 OLD_VAL_SAMPLING = {"val_sampler": "sampler", "val_steps": "steps", "val_guidance": "guidance",
-                    "val_schedule": "sigmas"}  # fmt: skip
+                    "val_schedule": "spacing"}  # fmt: skip
 
 
 def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
     """The settings of a checkpoint written before ``schedule`` became ``noise_schedule``, the ``val_*`` sampling
-    arguments became ``val_sampling``, per-encoder CFG dropout became ``text.encoder_dropout`` and the ``uniform`` loss
-    weighting became ``simple``, under their new names (the old names are ignored when loading). Used by
-    :func:`load_diffusion` for checkpoints and export folders alike; a resumed run (``ckpt_path=``) and stage 2's
-    ``init_from`` read weights only, so they need none of this."""
+    arguments became ``val_sampling``, per-encoder CFG dropout became ``text.encoder_dropout``, the ``uniform`` loss
+    weighting became ``simple`` and the sampling setting ``sigmas`` (a spacing's name) became ``spacing``, under their
+    new names (the old names are ignored when loading). Used by :func:`load_diffusion` for checkpoints and export
+    folders alike; a resumed run (``ckpt_path=``) and stage 2's ``init_from`` read weights only, so they need none of
+    this."""
     out: dict[str, Any] = {}
     if hp.get("weighting") in RENAMED_WEIGHTINGS:
         out["weighting"] = RENAMED_WEIGHTINGS[hp["weighting"]]
@@ -493,6 +494,9 @@ def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
         out["noise_schedule"] = hp["schedule"]
     if "val_sampling" not in hp and any(k in hp for k in OLD_VAL_SAMPLING):
         out["val_sampling"] = {new: hp[old] for old, new in OLD_VAL_SAMPLING.items() if old in hp}
+    sampling = hp.get("val_sampling")
+    if isinstance(sampling, Mapping) and set(sampling) & set(SamplingSettings.RENAMED):
+        out["val_sampling"] = {SamplingSettings.RENAMED.get(k, k): v for k, v in sampling.items()}
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from emu.errors import ConfigError
 from emu.text.conditioner import Conditioning
 from emu.utils.resolution import check_resolution
 
-SIGMA_SCHEDULES = ("auto", "karras", "discrete")
+SPACINGS = ("auto", "karras", "discrete")  # how the sampler's noise levels are spaced
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class SamplingSettings:
         sampler: a k-diffusion-style sampler of :mod:`emu.diffusion.sampling` (``euler``, ``heun``, ``dpmpp_2m``,
             ``ddim``).
         steps: sampler steps.
-        sigmas: the sigma spacing: ``karras`` (Karras et al., rho 7), ``discrete`` (the model's own timesteps,
-            trailing; eps / v models only) or ``auto`` (``discrete`` for zero-terminal-SNR models, else ``karras``).
+        spacing: how the sampler's noise levels (sigmas) are spaced: ``karras`` (Karras et al., rho 7), ``discrete``
+            (the model's own timesteps, trailing; eps / v models only) or ``auto`` (``discrete`` for zero-terminal-SNR
+            models, else ``karras``). Was called ``sigmas``; that key is refused with the new name.
         guidance: the classifier-free guidance scale (1: none).
         guidance_rescale: rescale of the guided prediction's std (Lin et al. 2023), 0 to 1.
         guidance_interval: ``[sigma_lo, sigma_hi]``: guide only at noise levels in ``(sigma_lo, sigma_hi]`` and use the
@@ -50,7 +51,7 @@ class SamplingSettings:
 
     sampler: str = "dpmpp_2m"
     steps: int = 25
-    sigmas: str = "auto"
+    spacing: str = "auto"
     guidance: float = 5.0
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
@@ -60,6 +61,8 @@ class SamplingSettings:
     height: int | None = None
     batch_size: int = 16
     ema: bool = True
+
+    RENAMED: ClassVar[dict[str, str]] = {"sigmas": "spacing"}  # old key -> new key (refused, with the new name)
 
     def __post_init__(self) -> None:
         if self.guidance_interval is not None:  # lists from YAML / JSON -> a hashable pair
@@ -73,6 +76,11 @@ class SamplingSettings:
         if isinstance(node, SamplingSettings):
             return node
         node = dict(node or {})
+        renamed = sorted(set(node) & set(cls.RENAMED))
+        if renamed:
+            old = renamed[0]
+            raise ConfigError(f"{key}.{old}", f"is now called {cls.RENAMED[old]!r} (the same values); set "
+                              f"{key}.{cls.RENAMED[old]}={node[old]} instead")  # fmt: skip
         unknown = sorted(set(node) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"{key}.{unknown[0]}", f"is not a sampling setting; they are "
@@ -87,7 +95,7 @@ class SamplingSettings:
     def check(self) -> None:
         checks = {
             "sampler": (self.sampler in SAMPLERS, f"must be one of {list(SAMPLERS)}"),
-            "sigmas": (self.sigmas in SIGMA_SCHEDULES, f"must be one of {list(SIGMA_SCHEDULES)}"),
+            "spacing": (self.spacing in SPACINGS, f"must be one of {list(SPACINGS)}"),
             "steps": (isinstance(self.steps, int) and 1 <= self.steps <= 1000, "must be in 1..1000"),
             "guidance": (0 <= float(self.guidance) <= 50, "must be in [0, 50]"),
             "guidance_rescale": (0 <= float(self.guidance_rescale) <= 1, "must be in [0, 1]"),
@@ -127,24 +135,24 @@ class SamplingSettings:
         return asdict(self)
 
 
-def sampling_sigmas(denoiser, steps: int, sigmas: str = "auto") -> torch.Tensor:
-    """The noise levels a sampler steps through: ``karras`` spacing or the model's own ``discrete`` timesteps
-    (trailing); ``auto``: ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR model's last sigma is
-    ~4519 (clamped infinity): Karras spacing from there spends 17 of 25 steps above 14.6 (an ordinary schedule's
-    sigma_max), trailing timesteps 3 (Lin et al. 2023 sample such models on trailing timesteps)."""
+def sampling_sigmas(denoiser, steps: int, spacing: str = "auto") -> torch.Tensor:
+    """The noise levels (sigmas) a sampler steps through, spaced by ``spacing``: ``karras`` or the model's own
+    ``discrete`` timesteps (trailing); ``auto``: ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR
+    model's last sigma is ~4519 (clamped infinity): Karras spacing from there spends 17 of 25 steps above 14.6 (an
+    ordinary schedule's sigma_max), trailing timesteps 3 (Lin et al. 2023 sample such models on trailing timesteps)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if sigmas == "auto":
+    if spacing == "auto":
         schedule = denoiser.noise_schedule
         zero_snr = schedule is not None and denoiser.parameterization != "edm" and schedule.zero_terminal_snr
-        sigmas = "discrete" if zero_snr else "karras"
-    if sigmas == "karras":
+        spacing = "discrete" if zero_snr else "karras"
+    if spacing == "karras":
         return get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
-    if sigmas == "discrete":
+    if spacing == "discrete":
         if denoiser.noise_schedule is None:
-            raise ValueError("sigmas='discrete' needs a model with a discrete noise schedule (eps / v); use karras")
+            raise ValueError("spacing='discrete' needs a model with a discrete noise schedule (eps / v); use karras")
         return get_sigmas_discrete(denoiser.noise_schedule, steps).cpu()
-    raise ValueError(f"unknown sigma spacing {sigmas!r}; choose one of {SIGMA_SCHEDULES}")
+    raise ValueError(f"unknown sigma spacing {spacing!r}; choose one of {SPACINGS}")
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -166,7 +174,7 @@ def generate(
     guidance: float = 5.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
-    sigmas: str = "auto",
+    spacing: str = "auto",
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -184,7 +192,7 @@ def generate(
     for side in {height, width}:
         check_resolution(side, f_ae * f_unet, "resolution", f"autoencoder f={f_ae} x U-Net {f_unet}x")
     sample_fn = get_sampler(sampler)
-    sigma_levels = sampling_sigmas(denoiser, steps, sigmas)
+    sigma_levels = sampling_sigmas(denoiser, steps, spacing)
     cfg = CFGDenoiser(denoiser, guidance, guidance_rescale, guidance_interval)
     device = next(denoiser.net.parameters()).device
     latent_shape = (autoencoder.latent_channels, height // autoencoder.downsample_factor,
