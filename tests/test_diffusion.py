@@ -187,13 +187,17 @@ def test_sampling_settings_are_checked_once_with_their_key_and_match_their_confi
     assert group == asdict(SamplingSettings())  # the config group and the object agree on fields and defaults
     s = SamplingSettings.from_config({"steps": 7, "spacing": "discrete"}, "model.val_sampling")
     assert (s.steps, s.spacing, s.sampler) == (7, "discrete", "dpmpp_2m")
-    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "spacing": "discrete", "guidance": 5.0,
-                                   "guidance_rescale": 0.0, "guidance_interval": None, "batch_size": 16}  # fmt: skip
+    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "spacing": "discrete", "eta": 0.0,
+                                   "guidance": 5.0, "guidance_rescale": 0.0, "guidance_interval": None,
+                                   "batch_size": 16}  # fmt: skip
+    assert SamplingSettings.from_config({"sampler": "ddim", "eta": 1.0}).eta == 1.0
     for node, message in [
         ({"steps": 0}, "model.val_sampling.steps: must be in 1..1000, got 0"),
         ({"sampler": "plms"}, "model.val_sampling.sampler: must be one of"),
         ({"spacing": "linear"}, "model.val_sampling.spacing: must be one of ['auto', 'karras', 'discrete']"),
         ({"sigmas": "karras"}, "sigmas: is now called 'spacing' (the same values); set model.val_sampling.spacing="),
+        ({"sampler": "ddim", "eta": -0.5}, "model.val_sampling.eta: must be a number >= 0, got -0.5"),
+        ({"eta": 0.5}, "model.val_sampling.eta: is 0.5 but only the ddim sampler re-injects noise, not dpmpp_2m"),
         ({"guidance_rescale": 2}, "model.val_sampling.guidance_rescale: must be in [0, 1]"),
         ({"resolution": 0}, "model.val_sampling.resolution: must be positive"),
         ({"ema": "yes"}, "model.val_sampling.ema: must be true or false"),
