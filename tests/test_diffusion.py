@@ -46,7 +46,7 @@ def test_a_zero_terminal_snr_model_samples_on_trailing_timesteps_here_and_in_its
     assert zero.zero_terminal_snr and not plain.zero_terminal_snr
     model = lambda s, kind: SimpleNamespace(noise_schedule=s, parameterization=kind, sigma_min=s.sigma_min,
                                             sigma_max=s.sigma_max)  # fmt: skip
-    assert SamplingSettings().sigmas == "auto"
+    assert SamplingSettings().spacing == "auto"
     sigmas = sampling_sigmas(model(zero, "v"), 25)
     torch.testing.assert_close(sigmas, get_sigmas_discrete(zero, 25))
     karras = get_sigmas_karras(25, zero.sigma_min, zero.sigma_max)
@@ -88,7 +88,7 @@ def test_perfect_network_gives_exact_x0_and_zero_loss(kind):
             return target
 
     schedule = DiscreteSchedule(scaled_linear_alphas_cumprod())
-    for weighting in ("uniform", "min_snr", "edm"):
+    for weighting in ("simple", "min_snr", "edm"):
         d = Denoiser(Oracle(), kind, schedule if kind != "edm" else None, weighting=weighting)
         torch.testing.assert_close(d(x, sigma), x0, atol=1e-5, rtol=1e-5)
         assert d.loss(x0, noise, sigma).abs().max() < 1e-8
@@ -106,6 +106,15 @@ def test_loss_weights():
     torch.testing.assert_close(loss_weight("min_snr", sigma, c_out), torch.tensor([0.05, 1.0, 1.0]))
     _, c_out, _ = preconditioning("edm", sigma, 0.5)
     torch.testing.assert_close(loss_weight("edm", sigma, c_out, 0.5), torch.ones(3))  # EDM: 1 in F space
+    # simple: 1 on the network's own target, which in x0 space (weight / c_out^2) is SNR for eps, SNR + 1 for v
+    snr = 1 / sigma**2
+    for kind, x0_space in (("eps", snr), ("v", snr + 1), ("edm", snr + 1)):
+        _, c_out, _ = preconditioning(kind, sigma)
+        torch.testing.assert_close(loss_weight("simple", sigma, c_out), torch.ones(3))
+        torch.testing.assert_close(loss_weight("simple", sigma, c_out) / c_out**2, x0_space)
+    # its old name is refused with the new one, when the denoiser is made (not at the first loss)
+    with pytest.raises(ValueError, match="'uniform' is now called 'simple'"):
+        Denoiser(torch.nn.Identity(), "eps", DiscreteSchedule(scaled_linear_alphas_cumprod()), weighting="uniform")
 
 
 def test_offset_noise():
@@ -176,14 +185,19 @@ def test_cfg_pads_token_sequences_of_different_lengths():
 def test_sampling_settings_are_checked_once_with_their_key_and_match_their_config_group():
     group = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampling" / "default.yaml"))
     assert group == asdict(SamplingSettings())  # the config group and the object agree on fields and defaults
-    s = SamplingSettings.from_config({"steps": 7, "sigmas": "discrete"}, "model.val_sampling")
-    assert (s.steps, s.sigmas, s.sampler) == (7, "discrete", "dpmpp_2m")
-    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "sigmas": "discrete", "guidance": 5.0,
-                                   "guidance_rescale": 0.0, "guidance_interval": None, "batch_size": 16}  # fmt: skip
+    s = SamplingSettings.from_config({"steps": 7, "spacing": "discrete"}, "model.val_sampling")
+    assert (s.steps, s.spacing, s.sampler) == (7, "discrete", "dpmpp_2m")
+    assert s.generate_kwargs() == {"sampler": "dpmpp_2m", "steps": 7, "spacing": "discrete", "eta": 0.0,
+                                   "guidance": 5.0, "guidance_rescale": 0.0, "guidance_interval": None,
+                                   "batch_size": 16}  # fmt: skip
+    assert SamplingSettings.from_config({"sampler": "ddim", "eta": 1.0}).eta == 1.0
     for node, message in [
         ({"steps": 0}, "model.val_sampling.steps: must be in 1..1000, got 0"),
         ({"sampler": "plms"}, "model.val_sampling.sampler: must be one of"),
-        ({"sigmas": "linear"}, "model.val_sampling.sigmas: must be one of ['auto', 'karras', 'discrete']"),
+        ({"spacing": "linear"}, "model.val_sampling.spacing: must be one of ['auto', 'karras', 'discrete']"),
+        ({"sigmas": "karras"}, "sigmas: is now called 'spacing' (the same values); set model.val_sampling.spacing="),
+        ({"sampler": "ddim", "eta": -0.5}, "model.val_sampling.eta: must be a number >= 0, got -0.5"),
+        ({"eta": 0.5}, "model.val_sampling.eta: is 0.5 but only the ddim sampler re-injects noise, not dpmpp_2m"),
         ({"guidance_rescale": 2}, "model.val_sampling.guidance_rescale: must be in [0, 1]"),
         ({"resolution": 0}, "model.val_sampling.resolution: must be positive"),
         ({"ema": "yes"}, "model.val_sampling.ema: must be true or false"),

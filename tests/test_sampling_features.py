@@ -135,6 +135,34 @@ def test_guidance_interval_on_the_model(module):
     torch.testing.assert_close(_sample(module, guidance_interval=[1e8, 1e9]), unguided, atol=1e-5, rtol=0)
 
 
+def test_ddim_eta_noise_comes_from_each_images_seed(module):
+    """``sampling.eta`` reaches DDIM; the noise it re-injects is drawn per image from its seed, so an image is the same
+    in a batch of 1 or 2; another seed gives another image; eta=0 is the deterministic DDIM of before."""
+    ddim = dict(sampler="ddim", steps=4, guidance=4.0, resolution=32)
+    ones = module.sample(PROMPTS, [0, 1], SamplingSettings(eta=1.0, batch_size=1, **ddim))
+    pair = module.sample(PROMPTS, [0, 1], SamplingSettings(eta=1.0, batch_size=2, **ddim))
+    torch.testing.assert_close(pair, ones, atol=1e-4, rtol=0)  # (batched kernels: ~1e-5; a wrong noise: ~0.3)
+    assert torch.equal(module.sample(PROMPTS, [0, 1], SamplingSettings(eta=1.0, batch_size=2, **ddim)), pair)
+    # the same prompt twice: its seeds set it apart, and seed 0 gives the image it gave beside the other prompt
+    same = module.sample([PROMPTS[0]] * 2, [0, 7], SamplingSettings(eta=1.0, **ddim))
+    torch.testing.assert_close(same[0], ones[0], atol=1e-4, rtol=0)
+    assert (same[1] - same[0]).abs().mean() > 1e-2
+    # the injected noise is the seed's own, not the starting noise's: only it differs from eta=0
+    deterministic = module.sample(PROMPTS, [0, 1], SamplingSettings(**ddim))
+    assert (pair - deterministic).abs().mean() > 1e-3
+    # eta=0 draws nothing: DDIM as before (its steps are Euler's, x + (sigma_next - sigma) (x - x0) / sigma)
+    from emu.diffusion.pipeline import generate
+
+    kw = dict(height=32, width=32, steps=4, guidance=4.0, progress=False, latent_scaling=module.hparams.latent_scaling)
+    before = generate(module.denoiser, module.conditioner, module.autoencoder, PROMPTS, [0, 1], sampler="ddim", **kw)
+    assert torch.equal(module.sample(PROMPTS, [0, 1], SamplingSettings(eta=0.0, **ddim)), before)
+    euler = generate(module.denoiser, module.conditioner, module.autoencoder, PROMPTS, [0, 1], sampler="euler", **kw)
+    torch.testing.assert_close(before, euler, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="eta must be >= 0 and is for the ddim sampler only"):
+        generate(module.denoiser, module.conditioner, module.autoencoder, PROMPTS, [0, 1], sampler="euler", eta=0.5,
+                 **kw)  # fmt: skip
+
+
 def test_sample_py_guidance_grid(tmp_path, tiny_stage1_checkpoint):
     from PIL import Image
 

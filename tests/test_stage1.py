@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -72,6 +73,8 @@ def test_refuses_mismatched_autoencoder_and_bad_settings(tmp_path, tiny_clip, ti
         DiffusionModule({**UNET, "pooled_dim": 7}, text_config(tiny_clip, tiny_t5), str(tiny_autoencoder))
     with pytest.raises(ConfigError, match=r"^model\.latent_scaling: must be one of \('channel', 'global'\)"):
         tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, latent_scaling="pixel")
+    with pytest.raises(ConfigError, match=r"^model\.weighting: 'uniform' is now called 'simple'"):  # the old name
+        tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, weighting="uniform")
 
 
 def test_latent_scaling_is_what_training_sees(tiny_clip, tiny_t5, tiny_autoencoder):
@@ -182,13 +185,27 @@ def test_next_stage_initialises_from_a_sharded_checkpoint_folder(tmp_path, tiny_
 
 def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):
     """Checkpoints written before ``schedule`` became ``noise_schedule``, ``val_sampler/steps/guidance/schedule``
-    became ``val_sampling`` and ``text.dropout`` became one joint rate load with their settings under the new names
-    (the old per-encoder dropout dict as the independent draws it meant)."""
+    became ``val_sampling``, ``text.dropout`` became one joint rate, the ``uniform`` loss weighting became ``simple``
+    and the sampling setting ``sigmas`` became ``spacing`` (issue 40) load with their settings under the new names
+    (the old per-encoder dropout dict as the independent draws it meant); so do export folders whose config holds
+    the old names."""
     module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, parameterization="v",
                          noise_schedule={"steps": 500, "zero_terminal_snr": True})  # fmt: skip
     _trainer(tmp_path, 1).fit(module, datamodule=_Data())
     ckpt = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)
     hp = ckpt["hyper_parameters"]
+    assert hp["weighting"] == "simple" and hp["val_sampling"]["spacing"] == "auto"
+
+    # between the renames: val_sampling, but its spacing under `sigmas`, and the weighting called `uniform`
+    hp["weighting"] = "uniform"
+    hp["val_sampling"] = {**{k: v for k, v in hp["val_sampling"].items() if k != "spacing"}, "sigmas": "discrete"}
+    torch.save(ckpt, tmp_path / "sigmas.ckpt")
+    between = load_diffusion(tmp_path / "sigmas.ckpt")
+    assert between.val_sampling == replace(module.val_sampling, spacing="discrete")
+    assert between.hparams.val_sampling["spacing"] == "discrete" and "sigmas" not in between.hparams.val_sampling
+    assert between.hparams.weighting == between.denoiser.weighting == "simple"
+
+    # before val_sampling
     hp["schedule"] = hp.pop("noise_schedule")
     del hp["val_sampling"]
     hp.update(val_sampler="heun", val_steps=7, val_guidance=3.0, val_schedule="discrete")
@@ -197,9 +214,22 @@ def test_checkpoints_with_the_old_setting_names_load(tmp_path, tiny_autoencoder,
     torch.save(ckpt, tmp_path / "old.ckpt")
     old = load_diffusion(tmp_path / "old.ckpt")
     assert old.conditioner.dropout == 0.0 and old.conditioner.encoder_dropout == {"clip": 0.1, "t5": 0.2}
-    assert old.val_sampling == SamplingSettings(sampler="heun", steps=7, guidance=3.0, sigmas="discrete")
+    assert old.val_sampling == SamplingSettings(sampler="heun", steps=7, guidance=3.0, spacing="discrete")
     assert len(old.noise_schedule.sigmas) == 500
     assert torch.equal(old.noise_schedule.sigmas, module.noise_schedule.sigmas)
+    assert old.hparams.weighting == old.denoiser.weighting == "simple"
+
+    # an export folder of those days: its config.json holds the hyper-parameters under their old names
+    from emu.export.__main__ import main as export_main
+
+    assert export_main(["safetensors", str(tmp_path / "sigmas.ckpt"), str(tmp_path / "export")]) == 0
+    config = json.loads((tmp_path / "export/config.json").read_text())
+    sampling = config["hyper_parameters"]["val_sampling"]
+    config["hyper_parameters"].update(weighting="uniform", val_sampling={**sampling, "sigmas": sampling.pop("spacing")})
+    (tmp_path / "export/config.json").write_text(json.dumps(config))
+    exported = load_diffusion(tmp_path / "export")
+    assert exported.hparams.weighting == exported.denoiser.weighting == "simple"
+    assert exported.val_sampling == between.val_sampling
 
 
 def test_sample_py_writes_images_metadata_and_grid(tmp_path, tiny_autoencoder, tiny_clip, tiny_t5):

@@ -11,9 +11,17 @@ edm    sd^2/(sigma^2+sd^2)                sigma*sd/sqrt(sigma^2+sd^2)          1
 =====  =================================  ===================================  ==================  ====================
 
 The training loss is the MSE in the network's output space, ``|F - (x0 - c_skip x)/c_out|^2``, times
-``weight(sigma) * c_out^2`` where ``weight`` is the weighting in x0 space: ``uniform`` (1 in the network's own
-space, i.e. the plain eps- / v-MSE), ``min_snr`` (min(SNR, gamma), Hang et al. 2023) or ``edm``
-((sigma^2 + sd^2) / (sigma sd)^2, Karras et al. 2022).
+``weight(sigma) * c_out^2`` where ``weight`` is the weighting in x0 space (SNR = sd^2 / sigma^2):
+
+* ``simple``: weight 1 on the network's own target, the plain eps- / v- / F-MSE (Ho et al. 2020's L_simple). It is
+  not uniform over noise levels: in x0 space it is ``1 / c_out^2``, which for sd = 1 (normalised latents) is SNR for
+  eps (``|eps - eps_hat|^2 = SNR |x0 - x0_hat|^2``) and SNR + 1 for v and edm (``(sigma^2 + sd^2) / (sigma sd)^2``,
+  the ``edm`` weighting, for any sd);
+* ``min_snr``: min(SNR, gamma) (Hang et al. 2023);
+* ``edm``: (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022), 1 in the edm parameterization's F space.
+
+``uniform``, this weighting's old name, is refused with the new one (old checkpoints are migrated when loaded:
+:func:`emu.diffusion.module.load_diffusion`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,19 @@ import torch
 from emu.diffusion.noise import DiscreteSchedule, lognormal_sigmas, snr
 
 PARAMETERIZATIONS = ("eps", "v", "edm")
-WEIGHTINGS = ("uniform", "min_snr", "edm")
+WEIGHTINGS = ("simple", "min_snr", "edm")
+RENAMED_WEIGHTINGS = {"uniform": "simple"}  # old name -> new name (the same loss)
+
+
+def weighting_problem(kind: str) -> str | None:
+    """Why ``kind`` is not a loss weighting (an old name says its new one), or None."""
+    if kind in WEIGHTINGS:
+        return None
+    if kind in RENAMED_WEIGHTINGS:
+        return (f"{kind!r} is now called {RENAMED_WEIGHTINGS[kind]!r} (the same loss: weight 1 on the network's own "
+                f"target, Ho et al.'s L_simple; it was never uniform over noise levels); set it to "
+                f"{RENAMED_WEIGHTINGS[kind]!r}")  # fmt: skip
+    return f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}"
 
 
 def preconditioning(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0):
@@ -42,14 +62,14 @@ def preconditioning(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0):
 
 
 def loss_weight(kind: str, sigma: torch.Tensor, c_out: torch.Tensor, sigma_data: float = 1.0, gamma: float = 5.0):
-    """The weight of the network-space MSE: ``uniform`` 1, else the x0-space weighting times ``c_out^2``."""
-    if kind == "uniform":
+    """The weight of the network-space MSE: ``simple`` 1, else the x0-space weighting times ``c_out^2``."""
+    if kind == "simple":
         return torch.ones_like(sigma)
     if kind == "min_snr":
         return snr(sigma, sigma_data).clamp(max=gamma) * c_out**2
     if kind == "edm":
         return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2 * c_out**2
-    raise ValueError(f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}")
+    raise ValueError(weighting_problem(kind))
 
 
 class Denoiser:
@@ -74,15 +94,15 @@ class Denoiser:
         parameterization: str = "eps",
         noise_schedule: DiscreteSchedule | None = None,
         sigma_data: float = 1.0,
-        weighting: str = "uniform",
+        weighting: str = "simple",
         min_snr_gamma: float = 5.0,
         p_mean: float = -1.2,
         p_std: float = 1.2,
     ):
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
+        if weighting_problem(weighting):
+            raise ValueError(weighting_problem(weighting))
         if parameterization != "edm" and noise_schedule is None:
             raise ValueError(f"the {parameterization}-parameterization needs a discrete noise schedule")
         self.net, self.noise_schedule = net, noise_schedule

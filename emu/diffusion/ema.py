@@ -1,10 +1,14 @@
-"""Exponential moving average of weights, by half-life in images (Karras et al., EDM2 convention).
+"""Exponential moving average of weights, by half-life in images, as EDM's training code does it (Karras et al.
+2022, ``ema_halflife_kimg`` with ``ema_rampup_ratio``).
 
 Per optimizer step of ``n`` images the average moves by ``1 - beta`` with ``beta = 0.5 ** (n / half_life)``;
 with ``ramp`` the half-life is at most ``ramp * images_seen``, so early averages do not drag the random init
-along. The averaged copies are submodules, hence in every checkpoint's ``state_dict`` (``ema.shadow.*``). Under FSDP the
-copies are sharded exactly as the live networks (:mod:`emu.training.distributed`) and every operation here works on this
-rank's local shards, with no communication.
+along. This is not EDM2's EMA (Karras et al. 2024): that one is a power-function profile set by its relative width
+(``sigma_rel``), with post-hoc reconstruction of other widths from stored snapshots; neither is implemented here.
+
+The averaged copies are submodules, hence in every checkpoint's ``state_dict`` (``ema.shadow.*``). Under FSDP the
+copies are sharded exactly as the live networks (:mod:`emu.training.distributed`) and every operation here works on
+this rank's local shards, with no communication.
 """
 
 from __future__ import annotations

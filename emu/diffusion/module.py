@@ -29,7 +29,7 @@ from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
 from emu.data.buckets import check_buckets
 from emu.data.samples import size_conditions
-from emu.diffusion.denoiser import Denoiser
+from emu.diffusion.denoiser import RENAMED_WEIGHTINGS, Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
 from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
@@ -71,8 +71,10 @@ class DiffusionModule(L.LightningModule):
             ``pooled_from``.
         autoencoder: the stage-0 checkpoint or export folder (frozen).
         parameterization: ``eps``, ``v`` or ``edm``; noise_schedule: the discrete DDPM schedule (``steps``,
-            ``beta_start``, ``beta_end``, ``zero_terminal_snr``) for eps / v; weighting: ``uniform``,
-            ``min_snr`` or ``edm``; sigma_data, min_snr_gamma, p_mean, p_std: see :class:`Denoiser`.
+            ``beta_start``, ``beta_end``, ``zero_terminal_snr``) for eps / v; weighting: ``simple`` (weight 1
+            on the network's own target: SNR in x0 space for eps, SNR + 1 for v; was ``uniform``), ``min_snr`` or
+            ``edm`` (see :mod:`emu.diffusion.denoiser`); sigma_data, min_snr_gamma, p_mean, p_std: see
+            :class:`Denoiser`.
         noise_offset: per-sample, per-channel noise offset (0.02 late in pre-training, 0.1 in quality-tuning).
         sample_latents: draw latents from the autoencoder's posterior (else its mode).
         latent_scaling: ``channel`` (unit std per latent channel, EDM2) or ``global`` (one scale for all channels,
@@ -105,7 +107,7 @@ class DiffusionModule(L.LightningModule):
         autoencoder: str,
         parameterization: str = "eps",
         noise_schedule: dict[str, Any] | None = None,
-        weighting: str = "uniform",
+        weighting: str = "simple",
         sigma_data: float = 1.0,
         min_snr_gamma: float = 5.0,
         p_mean: float = -1.2,
@@ -144,6 +146,8 @@ class DiffusionModule(L.LightningModule):
         if cooldown_steps < 0 or (cooldown_steps and lr_schedule != "constant"):
             raise ConfigError("model.cooldown_steps", f"must be >= 0, and only with lr_schedule=constant (cosine "
                               f"decays already), got {cooldown_steps} with {lr_schedule}")  # fmt: skip
+        if weighting_problem(weighting):  # before any network is built (an old config's "uniform" says its new name)
+            raise ConfigError("model.weighting", weighting_problem(weighting))
         if latent_scaling not in LATENT_SCALINGS:
             raise ConfigError("model.latent_scaling", f"must be one of {LATENT_SCALINGS}, got {latent_scaling!r}")
         if noise_schedule.get("zero_terminal_snr") and parameterization == "eps":
@@ -470,14 +474,19 @@ def _read_prompts(prompts: list[str] | str | None) -> list[str]:
 
 
 OLD_VAL_SAMPLING = {"val_sampler": "sampler", "val_steps": "steps", "val_guidance": "guidance",
-                    "val_schedule": "sigmas"}  # fmt: skip
+                    "val_schedule": "spacing"}  # fmt: skip
 
 
 def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
     """The settings of a checkpoint written before ``schedule`` became ``noise_schedule``, the ``val_*`` sampling
-    arguments became ``val_sampling`` and per-encoder CFG dropout became ``text.encoder_dropout``, under their new
-    names (the old names are ignored when loading)."""
+    arguments became ``val_sampling``, per-encoder CFG dropout became ``text.encoder_dropout``, the ``uniform`` loss
+    weighting became ``simple`` and the sampling setting ``sigmas`` (a spacing's name) became ``spacing``, under their
+    new names (the old names are ignored when loading). Used by :func:`load_diffusion` for checkpoints and export
+    folders alike; a resumed run (``ckpt_path=``) and stage 2's ``init_from`` read weights only, so they need none of
+    this."""
     out: dict[str, Any] = {}
+    if hp.get("weighting") in RENAMED_WEIGHTINGS:
+        out["weighting"] = RENAMED_WEIGHTINGS[hp["weighting"]]
     text = hp.get("text")
     if isinstance(text, Mapping) and isinstance(text.get("dropout"), Mapping):  # independent draws, as trained
         out["text"] = {**text, "dropout": 0.0, "encoder_dropout": dict(text["dropout"])}
@@ -485,6 +494,9 @@ def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
         out["noise_schedule"] = hp["schedule"]
     if "val_sampling" not in hp and any(k in hp for k in OLD_VAL_SAMPLING):
         out["val_sampling"] = {new: hp[old] for old, new in OLD_VAL_SAMPLING.items() if old in hp}
+    sampling = hp.get("val_sampling")
+    if isinstance(sampling, Mapping) and set(sampling) & set(SamplingSettings.RENAMED):
+        out["val_sampling"] = {SamplingSettings.RENAMED.get(k, k): v for k, v in sampling.items()}
     return out
 
 

@@ -2,16 +2,18 @@
 and evaluation alike, so every image in the project comes from the same code, with the same settings object
 (:class:`SamplingSettings`, the ``sampling`` config group).
 
-Each image's starting noise comes from its own seed (a CPU generator), so an image depends on its prompt, seed
-and settings, not on the batch it was drawn in.
+Each image's starting noise comes from its own seed (a CPU generator), and so does the noise DDIM re-injects with
+``eta > 0`` (another generator per image), so an image depends on its prompt, seed and settings, not on the batch it
+was drawn in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +23,7 @@ from emu.errors import ConfigError
 from emu.text.conditioner import Conditioning
 from emu.utils.resolution import check_resolution
 
-SIGMA_SCHEDULES = ("auto", "karras", "discrete")
+SPACINGS = ("auto", "karras", "discrete")  # how the sampler's noise levels are spaced
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,11 @@ class SamplingSettings:
         sampler: a k-diffusion-style sampler of :mod:`emu.diffusion.sampling` (``euler``, ``heun``, ``dpmpp_2m``,
             ``ddim``).
         steps: sampler steps.
-        sigmas: the sigma spacing: ``karras`` (Karras et al., rho 7), ``discrete`` (the model's own timesteps,
-            trailing; eps / v models only) or ``auto`` (``discrete`` for zero-terminal-SNR models, else ``karras``).
+        spacing: how the sampler's noise levels (sigmas) are spaced: ``karras`` (Karras et al., rho 7), ``discrete``
+            (the model's own timesteps, trailing; eps / v models only) or ``auto`` (``discrete`` for zero-terminal-SNR
+            models, else ``karras``). Was called ``sigmas``; that key is refused with the new name.
+        eta: the fraction of DDPM noise DDIM re-injects at each step (0: deterministic DDIM; 1: DDPM's posterior
+            noise), drawn from each image's seed; ``ddim`` only (another sampler refuses eta > 0).
         guidance: the classifier-free guidance scale (1: none).
         guidance_rescale: rescale of the guided prediction's std (Lin et al. 2023), 0 to 1.
         guidance_interval: ``[sigma_lo, sigma_hi]``: guide only at noise levels in ``(sigma_lo, sigma_hi]`` and use the
@@ -50,7 +55,8 @@ class SamplingSettings:
 
     sampler: str = "dpmpp_2m"
     steps: int = 25
-    sigmas: str = "auto"
+    spacing: str = "auto"
+    eta: float = 0.0
     guidance: float = 5.0
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
@@ -60,6 +66,8 @@ class SamplingSettings:
     height: int | None = None
     batch_size: int = 16
     ema: bool = True
+
+    RENAMED: ClassVar[dict[str, str]] = {"sigmas": "spacing"}  # old key -> new key (refused, with the new name)
 
     def __post_init__(self) -> None:
         if self.guidance_interval is not None:  # lists from YAML / JSON -> a hashable pair
@@ -73,6 +81,11 @@ class SamplingSettings:
         if isinstance(node, SamplingSettings):
             return node
         node = dict(node or {})
+        renamed = sorted(set(node) & set(cls.RENAMED))
+        if renamed:
+            old = renamed[0]
+            raise ConfigError(f"{key}.{old}", f"is now called {cls.RENAMED[old]!r} (the same values); set "
+                              f"{key}.{cls.RENAMED[old]}={node[old]} instead")  # fmt: skip
         unknown = sorted(set(node) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"{key}.{unknown[0]}", f"is not a sampling setting; they are "
@@ -87,7 +100,8 @@ class SamplingSettings:
     def check(self) -> None:
         checks = {
             "sampler": (self.sampler in SAMPLERS, f"must be one of {list(SAMPLERS)}"),
-            "sigmas": (self.sigmas in SIGMA_SCHEDULES, f"must be one of {list(SIGMA_SCHEDULES)}"),
+            "spacing": (self.spacing in SPACINGS, f"must be one of {list(SPACINGS)}"),
+            "eta": (0 <= float(self.eta) < math.inf, "must be a number >= 0"),
             "steps": (isinstance(self.steps, int) and 1 <= self.steps <= 1000, "must be in 1..1000"),
             "guidance": (0 <= float(self.guidance) <= 50, "must be in [0, 50]"),
             "guidance_rescale": (0 <= float(self.guidance_rescale) <= 1, "must be in [0, 1]"),
@@ -106,6 +120,9 @@ class SamplingSettings:
         for key, (ok, problem) in checks.items():
             if not ok:
                 raise ConfigError(key, f"{problem}, got {getattr(self, key)!r}")
+        if self.eta and self.sampler != "ddim":
+            raise ConfigError("eta", f"is {self.eta} but only the ddim sampler re-injects noise, not {self.sampler}; "
+                              "set sampler=ddim, or eta=0")  # fmt: skip
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`generate` but prompts and size (the size and the weights are the caller's
@@ -127,29 +144,43 @@ class SamplingSettings:
         return asdict(self)
 
 
-def sampling_sigmas(denoiser, steps: int, sigmas: str = "auto") -> torch.Tensor:
-    """The noise levels a sampler steps through: ``karras`` spacing or the model's own ``discrete`` timesteps
-    (trailing); ``auto``: ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR model's last sigma is
-    ~4519 (clamped infinity): Karras spacing from there spends 17 of 25 steps above 14.6 (an ordinary schedule's
-    sigma_max), trailing timesteps 3 (Lin et al. 2023 sample such models on trailing timesteps)."""
+def sampling_sigmas(denoiser, steps: int, spacing: str = "auto") -> torch.Tensor:
+    """The noise levels (sigmas) a sampler steps through, spaced by ``spacing``: ``karras`` or the model's own
+    ``discrete`` timesteps (trailing); ``auto``: ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR
+    model's last sigma is ~4519 (clamped infinity): Karras spacing from there spends 17 of 25 steps above 14.6 (an
+    ordinary schedule's sigma_max), trailing timesteps 3 (Lin et al. 2023 sample such models on trailing timesteps)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if sigmas == "auto":
+    if spacing == "auto":
         schedule = denoiser.noise_schedule
         zero_snr = schedule is not None and denoiser.parameterization != "edm" and schedule.zero_terminal_snr
-        sigmas = "discrete" if zero_snr else "karras"
-    if sigmas == "karras":
+        spacing = "discrete" if zero_snr else "karras"
+    if spacing == "karras":
         return get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
-    if sigmas == "discrete":
+    if spacing == "discrete":
         if denoiser.noise_schedule is None:
-            raise ValueError("sigmas='discrete' needs a model with a discrete noise schedule (eps / v); use karras")
+            raise ValueError("spacing='discrete' needs a model with a discrete noise schedule (eps / v); use karras")
         return get_sigmas_discrete(denoiser.noise_schedule, steps).cpu()
-    raise ValueError(f"unknown sigma spacing {sigmas!r}; choose one of {SIGMA_SCHEDULES}")
+    raise ValueError(f"unknown sigma spacing {spacing!r}; choose one of {SPACINGS}")
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One standard-normal latent per seed, drawn on the CPU (same seed, same noise, on any device)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def step_noise(seeds: Sequence[int]) -> Callable[[torch.Size], torch.Tensor]:
+    """A sampler's ``noise_sampler(shape)`` for the images of ``seeds``: each call draws one standard-normal latent per
+    image from that image's own CPU generator, seeded from its seed but apart from :func:`initial_noise`'s, so the
+    noise an image gets at each step depends on its seed alone, not on its batch or the batch size."""
+    generators = [torch.Generator().manual_seed((int(s) * 1_000_003 + 1) % 2**63) for s in seeds]
+
+    def sample(shape: torch.Size) -> torch.Tensor:
+        if shape[0] != len(generators):
+            raise ValueError(f"noise for {shape[0]} images asked of a sampler seeded for {len(generators)}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators])
+
+    return sample
 
 
 @torch.no_grad()
@@ -166,7 +197,8 @@ def generate(
     guidance: float = 5.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
-    sigmas: str = "auto",
+    spacing: str = "auto",
+    eta: float = 0.0,
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -174,9 +206,12 @@ def generate(
     negative_prompts: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1], N x 3 x H x W, for ``prompts[i]`` with ``seeds[i]``, guided away from
-    ``negative_prompts[i]`` ("" or None: the unconditional embedding)."""
+    ``negative_prompts[i]`` ("" or None: the unconditional embedding). ``eta`` (``ddim`` only): the noise DDIM
+    re-injects, drawn per image from its seed (:func:`step_noise`)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if eta < 0 or (eta and sampler != "ddim"):
+        raise ValueError(f"eta must be >= 0 and is for the ddim sampler only, got eta={eta} with {sampler}")
     negatives = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
@@ -184,7 +219,7 @@ def generate(
     for side in {height, width}:
         check_resolution(side, f_ae * f_unet, "resolution", f"autoencoder f={f_ae} x U-Net {f_unet}x")
     sample_fn = get_sampler(sampler)
-    sigma_levels = sampling_sigmas(denoiser, steps, sigmas)
+    sigma_levels = sampling_sigmas(denoiser, steps, spacing)
     cfg = CFGDenoiser(denoiser, guidance, guidance_rescale, guidance_interval)
     device = next(denoiser.net.parameters()).device
     latent_shape = (autoencoder.latent_channels, height // autoencoder.downsample_factor,
@@ -194,7 +229,9 @@ def generate(
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="sampling", disable=not progress or len(batches) == 1):
         chunk = list(prompts[start : start + batch_size])
-        x = initial_noise(seeds[start : start + batch_size], latent_shape).to(device) * sigma_levels[0]
+        chunk_seeds = seeds[start : start + batch_size]
+        x = initial_noise(chunk_seeds, latent_shape).to(device) * sigma_levels[0]
+        noise = {"eta": eta, "noise_sampler": step_noise(chunk_seeds)} if eta else {}
         with autocast:
             c = conditioner.condition(chunk)
             u = negative_conditioning(conditioner, negatives[start : start + batch_size])
@@ -203,7 +240,8 @@ def generate(
             if getattr(denoiser.net, "config", {}).get("size_conditioning"):  # an uncropped image of the output's size
                 size = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
                 cond["size_cond"] = uncond["size_cond"] = size.expand(len(chunk), -1)
-            z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True)
+            z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True,
+                          **noise)  # fmt: skip
             images = autoencoder.decode(autoencoder.denormalize(z.float(), latent_scaling))
         out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)

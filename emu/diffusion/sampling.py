@@ -116,10 +116,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 @torch.no_grad()
-def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.0, generator=None):
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 0.0, generator=None,
+                noise_sampler: Callable[[torch.Size], torch.Tensor] | None = None):  # fmt: skip
     """DDIM (Song et al. 2021) in sigma space: ``x_next = x0 + sigma_next * eps`` with the predicted ``eps``.
 
-    With ``eta = 0`` (the default) it is deterministic; ``eta > 0`` re-injects that fraction of the DDPM noise.
+    With ``eta = 0`` (the default) it is deterministic; ``eta > 0`` re-injects that fraction of the DDPM noise, drawn
+    by ``noise_sampler(shape)`` when given (:func:`~emu.diffusion.pipeline.generate` passes one that draws each image's
+    noise from its own seed), else from ``generator`` on the CPU.
     """
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="ddim"):
@@ -131,7 +134,10 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             # the DDPM posterior std in sigma space (as k-diffusion's get_ancestral_step)
             up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
             down = (sigma_next**2 - up**2) ** 0.5
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            if noise_sampler is not None:
+                noise = noise_sampler(x.shape).to(x)
+            else:
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
             x = denoised + down * eps + up * noise
         else:
             x = denoised + sigma_next * eps

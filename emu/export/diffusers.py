@@ -47,7 +47,7 @@ def check_exportable(module) -> None:
 
 def make_scheduler(module, sampler: str = "dpmpp_2m"):
     """The diffusers scheduler of the model's training schedule and parameterisation, stepping like emu's
-    ``sampler`` with Karras sigmas (a zero-terminal-SNR model: trailing timesteps, as ``sigmas=auto``):
+    ``sampler`` with Karras sigmas (a zero-terminal-SNR model: trailing timesteps, as ``spacing=auto``):
     ``dpmpp_2m`` (DPM-Solver++ 2M) or ``euler``."""
     import diffusers
 
@@ -56,7 +56,7 @@ def make_scheduler(module, sampler: str = "dpmpp_2m"):
     hp = module.hparams
     schedule = {"steps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "zero_terminal_snr": False,
                 **dict(hp.noise_schedule or {})}  # fmt: skip
-    zero_snr = bool(schedule["zero_terminal_snr"])  # as sample.py's sigmas=auto: trailing timesteps, else Karras
+    zero_snr = bool(schedule["zero_terminal_snr"])  # as sample.py's spacing=auto: trailing timesteps, else Karras
     common = dict(num_train_timesteps=int(schedule["steps"]), beta_start=float(schedule["beta_start"]),
                   beta_end=float(schedule["beta_end"]), beta_schedule="scaled_linear",
                   prediction_type=PREDICTION_TYPES[hp.parameterization], rescale_betas_zero_snr=zero_snr,

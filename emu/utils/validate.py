@@ -49,12 +49,16 @@ def _accepted(target: str) -> set[str] | None:
 def _unknown(node: DictConfig, path: str, target: str, problems: list[tuple[str, str]]) -> None:
     try:
         accepted = _accepted(target)
+        renamed = getattr(get_object(target), "RENAMED", {})  # old key -> new key, where a class keeps that record
     except Exception:  # not importable: instantiation will say so
         return
     if accepted is None:
         return
     for key in node:
         if key in HYDRA_KEYS or key in accepted:
+            continue
+        if key in renamed:
+            problems.append((f"{path}.{key}", f"is now called {renamed[key]!r}; set {path}.{renamed[key]} instead"))
             continue
         close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
         hint = f"did you mean {path}.{close[0]}?" if close else f"it takes {', '.join(sorted(accepted))}"

@@ -31,6 +31,7 @@ def stage1(tiny_autoencoder, tiny_clip, tiny_t5):
         ("+model.unet.block_chanels=[8,8]", "model.unet.block_chanels", "did you mean model.unet.block_channels?"),
         ("+data.source.n_trian=8", "data.source.n_trian", "did you mean data.source.n_train?"),
         ("+trainer.max_step=3", "trainer.max_step", "did you mean trainer.max_steps?"),
+        ("+model.val_sampling.sigmas=karras", "model.val_sampling.sigmas", "is now called 'spacing'"),
         ("model.unet.in_channels=4", "model.unet.in_channels", "has 16 latent channels; set model.unet.in_channels=16"),
         ("data.resolution=40", "data.resolution", "not a positive multiple of 16 (autoencoder f=8 x U-Net 2x); try 32"),
         ("model.unet.pooled_dim=99", "model.unet.pooled_dim", "projects to 24; set model.unet.pooled_dim=24"),
