@@ -168,8 +168,9 @@ def _pooled_lines(r: dict[str, Any]) -> list[str]:
         "intervals from a two-level bootstrap (the seeds drawn with replacement, then the prompts, one draw shared by "
         f"the drawn seeds since every seed is judged on the same prompts): **win {ci('win')} / tie {ci('tie')} / "
         f"loss {ci('loss')}** (ties counted half: {ci('win_rate')}). With {r['n_seeds']} seeds the seed level is "
-        "coarse: the lower end is about the worst seed's own. The levels (win >= 75%, interval above 65%) are issue "
-        "39's, below the one-run target's (80%, 70%) because they hold every seed, the unlucky ones included.",
+        "coarse: where the seeds disagree, the lower end follows the worst seed's own. The levels (win >= 75%, "
+        "interval above 65%) are issue 39's, below the one-run target's (80%, 70%) because they hold every seed, the "
+        "unlucky ones included.",
         "",
     ]
 
