@@ -23,7 +23,7 @@ from emu.curation.stages import CurationError
 from emu.errors import ConfigError
 from emu.text.clip import ClipEmbedder
 from emu.training.ranks import detect_ranks
-from emu.utils.config import check_required, config_errors_as_messages
+from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages
 
 
 def build_stages(cfg: DictConfig, device: str = "cpu") -> list:
@@ -82,4 +82,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_experiment_args(sys.argv[1:], str(Path(__file__).parent / "conf"), "curate")
     main()

@@ -9,12 +9,13 @@ PSNR / SSIM / LPIPS / rFID instead.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from emu.evaluation.run import run
-from emu.utils.config import config_errors_as_messages
+from emu.utils.config import check_experiment_args, config_errors_as_messages
 
 __all__ = ["main", "run"]
 
@@ -26,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_experiment_args(sys.argv[1:], str(Path(__file__).parent / "conf"), "eval")
     sys.exit(main())

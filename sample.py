@@ -19,6 +19,7 @@ from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
+from emu.utils import named_sets
 from emu.utils.config import check_required, config_errors_as_messages
 from emu.utils.images import image_grid
 from emu.utils.sample_folder import write_sample_folder
@@ -28,6 +29,7 @@ def check_settings(cfg: DictConfig) -> tuple[list[str], SamplingSettings]:
     """The prompts and sampling settings, after every setting is checked (a bad one is a ConfigError before any work
     starts)."""
     check_required(cfg)
+    named_sets.register(cfg.get("sets"))
     if (cfg.prompt is None) == (cfg.prompts is None):
         raise ConfigError("prompt/prompts", 'give exactly one: prompt="a red circle" or prompts=FILE')
     sampling = SamplingSettings.from_config(OmegaConf.to_container(cfg.sampling, resolve=True))

@@ -16,20 +16,33 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from emu.data.callbacks import DataFault
+from emu.errors import ConfigError
 from emu.plan import check_fits
 from emu.training.checkpoints import resolve_checkpoint
 from emu.training.loggers import start_fresh
 from emu.training.numerics import NumericalFault
 from emu.training.preemption import Preempted
-from emu.utils.config import check_experiment_args, check_required, config_errors_as_messages, instantiate_group
+from emu.utils import named_sets
+from emu.utils.config import (
+    check_experiment_args,
+    check_required,
+    config_errors_as_messages,
+    experiments,
+    instantiate_group,
+)
 from emu.utils.validate import validate
 
 log = logging.getLogger("emu.train")
+CONF = Path(__file__).parent / "conf"
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
+    if cfg.get("data") is None or cfg.get("model") is None:
+        raise ConfigError("experiment", "train.py trains what an experiment names: experiment=<one of: "
+                          f"{', '.join(experiments(CONF))}> (or data=... model=... trainer=...)")  # fmt: skip
     check_required(cfg)
+    named_sets.register(cfg.get("sets"))
     validate(cfg)  # unknown keys and mismatched stages, before anything is built
     plan = check_fits(cfg)  # GPU runs: the memory per rank, and a refusal of a run that cannot fit
     if plan is not None:
@@ -82,5 +95,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    check_experiment_args(sys.argv[1:], str(Path(__file__).parent / "conf"))
+    check_experiment_args(sys.argv[1:], str(CONF))
     main()

@@ -104,7 +104,7 @@ def bad_folder(tmp_path: Path) -> Path:
 
 def haystack_labels(i: int) -> dict:
     """Haystack-style metadata (what the pixel judge learns from) for a non-haystack test image."""
-    from emu.data.haystack import metadata, scene_spec
+    from emu.mini.haystack import metadata, scene_spec
 
     meta = metadata(scene_spec(0, i), 64, 64)
     return {k: meta[k] for k in ("appeal", "objects", "background")}
@@ -137,7 +137,7 @@ def bad_shards(tmp_path: Path) -> str:
 def haystack_batch(n=4, resolution=32):
     """The first ``n`` haystack images as one batch, through the DataModule."""
     from emu.data.datamodule import EmuDataModule
-    from emu.data.sources import HaystackSource
+    from emu.mini.source import HaystackSource
 
     dm = EmuDataModule(HaystackSource(n_train=n, n_val=0, resolution=resolution), resolution=resolution, batch_size=n)
     return next(iter(dm.dataloader("train", shuffle=False)))
@@ -160,7 +160,7 @@ def save_clip(
     fixture's sizes by default; bench/stage1_fsdp.py asks for CLIP ViT-L/14's text tower (768 wide, 12 layers)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from emu.text.mini_clip import haystack_vocabulary_text
+    from emu.mini.clip import haystack_vocabulary_text
     from emu.text.tokenizer import build_word_tokenizer
 
     tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()])
@@ -187,7 +187,7 @@ def save_t5(folder: Path, d_model: int = 32, d_kv: int = 8, d_ff: int = 64, num_
     ``config``: other ``T5Config`` fields (``feed_forward_proj="gated-gelu"`` for T5 v1.1 / T5-XXL)."""
     from transformers import T5Config, T5EncoderModel
 
-    from emu.text.mini_clip import haystack_vocabulary_text
+    from emu.mini.clip import haystack_vocabulary_text
     from emu.text.tokenizer import build_word_tokenizer
 
     tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()], add_bos=False)
@@ -268,7 +268,7 @@ def tiny_stage1_checkpoint(tiny_autoencoder, tiny_clip, tiny_t5, tmp_path_factor
 @pytest.fixture(scope="session")
 def tiny_curated(tmp_path_factory) -> Path:
     """A curated-set folder as curate.py writes it: PNGs + metadata.jsonl (file_name, text)."""
-    from emu.data import haystack
+    from emu.mini import haystack
 
     folder = tmp_path_factory.mktemp("curated")
     rows = []
@@ -286,7 +286,7 @@ def tiny_judge(tmp_path_factory) -> Path:
     import lightning as L
     import torch
 
-    from emu.evaluation.judges import HaystackJudge
+    from emu.mini.judge import HaystackJudge
 
     torch.manual_seed(0)
     judge = HaystackJudge(backbone="resnet10t")
@@ -299,7 +299,8 @@ def tiny_judge(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def aesthetic_head(tiny_clip, tmp_path_factory) -> Path:
     """An aesthetic head on the tiny CLIP, trained briefly on haystack ratings (curation tests)."""
-    from emu.curation.aesthetic import haystack_ratings, train_head
+    from emu.curation.aesthetic import train_head
+    from emu.mini.aesthetic import haystack_ratings
     from emu.text.clip import ClipEmbedder
 
     emb, ratings = haystack_ratings(ClipEmbedder(tiny_clip), 64, seed=1, resolution=32)

@@ -8,8 +8,9 @@ from emu.autoencoder import AutoencoderKL
 from emu.autoencoder.losses import AutoencoderLoss, PerceptualLoss
 from emu.autoencoder.module import AutoencoderModule, load_autoencoder
 from emu.autoencoder.stats import measure_latent_statistics
-from emu.data import EmuDataModule, HaystackSource
+from emu.data import EmuDataModule
 from emu.errors import ConfigError
+from emu.mini.source import HaystackSource
 from tests.conftest import haystack_batch
 
 TINY = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)

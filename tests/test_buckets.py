@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from emu.data import haystack
 from emu.data.buckets import BucketSampler, bucket_batches, make_buckets, nearest_bucket, resolve_buckets
 from emu.data.datamodule import EmuDataModule
 from emu.data.samples import SamplePreparer
-from emu.data.sources import HaystackSource, WebDatasetSource
+from emu.data.sources import WebDatasetSource
 from emu.errors import ConfigError
+from emu.mini import haystack
+from emu.mini.source import HaystackSource
 from tests.conftest import ROOT, png_bytes, rgb_image, tiny_stage1_overrides
 
 MINI = {"multiple": 16, "max_aspect": 2.0}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from emu.curation.aesthetic import train_head
 from emu.curation.funnel import Funnel
-from emu.curation.human import HumanStage, SimulatedAnnotator, combine, read_labels
+from emu.curation.human import HumanStage, combine, read_labels
 from emu.curation.neighbours import phash
 from emu.curation.stages import (
     Aesthetic,
@@ -22,9 +22,11 @@ from emu.curation.stages import (
     SizeAspect,
     TextOverlay,
 )
-from emu.data import EmuDataModule, FolderSource, HaystackSource
-from emu.data import haystack as hs
+from emu.data import EmuDataModule, FolderSource
 from emu.errors import ConfigError
+from emu.mini import haystack as hs
+from emu.mini.annotators import SimulatedAnnotator
+from emu.mini.source import HaystackSource
 from emu.text.aesthetic import AestheticHead
 from tests.conftest import haystack_batch
 
@@ -100,7 +102,7 @@ def test_labels_import_round_trip_and_bad_rows(tmp_path):
     assert combine(rows, "majority") == {"a": True, "b": False}
     assert combine(rows, "all") == {"a": False, "b": False}
     assert combine(rows, "mean", 0.6) == {"a": True, "b": False} and combine(rows, "mean", 0.8)["a"] is False
-    stage = HumanStage("s", "specialist", simulated=[], combine="mean", threshold=0.8)
+    stage = HumanStage("s", "specialist", annotators=[], combine="mean", threshold=0.8)
     assert stage.describe() == "specialist pass, labels file, kept by >= 80% of votes"
     ann = SimulatedAnnotator("x", noise=0.0, appeal_noise=0.0, appeal_threshold=7.5)
     assert ann.label("k", {"flaws": [], "appeal": 8.0})["keep"] == 1
@@ -145,8 +147,10 @@ def _stages(tiny_clip, head, clip_min=None):
         Balance(
             clip, {"dark": "on a black background", "light": "on a beige background"}, per_class=30, rank_by="aesthetic"
         ),
-        HumanStage("generalist", "generalist", simulated=annotators, combine="any"),
-        HumanStage("specialist", "specialist", simulated=[{**annotators[0], "appeal_threshold": 6.0}]),
+        HumanStage("generalist", "generalist", annotators=[SimulatedAnnotator(**a) for a in annotators], combine="any"),
+        HumanStage(
+            "specialist", "specialist", annotators=[SimulatedAnnotator(**{**annotators[0], "appeal_threshold": 6.0})]
+        ),
     ]
 
 

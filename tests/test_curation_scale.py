@@ -17,7 +17,8 @@ from emu.curation.funnel import Funnel
 from emu.curation.neighbours import Cells, EarlierNeighbours, search_cell
 from emu.curation.stages import CurationError, KeepRule, SizeAspect, Stage
 from emu.curation.tables import kth_best, quantiles
-from emu.data import EmuDataModule, HaystackSource
+from emu.data import EmuDataModule
+from emu.mini.source import HaystackSource
 from tests.conftest import ROOT
 
 

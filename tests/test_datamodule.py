@@ -4,8 +4,9 @@ from collections import Counter
 import pytest
 import torch
 
-from emu.data import EmuDataModule, FolderSource, HaystackSource, WebDatasetSource
+from emu.data import EmuDataModule, FolderSource, WebDatasetSource
 from emu.errors import ConfigError
+from emu.mini.source import HaystackSource
 from tests.conftest import expected_skips, png_bytes, rgb_image, write_shards
 
 GOOD_KEYS = {"good_0", "good_1", "good_2", "good_3", "cmyk", "gray16", "gray", "palette_alpha", "exif"}

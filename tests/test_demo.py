@@ -92,7 +92,7 @@ def test_driver_runs_stages_in_order_then_skips_and_resumes(tmp_path, monkeypatc
     first = {
         name: next(i for i, c in enumerate(order) if key in c)
         for name, key in [
-            ("haystack", "emu.data.haystack"),
+            ("haystack", "emu.mini.haystack"),
             ("clip", "experiment=mini/clip"),
             ("stage1", "mini/stage1_pretrain"),
             ("curate", "curate.py"),

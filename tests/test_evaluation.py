@@ -14,11 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from emu.data.haystack import BACKGROUNDS, parse_caption
 from emu.diffusion.selection import CheckpointSelection
 from emu.errors import ConfigError
-from emu.evaluation.judges import PRESENCE_GROUPS, faithfulness
 from emu.evaluation.winrate import compare, paired_outcomes, pooled_win_rates, win_rates
+from emu.mini.haystack import BACKGROUNDS, parse_caption
+from emu.mini.judge import PRESENCE_GROUPS, faithfulness
 from tests.conftest import tiny_stage1_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,8 @@ def test_faithfulness_counts_the_prompts_attributes_the_image_shows():
 
 
 def test_pixel_judge_scores_and_reports_its_accuracy(tiny_judge):
-    from emu.evaluation.judges import PixelJudge, heldout_haystack
+    from emu.mini.judge import PixelJudge
+    from emu.mini.sets import heldout_haystack
 
     judge = PixelJudge.from_checkpoint(tiny_judge)
     images, metas = heldout_haystack(6, seed=2)
@@ -134,7 +135,7 @@ def test_pixel_judge_scores_and_reports_its_accuracy(tiny_judge):
 
 
 def test_judge_with_average_and_max_pooling_sizes_its_heads():
-    from emu.evaluation.judges import HaystackJudge
+    from emu.mini.judge import HaystackJudge
 
     judge = HaystackJudge(global_pool="catavgmax").eval()
     assert judge.appeal_head.in_features == 2 * judge.backbone.num_features
@@ -254,10 +255,11 @@ def test_eval_compares_two_checkpoints_end_to_end(tmp_path, tiny_stage1_checkpoi
     import eval as eval_py
 
     cfg = compose_eval([
-        f"a={tiny_stage1_checkpoint}", f"b={tiny_stage1_checkpoint}", "name_a=tuned", "name_b=pretrained",
-        "prompts=haystack:6", "sampling.steps=2", f"clip={tiny_clip}", "judge=pixel", f"judge.path={tiny_judge}",
-        "judge_accuracy=16", "clip_accuracy=100", "fid.reference=haystack_needles:12", "fid.inception=false",
-        f"fid.cache_dir={tmp_path}/cache", f"out={tmp_path}/eval", "bootstrap=200", "logger=csv", "headroom=4",
+        "experiment=mini/eval", f"a={tiny_stage1_checkpoint}", f"b={tiny_stage1_checkpoint}", "name_a=tuned",
+        "name_b=pretrained", "prompts=haystack:6", "sampling.steps=2", f"clip={tiny_clip}", "aesthetic=null",
+        f"judge.path={tiny_judge}", "checks.judge_accuracy.n=16", "checks.clip_accuracy.n=100",
+        "fid.reference=haystack_needles:12", "fid.inception=false", f"fid.cache_dir={tmp_path}/cache",
+        f"out={tmp_path}/eval", "bootstrap=200", "logger=csv", "checks.headroom.n=4",
     ])  # fmt: skip
     out = eval_py.run(cfg)
     m = json.loads((out / "metrics.json").read_text())
@@ -315,9 +317,9 @@ def test_eval_refuses_unpaired_folders_and_missing_inception(tmp_path):
 def test_eval_measures_autoencoders(tmp_path, tiny_autoencoder, tiny_clip, tiny_judge):
     import eval as eval_py
 
-    cfg = compose_eval([f"a={tiny_autoencoder}", f"b={tiny_autoencoder}", "autoencoder.images=haystack_needles:8",
-                        f"clip={tiny_clip}", "fid.inception=false", f"out={tmp_path}/eval", "judge=pixel",
-                        f"judge.path={tiny_judge}"])  # fmt: skip
+    cfg = compose_eval(["experiment=mini/eval", f"a={tiny_autoencoder}", f"b={tiny_autoencoder}",
+                        "autoencoder.images=haystack_needles:8", f"clip={tiny_clip}", "fid.inception=false",
+                        f"out={tmp_path}/eval", f"judge.path={tiny_judge}"])  # fmt: skip
     m = json.loads((eval_py.run(cfg) / "metrics.json").read_text())
     assert len(m["autoencoders"]) == 2  # the same folder twice: named A_... and B_...
     ae = next(iter(m["autoencoders"].values()))
@@ -369,7 +371,7 @@ class _IdentityAutoencoder(torch.nn.Module):
 
 
 def test_headroom_scores_the_same_scenes_as_corpus_and_as_needles():
-    from emu.evaluation.headroom import judge_headroom, scene_pairs
+    from emu.mini.headroom import judge_headroom, scene_pairs
 
     corpus, needles, captions = scene_pairs(6, resolution=32)
     assert corpus.shape == needles.shape == (6, 3, 32, 32) and len(captions) == 6

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from emu.data import haystack
-from emu.data.haystack import FLAWS, caption_for, make_sample, metadata, scene_spec
+from emu.mini import haystack
+from emu.mini.haystack import FLAWS, caption_for, make_sample, metadata, scene_spec
 
 META_FIELDS = {"caption", "appeal", "needle", "objects", "background", "flaws", "width", "height"}
 

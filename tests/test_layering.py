@@ -1,7 +1,9 @@
 """The package layering: imports only point down (README's Layout), module-level and function-level alike.
 
 errors, utils, training at the bottom; then data; then autoencoder and text (which may use data but not each
-other); then diffusion; then curation and evaluation (not each other); demo on top.
+other); then diffusion; then curation and evaluation (not each other); the annotation app; then the miniature
+(emu/mini) and demo on top. The real system (everything but emu/mini and emu/demo, and the entry points) reaches the
+miniature only through configs (``_target_``, named sets), never by import.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 LAYERS = [("errors", "paper"), ("utils",), ("training",), ("data",), ("autoencoder", "text"), ("diffusion",),
-          ("curation", "evaluation", "export", "plan"), ("demo", "annotate")]  # fmt: skip
+          ("curation", "evaluation", "export", "plan"), ("annotate",), ("mini",), ("demo",)]  # fmt: skip
+MINIATURE = ("mini", "demo")  # the only packages that may import emu.mini
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
@@ -72,3 +75,37 @@ def test_the_checker_sees_function_level_relative_and_string_imports(tmp_path):
                  "def g():\n    from emu.evaluation.fid import x\n    import emu.autoencoder.model\n"
                  "    from .. import curation\n    importlib.import_module('emu.demo.report')\n")  # fmt: skip
     assert emu_imports(f, tmp_path) == {"data", "text", "evaluation", "autoencoder", "curation", "demo"}
+
+
+def test_only_the_miniature_and_the_demo_import_the_miniature():
+    """Nothing of the real system imports ``emu.mini``: not a package, not an entry point, not a benchmark."""
+    files = [p for p in sorted((ROOT / "emu").rglob("*.py")) if package_of(p) not in MINIATURE]
+    scripts = sorted(ROOT.glob("*.py")) + sorted((ROOT / "bench").rglob("*.py"))
+    offenders = [p.relative_to(ROOT).as_posix() for p in files if "mini" in emu_imports(p)]
+    offenders += [p.relative_to(ROOT).as_posix() for p in scripts if "mini" in script_imports(p)]
+    assert not offenders, f"the real system imports emu.mini: {offenders} (name it in a config instead)"
+
+
+def script_imports(path: Path) -> set[str]:
+    """The top-level ``emu`` packages a script outside ``emu/`` imports (absolute imports and import_module strings)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + ([f"emu.{a.name}" for a in node.names] if node.module == "emu" else [])
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            names = [a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        out |= {n.split(".")[1] for n in names if n.startswith("emu.")}
+    return out
+
+
+def test_the_miniature_check_sees_a_script_and_a_package_importing_it(tmp_path):
+    f = tmp_path / "emu" / "evaluation" / "m.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("def g():\n    from emu.mini.judge import PixelJudge\n")
+    assert "mini" in emu_imports(f, tmp_path)
+    script = tmp_path / "run.py"
+    script.write_text("import emu.mini.haystack\nfrom emu import mini\n")
+    assert script_imports(script) == {"mini"}

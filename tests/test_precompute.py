@@ -8,9 +8,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from emu.data import haystack
 from emu.diffusion.precompute import precompute
 from emu.errors import ConfigError
+from emu.mini import haystack
 from tests.conftest import ROOT, tiny_stage1_overrides
 
 

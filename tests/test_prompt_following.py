@@ -5,6 +5,7 @@ import json
 import torch
 
 from emu.evaluation.prompt_following import load_sample_folder, main
+from emu.mini.clip import HaystackAttributes
 from emu.text.clip import ClipEmbedder
 from emu.utils.images import to_uint8
 from tests.conftest import haystack_batch
@@ -22,7 +23,7 @@ def test_clip_judge_scores_prompts_and_attributes(tiny_clip, tmp_path):
     cos = (judge.embed_images(batch["image"][:1]) @ judge.embed_texts(prompts[:1]).T).item()
     assert abs(float(scores[0]) - 100 * max(cos, 0)) < 1e-3
 
-    metrics = judge.attribute_accuracy(batch["image"], [*prompts[:-1], "not a haystack caption"])
+    metrics = HaystackAttributes().accuracy(judge, batch["image"], [*prompts[:-1], "not a haystack caption"])
     singles = sum(len(m["objects"]) == 1 for m in batch["meta"][:-1])
     assert metrics["n_scored"] == singles
     if singles:
@@ -39,4 +40,8 @@ def test_clip_judge_scores_prompts_and_attributes(tiny_clip, tmp_path):
     main([str(folder), "--clip", str(tiny_clip)])
     out = json.loads((folder / "prompt_following.json").read_text())
     assert out["n_images"] == 6 and abs(out["clip_score"] - float(scores.mean())) < 0.5
+    assert "n_scored" not in out  # no attribute scorer named: CLIP score only
+    main([str(folder), "--clip", str(tiny_clip), "--attributes", "emu.mini.clip.HaystackAttributes"])
+    out = json.loads((folder / "prompt_following.json").read_text())
+    assert out["n_scored"] == sum(len(m["objects"]) == 1 for m in batch["meta"])
     assert torch.isfinite(torch.tensor(out["clip_score"]))

@@ -35,8 +35,9 @@ def rehearsal(tmp_path_factory):
     folder; the stages' outputs are added as they run."""
     from PIL import Image
 
-    from emu.curation.aesthetic import haystack_ratings, train_head
-    from emu.data import haystack
+    from emu.curation.aesthetic import train_head
+    from emu.mini import haystack
+    from emu.mini.aesthetic import haystack_ratings
     from emu.text.clip import ClipEmbedder
 
     root = tmp_path_factory.mktemp("rehearsal")

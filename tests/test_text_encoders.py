@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from emu.errors import ConfigError
+from emu.mini.clip import haystack_vocabulary_text
 from emu.text.encoders import FrozenTextEncoder
-from emu.text.mini_clip import haystack_vocabulary_text
 from emu.text.tokenizer import build_word_tokenizer
 from tests.conftest import CAPTIONS
 
@@ -145,7 +145,7 @@ def test_conditioner_config_errors(tiny_clip, tiny_t5):
 def test_mini_clip_exports_a_folder_public_loaders_read(tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 
-    from emu.text.mini_clip import MiniClipModule, attribute_prompts
+    from emu.mini.clip import MiniClipModule, attribute_prompts
 
     module = MiniClipModule(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
                             projection_dim=16, max_length=20)  # fmt: skip
@@ -163,7 +163,7 @@ def test_mini_clip_exports_a_folder_public_loaders_read(tmp_path):
 
 
 def test_mini_clip_metrics_on_constructed_embeddings():
-    from emu.text.mini_clip import MiniClipModule
+    from emu.mini.clip import MiniClipModule
 
     module = MiniClipModule(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
                             projection_dim=16, max_length=20, retrieval_candidates=4)  # fmt: skip
@@ -179,8 +179,8 @@ def test_zero_shot_scores_every_attribute_against_constructed_text_embeddings():
     zero-shot prediction of every attribute is right, and flaw-free images are reported apart."""
     import torch.nn.functional as F
 
-    from emu.evaluation.judges import heldout_haystack
-    from emu.text.mini_clip import ATTRIBUTES, haystack_vocabulary_text, retrieval_and_zero_shot
+    from emu.mini.clip import ATTRIBUTES, haystack_vocabulary_text, retrieval_and_zero_shot
+    from emu.mini.sets import heldout_haystack
 
     words = sorted(set(haystack_vocabulary_text()[0].split()))
 
@@ -206,21 +206,21 @@ def test_zero_shot_scores_every_attribute_against_constructed_text_embeddings():
 @pytest.fixture(scope="module")
 def t5_bpe():
     """The mini T5's default tokenizer: every BPE merge of the haystack captions."""
-    from emu.text.mini_t5 import build_bpe_tokenizer, caption_corpus
+    from emu.mini.t5 import build_bpe_tokenizer, caption_corpus
 
     return build_bpe_tokenizer(caption_corpus())
 
 
 def unseen_captions(n: int = 1000) -> list[str]:
     """Captions of haystack seed 0 far past the tokenizer's training corpus (its first 4000 images)."""
-    from emu.data.haystack import caption_for, scene_spec
+    from emu.mini.haystack import caption_for, scene_spec
 
     specs = (scene_spec(0, 1_000_000 + i) for i in range(n))
     return [caption_for(s["objects"], s["background"]) for s in specs]
 
 
 def test_t5_bpe_tokenizer_has_the_vocabulary_asked_for(t5_bpe):
-    from emu.text.mini_t5 import build_bpe_tokenizer, caption_corpus
+    from emu.mini.t5 import build_bpe_tokenizer, caption_corpus
 
     texts = caption_corpus()
     assert [t5_bpe.pad_token_id, t5_bpe.eos_token_id, t5_bpe.unk_token_id] == [0, 1, 2]  # as T5
@@ -241,7 +241,7 @@ def test_t5_bpe_tokenizer_has_the_vocabulary_asked_for(t5_bpe):
 
 
 def test_t5_bpe_tokenizer_is_one_token_per_caption_word(t5_bpe):
-    from emu.data.haystack import BACKGROUNDS, COLORS, POSITION_PHRASES, SHAPES, SIZES
+    from emu.mini.haystack import BACKGROUNDS, COLORS, POSITION_PHRASES, SHAPES, SIZES
 
     words = {"a", "and", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, *SIZES}
     words |= {w for phrase in POSITION_PHRASES.values() for w in phrase.split()}
@@ -264,7 +264,7 @@ def test_t5_bpe_tokenizer_is_one_token_per_caption_word(t5_bpe):
 def test_mini_t5_folder_loads_by_path_and_tokenizes_captions_without_unknowns(tmp_path, t5_bpe):
     from transformers import AutoTokenizer, T5Config
 
-    from emu.text.mini_t5 import caption_corpus, main
+    from emu.mini.t5 import caption_corpus, main
 
     main(["--out", str(tmp_path / "t5"), "--d-model", "32", "--layers", "1"])
     tok = AutoTokenizer.from_pretrained(tmp_path / "t5")
@@ -283,7 +283,7 @@ def test_mini_clip_hyperparameters_from_hydra_load_weights_only(tmp_path):
     """A config list (OmegaConf ListConfig) must not reach the checkpoint: resuming loads it weights-only."""
     from omegaconf import OmegaConf
 
-    from emu.text.mini_clip import MiniClipModule
+    from emu.mini.clip import MiniClipModule
 
     negatives = OmegaConf.create({"n": ["shape", "color"]}).n
     module = MiniClipModule(image_size=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
@@ -296,9 +296,9 @@ def test_mini_clip_hyperparameters_from_hydra_load_weights_only(tmp_path):
 def test_hard_negatives_differ_in_exactly_the_attribute_asked_for():
     import random
 
-    from emu.data.haystack import make_sample, parse_caption
     from emu.data.samples import swap_left_right
-    from emu.text.mini_clip import NEGATIVE_ATTRIBUTES, hard_negative_captions
+    from emu.mini.clip import NEGATIVE_ATTRIBUTES, hard_negative_captions
+    from emu.mini.haystack import make_sample, parse_caption
 
     metas = [make_sample(0, i, 16)[1] for i in range(20)]
     for attribute in NEGATIVE_ATTRIBUTES:

@@ -10,8 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from emu.data.samples import SamplePreparer, collate
-from emu.data.sources import HaystackSource
 from emu.errors import ConfigError
+from emu.mini.source import HaystackSource
 from emu.utils.config import check_required
 from tests.conftest import ROOT, expected_skips, tiny_stage1_overrides
 
@@ -140,7 +140,7 @@ def test_two_job_multirun(tmp_path):
 
 
 def test_judge_overfits_a_batch():
-    from emu.evaluation.judges import HaystackJudge
+    from emu.mini.judge import HaystackJudge
 
     torch.manual_seed(0)
     source, prepare = HaystackSource(n_train=8, n_val=0, resolution=64), SamplePreparer(resolution=64)

@@ -5,7 +5,6 @@
     python -m emu.annotate serve outputs/ab_appeal                  # http://127.0.0.1:8765 (this machine only)
     python -m emu.annotate serve outputs/ab_appeal --host 0.0.0.0   # a shared server: a token is made and required
     python -m emu.annotate results outputs/ab_appeal                # win / tie / loss, agreement, per-rater stats
-    python -m emu.annotate simulate outputs/ab_appeal --scores EVAL/scores.jsonl   # the miniature's simulated raters
 
 Curation labels land in ``<task>/labels.jsonl`` (``curate.py stages.<stage>.labels=<task>/labels.jsonl``), votes in
 ``<task>/votes.jsonl`` (``eval.py human_votes=<task>``).
@@ -19,7 +18,6 @@ import secrets
 import sys
 from pathlib import Path
 
-from emu.annotate.simulate import judge_scores, simulate_votes
 from emu.annotate.tasks import load_task, make_ab_task, make_curation_task
 from emu.evaluation.human_votes import QUESTIONS, read_votes
 from emu.evaluation.human_votes import human_results as vote_results
@@ -84,12 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("results", help="what the raters said")
     r.add_argument("task", type=Path)
     r.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    sim = sub.add_parser("simulate", help="simulated raters vote on an A/B task from an eval.py scores.jsonl")
-    sim.add_argument("task", type=Path)
-    sim.add_argument("--scores", type=Path, required=True, help="eval.py's scores.jsonl of the two models")
-    sim.add_argument("--raters", type=int, default=5)
-    sim.add_argument("--noise", type=float, default=0.5, help="each rater's noise on the judge's score difference")
-    sim.add_argument("--tie-band", type=float, default=0.25)
     args = parser.parse_args(argv)
     try:
         if args.command == "curation-task":
@@ -101,11 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"task ready in {out}")
         elif args.command == "serve":
             serve(args.task, args.host, args.port, args.token)
-        elif args.command == "simulate":
-            task = load_task(args.task)
-            scores = [judge_scores(args.scores, task["names"][side]) for side in ("a", "b")]
-            n = simulate_votes(args.task, *scores, raters=args.raters, noise=args.noise, tie_band=args.tie_band)
-            print(f"{args.raters} simulated raters cast {n} votes into {args.task / task['answers']}")
         else:
             out = results(args.task)
             if args.out:

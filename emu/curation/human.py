@@ -3,16 +3,15 @@
 :class:`HumanStage` is the pass in the funnel. The export is a folder with the candidates' images, contact sheets
 (numbered, keys listed in ``sheets.md``) and ``labels_template.csv`` (one row per image, one column per principle of
 the photography guideline, and ``keep``). Labels come back as CSV or JSONL rows ``key, annotator, <principle>...,
-keep`` (1/0, true/false, yes/no). In the miniature, :class:`SimulatedAnnotator` answers from the hidden haystack
-attributes with noise; the generalist is noisier and more lenient (recall), the specialist stricter (precision).
-Reports say so.
+keep`` (1/0, true/false, yes/no). Annotators may also be objects named by ``_target_`` (``annotators:``) that label
+a candidate from its hidden metadata: the miniature's :class:`emu.mini.annotators.SimulatedAnnotator`, whose labels go
+through the same file and import path. Reports say so.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import random
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,34 +23,7 @@ from emu.errors import ConfigError
 from emu.utils.files import atomic_write_text
 
 PRINCIPLES = ("composition", "lighting", "color_contrast", "subject_background", "subjective")
-# which hidden haystack flaws break which principle (the web defects count against the subject / technical side)
-PRINCIPLE_FLAWS = {
-    "composition": ("cut_off", "off_balance", "clutter"),
-    "lighting": ("flat_lighting", "too_dark", "overexposed"),
-    "color_contrast": ("low_contrast", "monochrome"),
-    "subject_background": ("clutter", "cut_off", "blur", "noise", "jpeg", "watermark", "low_res", "odd_aspect"),
-}
 COMBINE_RULES = ("majority", "any", "all", "mean")
-
-
-class SimulatedAnnotator:
-    """Answers from hidden attributes: each principle is judged correctly with probability ``1 - noise``; the
-    subjective verdict is ``appeal + N(0, appeal_noise) >= appeal_threshold``; keep = every verdict positive."""
-
-    def __init__(self, name: str, noise: float, appeal_noise: float, appeal_threshold: float, seed: int = 0):
-        self.name, self.noise, self.appeal_noise, self.threshold = name, noise, appeal_noise, appeal_threshold
-        self.seed = seed
-
-    def label(self, key: str, meta: dict[str, Any]) -> dict[str, Any]:
-        rng = random.Random(f"{self.seed}/{self.name}/{key}")  # the same answer on a rerun
-        flaws = set(meta.get("flaws", ()))
-        row: dict[str, Any] = {"key": key, "annotator": self.name}
-        for principle, group in PRINCIPLE_FLAWS.items():
-            ok = not (flaws & set(group))
-            row[principle] = int(ok if rng.random() >= self.noise else not ok)
-        row["subjective"] = int(float(meta.get("appeal", 0.0)) + rng.gauss(0, self.appeal_noise) >= self.threshold)
-        row["keep"] = int(all(row[p] for p in PRINCIPLES))
-        return row
 
 
 def _truthy(value: Any, where: str) -> int:
@@ -134,7 +106,8 @@ class HumanStage:
     Args:
         role: ``generalist`` (recall) or ``specialist`` (precision), for the report.
         labels: a labels file (CSV/JSONL) from real annotators; or
-        simulated: a list of :class:`SimulatedAnnotator` settings (the miniature).
+        annotators: objects with ``name`` and ``label(key, hidden_meta) -> row`` (instantiated from ``_target_``
+            nodes; the miniature's :class:`emu.mini.annotators.SimulatedAnnotator`), used when there is no labels file.
         combine: how votes combine (``majority``, ``any``, ``all``, ``mean`` with ``threshold``).
         on_bad_row: ``skip`` (report and go on) or ``stop``.
     """
@@ -143,15 +116,16 @@ class HumanStage:
     needs_pixels = True
     enabled = True
 
-    def __init__(self, name: str, role: str, labels: str | None = None, simulated: list[dict] | None = None,
+    def __init__(self, name: str, role: str, labels: str | None = None, annotators: list | None = None,
                  combine: str = "majority", threshold: float = 0.5, on_bad_row: str = "skip"):  # fmt: skip
         self.name, self.role, self.labels, self.rule, self.threshold = name, role, labels, combine, threshold
-        self.annotators = [SimulatedAnnotator(**a) for a in (simulated or [])]
+        self.annotators = list(annotators or [])
         self.on_bad_row = on_bad_row
         self.problems: list[str] = []
 
     def describe(self) -> str:
-        who = f"{len(self.annotators)} simulated annotators" if self.annotators and not self.labels else "labels file"
+        simulated = "simulated " if all(getattr(a, "simulated", False) for a in self.annotators) else ""
+        who = f"{len(self.annotators)} {simulated}annotators" if self.annotators and not self.labels else "labels file"
         rule = f"kept by >= {self.threshold:.0%} of votes" if self.rule == "mean" else f"{self.rule} vote"
         return f"{self.role} pass, {who}, {rule}"
 
@@ -174,7 +148,7 @@ class HumanStage:
         return {k for k in survivors if decision.get(k, False)}, table
 
     def _labels(self, ctx: FunnelContext, by_piece: dict[int, list[str]], folder: Path) -> list[dict]:
-        """The label rows, also written to ``labels.jsonl``: the labels file's, or the simulated annotators' (the same
+        """The label rows, also written to ``labels.jsonl``: the labels file's, or the annotator objects' (the same
         ones again on a rerun after a kill)."""
         path = folder / "labels.jsonl"
         survivors = [k for p in sorted(by_piece) for k in by_piece[p]]

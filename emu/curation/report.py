@@ -8,17 +8,16 @@ from emu.paper import CURATION_FUNNEL as PAPER
 
 
 def funnel_markdown(report: dict[str, Any], stages: list) -> str:
-    simulated = any(getattr(s, "annotators", None) and not getattr(s, "labels", None) for s in stages)
+    notes = [a.note for s in stages if not getattr(s, "labels", None) for a in getattr(s, "annotators", None) or []
+             if getattr(a, "simulated", False)]  # fmt: skip
     has_labels = "precision" in (report.get("final") or {})
     lines = ["# Curation funnel", ""]
     lines.append(
         f"{report['n_images']} images in, {report['final']['n']} curated out ({report['seconds']:.0f}s). {PAPER}"
     )
     lines.append("")
-    if simulated:
-        lines += ["**The human passes are simulated**: annotators answer from the haystack's hidden attributes with "
-                  "noise (the generalist noisier and more lenient than the specialist). No person looked at these "
-                  "images.", ""]  # fmt: skip
+    if notes:
+        lines += [f"**The human passes are simulated**: {notes[0]}", ""]
     head = "| stage | kind | rule | in | out | kept | s / 1K images |"
     sep = "| --- | --- | --- | ---: | ---: | ---: | ---: |"
     if has_labels:

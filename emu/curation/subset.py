@@ -1,7 +1,8 @@
 """Draw a training set of N images by seed, for ablations: from a curated set, or from a funnel's corpus.
 
     python -m emu.curation.subset --folder outputs/demo/curate/curated --n 100 --seed 0 --out DIR
-    python -m emu.curation.subset --funnel outputs/demo/curate --n 164 --seed 0 --out DIR paths.demo_dir=outputs/demo
+    python -m emu.curation.subset --funnel outputs/demo/curate --n 164 --seed 0 --out DIR \
+        experiment=mini/curate paths.demo_dir=outputs/demo
     python -m emu.curation.subset --funnel outputs/demo/curate --kept-by text_overlay --n 164 --seed 0 --out DIR ...
 
 ``--folder`` draws from a curated set (``metadata.jsonl`` + images, what ``curate.py`` writes) and links the drawn

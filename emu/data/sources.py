@@ -2,8 +2,8 @@
 
 Two kinds:
 
-* :class:`IndexedSource` (map-style): ``size(split)`` and ``raw(split, i)``. :class:`HaystackSource` renders
-  the miniature on the fly; :class:`FolderSource` reads a folder of images with captions.
+* :class:`IndexedSource` (map-style): ``size(split)`` and ``raw(split, i)``. :class:`FolderSource` reads a folder of
+  images with captions (the miniature's haystack, rendered on the fly, is one too: :mod:`emu.mini.source`).
 * :class:`WebDatasetSource` (streaming): img2dataset-layout tar shards through the ``webdataset`` library;
   it batches inside the workers.
 
@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from emu.data import haystack
 from emu.data.buckets import bucket_batches
 from emu.data.resume import sample_seed, seeded
 from emu.data.samples import BadSample, collate, decode_image
@@ -238,40 +237,6 @@ class PreparedDataset(Dataset):
             f"{what} of the {self.split} split are unusable; the dataset looks broken "
             f"(skipped so far: {dict(self.skips.totals())})"
         )
-
-
-class HaystackSource(IndexedSource):
-    """The built-in miniature, rendered on the fly: train is indices [0, n_train), val the next n_val.
-
-    ``cache=True`` keeps each rendered image (~12 KB at 64px) so that later epochs skip the rendering; each loader
-    worker has its own cache, so pair it with ``data.persistent_workers=true`` (or ``num_workers=0``).
-    """
-
-    def __init__(self, n_train: int = 4096, n_val: int = 256, seed: int = 0, resolution: int = 64, cache: bool = False):
-        if n_train <= 0:
-            raise ConfigError("data.source.n_train", f"must be positive, got {n_train}")
-        if n_val < 0:
-            raise ConfigError("data.source.n_val", f"must be >= 0, got {n_val}")
-        self.n_train, self.n_val, self.seed, self.resolution = n_train, n_val, seed, resolution
-        self.cache: dict[int, tuple[Any, dict[str, Any]]] | None = {} if cache else None
-
-    def size(self, split: str) -> int:
-        return self.n_train if split == "train" else self.n_val
-
-    def raw(self, split: str, index: int) -> dict[str, Any]:
-        index += 0 if split == "train" else self.n_train
-        if self.cache is not None and index in self.cache:
-            image, meta = self.cache[index]
-            image, meta = image.copy(), dict(meta)  # the cached ones stay as rendered
-        else:
-            image, meta = haystack.make_sample(self.seed, index, self.resolution)
-            if self.cache is not None:
-                self.cache[index] = (image.copy(), meta)
-        return {"key": meta["key"], "image": image, "caption": meta["caption"], "meta": meta}
-
-    def measure_sizes(self, split: str, start: int = 0, stop: int | None = None) -> list[tuple[int, int] | None]:
-        offset, stop = (0 if split == "train" else self.n_train), (self.size(split) if stop is None else stop)
-        return [haystack.image_size(self.seed, offset + i, self.resolution) for i in range(start, stop)]
 
 
 class FolderSource(IndexedSource):

@@ -98,6 +98,8 @@ def _data(name: str, source: str, n: int, seed: int) -> Step:
     ``--folder ...`` (a curated set, no config) or ``--funnel ...`` (the corpus, read with curate.py's data)."""
     out = f"ablations/{name}/data"
     args = f"-m emu.curation.subset {source} --n {n} --seed {seed} --out {{out}}/{out}"
+    if source.startswith("--funnel"):  # the corpus as the demo's curation read it
+        args += " experiment=mini/curate"
     return _step(f"{name}/data", args, f"{out}/subset.json", hydra=source.startswith("--funnel"), like="curate")
 
 

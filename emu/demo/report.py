@@ -46,7 +46,7 @@ APPEAL_TARGET = (f"appeal: win >= {TARGETS['appeal_win_rate']:.0%}, its interval
 
 EXPERIMENTS = {
     "haystack": [],
-    "text": ["conf/experiment/mini/clip.yaml", "emu/text/mini_t5.py"],
+    "text": ["conf/experiment/mini/clip.yaml", "emu/mini/t5.py"],
     "autoencoders": ["conf/experiment/mini/autoencoder.yaml", "conf/experiment/mini/autoencoder_4ch.yaml"],
     "stage1": ["conf/experiment/mini/stage1_pretrain.yaml", "conf/model/diffusion_mini.yaml"],
     "curation": ["conf/curate.yaml"],
@@ -489,7 +489,7 @@ def section_human_ab(out: Path) -> list[str]:
     text = (
         f"`python -m emu.annotate ab-task` made an appeal task of the evaluation's image pairs (sides randomised per "
         f"rater and pair, prompt hidden); {len(r['raters'])} simulated raters (the judge's appeal plus their own "
-        "noise, `python -m emu.annotate simulate`) answered it through the app's vote store, and the votes were read "
+        "noise, `python -m emu.mini.raters`) answered it through the app's vote store, and the votes were read "
         f"back as real ones are (`python -m emu.annotate results`, `eval.py human_votes=`): **{results['names']['a']} "
         f"vs {results['names']['b']}, majority of {per_pair} per pair: {format_win_rate(r)}**; Krippendorff's alpha "
         f"{r['alpha']:.2f}; attention checks failed {failed} of {checks}. The paper's: win {PAPER_WIN:.1%}, loss "

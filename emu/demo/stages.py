@@ -79,27 +79,28 @@ def eval_args(scale: dict[str, Any], a: str, name_a: str, out: str, accuracy: bo
     judge, clip = (ev["judge_accuracy"], ev.get("clip_accuracy", 1000)) if accuracy else (0, 0)
     headroom = ev.get("headroom", 0) if accuracy else 0
     return (
-        f"eval.py a={a} b={{out}}/stage1/checkpoints/last.ckpt name_a={name_a} name_b=pretrained "
+        f"eval.py experiment=mini/eval a={a} b={{out}}/stage1/checkpoints/last.ckpt name_a={name_a} name_b=pretrained "
         f"prompts={ev['prompts']} clip={{out}}/clip/export aesthetic={{out}}/curate/aesthetic.safetensors judge=pixel "
-        f"fid.reference={ev['fid_reference']} judge_accuracy={judge} clip_accuracy={clip} headroom={headroom} out={out}"
+        f"fid.reference={ev['fid_reference']} checks.judge_accuracy.n={judge} checks.clip_accuracy.n={clip} "
+        f"checks.headroom.n={headroom} out={out}"
     )
 
 
 def demo_stages(scale: dict[str, Any]) -> list[Stage]:
     """The miniature's stages in order; ``scale`` is a ``conf/demo/<scale>.yaml`` as a plain dict."""
     ev = scale["eval"]
-    haystack = f"-m emu.data.haystack --n {int(scale['corpus'])} --seed 0 --out {{out}}/haystack"
+    haystack = f"-m emu.mini.haystack --n {int(scale['corpus'])} --seed 0 --out {{out}}/haystack"
     data_check = (
         "bench/data_throughput.py data=webdataset data.source.shards={out}/haystack/*.tar data.num_workers=1 "
         f"batches={scale.get('data_check_batches', 20)} grid={{out}}/haystack/first_batch.png"
     )
     ae_eval = (
-        "eval.py a={out}/autoencoder_16ch/export b={out}/autoencoder_4ch/export name_a=16ch name_b=4ch "
-        f"clip={{out}}/clip/export judge=pixel autoencoder.images={ev['autoencoder_images']} "
+        "eval.py experiment=mini/eval a={out}/autoencoder_16ch/export b={out}/autoencoder_4ch/export name_a=16ch "
+        f"name_b=4ch clip={{out}}/clip/export judge=pixel autoencoder.images=haystack:{ev['autoencoder_images']} "
         "out={out}/autoencoder_eval"
     )
     aesthetic = (
-        "-m emu.curation.aesthetic --clip {out}/clip/export --out {out}/curate/aesthetic.safetensors "
+        "-m emu.mini.aesthetic --clip {out}/clip/export --out {out}/curate/aesthetic.safetensors "
         f"--n {scale.get('aesthetic_images', 5000)} --epochs {scale.get('aesthetic_epochs', 60)}"
     )
     evaluation = eval_args(scale, "{out}/stage2/checkpoints/select/best.ckpt", "quality_tuned", "{out}/eval")
@@ -113,7 +114,7 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         Stage("judge", "evaluation judge", [_train("judge", "mini/judge", needs=())]),  # its own haystack seed
         Stage("text", "mini CLIP and T5", [
             _train("clip", "mini/clip", "clip/export/config.json", corpus="images", needs=("haystack",)),
-            _step("t5", "-m emu.text.mini_t5 --out {out}/t5", "t5/config.json", hydra=False, needs=()),
+            _step("t5", "-m emu.mini.t5 --out {out}/t5", "t5/config.json", hydra=False, needs=()),
         ]),
         Stage("autoencoders", "16- and 4-channel autoencoders", [
             _train("autoencoder_16ch", "mini/autoencoder", "autoencoder_16ch/export/config.json", corpus="images",
@@ -133,7 +134,7 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         ]),
         Stage("curation", "curation", [
             _step("aesthetic_head", aesthetic, "curate/aesthetic.safetensors", hydra=False, needs=("clip",)),
-            _step("curate", "curate.py", "curate/funnel.json", run_dir="curate",
+            _step("curate", "curate.py experiment=mini/curate", "curate/funnel.json", run_dir="curate",
                   needs=("haystack", "clip", "aesthetic_head")),
         ]),
         # selection.json is written from the first scoring on; the driver's state says when the run finished
@@ -148,7 +149,7 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
         # the same comparison as an A/B task of the annotation app, answered by simulated raters (the judge + noise)
         Stage("human_ab", "A/B task, simulated raters", [
             _step("ab_task", ab_task, "human_ab/task.json", hydra=False, outputs="human_ab"),
-            _step("ab_votes", "-m emu.annotate simulate {out}/human_ab --scores {out}/eval/scores.jsonl",
+            _step("ab_votes", "-m emu.mini.raters {out}/human_ab --scores {out}/eval/scores.jsonl",
                   "human_ab/votes.jsonl", hydra=False),
             _step("ab_results", "-m emu.annotate results {out}/human_ab --out {out}/human_ab/results.json",
                   "human_ab/results.json", hydra=False),

@@ -1,7 +1,6 @@
 """Prompt sets: a text file (one prompt per line), a PartiPrompts-style TSV (a ``Prompt`` column), PartiPrompts as
-shipped with emu (``parti``: all 1,632; ``parti:N``: N spread over its 12 categories, :func:`parti_prompts`), or
-held-out haystack captions: ``haystack:N`` (the captions of haystack images 1,000,000 .. 1,000,000+N-1 of seed 0,
-past every training range), ``haystack:N@START`` or ``haystack:N@START/SEED``."""
+shipped with emu (``parti``: all 1,632; ``parti:N``: N spread over its 12 categories, :func:`parti_prompts`), or a
+named set a config registers (:mod:`emu.utils.named_sets`; the miniature's held-out captions: ``haystack:N``)."""
 
 from __future__ import annotations
 
@@ -10,10 +9,9 @@ from collections import defaultdict
 from itertools import zip_longest
 from pathlib import Path
 
-from emu.data.haystack import caption_for, scene_spec
 from emu.errors import ConfigError
+from emu.utils import named_sets
 
-HELDOUT_START = 1_000_000
 PARTI_TSV = Path(__file__).resolve().parents[1] / "data/parti/PartiPrompts.tsv"  # Apache-2.0: LICENSE beside it
 
 
@@ -57,29 +55,17 @@ def _tsv_rows(path: Path, key: str) -> list[dict[str, str]]:
     return [row for row in rows if row["Prompt"]]
 
 
-def haystack_prompts(spec: str, key: str = "prompts") -> list[str]:
-    """Captions of held-out haystack images from ``haystack:N[@START[/SEED]]``."""
-    body = spec.removeprefix("haystack:")
-    count, _, rest = body.partition("@")
-    start, _, seed = rest.partition("/")
-    try:
-        n, start_i, seed_i = int(count), int(start or HELDOUT_START), int(seed or 0)
-    except ValueError:
-        raise ConfigError(key, f"'{spec}' is not haystack:N, haystack:N@START or haystack:N@START/SEED") from None
-    if n < 1:
-        raise ConfigError(key, f"'{spec}' asks for {n} prompts")
-    specs = (scene_spec(seed_i, i) for i in range(start_i, start_i + n))
-    return [caption_for(s["objects"], s["background"]) for s in specs]
-
-
 def read_prompts(path: str | Path, key: str = "prompts") -> list[str]:
-    """The prompts in ``path`` (or a ``haystack:N`` spec); a missing or empty file is a :class:`ConfigError`
-    naming ``key``."""
-    if str(path).startswith("haystack:"):
-        return haystack_prompts(str(path), key)
+    """The prompts in ``path`` (or a ``parti`` / registered named-set spec); a missing or empty file is a
+    :class:`ConfigError` naming ``key``."""
     if str(path) == "parti" or str(path).startswith("parti:"):
         return parti_prompts(str(path), key)
+    provider = named_sets.provider("prompts", path)
+    if provider is not None:
+        return list(provider(str(path), key))
     path = Path(path).expanduser()
+    if not path.is_file() and named_sets.name_of(path):
+        raise named_sets.unknown_set("prompts", path, key, "a file")
     if not path.is_file():
         raise ConfigError(key, f"'{path}' is not a file")
     if path.suffix.lower() == ".tsv":

@@ -43,8 +43,10 @@ def frechet_metrics(images: torch.Tensor, extractors: list, reference: str | Non
 
 def model_metrics(gen: Generated, clip: str | None, aesthetic: str | None, judge, extractors: list,
                   reference: str | None, cache_dir: str | Path,
-                  fid_skipped: dict[str, str]) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
-    """Everything measured on one item's images alone, and the per-image scores (judge, aesthetic) by name."""
+                  fid_skipped: dict[str, str], attributes=None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    """Everything measured on one item's images alone, and the per-image scores (judge, aesthetic) by name;
+    ``attributes`` (a prompt-attribute scorer, e.g. :class:`emu.mini.clip.HaystackAttributes`) adds the CLIP's
+    attribute accuracy."""
     m: dict[str, Any] = {"name": gen.name, "source": gen.source, "n_images": len(gen.prompts), "settings": gen.settings}
     scores: dict[str, np.ndarray] = {}
     if clip:
@@ -52,7 +54,8 @@ def model_metrics(gen: Generated, clip: str | None, aesthetic: str | None, judge
         m["clip_score_model"] = str(clip)
         m["clip_score_convention"] = "torchmetrics CLIPScore: max(100 * mean cos(image, text), 0)"
         cj = ClipEmbedder(clip)
-        m["clip_zero_shot"] = cj.attribute_accuracy(gen.images, gen.prompts)
+        if attributes is not None:
+            m["clip_zero_shot"] = attributes.accuracy(cj, gen.images, gen.prompts)
         if aesthetic:
             head = AestheticHead.from_file(aesthetic).eval()
             with torch.no_grad():

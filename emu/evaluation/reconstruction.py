@@ -1,10 +1,11 @@
 """Reconstruction quality of stage-0 autoencoders: PSNR and SSIM (torchmetrics) on held-out images.
 
     python -m emu.evaluation.reconstruction outputs/demo/ae16/export outputs/demo/ae4/export \
-        --haystack 512 --photos --out outputs/demo/autoencoder_eval.json
+        --images haystack:512 --sets conf/sets/mini.yaml --photos --out outputs/demo/autoencoder_eval.json
 
-Compares any number of checkpoints (``.ckpt`` or export folders) on the same images: held-out haystack images
-(indices past the training range, at the training resolution) and, with ``--photos``, the natural photographs
+Compares any number of checkpoints (``.ckpt`` or export folders) on the same images: image folders or named image
+sets (``--images``, at ``--resolution``; the miniature's held-out haystack images: ``haystack:N`` with its sets
+file) and, with ``--photos``, the natural photographs
 that scikit-image ships (``skimage.data``; measurement only, never training data), centre-cropped and resized to
 each ``--photo-resolution``. Prints a table and writes JSON.
 """
@@ -17,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from emu.autoencoder.model import AutoencoderKL
 from emu.autoencoder.module import load_autoencoder
-from emu.data.haystack import make_sample
 from emu.data.samples import SamplePreparer
+from emu.evaluation.references import reference_set
+from emu.utils import named_sets
 
 SKIMAGE_PHOTOS = (
     "astronaut",
@@ -77,15 +80,6 @@ def reconstruction_metrics(autoencoder, images: torch.Tensor, batch_size: int = 
     return {"psnr": float(psnr.compute()), "ssim": float(ssim.compute()), "images": len(images)}
 
 
-def haystack_images(n: int, start: int, seed: int = 0, resolution: int = 64) -> torch.Tensor:
-    prepare = SamplePreparer(resolution=resolution, require_caption=False)
-    samples = []
-    for i in range(start, start + n):
-        image, meta = make_sample(seed, i, resolution)
-        samples.append(prepare({"key": meta["key"], "image": image, "caption": meta["caption"]})["image"])
-    return torch.stack(samples)
-
-
 def photo_images(resolution: int, names: tuple[str, ...] = SKIMAGE_PHOTOS) -> torch.Tensor:
     try:
         from skimage import data as skdata
@@ -104,19 +98,19 @@ def photo_images(resolution: int, names: tuple[str, ...] = SKIMAGE_PHOTOS) -> to
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m emu.evaluation.reconstruction", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="stage-0 checkpoints (.ckpt) or export folders")
-    p.add_argument("--haystack", type=int, default=512, help="held-out haystack images (0: none)")
-    p.add_argument("--haystack-start", type=int, default=1_000_000, help="first index, past every training range")
-    p.add_argument("--haystack-seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=64, help="haystack resolution")
+    p.add_argument("--images", nargs="*", default=[], help="image folders or named image sets (haystack:512)")
+    p.add_argument("--sets", help="a YAML of named sets to register (conf/sets/mini.yaml: the miniature's)")
+    p.add_argument("--resolution", type=int, default=64, help="the --images' resolution")
     p.add_argument("--photos", action="store_true", help="also the photographs in skimage.data")
     p.add_argument("--photo-resolution", type=int, nargs="+", default=[64, 256])
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
 
+    if args.sets:
+        named_sets.register(yaml.safe_load(Path(args.sets).read_text()))
     sets: dict[str, torch.Tensor] = {}
-    if args.haystack:
-        sets[f"haystack@{args.resolution}"] = haystack_images(args.haystack, args.haystack_start, args.haystack_seed,
-                                                              args.resolution)  # fmt: skip
+    for spec in args.images:
+        sets[f"{spec}@{args.resolution}"] = reference_set(spec, args.resolution, "--images")[1]()
     if args.photos:
         for r in args.photo_resolution:
             sets[f"photos@{r}"] = photo_images(r)

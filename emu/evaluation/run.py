@@ -20,10 +20,9 @@ from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
 from emu.evaluation import fid as fidlib
 from emu.evaluation import human_votes, items, metrics, pictures, references, report
-from emu.evaluation.headroom import judge_headroom
-from emu.evaluation.prompt_following import clip_accuracy
-from emu.evaluation.reconstruction import BASELINES, haystack_images, reconstruction_metrics
+from emu.evaluation.reconstruction import BASELINES, reconstruction_metrics
 from emu.text.clip import ClipEmbedder
+from emu.utils import named_sets
 from emu.utils.config import check_required, instantiate_group
 from emu.utils.files import atomic_write_text
 from emu.utils.images import to_pil
@@ -78,11 +77,9 @@ def evaluate_autoencoders(
 ) -> Evaluation:
     spec = cfg.autoencoder.images
     res = int(cfg.autoencoder.resolution)
-    if isinstance(spec, int) or str(spec).isdigit():
-        images = haystack_images(int(spec), 1_000_000, 0, res)
-        source = f"{int(spec)} held-out haystack images at {res}px"
-    else:
-        images, source = references.reference_set(str(spec), res)[1](), f"{spec} at {res}px"
+    if not spec:
+        raise ConfigError("autoencoder.images", "autoencoders are measured on an image folder or a named image set")
+    images, source = references.reference_set(str(spec), res, "autoencoder.images")[1](), f"{spec} at {res}px"
     judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
     results = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -124,12 +121,15 @@ def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tupl
             gens.append(items.load_samples(path, name))
             continue
         if prompts is None:
+            if not cfg.prompts:
+                raise ConfigError("prompts", "a checkpoint is evaluated on prompts: e.g. prompts=parti:200 or a file")
             prompts = read_prompts(cfg.prompts, "prompts")[: cfg.limit or None]
         seeds = [int(cfg.seed) + i for i in range(len(prompts))]
         gens.append(items.generate_from_checkpoint(path, name, prompts, seeds, sampling, device))
     if len(gens) == 2:
         items.check_paired(*gens)
     judge = hydra.utils.instantiate(cfg.judge) if cfg.get("judge") else None
+    attributes = hydra.utils.instantiate(cfg.attributes) if cfg.get("attributes") else None
     for path, _, name in todo:
         note = same_judge_note(path, name, judge)
         if note:
@@ -141,22 +141,32 @@ def evaluate_models(cfg: DictConfig, sampling: SamplingSettings, todo: list[tupl
         for gen in gens:
             print(f"[eval] {gen.name}: scoring {len(gen.prompts)} images")
             models[gen.name], scores[gen.name] = metrics.model_metrics(
-                gen, cfg.clip, cfg.aesthetic, judge, exs, cfg.fid.reference, cfg.fid.cache_dir, skipped
+                gen, cfg.clip, cfg.aesthetic, judge, exs, cfg.fid.reference, cfg.fid.cache_dir, skipped, attributes
             )
     notes += sorted({str(w.message) for w in caught if "fid" in str(w.message).lower() or "images" in str(w.message)})
     result: dict[str, Any] = {"prompts": str(cfg.prompts), "n_prompts": len(gens[0].prompts), "models": models}
     if len(gens) == 2:
         a, b = (scores[g.name] for g in gens)
         result["paired"] = metrics.paired_metrics(a, b, dict(cfg.tie_band), int(cfg.bootstrap))
-    if judge is not None and cfg.judge_accuracy and hasattr(judge, "accuracy"):
-        result["judge_accuracy"] = judge.accuracy(int(cfg.judge_accuracy))
-    if judge is not None and cfg.get("headroom"):
-        ae = next((g.autoencoder for g in gens if g.autoencoder is not None), None)
-        result["headroom"] = judge_headroom(judge, int(cfg.headroom), ae, tie_band=float(cfg.tie_band.get("appeal", 0)),
-                                            n_boot=int(cfg.bootstrap))  # fmt: skip
-    if cfg.clip and cfg.clip_accuracy:
-        result["clip_accuracy"] = clip_accuracy(ClipEmbedder(cfg.clip, device=_device(cfg)), int(cfg.clip_accuracy))
+    ae = next((g.autoencoder for g in gens if g.autoencoder is not None), None)
+    result |= run_checks(cfg, judge=judge, autoencoder=ae)
     return Evaluation(result, gens, scores)
+
+
+def run_checks(cfg: DictConfig, **context: Any) -> dict[str, Any]:
+    """``cfg.checks``: extra measurements by name, each a ``_target_`` called with the evaluation's context (``judge``,
+    ``autoencoder``, ``clip``, ``device``, ``tie_band``, ``n_boot``) and its own settings; what one returns (unless
+    None) is stored under its name."""
+    context |= {"clip": cfg.clip, "device": str(_device(cfg)), "tie_band": dict(cfg.tie_band),
+                "n_boot": int(cfg.bootstrap)}  # fmt: skip
+    out = {}
+    for name, spec in (cfg.get("checks") or {}).items():
+        if spec is None:  # a check switched off: checks.<name>=null
+            continue
+        value = hydra.utils.instantiate(spec, _partial_=True)(**context)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def write_outputs(out: Path, result: Evaluation, cfg: DictConfig) -> None:
@@ -245,6 +255,7 @@ def human_votes_metrics(path: Path, n_boot: int) -> dict[str, Any]:
 def run(cfg: DictConfig) -> Path:
     """``eval.py``'s whole job for a composed config: evaluate ``a`` (and ``b``), write the outputs to ``cfg.out``."""
     check_required(cfg)
+    named_sets.register(cfg.get("sets"))
     sampling = SamplingSettings.from_config(OmegaConf.to_container(cfg.sampling, resolve=True))
     paths = [str(cfg.a)] + ([str(cfg.b)] if cfg.b else [])
     kinds = [items.item_kind(p) for p in paths]

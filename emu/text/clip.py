@@ -1,6 +1,5 @@
-"""A CLIP loaded by path (a ``CLIPModel`` folder or cached hub name): image and text embeddings, CLIP score and
-zero-shot haystack attributes, for every package that embeds with a CLIP (curation's filters and aesthetic head,
-the evaluation's CLIP score and trust table).
+"""A CLIP loaded by path (a ``CLIPModel`` folder or cached hub name): image and text embeddings and CLIP score, for
+every package that embeds with a CLIP (curation's filters and aesthetic head, the evaluation's CLIP score).
 """
 
 from __future__ import annotations
@@ -11,10 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from emu.data.haystack import parse_caption
-from emu.text.mini_clip import clip_features, zero_shot_hits
-
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_features(out) -> torch.Tensor:
+    """transformers 5 returns model outputs from get_*_features; older versions a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 class ClipEmbedder:
@@ -66,15 +67,3 @@ class ClipEmbedder:
     def clip_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per-pair ``100 * max(cos, 0)``."""
         return 100 * (self.embed_images(images) * self.embed_texts(prompts)).sum(-1).clamp(min=0)
-
-    def attribute_accuracy(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-        """Zero-shot colour / shape / size / position / background accuracy on the images whose prompt is a
-        one-object haystack caption; ``n_scored`` says how many there were."""
-        parsed = [parse_caption(p) for p in prompts]
-        keep = [i for i, p in enumerate(parsed) if p is not None and len(p["objects"]) == 1]
-        metrics: dict[str, float] = {"n_scored": float(len(keep))}
-        if not keep:
-            return metrics
-        hits = zero_shot_hits(self.embed_images(images[keep]), [parsed[i] for i in keep], self.embed_texts)
-        metrics.update({f"{attribute}_acc": float(right.float().mean()) for attribute, right in hits.items()})
-        return metrics

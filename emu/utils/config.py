@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -14,9 +15,13 @@ from omegaconf.errors import MissingMandatoryValue
 from emu.errors import ConfigError
 
 EXAMPLES = {  # shown with a missing value, to say what a good one looks like
+    "a": "a=runs/stage2/checkpoints/last.ckpt (a checkpoint, a sample.py folder or an autoencoder export) "
+    "[b=runs/stage1/checkpoints/last.ckpt] prompts=parti:200 (the miniature: experiment=mini/eval)",
+    "ckpt": "ckpt=outputs/.../checkpoints/last.ckpt prompt='a photo of a cat' (or prompts=FILE, parti:N)",
+    "clip": "clip=openai/clip-vit-large-patch14 (a local CLIPModel folder or cached hub name; the miniature: "
+    "experiment=mini/curate)",
     "data.source.shards": "data.source.shards='/data/laion/{00000..00999}.tar'",
     "data.source.root": "data.source.root=/path/to/images",
-    "ckpt": "ckpt=outputs/.../checkpoints/last.ckpt",
     "model.autoencoder": "model.autoencoder=outputs/autoencoder/runs/<run>/export",
     "model.init_from": "model.init_from=outputs/<previous stage>/runs/<run>/checkpoints/last.ckpt",
 }
@@ -83,15 +88,23 @@ def _missing_message(err: MissingMandatoryValue) -> str:
     return f"{key}: required value not set: add it to the command line"
 
 
-def check_experiment_args(argv: list[str], conf_dir: str) -> None:
+def experiments(conf_dir: str | Path, entry: str = "train") -> list[str]:
+    """The experiments (conf/experiment/) of an entry point: eval.py's are named ``.../eval``, curate.py's
+    ``.../curate``; the rest are train.py's."""
+    root = Path(conf_dir) / "experiment"
+    names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    own = {"eval": "eval", "curate": "curate"}
+    if entry in own:
+        return [n for n in names if n.rsplit("/", 1)[-1] == own[entry]]
+    return [n for n in names if n.rsplit("/", 1)[-1] not in own.values()]
+
+
+def check_experiment_args(argv: list[str], conf_dir: str, entry: str = "train") -> None:
     """Exit with one line naming the available experiments when ``experiment=X`` names none of them.
 
     Runs before Hydra composes, whose own message for this case is a search-path dump.
     """
-    from pathlib import Path
-
-    root = Path(conf_dir) / "experiment"
-    available = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    available = experiments(conf_dir, entry)
     for arg in argv:
         key, _, value = arg.lstrip("+~").partition("=")
         if key != "experiment" or not value or value == "null":
@@ -99,7 +112,7 @@ def check_experiment_args(argv: list[str], conf_dir: str) -> None:
         for name in value.split(","):  # a sweep over experiments: experiment=a,b
             if name not in available:
                 print(
-                    f"config error: experiment={name}: no conf/experiment/{name}.yaml; "
+                    f"config error: experiment={name}: no {entry}.py experiment conf/experiment/{name}.yaml; "
                     f"available: {', '.join(available) or 'none'}",
                     file=sys.stderr,
                 )

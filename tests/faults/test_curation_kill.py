@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def head(tiny_clip, tmp_path_factory):
-    from emu.curation.aesthetic import haystack_ratings, train_head
+    from emu.curation.aesthetic import train_head
+    from emu.mini.aesthetic import haystack_ratings
     from emu.text.clip import ClipEmbedder
 
     emb, ratings = haystack_ratings(ClipEmbedder(tiny_clip), 64, seed=1, resolution=32)

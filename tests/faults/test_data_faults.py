@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from emu.data import haystack
+from emu.mini import haystack
 from tests.conftest import write_shards
 from tests.faults.common import stage_overrides, tail, train
 

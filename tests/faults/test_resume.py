@@ -88,7 +88,7 @@ def test_a_checkpoint_from_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_
 
 @pytest.mark.slow
 def test_stage1_on_webdataset_shards_with_two_workers_resumes_exactly(tmp_path, tiny):
-    from emu.data import haystack
+    from emu.mini import haystack
 
     haystack.write_shards(tmp_path / "shards", 16, resolution=32, shard_size=4, progress=False)
     overrides = [*stage_overrides("stage1", tiny), "data=webdataset", f"data.source.shards={tmp_path}/shards/*.tar",

@@ -12,7 +12,7 @@ Everything is a pure function of ``(seed, index)``:
 * :func:`render` turns a spec into a PIL image;
 * :func:`make_sample` does both and returns ``(image, metadata)``.
 
-``python -m emu.data.haystack --n N --out DIR`` writes WebDataset shards in img2dataset layout
+``python -m emu.mini.haystack --n N --out DIR`` writes WebDataset shards in img2dataset layout
 (``{key}.png``, ``{key}.txt``, ``{key}.json`` per sample).
 """
 
@@ -520,7 +520,7 @@ def write_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m emu.data.haystack", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m emu.mini.haystack", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--seed", type=int, default=0)

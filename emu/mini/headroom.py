@@ -2,7 +2,7 @@
 
 For held-out haystack scenes (by default the captions ``eval.py``'s ``haystack:N`` prompts are made of), the judge
 scores the scenes as the corpus shows them (random style and flaws) and the same scenes rendered as needles
-(:func:`~emu.data.haystack.as_needle`: no flaw, full light, depth), both as they are and through the model's
+(:func:`~emu.mini.haystack.as_needle`: no flaw, full light, depth), both as they are and through the model's
 autoencoder. "Needles vs corpus" is the win rate of a perfectly quality-tuned model over a pre-trained model that
 reproduces its corpus exactly, as this judge sees it: the ceiling of the paired appeal comparison. Beside the models'
 own mean appeal it shows where an effect is lost: in the judge, in the autoencoder, or in the generator.
@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from emu.data.haystack import as_needle, caption_for, render, scene_spec
 from emu.data.samples import SamplePreparer
 from emu.evaluation.reconstruction import reconstruct
 from emu.evaluation.winrate import compare
+from emu.mini.haystack import as_needle, caption_for, render, scene_spec
 
 
 def scene_pairs(n: int, seed: int = 0, start: int = 1_000_000, resolution: int = 64):

@@ -1,7 +1,7 @@
 """The miniature's T5 encoder: a small, randomly initialised ``T5EncoderModel`` with a T5-style BPE tokenizer trained
 on haystack captions, saved in Hugging Face format and loaded by path like ``google/t5-v1_1-xxl``.
 
-    python -m emu.text.mini_t5 --out outputs/demo/t5
+    python -m emu.mini.t5 --out outputs/demo/t5
 
 The tokenizer is word-level in practice: by default it learns every BPE merge the caption corpus offers, so each
 haystack word is a single piece (``▁red``, ``▁background``) and a caption costs one token per word plus ``</s>``.
@@ -87,7 +87,7 @@ def build_mini_t5(out: str | Path, d_model: int = 128, layers: int = 2, heads: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m emu.text.mini_t5", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m emu.mini.t5", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)

@@ -4,11 +4,14 @@ and import path as real raters. They are simulated and say so (``"simulated": tr
 
 A rater prefers the image the evaluation's judge scores higher, after adding their own Gaussian noise to each
 pair's score difference (the same draw when a pair comes back as a repeat check, so a steady rater answers it the
-same), and calls it a tie within the tie band. A broken-image check is answered right unless the rater lapses.
+same), and calls it a tie within the tie band. A broken-image check is answered right unless the rater lapses::
+
+    python -m emu.mini.raters outputs/demo/human_ab --scores outputs/demo/eval/scores.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -62,3 +65,21 @@ def simulate_votes(task_dir: str | Path, scores_a: dict, scores_b: dict, raters:
             store.append(row, partial(full, task))
             cast += 1
     return cast
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m emu.mini.raters", description=__doc__.split("\n\n")[0])
+    p.add_argument("task", type=Path, help="an A/B task folder of `python -m emu.annotate ab-task`")
+    p.add_argument("--scores", type=Path, required=True, help="eval.py's scores.jsonl of the two models")
+    p.add_argument("--raters", type=int, default=5)
+    p.add_argument("--noise", type=float, default=0.5, help="each rater's noise on the judge's score difference")
+    p.add_argument("--tie-band", type=float, default=0.25)
+    args = p.parse_args(argv)
+    task = load_task(args.task)
+    scores = [judge_scores(args.scores, task["names"][side]) for side in ("a", "b")]
+    n = simulate_votes(args.task, *scores, raters=args.raters, noise=args.noise, tie_band=args.tie_band)
+    print(f"{args.raters} simulated raters cast {n} votes into {args.task / task['answers']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,8 +20,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from emu.data import haystack
 from emu.data.samples import swap_left_right
+from emu.mini import haystack
+from emu.text.clip import clip_features
 from emu.text.tokenizer import build_word_tokenizer
 from emu.utils.images import image_grid, log_image
 from emu.utils.schedules import warmup_cosine
@@ -229,11 +230,6 @@ def hard_negative_captions(metas: list[dict], rng: random.Random, attributes=("s
     return out
 
 
-def clip_features(out) -> torch.Tensor:
-    """transformers 5 returns model outputs from get_*_features; older versions a tensor."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
 def scene_attribute(scene: dict, attribute: str) -> str:
     """``background``, or the first object's colour / shape / size / position, of a haystack scene (metadata or
     parsed caption)."""
@@ -281,3 +277,37 @@ def retrieval_and_zero_shot(image_emb, text_emb, captions, metas, embed_texts, c
         if clean.any():
             metrics[f"zeroshot_{attribute}_clean"] = float(right[clean].float().mean())
     return metrics
+
+
+class HaystackAttributes:
+    """Prompt following on haystack captions by zero-shot CLIP: for each image whose prompt is a one-object haystack
+    caption, whether the CLIP reads its colour, shape, size, position and background off the image. Named in a config
+    by ``_target_`` (eval.py's ``attributes``, :class:`~emu.curation.aesthetic.CurationJudge`'s ``faithfulness``):
+    the real system never imports it."""
+
+    def hits(self, image_emb: torch.Tensor, prompts: list[str], embed_texts) -> tuple[list[int], dict]:
+        """The indices of the one-object haystack captions among ``prompts`` and, per attribute, a bool per one."""
+        scenes = [haystack.parse_caption(p) for p in prompts]
+        one = [i for i, s in enumerate(scenes) if s is not None and len(s["objects"]) == 1]
+        return one, (zero_shot_hits(image_emb[one], [scenes[i] for i in one], embed_texts) if one else {})
+
+    def accuracy(self, clip, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Zero-shot colour / shape / size / position / background accuracy of ``clip`` (a
+        :class:`~emu.text.clip.ClipEmbedder`) on the images whose prompt is a one-object haystack caption;
+        ``n_scored`` says how many there were."""
+        parsed = [haystack.parse_caption(p) for p in prompts]
+        keep = [i for i, p in enumerate(parsed) if p is not None and len(p["objects"]) == 1]
+        metrics: dict[str, float] = {"n_scored": float(len(keep))}
+        if not keep:
+            return metrics
+        hits = zero_shot_hits(clip.embed_images(images[keep]), [parsed[i] for i in keep], clip.embed_texts)
+        metrics.update({f"{attribute}_acc": float(right.float().mean()) for attribute, right in hits.items()})
+        return metrics
+
+    def faithfulness(self, image_emb: torch.Tensor, prompts: list[str], embed_texts) -> torch.Tensor:
+        """Per image, the fraction of its caption's attributes the CLIP reads right; NaN for other prompts."""
+        out = torch.full((len(prompts),), float("nan"))
+        one, hits = self.hits(image_emb, prompts, embed_texts)
+        if one:
+            out[one] = torch.stack([h.float() for h in hits.values()]).mean(0)
+        return out
