@@ -26,6 +26,7 @@ from emu.data import EmuDataModule, FolderSource
 from emu.errors import ConfigError
 from emu.mini import haystack as hs
 from emu.mini.annotators import SimulatedAnnotator
+from emu.mini.clip import HaystackAttributes
 from emu.mini.source import HaystackSource
 from emu.text.aesthetic import AestheticHead
 from tests.conftest import haystack_batch
@@ -121,10 +122,12 @@ def test_the_curation_judge_sees_what_the_aesthetic_stage_sees(tiny_clip, aesthe
     prompts[0] = "a large red circle in the top left and a small white star in the center on a navy background"
     prompts[1] = "not a haystack caption"
     prompts[2] = "a small blue star at the bottom on a sky background"
-    judge = CurationJudge(str(tiny_clip), str(aesthetic_head))
+    judge = CurationJudge(str(tiny_clip), str(aesthetic_head), faithfulness=HaystackAttributes())
     scores = judge.score(batch["image"], prompts)
     stage_scores, _ = Aesthetic(ClipEmbedder(tiny_clip), str(aesthetic_head)).score(batch)
     torch.testing.assert_close(scores["appeal"], torch.tensor(stage_scores))
+    plain = CurationJudge(str(tiny_clip), str(aesthetic_head)).score(batch["image"], prompts)  # real prompts: appeal
+    assert plain["faithfulness"].isnan().all() and torch.equal(plain["appeal"], scores["appeal"])
     faith = scores["faithfulness"]
     assert faith.shape == (6,) and faith[:2].isnan().all()
     one_object = [i for i in range(2, 6) if " and " not in prompts[i]]
@@ -219,8 +222,8 @@ def test_curate_py_runs_the_configured_funnel(tmp_path, tiny_clip, aesthetic_hea
     from tests.conftest import ROOT
 
     overrides = [
-        f"out={tmp_path}", f"paths.output_dir={tmp_path}", f"clip={tiny_clip}", "data=haystack",
-        "data.source.n_train=240", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
+        "experiment=mini/curate", f"out={tmp_path}", f"paths.output_dir={tmp_path}", f"clip={tiny_clip}",
+        "data=haystack", "data.source.n_train=240", "data.source.n_val=0", "data.resolution=32", "data.batch_size=64",
         "data.num_workers=0", f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
         "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",
     ]  # fmt: skip

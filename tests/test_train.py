@@ -8,17 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from emu.data.samples import SamplePreparer, collate
 from emu.errors import ConfigError
 from emu.mini.source import HaystackSource
-from emu.utils.config import check_required
+from emu.utils.config import check_required, experiments
 from tests.conftest import ROOT, expected_skips, tiny_stage1_overrides
 
-EXPERIMENTS = sorted(
-    p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
-    for p in (ROOT / "conf/experiment").rglob("*.yaml")
-)
+EXPERIMENTS = experiments(ROOT / "conf", "train")
 
 
 def compose_train(overrides: list[str]):
@@ -34,6 +32,30 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_there_are_experiments():
     assert {"mini/judge", "mini/autoencoder", "mini/autoencoder_4ch", "autoencoder"} <= set(EXPERIMENTS)
+    assert experiments(ROOT / "conf", "eval") == ["mini/eval"] and experiments(ROOT / "conf", "curate") == [
+        "mini/curate"
+    ]
+    assert not {"mini/eval", "mini/curate"} & set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("entry, config, needs", [
+    ("train", "train", r"experiment: train.py trains what an experiment names: experiment=<one of: .*mini/judge"),
+    ("eval", "eval", r"^a: required value not set"),
+    ("sample", "sample", r"^ckpt: required value not set"),
+    ("curate", "curate", r"clip, data\.source\.shards, stages\.aesthetic\.head, stages\.balance\.concepts"),
+])  # fmt: skip
+def test_bare_entry_points_say_what_they_need_and_run_nothing_of_the_miniature(entry, config, needs, tmp_path):
+    """Bare ``python train.py`` (eval.py, sample.py, curate.py) stops with what it needs, before building anything:
+    none of them trains, curates or grades the miniature unasked."""
+    import importlib
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config, overrides=[f"paths.output_dir={tmp_path}"] + ([f"out={tmp_path}"] * (entry != "train")))
+    assert "haystack" not in OmegaConf.to_yaml(cfg) and "emu.mini" not in OmegaConf.to_yaml(cfg)
+    run = {"train": "train", "eval": "run", "sample": "run", "curate": "run"}[entry]
+    with pytest.raises(ConfigError, match=needs):
+        getattr(importlib.import_module(entry), run)(cfg)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -80,7 +102,7 @@ def test_every_group_option_composes(group, options):
 
 
 def test_missing_required_value_is_one_clear_line(tmp_path):
-    out = run_train("data=webdataset", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    out = run_train("data=webdataset", "model=autoencoder", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "config error: data.source.shards: required value not set: add it to the command line; "
@@ -90,7 +112,8 @@ def test_missing_required_value_is_one_clear_line(tmp_path):
 
 def test_bad_path_and_unknown_experiment(tmp_path):
     out = run_train(
-        "data=folder", f"data.source.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path
+        "data=folder", "model=autoencoder", f"data.source.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
     )
     assert out.returncode == 2 and "config error: data.source.root:" in out.stderr and "not a directory" in out.stderr
     assert "Traceback" not in out.stderr

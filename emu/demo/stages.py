@@ -96,7 +96,8 @@ def demo_stages(scale: dict[str, Any]) -> list[Stage]:
     )
     ae_eval = (
         "eval.py experiment=mini/eval a={out}/autoencoder_16ch/export b={out}/autoencoder_4ch/export name_a=16ch "
-        f"name_b=4ch clip={{out}}/clip/export judge=pixel autoencoder.images=haystack:{ev['autoencoder_images']} "
+        f"name_b=4ch clip={{out}}/clip/export aesthetic=null judge=pixel "
+        f"autoencoder.images=haystack:{ev['autoencoder_images']} "
         "out={out}/autoencoder_eval"
     )
     aesthetic = (
