@@ -19,7 +19,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from emu.curation.funnel import Funnel
-from emu.curation.stages import CurationError
+from emu.curation.pieces import CurationError
 from emu.errors import ConfigError
 from emu.text.clip import ClipEmbedder
 from emu.training.ranks import detect_ranks

@@ -236,3 +236,15 @@ def test_curate_py_runs_the_configured_funnel(tmp_path, tiny_clip, aesthetic_hea
         bad = compose("curate", overrides=[*overrides, f"clip={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="clip"):
         curate.run(bad)
+
+
+def test_balance_decides_from_rows_and_ranks_alone():
+    """Balance's decision needs no files or ranks (emu.curation.pieces reads those): the best ``per_class`` of each
+    concept by the ranking stage's score, of equal scores the first in the source's order."""
+    from types import SimpleNamespace
+
+    clip = SimpleNamespace(embed_texts=lambda texts: torch.eye(len(texts)))  # Balance embeds its concepts once
+    stage = Balance(clip, {"dark": "on a black background", "light": "on a beige background"}, 2, "aesthetic")
+    rows = [("a", "dark", 1.0), ("b", "dark", 3.0), ("c", "dark", 2.0), ("d", "light", 0.5), ("e", "dark", 3.0),
+            ("f", "light", 0.5), ("g", "light", 0.5)]  # fmt: skip
+    assert stage.select(({"key": k, "extra": {"concept": c}}, rank) for k, c, rank in rows) == {"b", "e", "d", "f"}

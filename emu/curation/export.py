@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from emu.curation.stages import CurationError, FunnelContext
+from emu.curation.pieces import CurationError, FunnelContext
 from emu.curation.tables import Table
 from emu.utils.files import atomic_write_text
 from emu.utils.images import image_grid, to_pil, to_uint8

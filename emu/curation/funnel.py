@@ -15,13 +15,14 @@ Layout of the output folder::
 
 The data is read in pieces (input shards, or ``piece_size`` indices of a map-style source), and every pass writes a file
 per piece, whole: a finished stage is never redone, an interrupted one redoes only its unfinished pieces. The ranks of a
-job (``torchrun``, ``srun``: :mod:`emu.training.ranks`) share the pieces: every rank runs each stage's ``prepare`` on
-its own pieces; rank 0 waits for all of them and runs ``finish`` (the decision, and the order-dependent near-duplicate
-search unless it runs in cells), then streams the pieces in order through the decision into the stage's table, which the
-other ranks wait for. No step holds a row per image of the corpus (:mod:`emu.curation.tables`), so memory does not grow
-with the corpus; only the human passes hold their (few) candidates. The pieces, not the ranks, fix the order, so any
-number of ranks gives the curated set one process gives. Stages without ``prepare`` (the human passes) run on rank 0
-only; so do the exports and the report. A switched-off stage (``enabled`` false) passes everything on.
+job (``torchrun``, ``srun``: :mod:`emu.training.ranks`) share the pieces (:mod:`emu.curation.pieces`): every rank runs
+each stage's ``prepare`` on its own pieces; rank 0 waits for all of them and runs ``finish`` (the decision, and the
+order-dependent near-duplicate search unless it runs in cells), then streams the pieces in order through the decision
+into the stage's table, which the other ranks wait for. No step holds a row per image of the corpus
+(:mod:`emu.curation.tables`), so memory does not grow with the corpus; only the human passes hold their (few)
+candidates. The pieces, not the ranks, fix the order, so any number of ranks gives the curated set one process gives.
+Stages without ``prepare`` (the human passes) run on rank 0 only; so do the exports and the report. A switched-off stage
+(``enabled`` false) passes everything on.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from emu.curation.export import export_curated, stage_sheets
+from emu.curation.pieces import CurationError, FunnelContext, Keep, subset
 from emu.curation.report import funnel_markdown
-from emu.curation.stages import CurationError, FunnelContext, Keep, subset
 from emu.curation.tables import Table, TableWriter, quantiles
 from emu.training.ranks import Ranks
 from emu.utils.files import atomic_write_text

@@ -1,58 +1,46 @@
-"""The stages of the funnel: what every stage is to the funnel, and the automatic ones.
-
-To the funnel a stage is ``name``, ``kind``, ``enabled`` and ``describe()``, and either
-
-- ``prepare(ctx, survivors)`` and ``finish(ctx, survivors)``: every rank scores the survivors of its pieces of the
-  data into a file per piece (``scores/<stage>/<piece>.jsonl``: ``key``, ``score``, optionally ``extra``), then one
-  rank's ``finish`` returns the decision, ``keep(key, row) -> bool``, which the funnel asks of every row in the
-  source's order while it streams them into ``scores/<stage>.jsonl``. Nothing here holds a row per image of the
-  corpus: the automatic stages scale with the corpus in time, not in memory;
-- or ``run(ctx, survivors)``, returning ``(kept keys, rows)`` in memory: the human passes
-  (:class:`emu.curation.human.HumanStage`), whose input people look at, so it is small.
-
-``survivors`` is the previous stage's :class:`~emu.curation.tables.Table` (the index for the first stage), read a
-piece at a time. The :class:`FunnelContext` ``ctx`` lends a stage the images of any piece, earlier stages' tables
-and the output folder.
+"""The stages of the funnel: what each automatic stage scores and what it keeps.
 
 An automatic :class:`Stage` sees batches of survivors (``image`` in [-1, 1], ``caption``, ``key``, ``meta``) and
 returns one score per image (plus, optionally, an ``extra`` dict per image that a resumed run needs, such as a hash).
 After the pass the :class:`KeepRule` turns all scores into kept / dropped. Scores are oriented so that the rule is
 explicit: the text stage's score is letters found (keep ``max``), the CLIP score's a similarity (keep ``min``).
+
+The decisions here are plain functions of images, scores and rows: :meth:`Stage.score` of a batch,
+:meth:`KeepRule.select` / :meth:`KeepRule.stream` of scores, :meth:`Balance.select` of ranked rows, the distances of
+:class:`~emu.curation.neighbours.EarlierNeighbours`. How a pass is shared by the pieces of the data and the ranks of a
+job (the files per piece, the waits, the near-duplicate cells) is :mod:`emu.curation.pieces`: a stage's ``prepare``
+and ``finish`` (what the funnel calls, with a :class:`~emu.curation.pieces.FunnelContext`) hand their decisions to it.
 """
 
 from __future__ import annotations
 
 import heapq
 import importlib
-import json
-import logging
 import math
-import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from emu.curation.neighbours import Cells, EarlierNeighbours, phash_batch, search_cell, thumbnails
+from emu.curation.neighbours import EarlierNeighbours, phash_batch, thumbnails
 from emu.curation.ocr import TesseractText, tesseract_available
+from emu.curation.pieces import (  # CurationError, FunnelContext, Keep, Rows: importable from here, as before
+    CurationError,
+    FunnelContext,
+    Keep,
+    Rows,  # noqa: F401  (re-exported: emu.curation.human imports it from here)
+    combine_cells,
+    save_features,
+    search_cells,
+    search_in_order,
+)
 from emu.curation.tables import Table, kth_best
 from emu.errors import ConfigError
 from emu.text.aesthetic import AestheticHead
-from emu.training.ranks import Ranks, share
-from emu.utils.files import atomic_write_text
 from emu.utils.images import to_uint8
-
-log = logging.getLogger("emu.curation")
-
-
-class CurationError(RuntimeError):
-    """A stage that cannot go on (e.g. its rule keeps nothing); the message names the stage and the fix."""
 
 
 @dataclass
@@ -130,119 +118,6 @@ class KeepRule:
         return ", ".join(p for p in parts if p) or "keep all"
 
 
-Rows = dict[str, dict[str, Any]]  # key -> {"score": float, "extra": {...}?}
-Keep = Callable[[str, dict[str, Any]], bool]  # a stage's decision: (key, row) -> kept, asked in the source's order
-
-
-class IndexRows(Protocol):
-    """What the funnel knows of each image, by piece (``rows(piece)``: key, caption, source size, hidden labels)."""
-
-    def rows(self, piece: int) -> list[dict[str, Any]]: ...
-
-
-@dataclass
-class FunnelContext:
-    """What the funnel lends a stage (and its writers) for a run.
-
-    ``out`` is the funnel's folder and ``index`` its index (:class:`~emu.curation.tables.Table`: each image's caption,
-    source size and hidden labels, a piece at a time). The data is read in ``pieces``
-    (:meth:`~emu.data.EmuDataModule.piece_loader`: input shards, or runs of indices), in the source's order;
-    ``batches(wanted, desc)`` yields the images ``{piece: keys}`` asks for, each once, piece after piece, and
-    ``piece_batches(piece, keys, desc)`` one piece's images of ``keys`` (all when None); ``ranks`` says which pieces
-    are this process's (:meth:`my_pieces`).
-    """
-
-    out: Path
-    index: IndexRows | None
-    batches: Callable[[dict[int, set[str]], str], Iterator[dict[str, Any]]]
-    piece_batches: Callable[[int, set[str] | None, str], Iterator[dict[str, Any]]] | None = None
-    pieces: int = 1
-    ranks: Ranks = field(default_factory=Ranks)
-    poll_seconds: float = 2.0
-    progress: bool = False
-    started: float = 0.0  # when this run started (older error files are another run's)
-    wait_timeout_s: float = 86400.0
-
-    def track(self, pieces: list[int], desc: str) -> Iterator[int]:
-        """``pieces`` with a progress bar (pieces done, rate, time left) when the funnel shows progress."""
-        bar = tqdm(pieces, desc=f"{desc} ({self.ranks.describe()})", unit="piece", disable=not self.progress,
-                   leave=False)  # fmt: skip
-        yield from bar
-
-    def table(self, stage: str) -> Path:
-        """``scores/<stage>.jsonl``: a finished stage's rows."""
-        return self.out / "scores" / f"{stage}.jsonl"
-
-    def piece_file(self, stage: str, piece: int, suffix: str = ".jsonl") -> Path:
-        """``scores/<stage>/<piece>.jsonl``: what a stage made of one piece of the data."""
-        return self.out / "scores" / stage / f"{piece:05d}{suffix}"
-
-    def my_pieces(self) -> list[int]:
-        return share(list(range(self.pieces)), self.ranks)
-
-    def wait_for(self, paths: list[Path], what: str) -> None:
-        """Until every path exists (the other ranks' pieces). A rank that fails writes ``errors/rank<r>.txt``
-        (:meth:`report_failure`); one written since this run started stops the wait with its message, and so does
-        ``wait_timeout_s`` without progress."""
-        missing, last_progress = [p for p in paths if not p.is_file()], time.time()
-        if missing and self.ranks.world > 1:
-            log.info("%s: waiting for %d of %d files of %s from the other ranks", self.ranks.describe(),
-                     len(missing), len(paths), what)  # fmt: skip
-        while missing:
-            for error in sorted((self.out / "errors").glob("rank*.txt")):
-                if error.stat().st_mtime >= self.started - 1:
-                    raise CurationError(f"{error.stem} failed, so {what} will not come: {error.read_text()}")
-            if self.ranks.world == 1:
-                raise CurationError(f"{len(missing)} files of {what} are missing (first: {missing[0]})")
-            if time.time() - last_progress > self.wait_timeout_s:
-                raise CurationError(f"waited {self.wait_timeout_s:.0f}s for {what} (first missing: {missing[0]}); is "
-                                    "every rank of the job running?")  # fmt: skip
-            time.sleep(self.poll_seconds)
-            still = [p for p in missing if not p.is_file()]
-            last_progress = time.time() if len(still) < len(missing) else last_progress
-            missing = still
-
-    def report_failure(self, error: BaseException) -> None:
-        """Tell the other ranks (waiting in :meth:`wait_for`) that this one stopped, and why."""
-        atomic_write_text(self.out / "errors" / f"rank{self.ranks.rank}.txt", f"{type(error).__name__}: {error}")
-
-    def pieces_to_do(self, stage: str, survivors: Table, suffix: str = ".jsonl") -> Iterator[tuple[Path, Iterator]]:
-        """This rank's unfinished pieces of a stage's pass: each piece's file and the batches of its survivors (none,
-        without reading it, when it has no survivor)."""
-        for piece in self.track(self.my_pieces(), stage):
-            path = self.piece_file(stage, piece, suffix)
-            if not path.is_file():
-                mine = set(survivors.kept(piece))
-                yield path, self.piece_batches(piece, mine, stage) if mine else iter(())
-
-    def piece_rows(self, stage: str, survivors: Table) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        """``(piece, rows)`` of the stage's piece tables (waiting for the other ranks'), one piece at a time, each
-        piece's rows in its survivors' order; a survivor without its row (piece tables of another run) is an error,
-        not a silent loss."""
-        self.wait_for([self.piece_file(stage, p) for p in range(self.pieces)], f"stage {stage!r}")
-        for piece in range(self.pieces):
-            keys = survivors.kept(piece)
-            if not keys:
-                continue
-            rows = {r["key"]: r for r in map(json.loads, self.piece_file(stage, piece).read_text().splitlines())}
-            missing = [k for k in keys if k not in rows]
-            if missing:
-                raise CurationError(f"stage {stage!r}: {len(missing)} images of piece {piece} have no score in its "
-                                    f"piece table (first: {missing[0]}): those come from another run; delete "
-                                    f"{self.out / 'scores' / stage}")  # fmt: skip
-            yield piece, [rows[k] for k in keys]
-
-    def piece_scores(self, stage: str, survivors: Table) -> Callable[[], Iterator[np.ndarray]]:
-        """A fresh stream, per call, of the stage's scores piece by piece (for :meth:`KeepRule.stream`)."""
-        return lambda: (np.array([r["score"] for r in rows], dtype=np.float64)
-                        for _, rows in self.piece_rows(stage, survivors))  # fmt: skip
-
-
-def subset(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
-    """The images ``idx`` of a batch."""
-    return {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx] for k, v in batch.items()}
-
-
 class Stage:
     """An automatic stage: ``name``, ``keep`` rule; subclasses implement :meth:`score`, the funnel calls :meth:`prepare`
     on every rank and :meth:`finish` on one."""
@@ -255,17 +130,9 @@ class Stage:
         self.name, self.keep = name, KeepRule(**(keep or {}))
 
     def prepare(self, ctx: FunnelContext, survivors: Table) -> None:
-        """This rank's share of the pass: the survivors of each of its pieces scored into the piece's table, written
-        whole (a restarted run skips the finished pieces)."""
-        for path, batches in ctx.pieces_to_do(self.name, survivors):
-            lines = []
-            for batch in batches:
-                scores, extra = self.score(batch)
-                for i, (key, score) in enumerate(zip(batch["key"], scores, strict=True)):
-                    row = {"key": key, "score": float(score), **({"extra": extra[i]} if extra else {})}
-                    lines.append(json.dumps(row) + "\n")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, "".join(lines))
+        """This rank's share of the pass: the survivors of each of its pieces scored (:meth:`score`) into the piece's
+        table (:meth:`~emu.curation.pieces.FunnelContext.score_pieces`)."""
+        ctx.score_pieces(self.name, survivors, self.score)
 
     def finish(self, ctx: FunnelContext, survivors: Table) -> Keep:
         """The rule's decision over every piece's scores in order (the same whatever the number of ranks)."""
@@ -308,7 +175,8 @@ class NearDuplicates(Stage):
     0 the order-dependent search is one pass over the pieces in order, in one process; with ``cells`` N
     (:class:`~emu.curation.neighbours.Cells`) the features are partitioned into N cells (k-means on up to
     ``train_size`` of them), each image searched in its ``probe`` nearest, and the ranks search the cells at once,
-    each holding one cell's features at a time (``scores/<stage>/cells/``).
+    each holding one cell's features at a time (``scores/<stage>/cells/``). Those passes over pieces and ranks are
+    :mod:`emu.curation.pieces`'; the distances are :class:`~emu.curation.neighbours.EarlierNeighbours`'.
     """
 
     def __init__(self, name: str = "near_duplicates", method: str = "thumbnail", max_distance: float = 0.2,
@@ -341,138 +209,21 @@ class NearDuplicates(Stage):
 
     def prepare(self, ctx: FunnelContext, survivors: Table) -> None:
         """Every rank: the features of its pieces; with cells, then the partition and its share of the cells."""
-        for path, batches in ctx.pieces_to_do(self.name, survivors, ".npz"):
-            keys, feats = [], []
-            for batch in batches:
-                keys += batch["key"]
-                f = self.features(batch["image"])
-                feats.append(f.numpy() if isinstance(f, torch.Tensor) else f)
-            empty = (
-                np.zeros((0, 3 * self.size**2), np.float32) if self.method == "thumbnail" else np.zeros(0, np.uint64)
-            )
-            _save_npz(path, keys=np.array(keys, dtype=str), features=np.concatenate(feats) if feats else empty)
+        empty = np.zeros((0, 3 * self.size**2), np.float32) if self.method == "thumbnail" else np.zeros(0, np.uint64)
+        save_features(ctx, self.name, survivors, self.features, empty)
         if self.cells:
-            self._search_cells(ctx)
-            self._combine_cells(ctx)
-
-    # -------------------------------------------------------------------------------------- cells
-    def _cell_file(self, ctx: FunnelContext, name: str) -> Path:
-        return ctx.out / "scores" / self.name / "cells" / name
-
-    def _search_cells(self, ctx: FunnelContext) -> None:
-        """Partition (rank 0 trains the centroids), assign (each rank its pieces), search (each rank its cells:
-        ``search_<cell>.npy``, its vectors' piece, row and distance, sorted by piece)."""
-        features = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
-        ctx.wait_for(features, f"stage {self.name!r}'s features")
-        n = self.neighbours
-        plan = {"cells": self.cells, "probe": self.probe, "train_size": self.train_size, "index": n.kind,
-                "thumbnail_size": self.size, "hnsw_m": n.hnsw_m, "ef_search": n.ef_search}  # fmt: skip
-        centroids = self._cell_file(ctx, "centroids.npz")
-        if ctx.ranks.is_main and not centroids.is_file():
-            sample, n = [], 0
-            for path in features:  # the first train_size vectors, in the source's order
-                with np.load(path) as f:
-                    sample.append(f["features"][: self.train_size - n])
-                n += len(sample[-1])
-                if n >= self.train_size:
-                    break
-            cells = Cells.train(np.concatenate(sample), self.cells, self.probe)
-            _save_npz(centroids, centroids=cells.centroids, plan=json.dumps(plan))
-        ctx.wait_for([centroids], f"stage {self.name!r}'s cells")
-        with np.load(centroids) as f:
-            if json.loads(str(f["plan"])) != plan:
-                raise CurationError(f"{centroids} holds cells made with {f['plan']}, not {plan}: delete "
-                                    f"{centroids.parent} to partition again")  # fmt: skip
-            cells = Cells(f["centroids"], self.probe)
-        for piece in ctx.track(ctx.my_pieces(), f"{self.name} cells"):  # each vector's probe cells, sorted by cell
-            out = self._cell_file(ctx, f"{piece:05d}.npz")
-            if out.is_file():
-                continue
-            with np.load(ctx.piece_file(self.name, piece, ".npz")) as f:
-                feats = f["features"]
-            probed = cells.assign(feats) if len(feats) else np.zeros((0, cells.probe), np.int64)
-            cell, row = probed.reshape(-1), np.repeat(np.arange(len(feats)), cells.probe)
-            stored = (np.arange(cell.size) % cells.probe) == 0  # the nearest cell is the vector's own
-            order = np.lexsort((row, cell))  # by cell, then in the piece's order
-            np.save(out.with_suffix(".npy"), feats[row[order]])
-            _save_npz(out, cell=cell[order], row=row[order], stored=stored[order])
-        assigned = [self._cell_file(ctx, f"{p:05d}.npz") for p in range(ctx.pieces)]
-        ctx.wait_for(assigned, f"stage {self.name!r}'s cell assignment")
-        for c in ctx.track(share(list(range(self.cells)), ctx.ranks), f"{self.name} search"):
-            out = self._cell_file(ctx, f"search_{c:05d}.npy")
-            if out.is_file():
-                continue
-            found = self._search_cell(c, assigned)
-            _save_whole(out, lambda tmp, found=found: np.save(tmp, found))
-
-    def _search_cell(self, c: int, assigned: list[Path]) -> np.ndarray:
-        """Cell ``c``'s ordered pass, reading only its slice of each piece: each of its vectors' piece, row in the
-        piece and distance to the nearest earlier vector stored in the cell."""
-        pieces, rows = [], []
-
-        def chunks():
-            for piece, path in enumerate(assigned):
-                with np.load(path) as f:
-                    lo, hi = np.searchsorted(f["cell"], [c, c + 1])
-                    row, stored = f["row"][lo:hi], f["stored"][lo:hi]
-                if hi > lo:
-                    pieces.append(np.full(hi - lo, piece))
-                    rows.append(row)
-                    yield np.array(np.load(path.with_suffix(".npy"), mmap_mode="r")[lo:hi]), stored
-
-        distances = list(search_cell(chunks(), self.neighbours))
-        out = np.zeros(sum(len(d) for d in distances), dtype=[("piece", "<i8"), ("row", "<i8"), ("distance", "<f8")])
-        if len(out):
-            out["piece"], out["row"], out["distance"] = map(np.concatenate, (pieces, rows, distances))
-        return out
-
-    def _combine_cells(self, ctx: FunnelContext) -> None:
-        """Each rank, for its pieces: every image's least distance over the cells it was searched in, into the
-        piece's score table (each cell's results are read by memory map, only the piece's slice)."""
-        searched = [self._cell_file(ctx, f"search_{c:05d}.npy") for c in range(self.cells)]
-        ctx.wait_for(searched, f"stage {self.name!r}'s cells")
-        for piece in ctx.track(ctx.my_pieces(), f"{self.name} combine"):
-            path = ctx.piece_file(self.name, piece)
-            if path.is_file():
-                continue
-            with np.load(ctx.piece_file(self.name, piece, ".npz")) as f:
-                keys = f["keys"].tolist()
-            scores = np.full(len(keys), np.inf)
-            for cell in searched:
-                found = np.load(cell, mmap_mode="r")
-                lo, hi = np.searchsorted(found["piece"], [piece, piece + 1])
-                np.minimum.at(scores, np.asarray(found["row"][lo:hi]), np.asarray(found["distance"][lo:hi]))
-            rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores.tolist(), strict=True)]
-            atomic_write_text(path, "".join(rows))
+            n = self.neighbours
+            plan = {"cells": self.cells, "probe": self.probe, "train_size": self.train_size, "index": n.kind,
+                    "thumbnail_size": self.size, "hnsw_m": n.hnsw_m, "ef_search": n.ef_search}  # fmt: skip
+            search_cells(ctx, self.name, n, self.cells, self.probe, self.train_size, plan)
+            combine_cells(ctx, self.name, self.cells)
 
     def finish(self, ctx: FunnelContext, survivors: Table) -> Keep:
         """Without cells, the ordered search over every piece's features, into a score table per piece (with cells the
         ranks wrote those); then the rule."""
         if not self.cells:
-            paths = [ctx.piece_file(self.name, p, ".npz") for p in range(ctx.pieces)]
-            ctx.wait_for(paths, f"stage {self.name!r}")
-            self.neighbours.reset()
-            for piece, path in enumerate(ctx.track(paths, f"{self.name} search")):
-                with np.load(path) as f:
-                    keys, feats = f["keys"].tolist(), f["features"]
-                scores = []
-                for start in range(0, len(keys), 256):  # in batches, as the images came
-                    scores += self.neighbours.add(feats[start : start + 256])
-                rows = [json.dumps({"key": k, "score": d}) + "\n" for k, d in zip(keys, scores, strict=True)]
-                atomic_write_text(ctx.piece_file(self.name, piece), "".join(rows))
+            search_in_order(ctx, self.name, self.neighbours)
         return super().finish(ctx, survivors)
-
-
-def _save_whole(path: Path, save: Callable[[Path], None]) -> None:
-    """``save`` to a temporary name of the same suffix, then renamed into place (a file that exists is whole)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.partial{path.suffix}")
-    save(tmp)
-    tmp.replace(path)
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    _save_whole(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 # ------------------------------------------------------------------------------------------------ CLIP based
@@ -545,16 +296,17 @@ class Balance(Stage):
         cls = (self.clip.embed_images(batch["image"]) @ self.text.T).argmax(-1).tolist()
         return [float(c) for c in cls], [{"concept": self.names[c]} for c in cls]
 
+    def select(self, ranked: Iterable[tuple[dict[str, Any], float]]) -> set[str]:
+        """The kept keys: ``ranked`` gives each survivor's row of this stage (its concept in ``extra``) and its
+        ``rank_by`` score, in the source's order; the best ``per_class`` of each concept are kept."""
+        best = BestPerClass(self.per_class)
+        for row, rank in ranked:
+            best.add(row["key"], row["extra"]["concept"], rank)
+        return best.kept()
+
     def finish(self, ctx, survivors):
         """The best of each class by the ``rank_by`` stage's scores, read a piece at a time beside this stage's."""
-        if not Table.finished(ctx.table(self.rank_by)):
-            raise CurationError(f"no scores of stage {self.rank_by!r} (balance.rank_by must name an earlier stage)")
-        ranked, best = Table(ctx.table(self.rank_by)), BestPerClass(self.per_class)
-        for piece, rows in ctx.piece_rows(self.name, survivors):
-            rank = {r["key"]: r["score"] for r in ranked.rows(piece)}
-            for r in rows:
-                best.add(r["key"], r["extra"]["concept"], rank.get(r["key"], 0.0))
-        kept = best.kept()
+        kept = self.select(ctx.ranked_rows(self.name, self.rank_by, survivors))
         return lambda key, row: key in kept
 
     def describe(self) -> str:
