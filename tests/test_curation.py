@@ -12,11 +12,11 @@ from emu.curation.aesthetic import train_head
 from emu.curation.funnel import Funnel
 from emu.curation.human import HumanStage, combine, read_labels
 from emu.curation.neighbours import phash
+from emu.curation.pieces import CurationError
 from emu.curation.stages import (
     Aesthetic,
     Balance,
     ClipScore,
-    CurationError,
     KeepRule,
     NearDuplicates,
     SizeAspect,

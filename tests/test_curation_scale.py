@@ -15,7 +15,8 @@ import torch
 
 from emu.curation.funnel import Funnel
 from emu.curation.neighbours import Cells, EarlierNeighbours, search_cell
-from emu.curation.stages import CurationError, KeepRule, SizeAspect, Stage
+from emu.curation.pieces import CurationError
+from emu.curation.stages import KeepRule, SizeAspect, Stage
 from emu.curation.tables import kth_best, quantiles
 from emu.data import EmuDataModule
 from emu.mini.source import HaystackSource

@@ -112,7 +112,10 @@ def test_missing_required_value_is_one_clear_line(tmp_path):
 
 def test_bad_path_and_unknown_experiment(tmp_path):
     out = run_train(
-        "data=folder", "model=autoencoder", f"data.source.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run",
+        "data=folder",
+        "model=autoencoder",
+        f"data.source.root={tmp_path}/nowhere",
+        f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )
     assert out.returncode == 2 and "config error: data.source.root:" in out.stderr and "not a directory" in out.stderr

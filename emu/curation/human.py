@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.curation.export import contact_sheets
-from emu.curation.stages import CurationError, FunnelContext, Rows
+from emu.curation.pieces import CurationError, FunnelContext, Rows
 from emu.curation.tables import Table
 from emu.errors import ConfigError
 from emu.utils.files import atomic_write_text

@@ -27,11 +27,10 @@ from PIL import Image
 
 from emu.curation.neighbours import EarlierNeighbours, phash_batch, thumbnails
 from emu.curation.ocr import TesseractText, tesseract_available
-from emu.curation.pieces import (  # CurationError, FunnelContext, Keep, Rows: importable from here, as before
+from emu.curation.pieces import (
     CurationError,
     FunnelContext,
     Keep,
-    Rows,  # noqa: F401  (re-exported: emu.curation.human imports it from here)
     combine_cells,
     save_features,
     search_cells,
