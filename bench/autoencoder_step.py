@@ -43,9 +43,9 @@ def autoencoder_kwargs(name: str) -> dict:
     kw = OmegaConf.to_container(
         OmegaConf.merge(*(OmegaConf.load(ROOT / f"conf/model/{f}.yaml").autoencoder for f in c))
     )
-    kw.pop("_target_")
-    # the diffusers-shaped part only: Fourier features and the miniature's patch shortcut have no diffusers twin
-    kw.update(fourier_frequencies=[], gradient_checkpointing=False, patch_shortcut=False)
+    kw.pop("_target_")  # AutoencoderKL: the miniature's patch-shortcut subclass has no diffusers twin
+    # the diffusers-shaped part only: Fourier features have no diffusers twin either
+    kw.update(fourier_frequencies=[], gradient_checkpointing=False)
     return kw
 
 

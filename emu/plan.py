@@ -168,7 +168,7 @@ def text_encoder_size(cfg: dict[str, Any]) -> tuple[int, int, int]:
 def autoencoder_model(path: str | None):
     """An :class:`AutoencoderKL` skeleton on the meta device: the export's config, or the paper's when ``path`` is not
     one yet."""
-    from emu.autoencoder.model import CONFIG_NAME, AutoencoderKL
+    from emu.autoencoder.model import CONFIG_NAME, autoencoder_from_config
 
     config = None
     if path and (Path(path) / CONFIG_NAME).is_file():
@@ -179,7 +179,7 @@ def autoencoder_model(path: str | None):
         node = OmegaConf.load(CONF / "model" / "autoencoder.yaml").autoencoder
         config = {k: v for k, v in OmegaConf.to_container(node).items() if k != "_target_"}
     with torch.device("meta"):
-        return AutoencoderKL(**config)
+        return autoencoder_from_config(config)
 
 
 # ------------------------------------------------------------------------------------------------ activations

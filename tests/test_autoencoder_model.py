@@ -127,7 +127,7 @@ def _psnr(x, y):
 
 
 def test_patch_shortcut_starts_at_the_best_linear_autoencoder(tmp_path):
-    from emu.autoencoder.model import patch_second_moment
+    from emu.mini.autoencoder import PatchShortcutAutoencoderKL, patch_second_moment
     from tests.conftest import haystack_batch
 
     x = haystack_batch(n=8, resolution=32)["image"]
@@ -135,7 +135,7 @@ def test_patch_shortcut_starts_at_the_best_linear_autoencoder(tmp_path):
     psnr = {}
     for channels in (4, 16):
         torch.manual_seed(0)
-        model = AutoencoderKL(latent_channels=channels, fourier_frequencies=(64.0,), patch_shortcut=True, **TINY)
+        model = PatchShortcutAutoencoderKL(latent_channels=channels, fourier_frequencies=(64.0,), **TINY)
         model.init_patch_shortcut(patch_second_moment(x, model.downsample_factor))
         with torch.no_grad():
             recon = model.decode(model.encode(x).mode())
@@ -143,15 +143,34 @@ def test_patch_shortcut_starts_at_the_best_linear_autoencoder(tmp_path):
         torch.testing.assert_close(recon, linear)  # the deep paths start at zero
         psnr[channels] = _psnr(recon, x)
         model.save_pretrained(tmp_path / str(channels))
-        loaded = AutoencoderKL.from_pretrained(tmp_path / str(channels))
-        assert loaded.config["patch_shortcut"]
+        loaded = AutoencoderKL.from_pretrained(tmp_path / str(channels))  # the class its config names
+        assert type(loaded) is PatchShortcutAutoencoderKL and loaded.config["patch_shortcut"]
         torch.testing.assert_close(loaded.decode(loaded.encode(x).mode()), recon)
     assert psnr[4] > _psnr(mean_colour, x) + 2, psnr
     assert psnr[16] > psnr[4] + 2, psnr  # more latent channels hold more of the patch
 
 
 def test_patch_shortcut_model_refuses_diffusers_export():
-    with pytest.raises(ValueError, match="patch shortcut"):
-        to_diffusers(AutoencoderKL(latent_channels=4, patch_shortcut=True, **TINY))
-    with pytest.raises(ValueError, match="no patch shortcut"):
-        AutoencoderKL(latent_channels=4, **TINY).init_patch_shortcut(torch.eye(3 * 64, dtype=torch.float64))
+    from emu.mini.autoencoder import PatchShortcutAutoencoderKL
+
+    with pytest.raises(ValueError, match=r"PatchShortcutAutoencoderKL .* has no diffusers counterpart"):
+        to_diffusers(PatchShortcutAutoencoderKL(latent_channels=4, **TINY))
+
+
+def test_the_paper_scale_autoencoder_is_diffusers_layout_and_old_configs_rebuild_their_class(tmp_path):
+    """AutoencoderKL holds diffusers' layout and nothing else; a stored config names a subclass by ``class``, and a
+    config written before that (``patch_shortcut: true``, today's demo exports) still rebuilds the miniature's."""
+    from emu.autoencoder.model import autoencoder_from_config
+    from emu.mini.autoencoder import PatchShortcutAutoencoderKL
+
+    plain = AutoencoderKL(latent_channels=4, **TINY)
+    assert plain.diffusers_layout and not hasattr(plain, "patch_encoder") and "patch_shortcut" not in plain.config
+    assert set(plain.state_dict()) == set(to_diffusers(plain).state_dict()) | {"latent_mean", "latent_std"}
+    assert type(autoencoder_from_config(plain.config)) is AutoencoderKL
+    mini = PatchShortcutAutoencoderKL(latent_channels=4, **TINY)
+    assert type(autoencoder_from_config(mini.config)) is PatchShortcutAutoencoderKL
+    legacy = {k: v for k, v in mini.config.items() if k != "class"}  # as configs were written before
+    rebuilt = autoencoder_from_config(legacy)
+    assert type(rebuilt) is PatchShortcutAutoencoderKL and set(rebuilt.state_dict()) == set(mini.state_dict())
+    with pytest.raises(ValueError, match="not an AutoencoderKL"):
+        autoencoder_from_config({**plain.config, "class": "torch.nn.Linear"})

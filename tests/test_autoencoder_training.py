@@ -10,6 +10,7 @@ from emu.autoencoder.module import AutoencoderModule, load_autoencoder
 from emu.autoencoder.stats import measure_latent_statistics
 from emu.data import EmuDataModule
 from emu.errors import ConfigError
+from emu.mini.autoencoder import PatchShortcutAutoencoderKL
 from emu.mini.source import HaystackSource
 from tests.conftest import haystack_batch
 
@@ -165,17 +166,22 @@ def test_reconstruction_cli_compares_checkpoints_on_the_same_images(tmp_path, ca
     import json
 
     from emu.evaluation.reconstruction import main
+    from emu.utils import named_sets
+    from tests.conftest import ROOT
 
     a = AutoencoderKL(latent_channels=4, **TINY).save_pretrained(tmp_path / "a")
     b = AutoencoderKL(latent_channels=16, **TINY).save_pretrained(tmp_path / "b")
     out = tmp_path / "eval.json"
-    main([str(a), str(b), "--haystack", "4", "--resolution", "32", "--photos", "--photo-resolution", "32",
-          "--out", str(out)])  # fmt: skip
+    try:
+        main([str(a), str(b), "--images", "haystack:4", "--sets", str(ROOT / "conf/sets/mini.yaml"), "--resolution",
+              "32", "--photos", "--photo-resolution", "32", "--out", str(out)])  # fmt: skip
+    finally:
+        named_sets.register(None)
     results = json.loads(out.read_text())
     assert [r["latent_channels"] for r in results] == [4, 16]
     for r in results:
-        assert r["haystack@32"]["images"] == 4 and r["photos@32"]["images"] == 8
-        assert 0 < r["haystack@32"]["psnr"] < 60 and -1 <= r["photos@32"]["ssim"] <= 1
+        assert r["haystack:4@32"]["images"] == 4 and r["photos@32"]["images"] == 8
+        assert 0 < r["haystack:4@32"]["psnr"] < 60 and -1 <= r["photos@32"]["ssim"] <= 1
     assert "photos@32 PSNR/SSIM" in capsys.readouterr().out
 
 
@@ -248,7 +254,7 @@ def test_flat_colours_survive_a_few_training_steps_and_resume_keeps_the_patch_in
     (~12 dB after 200 steps); with the patch shortcut, PCA-initialised on the first batch, colours stay."""
     torch.manual_seed(0)
     data = FlatColours()
-    ae = AutoencoderKL(latent_channels=4, patch_shortcut=True, **TINY)
+    ae = PatchShortcutAutoencoderKL(latent_channels=4, **TINY)
     module = AutoencoderModule(ae, AutoencoderLoss(l1_weight=0.0, l2_weight=1.0, disc_start=10**9), lr=1e-3)
     assert bool(module.patch_init_pending)
     loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
@@ -262,7 +268,7 @@ def test_flat_colours_survive_a_few_training_steps_and_resume_keeps_the_patch_in
     psnr = float(-10 * torch.log10(((recon - x) / 2).pow(2).mean()))
     assert psnr > 30, psnr
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    resumed = AutoencoderModule(AutoencoderKL(latent_channels=4, patch_shortcut=True, **TINY), AutoencoderLoss())
+    resumed = AutoencoderModule(PatchShortcutAutoencoderKL(latent_channels=4, **TINY), AutoencoderLoss())
     resumed.load_state_dict(torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"])
     assert not bool(resumed.patch_init_pending)  # a resumed run is never re-initialised
     torch.testing.assert_close(resumed.autoencoder.patch_encoder.weight, ae.patch_encoder.weight)

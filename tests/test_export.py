@@ -8,7 +8,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from emu.autoencoder.model import AutoencoderKL
 from emu.diffusion.export import read_export_config
 from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
@@ -28,8 +27,10 @@ TOLERANCE = {"euler": (1e-3, 1e-4), "dpmpp_2m": (0.08, 0.006)}  # (max, mean) ab
 def fourier_autoencoder(tmp_path_factory):
     """The miniature's kind of autoencoder (Fourier features, patch shortcut, latent statistics), random."""
     torch.manual_seed(1)
-    ae = AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                       fourier_frequencies=(64.0, 128.0), patch_shortcut=True)  # fmt: skip
+    from emu.mini.autoencoder import PatchShortcutAutoencoderKL
+
+    ae = PatchShortcutAutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4, fourier_frequencies=(64.0, 128.0))  # fmt: skip
     ae.set_latent_statistics(torch.randn(16) * 0.1, torch.rand(16) + 0.5)
     return ae.save_pretrained(tmp_path_factory.mktemp("fourier_ae"))
 

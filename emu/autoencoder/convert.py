@@ -65,15 +65,15 @@ def diffusers_state_dict(model: AutoencoderKL) -> dict:
 
 def to_diffusers(model: AutoencoderKL):
     """Ours -> a diffusers ``AutoencoderKL`` (latent statistics go to ``latents_mean`` / ``latents_std``). Models with
-    Fourier features or the patch shortcut export through ``emu.export``'s ``EmuAutoencoderKL`` instead."""
+    Fourier features or the miniature's patch shortcut export through ``emu.export``'s ``EmuAutoencoderKL`` instead."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     if model.fourier is not None:
         raise ValueError("an autoencoder with Fourier-feature input has no diffusers counterpart")
-    if model.patch_encoder is not None:
+    if not model.diffusers_layout:
         raise ValueError(
-            "an autoencoder with the patch shortcut (the miniature's patch_shortcut=true) has no diffusers "
-            "counterpart: its linear path sits beside the encoder and decoder; train with patch_shortcut=false"
+            f"{type(model).__name__} (e.g. the miniature's patch shortcut) has no diffusers counterpart: it adds to "
+            "diffusers' layout; train emu.autoencoder.model.AutoencoderKL"
         )
     vae = DiffusersAutoencoderKL(**diffusers_config(model))
     vae.load_state_dict(diffusers_state_dict(model), strict=True)

@@ -31,7 +31,6 @@ WEIGHTS_NAME = "model.safetensors"
 log = logging.getLogger(__name__)
 MIN_LATENT_STD = 1e-6  # the floor of a stored std (a channel at it is collapsed)
 COLLAPSE_RATIO = 1e-2  # a channel whose std is below this fraction of the median channel's is collapsed
-INITIAL_LOGVAR = -8.0  # posterior std e^-4 at the start when the patch shortcut is on
 
 
 class ResnetBlock2D(nn.Module):
@@ -207,46 +206,6 @@ class FourierFeatures(nn.Module):
         return torch.cat([x, rearrange(feats, "b c f h w -> b (c f) h w")], dim=1)
 
 
-def patch_shortcuts(channels: int, latent_channels: int, f: int) -> tuple[nn.Conv2d, nn.ConvTranspose2d]:
-    """A linear f x f patch encoder and decoder that start as f x f average pooling of the image into the first
-    ``channels`` latent channels and nearest-neighbour upsampling back (the other latent channels start unused).
-
-    Added to the deep encoder's posterior mean and the deep decoder's output, they make an autoencoder begin
-    at the linear baseline, so the deep paths only learn what a linear map cannot (DC-AE's space-to-channel
-    shortcuts, Chen et al. 2024, here learned and at the latent only). Both are trained with the rest.
-    """
-    encoder = nn.Conv2d(channels, latent_channels, f, stride=f)  # weight: latent x channels x f x f
-    decoder = nn.ConvTranspose2d(latent_channels, channels, f, stride=f)
-    with torch.no_grad():
-        for m in (encoder, decoder):
-            m.weight.zero_()
-            m.bias.zero_()
-        for c in range(min(channels, latent_channels)):
-            encoder.weight[c, c] = 1.0 / (f * f)
-            decoder.weight[c, c] = 1.0
-    return encoder, decoder
-
-
-def patch_second_moment(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Sum of ``p p^T`` over the f x f patches of ``x`` (stride f/2, so 4x as many as the latent grid has):
-    a (C*f*f)^2 float64 matrix whose top eigenvectors are the best linear patch autoencoder (uncentred PCA)."""
-    patches = F.unfold(x.double(), f, stride=max(1, f // 2))  # b (c f f) n
-    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    return patches.T @ patches
-
-
-def pca_patch_weights(second_moment: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-``k`` eigenvectors of a patch second moment, as a k x (C*f*f) float32 matrix (sign-fixed; zero
-    rows past C*f*f)."""
-    _, vectors = torch.linalg.eigh(second_moment)
-    top = vectors.flip(1)[:, :k].T  # k x d, largest eigenvalue first
-    sign = torch.sign(top.sum(1, keepdim=True)).clamp(min=0) * 2 - 1  # deterministic sign: positive sum
-    top = (top * sign).float()
-    if k > top.shape[0]:  # more latent channels than a patch has values: the rest start unused
-        top = torch.cat([top, top.new_zeros(k - top.shape[0], top.shape[1])])
-    return top
-
-
 LATENT_SCALINGS = ("channel", "global")
 
 
@@ -289,9 +248,14 @@ class AutoencoderKL(nn.Module):
         fourier_frequencies: frequencies of the fixed Fourier-feature input transform; empty for none.
         mid_block_attention: self-attention in the mid blocks.
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
-        patch_shortcut: add :func:`patch_shortcuts` (a learned linear path beside the deep encoder and decoder;
-            not a diffusers ``AutoencoderKL`` then, so :mod:`emu.autoencoder.convert` refuses it).
+
+    Diffusers' layout and nothing else (``diffusers_layout``; :mod:`emu.autoencoder.convert`). A subclass that adds
+    to it (the miniature's :class:`emu.mini.autoencoder.PatchShortcutAutoencoderKL`) names itself in ``config``
+    (``class``), so checkpoints and exports rebuild it (:func:`autoencoder_from_config`) without this package
+    importing it.
     """
+
+    diffusers_layout = True
 
     def __init__(
         self,
@@ -304,7 +268,6 @@ class AutoencoderKL(nn.Module):
         fourier_frequencies: tuple[float, ...] = (),
         mid_block_attention: bool = True,
         gradient_checkpointing: bool = False,
-        patch_shortcut: bool = False,
     ):
         super().__init__()
         block_out_channels = tuple(int(c) for c in block_out_channels)
@@ -323,7 +286,6 @@ class AutoencoderKL(nn.Module):
             norm_num_groups=norm_num_groups,
             fourier_frequencies=list(fourier_frequencies),
             mid_block_attention=mid_block_attention,
-            patch_shortcut=bool(patch_shortcut),
         )
         self.fourier = FourierFeatures(fourier_frequencies) if fourier_frequencies else None
         encoder_in = in_channels + (self.fourier.extra_channels(in_channels) if self.fourier else 0)
@@ -332,16 +294,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_channels, *args)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.patch_encoder = self.patch_decoder = None
-        if patch_shortcut:
-            f = self.downsample_factor
-            self.patch_encoder, self.patch_decoder = patch_shortcuts(in_channels, latent_channels, f)
-            with torch.no_grad():  # start as the linear path alone: deep outputs zero, posterior nearly sharp
-                for conv in (self.encoder.conv_out, self.decoder.conv_out):
-                    conv.weight.zero_()
-                    conv.bias.zero_()
-                self.quant_conv.bias[:latent_channels].zero_()
-                self.quant_conv.bias[latent_channels:].fill_(INITIAL_LOGVAR)
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
         self.latent_statistics: dict[str, Any] = {}  # how latent_mean / latent_std were measured (none: not yet)
@@ -358,36 +310,21 @@ class AutoencoderKL(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior's mean and log-variance, concatenated on the channels."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by f={self.downsample_factor}")
-        moments = self.quant_conv(self.encoder(self.fourier(x) if self.fourier is not None else x))
-        if self.patch_encoder is not None:  # the linear path adds to the posterior mean only
-            mean, logvar = moments.chunk(2, dim=1)
-            moments = torch.cat([mean + self.patch_encoder(x), logvar], dim=1)
-        return DiagonalGaussian(moments)
+        return self.quant_conv(self.encoder(self.fourier(x) if self.fourier is not None else x))
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(self.post_quant_conv(z))
-        return out + self.patch_decoder(z) if self.patch_decoder is not None else out
+        return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
-
-    @torch.no_grad()
-    def init_patch_shortcut(self, second_moment: torch.Tensor) -> None:
-        """Set the patch shortcut to the best linear autoencoder of the patches whose second moment is given
-        (:func:`patch_second_moment`, summed over batches or ranks): encoder rows and decoder columns are the
-        top principal directions, so the model starts at what a linear map can reach (no biases: uncentred)."""
-        if self.patch_encoder is None:
-            raise ValueError("this autoencoder has no patch shortcut (patch_shortcut=false)")
-        k, c, f = self.latent_channels, self.patch_encoder.in_channels, self.downsample_factor
-        w = pca_patch_weights(second_moment.to(self.patch_encoder.weight.device), k)
-        self.patch_encoder.weight.copy_(w.view(k, c, f, f))
-        self.patch_decoder.weight.copy_(w.view(k, c, f, f))
-        self.patch_encoder.bias.zero_()
-        self.patch_decoder.bias.zero_()
 
     # ------------------------------------------------------------------ latent normalisation
     def _scale(self, scaling: str) -> torch.Tensor:
@@ -445,7 +382,7 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> AutoencoderKL:
-        """Load a folder written by :meth:`save_pretrained`."""
+        """Load a folder written by :meth:`save_pretrained` (as the class its config names)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -463,7 +400,29 @@ class AutoencoderKL(nn.Module):
         if kind != "autoencoder":
             raise ValueError(f"'{weights_path}' holds a {kind or 'foreign'} checkpoint, not an emu autoencoder")
         record = config.pop("latent_statistics", {})
-        model = cls(**config)
+        model = autoencoder_from_config(config)
         model.load_state_dict(load_file(str(weights_path)))
         model.latent_statistics = record
         return model
+
+
+# configs written before a subclass named itself: the flag it set -> its class
+LEGACY_CLASSES = {"patch_shortcut": "emu.mini.autoencoder.PatchShortcutAutoencoderKL"}
+
+
+def autoencoder_from_config(config: dict[str, Any]) -> AutoencoderKL:
+    """The autoencoder a stored config (a checkpoint's, an export's ``config.json``) describes: the subclass its
+    ``class`` names by dotted path, else :class:`AutoencoderKL`; old configs say ``patch_shortcut: true`` instead."""
+    config = dict(config)
+    path = config.pop("class", None)
+    for flag, legacy in LEGACY_CLASSES.items():
+        if config.pop(flag, False) and path is None:
+            path = legacy
+    if path is None:
+        return AutoencoderKL(**config)
+    from hydra.utils import get_class
+
+    cls = get_class(path)
+    if not (isinstance(cls, type) and issubclass(cls, AutoencoderKL)):
+        raise ValueError(f"'{path}' is not an AutoencoderKL")
+    return cls(**config)

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from emu.autoencoder.losses import AutoencoderLoss
-from emu.autoencoder.model import AutoencoderKL, DiagonalGaussian, patch_second_moment
+from emu.autoencoder.model import AutoencoderKL, DiagonalGaussian, autoencoder_from_config
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy
 from emu.training.numerics import NumericalGuard
@@ -121,9 +121,10 @@ class AutoencoderModule(L.LightningModule):
         self._stats: LatentStatistics | None = None
         self._lpips_sum = 0.0
         self._lpips_n = 0
-        # Whether the patch shortcut still waits for its PCA initialisation (saved in checkpoints, so a resumed
-        # run or a model loaded with init_from is never re-initialised).
-        needs_init = autoencoder.patch_encoder is not None and not init_from
+        # Whether the autoencoder still waits for its data-dependent initialisation (``init_from_batch``: the
+        # miniature's PCA patch path), saved in checkpoints so that a resumed run or a model loaded with init_from is
+        # never re-initialised. The buffer keeps its first name: old checkpoints carry it.
+        needs_init = hasattr(autoencoder, "init_from_batch") and not init_from
         self.register_buffer("patch_init_pending", torch.tensor(needs_init))
 
     # ------------------------------------------------------------------------------------------ setup
@@ -178,7 +179,7 @@ class AutoencoderModule(L.LightningModule):
         # global_step counts autoencoder steps only: the discriminator steps its raw optimizer below.
         step = self.global_step
         if bool(self.patch_init_pending):
-            self._init_patch_shortcut(x)
+            self._init_from_first_batch(x)
         posterior = self.autoencoder.encode(x)
         recon = self.autoencoder.decode(posterior.sample())
         last_layer = self.autoencoder.decoder.conv_out.weight
@@ -205,13 +206,11 @@ class AutoencoderModule(L.LightningModule):
         return loss.detach()
 
     @torch.no_grad()
-    def _init_patch_shortcut(self, x: torch.Tensor) -> None:
-        """PCA of the first batch's patches (summed over ranks, so every rank gets the same weights)."""
-        f = self.autoencoder.downsample_factor
-        moment = patch_second_moment(x, f)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            moment = self.trainer.strategy.reduce(moment, reduce_op="sum")
-        self.autoencoder.init_patch_shortcut(moment)
+    def _init_from_first_batch(self, x: torch.Tensor) -> None:
+        """The autoencoder's initialisation from the first batch, its sums over ranks (every rank gets the same)."""
+        world = self.trainer is not None and self.trainer.world_size > 1
+        reduce_sum = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world else (lambda t: t)
+        self.autoencoder.init_from_batch(x, reduce_sum)
         self.patch_init_pending.fill_(False)
 
     def _gradients_usable(self, params: list[torch.nn.Parameter], name: str) -> bool:
@@ -313,7 +312,7 @@ def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> 
         info = header(ckpt)
         if info.get("kind") != KIND:
             raise ValueError(f"'{path}' is a {info.get('kind', 'non-emu')} checkpoint, not a stage-0 autoencoder")
-        model = AutoencoderKL(**info["autoencoder_config"])
+        model = autoencoder_from_config(info["autoencoder_config"])
         prefix = "autoencoder."
         model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
         model.latent_statistics = dict(info.get("latent_statistics") or {})

@@ -73,7 +73,8 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
         f"{unet['pooled_dim'] or 'none'}.",
         f"* **Text encoders** (frozen): {encoders}; uncond: {hp.text.get('uncond', 'empty')}.",
         f"* **Autoencoder** (frozen): {ae['latent_channels']} latent channels, f={module.autoencoder.downsample_factor}"
-        f", Fourier features {ae['fourier_frequencies'] or 'none'}, patch shortcut {ae['patch_shortcut']}; latents "
+        f", Fourier features {ae['fourier_frequencies'] or 'none'}, "
+        f"patch shortcut {ae.get('patch_shortcut', False)}; latents "
         f"normalised per {'channel' if hp.latent_scaling == 'channel' else 'model (one scale)'}.",
         f"* **Diffusion**: {hp.parameterization}-prediction, scaled-linear schedule of {schedule.get('steps', 1000)} "
         f"steps ({schedule.get('beta_start', 0.00085)} to {schedule.get('beta_end', 0.012)}, zero terminal SNR "

@@ -72,7 +72,7 @@ def export_vae(autoencoder, folder: Path):
     cls = _hub_module(VAE_FILE).EmuAutoencoderKL
     c = autoencoder.config
     vae = cls(**diffusers_config(autoencoder), fourier_frequencies=tuple(c["fourier_frequencies"]),
-              patch_shortcut=bool(c["patch_shortcut"]))  # fmt: skip
+              patch_shortcut=bool(c.get("patch_shortcut", False)))  # fmt: skip
     vae.load_state_dict(diffusers_state_dict(autoencoder), strict=True)
     vae.save_pretrained(folder)
     shutil.copy(HUB / VAE_FILE, folder / VAE_FILE)
