@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers.adaptive_avgmax_pool import adaptive_pool_feat_mult
 from torch import nn
 
+from emu.data.batches import trains_on_good_samples
 from emu.data.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, make_sample, parse_caption
 from emu.data.samples import SamplePreparer
 from emu.errors import ConfigError
@@ -125,6 +126,7 @@ class HaystackJudge(L.LightningModule):
                 logs[f"{g}_acc"] = (hit * single).sum() / single.sum().clamp(min=1)
         return loss, logs, {"pred": pred, "appeal": appeal}
 
+    @trains_on_good_samples
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, logs, _ = self._losses(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))

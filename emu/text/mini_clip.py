@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from emu.data import haystack
+from emu.data.batches import trains_on_good_samples
 from emu.data.samples import swap_left_right
 from emu.text.tokenizer import build_word_tokenizer
 from emu.utils.images import image_grid, log_image
@@ -114,6 +115,7 @@ class MiniClipModule(L.LightningModule):
                            return_tensors="pt")  # fmt: skip
         return {k: v.to(self.device) for k, v in t.items()}
 
+    @trains_on_good_samples
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions, bs = list(batch["caption"]), len(batch["caption"])
         negatives = hard_negative_captions(batch["meta"], self._rng, self._negative_attributes)
