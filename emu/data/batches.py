@@ -19,11 +19,15 @@ batch**: ``image`` of 0 rows, empty ``caption`` / ``key`` / ``meta``, counted pe
     its mean loss by ``n * world / total``, so the averaged gradient is the mean over the step's good samples, every
     one weighing the same whichever rank it is on (no good neighbour of a bad file is over-weighted). A rank with
     none trains its stand-in at weight 0: every rank runs the same forward (FSDP's all-gathers) and backward (the
-    gradient all-reduce), and the job cannot hang. When no rank has a sample, the stand-ins run at weight 0 (Lightning
-    refuses a skipped ``training_step`` under several ranks) and :class:`~emu.data.callbacks.DataHealth` drops the
-    step's gradients before the optimizer sees them (:func:`drop_gradients_without_data`), as
-    :class:`~emu.training.numerics.NumericalGuard` drops non-finite ones; manual-optimization modules just return
-    None on every rank.
+    gradient all-reduce), and the job cannot hang (what that rank logs for the step is its stand-in's loss). When no
+    rank has a sample, the stand-ins run at weight 0 (Lightning refuses a skipped ``training_step`` under several
+    ranks) and :class:`~emu.data.callbacks.DataHealth` drops the step's gradients before the optimizer sees them
+    (:func:`drop_gradients_without_data`), as :class:`~emu.training.numerics.NumericalGuard` drops non-finite ones;
+    manual-optimization modules just return None on every rank.
+
+  A skipped step of an automatic-optimization module still counts as a step for Lightning (``global_step``, the LR
+  schedule, the diffusion EMA's update of unchanged weights), as a NumericalGuard-skipped one does; a
+  manual-optimization module's (the autoencoder's) does not, since no optimizer stepped.
 * ``stand_in``: validation over several ranks, where every rank must run the same number of validation forwards
   (FSDP gathers weights in each, DDP syncs buffers) and the modules' validation steps have no sample weights: the
   empty batch is replaced by its stand-in, a repeat, as Lightning's ``DistributedSampler`` already pads the val split
