@@ -117,6 +117,87 @@ def test_a_run_of_bad_files_is_dropped_not_replaced(tmp_path, shuffle):
         assert dm.skipped["train"] == Counter(not_an_image=5 * (epoch + 1))
 
 
+def _bad_folder_data(root, batch_size, **kw):
+    return EmuDataModule(FolderSource(str(root), val_fraction=0.0), resolution=16, min_size=16, batch_size=batch_size,
+                         drop_last=False, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_batch_with_no_good_sample_is_skipped_never_refilled(bad_folder, batch_size):
+    """Before: a batch whose samples were all bad got the next good sample, which its own batch delivered again: at
+    data.batch_size=1 a good file came up to 4 times an epoch after a run of bad ones (a bad-input corpus: exif_rot.jpg
+    4 times, anim.gif 3). Now such a batch is empty (counted), with a stand-in that is read, not delivered, and the
+    training step skips it (emu.data.batches); a plain loop over the loader never sees it."""
+    dm = _bad_folder_data(bad_folder, batch_size)
+    n = dm.source.size("train")
+    batches = list(dm.train_dataloader())  # the Trainer's loader
+    assert len(batches) == -(-n // batch_size)  # every batch the sampler made: the resume position counts them all
+    keys = [k.rsplit(".", 1)[0] for b in batches for k in b["key"]]
+    assert Counter(keys) == Counter(GOOD_KEYS), "a good file delivered twice, or not at all"
+    assert dm.skipped["train"] == expected_skips()  # each bad file counted once
+    empty = [b for b in batches if not b["key"]]
+    assert dm.empty_batches["train"] == len(empty) and (batch_size > 1 or len(empty) == n - len(GOOD_KEYS))
+    for b in empty:
+        assert b["image"].shape == (0, 3, 16, 16) and b["caption"] == b["meta"] == []
+        assert len(b["stand_in"]["key"]) == 1 and b["stand_in"]["key"][0].rsplit(".", 1)[0] in GOOD_KEYS
+    assert all("stand_in" not in b for b in batches if b["key"])
+    plain = [b["key"] for b in dm.dataloader("train")]  # a plain loop (precompute, statistics): no empty batch
+    assert plain == [b["key"] for b in batches if b["key"]]
+    assert "batches with none left skipped" in dm.skip_summary() or not empty
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_resume_among_empty_batches_is_exact(bad_folder, batch_size):
+    """Resumed at any batch (its skip and empty-batch counts from the checkpoint's DataModule state), a run sees the
+    batches, crops, flips and stand-ins of an uninterrupted one, and ends with the same counts."""
+
+    def data(epoch, done):
+        dm = _bad_folder_data(bad_folder, batch_size, crop="random", hflip=0.5, seed=1)
+        dm._position = lambda: (epoch, done)
+        return dm
+
+    def same(a, b):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+        assert ("stand_in" in a) == ("stand_in" in b)
+        if "stand_in" in a:
+            assert a["stand_in"]["key"] == b["stand_in"]["key"]
+            assert torch.equal(a["stand_in"]["image"], b["stand_in"]["image"])
+
+    whole = data(1, 0)
+    full = list(whole.train_dataloader())
+    assert any(not b["key"] for b in full) and any(b["key"] for b in full)
+    for k in sorted({1, len(full) // 2, len(full) - 1}):
+        first = data(1, 0)
+        batches = iter(first.train_dataloader())
+        done = [next(batches) for _ in range(k)]  # then the run is killed; its checkpoint holds first.state_dict()
+        resumed = data(1, k)
+        resumed.load_state_dict(first.state_dict())
+        for a, b in zip(full, done + list(resumed.train_dataloader()), strict=True):
+            same(a, b)
+        assert resumed.skipped == whole.skipped and resumed.empty_batches == whole.empty_batches
+
+
+def test_a_fit_on_one_process_skips_the_steps_of_empty_batches(bad_folder, one_thread):
+    """Lightning on one process: the step of an empty batch returns None; the weights and the optimizer's momentum
+    stay as they were, every other step is that of the mean over its good samples, each good file trained on once."""
+    import lightning as L
+
+    from emu.data.callbacks import DataHealth
+    from tests.good_samples_run import Linear, replay
+
+    dm = _bad_folder_data(bad_folder, 1, seed=3)
+    module = Linear()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[DataHealth()],
+                        limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    n = dm.source.size("train")
+    assert len(module.records) == n and trainer.global_step == n  # Lightning counts a skipped step as a step
+    kinds = replay([module.records])
+    assert kinds == {0: n - len(GOOD_KEYS), 1: len(GOOD_KEYS)}
+    assert Counter(k.rsplit(".", 1)[0] for r in module.records for k in r["keys"]) == Counter(GOOD_KEYS)
+
+
 def test_a_split_of_only_bad_files_says_how_many_it_has(tmp_path):
     root = tmp_path / "bad"
     root.mkdir()
@@ -125,7 +206,8 @@ def test_a_split_of_only_bad_files_says_how_many_it_has(tmp_path):
         (root / f"{i}.txt").write_text("broken")
     dm = EmuDataModule(FolderSource(str(root), val_fraction=0.0), resolution=16, batch_size=4, max_skip_rate=1.0)
     with pytest.raises(RuntimeError, match="all 19 samples of the train split are unusable"):
-        next(iter(dm.dataloader("train")))  # before: "64 consecutive unusable samples"
+        next(iter(dm.train_dataloader()))  # before: "64 consecutive unusable samples"; found looking for a stand-in
+    assert list(dm.dataloader("train")) == [] and dm.skipped["train"]["not_an_image"] == 4 + 16  # a plain loop: none
 
 
 @pytest.mark.parametrize("workers", [0, 2])

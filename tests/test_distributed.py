@@ -83,6 +83,38 @@ def test_fsdp_two_cpu_processes_train_and_resume_a_sharded_checkpoint(tmp_path, 
     assert torch.equal(module.unet.conv_in.weight, a0["weights"]["unet.conv_in.weight"])
 
 
+@pytest.mark.parametrize("variant", [
+    pytest.param(["--strategy", "ddp"], id="ddp"),
+    pytest.param(["--strategy", "fsdp"], id="fsdp", marks=pytest.mark.slow),
+    pytest.param(["--strategy", "ddp", "--manual"], id="ddp-manual-optimization", marks=pytest.mark.slow),
+])  # fmt: skip
+def test_two_ranks_skip_batches_with_no_good_sample_in_step(tmp_path, variant):
+    """Batch size 1 on 2 CPU ranks over a folder of good and bad files: a rank whose batch is empty trains its
+    stand-in at weight 0 while the other trains; when both are empty the step leaves weights and momentum alone. The
+    run ends (no rank waits forever), both ranks take the same steps, every good file is trained on once, and every
+    update is that of the mean over the step's good samples of both ranks (tests/good_samples_run.py)."""
+    from tests.conftest import png_bytes, rgb_image
+    from tests.good_samples_run import replay
+
+    root = tmp_path / "folder"
+    root.mkdir()
+    for i in range(24):
+        data = b"not an image" if i % 2 else png_bytes(rgb_image(16, 16, seed=i))
+        (root / f"f{i:02d}.png").write_bytes(data)
+        (root / f"f{i:02d}.txt").write_text(f"caption {i}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.good_samples_run", str(root), str(tmp_path / "out"), "--devices", "2", *variant]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "out" / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    kinds = replay([rank["records"] for rank in ranks])
+    assert kinds[0] and kinds[1] and kinds[2], f"the seed gives steps with 0, 1 and 2 ranks holding data: {kinds}"
+    assert ranks[0]["global_step"] == ranks[1]["global_step"]
+    keys = [k for rank in ranks for rec in rank["records"] for k in rec["keys"]]
+    assert sorted(keys) == [f"f{i:02d}.png" for i in range(0, 24, 2)]  # each good file once
+    assert sum(rank["empty_batches"] for rank in ranks) == kinds[1] + 2 * kinds[0]
+
+
 def test_slurm_launcher_config_composes_for_a_multi_node_sweep():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

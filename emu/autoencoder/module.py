@@ -21,6 +21,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from emu.autoencoder.losses import AutoencoderLoss
 from emu.autoencoder.model import AutoencoderKL, DiagonalGaussian, autoencoder_from_config
+from emu.data.batches import good_samples
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy
 from emu.training.numerics import NumericalGuard
@@ -173,7 +174,10 @@ class AutoencoderModule(L.LightningModule):
         return [opt_ae, opt_d], [{"scheduler": sched, "interval": "step"}]
 
     # --------------------------------------------------------------------------------------- training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if (picked := good_samples(self, batch)) is None:
+            return None  # no good sample (on any rank): skipped (emu.data.batches)
+        batch, weight = picked  # weight: this rank's share of the step's good samples (0: a stand-in)
         x = batch["image"]
         opt_ae, opt_d = self.optimizers()
         # global_step counts autoencoder steps only: the discriminator steps its raw optimizer below.
@@ -185,7 +189,7 @@ class AutoencoderModule(L.LightningModule):
         last_layer = self.autoencoder.decoder.conv_out.weight
         loss, logs = self.loss.generator_loss(x, recon, posterior, step, last_layer)
         opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.manual_backward(loss * weight if weight != 1.0 else loss)
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
@@ -194,7 +198,7 @@ class AutoencoderModule(L.LightningModule):
         if self.loss.adversarial_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, recon)
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
+            self.manual_backward(d_loss * weight if weight != 1.0 else d_loss)
             if self._gradients_usable(list(self.loss.discriminator.parameters()), "discriminator"):
                 if self.hparams.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.loss.discriminator.parameters(), self.hparams.grad_clip)

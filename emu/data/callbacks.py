@@ -6,6 +6,7 @@ import logging
 
 import lightning as L
 
+from emu.data.batches import drop_gradients_without_data
 from emu.utils.steps import log_step
 
 log = logging.getLogger("emu.data")
@@ -16,9 +17,11 @@ class DataFault(RuntimeError):
 
 
 class DataHealth(L.Callback):
-    """Logs the DataModule's skipped-sample counts (``data/skipped/{split}/{reason}``) and prints them at the end;
-    stops the run (:class:`DataFault`) when the training skip rate passes ``data.max_skip_rate`` (checked every
-    ``every_n_batches`` once ``data.skip_rate_min_samples`` samples were read)."""
+    """Logs the DataModule's skipped-sample counts (``data/skipped/{split}/{reason}``; ``data/empty_batches/{split}``,
+    batches left with no good sample) and prints them at the end; stops the run (:class:`DataFault`) when the
+    training skip rate passes ``data.max_skip_rate`` (checked every ``every_n_batches`` once
+    ``data.skip_rate_min_samples`` samples were read). Under several ranks, drops the gradients of a step in which no
+    rank had a good sample (:func:`~emu.data.batches.drop_gradients_without_data`), so the optimizer skips it."""
 
     def __init__(self, every_n_batches: int = 20):
         self.every_n_batches = every_n_batches
@@ -39,6 +42,9 @@ class DataHealth(L.Callback):
                 "data.max_skip_rate if this corpus is known to be this noisy"
             )
 
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        drop_gradients_without_data(optimizer)
+
     def _log(self, trainer: L.Trainer) -> None:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "skipped"):
@@ -47,6 +53,8 @@ class DataHealth(L.Callback):
             f"data/skipped/{split}/{reason}": float(n) for split, c in dm.skipped.items() for reason, n in c.items()
         }
         metrics.update({f"data/skipped/{split}": float(sum(c.values())) for split, c in dm.skipped.items()})
+        empty = getattr(dm, "empty_batches", {})
+        metrics.update({f"data/empty_batches/{split}": float(n) for split, n in empty.items() if n})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=log_step(trainer))
 

@@ -3,7 +3,33 @@
 Batches are dicts: ``image`` (float in [-1, 1], B x 3 x H x W), ``caption`` (list of str), ``key`` (list of
 str) and ``meta`` (list of the samples' metadata dicts). Samples that cannot be used are skipped and counted
 per reason in :attr:`EmuDataModule.skipped` (``{"train": Counter, "val": Counter}``), exactly, whichever
-worker met them.
+worker met them. A map-style batch left with no good sample is skipped, never refilled with a repeat
+(:mod:`emu.data.batches`), and counted in :attr:`EmuDataModule.empty_batches`.
+
+The batching paths. Every map-style batch is made by one method, :meth:`~emu.data.sources.PreparedDataset.__getitems__`
+(read, drop and count the bad samples, collate; an empty batch when none is good), and read through a
+:class:`~emu.data.batches.BatchLoader`, whose one policy says what becomes of empty batches; every stream batch is
+made in the webdataset pipeline after its bad samples were dropped, so it is never empty. The paths differ in who
+picks the indices and how a run resumes, each for a reason:
+
+* map-style, square crops, training: :class:`~emu.data.resume.ResumableSampler` (a permutation of (seed, epoch), dealt
+  to the ranks sample by sample as ``DistributedSampler`` does), batched by the DataLoader; resumed by
+  :class:`~emu.data.resume.ResumableLoader` skipping the done batches' indices unread. Stays beside the bucketed path
+  (it is that path's base class): as one bucket of it, every multi-rank run would give its ranks other samples than
+  today, and ``trainer.overfit_batches`` (which swaps in a per-sample sampler) would break.
+* map-style, buckets, training: :class:`~emu.data.buckets.BucketSampler`, the same permutation grouped into whole
+  batches of one bucket, dealt to the ranks batch by batch; resumed the same way, by batches. Stays: a batch must
+  hold one shape, which a per-sample sampler cannot promise.
+* map-style validation: in order (Lightning's ``DistributedSampler`` with several ranks; ``BucketSampler`` with
+  buckets); no resume: a validation starts over each time.
+* map-style pieces (:meth:`EmuDataModule.piece_loader`: precompute, curation): a :class:`~emu.data.sources.SourceSlice`
+  in order, without augmentation; resumed by piece (finished pieces are kept, a cut one is redone whole). Stays: the
+  unit of work dealt to ranks that never step together, so its empty batches are simply dropped.
+* streams (:class:`~emu.data.sources.WebDatasetSource`, and the precomputed latents of
+  :class:`~emu.diffusion.latents.LatentSource`), training: :class:`~emu.data.resume.EpochStream`, the pipeline
+  rebuilt each epoch with seeds from (seed, epoch), shards split by rank and worker, batched in the workers; resumed
+  by replaying the epoch and dropping the done batches. Stays: tar shards have no random access, so there are no
+  indices to skip; their validation and pieces read the pipeline in order, not resumed.
 """
 
 from __future__ import annotations
@@ -18,9 +44,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from emu.data.batches import BatchLoader
 from emu.data.buckets import BucketSampler, resolve_buckets
 from emu.data.resume import EpochStream, ResumableLoader, ResumableSampler
-from emu.data.samples import SamplePreparer, as_is, collate
+from emu.data.samples import SamplePreparer, as_is
 from emu.data.sources import IndexedSource, PreparedDataset, SkipCounter, SourceSlice, WebDatasetSource
 from emu.errors import ConfigError
 
@@ -93,6 +120,7 @@ class EmuDataModule(L.LightningDataModule):
         self.val_prepare = SamplePreparer(crop="center", hflip=0.0, **common)
         self._skips = {split: SkipCounter(num_workers) for split in ("train", "val")}
         self._restored: dict[str, Counter] = {"train": Counter(), "val": Counter()}
+        self._restored_empty = {"train": 0, "val": 0}
 
     # ---------------------------------------------------------------------------------------- loaders
     def has_split(self, split: str) -> bool:
@@ -100,11 +128,14 @@ class EmuDataModule(L.LightningDataModule):
             return self.source.size(split) > 0
         return self.source.has_split(split)
 
-    def dataloader(self, split: str, shuffle: bool | None = None) -> DataLoader:
+    def dataloader(self, split: str, shuffle: bool | None = None, for_steps: bool = False) -> DataLoader:
         """A loader over ``split`` (``train`` shuffles and uses the training transform).
 
         The training loader is resumable (:mod:`emu.data.resume`): its order and augmentations depend only on the
-        seed and the epoch, and it starts where the Trainer's progress says (mid-epoch after a resume)."""
+        seed and the epoch, and it starts where the Trainer's progress says (mid-epoch after a resume).
+        A map-style batch with no good sample is dropped from the loader, unless ``for_steps`` (the Trainer's loaders,
+        :meth:`train_dataloader` and :meth:`val_dataloader`): training then gets it, with its stand-in, for the step to
+        skip in step with the other ranks; validation over several ranks gets its stand-in (:mod:`emu.data.batches`)."""
         train = split == "train"
         prepare = self.train_prepare if train else self.val_prepare
         batch_size = self.batch_size if train else self.val_batch_size
@@ -121,8 +152,11 @@ class EmuDataModule(L.LightningDataModule):
                 return DataLoader(make(), batch_size=None, **common)
             probe = make(0)
             length = len(probe) if hasattr(probe, "__len__") and self.source.epoch_size else None
-            return ResumableLoader(EpochStream(make, length), batch_size=None, position=self._position, **common)
-        dataset = PreparedDataset(self.source, split, prepare, skips)
+            return ResumableLoader(EpochStream(make, length), batch_size=None, position=self._position, empty="keep",
+                                   **common)  # a stream's batches are never empty  # fmt: skip
+        empty = ("keep" if train else "stand_in" if world > 1 else "drop") if for_steps else "drop"
+        dataset = PreparedDataset(self.source, split, prepare, skips, stand_ins=empty != "drop")
+        common["empty"] = empty
         shuffle = train if shuffle is None else shuffle
         if self.buckets and self.trainer is not None and self.trainer.overfit_batches:
             raise ConfigError("data.buckets", "cannot be used with trainer.overfit_batches (Lightning swaps in a "
@@ -130,15 +164,15 @@ class EmuDataModule(L.LightningDataModule):
         if self.buckets:  # whole batches of one bucket from the sampler (a batch per item: batch_size=None)
             sampler = BucketSampler(self._bucket_of(self.source, split), batch_size, shuffle, self.seed, world, rank,
                                     drop_last)  # fmt: skip
-            loader = ResumableLoader if train else DataLoader
+            loader = ResumableLoader if train else BatchLoader
             extra = {"position": self._position} if train else {}
             return loader(dataset, batch_size=None, sampler=sampler, collate_fn=as_is, **extra, **common)
         if not train:
-            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                              collate_fn=collate, **common)  # fmt: skip
+            return BatchLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                               collate_fn=as_is, **common)  # fmt: skip
         sampler = ResumableSampler(len(dataset), shuffle, self.seed, world, rank, drop_last)
         return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                               collate_fn=collate, position=self._position, **common)  # fmt: skip
+                               collate_fn=as_is, position=self._position, **common)  # fmt: skip
 
     def _bucket_of(self, source: IndexedSource, split: str) -> list[int]:
         """The bucket number of every image of a map-style ``split`` (an unreadable one: 0; it is skipped anyway)."""
@@ -176,8 +210,8 @@ class EmuDataModule(L.LightningDataModule):
         dataset = PreparedDataset(view, split, prepare, skips)
         if self.buckets:
             sampler = BucketSampler(self._bucket_of(view, split), self.val_batch_size, False, self.seed, 1, 0, False)
-            return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=as_is, **common)
-        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate, **common)
+            return BatchLoader(dataset, batch_size=None, sampler=sampler, collate_fn=as_is, **common)
+        return BatchLoader(dataset, batch_size=self.val_batch_size, shuffle=False, collate_fn=as_is, **common)
 
     def _position(self) -> tuple[int, int]:
         """(epoch, batches of it already done): where a training loader starts (non-zero only after a resume)."""
@@ -193,16 +227,21 @@ class EmuDataModule(L.LightningDataModule):
         return trainer.current_epoch, progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train")
+        return self.dataloader("train", for_steps=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.dataloader("val") if self.has_split("val") else []
+        return self.dataloader("val", for_steps=True) if self.has_split("val") else []
 
     # ------------------------------------------------------------------------------------ skip counts
     @property
     def skipped(self) -> dict[str, Counter]:
         """Samples skipped so far, per split and reason (exact across workers; restored from checkpoints)."""
         return {split: self._restored[split] + c.totals() for split, c in self._skips.items()}
+
+    @property
+    def empty_batches(self) -> dict[str, int]:
+        """Batches left with no good sample so far, per split (map-style sources; restored from checkpoints)."""
+        return {split: self._restored_empty[split] + int(c.empty.sum()) for split, c in self._skips.items()}
 
     def skip_rate(self, split: str = "train") -> tuple[float, int, int]:
         """(fraction skipped, skipped, read) over the samples read so far in this process's loaders."""
@@ -213,10 +252,12 @@ class EmuDataModule(L.LightningDataModule):
     def skip_summary(self) -> str:
         """One line per split with counts per reason, e.g. ``train: 3 skipped (empty_file 1, not_an_image 2)``."""
         lines = []
+        empty = self.empty_batches
         for split, counts in self.skipped.items():
             if counts:
                 detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                lines.append(f"{split}: {sum(counts.values())} skipped ({detail})")
+                batches = f", {empty[split]} batches with none left skipped" if empty[split] else ""
+                lines.append(f"{split}: {sum(counts.values())} skipped ({detail}){batches}")
         return "; ".join(lines) if lines else "no samples skipped"
 
     def describe(self) -> dict[str, Any]:
@@ -233,8 +274,10 @@ class EmuDataModule(L.LightningDataModule):
                 "seed": self.seed, **buckets}  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": {k: dict(v) for k, v in self.skipped.items()}}
+        return {"skipped": {k: dict(v) for k, v in self.skipped.items()}, "empty_batches": self.empty_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for split, counts in state_dict.get("skipped", {}).items():
             self._restored[split] = Counter(counts) - self._skips[split].totals()
+        for split, n in state_dict.get("empty_batches", {}).items():
+            self._restored_empty[split] = int(n) - int(self._skips[split].empty.sum())

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DistributedSampler, IterableDataset, get_worker_info
+
+from emu.data.batches import BatchLoader
 
 
 def sample_seed(seed: int, epoch: int, key: Any) -> int:
@@ -104,11 +106,13 @@ class EpochStream(IterableDataset):
                 yield batch
 
 
-class ResumableLoader(DataLoader):
+class ResumableLoader(BatchLoader):
     """A DataLoader that positions its sampler or stream (``set_position``) each time an epoch's iterator is made.
 
     ``position()`` returns ``(epoch, batches_done)``; the sampler is told the items it yielded: samples (batches x
     batch size), or batches when it yields whole ones (``batch_size=None``: :class:`~emu.data.buckets.BucketSampler`).
+    The Trainer counts every batch it was given, empty ones too (``empty="keep"``, :mod:`emu.data.batches`), so its
+    count is the sampler's.
     """
 
     def __init__(self, *args, position: Callable[[], tuple[int, int]], **kwargs):

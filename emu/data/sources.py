@@ -9,7 +9,8 @@ Two kinds:
 
 A bad sample is never fed to the model: every source drops it (map-style sources from its batch, streaming ones
 from the stream), never replaces it, and counts it by reason in a :class:`SkipCounter` shared with the DataLoader
-workers.
+workers. A map-style batch left with no good sample is an empty batch (:mod:`emu.data.batches`), counted too; the
+training step skips it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from emu.data.batches import empty_batch
 from emu.data.buckets import bucket_batches
 from emu.data.resume import sample_seed, seeded
 from emu.data.samples import BadSample, collate, decode_image
@@ -73,6 +75,7 @@ class SkipCounter:
     def __init__(self, workers: int = 0) -> None:
         self.table = torch.zeros(workers + 1, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
         self.delivered = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()  # good samples, per process
+        self.empty = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()  # batches with none, per process
         self._warned: Counter = Counter()
         self._last_shard_error: tuple | None = None
 
@@ -86,10 +89,17 @@ class SkipCounter:
             more = " (further ones are counted silently)" if self._warned[reason] == _WARN_LIMIT else ""
             log.warning("skipping %s: %s %s%s", where, reason, detail[:200], more)
 
+    def _row(self) -> int:
+        info = get_worker_info()
+        return 0 if info is None else min(info.id + 1, self.delivered.shape[0] - 1)
+
     def ok(self) -> None:
         """Count one sample delivered (the denominator of the skip rate)."""
-        info = get_worker_info()
-        self.delivered[0 if info is None else min(info.id + 1, self.delivered.shape[0] - 1)] += 1
+        self.delivered[self._row()] += 1
+
+    def empty_batch(self) -> None:
+        """Count one batch left with no good sample (skipped by the training step)."""
+        self.empty[self._row()] += 1
 
     def totals(self) -> Counter:
         sums = self.table.sum(0).tolist()
@@ -173,20 +183,22 @@ class SourceSlice(IndexedSource):
 
 
 class PreparedDataset(Dataset):
-    """``source`` samples passed through ``prepare``; a bad one is dropped from its batch and counted.
+    """``source`` samples passed through ``prepare``, read a batch at a time; a bad one is dropped and counted.
 
-    Batches come through :meth:`__getitems__` (the DataLoader's batched fetch): a bad sample is counted and left
-    out, never replaced, so no sample is delivered twice in an epoch and no good neighbour of a run of bad files is
-    over-weighted; its batch is that much smaller (a WebDataset stream drops bad samples too). Only a batch with no
-    good sample at all gets one, the next good index after its first (a batch is never empty). Deterministic in the
-    indices and seeds asked for, so exactly resumable. A single ``dataset[i]`` walks to the next good index.
+    :meth:`__getitems__` (the DataLoader's batched fetch, and :meth:`__getitem__` of a list: a whole batch from
+    :class:`~emu.data.buckets.BucketSampler`) returns the batch's good samples, collated: a bad sample is counted and
+    left out, never replaced, so no sample is delivered twice in an epoch and no good neighbour of a run of bad files
+    is over-weighted; its batch is that much smaller (a WebDataset stream drops bad samples too). A batch with no good
+    sample is an empty batch (:mod:`emu.data.batches`), counted; with ``stand_ins`` it carries the next good sample
+    after its first index as its stand-in (read, not delivered: what a rank runs at zero weight while its peers train;
+    more than ``max_consecutive_bad`` bad ones in a row there mean a broken dataset, an error). Deterministic in the
+    indices and seeds asked for, so exactly resumable.
     """
 
-    def __init__(
-        self, source: IndexedSource, split: str, prepare: Callable, skips: SkipCounter, max_consecutive_bad: int = 64
-    ):
+    def __init__(self, source: IndexedSource, split: str, prepare: Callable, skips: SkipCounter,
+                 stand_ins: bool = False, max_consecutive_bad: int = 64):  # fmt: skip
         self.source, self.split, self.prepare, self.skips = source, split, prepare, skips
-        self.max_consecutive_bad = max_consecutive_bad
+        self.stand_ins, self.max_consecutive_bad = stand_ins, max_consecutive_bad
         self.n = source.size(split)
 
     def __len__(self) -> int:
@@ -196,8 +208,9 @@ class PreparedDataset(Dataset):
         with seeded(seed):
             return self.prepare(self.source.raw(self.split, index))
 
-    def __getitems__(self, items: list[int | tuple[int, int]]) -> list[dict[str, Any]]:
-        """A batch of ``items`` (indices, or ``(index, seed)`` pairs) without its bad samples."""
+    def __getitems__(self, items: list[int | tuple[int, int]]) -> dict[str, Any]:
+        """The batch of ``items`` (indices, or ``(index, seed)`` pairs from :class:`~emu.data.resume.ResumableSampler`:
+        the seed of the sample's augmentation) without its bad samples, collated; an empty batch when none is good."""
         out = []
         for item in items:
             index, seed = item if isinstance(item, tuple) else (item, None)
@@ -207,31 +220,37 @@ class PreparedDataset(Dataset):
                 self.skips.count(e.reason, f"{self.split}[{index}]", str(e))
                 continue
             self.skips.ok()
-        if not out and items:
-            out.append(self._next_good(items[0], count_first=False))  # its first item is counted above
-        return out
+        if out:
+            return collate(out)
+        self.skips.empty_batch()
+        stand_in = collate([self._next_good(items[0])]) if self.stand_ins and items else None
+        width, height = self.prepare.target(1, 1) if hasattr(self.prepare, "target") else (0, 0)  # its nominal size
+        return empty_batch(width, height, stand_in=stand_in)
 
     def __getitem__(self, item: int | tuple[int, int] | list) -> dict[str, Any]:
-        """``item``: an index, or ``(index, seed)`` from :class:`~emu.data.resume.ResumableSampler` (the seed of the
-        sample's augmentation); a bad one is counted and the next good index returned instead. A list is a whole
-        batch from :class:`~emu.data.buckets.BucketSampler`: its good samples, collated."""
+        """A list: a whole batch (as :meth:`__getitems__`). An index or ``(index, seed)``: that one sample, prepared
+        (:class:`~emu.data.samples.BadSample` when it is bad, counted)."""
         if isinstance(item, list):
-            return collate(self.__getitems__(item))
-        return self._next_good(item, count_first=True)
+            return self.__getitems__(item)
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        try:
+            sample = self._prepare(index, seed)
+        except BadSample as e:
+            self.skips.count(e.reason, f"{self.split}[{index}]", str(e))
+            raise
+        self.skips.ok()
+        return sample
 
-    def _next_good(self, item: int | tuple[int, int], count_first: bool) -> dict[str, Any]:
+    def _next_good(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """The first good sample after ``item`` (a stand-in: not counted; the bad ones on the way are counted when
+        their own batches read them)."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         tries = min(self.max_consecutive_bad, self.n)
-        for offset in range(tries):
-            i = (index + offset) % self.n
+        for offset in range(1, tries):  # offset 0: the batch's first item, known bad
             try:
-                sample = self._prepare(i, seed)
-            except BadSample as e:
-                if offset == 0 and count_first:
-                    self.skips.count(e.reason, f"{self.split}[{i}]", str(e))
+                return self._prepare((index + offset) % self.n, seed)
+            except BadSample:
                 continue
-            self.skips.ok()
-            return sample
         what = f"all {tries} samples" if tries == self.n else f"{tries} consecutive samples from index {index}"
         raise RuntimeError(
             f"{what} of the {self.split} split are unusable; the dataset looks broken "

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
 from emu.autoencoder.module import load_autoencoder
+from emu.data.batches import trains_on_good_samples
 from emu.data.buckets import check_buckets
 from emu.data.samples import size_conditions
 from emu.diffusion.denoiser import RENAMED_WEIGHTINGS, Denoiser, weighting_problem
@@ -337,6 +338,7 @@ class DiffusionModule(L.LightningModule):
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
         return self.denoiser.loss(z, noise, sigma, **cond).mean()
 
+    @trains_on_good_samples  # a batch with no good sample is skipped (emu.data.batches)
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         bs = len(batch["caption"])

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from emu.data.batches import trains_on_good_samples
 from emu.data.samples import swap_left_right
 from emu.mini import haystack
 from emu.text.clip import clip_features
@@ -115,6 +116,7 @@ class MiniClipModule(L.LightningModule):
                            return_tensors="pt")  # fmt: skip
         return {k: v.to(self.device) for k, v in t.items()}
 
+    @trains_on_good_samples
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions, bs = list(batch["caption"]), len(batch["caption"])
         negatives = hard_negative_captions(batch["meta"], self._rng, self._negative_attributes)

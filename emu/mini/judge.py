@@ -123,6 +123,7 @@ class HaystackJudge(L.LightningModule):
                 logs[f"{g}_acc"] = (hit * single).sum() / single.sum().clamp(min=1)
         return loss, logs, {"pred": pred, "appeal": appeal}
 
+    @trains_on_good_samples
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, logs, _ = self._losses(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
