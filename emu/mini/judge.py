@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers.adaptive_avgmax_pool import adaptive_pool_feat_mult
 from torch import nn
 
+from emu.data.batches import trains_on_good_samples
 from emu.mini.haystack import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, parse_caption
 from emu.mini.sets import heldout_haystack
 from emu.utils.images import image_grid, log_image

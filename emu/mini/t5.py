@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from emu.data import haystack
+from emu.mini import haystack
 
 
 def caption_corpus(n: int = 4000, seed: int = 0) -> list[str]:
