@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from emu.diffusion.module import load_for_sampling
+from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError

@@ -208,7 +208,7 @@ def test_stage1_trains_on_mixed_aspect_ratios_size_conditioned_and_samples_a_non
     import hydra
 
     import train
-    from emu.diffusion.module import load_for_sampling
+    from emu.diffusion.checkpoints import load_for_sampling
     from emu.diffusion.pipeline import SamplingSettings
 
     shapes = tmp_path / "shapes.txt"

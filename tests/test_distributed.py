@@ -77,7 +77,7 @@ def test_fsdp_two_cpu_processes_train_and_resume_a_sharded_checkpoint(tmp_path, 
     single = tmp_path / "consolidated.ckpt"
     subprocess.run([sys.executable, "-m", "emu.training.distributed", "consolidate", str(ckpt), "--out", str(single)],
                    check=True, capture_output=True, cwd=ROOT)  # fmt: skip
-    from emu.diffusion.module import load_for_sampling
+    from emu.diffusion.checkpoints import load_for_sampling
 
     module = load_for_sampling(single, ema=False)
     assert torch.equal(module.unet.conv_in.weight, a0["weights"]["unet.conv_in.weight"])

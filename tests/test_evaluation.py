@@ -212,8 +212,8 @@ def test_quality_tuning_can_keep_ema_weights_only(tmp_path, request):
     """keep=ema (the paper-scale setting): at each scoring an export folder with the EMA weights alone, the frozen
     models referenced rather than copied, no optimizer state; best/ links to the best one and loads for sampling."""
     import train
+    from emu.diffusion.checkpoints import load_diffusion
     from emu.diffusion.export import read_export_config
-    from emu.diffusion.module import load_diffusion
 
     train.train(_stage2_cfg(tmp_path, request, "trainer.max_steps=4", "+callbacks.selection.keep=ema"))
     select = tmp_path / "checkpoints" / "select"

@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.export import read_export_config
-from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.evaluation.items import item_kind
 from emu.export.__main__ import main as export_main
@@ -187,7 +187,7 @@ def test_model_card(exported, tiny_stage1_checkpoint, tmp_path):
     assert "| clip_score/a | 0.31 |" in card and "| n | 8 |" in card and "| config" not in card
     assert "source: HaystackSource" in card and "n_train: 8" in card  # the data the checkpoint says it trained on
     # a stage-2 checkpoint says so (its init_from survives loading, though loading does not initialise from it)
-    from emu.diffusion.module import load_diffusion
+    from emu.diffusion.checkpoints import load_diffusion
 
     ckpt = torch.load(tiny_stage1_checkpoint, map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"]["init_from"] = "/runs/stage1/last.ckpt"

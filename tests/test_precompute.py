@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from emu.diffusion.precompute import precompute
+from emu.diffusion.precompute import check_precomputed, precompute
 from emu.errors import ConfigError
 from emu.mini import haystack
 from tests.conftest import ROOT, tiny_stage1_overrides
@@ -66,7 +66,7 @@ def test_precomputed_batches_reproduce_on_the_fly_latents_embeddings_and_loss(co
     cfg = _compose(corpus["latents"])
     dm = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model).eval()
-    module.check_precomputed(dm.source.manifest)  # same autoencoder and encoders: accepted
+    check_precomputed(dm.source.manifest, module)  # same autoencoder and encoders: accepted
     batch = next(iter(dm.dataloader("train")))
     assert batch["latent"].shape == (5, 32, 4, 4) and set(batch["text"]) == {"clip", "t5"}
 
@@ -108,14 +108,14 @@ def test_training_reads_precomputed_shards_and_refuses_mismatches(corpus, tmp_pa
         hydra.utils.instantiate(_compose([*corpus["latents"], "data.resolution=64"]).data)
     module = hydra.utils.instantiate(cfg.model)
     with pytest.raises(ConfigError, match="autoencoder"):
-        module.check_precomputed({**corpus["manifest"], "autoencoder_fingerprint": "0" * 16})
+        check_precomputed({**corpus["manifest"], "autoencoder_fingerprint": "0" * 16}, module)
     encoders = {**corpus["manifest"]["encoders"], "t5": {**corpus["manifest"]["encoders"]["t5"], "max_length": 77}}
     with pytest.raises(ConfigError, match=r"model\.text\.encoders"):
-        module.check_precomputed({**corpus["manifest"], "encoders": encoders})
+        check_precomputed({**corpus["manifest"], "encoders": encoders}, module)
     t5 = corpus["manifest"]["encoders"]["t5"]  # the same settings, other weights (a retrained encoder, same path)
     encoders = {**corpus["manifest"]["encoders"], "t5": {**t5, "fingerprint": "0" * 16}}
     with pytest.raises(ConfigError, match=r"t5 encoder .* whose weights differ"):
-        module.check_precomputed({**corpus["manifest"], "encoders": encoders})
+        check_precomputed({**corpus["manifest"], "encoders": encoders}, module)
 
 
 def test_flipped_copies_are_the_flipped_images_and_swapped_captions_and_training_draws_them_resumably(corpus, tmp_path):
@@ -278,9 +278,9 @@ def test_bucketed_latents_keep_their_bucket_and_the_frozen_networks_stay_off_the
     module = hydra.utils.instantiate(cfg.model)
     module.trainer = type("T", (), {"datamodule": dm})()
     module.setup("fit")
-    assert module.frozen_offloaded and "autoencoder.encoder.conv_in.weight" in module._ddp_params_and_buffers_to_ignore
+    assert module.frozen.offloaded and "autoencoder.encoder.conv_in.weight" in module._ddp_params_and_buffers_to_ignore
     with pytest.raises(ConfigError, match="do not divide"):  # latents the U-Net cannot take
-        module.check_precomputed({**manifest, "latent_shapes": [[32, 5, 3]]})
+        check_precomputed({**manifest, "latent_shapes": [[32, 5, 3]]}, module)
     module.to(torch.float64)  # moves and casts pass the frozen networks by
     assert next(module.unet.parameters()).dtype == torch.float64
     assert next(module.autoencoder.parameters()).dtype == torch.float32

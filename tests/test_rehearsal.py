@@ -125,7 +125,7 @@ def test_every_paper_experiment_rehearses_on_two_cpu_processes(rehearsal):
     assert [r["step"] for r in summary["rows"]] == [0, 2, 4]
     assert summary["keep"] == "ema" and (select / "best" / "model.safetensors").is_file()
     _grid(out, "select_samples")
-    from emu.diffusion.module import load_diffusion
+    from emu.diffusion.checkpoints import load_diffusion
 
     model = load_diffusion(select / "best")
     assert model.exported_weights == "ema" and torch.isfinite(next(model.unet.parameters())).all()

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.denoiser import preconditioning
-from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.sampling import CFGDenoiser
 from emu.errors import ConfigError

@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from emu.diffusion.module import FROZEN_PREFIXES, DiffusionModule, load_diffusion
+from emu.diffusion.checkpoints import load_diffusion
+from emu.diffusion.module import DiffusionModule
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from tests.conftest import ROOT, TINY_UNET, haystack_batch
@@ -114,6 +115,44 @@ def _trainer(tmp_path, max_steps, callbacks=()):
                                 *callbacks])  # fmt: skip
 
 
+def test_the_frozen_networks_follow_the_model_until_offloaded_then_stay_on_the_cpu(tiny_autoencoder, tiny_clip, tiny_t5,
+                                                                                   monkeypatch):  # fmt: skip
+    """Moves and casts reach the frozen networks (autoencoder, text encoders) as any submodule until they are offloaded
+    (training on precomputed latents); then they pass them by (the networks stay in float32 on the CPU) while every
+    trained part still moves, and ``frozen.on(device)`` brings them to a device for a block and back. The module tree
+    and its state-dict keys stay as they are."""
+    module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5)
+    keys, children = list(module.state_dict()), list(dict(module.named_children()))
+    frozen = [module.autoencoder, *module.conditioner.encoders.values()]
+    trained = [module.unet, module.conditioner.proj, module.ema]
+    params = lambda modules: [p for m in modules for p in m.parameters()]
+    assert not any(p.requires_grad for p in params(frozen)) and all(p.requires_grad for p in params(trained[:2]))
+
+    module.to(torch.float64)  # not offloaded: everything follows
+    assert {p.dtype for p in params(frozen + trained)} == {torch.float64}
+    module.to(torch.float32)
+
+    module.frozen.offload()
+    module.to(torch.float64)
+    assert {p.dtype for p in params(trained)} == {torch.float64}
+    assert {p.dtype for p in params(frozen)} == {torch.float32}
+    module.to("meta")
+    assert module.device.type == "meta" and {p.device.type for p in params(trained)} == {"meta"}
+    assert {p.device.type for p in params(frozen)} == {"cpu"}
+    assert list(module.state_dict()) == keys and list(dict(module.named_children())) == children
+
+    moves = []  # where frozen.on sends them (a real move to another device needs one)
+    monkeypatch.setattr(module.frozen, "_to", moves.append)
+    with module.frozen.on(torch.device("cpu")):  # already there
+        assert moves == []
+    with module.frozen.on(module.device):
+        assert moves == [module.device]
+    assert moves == [module.device, torch.device("cpu")]
+    module.frozen.offloaded = False  # following the model, they are where it put them
+    with module.frozen.on(module.device):
+        assert moves == [module.device, torch.device("cpu")]
+
+
 def test_ema_is_used_for_validation_and_restored_and_checkpoint_round_trips(tmp_path, tiny_autoencoder, tiny_clip,
                                                                            tiny_t5):  # fmt: skip
     module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5)
@@ -170,7 +209,7 @@ def test_next_stage_initialises_from_a_sharded_checkpoint_folder(tmp_path, tiny_
     with torch.no_grad():
         for p in module.ema.shadow["unet"].parameters():
             p.add_(1.0)  # the EMA differs from the live weights
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith(module.frozen.prefixes)}
     folder = tmp_path / "last.ckpt"
     dcp.save({"state_dict": state}, checkpoint_id=str(folder))  # as Lightning's ModelParallelStrategy saves it
     torch.save({"emu": {"kind": "diffusion", "unet_config": dict(module.unet.config)}}, folder / "meta.pt")

@@ -21,7 +21,7 @@ The training loss is the MSE in the network's output space, ``|F - (x0 - c_skip 
 * ``edm``: (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022), 1 in the edm parameterization's F space.
 
 ``uniform``, this weighting's old name, is refused with the new one (old checkpoints are migrated when loaded:
-:func:`emu.diffusion.module.load_diffusion`).
+:func:`emu.diffusion.checkpoints.load_diffusion`).
 """
 
 from __future__ import annotations

@@ -7,17 +7,14 @@ training distribution, with the configured noise offset. An EMA of the U-Net and
 images) is kept in the checkpoint and used for validation and sampling. Validation reports the loss at fixed
 noise and samples a fixed set of prompts with fixed seeds into a logged grid.
 
-Checkpoints hold the trainable weights and the EMA; the frozen autoencoder and text encoders are referenced by
-path in the hyperparameters (a T5-XXL is not copied into every checkpoint). ``checkpoint["emu"]["kind"]`` is
-``"diffusion"``.
+The frozen networks and where they live: :mod:`emu.diffusion.frozen`; what checkpoints hold and how they load again
+(:func:`~emu.diffusion.checkpoints.load_diffusion`, :func:`~emu.diffusion.checkpoints.load_for_sampling`):
+:mod:`emu.diffusion.checkpoints`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,26 +27,23 @@ from emu.autoencoder.module import load_autoencoder
 from emu.data.batches import trains_on_good_samples
 from emu.data.buckets import check_buckets
 from emu.data.samples import size_conditions
-from emu.diffusion.denoiser import RENAMED_WEIGHTINGS, Denoiser, weighting_problem
+from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
+from emu.diffusion.denoiser import Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
-from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
+from emu.diffusion.frozen import FrozenNetworks
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
-from emu.diffusion.precompute import fingerprint
+from emu.diffusion.precompute import check_precomputed
 from emu.diffusion.prompts import read_prompts
 from emu.diffusion.unet import UNet
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
-from emu.training.distributed import FSDPStrategy, read_sharded_weights, shard_modules
+from emu.training.distributed import FSDPStrategy, shard_modules
 from emu.training.optim import images_per_step, weight_decay_groups
-from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
 from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
-
-KIND = "diffusion"
-FROZEN_PREFIXES = ("autoencoder.", "conditioner.encoders.")
 
 
 def _plain(x):
@@ -164,7 +158,9 @@ class DiffusionModule(L.LightningModule):
                 f"({text.get('pooled_from', 'clip')}) has {self.conditioner.pooled_dim}",
             )
         self.autoencoder = load_autoencoder(autoencoder, expect={"latent_channels": self.unet.config["in_channels"]})
-        self.autoencoder.requires_grad_(False)
+        # a plain attribute, not a submodule: the frozen networks stay registered where they are, keys and all
+        encoders = {f"conditioner.encoders.{name}": encoder for name, encoder in self.conditioner.encoders.items()}
+        self.frozen = FrozenNetworks({"autoencoder": self.autoencoder, **encoders})
         # registered here (moves with the module); the denoiser only refers to it
         self.noise_schedule = None if parameterization == "edm" else DiscreteSchedule(
             scaled_linear_alphas_cumprod(**noise_schedule))  # fmt: skip
@@ -181,7 +177,6 @@ class DiffusionModule(L.LightningModule):
         self.exported_weights: str | None = None  # "ema" / "raw" when loaded from an export folder
         self.trained_on: dict[str, Any] | None = None  # the data's description, when loaded (model cards)
         self.sampled_weights: str | None = None  # "ema" / "raw": what load_for_sampling put in place
-        self.frozen_offloaded = False  # set at setup when training on precomputed latents (see _apply)
         if init_from:
             self.initialise_from(init_from)
 
@@ -210,7 +205,7 @@ class DiffusionModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.autoencoder.eval()  # frozen parts never switch to training behaviour
+        self.frozen.eval()
         return self
 
     @property
@@ -227,10 +222,10 @@ class DiffusionModule(L.LightningModule):
         res = getattr(dm, "resolution", None)
         manifest = getattr(getattr(dm, "source", None), "manifest", None)
         if manifest is not None:
-            self.check_precomputed(manifest)
-            self.frozen_offloaded = True  # training reads their outputs: the frozen networks stay on the CPU
-            frozen = [n for n, _ in [*self.named_parameters(), *self.named_buffers()] if n.startswith(FROZEN_PREFIXES)]
-            self._ddp_params_and_buffers_to_ignore = frozen  # DDP neither syncs them nor sees two device types
+            check_precomputed(manifest, self)
+            self.frozen.offload()  # training reads their outputs: the frozen networks stay on the CPU
+            named = [*self.named_parameters(), *self.named_buffers()]  # DDP neither syncs them nor sees two devices
+            self._ddp_params_and_buffers_to_ignore = [n for n, _ in named if n.startswith(self.frozen.prefixes)]
         if res is not None:
             self.train_resolution = int(res)
         if res is not None:
@@ -238,64 +233,14 @@ class DiffusionModule(L.LightningModule):
         if getattr(dm, "buckets", None):
             check_buckets(dm.buckets, self.resolution_multiple, self.downsampling)
 
-    # ------------------------------------------------------------------------------ frozen networks offloaded
-    def _frozen_slots(self) -> list[tuple[torch.nn.Module, str]]:
-        """(parent, name) of each frozen network: the autoencoder and the text encoders."""
-        return [(self, "autoencoder"), *((self.conditioner.encoders, n) for n in self.conditioner.encoders)]
-
     def _apply(self, fn, recurse: bool = True):
-        """While :attr:`frozen_offloaded` (training on precomputed latents and embeddings), moves and casts
-        (``.to(device)``, ``.cuda()``, ``.to(dtype)``) leave the frozen networks where they are, on the CPU: a T5-XXL
-        never takes GPU memory; :meth:`frozen_on_device` brings them over for validation sampling."""
-        if not getattr(self, "frozen_offloaded", False):  # (also while __init__ runs)
-            return super()._apply(fn, recurse)
-        hidden = [(parent, name, parent._modules[name]) for parent, name in self._frozen_slots()]
-        for parent, name, _ in hidden:
-            parent._modules[name] = None  # skipped by nn.Module._apply; the order of the modules is kept
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for parent, name, module in hidden:
-                parent._modules[name] = module
-
-    @contextmanager
-    def frozen_on_device(self):
-        """Inside the block the frozen networks are on the training device, even while offloaded (then back)."""
-        frozen = [parent._modules[name] for parent, name in self._frozen_slots()]
-        if not self.frozen_offloaded or all(p.device == self.device for m in frozen for p in m.parameters()):
-            yield
-            return
-        for m in frozen:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m in frozen:
-                m.to("cpu")
-
-    def check_precomputed(self, manifest: dict[str, Any]) -> None:
-        """Refuse precomputed shards (:mod:`emu.diffusion.latents`) made with another autoencoder or text encoders."""
-        if manifest.get("autoencoder_fingerprint") != fingerprint(self.autoencoder):
-            raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
-                              f"'{manifest.get('autoencoder')}', whose weights differ from model.autoencoder="
-                              f"'{self.hparams.autoencoder}'; precompute again or use that autoencoder")  # fmt: skip
-        factor = self.unet.downsample_factor
-        shapes = manifest.get("latent_shapes") or [manifest.get("latent_shape")]
-        bad = [s for s in shapes if s and (s[1] % factor or s[2] % factor)]
-        if bad:
-            raise ConfigError("data.source.shards", f"the precomputed latents of shapes {bad} do not divide by the "
-                              f"U-Net's downsampling ({factor}x): precompute with buckets whose sides are multiples of "
-                              f"{self.resolution_multiple}")  # fmt: skip
-        ours = {n: e.max_length for n, e in self.conditioner.encoders.items()}
-        theirs = {n: e["max_length"] for n, e in manifest.get("encoders", {}).items()}
-        if ours != theirs:
-            raise ConfigError("model.text.encoders", f"are {ours} (name: max_length) but the precomputed embeddings "
-                              f"hold {theirs}; precompute again with this model's text encoders")  # fmt: skip
-        for name, record in manifest.get("encoders", {}).items():  # manifests from before fingerprints pass
-            if "fingerprint" in record and record["fingerprint"] != fingerprint(self.conditioner.encoders[name]):
-                raise ConfigError("model.text.encoders", f"the precomputed embeddings were made with the {name} "
-                                  f"encoder '{record['name_or_path']}', whose weights differ from this model's; "
-                                  "precompute again or use that encoder")  # fmt: skip
+        """Every move and cast (``.to(device)``, ``.cuda()``, ``.to(dtype)`` ...) runs this: while :attr:`frozen` is
+        offloaded (training on precomputed latents and embeddings) it passes the frozen networks by, on the CPU (see
+        :mod:`emu.diffusion.frozen`)."""
+        frozen = self.__dict__.get("frozen")  # None while __init__ builds the networks
+        if recurse and frozen is not None and frozen.offloaded:
+            return frozen.apply_around(self, fn)
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -422,47 +367,22 @@ class DiffusionModule(L.LightningModule):
         height, width = settings.image_size(getattr(dm, "resolution", None) or self.train_resolution or 64)
         kw = {**settings.generate_kwargs(), "progress": False, "latent_scaling": self.hparams.latent_scaling,
               "negative_prompts": [settings.negative_prompt] * len(prompts), **kw}  # fmt: skip
-        with self.frozen_on_device():  # (offloaded ones visit the device)
+        with self.frozen.on(self.device):  # (offloaded ones visit the device)
             return generate(self.denoiser, self.conditioner, self.autoencoder, prompts, seeds, height, width, **kw)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
-        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES) and not sharded]:  # FSDP loads by the model's own
-            del sd[k]  # keys, frozen ones included: it keeps them
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        data = dm.describe() if hasattr(dm, "describe") else self.trained_on
-        write_header(checkpoint, KIND, unet_config=self.unet.config, resolution=self.train_resolution, data=data)
+        on_save(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        kind = header(checkpoint).get("kind")
-        if kind != KIND:
-            raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
-        if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
-            own = self.state_dict()
-            checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
+        on_load(self, checkpoint)
 
     def initialise_from(self, path: str) -> None:
         """Weights (EMA where present) from a diffusion checkpoint, one file or a sharded (FSDP) checkpoint folder,
         from which only the EMA (else the trained weights) is read: initialisation, not resume."""
-        if is_sharded_checkpoint(path):
-            if read_header(path).get("kind") not in (KIND, None):
-                raise ConfigError("model.init_from", f"'{path}' is a {read_header(path)['kind']} checkpoint, not a "
-                                  "diffusion checkpoint")  # fmt: skip
-            sd = read_sharded_weights(path, ["ema.shadow."])
-            sd = sd or read_sharded_weights(path, [TRAINED_PREFIXES[n] for n in self.trained_modules()])
-            if not any(k.startswith(("ema.shadow.unet.", "unet.")) for k in sd):
-                raise ConfigError("model.init_from", f"'{path}' is a sharded checkpoint without diffusion weights")
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            if header(ckpt).get("kind") != KIND:
-                raise ConfigError("model.init_from", f"'{path}' is not a diffusion checkpoint")
-            sd = ckpt["state_dict"]
-        for name, module in self.trained_modules().items():
-            prefix = f"ema.shadow.{name}." if any(k.startswith(f"ema.shadow.{name}.") for k in sd) else None
-            prefix = prefix or TRAINED_PREFIXES[name]
-            module.load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
+        parts = self.trained_modules()
+        for name, weights in read_init_weights(path, parts).items():
+            parts[name].load_state_dict(weights)
         if self.ema is not None:
             self.ema = EMA(self.trained_modules(), self.hparams.ema_half_life_images, self.hparams.ema_ramp)
 
@@ -473,89 +393,3 @@ def _read_prompts(prompts: list[str] | str | None) -> list[str]:
     if isinstance(prompts, str):
         return read_prompts(prompts, "model.val_prompts")
     return [str(p) for p in prompts]
-
-
-OLD_VAL_SAMPLING = {"val_sampler": "sampler", "val_steps": "steps", "val_guidance": "guidance",
-                    "val_schedule": "spacing"}  # fmt: skip
-
-
-def _renamed_hparams(hp: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a checkpoint written before ``schedule`` became ``noise_schedule``, the ``val_*`` sampling
-    arguments became ``val_sampling``, per-encoder CFG dropout became ``text.encoder_dropout``, the ``uniform`` loss
-    weighting became ``simple`` and the sampling setting ``sigmas`` (a spacing's name) became ``spacing``, under their
-    new names (the old names are ignored when loading). Used by :func:`load_diffusion` for checkpoints and export
-    folders alike; a resumed run (``ckpt_path=``) and stage 2's ``init_from`` read weights only, so they need none of
-    this."""
-    out: dict[str, Any] = {}
-    if hp.get("weighting") in RENAMED_WEIGHTINGS:
-        out["weighting"] = RENAMED_WEIGHTINGS[hp["weighting"]]
-    text = hp.get("text")
-    if isinstance(text, Mapping) and isinstance(text.get("dropout"), Mapping):  # independent draws, as trained
-        out["text"] = {**text, "dropout": 0.0, "encoder_dropout": dict(text["dropout"])}
-    if "schedule" in hp and "noise_schedule" not in hp:
-        out["noise_schedule"] = hp["schedule"]
-    if "val_sampling" not in hp and any(k in hp for k in OLD_VAL_SAMPLING):
-        out["val_sampling"] = {new: hp[old] for old, new in OLD_VAL_SAMPLING.items() if old in hp}
-    sampling = hp.get("val_sampling")
-    if isinstance(sampling, Mapping) and set(sampling) & set(SamplingSettings.RENAMED):
-        out["val_sampling"] = {SamplingSettings.RENAMED.get(k, k): v for k, v in sampling.items()}
-    return out
-
-
-def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
-    """A :class:`DiffusionModule` from a stage-1/2 Lightning checkpoint (EMA kept separate; see ``use_ema``) or an
-    export folder (:mod:`emu.diffusion.export`: one set of weights, no EMA; ``module.exported_weights`` says which).
-    ``module.trained_steps`` is the optimizer steps the weights saw (None where unknown)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return _load_export(path, map_location, **overrides)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint or export folder at '{path}'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, corrupt or not a torch file at all
-        raise ValueError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    kind = header(ckpt).get("kind")
-    if kind != KIND:
-        raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
-    renamed = _renamed_hparams(ckpt.get("hyper_parameters") or {})
-    module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
-                                                  **{**renamed, **overrides})  # fmt: skip
-    module.train_resolution = header(ckpt).get("resolution")
-    module.hparams["init_from"] = (ckpt.get("hyper_parameters") or {}).get("init_from")  # a record of stage 2's start
-    module.trained_steps = ckpt.get("global_step")
-    module.trained_on = header(ckpt).get("data")
-    return module
-
-
-def _load_export(folder: Path, map_location: str | torch.device = "cpu", **overrides) -> DiffusionModule:
-    config = read_export_config(folder)
-    hp = {
-        **config["hyper_parameters"],
-        **_renamed_hparams(config["hyper_parameters"]),
-        **overrides,
-        "init_from": None,
-        "ema_half_life_images": 0,
-    }  # one weight set
-    module = DiffusionModule(**hp)
-    for key in ("init_from", "ema_half_life_images"):  # records of how it was trained (not used to load it)
-        if key in config["hyper_parameters"]:
-            module.hparams[key] = config["hyper_parameters"][key]
-    load_export_weights(module, folder)
-    module.train_resolution, module.trained_steps = config.get("resolution"), config.get("step")
-    module.trained_on = config.get("data")
-    module.exported_weights = config["weights"]
-    return module.to(map_location)
-
-
-def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", ema: bool = True, **overrides):
-    """A checkpoint ready to sample: on ``device``, in eval mode, with its EMA weights copied in (unless ``ema`` is
-    false or it has none). What ``sample.py`` and ``eval.py`` generate with."""
-    module = load_diffusion(path, map_location="cpu", **overrides).to(device).eval()
-    if not ema and module.exported_weights == "ema":
-        raise ConfigError("sampling.ema", f"is false but '{path}' holds the EMA weights only; export the raw ones "
-                          "with `python -m emu.export safetensors CKPT OUT --raw` to sample them")  # fmt: skip
-    if ema and module.ema is not None:
-        module.ema.copy_to(module.trained_modules())
-    module.sampled_weights = module.exported_weights or ("ema" if ema and module.ema is not None else "raw")
-    return module

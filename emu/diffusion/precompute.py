@@ -63,6 +63,33 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def check_precomputed(manifest: dict[str, Any], model) -> None:
+    """Refuse precomputed shards (their ``manifest``) made with another autoencoder or text encoders than ``model``'s
+    (a :class:`~emu.diffusion.module.DiffusionModule` about to train on them), or of latents its U-Net cannot take."""
+    if manifest.get("autoencoder_fingerprint") != fingerprint(model.autoencoder):
+        raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
+                          f"'{manifest.get('autoencoder')}', whose weights differ from model.autoencoder="
+                          f"'{model.hparams.autoencoder}'; precompute again or use that autoencoder")  # fmt: skip
+    factor = model.unet.downsample_factor
+    shapes = manifest.get("latent_shapes") or [manifest.get("latent_shape")]
+    bad = [s for s in shapes if s and (s[1] % factor or s[2] % factor)]
+    if bad:
+        raise ConfigError("data.source.shards", f"the precomputed latents of shapes {bad} do not divide by the "
+                          f"U-Net's downsampling ({factor}x): precompute with buckets whose sides are multiples of "
+                          f"{model.resolution_multiple}")  # fmt: skip
+    encoders = model.conditioner.encoders
+    ours = {n: e.max_length for n, e in encoders.items()}
+    theirs = {n: e["max_length"] for n, e in manifest.get("encoders", {}).items()}
+    if ours != theirs:
+        raise ConfigError("model.text.encoders", f"are {ours} (name: max_length) but the precomputed embeddings "
+                          f"hold {theirs}; precompute again with this model's text encoders")  # fmt: skip
+    for name, record in manifest.get("encoders", {}).items():  # manifests from before fingerprints pass
+        if "fingerprint" in record and record["fingerprint"] != fingerprint(encoders[name]):
+            raise ConfigError("model.text.encoders", f"the precomputed embeddings were made with the {name} "
+                              f"encoder '{record['name_or_path']}', whose weights differ from this model's; "
+                              "precompute again or use that encoder")  # fmt: skip
+
+
 def _flips(cfg: DictConfig) -> dict[str, bool] | None:
     """Whether the training split gets flipped copies (the stage trains with flips) and whether their captions swap
     'left' and 'right'."""

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.export import is_export
-from emu.diffusion.module import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.utils.checkpoint_header import header

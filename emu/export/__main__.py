@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from emu.autoencoder.module import load_autoencoder
+from emu.diffusion.checkpoints import load_diffusion, load_for_sampling
 from emu.diffusion.export import is_export, save_export
-from emu.diffusion.module import load_diffusion, load_for_sampling
 from emu.export.card import model_card
 from emu.export.diffusers import SCHEDULERS, export_diffusers
 from emu.utils.checkpoint_header import header
