@@ -18,7 +18,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from emu.utils.config import check_required, config_errors_as_messages
+from emu.utils.config import config_errors_as_messages, require_groups
 from emu.utils.images import image_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> dict:
     overrides = [a for a in argv if a.partition("=")[0] not in own]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    check_required(cfg.data)
+    require_groups(cfg, "data")
     r = measure(cfg, int(own.get("batches", 30)), grid=own.get("grid"))
     for k, v in r.items():
         print(f"{k:<18} {v}")

@@ -52,8 +52,9 @@ def train(demo: Path, run: Path, frequencies: list[float], seed: int) -> Path:
 def evaluate(demo: Path, a: Path, b: Path, out: Path, images: int) -> dict:
     if not (out / "metrics.json").exists():
         _run([
-            "eval.py", f"a={a}", f"b={b}", "name_a=a", "name_b=b", f"clip={demo}/clip/export", "judge=pixel",
-            f"paths.demo_dir={demo}", f"autoencoder.images={images}", f"out={out}",
+            "eval.py", "experiment=mini/eval", f"a={a}", f"b={b}", "name_a=a", "name_b=b", f"clip={demo}/clip/export",
+            "aesthetic=null", "judge=pixel", f"paths.demo_dir={demo}", f"autoencoder.images=haystack:{images}",
+            f"out={out}",
         ], out / "eval.log")  # fmt: skip
     return json.loads((out / "metrics.json").read_text())["autoencoders"]
 

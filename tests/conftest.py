@@ -24,6 +24,16 @@ ENTRY_CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_named_sets_leak():
+    """An entry point run in-process registers its config's named sets for the process: each test starts without."""
+    from emu.utils import named_sets
+
+    named_sets.register(None)
+    yield
+    named_sets.register(None)
+
+
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

@@ -269,7 +269,8 @@ def test_simulated_raters_vote_through_the_apps_store(ab_task, tmp_path, capsys)
     scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from emu.mini.raters import main as raters_main
 
-    raters_main([str(ab_task), "--scores", str(scores), "--raters", "3", "--noise", "0.1"])
+    assert raters_main([str(ab_task), "--scores", str(scores), "--raters", "3", "--noise", "0.1"]) == 0
+    assert raters_main([str(tmp_path / "no_task"), "--scores", str(scores)]) == 2
     assert annotate_main(["results", str(ab_task), "--out", str(tmp_path / "results.json")]) == 0
     results = json.loads((tmp_path / "results.json").read_text())["appeal"]
     assert results["win"] == 1.0 and results["pairs"] == 6 and results["votes_per_pair"] == {"2": 6}  # the quota

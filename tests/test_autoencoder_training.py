@@ -190,7 +190,8 @@ def test_latent_statistics_cli_writes_an_export_with_them(tmp_path, capsys):
 
     src = AutoencoderKL(latent_channels=4, **TINY).save_pretrained(tmp_path / "src")
     main(["--ckpt", str(src), "--out", str(tmp_path / "out"), "--images", "12", "--device", "cpu",
-          "data.resolution=32", "data.batch_size=4", "data.source.n_train=8", "data.source.n_val=12"])  # fmt: skip
+          "data=haystack", "data.resolution=32", "data.batch_size=4", "data.source.n_train=8",
+          "data.source.n_val=12"])  # fmt: skip
     out = AutoencoderKL.from_pretrained(tmp_path / "out")
     assert "latent statistics over 12 val images" in capsys.readouterr().out
     mean, std, _ = measure_latent_statistics(out, tiny_data(n_train=8, n_val=12).dataloader("val"), 12, progress=False)

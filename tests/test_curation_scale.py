@@ -105,7 +105,8 @@ def test_one_cell_is_the_single_pass_and_more_cells_find_the_planted_near_duplic
 
 def _overrides(out, tiny_clip, aesthetic_head, cells=0):
     return [
-        f"out={out}", f"paths.output_dir={out}", f"clip={tiny_clip}", "data=haystack", "data.source.n_train=240",
+        "experiment=mini/curate", f"out={out}", f"paths.output_dir={out}", f"clip={tiny_clip}", "data=haystack",
+        "data.source.n_train=240",
         "data.source.n_val=0", "data.resolution=32", "data.batch_size=32", "data.num_workers=0", "piece_size=64",
         f"stages.aesthetic.head={aesthetic_head}", "stages.aesthetic.keep.top_fraction=0.5",
         "stages.text_overlay.engine=off", "stages.balance.per_class=40", "stages.size_aspect.min_size=32",

@@ -41,7 +41,7 @@ def test_haystack_source_yields_documented_batches():
 def test_cached_haystack_renders_each_image_once_and_gives_the_same_pixels(monkeypatch):
     import numpy as np
 
-    from emu.data import sources
+    from emu.mini import source as sources
 
     plain, cached = HaystackSource(n_train=6, n_val=2, seed=4), HaystackSource(n_train=6, n_val=2, seed=4, cache=True)
     calls = []

@@ -30,3 +30,12 @@ def test_a_rerun_is_the_same_and_a_moved_number_or_weight_is_found(tmp_path, cap
     assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1 and "DIFFERS last.ckpt" in capsys.readouterr().out
     (tmp_path / "c" / "eval" / "scores.jsonl").unlink()
     assert compare(tmp_path / "a", tmp_path / "c")["missing"] == ["eval/scores.jsonl"]
+
+
+def test_only_times_and_commands_are_ignored_not_counts_named_like_them():
+    from emu.demo.compare import diff_values
+
+    old, new = {"n_out": 1, "needles_out": 2, "source_size": 3}, {"n_out": 2, "needles_out": 2, "source_size": 4}
+    assert diff_values(old, new) == [(".n_out", 1.0), (".source_size", 1.0)]
+    old = {"seconds_per_1k": 1.0, "images_per_second_per_rank": 5.0, "config": {"a": 1}}
+    assert diff_values(old, {"seconds_per_1k": 2.0, "images_per_second_per_rank": 9.0, "config": {"a": 2}}) == []

@@ -123,7 +123,7 @@ def test_bad_path_and_unknown_experiment(tmp_path):
     out = run_train("experiment=no_such_experiment", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "config error: experiment=no_such_experiment: no conf/experiment/no_such_experiment.yaml; "
+        "config error: experiment=no_such_experiment: no train.py experiment conf/experiment/no_such_experiment.yaml; "
         f"available: {', '.join(EXPERIMENTS)}"
     ]
 
@@ -132,6 +132,7 @@ def test_training_on_the_bad_corpus_skips_counts_and_finishes(bad_folder, tmp_pa
     run = tmp_path / "run"
     out = run_train(
         "data=folder",
+        "model=judge",  # the miniature's pixel judge: a small model that trains on any captioned folder
         f"data.source.root={bad_folder}",
         "data.source.val_fraction=0",
         "data.min_size=16",

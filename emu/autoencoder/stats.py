@@ -46,6 +46,9 @@ def measure_latent_statistics(
 def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from emu.utils.config import require_groups
 
     p = argparse.ArgumentParser(prog="python -m emu.autoencoder.stats", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="stage-0 checkpoint (.ckpt) or export folder")
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     model = load_autoencoder(args.ckpt)
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=["data.require_caption=false", *args.overrides])
+        cfg = compose("train", overrides=args.overrides)
+    require_groups(cfg, "data")
+    with open_dict(cfg.data):
+        cfg.data.require_caption = False  # statistics need images only
     datamodule = instantiate(cfg.data)
     split = "val" if datamodule.has_split("val") else "train"
     mean, std, n = measure_latent_statistics(

@@ -21,17 +21,17 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-# keys whose values a rerun changes by itself (times, where it ran) or that describe the command, not its outcome
-IGNORED_KEYS = ("seconds", "time", "wall", "started", "finished", "config", "path", "dir", "source", "command",
-                "argv", "date", "host", "cpu", "duration", "elapsed", "folder", "out", "images_per_s", "it_s",
-                "step_s")  # fmt: skip
-IGNORED_FILES = ("*.log", "hydra*", "*.yaml", "*.md", "*.lock", "driver_state.json", "*.seconds", "events.out.*",
-                 "*.partial*", "*.tmp")  # fmt: skip
+# keys whose values a rerun changes by itself (wall times, where it ran) or that describe the command, not its outcome:
+# whole names, and any name with "second" in it (seconds, index_seconds, seconds_per_1k, images_per_second_per_rank)
+IGNORED_KEYS = frozenset({"time", "wall", "started", "finished", "config", "command", "argv", "date", "host",
+                          "duration", "elapsed", "path", "dir", "out", "folder", "source", "cache_dir", "output_dir",
+                          "best_model_path", "last_model_path", "dirpath", "cwd"})  # fmt: skip
+IGNORED_FILES = ("*.log", "hydra*", "*.yaml", "*.md", "*.lock", "*.seconds", "events.out.*", "*.partial*", "*.tmp")
 
 
 def _ignored_key(key: str) -> bool:
     k = key.lower()
-    return any(k == i or k.endswith("_" + i) or k.startswith(i + "_") for i in IGNORED_KEYS)
+    return k in IGNORED_KEYS or "second" in k
 
 
 def diff_values(a: Any, b: Any, where: str = "") -> list[tuple[str, float]]:

@@ -49,10 +49,10 @@ EXPERIMENTS = {
     "text": ["conf/experiment/mini/clip.yaml", "emu/mini/t5.py"],
     "autoencoders": ["conf/experiment/mini/autoencoder.yaml", "conf/experiment/mini/autoencoder_4ch.yaml"],
     "stage1": ["conf/experiment/mini/stage1_pretrain.yaml", "conf/model/diffusion_mini.yaml"],
-    "curation": ["conf/curate.yaml"],
+    "curation": ["conf/curate.yaml", "conf/experiment/mini/curate.yaml"],
     "judge": ["conf/experiment/mini/judge.yaml"],
     "stage2": ["conf/experiment/mini/stage2_quality_tune.yaml"],
-    "eval": ["conf/eval.yaml"],
+    "eval": ["conf/eval.yaml", "conf/experiment/mini/eval.yaml"],
 }
 
 

@@ -131,6 +131,8 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
         val_prompts, val_seeds, betas = _plain(val_prompts), _plain(val_seeds), tuple(_plain(betas))  # in checkpoints
+        if isinstance(val_prompts, str):  # a file or a named set: the checkpoint keeps the prompts, not where they were
+            val_prompts = _read_prompts(val_prompts)
         val_sampling = SamplingSettings.from_config(_plain(val_sampling), "model.val_sampling").as_dict()
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):

@@ -48,7 +48,7 @@ from emu.errors import ConfigError
 from emu.text.encoders import FrozenTextEncoder
 from emu.training.ranks import Ranks, detect_ranks, share
 from emu.training.threads import budget_from_env
-from emu.utils.config import check_required, config_errors_as_messages
+from emu.utils.config import config_errors_as_messages, require_groups
 from emu.utils.files import atomic_write_text
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -184,8 +184,7 @@ def precompute(cfg: DictConfig, out: str | Path, shard_size: int = 1000, device:
     manifest, or None when other ranks' pieces are still missing."""
     import webdataset as wds
 
-    check_required(cfg.data)
-    check_required(cfg.model)
+    require_groups(cfg, "data", "model")
     flips = _flips(cfg)
     cfg, ranks = _fixed_crops(cfg), ranks or Ranks()
     out = Path(out).expanduser().resolve()

@@ -287,22 +287,27 @@ class HaystackAttributes:
     by ``_target_`` (eval.py's ``attributes``, :class:`~emu.curation.aesthetic.CurationJudge`'s ``faithfulness``):
     the real system never imports it."""
 
-    def hits(self, image_emb: torch.Tensor, prompts: list[str], embed_texts) -> tuple[list[int], dict]:
-        """The indices of the one-object haystack captions among ``prompts`` and, per attribute, a bool per one."""
+    @staticmethod
+    def one_object(prompts: list[str]) -> tuple[list[int], list[dict]]:
+        """The indices of the one-object haystack captions among ``prompts``, and their parsed scenes."""
         scenes = [haystack.parse_caption(p) for p in prompts]
         one = [i for i, s in enumerate(scenes) if s is not None and len(s["objects"]) == 1]
-        return one, (zero_shot_hits(image_emb[one], [scenes[i] for i in one], embed_texts) if one else {})
+        return one, [scenes[i] for i in one]
+
+    def hits(self, image_emb: torch.Tensor, prompts: list[str], embed_texts) -> tuple[list[int], dict]:
+        """The indices of the one-object haystack captions among ``prompts`` and, per attribute, a bool per one."""
+        one, scenes = self.one_object(prompts)
+        return one, (zero_shot_hits(image_emb[one], scenes, embed_texts) if one else {})
 
     def accuracy(self, clip, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         """Zero-shot colour / shape / size / position / background accuracy of ``clip`` (a
         :class:`~emu.text.clip.ClipEmbedder`) on the images whose prompt is a one-object haystack caption;
         ``n_scored`` says how many there were."""
-        parsed = [haystack.parse_caption(p) for p in prompts]
-        keep = [i for i, p in enumerate(parsed) if p is not None and len(p["objects"]) == 1]
-        metrics: dict[str, float] = {"n_scored": float(len(keep))}
-        if not keep:
+        one, scenes = self.one_object(prompts)
+        metrics: dict[str, float] = {"n_scored": float(len(one))}
+        if not one:
             return metrics
-        hits = zero_shot_hits(clip.embed_images(images[keep]), [parsed[i] for i in keep], clip.embed_texts)
+        hits = zero_shot_hits(clip.embed_images(images[one]), scenes, clip.embed_texts)
         metrics.update({f"{attribute}_acc": float(right.float().mean()) for attribute, right in hits.items()})
         return metrics
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import random
+import sys
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -67,7 +68,7 @@ def simulate_votes(task_dir: str | Path, scores_a: dict, scores_b: dict, raters:
     return cast
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emu.mini.raters", description=__doc__.split("\n\n")[0])
     p.add_argument("task", type=Path, help="an A/B task folder of `python -m emu.annotate ab-task`")
     p.add_argument("--scores", type=Path, required=True, help="eval.py's scores.jsonl of the two models")
@@ -75,11 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise", type=float, default=0.5, help="each rater's noise on the judge's score difference")
     p.add_argument("--tie-band", type=float, default=0.25)
     args = p.parse_args(argv)
-    task = load_task(args.task)
-    scores = [judge_scores(args.scores, task["names"][side]) for side in ("a", "b")]
-    n = simulate_votes(args.task, *scores, raters=args.raters, noise=args.noise, tie_band=args.tie_band)
+    try:
+        task = load_task(args.task)
+        scores = [judge_scores(args.scores, task["names"][side]) for side in ("a", "b")]
+        n = simulate_votes(args.task, *scores, raters=args.raters, noise=args.noise, tie_band=args.tie_band)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"raters error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.raters} simulated raters cast {n} votes into {args.task / task['answers']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

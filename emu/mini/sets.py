@@ -3,10 +3,10 @@ haystack indices from 1,000,000 on, past every training range.
 
 - prompts ``haystack:N[@START[/SEED]]``: the captions of haystack images START .. START+N-1 of seed SEED (default
   1,000,000 and 0);
-- images ``haystack_needles:N[@START]``: the first N needles (flawless, appealing images: what curation looks for)
-  of seed 0 from START, the Fréchet distances' reference;
-- images ``haystack:N[@START]``: N haystack images of seed 0 from START as the corpus shows them (an autoencoder's
-  test set).
+- images ``haystack_needles:N[@START[/SEED]]``: the first N needles (flawless, appealing images: what curation looks
+  for) from START, the Fréchet distances' reference;
+- images ``haystack:N[@START[/SEED]]``: N haystack images from START as the corpus shows them (an autoencoder's test
+  set).
 """
 
 from __future__ import annotations
@@ -20,45 +20,37 @@ from emu.mini.haystack import caption_for, make_sample, metadata, scene_spec
 HELDOUT_START = 1_000_000
 
 
-def _count_at(spec: str, key: str) -> tuple[int, int]:
-    """``N`` and ``START`` of ``name:N[@START]``."""
-    count, _, start = spec.partition(":")[2].partition("@")
+def _parse(spec: str, key: str, what: str = "images") -> tuple[int, int, int]:
+    """``N``, ``START`` and ``SEED`` of ``name:N[@START[/SEED]]`` (defaults 1,000,000 and 0)."""
+    name, _, body = spec.partition(":")
+    count, _, rest = body.partition("@")
+    start, _, seed = rest.partition("/")
     try:
-        n, first = int(count), int(start or HELDOUT_START)
+        n, first, seed_i = int(count), int(start or HELDOUT_START), int(seed or 0)
     except ValueError:
-        raise ConfigError(
-            key, f"'{spec}' is not {spec.partition(':')[0]}:N or {spec.partition(':')[0]}:N@START"
-        ) from None
+        raise ConfigError(key, f"'{spec}' is not {name}:N, {name}:N@START or {name}:N@START/SEED") from None
     if n < 1:
-        raise ConfigError(key, f"'{spec}' asks for {n} images")
-    return n, first
+        raise ConfigError(key, f"'{spec}' asks for {n} {what}")
+    return n, first, seed_i
 
 
 def haystack_prompts(spec: str, key: str = "prompts") -> list[str]:
     """Captions of held-out haystack images from ``haystack:N[@START[/SEED]]``."""
-    body = spec.removeprefix("haystack:")
-    count, _, rest = body.partition("@")
-    start, _, seed = rest.partition("/")
-    try:
-        n, start_i, seed_i = int(count), int(start or HELDOUT_START), int(seed or 0)
-    except ValueError:
-        raise ConfigError(key, f"'{spec}' is not haystack:N, haystack:N@START or haystack:N@START/SEED") from None
-    if n < 1:
-        raise ConfigError(key, f"'{spec}' asks for {n} prompts")
-    specs = (scene_spec(seed_i, i) for i in range(start_i, start_i + n))
+    n, start, seed = _parse(spec, key, "prompts")
+    specs = (scene_spec(seed, i) for i in range(start, start + n))
     return [caption_for(s["objects"], s["background"]) for s in specs]
 
 
 def needle_set(spec: str, resolution: int, key: str = "fid.reference"):
     """``(cache key, loader)`` of ``haystack_needles:N[@START]``."""
-    n, first = _count_at(spec, key)
-    return f"{spec}|{resolution}", lambda: haystack_needles(n, 0, first, resolution)
+    n, first, seed = _parse(spec, key)
+    return f"{spec}|{resolution}", lambda: haystack_needles(n, seed, first, resolution)
 
 
 def image_set(spec: str, resolution: int, key: str = "autoencoder.images"):
     """``(cache key, loader)`` of ``haystack:N[@START]``."""
-    n, first = _count_at(spec, key)
-    return f"{spec}|{resolution}", lambda: haystack_images(n, first, 0, resolution)
+    n, first, seed = _parse(spec, key)
+    return f"{spec}|{resolution}", lambda: haystack_images(n, first, seed, resolution)
 
 
 def haystack_needles(n: int, seed: int = 0, start: int = 1_000_000, resolution: int = 64) -> torch.Tensor:

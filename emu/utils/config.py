@@ -50,6 +50,16 @@ def check_required(cfg: DictConfig) -> None:
         raise ConfigError(", ".join(missing), f"required value not set: add it to the command line{hint}")
 
 
+def require_groups(cfg: DictConfig, *groups: str) -> None:
+    """Raise :class:`ConfigError` for each config group in ``groups`` the composed config leaves unchosen (``null``),
+    then :func:`check_required` on each: e.g. a helper that composes train.yaml needs ``data=`` (or an experiment)."""
+    for group in groups:
+        if cfg.get(group) is None:
+            raise ConfigError(group, f"no {group} chosen: add {group}=<option> (e.g. data=webdataset "
+                              "data.source.shards=...) or experiment=<name>")  # fmt: skip
+        check_required(cfg[group])
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group made of named ``_target_`` nodes (callbacks, loggers)."""
     if not group:
