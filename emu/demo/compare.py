@@ -68,7 +68,7 @@ def _number(text: str) -> Any:
         return text
 
 
-def _tensors(path: Path) -> dict[str, Any]:
+def _tensors(path: Path, root: str = "") -> dict[str, Any]:
     import torch
 
     if path.suffix == ".safetensors":
@@ -84,6 +84,7 @@ def _tensors(path: Path) -> dict[str, Any]:
         elif isinstance(x, dict):
             for k, v in x.items():
                 if not _ignored_key(str(k)):
+                    k = str(k).replace(root, "<demo>") if root else k
                     walk(v, f"{where}.{k}" if where else str(k))
         elif isinstance(x, list | tuple):
             for i, v in enumerate(x):
@@ -93,10 +94,10 @@ def _tensors(path: Path) -> dict[str, Any]:
     return out
 
 
-def diff_tensors(a: Path, b: Path) -> list[tuple[str, float]]:
+def diff_tensors(a: Path, b: Path, root_a: str = "", root_b: str = "") -> list[tuple[str, float]]:
     import torch
 
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = _tensors(a, root_a), _tensors(b, root_b)
     out = [(k, math.inf) for k in sorted(set(ta) ^ set(tb))]
     for k in sorted(set(ta) & set(tb)):
         x, y = ta[k], tb[k]
@@ -113,22 +114,28 @@ def _tar_members(path: Path) -> dict[str, str]:
         return {m.name: hashlib.sha1(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers() if m.isfile()}
 
 
-def diff_file(a: Path, b: Path) -> list[tuple[str, float]]:
-    """The differences between two versions of one demo file (empty: the same)."""
+def _text(path: Path, root: str) -> str:
+    """The file's text with its demo folder written ``<demo>``: two folders' paths compare equal."""
+    text = path.read_text()
+    return text.replace(root, "<demo>") if root else text
+
+
+def diff_file(a: Path, b: Path, root_a: str = "", root_b: str = "") -> list[tuple[str, float]]:
+    """The differences between two versions of one demo file (empty: the same); paths under ``root_a`` / ``root_b``
+    (the two demo folders) are compared relative to them."""
     suffix = a.suffix.lower()
     if suffix == ".json":
-        return diff_values(json.loads(a.read_text()), json.loads(b.read_text()))
+        return diff_values(json.loads(_text(a, root_a)), json.loads(_text(b, root_b)))
     if suffix == ".jsonl":
-        rows_a = [json.loads(line) for line in a.read_text().splitlines() if line.strip()]
-        rows_b = [json.loads(line) for line in b.read_text().splitlines() if line.strip()]
+        rows_a = [json.loads(line) for line in _text(a, root_a).splitlines() if line.strip()]
+        rows_b = [json.loads(line) for line in _text(b, root_b).splitlines() if line.strip()]
         return diff_values(rows_a, rows_b)
     if suffix == ".csv":
-        with a.open() as fa, b.open() as fb:
-            ra = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(fa)]
-            rb = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(fb)]
+        ra = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(_text(a, root_a).splitlines())]
+        rb = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(_text(b, root_b).splitlines())]
         return diff_values(ra, rb)
     if suffix in (".ckpt", ".pt", ".safetensors"):
-        return diff_tensors(a, b)
+        return diff_tensors(a, b, root_a, root_b)
     if suffix == ".tar":
         ma, mb = _tar_members(a), _tar_members(b)
         return [(k, math.inf) for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
@@ -150,7 +157,7 @@ def compare(old: Path, new: Path, tolerance: float = 0.0) -> dict[str, Any]:
     fa, fb = files(old), files(new)
     out: dict[str, Any] = {"same": 0, "differ": {}, "missing": sorted(fa - fb), "extra": sorted(fb - fa)}
     for rel in sorted(fa & fb):
-        diffs = [d for d in diff_file(old / rel, new / rel) if d[1] > tolerance]
+        diffs = [d for d in diff_file(old / rel, new / rel, str(old), str(new)) if d[1] > tolerance]
         if diffs:
             out["differ"][rel] = diffs
         else:
