@@ -25,8 +25,8 @@ they differ. ``train.py`` runs the same plan on GPU runs and refuses one that ca
 it through).
 
 Text encoders named by hub id are sized from their config when it is in the local Hugging Face cache, else from
-:data:`KNOWN_ENCODERS`; an autoencoder path that does not exist yet is sized as the paper's
-(``conf/model/autoencoder``).
+:data:`KNOWN_ENCODERS`; an autoencoder from its config (an emu export, a diffusers folder or cached hub id), and one
+that does not exist yet as the paper's (``conf/model/autoencoder``).
 """
 
 from __future__ import annotations
@@ -166,15 +166,23 @@ def text_encoder_size(cfg: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def autoencoder_model(path: str | None):
-    """An :class:`AutoencoderKL` skeleton on the meta device: the export's config, or the paper's when ``path`` is not
-    one yet."""
+    """An :class:`AutoencoderKL` skeleton on the meta device: the export's config (emu's, or a public diffusers
+    autoencoder's), or the paper's when ``path`` is not one yet."""
+    from emu.autoencoder.convert import read_emu_config
     from emu.autoencoder.model import CONFIG_NAME, autoencoder_from_config
+    from emu.utils.autoencoder_paths import find_autoencoder
 
+    try:
+        kind, folder = find_autoencoder(path) if path else (None, None)
+    except (FileNotFoundError, ValueError):
+        kind, folder = None, None
     config = None
-    if path and (Path(path) / CONFIG_NAME).is_file():
-        config = json.loads((Path(path) / CONFIG_NAME).read_text())
+    if kind == "emu":
+        config = json.loads((folder / CONFIG_NAME).read_text())
         config.pop("_class_name", None)
         config.pop("latent_statistics", None)
+    elif kind == "diffusers":
+        config = read_emu_config(folder)
     if config is None:
         node = OmegaConf.load(CONF / "model" / "autoencoder.yaml").autoencoder
         config = {k: v for k, v in OmegaConf.to_container(node).items() if k != "_target_"}

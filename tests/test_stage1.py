@@ -72,7 +72,7 @@ def test_refuses_mismatched_autoencoder_and_bad_settings(tmp_path, tiny_clip, ti
         tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, noise_schedule={"zero_terminal_snr": True})
     with pytest.raises(ConfigError, match="pooled_dim"):
         DiffusionModule({**UNET, "pooled_dim": 7}, text_config(tiny_clip, tiny_t5), str(tiny_autoencoder))
-    with pytest.raises(ConfigError, match=r"^model\.latent_scaling: must be one of \('channel', 'global'\)"):
+    with pytest.raises(ConfigError, match=r"^model\.latent_scaling: must be one of \('channel', 'global', 'factor'\)"):
         tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, latent_scaling="pixel")
     with pytest.raises(ConfigError, match=r"^model\.weighting: 'uniform' is now called 'simple'"):  # the old name
         tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, weighting="uniform")

@@ -3,7 +3,10 @@
 Emu's changes over the SD autoencoder are configuration here: ``latent_channels`` (4 -> 16) and an optional,
 fixed Fourier-feature transform of the RGB input (:class:`FourierFeatures`). Latents are normalised per
 channel (EDM2) with statistics measured on data and stored in the model's ``latent_mean`` / ``latent_std``
-buffers (:meth:`AutoencoderKL.normalize` / :meth:`AutoencoderKL.denormalize`).
+buffers (:meth:`AutoencoderKL.normalize` / :meth:`AutoencoderKL.denormalize`); a public autoencoder converted from
+diffusers keeps its one ``shift_factor`` / ``scaling_factor`` instead (:meth:`AutoencoderKL.set_latent_factors`).
+SD3's and FLUX.1's autoencoders have no ``quant_conv`` / ``post_quant_conv`` (``use_quant_conv=False``,
+``use_post_quant_conv=False``, diffusers' names).
 
 State-dict keys match diffusers (``encoder.down_blocks.0.resnets.0.conv1.weight``, ...), so weights convert by
 loading them as they are (:mod:`emu.autoencoder.convert`); the Fourier transform has no parameters and the
@@ -63,12 +66,13 @@ class SpatialSelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        t = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
-        q, k, v = (rearrange(f(t), "b n c -> b 1 n c") for f in (self.to_q, self.to_k, self.to_v))
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 n c -> b n c")
-        out = self.to_out[1](self.to_out[0](out))
-        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+        # diffusers' operations in diffusers' order and memory layouts (the norm over b c (h w), the attention's output
+        # added first), so the converted model computes bit for bit as diffusers' does
+        b, c, h, w = x.shape
+        t = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)  # b (h w) c
+        q, k, v = (f(t).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # one head: b 1 (h w) c
+        out = self.to_out[1](self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1)))
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class Downsample2D(nn.Module):
@@ -206,7 +210,7 @@ class FourierFeatures(nn.Module):
         return torch.cat([x, rearrange(feats, "b c f h w -> b (c f) h w")], dim=1)
 
 
-LATENT_SCALINGS = ("channel", "global")
+LATENT_SCALINGS = ("channel", "global", "factor")
 
 
 def collapsed_channels(std: torch.Tensor, ratio: float = COLLAPSE_RATIO) -> list[int]:
@@ -247,6 +251,8 @@ class AutoencoderKL(nn.Module):
         norm_num_groups: GroupNorm groups (must divide every width).
         fourier_frequencies: frequencies of the fixed Fourier-feature input transform; empty for none.
         mid_block_attention: self-attention in the mid blocks.
+        use_quant_conv, use_post_quant_conv: the 1x1 convolutions after the encoder and before the decoder (SD and
+            SDXL have them; SD3 and FLUX.1 do not).
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
 
     Diffusers' layout and nothing else (``diffusers_layout``; :mod:`emu.autoencoder.convert`). A subclass that adds
@@ -267,6 +273,8 @@ class AutoencoderKL(nn.Module):
         norm_num_groups: int = 32,
         fourier_frequencies: tuple[float, ...] = (),
         mid_block_attention: bool = True,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -286,14 +294,16 @@ class AutoencoderKL(nn.Module):
             norm_num_groups=norm_num_groups,
             fourier_frequencies=list(fourier_frequencies),
             mid_block_attention=mid_block_attention,
+            use_quant_conv=use_quant_conv,
+            use_post_quant_conv=use_post_quant_conv,
         )
         self.fourier = FourierFeatures(fourier_frequencies) if fourier_frequencies else None
         encoder_in = in_channels + (self.fourier.extra_channels(in_channels) if self.fourier else 0)
         args = (latent_channels, block_out_channels, layers_per_block, norm_num_groups, mid_block_attention)
         self.encoder = Encoder(encoder_in, *args)
         self.decoder = Decoder(out_channels, *args)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
         self.latent_statistics: dict[str, Any] = {}  # how latent_mean / latent_std were measured (none: not yet)
@@ -314,13 +324,14 @@ class AutoencoderKL(nn.Module):
         """The posterior's mean and log-variance, concatenated on the channels."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by f={self.downsample_factor}")
-        return self.quant_conv(self.encoder(self.fourier(x) if self.fourier is not None else x))
+        moments = self.encoder(self.fourier(x) if self.fourier is not None else x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
         posterior = self.encode(x)
@@ -329,21 +340,68 @@ class AutoencoderKL(nn.Module):
     # ------------------------------------------------------------------ latent normalisation
     def _scale(self, scaling: str) -> torch.Tensor:
         """The divisor per channel: its own std (``channel``), or one std for all channels (``global``: the root mean
-        square of the channel stds, so the latents keep unit variance on average and each channel its share)."""
+        square of the channel stds, so the latents keep unit variance on average and each channel its share; taken in
+        float64, so channels that share one std are divided by exactly that std)."""
         if scaling == "channel":
             return self.latent_std.view(1, -1, 1, 1)
         if scaling == "global":
-            return self.latent_std.square().mean().sqrt().expand(self.latent_channels).view(1, -1, 1, 1)
+            rms = self.latent_std.double().square().mean().sqrt().to(self.latent_std.dtype)
+            return rms.expand(self.latent_channels).view(1, -1, 1, 1)
         raise ValueError(f"unknown latent scaling {scaling!r}; choose one of {LATENT_SCALINGS}")
 
     def normalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
         """Raw latents -> zero mean per channel (with the stored data statistics) and unit std: per channel
-        (``channel``, EDM2) or on average over channels (``global``, SD's single scale factor). The statistics follow
-        ``z`` to its device (the autoencoder itself may stay on the CPU: training on precomputed latents)."""
+        (``channel``, EDM2) or on average over channels (``global``, SD's single scale factor); ``factor``: diffusers'
+        ``(z - shift_factor) * scaling_factor`` with the factors of a converted public autoencoder
+        (:meth:`set_latent_factors`), the same operations in the same order as diffusers' pipelines, so bit for bit
+        theirs. The statistics follow ``z`` to its device (the autoencoder itself may stay on the CPU: training on
+        precomputed latents)."""
+        if scaling == "factor":
+            shift, scale = self._factors()
+            return (z if shift is None else z - shift) * scale
         return (z - self.latent_mean.to(z).view(1, -1, 1, 1)) / self._scale(scaling).to(z)
 
     def denormalize(self, z: torch.Tensor, scaling: str = "channel") -> torch.Tensor:
+        if scaling == "factor":
+            shift, scale = self._factors()
+            return z / scale if shift is None else z / scale + shift
         return z * self._scale(scaling).to(z) + self.latent_mean.to(z).view(1, -1, 1, 1)
+
+    def latent_factors(self) -> tuple[float | None, float] | None:
+        """diffusers' ``(shift_factor, scaling_factor)`` when the latent statistics are a public autoencoder's one shift
+        and scale (:meth:`set_latent_factors`; no shift: ``None``), else ``None`` (per-channel statistics)."""
+        record = self.latent_statistics
+        if "scaling_factor" not in record:
+            return None
+        shift = record.get("shift_factor")
+        return (None if shift is None else float(shift)), float(record["scaling_factor"])
+
+    def _factors(self) -> tuple[float | None, float]:
+        factors = self.latent_factors()
+        if factors is None:
+            raise ValueError(
+                "latent scaling 'factor' needs diffusers' shift_factor / scaling_factor (a public autoencoder "
+                "converted from diffusers, e.g. SD3's or FLUX.1's); this autoencoder has per-channel statistics "
+                f"({self.latent_statistics.get('of', 'never measured')}): use 'channel' or 'global'"
+            )
+        return factors
+
+    def set_latent_factors(
+        self, scaling_factor: float, shift_factor: float | None = None, record: dict[str, Any] | None = None
+    ) -> None:
+        """Store diffusers' one shift and one scale for all channels, ``(z - shift_factor) * scaling_factor`` (SD3,
+        FLUX.1; SD and SDXL have no shift). Every channel's mean becomes ``shift_factor`` and its std
+        ``1 / scaling_factor`` (float64, then rounded once), so ``global`` scaling divides by exactly that std and
+        ``channel`` agrees with it; ``factor`` scaling applies the two numbers themselves, as diffusers does. The
+        record keeps them (``config.json``, checkpoint headers); new statistics replace them."""
+        scale = float(scaling_factor)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scaling_factor must be a positive number, got {scaling_factor!r}")
+        shift = None if shift_factor is None else float(shift_factor)
+        n = self.latent_channels
+        mean = torch.full((n,), shift or 0.0, dtype=self.latent_mean.dtype)
+        std = torch.full((n,), 1.0 / scale, dtype=self.latent_std.dtype)
+        self.set_latent_statistics(mean, std, {**(record or {}), "shift_factor": shift, "scaling_factor": scale})
 
     def set_latent_statistics(
         self, mean: torch.Tensor, std: torch.Tensor, record: dict[str, Any] | None = None

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from emu.autoencoder.convert import load_diffusers
 from emu.autoencoder.losses import AutoencoderLoss
 from emu.autoencoder.model import AutoencoderKL, DiagonalGaussian, autoencoder_from_config
 from emu.data.batches import good_samples
@@ -26,6 +27,7 @@ from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy
 from emu.training.numerics import NumericalGuard
 from emu.training.optim import images_per_step
+from emu.utils.autoencoder_paths import find_autoencoder
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
@@ -83,7 +85,8 @@ class AutoencoderModule(L.LightningModule):
             ``none`` (as given), ``linear`` (``lr`` is per image: the LDM recipe's 4.5e-6 x GPUs x batch) or ``sqrt``.
         disc_lr: learning rate of the discriminator (default: ``lr``).
         grad_clip: gradient-norm clip for both optimizers (0: off).
-        init_from: an autoencoder checkpoint or export folder to initialise the weights from.
+        init_from: an autoencoder checkpoint or export folder to initialise the weights from, or a public one
+            (a diffusers ``AutoencoderKL`` folder or cached hub id: :func:`load_autoencoder`).
         rfid_weights: a local Inception FID weights file (torch-fidelity's ``pt_inception-2015-12-05``);
             rFID is computed at validation when given.
         num_logged_images: images in the validation grid.
@@ -114,8 +117,10 @@ class AutoencoderModule(L.LightningModule):
         self.automatic_optimization = False
         self.autoencoder = autoencoder
         self.loss = loss
-        if init_from:
-            self.autoencoder.load_state_dict(load_autoencoder(init_from, expect=autoencoder.config).state_dict())
+        if init_from:  # the weights and the latent statistics with the record of where they came from
+            start = load_autoencoder(init_from, expect=autoencoder.config)
+            self.autoencoder.load_state_dict(start.state_dict())
+            self.autoencoder.latent_statistics = dict(start.latent_statistics)
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.rfid = _make_rfid(rfid_weights) if rfid_weights else None
@@ -303,15 +308,20 @@ def _make_rfid(weights: str):
 
 
 def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> AutoencoderKL:
-    """An :class:`AutoencoderKL` from a stage-0 Lightning checkpoint (``.ckpt``) or an export folder.
+    """An :class:`AutoencoderKL` from a stage-0 Lightning checkpoint (``.ckpt``), an export folder, or a public
+    autoencoder: a diffusers ``AutoencoderKL`` folder (SD, SDXL, SD3, FLUX.1), a pipeline folder with one in ``vae/``,
+    or the hub id of either in the local Hugging Face cache (:func:`~emu.utils.autoencoder_paths.find_autoencoder`),
+    converted by :func:`~emu.autoencoder.convert.from_diffusers` with its latent normalisation.
 
     ``expect``: a config the loaded model must match (e.g. the U-Net's latent channels); a mismatch raises
     :class:`ConfigError` naming the key. A checkpoint of another stage raises ``ValueError``.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
+    kind, path = find_autoencoder(path)
+    if kind == "emu":
         model = AutoencoderKL.from_pretrained(path)
-    elif path.is_file():
+    elif kind == "diffusers":
+        model = load_diffusers(path)
+    else:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         info = header(ckpt)
         if info.get("kind") != KIND:
@@ -320,8 +330,6 @@ def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> 
         prefix = "autoencoder."
         model.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
         model.latent_statistics = dict(info.get("latent_statistics") or {})
-    else:
-        raise FileNotFoundError(f"no autoencoder checkpoint or export folder at '{path}'")
     for key, value in (expect or {}).items():
         if key in model.config and model.config[key] != value:
             raise ConfigError(

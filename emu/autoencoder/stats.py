@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from emu.utils.config import require_groups
 
     p = argparse.ArgumentParser(prog="python -m emu.autoencoder.stats", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="stage-0 checkpoint (.ckpt) or export folder")
+    p.add_argument("--ckpt", required=True, help="stage-0 checkpoint (.ckpt), export folder, or diffusers VAE folder")
     p.add_argument("--out", required=True, help="export folder to write (safetensors + config.json)")
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -94,15 +94,20 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
             encoder.tokenizer.save_pretrained(target)
             hp["text"]["encoders"][name]["name_or_path"] = f"text_encoders/{name}"
     else:  # referenced where they are: local paths made absolute, hub ids kept
-        hp["autoencoder"] = str(Path(hp["autoencoder"]).expanduser().resolve())
+        hp["autoencoder"] = _absolute(hp["autoencoder"])
         for enc in hp["text"]["encoders"].values():
-            local = Path(enc["name_or_path"]).expanduser()
-            enc["name_or_path"] = str(local.resolve()) if local.exists() else enc["name_or_path"]
+            enc["name_or_path"] = _absolute(enc["name_or_path"])
     config = {"_class_name": CLASS_NAME, "weights": weights, "step": step,
               "resolution": module.train_resolution, "data": module.trained_on, "source": source,
               "frozen": "copied" if copy_frozen else "referenced", "hyper_parameters": hp}  # fmt: skip
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _absolute(name_or_path: str) -> str:
+    """A local path made absolute; a hub id (nothing at that path here) as it is."""
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.exists() else name_or_path
 
 
 def read_export_config(folder: str | Path) -> dict[str, Any]:

@@ -64,7 +64,9 @@ class DiffusionModule(L.LightningModule):
         unet: :class:`~emu.diffusion.unet.UNet` keyword arguments.
         text: the conditioner: ``encoders`` (name -> FrozenTextEncoder kwargs), ``dropout``, ``uncond``,
             ``pooled_from``.
-        autoencoder: the stage-0 checkpoint or export folder (frozen).
+        autoencoder: the stage-0 checkpoint or export folder (frozen), or a public autoencoder: a diffusers
+            ``AutoencoderKL`` folder (SD3's, FLUX.1's, ...), a pipeline folder with one in ``vae/``, or a cached hub id
+            (:func:`~emu.autoencoder.module.load_autoencoder`).
         parameterization: ``eps``, ``v`` or ``edm``; noise_schedule: the discrete DDPM schedule (``steps``,
             ``beta_start``, ``beta_end``, ``zero_terminal_snr``) for eps / v; weighting: ``simple`` (weight 1
             on the network's own target: SNR in x0 space for eps, SNR + 1 for v; was ``uniform``), ``min_snr`` or
@@ -74,7 +76,8 @@ class DiffusionModule(L.LightningModule):
         sample_latents: draw latents from the autoencoder's posterior (else its mode).
         latent_scaling: ``channel`` (unit std per latent channel, EDM2) or ``global`` (one scale for all channels,
             as SD's scale factor: a channel keeps its share of the energy, so the diffusion loss and the noise weigh
-            the autoencoder's coarse channels above its fine ones).
+            the autoencoder's coarse channels above its fine ones), or ``factor`` (a public autoencoder's own
+            ``(z - shift_factor) * scaling_factor``, bit for bit as diffusers' SD3 and FLUX.1 pipelines apply it).
         lr, betas, weight_decay, warmup_steps, lr_schedule: AdamW; ``constant`` or ``cosine`` after warm-up; weight
             decay on weight matrices and kernels only, not on biases, norms and embeddings
             (:func:`~emu.training.optim.weight_decay_groups`).
@@ -160,6 +163,10 @@ class DiffusionModule(L.LightningModule):
                 f"({text.get('pooled_from', 'clip')}) has {self.conditioner.pooled_dim}",
             )
         self.autoencoder = load_autoencoder(autoencoder, expect={"latent_channels": self.unet.config["in_channels"]})
+        if latent_scaling == "factor" and self.autoencoder.latent_factors() is None:
+            raise ConfigError("model.latent_scaling", f"factor needs an autoencoder with diffusers' shift_factor / "
+                              f"scaling_factor (a public one converted from diffusers); '{autoencoder}' has "
+                              "per-channel statistics: use channel or global")  # fmt: skip
         # a plain attribute, not a submodule: the frozen networks stay registered where they are, keys and all
         encoders = {f"conditioner.encoders.{name}": encoder for name, encoder in self.conditioner.encoders.items()}
         self.frozen = FrozenNetworks({"autoencoder": self.autoencoder, **encoders})

@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 
 MAX_METRICS = 40
+LATENT_SCALING_WORDS = {"channel": "per channel", "global": "per model (one scale)",
+                        "factor": "by the autoencoder's shift_factor / scaling_factor (as diffusers)"}  # fmt: skip
 
 
 def run_config(ckpt: str | Path) -> dict[str, Any] | None:
@@ -75,7 +77,7 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
         f"* **Autoencoder** (frozen): {ae['latent_channels']} latent channels, f={module.autoencoder.downsample_factor}"
         f", Fourier features {ae['fourier_frequencies'] or 'none'}, "
         f"patch shortcut {ae.get('patch_shortcut', False)}; latents "
-        f"normalised per {'channel' if hp.latent_scaling == 'channel' else 'model (one scale)'}.",
+        f"normalised {LATENT_SCALING_WORDS.get(hp.latent_scaling, hp.latent_scaling)}.",
         f"* **Diffusion**: {hp.parameterization}-prediction, scaled-linear schedule of {schedule.get('steps', 1000)} "
         f"steps ({schedule.get('beta_start', 0.00085)} to {schedule.get('beta_end', 0.012)}, zero terminal SNR "
         f"{schedule.get('zero_terminal_snr', False)}), {hp.weighting} loss weighting, noise offset {hp.noise_offset}.",

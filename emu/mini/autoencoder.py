@@ -75,8 +75,9 @@ class PatchShortcutAutoencoderKL(AutoencoderKL):
             for conv in (self.encoder.conv_out, self.decoder.conv_out):
                 conv.weight.zero_()
                 conv.bias.zero_()
-            self.quant_conv.bias[: c["latent_channels"]].zero_()
-            self.quant_conv.bias[c["latent_channels"] :].fill_(INITIAL_LOGVAR)
+            last = self.quant_conv if self.quant_conv is not None else self.encoder.conv_out  # what gives the moments
+            last.bias[: c["latent_channels"]].zero_()
+            last.bias[c["latent_channels"] :].fill_(INITIAL_LOGVAR)
         # what a stored config rebuilds this from (emu.autoencoder.model.autoencoder_from_config); the flag is what
         # the exported EmuAutoencoderKL reads
         self.config.update({"class": f"{type(self).__module__}.{type(self).__qualname__}", "patch_shortcut": True})

@@ -24,6 +24,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from emu.errors import ConfigError
+from emu.utils.autoencoder_paths import CONFIG_NAME, find_autoencoder
 from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header
 from emu.utils.resolution import resolution_problem
 
@@ -82,16 +83,16 @@ def _walk(node: Any, path: str, problems: list[tuple[str, str]]) -> None:
 
 # ------------------------------------------------------------------------------------------ stage links
 def autoencoder_config(path: str | Path) -> dict[str, Any] | None:
-    """An autoencoder's config from its export folder (config.json) or stage-0 checkpoint (header only)."""
-    path = Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
-    if path.is_file():
-        import torch
+    """An autoencoder's config (``latent_channels``, ``block_out_channels``: emu's and diffusers' keys alike) from
+    its export folder, a diffusers ``AutoencoderKL`` folder or cached hub id (config.json), or a stage-0 checkpoint
+    (header only); :func:`~emu.utils.autoencoder_paths.find_autoencoder`'s errors when it is none of them."""
+    kind, path = find_autoencoder(path)
+    if kind != "checkpoint":
+        return json.loads((path / CONFIG_NAME).read_text())
+    import torch
 
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return header(ckpt).get("autoencoder_config")
-    return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return header(ckpt).get("autoencoder_config")
 
 
 def _clip_projection(spec: dict[str, Any]) -> int | None:
@@ -103,10 +104,12 @@ def _clip_projection(spec: dict[str, Any]) -> int | None:
 
 def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
     model, unet = cfg.model, cfg.model.get("unet") or {}
-    ae = autoencoder_config(model.autoencoder) if model.get("autoencoder") else None
-    if model.get("autoencoder") and ae is None:
-        problems.append(("model.autoencoder", f"'{model.autoencoder}' is neither an autoencoder export folder nor a "
-                         "stage-0 checkpoint"))  # fmt: skip
+    ae = None
+    if model.get("autoencoder"):
+        try:
+            ae = autoencoder_config(model.autoencoder)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(("model.autoencoder", str(e)))
     if ae:
         for key in ("in_channels", "out_channels"):
             if key in unet and unet[key] != ae["latent_channels"]:

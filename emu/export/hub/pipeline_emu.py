@@ -36,8 +36,8 @@ class EmuPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, text_projection=text_projection,
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                               tokenizer_2=tokenizer_2)  # fmt: skip
-        if latent_scaling not in ("channel", "global"):
-            raise ValueError(f"latent_scaling must be 'channel' or 'global', got {latent_scaling!r}")
+        if latent_scaling not in ("channel", "global", "factor"):
+            raise ValueError(f"latent_scaling must be 'channel', 'global' or 'factor', got {latent_scaling!r}")
         self.register_to_config(latent_scaling=latent_scaling, sample_size=sample_size)
         self.image_processor = VaeImageProcessor(do_normalize=True)
 
@@ -89,16 +89,28 @@ class EmuPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ latents
     def _latent_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel ``(mean, std)`` that map the U-Net's normalised latents to the autoencoder's."""
+        """Per-channel ``(mean, std)`` that map the U-Net's normalised latents to the autoencoder's: the VAE's
+        ``latents_mean`` and ``latents_std / scaling_factor`` (diffusers' meaning), else its one ``shift_factor`` and
+        ``1 / scaling_factor`` for every channel (a public autoencoder: SD3's, FLUX.1's)."""
         c = self.vae.config
-        mean, std = torch.tensor(c.latents_mean).float(), torch.tensor(c.latents_std).float()
+        if c.latents_mean is not None and c.latents_std is not None:
+            mean = torch.tensor(c.latents_mean).float()
+            std = (torch.tensor(c.latents_std, dtype=torch.float64) / c.scaling_factor).float()
+        else:
+            mean = torch.full((c.latent_channels,), float(c.shift_factor or 0.0))
+            std = torch.full((c.latent_channels,), 1.0 / c.scaling_factor)
         if self.config.latent_scaling == "global":
-            std = std.square().mean().sqrt().expand_as(std)
+            std = std.double().square().mean().sqrt().float().expand_as(std)
         return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_scale()
-        z = latents.float() * std.to(latents.device) + mean.to(latents.device)
+        c = self.vae.config
+        if self.config.latent_scaling == "factor":  # as diffusers' SD3 and FLUX.1 pipelines
+            z = latents.float() / c.scaling_factor
+            z = z if c.shift_factor is None else z + c.shift_factor
+        else:
+            mean, std = self._latent_scale()
+            z = latents.float() * std.to(latents.device) + mean.to(latents.device)
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
     # ------------------------------------------------------------------------------------------------ sampling
