@@ -66,13 +66,12 @@ class SpatialSelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # diffusers' operations in diffusers' order and memory layouts (the norm over b c (h w), the attention's output
-        # added first), so the converted model computes bit for bit as diffusers' does
-        b, c, h, w = x.shape
-        t = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)  # b (h w) c
-        q, k, v = (f(t).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # one head: b 1 (h w) c
-        out = self.to_out[1](self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1)))
-        return out.transpose(1, 2).reshape(b, c, h, w) + x
+        h, w = x.shape[-2:]
+        t = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
+        q, k, v = (rearrange(f(t), "b n c -> b 1 n c") for f in (self.to_q, self.to_k, self.to_v))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 n c -> b n c")
+        out = self.to_out[1](self.to_out[0](out))
+        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 
 
 class Downsample2D(nn.Module):
