@@ -1,6 +1,7 @@
 """Public autoencoders in and out: diffusers' ``AutoencoderKL`` of SD / SDXL (quant convs, one scale factor) and of
-SD3 / FLUX.1 (16 channels, no quant convs, shift and scale factors) convert both ways (to float32 rounding), keep diffusers'
-latent normalisation exactly, and load wherever an autoencoder is named (stages 0-2, validation, the memory plan)."""
+SD3 / FLUX.1 (16 channels, no quant convs, shift and scale factors) convert both ways (to float32 rounding), keep
+diffusers' latent normalisation exactly, and load wherever an autoencoder is named (stages 0-2, validation, the
+memory plan)."""
 
 import json
 from types import SimpleNamespace
