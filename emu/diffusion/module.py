@@ -35,7 +35,7 @@ from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_al
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import check_precomputed
 from emu.diffusion.prompts import read_prompts
-from emu.diffusion.unet import UNet
+from emu.diffusion.unet import UNet, takes_size_cond
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
@@ -91,8 +91,8 @@ class DiffusionModule(L.LightningModule):
             GPUs with tensor cores); under FSDP only the inputs (FSDP2 shards contiguous parameters only), which
             still makes the convolutions' outputs channels-last.
         compile: ``torch.compile`` the U-Net (after sharding, under FSDP).
-        size_cond_dropout: with ``unet.size_conditioning``, how often a training sample's size and crop conditioning
-            is zeroed.
+        size_cond_dropout: with ``unet.size_conditioning`` or ``unet.addition_time_embed_dim`` (SDXL's ``text_time``),
+            how often a training sample's size and crop conditioning is zeroed.
     """
 
     def __init__(
@@ -279,7 +279,7 @@ class DiffusionModule(L.LightningModule):
         if self.hparams.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         cond = self.conditioning(batch["caption"], drop=drop, embeddings=batch.get("text"))
-        if self.unet.size_embedding is not None:
+        if takes_size_cond(self.unet.config):
             cond["size_cond"] = self.size_condition(batch["meta"], drop, generator)
         noise = offset_noise(z, self.hparams.noise_offset, generator)
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)

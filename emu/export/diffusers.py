@@ -40,6 +40,9 @@ def check_exportable(module) -> None:
                          "preconditioning; eps and v export")  # fmt: skip
     if hp.parameterization == "v" and float(hp.sigma_data) != 1.0:
         raise ValueError(f"diffusers' v-prediction assumes sigma_data 1; this model has {hp.sigma_data}")
+    if module.unet.config.get("addition_time_embed_dim"):
+        raise ValueError("the exported pipeline does not pass SDXL's time_ids to a text_time U-Net yet; the U-Net "
+                         "alone converts (emu.diffusion.convert.to_diffusers)")  # fmt: skip
     if len(module.conditioner.encoders) > len(TEXT_SLOTS):
         raise ValueError(f"the exported pipeline runs at most {len(TEXT_SLOTS)} text encoders; this model has "
                          f"{len(module.conditioner.encoders)}")  # fmt: skip
