@@ -227,6 +227,32 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_text_encoders(tmp_path_factory):
+    """SDXL's two text encoders in miniature: a CLIPTextModel (CLIP ViT-L's place) and a CLIPTextModelWithProjection
+    (OpenCLIP bigG's), of different widths, each with its own tokenizer (16 tokens), saved as folders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from emu.mini.clip import haystack_vocabulary_text
+    from emu.text.tokenizer import build_word_tokenizer
+
+    folders = {}
+    for name, cls, width, projection in (("clip_l", CLIPTextModel, 32, 24), ("clip_g", CLIPTextModelWithProjection,
+                                                                              48, 40)):  # fmt: skip
+        tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()])
+        tok.model_max_length = 16
+        config = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=16,
+                                projection_dim=projection, eos_token_id=tok.eos_token_id,
+                                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+        folders[name] = tmp_path_factory.mktemp(name)
+        with torch.random.fork_rng():
+            torch.manual_seed(len(folders))
+            cls(config).save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return save_t5(tmp_path_factory.mktemp("t5"))
 

@@ -398,3 +398,22 @@ def test_paper_optimizer_decays_weights_only_and_scales_its_rate_with_the_batch(
              for c in stages.values()]  # fmt: skip
     assert rates == pytest.approx([1e-4, 5e-5, 2.5e-5])  # 32 GPUs, as the configs' comments say
     assert all(c.model.cooldown_steps > 0 and c.model.weight_decay > 0 for c in stages.values())
+
+
+def test_sdxl_shaped_model_trains_and_samples(tiny_autoencoder, sdxl_text_encoders):
+    """SDXL's conditioning end to end: two CLIP encoders joined along the features (32 + 48 = 80 wide, no projection),
+    bigG's pooled embedding and the batch's size and crop ids through the text_time embedding."""
+    encoders = {n: {"name_or_path": str(p), "kind": "clip", "max_length": 16, "hidden_state": "penultimate",
+                    "mask_padding": False} for n, p in sdxl_text_encoders.items()}  # fmt: skip
+    text = {"encoders": encoders, "dropout": 0.1, "uncond": "zeros", "pooled_from": "clip_g", "join": "features"}
+    torch.manual_seed(0)
+    module = DiffusionModule({**UNET, "context_dim": 80, "pooled_dim": 40, "addition_time_embed_dim": 8}, text,
+                             str(tiny_autoencoder), warmup_steps=0, lr=2e-3, ema_half_life_images=64, ema_ramp=None,
+                             val_sampling={"steps": 2})  # fmt: skip
+    batch = haystack_batch()
+    loss = module.diffusion_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and module.unet.add_embedding.linear_1.weight.grad.abs().sum() > 0
+    assert len(module.conditioner.proj) == 0
+    images = module.sample(["a large red circle"], [0], SamplingSettings(steps=2, guidance=3.0, height=32, width=48))
+    assert images.shape == (1, 3, 32, 48) and torch.isfinite(images).all()

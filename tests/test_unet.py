@@ -199,9 +199,12 @@ def test_pipeline_export_refuses_a_text_time_unet_with_the_reason():
     from emu.export.diffusers import check_exportable
 
     module = SimpleNamespace(hparams=SimpleNamespace(parameterization="eps", sigma_data=1.0),
-                             conditioner=SimpleNamespace(encoders={}),
+                             conditioner=SimpleNamespace(encoders={}, join="sequence"),
                              unet=UNet(**TINY, pooled_dim=12, addition_time_embed_dim=8))  # fmt: skip
     with pytest.raises(ValueError, match="time_ids"):
         check_exportable(module)
     module.unet = UNet(**TINY, pooled_dim=12)
     check_exportable(module)  # the same model without text_time exports
+    module.conditioner.join = "features"  # SDXL's join of the text encoders: not in the exported pipeline either
+    with pytest.raises(ValueError, match="along the features"):
+        check_exportable(module)

@@ -43,6 +43,9 @@ def check_exportable(module) -> None:
     if module.unet.config.get("addition_time_embed_dim"):
         raise ValueError("the exported pipeline does not pass SDXL's time_ids to a text_time U-Net yet; the U-Net "
                          "alone converts (emu.diffusion.convert.to_diffusers)")  # fmt: skip
+    if module.conditioner.join != "sequence":
+        raise ValueError("the exported pipeline joins the text encoders along the sequence; this model joins them "
+                         f"along the {module.conditioner.join}")  # fmt: skip
     if len(module.conditioner.encoders) > len(TEXT_SLOTS):
         raise ValueError(f"the exported pipeline runs at most {len(TEXT_SLOTS)} text encoders; this model has "
                          f"{len(module.conditioner.encoders)}")  # fmt: skip
