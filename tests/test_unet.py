@@ -208,3 +208,24 @@ def test_pipeline_export_refuses_a_text_time_unet_with_the_reason():
     module.conditioner.join = "features"  # SDXL's join of the text encoders: not in the exported pipeline either
     with pytest.raises(ValueError, match="along the features"):
         check_exportable(module)
+
+
+def test_sdxls_own_unet_config_converts_on_the_meta_device():
+    """SDXL-base-1.0's U-Net config (weights never allocated): every parameter lands under the same name both ways,
+    2,567,463,684 in all, the pooled width 1280 = 2816 - 6 x 256."""
+    diffusers = pytest.importorskip("diffusers")
+    sdxl = dict(addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+                block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+                use_linear_projection=True)  # fmt: skip
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**sdxl)
+        ours = from_diffusers(ref)
+        back = to_diffusers(ours)
+    assert ours.config["pooled_dim"] == 1280 and ours.config["transformer_depth"] == [0, 2, 10]
+    shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
+    assert {k: v.shape for k, v in back.state_dict().items()} == shapes
+    assert sum(p.numel() for p in ours.parameters()) == 2_567_463_684
