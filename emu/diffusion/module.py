@@ -86,7 +86,8 @@ class DiffusionModule(L.LightningModule):
         val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
         val_sampling: how they are sampled: :class:`~emu.diffusion.pipeline.SamplingSettings` fields (the
             ``sampling`` config group).
-        init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2).
+        init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2), or a diffusers
+            U-Net or pipeline folder whose U-Net does (converted; e.g. SDXL-base with ``unet.addition_time_embed_dim``).
         channels_last: keep the U-Net's weights and inputs in channels-last memory format (faster convolutions on
             GPUs with tensor cores); under FSDP only the inputs (FSDP2 shards contiguous parameters only), which
             still makes the convolutions' outputs channels-last.
@@ -384,7 +385,14 @@ class DiffusionModule(L.LightningModule):
         from which only the EMA (else the trained weights) is read: initialisation, not resume."""
         parts = self.trained_modules()
         for name, weights in read_init_weights(path, parts).items():
-            parts[name].load_state_dict(weights)
+            try:
+                parts[name].load_state_dict(weights)
+            except RuntimeError as e:
+                raise ConfigError(
+                    "model.init_from",
+                    f"the {name} weights of '{path}' do not fit this model's (set "
+                    f"model.unet to the checkpoint's U-Net): {str(e).splitlines()[-1].strip()}",
+                ) from e
         if self.ema is not None:
             self.ema = EMA(self.trained_modules(), self.hparams.ema_half_life_images, self.hparams.ema_ramp)
 
