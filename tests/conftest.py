@@ -252,6 +252,14 @@ def sdxl_text_encoders(tmp_path_factory):
     return folders
 
 
+def sdxl_text_config(folders: dict[str, Path]) -> dict:
+    """``model.text`` for SDXL's conditioning over :func:`sdxl_text_encoders`: penultimate states, no padding mask,
+    joined along the features (32 + 48 = 80 wide), bigG's pooled embedding, zeros for the unconditional one."""
+    encoders = {n: {"name_or_path": str(p), "kind": "clip", "max_length": 16, "hidden_state": "penultimate",
+                    "mask_padding": False} for n, p in folders.items()}  # fmt: skip
+    return {"encoders": encoders, "uncond": "zeros", "pooled_from": "clip_g", "join": "features"}
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return save_t5(tmp_path_factory.mktemp("t5"))
@@ -268,6 +276,7 @@ def tiny_autoencoder(tmp_path_factory) -> Path:
 TINY_UNET = dict(in_channels=16, out_channels=16, block_channels=[32, 32], layers_per_block=1, transformer_depth=[0, 1],
                  head_dim=16, context_dim=32, pooled_dim=24, norm_groups=8)  # fmt: skip
 TINY_UNET_WIDTHS = ("block_channels", "layers_per_block", "head_dim", "context_dim", "pooled_dim", "norm_groups")
+SDXL_TINY_UNET = {**TINY_UNET, "context_dim": 80, "pooled_dim": 40, "addition_time_embed_dim": 8}  # SDXL-shaped
 
 
 def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path) -> list[str]:

@@ -15,7 +15,7 @@ from emu.diffusion.checkpoints import load_diffusion
 from emu.diffusion.module import DiffusionModule
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
-from tests.conftest import ROOT, TINY_UNET, haystack_batch
+from tests.conftest import ROOT, SDXL_TINY_UNET, TINY_UNET, haystack_batch, sdxl_text_config
 
 UNET = TINY_UNET
 
@@ -403,13 +403,10 @@ def test_paper_optimizer_decays_weights_only_and_scales_its_rate_with_the_batch(
 def test_sdxl_shaped_model_trains_and_samples(tiny_autoencoder, sdxl_text_encoders):
     """SDXL's conditioning end to end: two CLIP encoders joined along the features (32 + 48 = 80 wide, no projection),
     bigG's pooled embedding and the batch's size and crop ids through the text_time embedding."""
-    encoders = {n: {"name_or_path": str(p), "kind": "clip", "max_length": 16, "hidden_state": "penultimate",
-                    "mask_padding": False} for n, p in sdxl_text_encoders.items()}  # fmt: skip
-    text = {"encoders": encoders, "dropout": 0.1, "uncond": "zeros", "pooled_from": "clip_g", "join": "features"}
+    text = {**sdxl_text_config(sdxl_text_encoders), "dropout": 0.1}
     torch.manual_seed(0)
-    module = DiffusionModule({**UNET, "context_dim": 80, "pooled_dim": 40, "addition_time_embed_dim": 8}, text,
-                             str(tiny_autoencoder), warmup_steps=0, lr=2e-3, ema_half_life_images=64, ema_ramp=None,
-                             val_sampling={"steps": 2})  # fmt: skip
+    module = DiffusionModule(SDXL_TINY_UNET, text, str(tiny_autoencoder), warmup_steps=0, lr=2e-3,
+                             ema_half_life_images=64, ema_ramp=None, val_sampling={"steps": 2})  # fmt: skip
     batch = haystack_batch()
     loss = module.diffusion_loss(batch)
     loss.backward()
@@ -433,10 +430,7 @@ def test_init_from_a_diffusers_sdxl_unet_folder(tmp_path, tiny_autoencoder, sdxl
     for p in ref.parameters():
         p.data.normal_(0, 0.05)
     ref.save_pretrained(tmp_path / "sdxl" / "unet")
-    encoders = {n: {"name_or_path": str(p), "kind": "clip", "max_length": 16, "hidden_state": "penultimate",
-                    "mask_padding": False} for n, p in sdxl_text_encoders.items()}  # fmt: skip
-    text = {"encoders": encoders, "uncond": "zeros", "pooled_from": "clip_g", "join": "features"}
-    unet = {**UNET, "context_dim": 80, "pooled_dim": 40, "addition_time_embed_dim": 8}
+    text, unet = sdxl_text_config(sdxl_text_encoders), SDXL_TINY_UNET
     module = DiffusionModule(unet, text, str(tiny_autoencoder), init_from=str(tmp_path / "sdxl"))
     theirs = ref.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in module.unet.state_dict().items())

@@ -193,23 +193,6 @@ def test_text_time_needs_a_pooled_embedding_and_excludes_emu_size_conditioning()
     assert "addition_time_embed_dim" not in plain.config and not any(k.startswith("add_") for k in plain.state_dict())
 
 
-def test_pipeline_export_refuses_a_text_time_unet_with_the_reason():
-    from types import SimpleNamespace
-
-    from emu.export.diffusers import check_exportable
-
-    module = SimpleNamespace(hparams=SimpleNamespace(parameterization="eps", sigma_data=1.0),
-                             conditioner=SimpleNamespace(encoders={}, join="sequence"),
-                             unet=UNet(**TINY, pooled_dim=12, addition_time_embed_dim=8))  # fmt: skip
-    with pytest.raises(ValueError, match="time_ids"):
-        check_exportable(module)
-    module.unet = UNet(**TINY, pooled_dim=12)
-    check_exportable(module)  # the same model without text_time exports
-    module.conditioner.join = "features"  # SDXL's join of the text encoders: not in the exported pipeline either
-    with pytest.raises(ValueError, match="along the features"):
-        check_exportable(module)
-
-
 def test_sdxls_own_unet_config_converts_on_the_meta_device():
     """SDXL-base-1.0's U-Net config (weights never allocated): every parameter lands under the same name both ways,
     2,567,463,684 in all, the pooled width 1280 = 2816 - 6 x 256."""

@@ -40,12 +40,6 @@ def check_exportable(module) -> None:
                          "preconditioning; eps and v export")  # fmt: skip
     if hp.parameterization == "v" and float(hp.sigma_data) != 1.0:
         raise ValueError(f"diffusers' v-prediction assumes sigma_data 1; this model has {hp.sigma_data}")
-    if module.unet.config.get("addition_time_embed_dim"):
-        raise ValueError("the exported pipeline does not pass SDXL's time_ids to a text_time U-Net yet; the U-Net "
-                         "alone converts (emu.diffusion.convert.to_diffusers)")  # fmt: skip
-    if module.conditioner.join != "sequence":
-        raise ValueError("the exported pipeline joins the text encoders along the sequence; this model joins them "
-                         f"along the {module.conditioner.join}")  # fmt: skip
     if len(module.conditioner.encoders) > len(TEXT_SLOTS):
         raise ValueError(f"the exported pipeline runs at most {len(TEXT_SLOTS)} text encoders; this model has "
                          f"{len(module.conditioner.encoders)}")  # fmt: skip
@@ -87,10 +81,11 @@ def export_vae(autoencoder, folder: Path):
 
 def export_text_projection(conditioner, folder: Path):
     cls = _hub_module(PROJECTION_FILE).EmuTextProjection
-    specs = [{"name": n, "kind": e.kind, "max_length": int(e.max_length), "hidden_size": int(e.hidden_size)}
+    specs = [{"name": n, "kind": e.kind, "max_length": int(e.max_length), "hidden_size": int(e.hidden_size),
+              "hidden_state": e.hidden_state, "mask_padding": e.mask_padding}
              for n, e in conditioner.encoders.items()]  # fmt: skip
     proj = cls(encoders=specs, context_dim=int(conditioner.context_dim), uncond=conditioner.uncond,
-               pooled_from=conditioner.pooled_from)  # fmt: skip
+               pooled_from=conditioner.pooled_from, join=conditioner.join)  # fmt: skip
     proj.proj.load_state_dict(conditioner.proj.state_dict(), strict=True)
     proj.save_pretrained(folder)
     shutil.copy(HUB / PROJECTION_FILE, folder / PROJECTION_FILE)
