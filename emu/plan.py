@@ -215,7 +215,7 @@ def unet_activations(unet_cfg: dict[str, Any], batch: int, latent_hw: tuple[int,
     that casts of the weights are not counted here (:func:`_plan_diffusion` adds them where they exist). Without
     checkpointing: every tensor saved for the backward; with it: the inputs each checkpointed block keeps, the saved
     tensors outside the blocks, and the largest block's own while it is recomputed."""
-    from emu.diffusion.unet import UNet
+    from emu.diffusion.unet import UNet, takes_size_cond
 
     def trace(b: int) -> tuple[float, float, float, float]:
         default = torch.get_default_dtype()
@@ -232,7 +232,7 @@ def unet_activations(unet_cfg: dict[str, Any], batch: int, latent_hw: tuple[int,
                           context_mask=torch.ones(b, context_len, dtype=torch.bool))  # fmt: skip
             if c.get("pooled_dim"):
                 inputs["pooled"] = torch.randn(b, c["pooled_dim"])
-            if c.get("size_conditioning"):
+            if takes_size_cond(c):
                 inputs["size_cond"] = torch.randn(b, 6)
             kept: dict[int, float] = {}  # the inputs a checkpointed block keeps (each tensor once)
 

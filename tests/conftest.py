@@ -227,6 +227,40 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_text_encoders(tmp_path_factory):
+    """SDXL's two text encoders in miniature: a CLIPTextModel (CLIP ViT-L's place) and a CLIPTextModelWithProjection
+    (OpenCLIP bigG's), of different widths, each with its own tokenizer (16 tokens), saved as folders."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from emu.mini.clip import haystack_vocabulary_text
+    from emu.text.tokenizer import build_word_tokenizer
+
+    folders = {}
+    for name, cls, width, projection in (("clip_l", CLIPTextModel, 32, 24), ("clip_g", CLIPTextModelWithProjection,
+                                                                              48, 40)):  # fmt: skip
+        tok = build_word_tokenizer([*CAPTIONS, *haystack_vocabulary_text()])
+        tok.model_max_length = 16
+        config = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=16,
+                                projection_dim=projection, eos_token_id=tok.eos_token_id,
+                                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+        folders[name] = tmp_path_factory.mktemp(name)
+        with torch.random.fork_rng():
+            torch.manual_seed(len(folders))
+            cls(config).save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    return folders
+
+
+def sdxl_text_config(folders: dict[str, Path]) -> dict:
+    """``model.text`` for SDXL's conditioning over :func:`sdxl_text_encoders`: penultimate states, no padding mask,
+    joined along the features (32 + 48 = 80 wide), bigG's pooled embedding, zeros for the unconditional one."""
+    encoders = {n: {"name_or_path": str(p), "kind": "clip", "max_length": 16, "hidden_state": "penultimate",
+                    "mask_padding": False} for n, p in folders.items()}  # fmt: skip
+    return {"encoders": encoders, "uncond": "zeros", "pooled_from": "clip_g", "join": "features"}
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return save_t5(tmp_path_factory.mktemp("t5"))
 
@@ -242,6 +276,7 @@ def tiny_autoencoder(tmp_path_factory) -> Path:
 TINY_UNET = dict(in_channels=16, out_channels=16, block_channels=[32, 32], layers_per_block=1, transformer_depth=[0, 1],
                  head_dim=16, context_dim=32, pooled_dim=24, norm_groups=8)  # fmt: skip
 TINY_UNET_WIDTHS = ("block_channels", "layers_per_block", "head_dim", "context_dim", "pooled_dim", "norm_groups")
+SDXL_TINY_UNET = {**TINY_UNET, "context_dim": 80, "pooled_dim": 40, "addition_time_embed_dim": 8}  # SDXL-shaped
 
 
 def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path) -> list[str]:

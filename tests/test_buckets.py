@@ -284,3 +284,34 @@ def test_size_and_crop_conditioning_moves_the_output_drops_out_and_refuses_diffu
         to_diffusers(net)
     with pytest.raises(ValueError, match="original_size"):
         size_conditions([{"source_size": [3, 4]}])
+
+
+@pytest.mark.parametrize("width,height", [(48, 85), (85, 48)])
+def test_size_conditioning_of_a_bucketed_sample_is_sdxls_time_ids(width, height):
+    """A randomly cropped bucketed sample's ``size_cond`` equals the ``time_ids`` diffusers' SDXL pipeline builds
+    (``_get_add_time_ids(original (h, w), crop (top, left), target (h, w))``) from what the image shows: its decoded
+    size, the bucket, and the crop's corner read back from pixels that hold their own row and column."""
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from emu.data.samples import size_conditions
+    from emu.diffusion.convert import to_diffusers
+    from emu.diffusion.unet import UNet
+
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    img = Image.fromarray(np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8))
+    buckets = [(48, 64), (64, 48)]  # each image covers its bucket at its own size: cropped, never resized
+    torch.manual_seed(3)
+    out = SamplePreparer(buckets=buckets, crop="random")({"key": "k", "image": png_bytes(img), "caption": "c"})
+    pixels = torch.round((out["image"] * 0.5 + 0.5) * 255)
+    top, left = int(pixels[0, 0, 0]), int(pixels[1, 0, 0])
+    assert top + left > 0  # the crop moved
+    bucket_w, bucket_h = nearest_bucket(width, height, buckets)
+    unet = to_diffusers(UNet(in_channels=4, out_channels=4, block_channels=[32, 64], layers_per_block=1,
+                             transformer_depth=[0, 1], head_dim=16, context_dim=16, pooled_dim=12,
+                             addition_time_embed_dim=8))  # fmt: skip
+    sdxl = diffusers.StableDiffusionXLPipeline._get_add_time_ids(
+        SimpleNamespace(unet=unet), (height, width), (top, left), (bucket_h, bucket_w), dtype=torch.float32,
+        text_encoder_projection_dim=12,
+    )  # fmt: skip
+    assert torch.equal(size_conditions([out["meta"]]), sdxl)

@@ -14,7 +14,7 @@ from emu.diffusion.pipeline import SamplingSettings
 from emu.evaluation.items import item_kind
 from emu.export.__main__ import main as export_main
 from emu.export.diffusers import load_pipeline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SDXL_TINY_UNET, sdxl_text_config
 
 PROMPTS = ["a large red circle in the center on a black background", "a small blue star at the top"]
 SEEDS = [0, 1]
@@ -204,3 +204,30 @@ def test_model_card(exported, tiny_stage1_checkpoint, tmp_path):
     assert card.startswith("---\nlibrary_name: diffusers") and "trust_remote_code=True" in card
     assert "(EMA weights)" in card and "1 optimizer steps" in card
     assert type(load_pipeline(pipe_dir).scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_an_sdxl_conditioned_model_exports_and_its_pipeline_makes_the_same_images(tiny_autoencoder, sdxl_text_encoders,
+                                                                                   tmp_path):  # fmt: skip
+    """Two CLIP encoders joined along the features (penultimate states, no padding mask) and a text_time U-Net: the
+    exported pipeline runs the encoders as the conditioner does and passes SDXL's time_ids for the output's size."""
+    pytest.importorskip("diffusers")
+    from emu.diffusion.module import DiffusionModule
+    from emu.export.diffusers import export_diffusers
+
+    torch.manual_seed(0)
+    ours = DiffusionModule(SDXL_TINY_UNET, sdxl_text_config(sdxl_text_encoders), str(tiny_autoencoder)).eval()
+    for p in ours.unet.parameters():  # every weight matters (the embeddings included)
+        p.data.normal_(0, 0.05)
+    pipe = load_pipeline(export_diffusers(ours, tmp_path / "pipe", sampler="euler"))
+    assert pipe.unet.config.addition_embed_type == "text_time" and len(pipe.text_projection.proj) == 0
+    (context, mask, pooled), uncond = pipe.encode_prompt(PROMPTS, ["", ""], torch.device("cpu"))
+    c, u = ours.conditioner.condition(PROMPTS), ours.conditioner.unconditional_batch(2)
+    assert torch.equal(context, c.context) and torch.equal(mask, c.mask) and torch.equal(pooled, c.pooled)
+    assert all(torch.equal(a, b) for a, b in zip(uncond, (u.context, u.mask, u.pooled), strict=True))
+    for height, width in ((64, 64), (32, 48)):
+        gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+        theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="pt",
+                      height=height, width=width).images * 2 - 1  # fmt: skip
+        settings = SamplingSettings(sampler="euler", steps=4, guidance=3.0, height=height, width=width)
+        diff = (theirs - ours.sample(PROMPTS, SEEDS, settings)).abs()
+        assert diff.max() < TOLERANCE["euler"][0] and diff.mean() < TOLERANCE["euler"][1], (diff.max(), diff.mean())

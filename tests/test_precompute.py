@@ -116,6 +116,10 @@ def test_training_reads_precomputed_shards_and_refuses_mismatches(corpus, tmp_pa
     encoders = {**corpus["manifest"]["encoders"], "t5": {**t5, "fingerprint": "0" * 16}}
     with pytest.raises(ConfigError, match=r"t5 encoder .* whose weights differ"):
         check_precomputed({**corpus["manifest"], "encoders": encoders}, module)
+    assert t5["hidden_state"] == "last" and t5["mask_padding"] is True  # what the embeddings are is recorded
+    encoders = {**corpus["manifest"]["encoders"], "t5": {**t5, "hidden_state": "penultimate"}}  # SDXL-style states
+    with pytest.raises(ConfigError, match=r"precomputed t5 embeddings are .*'penultimate'"):
+        check_precomputed({**corpus["manifest"], "encoders": encoders}, module)
 
 
 def test_flipped_copies_are_the_flipped_images_and_swapped_captions_and_training_draws_them_resumably(corpus, tmp_path):

@@ -15,7 +15,7 @@ from emu.diffusion.checkpoints import load_diffusion
 from emu.diffusion.module import DiffusionModule
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
-from tests.conftest import ROOT, TINY_UNET, haystack_batch
+from tests.conftest import ROOT, SDXL_TINY_UNET, TINY_UNET, haystack_batch, sdxl_text_config
 
 UNET = TINY_UNET
 
@@ -398,3 +398,48 @@ def test_paper_optimizer_decays_weights_only_and_scales_its_rate_with_the_batch(
              for c in stages.values()]  # fmt: skip
     assert rates == pytest.approx([1e-4, 5e-5, 2.5e-5])  # 32 GPUs, as the configs' comments say
     assert all(c.model.cooldown_steps > 0 and c.model.weight_decay > 0 for c in stages.values())
+
+
+def test_sdxl_shaped_model_trains_and_samples(tiny_autoencoder, sdxl_text_encoders):
+    """SDXL's conditioning end to end: two CLIP encoders joined along the features (32 + 48 = 80 wide, no projection),
+    bigG's pooled embedding and the batch's size and crop ids through the text_time embedding."""
+    text = {**sdxl_text_config(sdxl_text_encoders), "dropout": 0.1}
+    torch.manual_seed(0)
+    module = DiffusionModule(SDXL_TINY_UNET, text, str(tiny_autoencoder), warmup_steps=0, lr=2e-3,
+                             ema_half_life_images=64, ema_ramp=None, val_sampling={"steps": 2})  # fmt: skip
+    batch = haystack_batch()
+    loss = module.diffusion_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and module.unet.add_embedding.linear_1.weight.grad.abs().sum() > 0
+    assert len(module.conditioner.proj) == 0
+    images = module.sample(["a large red circle"], [0], SamplingSettings(steps=2, guidance=3.0, height=32, width=48))
+    assert images.shape == (1, 3, 32, 48) and torch.isfinite(images).all()
+
+
+def test_init_from_a_diffusers_sdxl_unet_folder(tmp_path, tiny_autoencoder, sdxl_text_encoders):
+    """``init_from`` a diffusers pipeline folder: its ``unet/`` (text_time) converted into the model bit for bit; a
+    model.unet that does not fit it is refused by name."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        in_channels=16, out_channels=16, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 2), cross_attention_dim=80, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=40 + 6 * 8,
+    )  # fmt: skip
+    for p in ref.parameters():
+        p.data.normal_(0, 0.05)
+    ref.save_pretrained(tmp_path / "sdxl" / "unet")
+    text, unet = sdxl_text_config(sdxl_text_encoders), SDXL_TINY_UNET
+    module = DiffusionModule(unet, text, str(tiny_autoencoder), init_from=str(tmp_path / "sdxl"))
+    theirs = ref.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in module.unet.state_dict().items())
+    with pytest.raises(ConfigError, match=r"model\.init_from.*unet weights .* do not fit.*add_embedding"):
+        DiffusionModule({**unet, "addition_time_embed_dim": 4}, text, str(tiny_autoencoder),
+                        init_from=str(tmp_path / "sdxl" / "unet"))  # fmt: skip
+    from emu.utils.validate import _init_from_links
+
+    for path, problems in ((tmp_path / "sdxl", 0), (tmp_path / "sdxl" / "unet", 0), (tmp_path / "none", 1)):
+        found = []
+        _init_from_links(OmegaConf.create({"init_from": str(path)}), OmegaConf.create(unet), found)
+        assert len(found) == problems, found  # train.py's config check lets a diffusers folder through

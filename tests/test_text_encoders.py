@@ -320,3 +320,53 @@ def test_hard_negatives_differ_in_exactly_the_attribute_asked_for():
     assert hard_negative_captions([{}], random.Random(0)) == []
     with pytest.raises(ValueError, match="background"):
         hard_negative_captions(metas, random.Random(0), ["background"])
+
+
+def test_features_join_is_sdxls_encode_prompt_exactly(sdxl_text_encoders):
+    """CLIP-L's and bigG's penultimate hidden states side by side (32 + 48 wide), unprojected, bigG's pooled
+    embedding, every position a token; the unconditional embedding zeros: bit for bit what diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt`` returns (with ``force_zeros_for_empty_prompt``)."""
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from emu.text.conditioner import TextConditioner
+
+    paths = sdxl_text_encoders
+    encoders = {n: FrozenTextEncoder(str(p), "clip", 16, hidden_state="penultimate", mask_padding=False)
+                for n, p in paths.items()}  # fmt: skip
+    cond = TextConditioner(encoders, context_dim=80, dropout=0.0, uncond="zeros", pooled_from="clip_g",
+                           join="features")  # fmt: skip
+    assert len(cond.proj) == 0 and not any(p.requires_grad for p in cond.parameters())  # nothing to train
+    prompts = [*CAPTIONS, ""]
+    ours, uncond = cond.condition(prompts), cond.unconditional_batch(len(prompts))
+    pipe = SimpleNamespace(text_encoder=CLIPTextModel.from_pretrained(paths["clip_l"]).eval(),
+                           text_encoder_2=CLIPTextModelWithProjection.from_pretrained(paths["clip_g"]).eval(),
+                           tokenizer=AutoTokenizer.from_pretrained(paths["clip_l"]),
+                           tokenizer_2=AutoTokenizer.from_pretrained(paths["clip_g"]),
+                           config=SimpleNamespace(force_zeros_for_empty_prompt=True))  # fmt: skip
+    with torch.no_grad():
+        context, u_context, pooled, u_pooled = diffusers.StableDiffusionXLPipeline.encode_prompt(
+            pipe, prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+    assert ours.context.shape == (3, 16, 80) and ours.mask.all()
+    assert torch.equal(ours.context, context) and torch.equal(ours.pooled, pooled)
+    assert torch.equal(uncond.context, u_context) and torch.equal(uncond.pooled, u_pooled)
+    last = FrozenTextEncoder(str(paths["clip_l"]), "clip", 16)(prompts)  # the default stays the final, masked states
+    assert not torch.equal(last.tokens, context[..., :32]) and not last.mask.all()
+
+
+def test_features_join_needs_the_unets_width_and_one_length(sdxl_text_encoders, tiny_clip):
+    from emu.text.conditioner import TextConditioner
+
+    encoders = {n: FrozenTextEncoder(str(p), "clip", 16) for n, p in sdxl_text_encoders.items()}
+    with pytest.raises(ConfigError, match="total width 80"):
+        TextConditioner(encoders, context_dim=64, pooled_from="clip_g", join="features")
+    with pytest.raises(ConfigError, match="one max_length"):
+        TextConditioner({**encoders, "clip_l": FrozenTextEncoder(str(sdxl_text_encoders["clip_l"]), "clip", 8)},
+                        context_dim=80, pooled_from="clip_g", join="features")  # fmt: skip
+    with pytest.raises(ConfigError, match="join"):
+        TextConditioner(encoders, context_dim=80, pooled_from="clip_g", join="tokens")
+    with pytest.raises(ConfigError, match="hidden_state"):
+        FrozenTextEncoder(str(tiny_clip), "clip", 16, hidden_state="first")

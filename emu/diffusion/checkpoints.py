@@ -23,7 +23,7 @@ from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_exp
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy, read_sharded_weights
-from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header, write_header
+from emu.utils.checkpoint_header import diffusers_unet_folder, header, is_sharded_checkpoint, read_header, write_header
 
 if TYPE_CHECKING:
     from emu.diffusion.module import DiffusionModule
@@ -58,7 +58,15 @@ def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
 def read_init_weights(path: str, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
     """The weights of each trained part in ``names`` (e.g. ``unet``, ``text_proj``) that ``init_from`` starts from:
     its EMA where the checkpoint has one, else its trained weights; from one file or a sharded (FSDP) checkpoint folder,
-    from which only those are read."""
+    from which only those are read. A diffusers U-Net or pipeline folder (SDXL-base, SD) gives its U-Net only,
+    converted (:func:`~emu.diffusion.convert.from_diffusers`); the other parts keep their fresh weights."""
+    folder = diffusers_unet_folder(path)
+    if folder is not None:
+        from diffusers import UNet2DConditionModel
+
+        from emu.diffusion.convert import from_diffusers
+
+        return {"unet": from_diffusers(UNet2DConditionModel.from_pretrained(folder).float()).state_dict()}
     if is_sharded_checkpoint(path):
         if read_header(path).get("kind") not in (KIND, None):
             raise ConfigError("model.init_from", f"'{path}' is a {read_header(path)['kind']} checkpoint, not a "

@@ -2,14 +2,16 @@
 
 The two share block structure and parameter names, so conversion maps the configs and loads the state dict as
 it is. Supported diffusers models: ``DownBlock2D`` / ``CrossAttnDownBlock2D`` levels, a
-``UNetMidBlock2DCrossAttn`` mid block, SiLU, GEGLU, no addition embedding, and optionally a pooled text
-embedding through ``class_embed_type="projection"``. Attention heads may differ in width per level (SD 1.x: 8 heads
+``UNetMidBlock2DCrossAttn`` mid block, SiLU, GEGLU, and optionally a pooled text embedding, either through
+``class_embed_type="projection"`` or with the six size and crop ids through SDXL's ``addition_embed_type="text_time"``
+(emu's ``addition_time_embed_dim``; diffusers' ``added_cond_kwargs={"text_embeds", "time_ids"}`` are emu's ``pooled``
+and ``size_cond``, ids in the same order). Attention heads may differ in width per level (SD 1.x: 8 heads
 everywhere, widths 40 / 80 / 160; SD 2.x and SDXL: 64-wide heads).
 """
 
 from __future__ import annotations
 
-from emu.diffusion.unet import UNet
+from emu.diffusion.unet import SIZE_CONDITIONS, UNet
 
 
 def _heads_per_level(c) -> list[int]:
@@ -28,8 +30,18 @@ def from_diffusers(unet) -> UNet:
     allowed_down = {"DownBlock2D", "CrossAttnDownBlock2D"}
     if not set(c.down_block_types) <= allowed_down or c.mid_block_type != "UNetMidBlock2DCrossAttn":
         raise ValueError(f"unsupported block types {c.down_block_types} / {c.mid_block_type}")
-    if c.act_fn != "silu" or c.addition_embed_type is not None or c.class_embed_type not in (None, "projection"):
-        raise ValueError("only SiLU U-Nets without addition embeddings (class_embed_type None or 'projection') convert")
+    text_time = c.addition_embed_type == "text_time"
+    embeds = (c.class_embed_type, c.addition_embed_type)
+    if c.act_fn != "silu" or embeds not in ((None, None), ("projection", None), (None, "text_time")):
+        raise ValueError("only SiLU U-Nets with class_embed_type None or 'projection', or addition_embed_type "
+                         "'text_time' (SDXL) and no class embedding, convert")  # fmt: skip
+    pooled_dim = c.projection_class_embeddings_input_dim if c.class_embed_type == "projection" else None
+    if text_time:
+        pooled_dim = c.projection_class_embeddings_input_dim - SIZE_CONDITIONS * c.addition_time_embed_dim
+        if pooled_dim <= 0:
+            raise ValueError(f"text_time: projection_class_embeddings_input_dim "
+                             f"{c.projection_class_embeddings_input_dim} leaves no room for a pooled text embedding "
+                             f"beside {SIZE_CONDITIONS} ids of {c.addition_time_embed_dim}")  # fmt: skip
     if not c.flip_sin_to_cos or c.freq_shift != 0 or c.time_embedding_type != "positional":
         raise ValueError("only positional time embeddings with flip_sin_to_cos=True, freq_shift=0 convert")
     for key in ("only_cross_attention", "dual_cross_attention", "mid_block_only_cross_attention"):
@@ -55,10 +67,11 @@ def from_diffusers(unet) -> UNet:
         transformer_depth=depth,
         head_dim=head_dim,
         context_dim=c.cross_attention_dim,
-        pooled_dim=c.projection_class_embeddings_input_dim if c.class_embed_type == "projection" else None,
+        pooled_dim=pooled_dim,
         norm_groups=c.norm_num_groups,
         norm_eps=c.norm_eps,
         linear_projection=c.use_linear_projection,
+        addition_time_embed_dim=c.addition_time_embed_dim if text_time else None,
     )
     if tdepth[-1] != max(depth[-1], 1):
         raise ValueError("the mid block's transformer depth must equal the last level's")
@@ -72,9 +85,11 @@ def to_diffusers(model: UNet):
 
     c = model.config
     if c.get("size_conditioning"):
-        raise ValueError("size and crop conditioning has no counterpart in diffusers' UNet2DConditionModel as emu "
-                         "adds it (SDXL's text_time embedding concatenates it with the pooled text instead): this "
-                         "U-Net does not convert")  # fmt: skip
+        raise ValueError("size and crop conditioning has no counterpart in diffusers' UNet2DConditionModel as emu's "
+                         "size_conditioning adds it (SDXL's text_time embedding concatenates it with the pooled text "
+                         "instead: addition_time_embed_dim): this U-Net does not convert")  # fmt: skip
+    text_time = c.get("addition_time_embed_dim")
+    add_dim = c["pooled_dim"] + SIZE_CONDITIONS * text_time if text_time else c["pooled_dim"]
     depth = c["transformer_depth"]
     widths = c["head_dim"] if isinstance(c["head_dim"], list | tuple) else [c["head_dim"]] * len(depth)
     heads = [ch // w for ch, w in zip(c["block_channels"], widths, strict=True)]
@@ -93,8 +108,10 @@ def to_diffusers(model: UNet):
         norm_num_groups=c["norm_groups"],
         norm_eps=c["norm_eps"],
         use_linear_projection=c["linear_projection"],
-        class_embed_type="projection" if c["pooled_dim"] else None,
-        projection_class_embeddings_input_dim=c["pooled_dim"],
+        class_embed_type="projection" if c["pooled_dim"] and not text_time else None,
+        addition_embed_type="text_time" if text_time else None,
+        addition_time_embed_dim=text_time or None,
+        projection_class_embeddings_input_dim=add_dim,
         dropout=c["dropout"],
     )
     unet.load_state_dict(model.state_dict())

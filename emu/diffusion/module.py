@@ -35,7 +35,7 @@ from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_al
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import check_precomputed
 from emu.diffusion.prompts import read_prompts
-from emu.diffusion.unet import UNet
+from emu.diffusion.unet import UNet, takes_size_cond
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
@@ -89,13 +89,14 @@ class DiffusionModule(L.LightningModule):
         val_prompts / val_seeds: the fixed prompts sampled at every validation (a list, or a text file).
         val_sampling: how they are sampled: :class:`~emu.diffusion.pipeline.SamplingSettings` fields (the
             ``sampling`` config group).
-        init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2).
+        init_from: a diffusion checkpoint whose EMA (else raw) weights initialise this model (stage 2), or a diffusers
+            U-Net or pipeline folder whose U-Net does (converted; e.g. SDXL-base with ``unet.addition_time_embed_dim``).
         channels_last: keep the U-Net's weights and inputs in channels-last memory format (faster convolutions on
             GPUs with tensor cores); under FSDP only the inputs (FSDP2 shards contiguous parameters only), which
             still makes the convolutions' outputs channels-last.
         compile: ``torch.compile`` the U-Net (after sharding, under FSDP).
-        size_cond_dropout: with ``unet.size_conditioning``, how often a training sample's size and crop conditioning
-            is zeroed.
+        size_cond_dropout: with ``unet.size_conditioning`` or ``unet.addition_time_embed_dim`` (SDXL's ``text_time``),
+            how often a training sample's size and crop conditioning is zeroed.
     """
 
     def __init__(
@@ -286,7 +287,7 @@ class DiffusionModule(L.LightningModule):
         if self.hparams.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         cond = self.conditioning(batch["caption"], drop=drop, embeddings=batch.get("text"))
-        if self.unet.size_embedding is not None:
+        if takes_size_cond(self.unet.config):
             cond["size_cond"] = self.size_condition(batch["meta"], drop, generator)
         noise = offset_noise(z, self.hparams.noise_offset, generator)
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
@@ -391,7 +392,14 @@ class DiffusionModule(L.LightningModule):
         from which only the EMA (else the trained weights) is read: initialisation, not resume."""
         parts = self.trained_modules()
         for name, weights in read_init_weights(path, parts).items():
-            parts[name].load_state_dict(weights)
+            try:
+                parts[name].load_state_dict(weights)
+            except RuntimeError as e:
+                raise ConfigError(
+                    "model.init_from",
+                    f"the {name} weights of '{path}' do not fit this model's (set "
+                    f"model.unet to the checkpoint's U-Net): {str(e).splitlines()[-1].strip()}",
+                ) from e
         if self.ema is not None:
             self.ema = EMA(self.trained_modules(), self.hparams.ema_half_life_images, self.hparams.ema_ramp)
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emu.diffusion.sampling import SAMPLERS, CFGDenoiser, get_sampler, get_sigmas_discrete, get_sigmas_karras
+from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
 from emu.text.conditioner import Conditioning
 from emu.utils.resolution import check_resolution
@@ -237,7 +238,7 @@ def generate(
             u = negative_conditioning(conditioner, negatives[start : start + batch_size])
             cond = {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
             uncond = {"context": u.context, "context_mask": u.mask, "pooled": u.pooled}
-            if getattr(denoiser.net, "config", {}).get("size_conditioning"):  # an uncropped image of the output's size
+            if takes_size_cond(getattr(denoiser.net, "config", {})):  # uncropped, the output's size (SDXL's default)
                 size = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
                 cond["size_cond"] = uncond["size_cond"] = size.expand(len(chunk), -1)
             z = sample_fn(cfg, x, sigma_levels.to(device), extra_args={"cond": cond, "uncond": uncond}, disable=True,

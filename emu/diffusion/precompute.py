@@ -84,6 +84,12 @@ def check_precomputed(manifest: dict[str, Any], model) -> None:
         raise ConfigError("model.text.encoders", f"are {ours} (name: max_length) but the precomputed embeddings "
                           f"hold {theirs}; precompute again with this model's text encoders")  # fmt: skip
     for name, record in manifest.get("encoders", {}).items():  # manifests from before fingerprints pass
+        made = (record.get("hidden_state", "last"), record.get("mask_padding", True))  # older manifests: defaults
+        wanted = (encoders[name].hidden_state, encoders[name].mask_padding)
+        if made != wanted:
+            raise ConfigError("model.text.encoders", f"the precomputed {name} embeddings are (hidden_state, "
+                              f"mask_padding) = {made} but this model's {name} encoder gives {wanted}; precompute "
+                              "again")  # fmt: skip
         if "fingerprint" in record and record["fingerprint"] != fingerprint(encoders[name]):
             raise ConfigError("model.text.encoders", f"the precomputed embeddings were made with the {name} "
                               f"encoder '{record['name_or_path']}', whose weights differ from this model's; "
@@ -112,8 +118,8 @@ def _encoder_record(spec: dict[str, Any], encoder: FrozenTextEncoder) -> dict[st
     """What identifies a text encoder's embeddings: its settings and its weights (the same path may hold another
     encoder later, e.g. a retrained one)."""
     return {"name_or_path": str(spec["name_or_path"]), "kind": spec.get("kind", "clip"),
-            "max_length": encoder.max_length, "hidden_size": encoder.hidden_size,
-            "fingerprint": fingerprint(encoder)}  # fmt: skip
+            "max_length": encoder.max_length, "hidden_size": encoder.hidden_size, "hidden_state": encoder.hidden_state,
+            "mask_padding": encoder.mask_padding, "fingerprint": fingerprint(encoder)}  # fmt: skip
 
 
 def _plan(cfg: DictConfig, datamodule, autoencoder: torch.nn.Module, specs: dict[str, Any],

@@ -5,8 +5,9 @@ and ``transformer_depth[i]`` transformer blocks after each ResNet (0: a plain ``
 level; >0: ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D``). The mid block is always ResNet -> transformer ->
 ResNet. A transformer block is self-attention, cross-attention to the text context (with its mask) and a GEGLU
 feed-forward. The pooled text embedding, when ``pooled_dim`` is set, goes through ``class_embedding`` and is added
-to the time embedding (diffusers' ``class_embed_type="projection"``). Because names match, diffusers weights load
-by state dict as they are (:mod:`emu.diffusion.convert`).
+to the time embedding (diffusers' ``class_embed_type="projection"``), or, with ``addition_time_embed_dim``, through
+``add_embedding`` together with the six size and crop ids (SDXL's ``addition_embed_type="text_time"``). Because names
+match, diffusers weights load by state dict as they are (:mod:`emu.diffusion.convert`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 SIZE_CONDITIONS = 6  # original height, width; crop top, left; target height, width (SDXL's micro-conditioning)
+
+
+def takes_size_cond(config: dict) -> bool:
+    """Whether a U-Net of this config takes ``size_cond`` (B x 6, SDXL's ``time_ids`` order): emu's own
+    ``size_conditioning`` or SDXL's ``text_time`` addition embedding (``addition_time_embed_dim``)."""
+    return bool(config.get("size_conditioning") or config.get("addition_time_embed_dim"))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -273,6 +280,11 @@ class UNet(nn.Module):
         size_conditioning: SDXL's size and crop conditioning: the image's original size, the crop's top-left corner and
             the target size (``size_cond``, B x 6: rows and columns each), each embedded sinusoidally and added to the
             time embedding through their own MLP. Off by default (the Emu paper does not describe it).
+        addition_time_embed_dim: SDXL's ``text_time`` addition embedding instead (diffusers'
+            ``addition_embed_type="text_time"``, SDXL: 256): each of the six ``size_cond`` ids embedded sinusoidally
+            to this width, concatenated after the pooled text embedding and passed through one MLP
+            (``add_embedding``, in ``pooled_dim + 6 * addition_time_embed_dim``) that replaces ``class_embedding``.
+            Needs ``pooled_dim``; excludes ``size_conditioning``. None (default): off.
         linear_projection: transformer projections as Linear (SDXL) or 1x1 conv (SD 1.x).
     """
 
@@ -292,6 +304,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         size_conditioning: bool = False,
+        addition_time_embed_dim: int | None = None,
     ):
         super().__init__()
         n = len(block_channels)
@@ -301,18 +314,27 @@ class UNet(nn.Module):
         for c, hd in zip(block_channels, head_dims, strict=True):
             if c % hd or c % norm_groups:
                 raise ValueError(f"block width {c} must divide by head_dim {hd} and norm_groups {norm_groups}")
+        if addition_time_embed_dim and (not pooled_dim or size_conditioning):
+            raise ValueError("addition_time_embed_dim (SDXL's text_time embedding) needs pooled_dim and replaces "
+                             "size_conditioning: set pooled_dim and size_conditioning=False")  # fmt: skip
         head_dim = head_dim if isinstance(head_dim, int) else list(head_dims)
+        optional = {"size_conditioning": True} if size_conditioning else {}
+        if addition_time_embed_dim:
+            optional["addition_time_embed_dim"] = int(addition_time_embed_dim)
         self.config = dict(
             in_channels=in_channels, out_channels=out_channels, block_channels=list(block_channels),
             layers_per_block=list(layers), transformer_depth=list(depth), head_dim=head_dim, context_dim=context_dim,
             pooled_dim=pooled_dim, norm_groups=norm_groups, norm_eps=norm_eps, linear_projection=linear_projection,
-            dropout=dropout, **({"size_conditioning": True} if size_conditioning else {}),
+            dropout=dropout, **optional,
         )  # fmt: skip
         ch0, temb = block_channels[0], block_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch0, temb)
-        self.class_embedding = TimestepEmbedding(pooled_dim, temb) if pooled_dim else None
+        pooled_alone = pooled_dim and not addition_time_embed_dim  # else the pooled embedding goes in add_embedding
+        self.class_embedding = TimestepEmbedding(pooled_dim, temb) if pooled_alone else None
         self.size_embedding = TimestepEmbedding(SIZE_CONDITIONS * ch0, temb) if size_conditioning else None
+        self.add_embedding = (TimestepEmbedding(pooled_dim + SIZE_CONDITIONS * addition_time_embed_dim, temb)
+                              if addition_time_embed_dim else None)  # fmt: skip
         common = dict(context_dim=context_dim, groups=norm_groups, eps=norm_eps, linear=linear_projection,
                       dropout=dropout)  # fmt: skip
 
@@ -357,20 +379,23 @@ class UNet(nn.Module):
         size_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x`` B x C x H x W latents, ``t`` B (or scalar) timesteps, ``context`` B x L x D, ``context_mask`` B x L
-        (True: a real token), ``pooled`` B x P, ``size_cond`` B x 6 (with ``size_conditioning``)."""
+        (True: a real token), ``pooled`` B x P, ``size_cond`` B x 6 (:func:`takes_size_cond`: original height,
+        width, crop top, left, target height, width, as SDXL's ``time_ids``)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config["block_channels"][0]).to(x.dtype))
+        if self.config["pooled_dim"] and pooled is None:
+            raise ValueError("this U-Net adds a pooled text embedding to the time embedding: pass `pooled`")
+        if takes_size_cond(self.config) and size_cond is None:
+            raise ValueError("this U-Net is size- and crop-conditioned: pass `size_cond` (B x 6)")
         if self.class_embedding is not None:
-            if pooled is None:
-                raise ValueError("this U-Net adds a pooled text embedding to the time embedding: pass `pooled`")
             temb = temb + self.class_embedding(pooled.to(x.dtype))
         if self.size_embedding is not None:
-            if size_cond is None:
-                raise ValueError("this U-Net is size- and crop-conditioned: pass `size_cond` (B x 6)")
-            ch0 = self.config["block_channels"][0]
-            emb = timestep_embedding(size_cond.flatten().float(), ch0).view(x.shape[0], -1)
-            temb = temb + self.size_embedding(emb.to(x.dtype))
+            emb = timestep_embedding(size_cond.flatten().float(), self.config["block_channels"][0])
+            temb = temb + self.size_embedding(emb.view(x.shape[0], -1).to(x.dtype))
+        if self.add_embedding is not None:  # SDXL's text_time: [pooled, embedded ids] through one MLP
+            emb = timestep_embedding(size_cond.flatten().float(), self.config["addition_time_embed_dim"])
+            temb = temb + self.add_embedding(torch.cat([pooled.to(x.dtype), emb.view(x.shape[0], -1).to(x.dtype)], -1))
         bias = None
         if context_mask is not None:  # additive, like diffusers: a fully masked row stays finite
             bias = ((~context_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]

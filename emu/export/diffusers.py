@@ -81,10 +81,11 @@ def export_vae(autoencoder, folder: Path):
 
 def export_text_projection(conditioner, folder: Path):
     cls = _hub_module(PROJECTION_FILE).EmuTextProjection
-    specs = [{"name": n, "kind": e.kind, "max_length": int(e.max_length), "hidden_size": int(e.hidden_size)}
+    specs = [{"name": n, "kind": e.kind, "max_length": int(e.max_length), "hidden_size": int(e.hidden_size),
+              "hidden_state": e.hidden_state, "mask_padding": e.mask_padding}
              for n, e in conditioner.encoders.items()]  # fmt: skip
     proj = cls(encoders=specs, context_dim=int(conditioner.context_dim), uncond=conditioner.uncond,
-               pooled_from=conditioner.pooled_from)  # fmt: skip
+               pooled_from=conditioner.pooled_from, join=conditioner.join)  # fmt: skip
     proj.proj.load_state_dict(conditioner.proj.state_dict(), strict=True)
     proj.save_pretrained(folder)
     shutil.copy(HUB / PROJECTION_FILE, folder / PROJECTION_FILE)

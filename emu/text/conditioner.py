@@ -7,6 +7,10 @@ prompt's, or zeros), so that ``dropout`` is the rate at which the input that gui
 empty) is trained. ``encoder_dropout`` adds independent per-encoder drops on top (SD3's recipe, which lets a large
 encoder such as T5 be left out at inference). The frozen part (:meth:`TextConditioner.encode`) can be
 precomputed for a dataset and cached (:func:`precompute_embeddings`, :class:`EmbeddingCache`).
+
+``join="features"`` is SDXL's way instead: the encoders' hidden states (all of one length) are concatenated along the
+feature axis with no projection (SDXL: CLIP ViT-L's and OpenCLIP bigG's penultimate states, 768 + 1280 = 2048 wide,
+the pooled embedding bigG's; encoders with ``hidden_state="penultimate"`` and ``mask_padding=False``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class TextConditioner(nn.Module):
             ``dropout``; encoders not named get none.
         uncond: ``empty`` (the empty prompt's embedding) or ``zeros``.
         pooled_from: the encoder whose pooled embedding is returned (None: no pooled vector).
+        join: ``sequence`` (each encoder projected to ``context_dim``, concatenated along the tokens) or ``features``
+            (SDXL: concatenated along the features, unprojected; ``context_dim`` is the sum of the encoders' widths, a
+            position is a token where any encoder's mask says so).
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class TextConditioner(nn.Module):
         encoder_dropout: dict[str, float] | None = None,
         uncond: str = "empty",
         pooled_from: str | None = "clip",
+        join: str = "sequence",
     ):
         super().__init__()
         if not encoders:
@@ -58,8 +66,18 @@ class TextConditioner(nn.Module):
             raise ConfigError("model.text.uncond", f"must be 'empty' or 'zeros', got {uncond!r}")
         if pooled_from is not None and (pooled_from not in encoders or encoders[pooled_from].pooled_size is None):
             raise ConfigError("model.text.pooled_from", f"{pooled_from!r} is not an encoder with a pooled output")
+        if join not in ("sequence", "features"):
+            raise ConfigError("model.text.join", f"must be 'sequence' or 'features', got {join!r}")
+        if join == "features":
+            width, lengths = sum(e.hidden_size for e in encoders.values()), {e.max_length for e in encoders.values()}
+            if width != context_dim or len(lengths) > 1:
+                raise ConfigError("model.text.join", f"'features' joins the encoders' hidden states unprojected: they "
+                                  f"need one max_length (got {sorted(lengths)}) and the U-Net's context_dim their total"
+                                  f" width {width} (got {context_dim})")  # fmt: skip
+        self.join = join
         self.encoders = nn.ModuleDict(encoders)
-        self.proj = nn.ModuleDict({n: nn.Linear(e.hidden_size, context_dim) for n, e in encoders.items()})
+        widths = {} if join == "features" else {n: e.hidden_size for n, e in encoders.items()}
+        self.proj = nn.ModuleDict({n: nn.Linear(w, context_dim) for n, w in widths.items()})
         if not isinstance(dropout, (int, float)):
             raise ConfigError(
                 "model.text.dropout",
@@ -117,11 +135,13 @@ class TextConditioner(nn.Module):
                 mask = torch.where(keep[:, None], mask, u.mask.to(mask.device))
                 if pool is not None:
                     pool = torch.where(keep[:, None], pool, u.pooled.to(pool))
-            proj = self.proj[name]
-            contexts.append(proj(tokens.to(proj.weight.dtype)))
+            proj = self.proj[name] if self.join == "sequence" else None
+            contexts.append(tokens if proj is None else proj(tokens.to(proj.weight.dtype)))
             masks.append(mask)
             if name == self.pooled_from:
                 pooled = pool
+        if self.join == "features":
+            return Conditioning(torch.cat(contexts, -1), torch.stack(masks).any(0), pooled)
         return Conditioning(torch.cat(contexts, 1), torch.cat(masks, 1), pooled)
 
     def keep_masks(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -37,9 +37,14 @@ class FrozenTextEncoder(nn.Module):
         kind: ``clip`` or ``t5``.
         max_length: tokens per prompt (77 for CLIP); longer prompts are truncated with one warning.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (bf16 on GPU).
+        hidden_state: the per-token states returned: ``last`` (the final layer's, after CLIP's final layer norm) or
+            ``penultimate`` (the next-to-last layer's output, no final norm: SDXL's, and "CLIP skip 2").
+        mask_padding: the padding is masked in the encoder's attention and in the returned mask (True), or, as SDXL's
+            pipeline, the encoder runs without an attention mask and every position counts as a token (False).
     """
 
-    def __init__(self, name_or_path: str, kind: str = "clip", max_length: int = 77, dtype: str = "float32"):
+    def __init__(self, name_or_path: str, kind: str = "clip", max_length: int = 77, dtype: str = "float32",
+                 hidden_state: str = "last", mask_padding: bool = True):  # fmt: skip
         super().__init__()
         from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
         from transformers.utils import logging as hf_logging
@@ -48,7 +53,10 @@ class FrozenTextEncoder(nn.Module):
             raise ConfigError("model.text.kind", f"must be 'clip' or 't5', got {kind!r}")
         if dtype not in DTYPES:
             raise ConfigError("model.text.dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if hidden_state not in ("last", "penultimate"):
+            raise ConfigError("model.text.hidden_state", f"must be 'last' or 'penultimate', got {hidden_state!r}")
         self.name_or_path, self.kind, self.max_length = str(name_or_path), kind, max_length
+        self.hidden_state, self.mask_padding = hidden_state, bool(mask_padding)
         path = Path(name_or_path).expanduser()
         looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
         if looks_local and not (path / "config.json").is_file():
@@ -111,8 +119,10 @@ class FrozenTextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in self.tokenize(prompts).items()}
         mask = batch["attention_mask"].bool()
-        if self.kind == "clip":
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            return TextEmbedding(out.last_hidden_state, mask, out.text_embeds)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return TextEmbedding(out.last_hidden_state, mask, None)
+        penultimate = self.hidden_state == "penultimate"
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if self.mask_padding
+                         else None, output_hidden_states=penultimate)  # fmt: skip
+        tokens = out.hidden_states[-2] if penultimate else out.last_hidden_state
+        if not self.mask_padding:
+            mask = torch.ones_like(mask)
+        return TextEmbedding(tokens, mask, out.text_embeds if self.kind == "clip" else None)

@@ -30,6 +30,18 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and any(Path(path).glob("*.distcp"))
 
 
+def diffusers_unet_folder(path: str | Path) -> Path | None:
+    """The diffusers ``UNet2DConditionModel`` folder at ``path``: the folder itself or a pipeline folder's ``unet/``
+    (e.g. SDXL-base's); None for anything else."""
+    import json
+
+    for folder in (Path(path).expanduser(), Path(path).expanduser() / "unet"):
+        config = folder / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel":
+            return folder
+    return None
+
+
 def read_header(path: str | Path) -> dict[str, Any]:
     """The header of a checkpoint file, or of a sharded checkpoint folder (Lightning keeps everything but the weights
     and optimizer states, the header included, in the folder's ``meta.pt``); ``{}`` when it has none."""

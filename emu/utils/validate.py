@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emu.errors import ConfigError
 from emu.utils.autoencoder_paths import CONFIG_NAME, find_autoencoder
-from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header
+from emu.utils.checkpoint_header import diffusers_unet_folder, header, is_sharded_checkpoint, read_header
 from emu.utils.resolution import resolution_problem
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -145,6 +145,8 @@ def _autoencoder_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None
 def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[str, str]]) -> None:
 
     path = Path(str(model.init_from)).expanduser()
+    if diffusers_unet_folder(path):  # its U-Net is converted and matched when the model is built
+        return
     if not path.is_file() and not is_sharded_checkpoint(path):
         problems.append(("model.init_from", f"no checkpoint at '{path}'"))
         return

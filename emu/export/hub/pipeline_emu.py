@@ -12,7 +12,9 @@ emu's Fourier features, patch path and per-channel latent statistics), ``text_en
 (``EmuTextProjection``: the conditioner's trained projections) and ``scheduler`` (the training schedule; any diffusers
 scheduler of the same schedule can replace it, one with ``sigmas`` for ``guidance_interval``). What differs from
 diffusers' own pipelines: the text conditioning (projected tokens of every encoder concatenated, with their attention
-mask, and CLIP's pooled embedding added to the time embedding) and the latents' per-channel normalisation.
+mask, and CLIP's pooled embedding added to the time embedding; or SDXL's: penultimate states side by side, the
+pooled embedding and ``time_ids`` through the U-Net's ``text_time`` embedding) and the latents' per-channel
+normalisation.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ class EmuPipeline(DiffusionPipeline):
             batch = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=spec["max_length"],
                               return_tensors="pt")  # fmt: skip
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            result = encoder(input_ids=ids, attention_mask=mask)
+            masked, penultimate = spec.get("mask_padding", True), spec.get("hidden_state", "last") == "penultimate"
+            result = encoder(input_ids=ids, attention_mask=mask if masked else None, output_hidden_states=penultimate)
             pooled = result.text_embeds if spec["kind"] == "clip" else None
-            out[spec["name"]] = (result.last_hidden_state, mask.bool(), pooled)
+            tokens = result.hidden_states[-2] if penultimate else result.last_hidden_state
+            out[spec["name"]] = (tokens, mask.bool() if masked else torch.ones_like(mask, dtype=torch.bool), pooled)
         return out
 
     @torch.no_grad()
@@ -175,8 +179,12 @@ class EmuPipeline(DiffusionPipeline):
             x = torch.cat([latents, latents]) if guided else latents
             x = self.scheduler.scale_model_input(x, t)
             c, m, p = both if guided else single
-            out = self.unet(x.to(dtype), t, encoder_hidden_states=c, encoder_attention_mask=m, class_labels=p,
-                            return_dict=False)[0].float()  # fmt: skip
+            extra = {"class_labels": p}
+            if self.unet.config.addition_embed_type == "text_time":  # SDXL's: uncropped, the output's size
+                ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+                extra = {"added_cond_kwargs": {"text_embeds": p, "time_ids": ids.expand(len(p), -1)}}
+            out = self.unet(x.to(dtype), t, encoder_hidden_states=c, encoder_attention_mask=m, return_dict=False,
+                            **extra)[0].float()  # fmt: skip
             if guided:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)
