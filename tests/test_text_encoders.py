@@ -370,3 +370,22 @@ def test_features_join_needs_the_unets_width_and_one_length(sdxl_text_encoders, 
         TextConditioner(encoders, context_dim=80, pooled_from="clip_g", join="tokens")
     with pytest.raises(ConfigError, match="hidden_state"):
         FrozenTextEncoder(str(tiny_clip), "clip", 16, hidden_state="first")
+
+
+def test_a_tokenizer_kept_apart_from_its_model_loads_by_its_own_path(tiny_clip, tmp_path):
+    """A diffusers pipeline keeps an encoder and its tokenizer in separate folders (SDXL: text_encoder_2/ and
+    tokenizer_2/): ``tokenizer=`` names the second, and the encoder tokenizes exactly as with both in one folder."""
+    import shutil
+
+    model_only, tokenizer_only = tmp_path / "text_encoder_2", tmp_path / "tokenizer_2"
+    model_only.mkdir()
+    tokenizer_only.mkdir()
+    for p in tiny_clip.iterdir():
+        is_model = p.name == "config.json" or p.suffix in (".safetensors", ".bin")
+        shutil.copy(p, (model_only if is_model else tokenizer_only) / p.name)
+    apart = FrozenTextEncoder(str(model_only), "clip", max_length=8, tokenizer=str(tokenizer_only))
+    together = FrozenTextEncoder(str(tiny_clip), "clip", max_length=8)
+    prompts = ["a large red circle in the center on a black background"]
+    with torch.no_grad():
+        a, b = apart(prompts), together(prompts)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and torch.equal(a.pooled, b.pooled)

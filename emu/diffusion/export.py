@@ -93,10 +93,13 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
             encoder.model.save_pretrained(target)
             encoder.tokenizer.save_pretrained(target)
             hp["text"]["encoders"][name]["name_or_path"] = f"text_encoders/{name}"
+            hp["text"]["encoders"][name].pop("tokenizer", None)  # copied beside its model
     else:  # referenced where they are: local paths made absolute, hub ids kept
         hp["autoencoder"] = _absolute(hp["autoencoder"])
         for enc in hp["text"]["encoders"].values():
             enc["name_or_path"] = _absolute(enc["name_or_path"])
+            if enc.get("tokenizer"):
+                enc["tokenizer"] = _absolute(enc["tokenizer"])
     config = {"_class_name": CLASS_NAME, "weights": weights, "step": step,
               "resolution": module.train_resolution, "data": module.trained_on, "source": source,
               "frozen": "copied" if copy_frozen else "referenced", "hyper_parameters": hp}  # fmt: skip

@@ -41,10 +41,12 @@ class FrozenTextEncoder(nn.Module):
             ``penultimate`` (the next-to-last layer's output, no final norm: SDXL's, and "CLIP skip 2").
         mask_padding: the padding is masked in the encoder's attention and in the returned mask (True), or, as SDXL's
             pipeline, the encoder runs without an attention mask and every position counts as a token (False).
+        tokenizer: where the tokenizer is, when not beside the model: a diffusers pipeline keeps them apart
+            (SDXL: ``text_encoder_2/`` with ``tokenizer_2/``).
     """
 
     def __init__(self, name_or_path: str, kind: str = "clip", max_length: int = 77, dtype: str = "float32",
-                 hidden_state: str = "last", mask_padding: bool = True):  # fmt: skip
+                 hidden_state: str = "last", mask_padding: bool = True, tokenizer: str | None = None):  # fmt: skip
         super().__init__()
         from transformers import AutoConfig, AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
         from transformers.utils import logging as hf_logging
@@ -63,7 +65,8 @@ class FrozenTextEncoder(nn.Module):
             raise ConfigError("text encoder path", f"'{name_or_path}' is not a model folder (no config.json)")
         model_cls = CLIPTextModelWithProjection if kind == "clip" else T5EncoderModel
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+            where = Path(tokenizer).expanduser() if tokenizer else name_or_path
+            self.tokenizer = AutoTokenizer.from_pretrained(str(where))
             config = AutoConfig.from_pretrained(str(name_or_path))
             if kind == "clip" and config.model_type == "clip":  # the text tower out of a full CLIP checkpoint
                 text_config = config.text_config
