@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from emu.diffusion.denoiser import RENAMED_WEIGHTINGS
+from emu.diffusion.lora import is_adapter_key
 from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
@@ -40,6 +41,9 @@ def on_save(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
     sharded = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
     for k in [k for k in sd if k.startswith(module.frozen.prefixes) and not sharded]:
         del sd[k]
+    if module.adapters is not None:  # the adapters, not the base U-Net under them (hparams.init_from names it)
+        for k in [k for k in sd if k.startswith("unet.") and not is_adapter_key(k)]:
+            del sd[k]
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     data = dm.describe() if hasattr(dm, "describe") else module.trained_on
     write_header(checkpoint, KIND, unet_config=module.unet.config, resolution=module.train_resolution, data=data)
@@ -53,6 +57,9 @@ def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
     if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
         own = module.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(module.frozen.prefixes)})
+        if module.adapters is not None:  # a LoRA checkpoint: the base U-Net is the one init_from loaded
+            base = {k: v for k, v in own.items() if k.startswith("unet.") and not is_adapter_key(k)}
+            checkpoint["state_dict"].update({k: v for k, v in base.items() if k not in checkpoint["state_dict"]})
 
 
 def read_init_weights(path: str, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -80,6 +87,10 @@ def read_init_weights(path: str, names: Iterable[str]) -> dict[str, dict[str, to
         if header(ckpt).get("kind") != KIND:
             raise ConfigError("model.init_from", f"'{path}' is not a diffusion checkpoint")
         sd = ckpt["state_dict"]
+        if (ckpt.get("hyper_parameters") or {}).get("lora"):
+            raise ConfigError("model.init_from", f"'{path}' holds LoRA adapters over "
+                              f"'{ckpt['hyper_parameters'].get('init_from')}', not a whole model: export it merged "
+                              "(python -m emu.export safetensors CKPT OUT) and start from that folder")  # fmt: skip
     weights = {}
     for name in names:
         prefix = f"ema.shadow.{name}." if any(k.startswith(f"ema.shadow.{name}.") for k in sd) else None
@@ -136,8 +147,10 @@ def load_diffusion(path: str | Path, map_location: str | torch.device = "cpu", *
     kind = header(ckpt).get("kind")
     if kind != KIND:
         raise ValueError(f"'{path}' is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
-    renamed = _renamed_hparams(ckpt.get("hyper_parameters") or {})
-    module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
+    hp = ckpt.get("hyper_parameters") or {}
+    renamed = _renamed_hparams(hp)
+    base = hp.get("init_from") if hp.get("lora") else None  # LoRA: the adapters' base U-Net is read again
+    module = DiffusionModule.load_from_checkpoint(path, map_location=map_location, init_from=base, weights_only=False,
                                                   **{**renamed, **overrides})  # fmt: skip
     module.train_resolution = header(ckpt).get("resolution")
     module.hparams["init_from"] = (ckpt.get("hyper_parameters") or {}).get("init_from")  # a record of stage 2's start
@@ -154,9 +167,9 @@ def _load_export(folder: Path, map_location: str | torch.device = "cpu", **overr
         **config["hyper_parameters"],
         **_renamed_hparams(config["hyper_parameters"]),
         **overrides,
-        "init_from": None,
+        "init_from": config["hyper_parameters"].get("init_from") if config["hyper_parameters"].get("lora") else None,
         "ema_half_life_images": 0,
-    }  # one weight set
+    }  # one weight set (LoRA: the adapters, over their base U-Net, init_from, read again)
     module = DiffusionModule(**hp)
     for key in ("init_from", "ema_half_life_images"):  # records of how it was trained (not used to load it)
         if key in config["hyper_parameters"]:

@@ -19,9 +19,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+from emu.diffusion.lora import Adapters, is_adapter_key
+
 CLASS_NAME = "emu.DiffusionModel"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-TRAINED_PREFIXES = {"unet": "unet.", "text_proj": "conditioner.proj."}
+TRAINED_PREFIXES = {"unet": "unet.", "text_proj": "conditioner.proj.", "lora": "unet."}  # lora: the U-Net's adapters
+
+
+def export_key(name: str, key: str) -> str:
+    """A trained part's state-dict key as the module's (LoRA adapters: under the U-Net's own names)."""
+    return TRAINED_PREFIXES[name] + (Adapters.net_key(key) if name == "lora" else key)
+
+
+def part_state(name: str, state: dict[str, Any]) -> dict[str, Any]:
+    """The weights of one trained part among the module's (the inverse of :func:`export_key`)."""
+    prefix = TRAINED_PREFIXES[name]
+    if name == "lora":
+        return {Adapters.view_key(k[len(prefix) :]): v for k, v in state.items()
+                if k.startswith(prefix) and is_adapter_key(k)}  # fmt: skip
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def is_export(folder: str | Path) -> bool:
@@ -62,7 +78,7 @@ def trained_state(module, ema: bool = True, keep: bool = True) -> dict[str, Any]
             v = averaged.get(k, v).detach()
             v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a DTensor shard under FSDP2: all-gather it
             if keep:
-                state[TRAINED_PREFIXES[name] + k] = v.cpu().contiguous()
+                state[export_key(name, k)] = v.cpu().contiguous()
     return state
 
 
@@ -159,9 +175,8 @@ def load_export_weights(module, folder: str | Path) -> None:
     if kind != "diffusion":
         raise ValueError(f"'{path}' holds a {kind or 'foreign'} model, not an emu diffusion model")
     for name, sub in module.trained_modules().items():
-        prefix = TRAINED_PREFIXES[name]
         try:
-            sub.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            sub.load_state_dict(part_state(name, state))
         except RuntimeError as e:
             raise ValueError(f"'{path}' does not fit the model its config.json describes ({name}): "
                              f"{str(e).splitlines()[0]}") from e  # fmt: skip

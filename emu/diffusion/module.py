@@ -31,6 +31,7 @@ from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
 from emu.diffusion.denoiser import Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
 from emu.diffusion.frozen import FrozenNetworks
+from emu.diffusion.lora import add_lora, lora_settings, merged_copy
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import check_precomputed
@@ -97,6 +98,10 @@ class DiffusionModule(L.LightningModule):
         compile: ``torch.compile`` the U-Net (after sharding, under FSDP).
         size_cond_dropout: with ``unet.size_conditioning`` or ``unet.addition_time_embed_dim`` (SDXL's ``text_time``),
             how often a training sample's size and crop conditioning is zeroed.
+        lora: LoRA adapters on the U-Net (:mod:`emu.diffusion.lora`: ``rank``, ``alpha``, ``targets``, ``dropout``),
+            added after ``init_from`` is loaded: only they train (the text projections freeze too), the EMA averages
+            them alone, and checkpoints hold them (the base is ``init_from``, read again when they load). None or rank
+            0: full fine-tuning.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         size_cond_dropout: float = 0.1,
+        lora: dict[str, Any] | None = None,
     ):
         super().__init__()
         unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
@@ -138,6 +144,7 @@ class DiffusionModule(L.LightningModule):
         if isinstance(val_prompts, str):  # a file or a named set: the checkpoint keeps the prompts, not where they were
             val_prompts = _read_prompts(val_prompts)
         val_sampling = SamplingSettings.from_config(_plain(val_sampling), "model.val_sampling").as_dict()
+        lora = lora_settings(_plain(lora))  # completed (alpha, targets) in checkpoints
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
@@ -177,7 +184,7 @@ class DiffusionModule(L.LightningModule):
         self.denoiser = Denoiser(self.unet, parameterization, self.noise_schedule, sigma_data, weighting, min_snr_gamma,
                                  p_mean, p_std)  # fmt: skip
         self.val_sampling = SamplingSettings(**val_sampling)
-        self.ema = EMA(self.trained_modules(), ema_half_life_images, ema_ramp) if ema_half_life_images > 0 else None
+        self.ema: EMA | None = None
         self.val_prompts = _read_prompts(val_prompts)
         self.val_seeds = list(val_seeds) if val_seeds else list(range(len(self.val_prompts)))
         if len(self.val_seeds) != len(self.val_prompts):
@@ -187,12 +194,22 @@ class DiffusionModule(L.LightningModule):
         self.exported_weights: str | None = None  # "ema" / "raw" when loaded from an export folder
         self.trained_on: dict[str, Any] | None = None  # the data's description, when loaded (model cards)
         self.sampled_weights: str | None = None  # "ema" / "raw": what load_for_sampling put in place
+        object.__setattr__(self, "adapters", None)  # a view, not a submodule (its weights are the U-Net's)
         if init_from:
             self.initialise_from(init_from)
+        if lora:
+            if not init_from:
+                rank_zero_info("model.lora without model.init_from: adapters on a randomly initialised U-Net")
+            object.__setattr__(self, "adapters", add_lora(self.unet, lora))
+            self.conditioner.proj.requires_grad_(False)
+        if ema_half_life_images > 0:
+            self.ema = EMA(self.trained_modules(), ema_half_life_images, ema_ramp)
 
     # ------------------------------------------------------------------------------------------ parts
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        """What the optimizer and the EMA see: the U-Net and the text projections."""
+        """What the optimizer and the EMA see: the U-Net and the text projections, or with ``lora`` the adapters."""
+        if self.adapters is not None:
+            return {"lora": self.adapters}
         return {"unet": self.unet, "text_proj": self.conditioner.proj}
 
     def configure_model(self) -> None:
@@ -202,6 +219,9 @@ class DiffusionModule(L.LightningModule):
         sharded = isinstance(strategy, FSDPStrategy)
         if self.hparams.channels_last and not sharded:  # FSDP2 refuses non-contiguous parameters
             self.unet.to(memory_format=torch.channels_last)
+        if sharded and self.adapters is not None:
+            raise ConfigError("model.lora", "trains under DDP (trainer=gpu), not FSDP: the base is frozen and the "
+                              "adapters are small, so every GPU holds a whole copy (the SDXL U-Net: ~5 GB in bf16)")  # fmt: skip
         if sharded:
             if strategy.activation_checkpointing:
                 self.unet.set_gradient_checkpointing(True)
@@ -400,8 +420,21 @@ class DiffusionModule(L.LightningModule):
                     f"the {name} weights of '{path}' do not fit this model's (set "
                     f"model.unet to the checkpoint's U-Net): {str(e).splitlines()[-1].strip()}",
                 ) from e
-        if self.ema is not None:
+        if self.ema is not None:  # (in __init__ it is made after this)
             self.ema = EMA(self.trained_modules(), self.hparams.ema_half_life_images, self.hparams.ema_ramp)
+
+    def merge_lora(self) -> None:
+        """Add the adapters into the U-Net's weights (their EMA, where it was copied in first, e.g. by
+        :func:`~emu.diffusion.checkpoints.load_for_sampling`): a plain model with the base's keys, one set of weights
+        (no EMA), no LoRA. What the exports of a LoRA model hold."""
+        if self.adapters is None:
+            return
+        self.unet = merged_copy(self.unet)
+        self.denoiser.net = self.unet
+        object.__setattr__(self, "adapters", None)
+        self.conditioner.proj.requires_grad_(True)
+        self.ema = None
+        self.hparams["lora"] = None
 
 
 def _read_prompts(prompts: list[str] | str | None) -> list[str]:
