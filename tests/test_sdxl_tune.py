@@ -114,6 +114,7 @@ def test_the_tuned_sdxl_exports_as_a_stock_pipeline_with_sample_py_images(tuned,
     pipe = DiffusionPipeline.from_pretrained(str(out))  # no trust_remote_code
     assert type(pipe) is StableDiffusionXLPipeline and pipe.watermark is None
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 64  # its default size: the training resolution
 
     ours = load_for_sampling(ckpt)  # the EMA weights, as exported
 
@@ -167,6 +168,18 @@ def test_model_unet_takes_a_diffusers_folder_and_names_a_wrong_one(tiny_sdxl, tm
         unet_kwargs({**config, "act_fn": "gelu"})
     with pytest.raises(ConfigError, match=r"model\.unet: '.*' is neither a diffusers UNet2DConditionModel folder"):
         read_unet_kwargs(tmp_path)
+    # train.py's checks before anything is built: the folder's U-Net against the data's resolution, or a wrong folder
+    from emu.utils.validate import validate
+    from tests.test_train import compose_train
+
+    def check(base, *extra):
+        validate(compose_train(["experiment=stage2_quality_tune_sdxl", f"base={base}", "data.source.root=/d", *extra]))
+
+    check(tiny_sdxl, "data.resolution=64")
+    with pytest.raises(ConfigError, match=r"data\.resolution.*autoencoder f=8 x U-Net 2x"):
+        check(tiny_sdxl, "data.resolution=72")
+    with pytest.raises(ConfigError, match=r"model\.unet.*is neither U-Net settings nor a diffusers"):
+        check(tmp_path)
 
 
 def test_the_memory_plan_reads_the_sdxl_folder(tiny_sdxl):

@@ -1,12 +1,13 @@
 """Weights between emu's :class:`~emu.diffusion.unet.UNet` and diffusers' ``UNet2DConditionModel``.
 
-The two share block structure and parameter names, so conversion maps the configs and loads the state dict as
-it is. Supported diffusers models: ``DownBlock2D`` / ``CrossAttnDownBlock2D`` levels, a
-``UNetMidBlock2DCrossAttn`` mid block, SiLU, GEGLU, and optionally a pooled text embedding, either through
-``class_embed_type="projection"`` or with the six size and crop ids through SDXL's ``addition_embed_type="text_time"``
-(emu's ``addition_time_embed_dim``; diffusers' ``added_cond_kwargs={"text_embeds", "time_ids"}`` are emu's ``pooled``
-and ``size_cond``, ids in the same order). Attention heads may differ in width per level (SD 1.x: 8 heads
-everywhere, widths 40 / 80 / 160; SD 2.x and SDXL: 64-wide heads).
+The two share block structure and parameter names, so conversion maps the configs (:func:`unet_kwargs`; a folder's:
+:func:`read_unet_kwargs`, which ``model.unet`` takes) and loads the state dict as it is. Supported diffusers models:
+``DownBlock2D`` / ``CrossAttnDownBlock2D`` levels, a ``UNetMidBlock2DCrossAttn`` mid block, SiLU, GEGLU, and
+optionally a pooled text embedding, either through ``class_embed_type="projection"`` or with the six size and crop ids
+through SDXL's ``addition_embed_type="text_time"`` (emu's ``addition_time_embed_dim``; diffusers'
+``added_cond_kwargs={"text_embeds", "time_ids"}`` are emu's ``pooled`` and ``size_cond``, ids in the same order).
+Attention heads may differ in width per level (SD 1.x: 8 heads everywhere, widths 40 / 80 / 160; SD 2.x and SDXL:
+64-wide heads).
 """
 
 from __future__ import annotations
