@@ -136,6 +136,9 @@ def test_the_tuned_sdxl_exports_as_a_stock_pipeline_with_sample_py_images(tuned,
     # SDXL's pipeline zeroes the unconditional embedding only when no negative prompt is given; an explicit "" is the
     # empty prompt's embedding there (emu: "" is no negative prompt), and makes other images
     assert (theirs(64, 64, ["", ""]) - theirs(64, 64, None)).abs().max() > TOLERANCE["euler"][0]
+    # --pipeline emu: emu's own pipeline all the same
+    assert export_main(["diffusers", str(ckpt), str(tmp_path / "emu"), "--sampler", "euler", "--pipeline", "emu"]) == 0
+    assert json.loads((tmp_path / "emu" / "model_index.json").read_text())["_class_name"][1] == "EmuPipeline"
 
 
 def test_an_emu_conditioned_model_is_refused_as_sdxl_and_falls_back(tiny_stage1_checkpoint, tmp_path, capsys):

@@ -192,9 +192,9 @@ def export_sdxl(module, folder: str | Path, sampler: str = "dpmpp_2m") -> Path:
 
 def export_diffusers(module, folder: str | Path, sampler: str = "dpmpp_2m", pipeline: str = "auto") -> Path:
     """Write ``module`` (a :class:`~emu.diffusion.module.DiffusionModule` with the weights to export in place, e.g.
-    from ``load_for_sampling``) as a diffusers pipeline folder, in float32 (the text encoders as they are): diffusers'
-    ``StableDiffusionXLPipeline`` where the model is one (``pipeline="auto"``; :func:`choose_pipeline`) or as asked
-    (``sdxl``), else emu's own pipeline (``emu``)."""
+    from ``load_for_sampling``) as a diffusers pipeline folder: diffusers' ``StableDiffusionXLPipeline`` where the model
+    is one (``pipeline="auto"``; :func:`choose_pipeline`) or as asked (``sdxl``; :func:`export_sdxl`), else emu's own
+    pipeline (``emu``), in float32 (the text encoders as they are)."""
     import diffusers
     import transformers
 
