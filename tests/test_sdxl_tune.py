@@ -197,3 +197,27 @@ def test_the_memory_plan_reads_the_sdxl_folder(tiny_sdxl):
         unet = UNet(**read_unet_kwargs(tiny_sdxl))
     plan = plan_config(cfg)
     assert plan.setup["trained_params"] == sum(p.numel() for p in unet.parameters())
+
+
+def test_sdxl_base_config_reads_as_its_2p6b_unet(tmp_path):
+    """stable-diffusion-xl-base-1.0's unet/config.json (its keys as published) as emu's U-Net kwargs: 64-wide heads,
+    transformer depths 0 / 2 / 10, the 2048-wide context, bigG's 1280-wide pooled embedding beside 6 ids of 256."""
+    from emu.diffusion.convert import read_unet_kwargs
+    from emu.diffusion.unet import UNet
+
+    config = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+              "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+              "center_input_sample": False, "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D",
+              "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "flip_sin_to_cos": True, "freq_shift": 0,
+              "in_channels": 4, "layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+              "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+              "sample_size": 128, "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D",
+              "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True}  # fmt: skip
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    kwargs = read_unet_kwargs(tmp_path)
+    assert kwargs["head_dim"] == 64 and kwargs["transformer_depth"] == [0, 2, 10] and kwargs["context_dim"] == 2048
+    assert kwargs["pooled_dim"] == 1280 and kwargs["addition_time_embed_dim"] == 256
+    with torch.device("meta"):
+        unet = UNet(**kwargs)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # diffusers' count for SDXL-base's U-Net
