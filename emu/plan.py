@@ -303,18 +303,22 @@ def _states(trained: int, shard: int, ema: bool) -> dict[str, float]:
 
 
 def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -> Plan:
+    from emu.diffusion.convert import read_unet_kwargs
     from emu.diffusion.unet import UNet
 
     m = cfg.model
-    unet_cfg = OmegaConf.to_container(m.unet, resolve=True)
+    unet_cfg = m.unet if isinstance(m.unet, str) else OmegaConf.to_container(m.unet, resolve=True)
+    unet_cfg = read_unet_kwargs(unet_cfg) if isinstance(unet_cfg, str) else unet_cfg  # a diffusers folder's (SDXL)
     unet_cfg.pop("_target_", None)
     with torch.device("meta"):
         unet = UNet(**unet_cfg)
     encoders = OmegaConf.to_container(m.text.encoders, resolve=True)
     sizes = [text_encoder_size(enc) for enc in encoders.values()]
     frozen_params, frozen_bytes = sum(s[0] for s in sizes), float(sum(s[1] for s in sizes))
-    context_len = sum(int(e.get("max_length", 77)) for e in encoders.values())
-    projections = sum((hidden + 1) * unet.config["context_dim"] for _, _, hidden in sizes)
+    lengths = [int(e.get("max_length", 77)) for e in encoders.values()]
+    features = m.text.get("join", "sequence") == "features"  # SDXL's: side by side along the features, unprojected
+    context_len = max(lengths) if features else sum(lengths)
+    projections = 0 if features else sum((hidden + 1) * unet.config["context_dim"] for _, _, hidden in sizes)
     trained = count(unet) + projections
     ae = autoencoder_model(None if OmegaConf.is_missing(m, "autoencoder") else str(m.autoencoder))
     ae_bytes = count(ae) * 4

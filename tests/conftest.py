@@ -261,6 +261,44 @@ def sdxl_text_config(folders: dict[str, Path]) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(sdxl_text_encoders, tmp_path_factory) -> Path:
+    """A public SDXL pipeline folder in miniature, as ``StableDiffusionXLPipeline.save_pretrained`` writes it: a random
+    text_time U-Net (4 latent channels, widths 32, context 80 = 32 + 48, bigG's 40-wide pooled embedding + 6 ids of 8),
+    a random 4-channel f=8 ``AutoencoderKL`` with SDXL's scaling_factor 0.13025, :func:`sdxl_text_encoders`' two
+    encoders and tokenizers (16 tokens) and an ``EulerDiscreteScheduler`` of SDXL's schedule."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=1, attention_head_dim=(2, 2), cross_attention_dim=80, norm_num_groups=8,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=40 + 6 * 8,
+        )  # fmt: skip
+        for p in unet.parameters():  # every weight matters (diffusers zero-initialises none, but keep them all live)
+            p.data.normal_(0, 0.05)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                            sample_size=64, scaling_factor=0.13025)  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    first, second = sdxl_text_encoders["clip_l"], sdxl_text_encoders["clip_g"]
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(first),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(second),
+        tokenizer=AutoTokenizer.from_pretrained(first), tokenizer_2=AutoTokenizer.from_pretrained(second), unet=unet,
+        scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("sdxl")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return save_t5(tmp_path_factory.mktemp("t5"))
 

@@ -28,6 +28,7 @@ from emu.data.batches import trains_on_good_samples
 from emu.data.buckets import check_buckets
 from emu.data.samples import size_conditions
 from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
+from emu.diffusion.convert import read_unet_kwargs
 from emu.diffusion.denoiser import Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
 from emu.diffusion.frozen import FrozenNetworks
@@ -62,7 +63,8 @@ class DiffusionModule(L.LightningModule):
     """Trains the U-Net of :mod:`emu.diffusion.unet` as a k-diffusion-style denoiser.
 
     Args:
-        unet: :class:`~emu.diffusion.unet.UNet` keyword arguments.
+        unet: :class:`~emu.diffusion.unet.UNet` keyword arguments, or a diffusers U-Net folder or pipeline folder with
+            ``unet/`` (SDXL-base's) whose ``config.json`` gives them (:func:`~emu.diffusion.convert.read_unet_kwargs`).
         text: the conditioner: ``encoders`` (name -> FrozenTextEncoder kwargs), ``dropout``, ``uncond``,
             ``pooled_from``.
         autoencoder: the stage-0 checkpoint or export folder (frozen), or a public autoencoder: a diffusers
@@ -106,7 +108,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        unet: dict[str, Any],
+        unet: dict[str, Any] | str,
         text: dict[str, Any],
         autoencoder: str,
         parameterization: str = "eps",
@@ -140,6 +142,8 @@ class DiffusionModule(L.LightningModule):
     ):
         super().__init__()
         unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
+        if isinstance(unet, str):  # a diffusers U-Net folder: its config, as kwargs (the checkpoint keeps those)
+            unet = read_unet_kwargs(unet)
         val_prompts, val_seeds, betas = _plain(val_prompts), _plain(val_seeds), tuple(_plain(betas))  # in checkpoints
         if isinstance(val_prompts, str):  # a file or a named set: the checkpoint keeps the prompts, not where they were
             val_prompts = _read_prompts(val_prompts)

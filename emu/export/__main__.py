@@ -4,7 +4,9 @@
   weights, the frozen autoencoder and text encoders, the hyper-parameters) that ``sample.py`` and ``eval.py`` take in
   place of the checkpoint; a stage-0 autoencoder checkpoint as its ``model.safetensors`` + ``config.json``.
 * ``diffusers CKPT OUT``: a stage-1/2 checkpoint (or a safetensors export of one) as a folder that
-  ``diffusers.DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`` loads and runs.
+  ``diffusers.DiffusionPipeline.from_pretrained(OUT)`` loads and runs: a stock ``StableDiffusionXLPipeline`` where the
+  model is one (SDXL quality-tuned: ``experiment=stage2_quality_tune_sdxl``), else emu's own pipeline, which needs
+  ``trust_remote_code=True`` (``--pipeline auto|emu|sdxl``).
 
 The stage-1/2 exports write a model card (README.md). EMA weights unless ``--raw``.
 """
@@ -22,7 +24,7 @@ from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.checkpoints import load_diffusion, load_for_sampling
 from emu.diffusion.export import is_export, save_export
 from emu.export.card import model_card
-from emu.export.diffusers import SCHEDULERS, export_diffusers
+from emu.export.diffusers import PIPELINES, SCHEDULERS, choose_pipeline, export_diffusers
 from emu.utils.checkpoint_header import header
 
 
@@ -70,15 +72,19 @@ def export_safetensors(ckpt: Path, out: Path | None, ema: bool, metrics: str | N
     return folder
 
 
-def export_to_diffusers(ckpt: Path, out: Path, ema: bool, sampler: str, metrics: str | None) -> Path:
+def export_to_diffusers(ckpt: Path, out: Path, ema: bool, sampler: str, metrics: str | None,
+                        pipeline: str = "auto") -> Path:  # fmt: skip
     if checkpoint_kind(ckpt) != "diffusion":
         raise ValueError(f"'{ckpt}' is an autoencoder checkpoint; the diffusers export takes stage-1/2 models")
     module = load_for_sampling(ckpt, ema=ema)
     weights = module.sampled_weights
-    folder = export_diffusers(module, out, sampler)
-    (folder / "README.md").write_text(model_card(module, str(ckpt), "diffusers", weights, metrics))
-    print(f"wrote a diffusers pipeline ({weights.upper()} weights, {sampler} scheduler) to {folder}; load it with "
-          f"DiffusionPipeline.from_pretrained('{folder}', trust_remote_code=True)")  # fmt: skip
+    kind = choose_pipeline(module, pipeline)  # refuses an inexpressible --pipeline sdxl before anything is written
+    folder = export_diffusers(module, out, sampler, kind)
+    (folder / "README.md").write_text(model_card(module, str(ckpt), "diffusers", weights, metrics, pipeline=kind))
+    sdxl = kind == "sdxl"
+    what, trust = ("a StableDiffusionXLPipeline", "") if sdxl else ("an EmuPipeline", ", trust_remote_code=True")
+    print(f"wrote {what} ({weights.upper()} weights, {sampler} scheduler) to {folder}; load it with "
+          f"DiffusionPipeline.from_pretrained('{folder}'{trust})")  # fmt: skip
     return folder
 
 
@@ -92,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     df.add_argument("ckpt", type=Path, help="a stage-1/2 checkpoint or a safetensors export of one")
     df.add_argument("out", type=Path)
     df.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SCHEDULERS), help="the scheduler it ships with")
+    df.add_argument("--pipeline", default="auto", choices=PIPELINES, help="sdxl: diffusers' StableDiffusionXLPipeline "
+                    "(refused, with the reasons, for a model it cannot express); emu: emu's own (trust_remote_code); "
+                    "auto: sdxl where the model is one, else emu")  # fmt: skip
     for p in (st, df):
         p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
         p.add_argument("--metrics", help="an eval.py metrics.json to put into the model card")
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "safetensors":
             export_safetensors(ckpt, args.out, not args.raw, args.metrics)
         else:
-            export_to_diffusers(ckpt, args.out, not args.raw, args.sampler, args.metrics)
+            export_to_diffusers(ckpt, args.out, not args.raw, args.sampler, args.metrics, args.pipeline)
     except (FileNotFoundError, ValueError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2

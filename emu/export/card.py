@@ -44,9 +44,11 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | Path | None = None) -> str:
+def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | Path | None = None,
+               pipeline: str = "emu") -> str:  # fmt: skip
     """README.md for an export of ``module`` (a DiffusionModule) made from ``source`` in format ``fmt``
-    (``diffusers`` or ``safetensors``) with ``weights`` (``ema`` / ``raw``)."""
+    (``diffusers`` or ``safetensors``) with ``weights`` (``ema`` / ``raw``); a diffusers export's ``pipeline``: ``emu``
+    (EmuPipeline, shipped code) or ``sdxl`` (a stock StableDiffusionXLPipeline)."""
     hp = module.hparams
     stage = f"stage 2 (quality-tuned from `{hp.init_from}`)" if hp.init_from else "stage 1 (pre-trained)"
     encoders = ", ".join(f"{n} (`{e.name_or_path}`, {e.kind}, {e.max_length} tokens)"
@@ -107,7 +109,14 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
     else:
         lines += ["None given (`--metrics` takes an `eval.py` metrics.json)."]
     lines += ["", "## Use", ""]
-    if fmt == "diffusers":
+    if fmt == "diffusers" and pipeline == "sdxl":
+        lines += ["A stock `StableDiffusionXLPipeline` (diffusers' and transformers' classes only):", "",
+                  "```python", "from diffusers import DiffusionPipeline", "",
+                  'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")  # add_watermarker=False: no '
+                  "invisible watermark where that package is installed",
+                  'image = pipe("a red circle on a black background", num_inference_steps=25, guidance_scale=5.0)'
+                  ".images[0]", "```"]  # fmt: skip
+    elif fmt == "diffusers":
         lines += ["```python", "from diffusers import DiffusionPipeline", "",
                   'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)',
                   'image = pipe("a red circle on a black background", negative_prompt="", num_inference_steps=25,',

@@ -5,6 +5,10 @@ and scheduler, transformers' text encoders and tokenizers, and, for what diffuse
 small files shipped in the folder (``emu/export/hub``): the pipeline (``pipeline_emu.py``), the autoencoder with
 Fourier features and patch path (``vae/emu_autoencoder.py``) and the conditioner's projections
 (``text_projection/emu_text_projection.py``). They need only torch, diffusers and transformers.
+
+A model diffusers' own ``StableDiffusionXLPipeline`` runs as emu samples it (:func:`sdxl_problems` says why not when it
+cannot) is written as one instead (``pipeline="auto"``, the default, or ``"sdxl"``): diffusers' and transformers'
+classes only, loaded by ``DiffusionPipeline.from_pretrained(OUT)`` without ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ PIPELINE_FILE, VAE_FILE, PROJECTION_FILE = "pipeline_emu.py", "emu_autoencoder.p
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
 SCHEDULERS = {"dpmpp_2m": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
 TEXT_SLOTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+PIPELINES = ("auto", "emu", "sdxl")  # which pipeline class: SDXL's where the model is one, else emu's; or either
 
 
 def _hub_module(name: str):
@@ -43,6 +48,65 @@ def check_exportable(module) -> None:
     if len(module.conditioner.encoders) > len(TEXT_SLOTS):
         raise ValueError(f"the exported pipeline runs at most {len(TEXT_SLOTS)} text encoders; this model has "
                          f"{len(module.conditioner.encoders)}")  # fmt: skip
+
+
+def sdxl_problems(module) -> list[str]:
+    """Why diffusers' ``StableDiffusionXLPipeline`` would not sample ``module`` (a DiffusionModule) as emu does; empty
+    when it would: a text_time U-Net, two CLIP encoders (penultimate states, no padding mask, as many tokens as their
+    tokenizers' ``model_max_length``, which the pipeline pads to) joined along the features, the pooled embedding the
+    second's, zeros as the unconditional embedding (``force_zeros_for_empty_prompt``), a diffusers-layout autoencoder
+    whose latents are scaled by its ``scaling_factor`` alone (the pipeline applies no shift nor per-channel
+    statistics), eps- or v-prediction (sigma_data 1)."""
+    hp, cond, ae = module.hparams, module.conditioner, module.autoencoder
+    problems = []
+    if hp.parameterization not in PREDICTION_TYPES:
+        problems.append(f"{hp.parameterization}-parameterised, not eps or v")
+    elif hp.parameterization == "v" and float(hp.sigma_data) != 1.0:
+        problems.append(f"v-prediction with sigma_data {hp.sigma_data}, not 1")
+    if not module.unet.config.get("addition_time_embed_dim"):
+        problems.append("the U-Net has no text_time embedding (unet.addition_time_embed_dim)")
+    encoders = list(cond.encoders.items())
+    kinds = [e.kind for _, e in encoders]
+    if kinds != ["clip", "clip"]:
+        problems.append(f"its text encoders are {kinds}, not two CLIP text encoders")
+    if cond.join != "features":
+        problems.append(f"text.join is {cond.join!r}, not 'features' (SDXL's side-by-side join, unprojected)")
+    if len(encoders) == 2 and cond.pooled_from != encoders[1][0]:
+        problems.append(f"the pooled embedding is {cond.pooled_from!r}'s, not the second encoder's "
+                        f"({encoders[1][0]!r})")  # fmt: skip
+    if cond.uncond != "zeros":
+        problems.append(f"text.uncond is {cond.uncond!r}, not 'zeros' (force_zeros_for_empty_prompt)")
+    for name, e in encoders:
+        if e.hidden_state != "penultimate":
+            problems.append(f"{name} gives its {e.hidden_state!r} hidden states, not the penultimate ones")
+        if e.mask_padding:
+            problems.append(f"{name} masks its padding (SDXL's pipeline runs the encoders without a mask)")
+        if e.max_length != e.tokenizer.model_max_length:
+            problems.append(f"{name} takes {e.max_length} tokens but its tokenizer's model_max_length, to which the "
+                            f"pipeline pads, is {e.tokenizer.model_max_length}")  # fmt: skip
+    factors = ae.latent_factors()
+    if ae.fourier is not None or not ae.diffusers_layout:
+        problems.append(f"the autoencoder ({type(ae).__name__}, Fourier features or patch path) is not diffusers' "
+                        "AutoencoderKL")  # fmt: skip
+    if hp.latent_scaling != "factor" or factors is None:
+        problems.append(f"latent_scaling is {hp.latent_scaling!r}, not 'factor' with the autoencoder's scaling_factor")
+    elif factors[0]:
+        problems.append(f"the autoencoder's shift_factor {factors[0]}: the SDXL pipeline decodes without a shift")
+    return problems
+
+
+def choose_pipeline(module, pipeline: str = "auto") -> str:
+    """``sdxl`` or ``emu``: the pipeline class a diffusers export of ``module`` is written as (``auto``: SDXL's where
+    :func:`sdxl_problems` finds none); ``sdxl`` for a model SDXL's pipeline cannot sample is refused, with reasons."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r}: choose one of {list(PIPELINES)}")
+    if pipeline == "emu":
+        return "emu"
+    problems = sdxl_problems(module)
+    if pipeline == "sdxl" and problems:
+        raise ValueError("this model is not expressible as diffusers' StableDiffusionXLPipeline: " + "; ".join(problems)
+                         + " (--pipeline emu or auto writes emu's own pipeline)")  # fmt: skip
+    return "emu" if problems else "sdxl"
 
 
 def make_scheduler(module, sampler: str = "dpmpp_2m"):
@@ -92,12 +156,50 @@ def export_text_projection(conditioner, folder: Path):
     return proj
 
 
-def export_diffusers(module, folder: str | Path, sampler: str = "dpmpp_2m") -> Path:
+def export_sdxl(module, folder: str | Path, sampler: str = "dpmpp_2m") -> Path:
+    """Write ``module`` (with no :func:`sdxl_problems`) as a stock ``StableDiffusionXLPipeline`` folder in float32:
+    diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL``, transformers' ``CLIPTextModel`` (the first encoder, whose
+    projection the pipeline does not use: a model with one would hand its projection to the pooled slot) and
+    ``CLIPTextModelWithProjection`` with their tokenizers, and the scheduler of :func:`make_scheduler`. No invisible
+    watermark (``add_watermarker=False``; diffusers adds one on loading where the ``invisible-watermark`` package is
+    installed, unless ``from_pretrained`` is given ``add_watermarker=False``)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    problems = sdxl_problems(module)
+    if problems:
+        raise ValueError("not expressible as a StableDiffusionXLPipeline: " + "; ".join(problems))
+    unet = unet_to_diffusers(module.unet).float()  # copies: the caller's module stays where and as it is
+    vae = AutoencoderKL(**diffusers_config(module.autoencoder))
+    vae.load_state_dict(diffusers_state_dict(module.autoencoder), strict=True)
+    if module.train_resolution:  # the pipeline's default size
+        unet.register_to_config(sample_size=module.train_resolution // (2 ** (len(vae.config.block_out_channels) - 1)))
+    (_, first), (_, second) = module.conditioner.encoders.items()
+    text_encoder = CLIPTextModel(first.model.config).eval()
+    tower = lambda m: getattr(m, "text_model", m)  # transformers 5: CLIPTextModel is its text model itself
+    tower(text_encoder).load_state_dict(tower(first.model).state_dict(), strict=True)
+    text_encoder_2 = CLIPTextModelWithProjection(second.model.config).eval()
+    text_encoder_2.load_state_dict(second.model.state_dict(), strict=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.float(), text_encoder=text_encoder.float(), text_encoder_2=text_encoder_2.float(),
+        tokenizer=first.tokenizer, tokenizer_2=second.tokenizer, unet=unet, scheduler=make_scheduler(module, sampler),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )  # fmt: skip
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def export_diffusers(module, folder: str | Path, sampler: str = "dpmpp_2m", pipeline: str = "auto") -> Path:
     """Write ``module`` (a :class:`~emu.diffusion.module.DiffusionModule` with the weights to export in place, e.g.
-    from ``load_for_sampling``) as a diffusers pipeline folder, in float32 (the text encoders as they are)."""
+    from ``load_for_sampling``) as a diffusers pipeline folder: diffusers' ``StableDiffusionXLPipeline`` where the model
+    is one (``pipeline="auto"``; :func:`choose_pipeline`) or as asked (``sdxl``; :func:`export_sdxl`), else emu's own
+    pipeline (``emu``), in float32 (the text encoders as they are)."""
     import diffusers
     import transformers
 
+    if choose_pipeline(module, pipeline) == "sdxl":
+        return export_sdxl(module, folder, sampler)
     check_exportable(module)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -102,8 +102,23 @@ def _clip_projection(spec: dict[str, Any]) -> int | None:
     return json.loads(config.read_text()).get("projection_dim")
 
 
+def _diffusers_unet_sizes(path: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """What the links below compare of a ``model.unet`` given as a diffusers U-Net (or pipeline) folder: its channels
+    and levels, from its ``config.json`` (the rest is converted, and checked, when the model is built)."""
+    folder = diffusers_unet_folder(path)
+    if folder is None:
+        problems.append(("model.unet", f"'{path}' is neither U-Net settings nor a diffusers UNet2DConditionModel "
+                         "folder (or a pipeline folder with one in unet/)"))  # fmt: skip
+        return {}
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    names = {"in_channels": "in_channels", "out_channels": "out_channels", "block_out_channels": "block_channels"}
+    return {ours: config[theirs] for theirs, ours in names.items() if theirs in config}
+
+
 def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
     model, unet = cfg.model, cfg.model.get("unet") or {}
+    if isinstance(unet, str):
+        unet = _diffusers_unet_sizes(unet, problems)
     ae = None
     if model.get("autoencoder"):
         try:
@@ -142,7 +157,7 @@ def _autoencoder_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None
             problems.append(("data.resolution", problem))
 
 
-def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[str, str]]) -> None:
+def _init_from_links(model: DictConfig, unet: DictConfig | dict, problems: list[tuple[str, str]]) -> None:
 
     path = Path(str(model.init_from)).expanduser()
     if diffusers_unet_folder(path):  # its U-Net is converted and matched when the model is built
@@ -151,7 +166,7 @@ def _init_from_links(model: DictConfig, unet: DictConfig, problems: list[tuple[s
         problems.append(("model.init_from", f"no checkpoint at '{path}'"))
         return
     theirs = read_header(path).get("unet_config", {})  # a file, or an FSDP run's sharded folder
-    for key, value in OmegaConf.to_container(unet, resolve=True).items():
+    for key, value in (unet if isinstance(unet, dict) else OmegaConf.to_container(unet, resolve=True)).items():
         if key in theirs and key != "gradient_checkpointing" and not _same(theirs[key], value):
             problems.append((f"model.unet.{key}", f"is {value} but model.init_from's U-Net has {theirs[key]}; "
                              f"set model.unet.{key}={theirs[key]} or start from another checkpoint"))  # fmt: skip
