@@ -53,7 +53,7 @@ def test_plan_has_every_arm():
     arms = {a.name: a for a in plan(driver.load_scale("mini"), _facts())}
     # 300 is not below the 164 curated images: the whole set is the demo's own stage 2 (curated_164, no steps)
     assert list(arms) == ["curated_164", "curated_100", "random_100", "random_164", "automatic_164", "steps_40",
-                          "steps_200", "steps_800", "seed_1", "seed_2"]  # fmt: skip
+                          "steps_200", "steps_800", "seed_1", "seed_2", "lora_r4", "lora_r32"]  # fmt: skip
     assert arms["curated_164"].stage is None and arms["curated_164"].metrics == "eval/metrics.json"
     assert arms["curated_164"].step == 120 and arms["steps_40"].step == 40
     assert {a.images for a in arms.values() if a.group == "random"} == {100, 164}
@@ -67,7 +67,7 @@ def test_every_arm_of_every_scale_composes(scale, tmp_path):
     """Each arm's commands name real config keys and evaluate like the demo's own eval step."""
     s = driver.load_scale(scale)
     arms = plan(s, _facts(curated=20, steps=(2, 4), best=4))  # every scale's longer run goes beyond step 4
-    assert {a.group for a in arms} == {"curated", "random", "automatic", "length", "seed"}
+    assert {a.group for a in arms} == {"curated", "random", "automatic", "length", "seed", "lora"}
     steps = [step for a in arms if a.stage for step in a.stage.steps]
     assert len({st.name for st in steps}) == len(steps), "step names must be unique (the state file keys them)"
     demo_eval = next(st for stage in demo_stages(s) for st in stage.steps if st.name == "eval")
@@ -89,6 +89,13 @@ def test_every_arm_of_every_scale_composes(scale, tmp_path):
                         assert cfg.ckpt_path == "last"
                     for o in (s.get("overrides") or {}).get("stage2", []):
                         assert o in argv
+                    arm = next(a for a in arms if a.name == step.name.split("/")[0])
+                    if arm.group == "lora":  # the adapters alone, at the scale's rate
+                        rank = int(arm.name.removeprefix("lora_r"))
+                        assert cfg.model.lora.rank == rank and cfg.model.lora.alpha == rank
+                        assert cfg.model.lr == s["ablations"]["lora_lr"]
+                    else:
+                        assert not cfg.model.lora.rank
                 elif entry == "eval.py":
                     assert cfg.b == reference.b and cfg.prompts == reference.prompts and cfg.seed == reference.seed
                     assert cfg.judge == reference.judge and cfg.sampling == reference.sampling
@@ -190,7 +197,12 @@ def test_ablation_table_judges_the_targets_both_ways(tmp_path, good):
     demo_state = {"stages": {"stage2": {"seconds": 300.0}, "eval": {"seconds": 150.0}}}
     text = write_ablations(tmp_path, scale, arms, state, demo_state).read_text()
     verdict = "met" if good else "missed"
-    rows = {m[1]: line for line in text.splitlines() if (m := re.match(r"\| \**(\w+)", line))}
+    rows = {}  # the main table's row of each arm (the LoRA table repeats the headline's)
+    for line in text.splitlines():
+        if m := re.match(r"\| \**(\w+)", line):
+            rows.setdefault(m[1], line)
+    lora = text[text.index("## LoRA vs full quality-tuning") :]
+    assert re.search(r"\| lora_r32 \| .*LoRA rank 32 .* \| n/a \| win 100.0%", lora) and "| curated_164 |" in lora
     assert re.search(rf"100 curated images vs pre-trained: appeal win's 95% interval above 50.0%: \*\*{verdict}\*\*",
                      rows["curated_100"])  # fmt: skip
     assert re.search(rf"not above 50.0%: \*\*{verdict}\*\*", rows["random_100"])

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from emu import paper
-from emu.demo.ablations import Arm, settings
+from emu.demo.ablations import Arm, selected_checkpoint, settings
 from emu.demo.plot import Panel, Series, chart
 from emu.demo.report import POOLED, ROOT, Targets, _load, _pct, wall_clock
 from emu.evaluation.winrate import format_win_rate, paired_outcomes, pooled_win_rates
@@ -200,6 +200,38 @@ def _seeds(arms: list[Arm], metrics: dict[str, dict], pooled: dict[str, Any] | N
     return lines + (_pooled_lines(pooled) if pooled else ["_Fewer than two stage-2 seeds have a `scores.jsonl`._", ""])
 
 
+def trainable_parameters(path: Path) -> int | None:
+    """The parameters a stage-2 checkpoint's optimizer updated (the U-Net and text projections, or the LoRA
+    adapters alone), counted on the model it loads as; None when it is missing."""
+    from emu.diffusion.checkpoints import load_diffusion
+    from emu.diffusion.lora import trainable_count
+
+    if not path.is_file():
+        return None
+    return trainable_count(load_diffusion(path).trained_modules().values())
+
+
+def _lora(out: Path, arms: list[Arm], metrics: dict[str, dict], state: dict[str, Any],
+          demo_state: dict[str, Any]) -> list[str]:  # fmt: skip
+    """LoRA vs full quality-tuning: the LoRA arms beside the headline, with what each trained and its wall time."""
+    runs = [a for a in arms if a.group == "lora" or (a.group == "curated" and a.stage is None)]
+    if len(runs) < 2:
+        return []
+    lines = ["## LoRA vs full quality-tuning", "",
+             "| arm | trains | trainable parameters | appeal: win / tie / loss, 95% | faithfulness: win / tie / loss | "
+             "wall time (stage 2 + eval) |", "| --- | --- | ---: | --- | --- | ---: |"]  # fmt: skip
+    for arm in runs:
+        paired = (metrics.get(arm.name) or {}).get("paired", {})
+        appeal = format_win_rate(paired["appeal"]) if "appeal" in paired else "not run"
+        n = trainable_parameters(out / selected_checkpoint(arm))
+        lines.append(f"| {arm.name} | {arm.what} | {f'{n:,}' if n is not None else 'n/a'} | {appeal} | "
+                     f"{_faith(paired.get('faithfulness'))} | {_seconds(arm, state, demo_state)} |")  # fmt: skip
+    return [*lines, "", "Same curated set, prompts, seeds, judge, tie band and checkpoint selection as the headline; the "
+            "LoRA arms train the adapters alone (the U-Net's other weights and the text projections frozen) and "
+            "their EMA averages the adapters. Wall times are comparable only between runs with the same neighbours "
+            "on the machine (the headline's is the demo's stage 2 and eval).", ""]  # fmt: skip
+
+
 def _plot(out: Path, arms: list[Arm], metrics: dict[str, dict]) -> str | None:
     """Appeal and faithfulness win vs quality-tuning step (the headline and the length arms), over the judge's
     mean scores per step from checkpoint selection (each stage-2 run); ``PLOT``, or None when nothing to plot."""
@@ -278,6 +310,7 @@ def write_ablations(out: Path, scale: dict[str, Any], arms: list[Arm], state: di
         table.add(what, measured, met)
     lines += table.markdown() if targets else ["_No target arm in this plan._", ""]
     lines += _seeds(arms, metrics, pooled)
+    lines += _lora(out, arms, metrics, state, demo_state)
     lines += ["## Training length", ""]
     plot = _plot(out, arms, metrics)
     if plot:

@@ -9,7 +9,9 @@ Run on top of a finished demo folder; each arm lives in ``<demo>/ablations/<arm>
   automatic stage of the funnel kept, before the human passes;
 - **training lengths** (``steps_<s>``): the demo's stage-2 checkpoints at about half the selected step and at the
   last one, and the demo's stage 2 resumed to a longer run: over-training;
-- **seeds** (``seed_<s>``): stage 2 again on the whole curated set with other seeds: how much of an effect is noise.
+- **seeds** (``seed_<s>``): stage 2 again on the whole curated set with other seeds: how much of an effect is noise;
+- **LoRA** (``lora_r<r>``): stage 2 on the whole curated set training rank-``r`` adapters alone (``model.lora``, alpha
+  = rank, the U-Net's attention projections) at ``lora_lr``, beside the full fine-tuning of the demo's stage 2.
 
 Every arm is evaluated like the demo's own ``eval`` step (:func:`emu.demo.stages.eval_args`): against the same
 pre-trained model on the same prompts and seeds with the same judge, into ``<arm>/eval/metrics.json``. The data of an
@@ -28,7 +30,7 @@ from emu.demo.stages import Stage, Step, _step, eval_args
 
 SELECT = "stage2/checkpoints/select"  # the demo's stage-2 checkpoint selection, relative to the demo folder
 DEFAULTS = {"curated": [100, 300], "random": True, "automatic": True, "data_seed": 0, "lengths": True,
-            "longer_steps": None, "seeds": [1, 2]}  # fmt: skip
+            "longer_steps": None, "seeds": [1, 2], "lora": [], "lora_lr": None}  # fmt: skip
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Arm:
     """One ablation: what it trains on and the steps that make and evaluate it (none: the demo's own run)."""
 
     name: str
-    group: str  # curated | random | automatic | length | seed
+    group: str  # curated | random | automatic | length | seed | lora
     what: str  # what it trains on, in words
     images: int  # training images
     metrics: str  # its eval's metrics.json, relative to the demo folder
@@ -152,7 +154,19 @@ def plan(scale: dict[str, Any], facts: dict[str, Any]) -> list[Arm]:
         what = f"the whole curated set, stage 2 with seed {sd}"
         arms.append(_arm(scale, f"seed_{sd}", "seed", what, n, train=f"seed={sd}", seed=int(sd),
                          selection=f"ablations/seed_{sd}/{SELECT}/selection.json"))  # fmt: skip
+    for rank in s["lora"] or []:
+        rank, lr = int(rank), s["lora_lr"]
+        what = f"the whole curated set, LoRA rank {rank} (alpha {rank}) on the attention projections" + (
+            f", lr {lr:g}" if lr else "")  # fmt: skip
+        train = f"model.lora.rank={rank} model.lora.alpha={rank}" + (f" model.lr={lr}" if lr else "")
+        arms.append(_arm(scale, f"lora_r{rank}", "lora", what, n, train=train,
+                         selection=f"ablations/lora_r{rank}/{SELECT}/selection.json"))  # fmt: skip
     return arms
+
+
+def selected_checkpoint(arm: Arm) -> str:
+    """The checkpoint an arm's stage 2 selected (the demo's own for the headline), relative to the demo folder."""
+    return f"{SELECT}/best.ckpt" if arm.stage is None else f"ablations/{arm.name}/{SELECT}/best.ckpt"
 
 
 def length_steps(selection: dict[str, Any]) -> list[int]:
