@@ -29,10 +29,14 @@ class _Data(L.LightningDataModule):
 
 
 def _trainer(root, max_steps):
+    from emu.training.resume import ExactResume
+
+    torch.manual_seed(0)  # the training step's draws (noise, levels, dropout): ExactResume continues them on resume
     return L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      limit_val_batches=0, callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt",
-                                                                                         save_last=True)])  # fmt: skip
+                                                                                         save_last=True),
+                                                     ExactResume()])  # fmt: skip
 
 
 def lora_module(base_ckpt, rank=16, **kw) -> DiffusionModule:
@@ -69,7 +73,7 @@ def test_only_the_adapters_train_the_ema_averages_them_and_the_base_stays(tiny_s
     module = lora_module(tiny_stage1_checkpoint)
     adapters = dict(module.adapters.named_parameters())
     n_adapters = sum(p.numel() for p in adapters.values())
-    assert 0 < n_adapters < sum(p.numel() for p in base.unet.parameters()) / 10
+    assert 0 < n_adapters < sum(p.numel() for p in base.unet.parameters()) / 4  # rank 16 on a tiny U-Net: 13%
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in adapters.values()}
     groups = module.configure_optimizers()["optimizer"].param_groups
@@ -148,3 +152,100 @@ def test_merging_gives_the_same_model_as_the_adapters(tiny_stage1_checkpoint):
     assert set(module.unet.state_dict()) == keys and module.denoiser.net is module.unet
     diff = (_denoised(module, z, sigma, cond) - before).abs().max()
     assert diff < 1e-5, diff
+
+
+# ------------------------------------------------------------------------------------------------ exports
+def _randomised(module):
+    """Every adapter given a say (B is zero at the start), the EMA's copy too: what an export writes is unambiguous."""
+    for p in module.adapters.parameters():
+        p.data.normal_(0, 0.2)
+    module.ema.shadow["lora"].load_state_dict(module.adapters.state_dict())
+    return module.eval()
+
+
+def _loads_whole(pipe, folder, caplog, **kw):
+    """``pipe.load_lora_weights``, asserting that diffusers and peft complain of no key (unexpected or missing)."""
+    assert not _complaints(pipe, folder, caplog, **kw)
+
+
+def _complaints(pipe, folder, caplog, **kw) -> list[str]:
+    """What diffusers (its loggers propagated to pytest's, as they are not by default) says of keys it left over."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            pipe.load_lora_weights(str(folder), **kw)
+    finally:
+        diffusers_logging.disable_propagation()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [m for m in said if not m.startswith("No LoRA keys associated to")]  # the text encoders': none, rightly
+    return [m for m in said if any(w in m.lower() for w in ("unexpected", "missing", "not loaded", "not found"))]
+
+
+def _pipe_images(pipe, height=32, width=32):
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    return pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="pt", height=height,
+                width=width).images * 2 - 1  # fmt: skip
+
+
+def test_lora_files_load_whole_in_diffusers_and_merged_exports_match(tiny_stage1_checkpoint, tmp_path, caplog):
+    """The base model's diffusers export + the LoRA file (diffusers' layout, alpha != rank in its metadata; then kohya's
+    through diffusers' own converter) make sample.py's images of the LoRA model within the export tests' Euler
+    tolerance, every key loaded; the merged exports (diffusers, safetensors) match it too."""
+    from peft import get_peft_model_state_dict
+
+    from emu.diffusion.lora import lora_layers
+    from emu.export.diffusers import export_diffusers, load_pipeline
+    from emu.export.lora import export_lora
+    from tests.test_export import TOLERANCE
+
+    module = _randomised(lora_module(tiny_stage1_checkpoint, rank=4))  # alpha 8: a scale of 2
+    settings = SamplingSettings(sampler="euler", steps=4, guidance=3.0, resolution=32)
+    ours = module.sample(PROMPTS, SEEDS, settings)
+    base_dir = export_diffusers(load_for_sampling(tiny_stage1_checkpoint), tmp_path / "base", sampler="euler")
+    base_images = _pipe_images(load_pipeline(base_dir))
+    assert (base_images - ours).abs().max() > 0.05  # the adapters matter
+
+    path = export_lora(module, tmp_path / "lora")
+    assert path.name == "pytorch_lora_weights.safetensors"
+    pipe = load_pipeline(base_dir)
+    _loads_whole(pipe, path.parent, caplog)
+    (name,) = pipe.unet.peft_config  # diffusers names the adapter it loads (default_0)
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=name)
+    assert pipe.unet.peft_config[name].lora_alpha == 8 and pipe.unet.peft_config[name].r == 4  # from the metadata
+    assert len(lora_layers(pipe.unet)) == len(lora_layers(module.unet))
+    theirs, mine = loaded, get_peft_model_state_dict(module.unet)
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in mine)
+    diff = (_pipe_images(pipe) - ours).abs()
+    assert diff.max() < TOLERANCE["euler"][0] and diff.mean() < TOLERANCE["euler"][1], (diff.max(), diff.mean())
+    print(f"LoRA file (diffusers layout) vs sample.py: max {diff.max():.2g}, mean {diff.mean():.2g}")
+
+    kohya = export_lora(module, tmp_path / "kohya", layout="kohya")
+    from safetensors.torch import load_file
+
+    keys = load_file(str(kohya))
+    assert all(k.startswith("lora_unet_") for k in keys) and {float(v) for k, v in keys.items()
+                                                              if k.endswith(".alpha")} == {8.0}  # fmt: skip
+    pipe = load_pipeline(base_dir)
+    _loads_whole(pipe, kohya.parent, caplog, weight_name=kohya.name)
+    diff = (_pipe_images(pipe) - ours).abs()
+    assert diff.max() < TOLERANCE["euler"][0] and diff.mean() < TOLERANCE["euler"][1], (diff.max(), diff.mean())
+    print(f"LoRA file (kohya layout) vs sample.py: max {diff.max():.2g}, mean {diff.mean():.2g}")
+
+    merged_dir = export_diffusers(module, tmp_path / "merged", sampler="euler")  # the caller's module unchanged
+    assert module.adapters is not None
+    diff = (_pipe_images(load_pipeline(merged_dir)) - ours).abs()
+    assert diff.max() < TOLERANCE["euler"][0] and diff.mean() < TOLERANCE["euler"][1], (diff.max(), diff.mean())
+    print(f"merged diffusers export vs sample.py: max {diff.max():.2g}, mean {diff.mean():.2g}")
+    # the check above can fail: a file with a key of no layer of the U-Net is complained about
+    from safetensors.torch import save_file
+
+    extra = {**load_file(str(path)), "unet.no_such_block.to_q.lora_A.weight": torch.zeros(4, 32)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    assert _complaints(load_pipeline(base_dir), tmp_path, caplog, weight_name="extra.safetensors")
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        export_lora(load_for_sampling(tiny_stage1_checkpoint), tmp_path / "none")

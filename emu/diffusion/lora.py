@@ -137,6 +137,11 @@ def merged_copy(net: nn.Module) -> nn.Module:
     return net.requires_grad_(True)
 
 
+def plain_unet(net: nn.Module) -> nn.Module:
+    """``net`` itself without LoRA layers, else :func:`merged_copy` of it: what a whole-model export converts."""
+    return merged_copy(net) if lora_layers(net) else net
+
+
 def trainable_count(modules: Sequence[nn.Module]) -> int:
     """The number of parameters the optimizer updates among ``modules`` (each counted once)."""
     params = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}

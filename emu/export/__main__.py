@@ -1,4 +1,4 @@
-"""Export a trained model: ``python -m emu.export {safetensors,diffusers} CKPT [OUT]``.
+"""Export a trained model: ``python -m emu.export {safetensors,diffusers,lora} CKPT [OUT]``.
 
 * ``safetensors CKPT [OUT]``: a stage-1/2 checkpoint as a self-contained folder of safetensors + JSON (the trained
   weights, the frozen autoencoder and text encoders, the hyper-parameters) that ``sample.py`` and ``eval.py`` take in
@@ -8,6 +8,10 @@
   model is one (SDXL quality-tuned: ``experiment=stage2_quality_tune_sdxl``), else emu's own pipeline, which needs
   ``trust_remote_code=True`` (``--pipeline auto|emu|sdxl``).
 
+* ``lora CKPT OUT``: a LoRA model's adapters (``model.lora``) as a LoRA file, diffusers' layout (``pipe.load_lora_weights``
+  on the base model's diffusers export) or kohya's (``--layout kohya``; :mod:`emu.export.lora`).
+
+A LoRA model's ``safetensors`` and ``diffusers`` exports hold the adapters merged into their base: a whole model.
 The stage-1/2 exports write a model card (README.md). EMA weights unless ``--raw``.
 """
 
@@ -24,6 +28,7 @@ from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.checkpoints import load_diffusion, load_for_sampling
 from emu.diffusion.export import is_export, save_export
 from emu.export.card import model_card
+from emu.export.lora import LAYOUTS, export_lora
 from emu.export.diffusers import PIPELINES, SCHEDULERS, choose_pipeline, export_diffusers
 from emu.utils.checkpoint_header import header
 
@@ -65,6 +70,11 @@ def export_safetensors(ckpt: Path, out: Path | None, ema: bool, metrics: str | N
     module = load_diffusion(ckpt)  # the EMA kept apart: save_export picks the weights itself
     if not ema and module.exported_weights == "ema":
         raise ValueError(f"'{ckpt}' holds the EMA weights only; --raw needs the training checkpoint")
+    if module.adapters is not None:  # self-contained: the adapters (their EMA unless --raw) merged into their base
+        if ema and module.ema is not None:
+            module.ema.copy_to(module.trained_modules())
+            module.exported_weights = "ema"
+        module.merge_lora()
     folder = save_export(module, out, ema=ema, step=module.trained_steps, source=str(ckpt))
     weights = json.loads((folder / "config.json").read_text())["weights"]
     (folder / "README.md").write_text(model_card(module, str(ckpt), "safetensors", weights, metrics))
@@ -88,6 +98,17 @@ def export_to_diffusers(ckpt: Path, out: Path, ema: bool, sampler: str, metrics:
     return folder
 
 
+def export_lora_file(ckpt: Path, out: Path, ema: bool, layout: str) -> Path:
+    if checkpoint_kind(ckpt) != "diffusion":
+        raise ValueError(f"'{ckpt}' is an autoencoder checkpoint; a LoRA file comes from a stage-2 LoRA model")
+    module = load_for_sampling(ckpt, ema=ema)
+    path = export_lora(module, out, layout)
+    print(f"wrote the {module.sampled_weights.upper()} adapters (rank {module.hparams.lora['rank']}, alpha "
+          f"{module.hparams.lora['alpha']:g}) in {layout}'s layout to {path}; their base: "
+          f"{module.hparams.init_from}")  # fmt: skip
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emu.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="format", required=True)
@@ -101,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     df.add_argument("--pipeline", default="auto", choices=PIPELINES, help="sdxl: diffusers' StableDiffusionXLPipeline "
                     "(refused, with the reasons, for a model it cannot express); emu: emu's own (trust_remote_code); "
                     "auto: sdxl where the model is one, else emu")  # fmt: skip
+    lo = sub.add_parser("lora", help="a LoRA model's adapters as a LoRA file (diffusers' or kohya's layout)")
+    lo.add_argument("ckpt", type=Path, help="a stage-2 checkpoint trained with model.lora")
+    lo.add_argument("out", type=Path, help="the folder to write the file into")
+    lo.add_argument("--layout", default="diffusers", choices=LAYOUTS, help="diffusers: pytorch_lora_weights."
+                    "safetensors for pipe.load_lora_weights; kohya: lora_unet_* keys (A1111, ComfyUI)")  # fmt: skip
+    lo.add_argument("--raw", action="store_true", help="the raw adapters instead of their EMA")
     for p in (st, df):
         p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
         p.add_argument("--metrics", help="an eval.py metrics.json to put into the model card")
@@ -111,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             check_metrics(Path(args.metrics))
         if args.format == "safetensors":
             export_safetensors(ckpt, args.out, not args.raw, args.metrics)
+        elif args.format == "lora":
+            export_lora_file(ckpt, args.out, not args.raw, args.layout)
         else:
             export_to_diffusers(ckpt, args.out, not args.raw, args.sampler, args.metrics, args.pipeline)
     except (FileNotFoundError, ValueError) as e:

@@ -21,6 +21,7 @@ import torch
 
 from emu.autoencoder.convert import diffusers_config, diffusers_state_dict
 from emu.diffusion.convert import to_diffusers as unet_to_diffusers
+from emu.diffusion.lora import plain_unet
 
 HUB = Path(__file__).parent / "hub"
 PIPELINE_FILE, VAE_FILE, PROJECTION_FILE = "pipeline_emu.py", "emu_autoencoder.py", "emu_text_projection.py"
@@ -169,7 +170,7 @@ def export_sdxl(module, folder: str | Path, sampler: str = "dpmpp_2m") -> Path:
     problems = sdxl_problems(module)
     if problems:
         raise ValueError("not expressible as a StableDiffusionXLPipeline: " + "; ".join(problems))
-    unet = unet_to_diffusers(module.unet).float()  # copies: the caller's module stays where and as it is
+    unet = unet_to_diffusers(plain_unet(module.unet)).float()  # copies: the caller's module stays as it is
     vae = AutoencoderKL(**diffusers_config(module.autoencoder))
     vae.load_state_dict(diffusers_state_dict(module.autoencoder), strict=True)
     if module.train_resolution:  # the pipeline's default size
@@ -205,7 +206,7 @@ def export_diffusers(module, folder: str | Path, sampler: str = "dpmpp_2m", pipe
     folder.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": [Path(PIPELINE_FILE).stem, "EmuPipeline"], "_diffusers_version": diffusers.__version__}
 
-    unet = unet_to_diffusers(module.unet).float()  # copies: the caller's module stays where and as it is
+    unet = unet_to_diffusers(plain_unet(module.unet)).float()  # copies: the caller's module stays as it is
     unet.save_pretrained(folder / "unet")
     index["unet"] = ["diffusers", type(unet).__name__]
     export_vae(module.autoencoder, folder / "vae")

@@ -23,12 +23,13 @@ from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
-class EmuPipeline(DiffusionPipeline):
+class EmuPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_projection->unet->vae"
     _optional_components: ClassVar[list[str]] = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
