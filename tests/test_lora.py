@@ -132,6 +132,14 @@ def test_checkpoints_hold_the_adapters_and_load_over_their_base(tiny_stage1_chec
     raw = load_diffusion(tmp_path / "a/ckpt/last.ckpt")
     assert all(torch.equal(v, a[k]) for k, v in raw.state_dict().items())
 
+    # the safetensors export is a whole model: the EMA adapters merged into their base (no base needed to load it)
+    from emu.export.__main__ import main as export_main
+
+    assert export_main(["safetensors", str(tmp_path / "a/ckpt/last.ckpt"), str(tmp_path / "merged")]) == 0
+    merged = load_for_sampling(tmp_path / "merged")
+    assert merged.adapters is None and merged.hparams.lora is None and merged.exported_weights == "ema"
+    assert (merged.sample(PROMPTS, SEEDS, settings) - expected).abs().max() < 1e-4
+
     with pytest.raises(ConfigError, match="LoRA adapters over"):
         lora_module(tiny_stage1_checkpoint, rank=0, init_from=str(tmp_path / "a/ckpt/last.ckpt"))
 

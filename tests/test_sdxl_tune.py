@@ -221,3 +221,39 @@ def test_sdxl_base_config_reads_as_its_2p6b_unet(tmp_path):
     with torch.device("meta"):
         unet = UNet(**kwargs)
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # diffusers' count for SDXL-base's U-Net
+
+
+def test_lora_on_sdxl_trains_the_adapters_alone_and_loads_onto_the_stock_folder(tmp_path, request, tiny_sdxl, caplog):
+    """``experiment=stage2_quality_tune_sdxl model.lora.rank=4``: the checkpoint holds the adapters over the folder
+    (by path); its LoRA file loads onto the *original* SDXL folder with diffusers' stock pipeline, every key used, and
+    makes ``sample.py``'s images of the LoRA model within the Euler tolerance."""
+    import train
+    from diffusers import StableDiffusionXLPipeline
+
+    from emu.export.diffusers import make_scheduler
+    from tests.test_lora import _loads_whole, _randomised
+
+    pytest.importorskip("peft")
+    cfg = _tune_cfg(tmp_path, request, "model.lora.rank=4", "model.lora.alpha=8")
+    train.train(cfg)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    unet_keys = [k for k in saved["state_dict"] if k.startswith("unet.")]
+    assert unet_keys and all(".lora_A." in k or ".lora_B." in k for k in unet_keys)
+    assert saved["hyper_parameters"]["init_from"] == str(tiny_sdxl)
+
+    module = _randomised(load_for_sampling(ckpt))  # B moved little in 2 steps at 1e-5: give every adapter a say
+    assert export_main(["lora", str(ckpt), str(tmp_path / "lora")]) == 0  # the command, on the checkpoint
+    from emu.export.lora import export_lora
+
+    path = export_lora(module, tmp_path / "lora_random")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl), add_watermarker=False)
+    pipe.scheduler = make_scheduler(module, "euler")  # the folder ships SDXL's leading-spacing Euler
+    _loads_whole(pipe, path.parent, caplog)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=gens, height=64, width=64,
+                  output_type="pt").images * 2 - 1  # fmt: skip
+    ours = module.sample(PROMPTS, SEEDS, SamplingSettings(sampler="euler", steps=4, guidance=3.0, resolution=64))
+    diff = (theirs - ours).abs()
+    assert diff.max() < TOLERANCE["euler"][0] and diff.mean() < TOLERANCE["euler"][1], (diff.max(), diff.mean())
+    print(f"SDXL + LoRA file vs sample.py: max {diff.max():.2g}, mean {diff.mean():.2g}")

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ckpt = args.ckpt.expanduser().absolute()  # not resolved: best.ckpt stays best.ckpt in the card
     try:
-        if args.metrics is not None:  # checked before anything is written
+        if getattr(args, "metrics", None) is not None:  # checked before anything is written
             check_metrics(Path(args.metrics))
         if args.format == "safetensors":
             export_safetensors(ckpt, args.out, not args.raw, args.metrics)
