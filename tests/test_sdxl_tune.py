@@ -227,9 +227,9 @@ def test_lora_on_sdxl_trains_the_adapters_alone_and_loads_onto_the_stock_folder(
     """``experiment=stage2_quality_tune_sdxl model.lora.rank=4``: the checkpoint holds the adapters over the folder
     (by path); its LoRA file loads onto the *original* SDXL folder with diffusers' stock pipeline, every key used, and
     makes ``sample.py``'s images of the LoRA model within the Euler tolerance."""
-    import train
     from diffusers import StableDiffusionXLPipeline
 
+    import train
     from emu.export.diffusers import make_scheduler
     from tests.test_lora import _loads_whole, _randomised
 

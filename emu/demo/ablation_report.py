@@ -226,8 +226,8 @@ def _lora(out: Path, arms: list[Arm], metrics: dict[str, dict], state: dict[str,
         n = trainable_parameters(out / selected_checkpoint(arm))
         lines.append(f"| {arm.name} | {arm.what} | {f'{n:,}' if n is not None else 'n/a'} | {appeal} | "
                      f"{_faith(paired.get('faithfulness'))} | {_seconds(arm, state, demo_state)} |")  # fmt: skip
-    return [*lines, "", "Same curated set, prompts, seeds, judge, tie band and checkpoint selection as the headline; the "
-            "LoRA arms train the adapters alone (the U-Net's other weights and the text projections frozen) and "
+    return [*lines, "", "Same curated set, prompts, seeds, judge, tie band and checkpoint selection as the headline; "
+            "the LoRA arms train the adapters alone (the U-Net's other weights and the text projections frozen) and "
             "their EMA averages the adapters. Wall times are comparable only between runs with the same neighbours "
             "on the machine (the headline's is the demo's stage 2 and eval).", ""]  # fmt: skip
 

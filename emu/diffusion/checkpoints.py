@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from emu.diffusion.denoiser import RENAMED_WEIGHTINGS
-from emu.diffusion.lora import is_adapter_key
 from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
+from emu.diffusion.lora import is_adapter_key
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy, read_sharded_weights

@@ -8,8 +8,9 @@
   model is one (SDXL quality-tuned: ``experiment=stage2_quality_tune_sdxl``), else emu's own pipeline, which needs
   ``trust_remote_code=True`` (``--pipeline auto|emu|sdxl``).
 
-* ``lora CKPT OUT``: a LoRA model's adapters (``model.lora``) as a LoRA file, diffusers' layout (``pipe.load_lora_weights``
-  on the base model's diffusers export) or kohya's (``--layout kohya``; :mod:`emu.export.lora`).
+* ``lora CKPT OUT``: a LoRA model's adapters (``model.lora``) as a LoRA file, diffusers' layout
+  (``pipe.load_lora_weights`` on the base model's diffusers export) or kohya's (``--layout kohya``;
+  :mod:`emu.export.lora`).
 
 A LoRA model's ``safetensors`` and ``diffusers`` exports hold the adapters merged into their base: a whole model.
 The stage-1/2 exports write a model card (README.md). EMA weights unless ``--raw``.
@@ -28,8 +29,8 @@ from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.checkpoints import load_diffusion, load_for_sampling
 from emu.diffusion.export import is_export, save_export
 from emu.export.card import model_card
-from emu.export.lora import LAYOUTS, export_lora
 from emu.export.diffusers import PIPELINES, SCHEDULERS, choose_pipeline, export_diffusers
+from emu.export.lora import LAYOUTS, export_lora
 from emu.utils.checkpoint_header import header
 
 
