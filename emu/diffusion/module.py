@@ -224,8 +224,11 @@ class DiffusionModule(L.LightningModule):
         if self.hparams.channels_last and not sharded:  # FSDP2 refuses non-contiguous parameters
             self.unet.to(memory_format=torch.channels_last)
         if sharded and self.adapters is not None:
-            raise ConfigError("model.lora", "trains under DDP (trainer=ddp), not FSDP: the base is frozen and the "
-                              "adapters are small, so every GPU holds a whole copy (SDXL's U-Net: ~5 GB in bf16)")
+            raise ConfigError(
+                "model.lora",
+                "trains under DDP (trainer=ddp), not FSDP: the base is frozen and the "
+                "adapters are small, so every GPU holds a whole copy (SDXL's U-Net: ~5 GB in bf16)",
+            )
         if sharded:
             if strategy.activation_checkpointing:
                 self.unet.set_gradient_checkpointing(True)
