@@ -132,6 +132,13 @@ def test_checkpoints_hold_the_adapters_and_load_over_their_base(tiny_stage1_chec
     raw = load_diffusion(tmp_path / "a/ckpt/last.ckpt")
     assert all(torch.equal(v, a[k]) for k, v in raw.state_dict().items())
 
+    # what checkpoint selection keeps with keep=ema: the EMA adapters, the base and frozen models referenced by path
+    from emu.diffusion.export import save_export
+
+    save_export(straight, tmp_path / "kept", ema=True, copy_frozen=False)
+    kept = load_for_sampling(tmp_path / "kept")
+    assert kept.adapters is not None and torch.equal(kept.sample(PROMPTS, SEEDS, settings), expected)
+
     # the safetensors export is a whole model: the EMA adapters merged into their base (no base needed to load it)
     from emu.export.__main__ import main as export_main
 

@@ -112,6 +112,8 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
             hp["text"]["encoders"][name].pop("tokenizer", None)  # copied beside its model
     else:  # referenced where they are: local paths made absolute, hub ids kept
         hp["autoencoder"] = _absolute(hp["autoencoder"])
+        if hp.get("lora") and hp.get("init_from"):  # the adapters' base, read again when they load
+            hp["init_from"] = _absolute(hp["init_from"])
         for enc in hp["text"]["encoders"].values():
             enc["name_or_path"] = _absolute(enc["name_or_path"])
             if enc.get("tokenizer"):
