@@ -304,6 +304,7 @@ def _states(trained: int, shard: int, ema: bool) -> dict[str, float]:
 
 def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -> Plan:
     from emu.diffusion.convert import read_unet_kwargs
+    from emu.diffusion.lora import add_lora, lora_settings
     from emu.diffusion.unet import UNet
 
     m = cfg.model
@@ -320,6 +321,12 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
     context_len = max(lengths) if features else sum(lengths)
     projections = 0 if features else sum((hidden + 1) * unet.config["context_dim"] for _, _, hidden in sizes)
     trained = count(unet) + projections
+    lora = lora_settings(OmegaConf.to_container(m.lora, resolve=True) if m.get("lora") else None)
+    base = 0
+    if lora:  # the adapters alone train (their gradients, moments and EMA); the U-Net and the projections are frozen
+        base = trained
+        with torch.device("meta"):
+            trained = count(add_lora(unet, lora))
     ae = autoencoder_model(None if OmegaConf.is_missing(m, "autoencoder") else str(m.autoencoder))
     ae_bytes = count(ae) * 4
     precomputed = str(cfg.data.source.get("_target_", "")).endswith("LatentSource")
@@ -334,6 +341,9 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
                     "trained_params": trained, "frozen_params": frozen_params + count(ae)},
              overhead=overhead_gib * GIB, notes=list(lay["notes"]))  # fmt: skip
     p.train.update(_states(trained, shard, ema))
+    if base:
+        p.train["U-Net and projections (frozen LoRA base, float32)"] = 4 * base
+        p.notes.append(f"LoRA rank {lora['rank']}: {trained:,} adapter parameters train over a frozen {base:,}")
     if lay["strategy"] == "ddp":
         p.train["DDP gradient buckets"] = 4 * trained
     if lay["strategy"] == "fsdp":
@@ -342,7 +352,7 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
     p.train["text encoders (frozen)"] = frozen_bytes
     p.train["autoencoder (frozen)"] = ae_bytes
     if amp and lay["strategy"] != "fsdp":  # autocast caches a bf16 copy of every float32 weight for the step
-        p.train["autocast bf16 weight copies"] = 2 * trained
+        p.train["autocast bf16 weight copies"] = 2 * (trained + base)
     p.train.update(unet_activations(unet_cfg, batch, (h // f, w // f), context_len, amp, checkpointing))
     if not precomputed:
         p.train["autoencoder encode (transient)"] = _encode_transient(ae, batch, h, w, amp)
@@ -355,6 +365,7 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
             "AdamW moments",
             "EMA copy",
             "FSDP gathered units (2)",
+            "U-Net and projections (frozen LoRA base, float32)",
             "text encoders (frozen)",
             "autoencoder (frozen)",
             "DDP gradient buckets",

@@ -264,3 +264,15 @@ def test_lora_files_load_whole_in_diffusers_and_merged_exports_match(tiny_stage1
     assert _complaints(load_pipeline(base_dir), tmp_path, caplog, weight_name="extra.safetensors")
     with pytest.raises(ValueError, match="no LoRA adapters"):
         export_lora(load_for_sampling(tiny_stage1_checkpoint), tmp_path / "none")
+
+
+def test_lora_under_fsdp_is_refused_with_what_to_use(tiny_stage1_checkpoint):
+    """The frozen base is replicated under DDP; FSDP would shard the adapters' live weights and not their EMA."""
+    from types import SimpleNamespace
+
+    from emu.training.distributed import FSDPStrategy
+
+    module = lora_module(tiny_stage1_checkpoint)
+    module._trainer = SimpleNamespace(strategy=object.__new__(FSDPStrategy))  # no process group needed to refuse
+    with pytest.raises(ConfigError, match=r"^model\.lora: trains under DDP \(trainer=ddp\), not FSDP"):
+        module.configure_model()

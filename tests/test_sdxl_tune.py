@@ -198,6 +198,15 @@ def test_the_memory_plan_reads_the_sdxl_folder(tiny_sdxl):
     plan = plan_config(cfg)
     assert plan.setup["trained_params"] == sum(p.numel() for p in unet.parameters())
 
+    # with LoRA (under DDP): the adapters' states and EMA, beside the frozen U-Net, which no longer has any
+    lora = plan_config(compose_train(["experiment=stage2_quality_tune_sdxl", f"base={tiny_sdxl}", "trainer=ddp",
+                                      "data.source.root=/data", "model.lora.rank=4"]))  # fmt: skip
+    adapters = sum(4 * (m.in_features + m.out_features) for n, m in unet.named_modules()
+                   if n.endswith(("to_q", "to_k", "to_v", "to_out.0")))  # fmt: skip
+    assert lora.setup["trained_params"] == adapters
+    assert lora.train["U-Net and projections (frozen LoRA base, float32)"] == 4 * plan.setup["trained_params"]
+    assert lora.train["AdamW moments"] < plan.train["AdamW moments"] / 4
+
 
 def test_sdxl_base_config_reads_as_its_2p6b_unet(tmp_path):
     """stable-diffusion-xl-base-1.0's unet/config.json (its keys as published) as emu's U-Net kwargs: 64-wide heads,
