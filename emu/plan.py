@@ -334,7 +334,8 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
     f = ae.downsample_factor
     batch = int(cfg.data.batch_size)
     shard, amp = lay["shard"], _amp(lay)
-    checkpointing = bool(unet_cfg.get("gradient_checkpointing")) or lay["fsdp_checkpointing"]
+    checkpointing = bool(unet_cfg.get("gradient_checkpointing") or m.get("gradient_checkpointing"))
+    checkpointing = checkpointing or lay["fsdp_checkpointing"]
     ema = float(m.get("ema_half_life_images", 0) or 0) > 0
     p = Plan(setup={"model": "DiffusionModule", **{k: v for k, v in lay.items() if k != "notes"},
                     "batch_per_rank": batch, "resolution": f"{h}x{w}", "checkpointing": checkpointing,

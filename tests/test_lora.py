@@ -146,9 +146,47 @@ def test_checkpoints_hold_the_adapters_and_load_over_their_base(tiny_stage1_chec
     merged = load_for_sampling(tmp_path / "merged")
     assert merged.adapters is None and merged.hparams.lora is None and merged.exported_weights == "ema"
     assert (merged.sample(PROMPTS, SEEDS, settings) - expected).abs().max() < 1e-4
+    # ... which a next stage (or another LoRA) starts from: init_from an export folder
+    again = lora_module(tiny_stage1_checkpoint, rank=0, init_from=str(tmp_path / "merged"))
+    assert all(torch.equal(v, merged.unet.state_dict()[k]) for k, v in again.unet.state_dict().items())
+    with pytest.raises(ValueError, match="merge_lora"):  # unmerged adapters are no self-contained export
+        save_export(straight, tmp_path / "unmerged", copy_frozen=True)
 
     with pytest.raises(ConfigError, match="LoRA adapters over"):
         lora_module(tiny_stage1_checkpoint, rank=0, init_from=str(tmp_path / "a/ckpt/last.ckpt"))
+
+
+def test_adapters_refuse_another_base_than_theirs(tiny_stage1_checkpoint, tmp_path):
+    """LoRA needs a base (init_from), stored by absolute path with a fingerprint of its weights: adapters whose base was
+    rewritten since refuse to load (checkpoint and kept folder alike) instead of sampling nonsense."""
+    import shutil
+
+    from emu.diffusion.export import save_export
+
+    with pytest.raises(ConfigError, match=r"^model\.lora: trains adapters over a base model: set model\.init_from"):
+        lora_module(tiny_stage1_checkpoint, init_from=None)
+    base = tmp_path / "base.ckpt"
+    shutil.copy(tiny_stage1_checkpoint, base)
+    module = lora_module(base)
+    _trainer(tmp_path, 1).fit(module, datamodule=_Data())
+    save_export(module, tmp_path / "kept", copy_frozen=False)
+    load_diffusion(tmp_path / "ckpt/last.ckpt")  # the same base: loads
+    ckpt = torch.load(base, weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("ema.shadow.unet.") and k.endswith("to_q.weight"))
+    ckpt["state_dict"][key] += 0.01  # stage 1 rewritten since
+    torch.save(ckpt, base)
+    for path in (tmp_path / "ckpt/last.ckpt", tmp_path / "kept"):
+        with pytest.raises(ValueError, match="trained over another base"):
+            load_for_sampling(path)
+
+
+def test_gradient_checkpointing_is_a_model_setting(tiny_stage1_checkpoint):
+    """model.gradient_checkpointing: the U-Net recomputes its activations (for a U-Net given as a diffusers folder,
+    whose kwargs cannot carry it), with the same loss."""
+    module = lora_module(tiny_stage1_checkpoint, gradient_checkpointing=True)
+    module.configure_model()
+    levels = [m for m in module.unet.modules() if hasattr(m, "gradient_checkpointing")]
+    assert levels and all(m.gradient_checkpointing for m in levels)
 
 
 def test_merging_gives_the_same_model_as_the_adapters(tiny_stage1_checkpoint):

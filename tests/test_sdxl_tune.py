@@ -206,6 +206,11 @@ def test_the_memory_plan_reads_the_sdxl_folder(tiny_sdxl):
     assert lora.setup["trained_params"] == adapters
     assert lora.train["U-Net and projections (frozen LoRA base, float32)"] == 4 * plan.setup["trained_params"]
     assert lora.train["AdamW moments"] < plan.train["AdamW moments"] / 4
+    from emu.utils.validate import validate
+
+    with pytest.raises(ConfigError, match=r"model\.lora trains under DDP \(trainer=ddp\), not FSDP"):
+        validate(compose_train(["experiment=stage2_quality_tune_sdxl", f"base={tiny_sdxl}", "model.lora.rank=4",
+                                "data.source.root=/data"]))  # the experiment's trainer=fsdp  # fmt: skip
 
 
 def test_sdxl_base_config_reads_as_its_2p6b_unet(tmp_path):
@@ -251,9 +256,18 @@ def test_lora_on_sdxl_trains_the_adapters_alone_and_loads_onto_the_stock_folder(
     assert unet_keys and all(".lora_A." in k or ".lora_B." in k for k in unet_keys)
     assert saved["hyper_parameters"]["init_from"] == str(tiny_sdxl)
 
-    module = _randomised(load_for_sampling(ckpt))  # B moved little in 2 steps at 1e-5: give every adapter a say
-    assert export_main(["lora", str(ckpt), str(tmp_path / "lora")]) == 0  # the command, on the checkpoint
+    from safetensors.torch import load_file
+
+    from emu.diffusion.lora import lora_state_dict
     from emu.export.lora import export_lora
+
+    for extra, ema in (([], True), (["--raw"], False)):  # the command, on the checkpoint: its EMA adapters, or raw
+        assert export_main(["lora", str(ckpt), str(tmp_path / f"lora{extra}"), *extra]) == 0
+        written = load_file(str(tmp_path / f"lora{extra}" / "pytorch_lora_weights.safetensors"))
+        expected = lora_state_dict(load_for_sampling(ckpt, ema=ema).unet)
+        assert written.keys() == {f"unet.{k}" for k in expected}
+        assert all(torch.equal(written[f"unet.{k}"], v) for k, v in expected.items())
+    module = _randomised(load_for_sampling(ckpt))  # B moved little in 2 steps at 1e-5: give every adapter a say
 
     path = export_lora(module, tmp_path / "lora_random")
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl), add_watermarker=False)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from emu.diffusion.denoiser import RENAMED_WEIGHTINGS
-from emu.diffusion.export import TRAINED_PREFIXES, load_export_weights, read_export_config
+from emu.diffusion.export import (
+    TRAINED_PREFIXES,
+    WEIGHTS_NAME,
+    is_export,
+    load_export_weights,
+    part_state,
+    read_export_config,
+)
 from emu.diffusion.lora import is_adapter_key
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
@@ -46,7 +53,9 @@ def on_save(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
             del sd[k]
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     data = dm.describe() if hasattr(dm, "describe") else module.trained_on
-    write_header(checkpoint, KIND, unet_config=module.unet.config, resolution=module.train_resolution, data=data)
+    lora = {"lora_base": module.base_fingerprint} if module.adapters is not None else {}
+    write_header(checkpoint, KIND, unet_config=module.unet.config, resolution=module.train_resolution, data=data,
+                 **lora)  # fmt: skip
 
 
 def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
@@ -54,6 +63,7 @@ def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
     kind = header(checkpoint).get("kind")
     if kind != KIND:
         raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a diffusion (stage 1/2) checkpoint")
+    check_lora_base(module, header(checkpoint).get("lora_base"))
     if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
         own = module.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(module.frozen.prefixes)})
@@ -62,11 +72,29 @@ def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
             checkpoint["state_dict"].update({k: v for k, v in base.items() if k not in checkpoint["state_dict"]})
 
 
+def check_lora_base(module: DiffusionModule, expected: str | None) -> None:
+    """Refuse LoRA adapters over another base than the one they trained over (``init_from`` rewritten since)."""
+    if module.adapters is not None and expected is not None and expected != module.base_fingerprint:
+        raise ValueError(f"these LoRA adapters trained over another base than the one now at "
+                         f"'{module.hparams.init_from}' (its weights changed since: fingerprint "
+                         f"{module.base_fingerprint}, expected {expected}); put their base back there")  # fmt: skip
+
+
 def read_init_weights(path: str, names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
     """The weights of each trained part in ``names`` (e.g. ``unet``, ``text_proj``) that ``init_from`` starts from:
     its EMA where the checkpoint has one, else its trained weights; from one file or a sharded (FSDP) checkpoint folder,
     from which only those are read. A diffusers U-Net or pipeline folder (SDXL-base, SD) gives its U-Net only,
     converted (:func:`~emu.diffusion.convert.from_diffusers`); the other parts keep their fresh weights."""
+    if is_export(path):  # an export folder (a merged LoRA model, say): its trained weights
+        config = read_export_config(path)
+        if config["hyper_parameters"].get("lora"):
+            raise ConfigError("model.init_from", f"'{path}' holds LoRA adapters over "
+                              f"'{config['hyper_parameters'].get('init_from')}', not a whole model: export it merged "
+                              "(python -m emu.export safetensors CKPT OUT) and start from that folder")  # fmt: skip
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(path) / WEIGHTS_NAME))
+        return {name: part_state(name, state) for name in names}
     folder = diffusers_unet_folder(path)
     if folder is not None:
         from diffusers import UNet2DConditionModel
@@ -174,6 +202,7 @@ def _load_export(folder: Path, map_location: str | torch.device = "cpu", **overr
     for key in ("init_from", "ema_half_life_images"):  # records of how it was trained (not used to load it)
         if key in config["hyper_parameters"]:
             module.hparams[key] = config["hyper_parameters"][key]
+    check_lora_base(module, config.get("lora_base"))
     load_export_weights(module, folder)
     module.train_resolution, module.trained_steps = config.get("resolution"), config.get("step")
     module.trained_on = config.get("data")

@@ -92,6 +92,9 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
     :func:`trained_state` when they were gathered already (under FSDP, on every rank)."""
     from safetensors.torch import save_file
 
+    if copy_frozen and module.adapters is not None:
+        raise ValueError("a self-contained export of a LoRA model holds it merged: call module.merge_lora() first (the "
+                         "adapters alone, over their base by path: copy_frozen=False)")  # fmt: skip
     hp = plain_json(dict(module.hparams))  # before anything is written: a model that cannot be described fails here
     hp["val_prompts"], hp["val_seeds"] = list(module.val_prompts), list(module.val_seeds)  # not a file's path
     folder = Path(folder)
@@ -121,6 +124,8 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
     config = {"_class_name": CLASS_NAME, "weights": weights, "step": step,
               "resolution": module.train_resolution, "data": module.trained_on, "source": source,
               "frozen": "copied" if copy_frozen else "referenced", "hyper_parameters": hp}  # fmt: skip
+    if module.adapters is not None:  # LoRA: the adapters' base, checked when they load over init_from again
+        config["lora_base"] = module.base_fingerprint
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 

@@ -16,6 +16,7 @@ averaged copy is the size of the adapters, not of the base.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -140,6 +141,18 @@ def merged_copy(net: nn.Module) -> nn.Module:
 def plain_unet(net: nn.Module) -> nn.Module:
     """``net`` itself without LoRA layers, else :func:`merged_copy` of it: what a whole-model export converts."""
     return merged_copy(net) if lora_layers(net) else net
+
+
+def base_fingerprint(state: Mapping[str, torch.Tensor], values: int = 256) -> str:
+    """A short hash of the weights a LoRA trains over (each tensor's name, shape, dtype and first ``values`` values):
+    stored with the adapters, checked when they load over ``init_from`` again, so that adapters never land on another
+    base than theirs (a stage-1 checkpoint rewritten since) without an error. Cheap at any size."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1)[:values].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def trainable_count(modules: Sequence[nn.Module]) -> int:

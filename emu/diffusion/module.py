@@ -15,6 +15,7 @@ The frozen networks and where they live: :mod:`emu.diffusion.frozen`; what check
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,7 +33,7 @@ from emu.diffusion.convert import read_unet_kwargs
 from emu.diffusion.denoiser import Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
 from emu.diffusion.frozen import FrozenNetworks
-from emu.diffusion.lora import add_lora, lora_settings, merged_copy
+from emu.diffusion.lora import add_lora, base_fingerprint, lora_settings, merged_copy
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import check_precomputed
@@ -43,6 +44,7 @@ from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
 from emu.training.distributed import FSDPStrategy, shard_modules
 from emu.training.optim import images_per_step, weight_decay_groups
+from emu.utils.checkpoint_header import diffusers_unet_folder
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
 from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
@@ -104,6 +106,9 @@ class DiffusionModule(L.LightningModule):
             added after ``init_from`` is loaded: only they train (the text projections freeze too), the EMA averages
             them alone, and checkpoints hold them (the base is ``init_from``, read again when they load). None or rank
             0: full fine-tuning.
+        gradient_checkpointing: recompute the U-Net's blocks' activations in the backward pass (as
+            ``unet.gradient_checkpointing``, for a ``model.unet`` given as a diffusers folder; under FSDP the strategy's
+            ``activation_checkpointing`` does it).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         size_cond_dropout: float = 0.1,
         lora: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
@@ -149,6 +155,11 @@ class DiffusionModule(L.LightningModule):
             val_prompts = _read_prompts(val_prompts)
         val_sampling = SamplingSettings.from_config(_plain(val_sampling), "model.val_sampling").as_dict()
         lora = lora_settings(_plain(lora))  # completed (alpha, targets) in checkpoints
+        if lora and not init_from:
+            raise ConfigError("model.lora", "trains adapters over a base model: set model.init_from (an emu checkpoint "
+                              "or export, or a diffusers U-Net or pipeline folder such as SDXL-base)")  # fmt: skip
+        if lora:  # the base is read again wherever the adapters load: by absolute path
+            init_from = str(Path(init_from).expanduser().absolute())
         self.save_hyperparameters()
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
@@ -199,11 +210,17 @@ class DiffusionModule(L.LightningModule):
         self.trained_on: dict[str, Any] | None = None  # the data's description, when loaded (model cards)
         self.sampled_weights: str | None = None  # "ema" / "raw": what load_for_sampling put in place
         object.__setattr__(self, "adapters", None)  # a view, not a submodule (its weights are the U-Net's)
+        self.base_fingerprint: str | None = None  # with lora: the base's (lora.base_fingerprint)
         if init_from:
             self.initialise_from(init_from)
         if lora:
-            if not init_from:
-                rank_zero_info("model.lora without model.init_from: adapters on a randomly initialised U-Net")
+            if diffusers_unet_folder(init_from) and len(self.conditioner.proj):
+                raise ConfigError("model.lora", f"'{init_from}' gives a U-Net only: this model's text projections "
+                                  "would stay random and frozen under LoRA (text.join=sequence); start from an emu "
+                                  "checkpoint, or use SDXL's join (model=sdxl)")  # fmt: skip
+            base = {**{f"unet.{k}": v for k, v in self.unet.state_dict().items()},
+                    **{f"conditioner.proj.{k}": v for k, v in self.conditioner.proj.state_dict().items()}}  # fmt: skip
+            self.base_fingerprint = base_fingerprint(base)
             object.__setattr__(self, "adapters", add_lora(self.unet, lora))
             self.conditioner.proj.requires_grad_(False)
         if ema_half_life_images > 0:
@@ -227,8 +244,10 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(
                 "model.lora",
                 "trains under DDP (trainer=ddp), not FSDP: the base is frozen and the "
-                "adapters are small, so every GPU holds a whole copy (SDXL's U-Net: ~5 GB in bf16)",
+                "adapters are small, so every GPU holds a whole copy (SDXL's U-Net: ~10 GB in float32)",
             )
+        if self.hparams.get("gradient_checkpointing"):
+            self.unet.set_gradient_checkpointing(True)
         if sharded:
             if strategy.activation_checkpointing:
                 self.unet.set_gradient_checkpointing(True)
@@ -439,6 +458,7 @@ class DiffusionModule(L.LightningModule):
         self.unet = merged_copy(self.unet)
         self.denoiser.net = self.unet
         object.__setattr__(self, "adapters", None)
+        self.base_fingerprint = None
         self.conditioner.proj.requires_grad_(True)
         self.ema = None
         self.hparams["lora"] = None

@@ -119,6 +119,10 @@ def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
     model, unet = cfg.model, cfg.model.get("unet") or {}
     if isinstance(unet, str):
         unet = _diffusers_unet_sizes(unet, problems)
+    strategy = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
+    if (OmegaConf.select(cfg, "model.lora.rank", default=0) or 0) and strategy.endswith("FSDPStrategy"):
+        problems.append(("model.lora", "trains under DDP (trainer=ddp), not FSDP: the base is frozen and replicated, "
+                         "the adapters are small"))  # fmt: skip
     ae = None
     if model.get("autoencoder"):
         try:
@@ -161,6 +165,8 @@ def _init_from_links(model: DictConfig, unet: DictConfig | dict, problems: list[
 
     path = Path(str(model.init_from)).expanduser()
     if diffusers_unet_folder(path):  # its U-Net is converted and matched when the model is built
+        return
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():  # an emu export: checked when built
         return
     if not path.is_file() and not is_sharded_checkpoint(path):
         problems.append(("model.init_from", f"no checkpoint at '{path}'"))
