@@ -73,7 +73,7 @@ def test_sigma_t_round_trip():
     assert math.isclose(float(sig[0]), s.sigma_max, rel_tol=1e-5)  # trailing spacing starts at the last step
 
 
-@pytest.mark.parametrize("kind", ["eps", "v", "edm"])
+@pytest.mark.parametrize("kind", ["eps", "v", "edm", "flow"])
 def test_perfect_network_gives_exact_x0_and_zero_loss(kind):
     """A network that outputs its exact target makes D(x, sigma) = x0 and the loss 0, for every weighting."""
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def test_perfect_network_gives_exact_x0_and_zero_loss(kind):
 
     schedule = DiscreteSchedule(scaled_linear_alphas_cumprod())
     for weighting in ("simple", "min_snr", "edm"):
-        d = Denoiser(Oracle(), kind, schedule if kind != "edm" else None, weighting=weighting)
+        d = Denoiser(Oracle(), kind, schedule if kind in ("eps", "v") else None, weighting=weighting)
         torch.testing.assert_close(d(x, sigma), x0, atol=1e-5, rtol=1e-5)
         assert d.loss(x0, noise, sigma).abs().max() < 1e-8
     if kind == "eps":  # eps-target is the noise, v-target is the usual v
@@ -97,6 +97,11 @@ def test_perfect_network_gives_exact_x0_and_zero_loss(kind):
     if kind == "v":
         a = (1 / (1 + sigma**2)).sqrt().view(-1, 1, 1, 1)
         torch.testing.assert_close(target, a * noise - (1 - a**2).sqrt() * x0, atol=1e-5, rtol=1e-5)
+    if kind == "flow":  # the velocity of x_t = (1 - t) x0 + t n, and the network sees x_t itself
+        torch.testing.assert_close(target, noise - x0, atol=1e-5, rtol=1e-5)
+        t = (sigma / (1 + sigma)).view(-1, 1, 1, 1)
+        _, _, c_in = (c.view(-1, 1, 1, 1) for c in preconditioning(kind, sigma))
+        torch.testing.assert_close(x * c_in, (1 - t) * x0 + t * noise, atol=1e-6, rtol=1e-5)
 
 
 def test_loss_weights():
@@ -146,6 +151,49 @@ def test_samplers_recover_gaussian_data(name, steps):
     out = get_sampler(name)(_gaussian_denoiser(mu, std), x, sigmas, disable=True)
     assert abs(float(out.mean()) - mu) < 0.02
     assert abs(float(out.std()) - std) < 0.02
+
+
+def test_flow_euler_on_sigmas_is_euler_on_the_flow_time_grid():
+    """Euler over sigma = t / (1 - t) with the flow preconditioning is the flow ODE's own Euler, x_t' = x_t + (t' - t) v,
+    step for step, for any velocity field; SD3's shift puts more of the grid at high noise."""
+    from emu.diffusion.sampling import get_sigmas_flow
+
+    w = torch.tensor([[0.3, -0.2], [0.1, 0.5]])
+
+    def velocity(x_t, t):  # any smooth field of x_t and t
+        return x_t @ w.to(x_t.dtype) * (1 + t) - 0.4 * t
+
+    class Net(torch.nn.Module):
+        def forward(self, x_in, c_noise):
+            return velocity(x_in, (c_noise / 1000).view(-1, 1))
+
+    for shift in (1.0, 3.0):
+        sigmas = get_sigmas_flow(12, shift=shift)
+        t = sigmas.double() / (1 + sigmas.double())
+        assert sigmas[-1] == 0 and torch.all(sigmas.diff() < 0)
+        x_t = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).double() * t[0]
+        ours = get_sampler("euler")(Denoiser(Net(), "flow"), (x_t / (1 - t[0])).float(), sigmas, disable=True)
+        for i in range(len(t) - 1):  # the flow's Euler, in x_t
+            x_t = x_t + (t[i + 1] - t[i]) * velocity(x_t, t[i])
+        torch.testing.assert_close(ours.double(), x_t, atol=2e-5, rtol=1e-4)
+    t = get_sigmas_flow(10, shift=3.0) / (1 + get_sigmas_flow(10, shift=3.0))
+    assert float(t[5]) == pytest.approx(3 * 0.4995 / (1 + 2 * 0.4995), rel=1e-5)  # SD3's t' = 3t / (1 + 2t)
+
+
+def test_flow_recovers_gaussian_data_and_trains_on_logit_normal_times():
+    """The exact denoiser of Gaussian data through the flow grid from noise gives the data's distribution; the
+    training times are logit-normal (SD3: logit t ~ N(0, 1))."""
+    from emu.diffusion.sampling import get_sigmas_flow
+
+    mu, std = 0.7, 0.4
+    sigmas = get_sigmas_flow(300)
+    x = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    out = get_sampler("euler")(_gaussian_denoiser(mu, std), x, sigmas, disable=True)
+    assert abs(float(out.mean()) - mu) < 0.02 and abs(float(out.std()) - std) < 0.02
+    sigma = Denoiser(torch.nn.Identity(), "flow", p_mean=0.0, p_std=1.0).sample_sigmas(
+        50000, torch.Generator().manual_seed(0))  # fmt: skip
+    logit = (sigma / (1 + sigma)).logit()
+    assert abs(float(logit.mean())) < 0.02 and abs(float(logit.std()) - 1) < 0.02
 
 
 def test_ddim_eta_stays_on_distribution():

@@ -40,10 +40,11 @@ def tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, **kw):
                            **{**defaults, **kw})  # fmt: skip
 
 
-@pytest.mark.parametrize("parameterization", ["eps", "v"])
+@pytest.mark.parametrize("parameterization", ["eps", "v", "flow"])
 def test_overfits_four_pairs(tiny_autoencoder, tiny_clip, tiny_t5, parameterization):
+    flow = {"p_mean": 0.0, "p_std": 1.0} if parameterization == "flow" else {}  # SD3's logit-normal times
     module = tiny_module(tiny_autoencoder, tiny_clip, tiny_t5, parameterization=parameterization, dropout=0.0,
-                         sample_latents=False)  # fmt: skip
+                         sample_latents=False, **flow)  # fmt: skip
     batch = haystack_batch()
 
     def fixed_loss():  # the same noise and noise levels every time

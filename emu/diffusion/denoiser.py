@@ -8,7 +8,16 @@ kind   c_skip                             c_out                                c
 eps    1                                  -sigma                               1/sqrt(sigma^2+1)   t(sigma) (discrete)
 v      sd^2/(sigma^2+sd^2)                -sigma*sd/sqrt(sigma^2+sd^2)         1/sqrt(sigma^2+sd^2) t(sigma) (discrete)
 edm    sd^2/(sigma^2+sd^2)                sigma*sd/sqrt(sigma^2+sd^2)          1/sqrt(sigma^2+sd^2) ln(sigma)/4
+flow   1/(1+sigma)                        -sigma/(1+sigma)                     1/(1+sigma)         1000 t
 =====  =================================  ===================================  ==================  ====================
+
+``flow`` is rectified flow (Liu et al. 2022; SD3, Esser et al. 2024) in this convention: its interpolant
+``x_t = (1 - t) x0 + t n`` is ``(1 - t)`` times ``x0 + sigma n`` with ``sigma = t / (1 - t)``, so ``c_in = 1 - t``
+gives the network ``x_t``, and its target ``(x0 - c_skip x) / c_out`` is the velocity ``n - x0``; ``c_noise`` is
+``1000 t``, SD3's (and diffusers' ``FlowMatchEulerDiscreteScheduler``'s) timestep. Its training ``t`` is logit-normal
+(SD3: ``logit t ~ N(0, 1)``), which is log-normal ``sigma`` (``ln sigma = logit t``): ``p_mean`` / ``p_std``; the
+``simple`` weighting is the plain velocity MSE. The samplers step in sigma; Euler over ``sigma = t / (1 - t)`` is Euler
+on the flow's time grid exactly (:func:`~emu.diffusion.sampling.get_sigmas_flow`).
 
 The training loss is the MSE in the network's output space, ``|F - (x0 - c_skip x)/c_out|^2``, times
 ``weight(sigma) * c_out^2`` where ``weight`` is the weighting in x0 space (SNR = sd^2 / sigma^2):
@@ -30,7 +39,8 @@ import torch
 
 from emu.diffusion.noise import DiscreteSchedule, lognormal_sigmas, snr
 
-PARAMETERIZATIONS = ("eps", "v", "edm")
+PARAMETERIZATIONS = ("eps", "v", "edm", "flow")
+CONTINUOUS = ("edm", "flow")  # no discrete noise schedule: continuous sigma, log-normal in training
 WEIGHTINGS = ("simple", "min_snr", "edm")
 RENAMED_WEIGHTINGS = {"uniform": "simple"}  # old name -> new name (the same loss)
 
@@ -49,6 +59,8 @@ def weighting_problem(kind: str) -> str | None:
 def preconditioning(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0):
     """``(c_skip, c_out, c_in)`` for a parameterisation, broadcast like ``sigma``."""
     s2, sd2 = sigma**2, sigma_data**2
+    if kind == "flow":  # sigma_data plays no part: the interpolant fixes the scales
+        return 1 / (1 + sigma), -sigma / (1 + sigma), 1 / (1 + sigma)
     if kind == "eps":
         return torch.ones_like(sigma), -sigma, (s2 + 1) ** -0.5
     c_skip = sd2 / (s2 + sd2)
@@ -80,12 +92,12 @@ class Denoiser:
 
     Args:
         net: the U-Net (or any callable with that signature).
-        parameterization: ``eps``, ``v`` or ``edm``.
+        parameterization: ``eps``, ``v``, ``edm`` or ``flow``.
         noise_schedule: the discrete DDPM schedule for eps / v (timesteps from sigmas; training noise levels);
-            ``None`` for edm (log-normal training noise, continuous sigma).
+            ``None`` for edm and flow (log-normal training noise, continuous sigma).
         sigma_data: the data std (latents are normalised per channel, so 1.0; EDM's pixel default is 0.5).
         weighting / min_snr_gamma: the loss weighting (see the module docstring).
-        p_mean / p_std: EDM's log-normal training distribution.
+        p_mean / p_std: EDM's log-normal training distribution (flow: the logit-normal ``t``'s, SD3's 0 / 1).
     """
 
     def __init__(
@@ -103,7 +115,7 @@ class Denoiser:
             raise ValueError(f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}")
         if weighting_problem(weighting):
             raise ValueError(weighting_problem(weighting))
-        if parameterization != "edm" and noise_schedule is None:
+        if parameterization not in CONTINUOUS and noise_schedule is None:
             raise ValueError(f"the {parameterization}-parameterization needs a discrete noise schedule")
         self.net, self.noise_schedule = net, noise_schedule
         self.parameterization, self.sigma_data, self.weighting = parameterization, sigma_data, weighting
@@ -120,6 +132,8 @@ class Denoiser:
     def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.parameterization == "edm":
             return sigma.log() / 4
+        if self.parameterization == "flow":
+            return 1000 * sigma / (1 + sigma)
         return self.noise_schedule.sigma_to_t(sigma)
 
     def _scalings(self, sigma: torch.Tensor, ndim: int):
@@ -134,7 +148,7 @@ class Denoiser:
 
     def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training noise levels: uniform timesteps (discrete) or log-normal (EDM)."""
-        if self.noise_schedule is not None and self.parameterization != "edm":
+        if self.noise_schedule is not None and self.parameterization not in CONTINUOUS:
             return self.noise_schedule.sample_training_sigmas(n, generator)
         return lognormal_sigmas(n, self.p_mean, self.p_std, generator)
 

@@ -30,7 +30,7 @@ from emu.data.buckets import check_buckets
 from emu.data.samples import size_conditions
 from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
 from emu.diffusion.convert import read_unet_kwargs
-from emu.diffusion.denoiser import Denoiser, weighting_problem
+from emu.diffusion.denoiser import CONTINUOUS, Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
 from emu.diffusion.frozen import FrozenNetworks
 from emu.diffusion.lora import add_lora, base_fingerprint, lora_settings, merged_copy
@@ -72,7 +72,8 @@ class DiffusionModule(L.LightningModule):
         autoencoder: the stage-0 checkpoint or export folder (frozen), or a public autoencoder: a diffusers
             ``AutoencoderKL`` folder (SD3's, FLUX.1's, ...), a pipeline folder with one in ``vae/``, or a cached hub id
             (:func:`~emu.autoencoder.module.load_autoencoder`).
-        parameterization: ``eps``, ``v`` or ``edm``; noise_schedule: the discrete DDPM schedule (``steps``,
+        parameterization: ``eps``, ``v``, ``edm`` or ``flow`` (rectified flow: set ``p_mean=0 p_std=1`` for SD3's
+            logit-normal ``t``); noise_schedule: the discrete DDPM schedule (``steps``,
             ``beta_start``, ``beta_end``, ``zero_terminal_snr``) for eps / v; weighting: ``simple`` (weight 1
             on the network's own target: SNR in x0 space for eps, SNR + 1 for v; was ``uniform``), ``min_snr`` or
             ``edm`` (see :mod:`emu.diffusion.denoiser`); sigma_data, min_snr_gamma, p_mean, p_std: see
@@ -194,7 +195,7 @@ class DiffusionModule(L.LightningModule):
         encoders = {f"conditioner.encoders.{name}": encoder for name, encoder in self.conditioner.encoders.items()}
         self.frozen = FrozenNetworks({"autoencoder": self.autoencoder, **encoders})
         # registered here (moves with the module); the denoiser only refers to it
-        self.noise_schedule = None if parameterization == "edm" else DiscreteSchedule(
+        self.noise_schedule = None if parameterization in CONTINUOUS else DiscreteSchedule(
             scaled_linear_alphas_cumprod(**noise_schedule))  # fmt: skip
         self.denoiser = Denoiser(self.unet, parameterization, self.noise_schedule, sigma_data, weighting, min_snr_gamma,
                                  p_mean, p_std)  # fmt: skip

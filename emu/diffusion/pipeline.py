@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from emu.diffusion.sampling import SAMPLERS, CFGDenoiser, get_sampler, get_sigmas_discrete, get_sigmas_karras
+from emu.diffusion.sampling import (
+    SAMPLERS,
+    CFGDenoiser,
+    get_sampler,
+    get_sigmas_discrete,
+    get_sigmas_flow,
+    get_sigmas_karras,
+)
 from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
 from emu.text.conditioner import Conditioning
@@ -147,11 +154,14 @@ class SamplingSettings:
 
 def sampling_sigmas(denoiser, steps: int, spacing: str = "auto") -> torch.Tensor:
     """The noise levels (sigmas) a sampler steps through, spaced by ``spacing``: ``karras`` or the model's own
-    ``discrete`` timesteps (trailing); ``auto``: ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR
+    ``discrete`` timesteps (trailing); ``auto``: a rectified-flow model's own time grid (``get_sigmas_flow``),
+    ``discrete`` for a zero-terminal-SNR model, else ``karras``. A zero-SNR
     model's last sigma is ~4519 (clamped infinity): Karras spacing from there spends 17 of 25 steps above 14.6 (an
     ordinary schedule's sigma_max), trailing timesteps 3 (Lin et al. 2023 sample such models on trailing timesteps)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if spacing == "auto" and denoiser.parameterization == "flow":  # its own time grid
+        return get_sigmas_flow(steps)
     if spacing == "auto":
         schedule = denoiser.noise_schedule
         zero_snr = schedule is not None and denoiser.parameterization != "edm" and schedule.zero_terminal_snr

@@ -47,6 +47,18 @@ def get_sigmas_discrete(schedule: DiscreteSchedule, n: int, spacing: str = "trai
     return append_zero(schedule.t_to_sigma(t.clamp(0, total - 1).to(schedule.sigmas.device)))
 
 
+def get_sigmas_flow(n: int, shift: float = 1.0, t_max: float = 0.999, device="cpu") -> torch.Tensor:
+    """A rectified-flow model's time grid as sigmas: ``n`` steps of ``t`` evenly from ``t_max`` to 0, each shifted by
+    SD3's ``t' = shift t / (1 + (shift - 1) t)`` (more steps at high noise for ``shift > 1``; SD3 uses 3 at 1024px),
+    as ``sigma = t / (1 - t)`` (the last one 0). ``t = 1`` (pure noise) would be infinite ``sigma``: the grid starts
+    at ``t_max``, where ``x_t`` is 0.1% data."""
+    if not 0 < t_max < 1 or shift <= 0:
+        raise ValueError(f"t_max must be in (0, 1) and shift > 0, got {t_max} and {shift}")
+    t = torch.linspace(t_max, 0, n + 1, device=device, dtype=torch.float64)
+    t = shift * t / (1 + (shift - 1) * t)
+    return (t / (1 - t)).float()
+
+
 # ------------------------------------------------------------------------------------------------ samplers
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
     """The probability-flow ODE derivative ``dx/dsigma``."""
