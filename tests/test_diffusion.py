@@ -154,8 +154,8 @@ def test_samplers_recover_gaussian_data(name, steps):
 
 
 def test_flow_euler_on_sigmas_is_euler_on_the_flow_time_grid():
-    """Euler over sigma = t / (1 - t) with the flow preconditioning is the flow ODE's own Euler, x_t' = x_t + (t' - t) v,
-    step for step, for any velocity field; SD3's shift puts more of the grid at high noise."""
+    """Euler over sigma = t / (1 - t) with the flow preconditioning is the flow ODE's own Euler,
+    x_t' = x_t + (t' - t) v, step for step, for any velocity field; SD3's shift puts more of the grid at high noise."""
     from emu.diffusion.sampling import get_sigmas_flow
 
     w = torch.tensor([[0.3, -0.2], [0.1, 0.5]])
