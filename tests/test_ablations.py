@@ -219,6 +219,20 @@ def test_ablation_table_judges_the_targets_both_ways(tmp_path, good):
     assert re.search(rf"\| ablation: 100 curated images .* \| \*\*{'yes' if good else 'no'}\*\* \|", report)
 
 
+def test_every_stage2_run_has_its_own_selection_curve(tmp_path, monkeypatch):
+    """The LoRA arms run with seed 0, as the headline: their curves are named after the arm, not drawn over its."""
+    from PIL import Image
+
+    from emu.demo import ablation_report
+
+    arms = _constructed(tmp_path, curated_better=True, random_better=False)
+    panels = []
+    monkeypatch.setattr(ablation_report, "chart", lambda p, xlabel: panels.extend(p) or Image.new("RGB", (1, 1)))
+    ablation_report._plot(tmp_path, arms, {})
+    labels = {series.label for series in panels[1].series}
+    assert {"seed 0", "seed 1", "seed 2", "lora r4", "lora r32"} <= labels
+
+
 def _scores(path: Path, tuned: str, appeal_a, appeal_b) -> None:
     """A fake eval ``scores.jsonl``: ``tuned`` vs ``pretrained``, one line per prompt."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -247,6 +247,7 @@ def _plot(out: Path, arms: list[Arm], metrics: dict[str, dict]) -> str | None:
         sel = _load(out / a.selection) if a.selection else None
         if sel and sel.get("rows"):
             label = f"seed {a.seed}" + (f", resumed to step {a.step}" if a.group == "length" else "")
+            label = a.name.replace("_", " ") if a.group == "lora" else label  # seed 0 too: named apart
             runs[label] = sorted(sel["rows"], key=lambda r: r["step"])
     if not points and not runs:
         return None
