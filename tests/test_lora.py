@@ -227,6 +227,8 @@ def _complaints(pipe, folder, caplog, **kw) -> list[str]:
 
     from diffusers.utils import logging as diffusers_logging
 
+    verbosity = diffusers_logging.get_verbosity()  # other code may have quieted diffusers (set_verbosity_error)
+    diffusers_logging.set_verbosity_warning()
     diffusers_logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING):
@@ -234,6 +236,7 @@ def _complaints(pipe, folder, caplog, **kw) -> list[str]:
             pipe.load_lora_weights(str(folder), **kw)
     finally:
         diffusers_logging.disable_propagation()
+        diffusers_logging.set_verbosity(verbosity)
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     said = [m for m in said if not m.startswith("No LoRA keys associated to")]  # the text encoders': none, rightly
     return [m for m in said if any(w in m.lower() for w in ("unexpected", "missing", "not loaded", "not found"))]
