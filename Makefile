@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all rehearsal lint format demo ablations bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
+.PHONY: install test test-all rehearsal lint format demo ablations generality bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
 
 install: $(STAMP)
 
@@ -45,6 +45,13 @@ demo: install  ## the whole recipe in miniature (SCALE=mini|tiny|gpu; FORCE=1 st
 ablations: install  ## the ablations on top of the demo (SCALE=mini|tiny|gpu; FORCE=1 reruns them)
 	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(JOBS),--jobs $(JOBS))
 	$(PY) -m emu.demo --ablations --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
+
+# Quality-tuning other architectures (emu/demo/generality.py) on top of the demo, which runs (or is skipped) first: a
+# diffusion transformer trained by rectified flow and a pixel-space U-Net, each pre-trained, quality-tuned and
+# evaluated against its own pre-trained model -> $(DEMO)/GENERALITY.md. Finished arms are skipped; FORCE=1 reruns them.
+generality: install  ## other architectures quality-tuned on top of the demo (SCALE=mini|tiny|gpu; FORCE=1 reruns)
+	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(JOBS),--jobs $(JOBS))
+	$(PY) -m emu.demo --generality --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
 
 # The CPU benchmarks (each about a minute on 2 cores); the GPU commands are in each script's docstring.
 bench: install  ## data pipeline, U-Net and autoencoder training step vs diffusers, sampling s/image

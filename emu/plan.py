@@ -57,8 +57,7 @@ KNOWN_ENCODERS = {
     "google/flan-t5-xxl": (4_762_310_656, 4096, 512),
 }
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, float32
-CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel")  # what the U-Net recomputes (emu.diffusion.unet._Level._call)
-FSDP_UNITS = ("ResnetBlock2D", "BasicTransformerBlock")  # emu.diffusion.module.DiffusionModule.configure_model
+CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DiTBlock")  # what the networks recompute (unet._Level, DiT)
 
 
 @dataclass
@@ -170,13 +169,17 @@ def autoencoder_model(path: str | None):
     autoencoder's), or the paper's when ``path`` is not one yet."""
     from emu.autoencoder.convert import read_emu_config
     from emu.autoencoder.model import CONFIG_NAME, autoencoder_from_config
-    from emu.utils.autoencoder_paths import find_autoencoder
+    from emu.utils.autoencoder_paths import PIXELS, find_autoencoder
 
     try:
         kind, folder = find_autoencoder(path) if path else (None, None)
     except (FileNotFoundError, ValueError):
         kind, folder = None, None
     config = None
+    if kind == PIXELS:
+        from emu.autoencoder.pixel import PixelSpace
+
+        return PixelSpace()
     if kind == "emu":
         config = json.loads((folder / CONFIG_NAME).read_text())
         config.pop("_class_name", None)
@@ -215,14 +218,15 @@ def unet_activations(unet_cfg: dict[str, Any], batch: int, latent_hw: tuple[int,
     that casts of the weights are not counted here (:func:`_plan_diffusion` adds them where they exist). Without
     checkpointing: every tensor saved for the backward; with it: the inputs each checkpointed block keeps, the saved
     tensors outside the blocks, and the largest block's own while it is recomputed."""
-    from emu.diffusion.unet import UNet, takes_size_cond
+    from emu.diffusion.networks import build_network
+    from emu.diffusion.unet import takes_size_cond
 
     def trace(b: int) -> tuple[float, float, float, float]:
         default = torch.get_default_dtype()
         with _fake():
             torch.set_default_dtype(torch.bfloat16 if amp else torch.float32)  # built in bf16 (.to() cannot swap fakes)
             try:
-                unet = UNet(**{**unet_cfg, "gradient_checkpointing": False}).train()
+                unet = build_network({**unet_cfg, "gradient_checkpointing": False}).train()
             finally:
                 torch.set_default_dtype(default)
             params = {id(p) for p in unet.parameters()}
@@ -305,14 +309,14 @@ def _states(trained: int, shard: int, ema: bool) -> dict[str, float]:
 def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -> Plan:
     from emu.diffusion.convert import read_unet_kwargs
     from emu.diffusion.lora import add_lora, lora_settings
-    from emu.diffusion.unet import UNet
+    from emu.diffusion.networks import SHARDED_BLOCKS, build_network
 
     m = cfg.model
     unet_cfg = m.unet if isinstance(m.unet, str) else OmegaConf.to_container(m.unet, resolve=True)
     unet_cfg = read_unet_kwargs(unet_cfg) if isinstance(unet_cfg, str) else unet_cfg  # a diffusers folder's (SDXL)
     unet_cfg.pop("_target_", None)
     with torch.device("meta"):
-        unet = UNet(**unet_cfg)
+        unet = build_network(unet_cfg)
     encoders = OmegaConf.to_container(m.text.encoders, resolve=True)
     sizes = [text_encoder_size(enc) for enc in encoders.values()]
     frozen_params, frozen_bytes = sum(s[0] for s in sizes), float(sum(s[1] for s in sizes))
@@ -348,7 +352,7 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
     if lay["strategy"] == "ddp":
         p.train["DDP gradient buckets"] = 4 * trained
     if lay["strategy"] == "fsdp":
-        unit = max((count(mod) for mod in unet.modules() if type(mod).__name__ in FSDP_UNITS), default=0)
+        unit = max((count(mod) for mod in unet.modules() if type(mod).__name__ in SHARDED_BLOCKS), default=0)
         p.train["FSDP gathered units (2)"] = 2 * unit * DTYPE_BYTES.get(lay["param_dtype"], 4)
     p.train["text encoders (frozen)"] = frozen_bytes
     p.train["autoencoder (frozen)"] = ae_bytes
@@ -381,6 +385,8 @@ def _plan_diffusion(cfg: DictConfig, lay: dict[str, Any], overhead_gib: float) -
 
 def _encode_transient(ae: nn.Module, batch: int, h: int, w: int, amp: bool) -> float:
     """The largest activations of the frozen encoder's no-grad forward: ~3 of its largest intermediate tensors."""
+    if not ae.config["block_out_channels"]:  # pixel space: nothing runs
+        return 0.0
     widest = max(ae.config["block_out_channels"])
     first = ae.config["block_out_channels"][0]
     bytes_per = 2 if amp else 4
@@ -388,7 +394,11 @@ def _encode_transient(ae: nn.Module, batch: int, h: int, w: int, amp: bool) -> f
 
 
 def _inference_transient(unet_cfg: dict[str, Any], batch: int, latent_hw: tuple[int, int]) -> float:
-    """No-grad sampling holds only a few live activations: ~4 of the widest level's feature maps (CFG: 2x batch)."""
+    """No-grad sampling holds only a few live activations: ~4 of the widest level's feature maps (CFG: 2x batch); a
+    DiT's: ~4 of its token maps."""
+    if unet_cfg.get("arch") == "dit":
+        p = unet_cfg["patch_size"]
+        return 4 * 2 * batch * (latent_hw[0] // p) * (latent_hw[1] // p) * unet_cfg["width"] * 4
     c = unet_cfg["block_channels"]
     return 4 * 2 * batch * max(ch * (latent_hw[0] >> i) * (latent_hw[1] >> i) for i, ch in enumerate(c)) * 4
 

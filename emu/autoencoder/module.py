@@ -27,7 +27,7 @@ from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy
 from emu.training.numerics import NumericalGuard
 from emu.training.optim import images_per_step
-from emu.utils.autoencoder_paths import find_autoencoder
+from emu.utils.autoencoder_paths import PIXELS, find_autoencoder
 from emu.utils.checkpoint_header import header, write_header
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
@@ -311,13 +311,18 @@ def load_autoencoder(path: str | Path, expect: dict[str, Any] | None = None) -> 
     """An :class:`AutoencoderKL` from a stage-0 Lightning checkpoint (``.ckpt``), an export folder, or a public
     autoencoder: a diffusers ``AutoencoderKL`` folder (SD, SDXL, SD3, FLUX.1), a pipeline folder with one in ``vae/``,
     or the hub id of either in the local Hugging Face cache (:func:`~emu.utils.autoencoder_paths.find_autoencoder`),
-    converted by :func:`~emu.autoencoder.convert.from_diffusers` with its latent normalisation.
+    converted by :func:`~emu.autoencoder.convert.from_diffusers` with its latent normalisation; ``pixels``: pixel space
+    (:class:`~emu.autoencoder.pixel.PixelSpace`, the identity).
 
     ``expect``: a config the loaded model must match (e.g. the U-Net's latent channels); a mismatch raises
     :class:`ConfigError` naming the key. A checkpoint of another stage raises ``ValueError``.
     """
     kind, path = find_autoencoder(path)
-    if kind == "emu":
+    if kind == PIXELS:
+        from emu.autoencoder.pixel import PixelSpace
+
+        model = PixelSpace()
+    elif kind == "emu":
         model = AutoencoderKL.from_pretrained(path)
     elif kind == "diffusers":
         model = load_diffusers(path)

@@ -6,6 +6,7 @@
     python -m emu.demo --only stage2 eval    # rerun these stages (e.g. after changing their configs)
     python -m emu.demo --only-report         # rewrite REPORT.md from what is there
     python -m emu.demo --ablations           # then the paper's ablations on top of it (emu/demo/ablations.py)
+    python -m emu.demo --generality          # or quality-tuning other architectures on top of it (generality.py)
 
 A step whose output exists and which finished (``demo_state.json`` records it) is skipped, so an interrupted demo
 resumes where it stopped; an interrupted training run resumes from its ``last.ckpt``. Each stage prints its wall
@@ -31,6 +32,8 @@ from omegaconf import OmegaConf
 
 from emu.demo.ablation_report import write_ablations
 from emu.demo.ablations import demo_facts, plan
+from emu.demo.generality import plan as generality_plan
+from emu.demo.generality_report import write_generality
 from emu.demo.report import write_report
 from emu.demo.schedule import Job, available_cores, check_needs, run_scheduled, step_log
 from emu.demo.stages import Stage, Step, command, demo_stages
@@ -266,6 +269,37 @@ def run_ablations(out: Path, scale: dict[str, Any], force: bool = False, report_
     return report
 
 
+def run_generality(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False,
+                   jobs: int = 1) -> Path:  # fmt: skip
+    """``--generality``: the architectures of :mod:`emu.demo.generality` on top of the finished demo in ``out`` (into
+    ``<out>/generality/``, skip / resume as the demo), then ``GENERALITY.md`` and ``REPORT.md`` again
+    (``report_only``: just the reports, from what is there)."""
+    out = out.resolve()
+    demo = State(out / "demo_state.json")
+    if demo.data.get("scale") not in (None, scale["name"]):
+        raise SystemExit(f"[generality] {out} holds a '{demo.data['scale']}' demo; this is '{scale['name']}': use "
+                         f"--scale {demo.data['scale']}")  # fmt: skip
+    demo_facts(out)  # a finished demo, or a clear error naming what is missing
+    folder = out / "generality"
+    if force and not report_only and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = State(folder / "generality_state.json")
+    rows = generality_plan(scale)
+    if not report_only:
+        state.data["scale"] = scale["name"]
+        state.data.setdefault("started", _now())
+        state.save()
+        print(f"[generality] {len(rows) - 1} architectures on top of {out}: " + ", ".join(r.name for r in rows[1:]),
+              flush=True)  # fmt: skip
+        run_stages(out, scale, [r.stage for r in rows if r.stage], state, folder / "generality.log", jobs=jobs)
+    report = write_generality(out, scale, rows, state.data, demo.data)
+    write_report(out, scale, demo.data, demo_stages(scale))
+    print("\n" + report.read_text())
+    print(f"[generality] report: {report}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m emu.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="the demo folder (default outputs/demo)")
@@ -275,13 +309,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--only-report",
         action="store_true",
-        help="rewrite REPORT.md (and ABLATIONS.md with --ablations) from the outputs there",
+        help="rewrite REPORT.md (and ABLATIONS.md with --ablations, GENERALITY.md with --generality) from the outputs "
+        "there",
     )
     p.add_argument(
         "--ablations",
         action="store_true",
         help="run the ablations on top of the finished demo in --out "
         "(into <out>/ablations/, then ABLATIONS.md); with --force, only the ablations start over",
+    )
+    p.add_argument(
+        "--generality",
+        action="store_true",
+        help="quality-tune other architectures (a DiT trained by rectified flow, a pixel-space U-Net) on top of the "
+        "finished demo in --out (into <out>/generality/, then GENERALITY.md); with --force, only they start over",
     )
     p.add_argument("--jobs", type=int, help="steps run side by side when their inputs allow, sharing the cores "
                    "(default: the scale's jobs, else 2 on 2 or more cores; 1: one by one, as listed)")  # fmt: skip
@@ -291,6 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     scale = load_scale(args.scale)
     args.jobs = args.jobs or default_jobs(scale)
     out = Path(args.out)
+    if args.ablations and args.generality:
+        p.error("--ablations and --generality run one at a time")
+    if args.generality:
+        if args.only:
+            p.error("--generality runs on its own: finish the demo first, then run --generality")
+        run_generality(out, scale, force=args.force, report_only=args.only_report, jobs=args.jobs)
+        return
     if args.ablations:
         if args.only:
             p.error("--ablations runs on its own: finish the demo first, then run --ablations")

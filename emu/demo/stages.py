@@ -71,15 +71,16 @@ def _train(name: str, experiment: str, done: str | None = None, **kw) -> Step:
                  **kw)  # fmt: skip
 
 
-def eval_args(scale: dict[str, Any], a: str, name_a: str, out: str, accuracy: bool = True) -> str:
-    """``eval.py``: ``a`` (named ``name_a``) vs the pre-trained stage-1 model on the scale's held-out prompts and
-    seeds, judged as in the demo; ``accuracy`` also measures the judge and the CLIP themselves and the judge's
-    headroom (the same for every comparison: once is enough). ``{out}`` stands for the demo folder."""
+def eval_args(scale: dict[str, Any], a: str, name_a: str, out: str, accuracy: bool = True,
+              b: str = "{out}/stage1/checkpoints/last.ckpt") -> str:  # fmt: skip
+    """``eval.py``: ``a`` (named ``name_a``) vs the pre-trained model ``b`` (the demo's stage 1) on the scale's
+    held-out prompts and seeds, judged as in the demo; ``accuracy`` also measures the judge and the CLIP themselves and
+    the judge's headroom (the same for every comparison: once is enough). ``{out}`` stands for the demo folder."""
     ev = scale["eval"]
     judge, clip = (ev["judge_accuracy"], ev.get("clip_accuracy", 1000)) if accuracy else (0, 0)
     headroom = ev.get("headroom", 0) if accuracy else 0
     return (
-        f"eval.py experiment=mini/eval a={a} b={{out}}/stage1/checkpoints/last.ckpt name_a={name_a} name_b=pretrained "
+        f"eval.py experiment=mini/eval a={a} b={b} name_a={name_a} name_b=pretrained "
         f"prompts={ev['prompts']} clip={{out}}/clip/export aesthetic={{out}}/curate/aesthetic.safetensors judge=pixel "
         f"fid.reference={ev['fid_reference']} checks.judge_accuracy.n={judge} checks.clip_accuracy.n={clip} "
         f"checks.headroom.n={headroom} out={out}"

@@ -38,7 +38,8 @@ from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_al
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import check_precomputed
 from emu.diffusion.prompts import read_prompts
-from emu.diffusion.unet import UNet, takes_size_cond
+from emu.diffusion.networks import SHARDED_BLOCKS, build_network
+from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
 from emu.text.encoders import FrozenTextEncoder
@@ -62,11 +63,14 @@ def build_conditioner(text: dict[str, Any], context_dim: int) -> TextConditioner
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains the U-Net of :mod:`emu.diffusion.unet` as a k-diffusion-style denoiser.
+    """Trains a denoising network (the U-Net of :mod:`emu.diffusion.unet`, or the DiT of :mod:`emu.diffusion.dit`) as a
+    k-diffusion-style denoiser.
 
     Args:
-        unet: :class:`~emu.diffusion.unet.UNet` keyword arguments, or a diffusers U-Net folder or pipeline folder with
-            ``unet/`` (SDXL-base's) whose ``config.json`` gives them (:func:`~emu.diffusion.convert.read_unet_kwargs`).
+        unet: the denoising network's keyword arguments: :class:`~emu.diffusion.unet.UNet`'s, or with ``arch: dit``
+            :class:`~emu.diffusion.dit.DiT`'s (:mod:`emu.diffusion.networks`); or a diffusers U-Net folder or pipeline
+            folder with ``unet/`` (SDXL-base's) whose ``config.json`` gives them
+            (:func:`~emu.diffusion.convert.read_unet_kwargs`).
         text: the conditioner: ``encoders`` (name -> FrozenTextEncoder kwargs), ``dropout``, ``uncond``,
             ``pooled_from``.
         autoencoder: the stage-0 checkpoint or export folder (frozen), or a public autoencoder: a diffusers
@@ -178,7 +182,7 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError("model.noise_schedule.zero_terminal_snr", "needs v- or edm-parameterization (eps is "
                               "undefined at SNR 0); set model.parameterization=v")  # fmt: skip
 
-        self.unet = UNet(**unet)
+        self.unet = build_network(unet)  # the U-Net or, with arch=dit, the DiT (the name is the checkpoints')
         self.conditioner = build_conditioner(text, context_dim=self.unet.config["context_dim"])
         if self.unet.config["pooled_dim"] != self.conditioner.pooled_dim:
             raise ConfigError(
@@ -255,7 +259,7 @@ class DiffusionModule(L.LightningModule):
             parts = [self.unet, *self.conditioner.proj.values()]  # the projections run one by one: each is a unit
             if self.ema is not None:
                 parts += [self.ema.shadow["unet"], *self.ema.shadow["text_proj"].values()]
-            shard_modules(parts, wrap=("ResnetBlock2D", "BasicTransformerBlock"), strategy=strategy)
+            shard_modules(parts, wrap=SHARDED_BLOCKS, strategy=strategy)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.unet.compile()  # in place: parameter names (and checkpoints) stay as they are
             self._compiled = True

@@ -8,10 +8,24 @@ from typing import Any
 
 import yaml
 
+from emu.autoencoder.pixel import PixelSpace
+
 MAX_METRICS = 40
 LATENT_SCALING_WORDS = {"channel": "per channel", "global": "per model (one scale)",
                         "factor": "by the autoencoder's shift_factor / scaling_factor (as diffusers)"}  # fmt: skip
 
+
+
+def _network_line(net) -> str:
+    """The card's line on the denoising network: a U-Net's widths and attention, or a DiT's patches and blocks."""
+    c = net.config
+    pooled = f"pooled text embedding {c['pooled_dim'] or 'none'}"
+    if c.get("arch") == "dit":
+        return (f"* **DiT**: {_params(net) / 1e6:.1f}M parameters, {c['patch_size']}x{c['patch_size']} patches, "
+                f"{c['depth']} blocks of width {c['width']} ({c['heads']} heads), cross-attention to a context of "
+                f"{c['context_dim']}, {pooled}.")  # fmt: skip
+    return (f"* **U-Net**: {_params(net) / 1e6:.1f}M parameters, widths {c['block_channels']}, attention depth "
+            f"{c['transformer_depth']}, context {c['context_dim']}, {pooled}.")  # fmt: skip
 
 def run_config(ckpt: str | Path) -> dict[str, Any] | None:
     """The Hydra config of the run that wrote a checkpoint (``<run>/.hydra/config.yaml`` beside ``<run>/checkpoints``),
@@ -54,7 +68,6 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
     encoders = ", ".join(f"{n} (`{e.name_or_path}`, {e.kind}, {e.max_length} tokens)"
                          for n, e in module.conditioner.encoders.items())  # fmt: skip
     ae = module.autoencoder.config
-    unet = module.unet.config
     schedule = dict(hp.noise_schedule or {})
     lines = [
         "---",
@@ -72,10 +85,9 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
         "",
         f"* **Stage**: {stage}; {module.trained_steps if module.trained_steps is not None else 'unknown'} "
         f"optimizer steps at {module.train_resolution or 'unknown'} px.",
-        f"* **U-Net**: {_params(module.unet) / 1e6:.1f}M parameters, widths {unet['block_channels']}, attention depth "
-        f"{unet['transformer_depth']}, context {unet['context_dim']}, pooled text embedding "
-        f"{unet['pooled_dim'] or 'none'}.",
+        _network_line(module.unet),
         f"* **Text encoders** (frozen): {encoders}; uncond: {hp.text.get('uncond', 'empty')}.",
+        "* **Autoencoder**: none, diffusion on pixels." if isinstance(module.autoencoder, PixelSpace) else
         f"* **Autoencoder** (frozen): {ae['latent_channels']} latent channels, f={module.autoencoder.downsample_factor}"
         f", Fourier features {ae['fourier_frequencies'] or 'none'}, "
         f"patch shortcut {ae.get('patch_shortcut', False)}; latents "

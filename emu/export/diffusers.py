@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from emu.autoencoder.convert import diffusers_config, diffusers_state_dict
+from emu.autoencoder.pixel import PixelSpace
 from emu.diffusion.convert import to_diffusers as unet_to_diffusers
 from emu.diffusion.lora import plain_unet
 
@@ -39,8 +40,15 @@ def _hub_module(name: str):
 
 
 def check_exportable(module) -> None:
-    """Refuse, with the reason, what diffusers' schedulers cannot express."""
+    """Refuse, with the reason, what diffusers' schedulers and emu's pipeline (a ``UNet2DConditionModel`` over an
+    autoencoder) cannot express."""
     hp = module.hparams
+    if module.unet.config.get("arch", "unet") != "unet":
+        raise ValueError(f"the diffusers export holds a UNet2DConditionModel; this model's network is a "
+                         f"{module.unet.config['arch']} (export it with `python -m emu.export safetensors`)")  # fmt: skip
+    if isinstance(module.autoencoder, PixelSpace):
+        raise ValueError("a pixel-space model has no autoencoder for a diffusers pipeline's vae (export it with "
+                         "`python -m emu.export safetensors`)")  # fmt: skip
     if hp.parameterization not in PREDICTION_TYPES:
         raise ValueError(f"a {hp.parameterization}-parameterised model has no diffusers scheduler with emu's "
                          "preconditioning; eps and v export")  # fmt: skip

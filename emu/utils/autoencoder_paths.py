@@ -3,7 +3,8 @@
 One of: a stage-0 Lightning checkpoint (a file); an emu export folder (``config.json`` naming ``emu.AutoencoderKL``);
 a diffusers ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``: SD's, SDXL's, SD3's,
 FLUX.1's autoencoder), alone or as a pipeline folder's ``vae/``; or a Hugging Face hub id (``owner/name``) of either
-diffusers layout, found in the local cache only: nothing is downloaded. Shared by the loader
+diffusers layout, found in the local cache only: nothing is downloaded; or ``pixels``: none, diffusion on pixels
+(:class:`emu.autoencoder.pixel.PixelSpace`). Shared by the loader
 (:func:`emu.autoencoder.module.load_autoencoder`), config validation and the memory plan, which read configs without
 building networks.
 """
@@ -20,10 +21,14 @@ EMU_CLASS = "emu.AutoencoderKL"
 DIFFUSERS_CLASS = "AutoencoderKL"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 SUBFOLDERS = ("", "vae")  # a VAE repo or folder; a pipeline's VAE
+PIXELS = "pixels"  # model.autoencoder=pixels: no autoencoder, diffusion on pixels (emu.autoencoder.pixel.PixelSpace)
+# its config (RGB): AutoencoderKL's keys, with no levels (f = 1) and no Fourier features
+PIXEL_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 3, "block_out_channels": [],
+                "fourier_frequencies": []}  # fmt: skip
 
 
 class AutoencoderSource(NamedTuple):
-    kind: str  # "checkpoint", "emu" (export folder) or "diffusers" (AutoencoderKL folder)
+    kind: str  # "checkpoint", "emu" (export folder), "diffusers" (AutoencoderKL folder) or "pixels" (none)
     path: Path
 
 
@@ -47,9 +52,17 @@ def _hub_folders(repo_id: str) -> list[Path]:
     return found
 
 
+def downsample_factor(config: dict) -> int:
+    """An autoencoder config's f: ``2 ** (levels - 1)``, 1 with no levels (pixel space)."""
+    levels = len(config.get("block_out_channels") or [])
+    return 2 ** (levels - 1) if levels else 1
+
+
 def find_autoencoder(path: str | Path) -> AutoencoderSource:
     """What ``path`` holds (:class:`AutoencoderSource`); ``FileNotFoundError`` when it is nothing of the kind, and
     ``ValueError`` for a folder of another model (naming its class)."""
+    if str(path) == PIXELS:
+        return AutoencoderSource(PIXELS, Path(PIXELS))
     local = Path(path).expanduser()
     if local.is_file():
         return AutoencoderSource("checkpoint", local)

@@ -24,14 +24,15 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from emu.errors import ConfigError
-from emu.utils.autoencoder_paths import CONFIG_NAME, find_autoencoder
+from emu.utils.autoencoder_paths import CONFIG_NAME, PIXEL_CONFIG, PIXELS, downsample_factor, find_autoencoder
 from emu.utils.checkpoint_header import diffusers_unet_folder, header, is_sharded_checkpoint, read_header
 from emu.utils.resolution import resolution_problem
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-KWARG_NODES = {  # config nodes passed as plain dicts to a class, by the model that takes them
+NETWORKS = {"unet": "emu.diffusion.unet.UNet", "dit": "emu.diffusion.dit.DiT"}  # by model.unet.arch (networks.py)
+KWARG_NODES = {  # config nodes passed as plain dicts to a class, by the model that takes them (a dict: by its arch)
     "emu.diffusion.module.DiffusionModule": {
-        "unet": "emu.diffusion.unet.UNet",
+        "unet": NETWORKS,
         "val_sampling": "emu.diffusion.pipeline.SamplingSettings",
     },
     "emu.diffusion.selection.CheckpointSelection": {"sampling": "emu.diffusion.pipeline.SamplingSettings"},
@@ -73,8 +74,12 @@ def _walk(node: Any, path: str, problems: list[tuple[str, str]]) -> None:
     if target:
         _unknown(node, path, target, problems)
         for key, sub_target in KWARG_NODES.get(target, {}).items():
-            if isinstance(node.get(key), DictConfig):
-                _unknown(node[key], f"{path}.{key}", sub_target, problems)
+            sub = node.get(key)
+            if isinstance(sub, DictConfig):
+                if isinstance(sub_target, dict):  # the class its arch names (unknown arches: the model says so)
+                    sub_target = sub_target.get(str(sub.get("arch", "unet")))
+                if sub_target:
+                    _unknown(sub, f"{path}.{key}", sub_target, problems)
     for key in node:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
@@ -87,6 +92,8 @@ def autoencoder_config(path: str | Path) -> dict[str, Any] | None:
     its export folder, a diffusers ``AutoencoderKL`` folder or cached hub id (config.json), or a stage-0 checkpoint
     (header only); :func:`~emu.utils.autoencoder_paths.find_autoencoder`'s errors when it is none of them."""
     kind, path = find_autoencoder(path)
+    if kind == PIXELS:
+        return dict(PIXEL_CONFIG)
     if kind != "checkpoint":
         return json.loads((path / CONFIG_NAME).read_text())
     import torch
@@ -135,9 +142,13 @@ def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
                 problems.append((f"model.unet.{key}", f"is {unet[key]} but the autoencoder '{model.autoencoder}' has "
                                  f"{ae['latent_channels']} latent channels; set model.unet.{key}="
                                  f"{ae['latent_channels']}"))  # fmt: skip
-        ae_f, unet_f = 2 ** (len(ae["block_out_channels"]) - 1), 2 ** (len(unet.get("block_channels", [0])) - 1)
+        ae_f = downsample_factor(ae)
+        if unet.get("arch") == "dit":  # one token per patch (emu.diffusion.dit)
+            unet_f, net = int(unet.get("patch_size", 1)), "DiT patch"
+        else:
+            unet_f, net = 2 ** (len(unet.get("block_channels", [0])) - 1), "U-Net"
         res = OmegaConf.select(cfg, "data.resolution")
-        problem = res and resolution_problem(res, ae_f * unet_f, f"autoencoder f={ae_f} x U-Net {unet_f}x")
+        problem = res and resolution_problem(res, ae_f * unet_f, f"autoencoder f={ae_f} x {net} {unet_f}x")
         if problem:
             problems.append(("data.resolution", problem))
     encoders = OmegaConf.to_container(model.text.encoders, resolve=True) if model.get("text") else {}
