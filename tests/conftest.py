@@ -317,17 +317,30 @@ TINY_UNET_WIDTHS = ("block_channels", "layers_per_block", "head_dim", "context_d
 SDXL_TINY_UNET = {**TINY_UNET, "context_dim": 80, "pooled_dim": 40, "addition_time_embed_dim": 8}  # SDXL-shaped
 
 
-def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path) -> list[str]:
-    """Hydra overrides that point the mini stage-1 model at the tiny test models."""
+# The tests' DiT (arch=dit, emu/diffusion/dit.py) over the same tiny models: its widths replace the mini DiT's.
+TINY_DIT = dict(patch_size=2, width=32, depth=2, heads=2, context_dim=32, pooled_dim=24)
+
+
+def arch_of(experiment: str) -> str:
+    """The network family a mini experiment trains: ``dit``, ``pixel`` (make generality's arms) or ``unet``."""
+    return next((a for a in ("dit", "pixel") if experiment.endswith(f"_{a}")), "unet")
+
+
+def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path, arch: str = "unet") -> list[str]:
+    """Hydra overrides that point the mini stage-1 model at the tiny test models; ``arch``: the network family of
+    the experiment (:func:`arch_of`): a DiT gets the tiny DiT's widths, a pixel model keeps its autoencoder (none)."""
+    if arch == "dit":
+        net = [f"model.unet.{k}={v}" for k, v in TINY_DIT.items()]
+    else:  # the tiny U-Net's widths (0.46M parameters, ~7 MB checkpoints; the mini U-Net's checkpoints are ~100 MB
+        # with their EMA and Adam state, and the fault tests keep one per step); the mini config's attention depth stays
+        net = [f"model.unet.{k}={str(TINY_UNET[k]).replace(' ', '')}" for k in TINY_UNET_WIDTHS]
     return [
-        f"model.autoencoder={tiny_autoencoder}",
+        *([] if arch == "pixel" else [f"model.autoencoder={tiny_autoencoder}"]),
         f"model.text.encoders.clip.name_or_path={tiny_clip}",
         "model.text.encoders.clip.max_length=16",
         f"model.text.encoders.t5.name_or_path={tiny_t5}",
         "model.text.encoders.t5.max_length=16",
-        # the tiny U-Net's widths (0.46M parameters, ~7 MB checkpoints; the mini U-Net's checkpoints are ~100 MB with
-        # their EMA and Adam state, and the fault tests keep one per step); the mini config's attention depth stays
-        *(f"model.unet.{k}={str(TINY_UNET[k]).replace(' ', '')}" for k in TINY_UNET_WIDTHS),
+        *net,
         "model.val_sampling.steps=2",
     ]
 
