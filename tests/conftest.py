@@ -333,7 +333,8 @@ def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path
         net = [f"model.unet.{k}={v}" for k, v in TINY_DIT.items()]
     else:  # the tiny U-Net's widths (0.46M parameters, ~7 MB checkpoints; the mini U-Net's checkpoints are ~100 MB
         # with their EMA and Adam state, and the fault tests keep one per step); the mini config's attention depth stays
-        net = [f"model.unet.{k}={str(TINY_UNET[k]).replace(' ', '')}" for k in TINY_UNET_WIDTHS]
+        widths = (*TINY_UNET_WIDTHS, "transformer_depth") if arch == "pixel" else TINY_UNET_WIDTHS  # 3 levels -> 2
+        net = [f"model.unet.{k}={str(TINY_UNET[k]).replace(' ', '')}" for k in widths]
     return [
         *([] if arch == "pixel" else [f"model.autoencoder={tiny_autoencoder}"]),
         f"model.text.encoders.clip.name_or_path={tiny_clip}",

@@ -16,7 +16,7 @@ from emu.diffusion.dit import DiT, sincos_2d
 from emu.diffusion.module import DiffusionModule
 from emu.diffusion.networks import build_network
 from emu.errors import ConfigError
-from tests.conftest import ROOT, TINY_DIT, TINY_UNET, haystack_batch, tiny_stage1_overrides
+from tests.conftest import TINY_DIT, TINY_UNET, haystack_batch, tiny_stage1_overrides
 from tests.test_stage1 import text_config
 
 DIT = {"arch": "dit", "in_channels": 16, "out_channels": 16, **TINY_DIT}
@@ -97,11 +97,10 @@ def test_dit_lora_targets_its_attention(tiny_autoencoder, tiny_clip, tiny_t5, tm
     """LoRA's default targets (to_q, to_k, to_v, to_out.0) are the DiT's attention projections too."""
     from emu.diffusion.lora import trainable_count
 
-    base = module(DIT, tiny_autoencoder, tiny_clip, tiny_t5)
-    path = tmp_path / "base.ckpt"
-    torch.save({"state_dict": base.state_dict(), "hyper_parameters": dict(base.hparams),
-                "pytorch-lightning_version": "2"}, path)  # fmt: skip
-    tuned = module(DIT, tiny_autoencoder, tiny_clip, tiny_t5, init_from=str(path), lora={"rank": 2})
+    from emu.diffusion.export import save_export
+
+    base = save_export(module(DIT, tiny_autoencoder, tiny_clip, tiny_t5), tmp_path / "base", copy_frozen=False)
+    tuned = module(DIT, tiny_autoencoder, tiny_clip, tiny_t5, init_from=str(base), lora={"rank": 2})
     per_block = 2 * 2 * (2 * 32 + 32 + 32) + 2 * 2 * (2 * 32 + 32 + 32)  # self + cross attention: rank x (in + out)
     assert trainable_count(tuned.trained_modules().values()) == TINY_DIT["depth"] * per_block
 
@@ -125,6 +124,7 @@ def test_pixel_space_is_the_identity_and_round_trips_as_an_export(tmp_path):
 def test_pixel_model_overfits_samples_and_exports(tiny_clip, tiny_t5, tmp_path):
     from emu.diffusion.checkpoints import load_diffusion
     from emu.diffusion.export import save_export
+    from emu.export.card import model_card
     from emu.export.diffusers import export_diffusers
 
     m = module(PIXEL_UNET, "pixels", tiny_clip, tiny_t5, sigma_data=0.5, parameterization="v",
@@ -133,19 +133,27 @@ def test_pixel_model_overfits_samples_and_exports(tiny_clip, tiny_t5, tmp_path):
     assert after < 0.5 * before, (before, after)
     images = m.sample(["a red circle"], [0])
     assert images.shape == (1, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
-    folder = save_export(m, tmp_path / "export")  # the pixel "autoencoder" is copied like any other
+    folder = save_export(m, tmp_path / "export", ema=False)  # the pixel "autoencoder" is copied like any other
     loaded = load_diffusion(folder)
     assert isinstance(loaded.autoencoder, PixelSpace)
     assert torch.allclose(loaded.sample(["a red circle"], [0]), images, atol=1e-5)
     with pytest.raises(ValueError, match="pixel-space model has no autoencoder"):
         export_diffusers(m, tmp_path / "diffusers")
+    card = model_card(loaded, str(folder), "safetensors", "raw")
+    assert "# Text-to-image pixel-space diffusion model" in card and "* **Autoencoder**: none, diffusion on pixels" in card
 
 
 def test_diffusers_export_refuses_a_dit(tiny_autoencoder, tiny_clip, tiny_t5, tmp_path):
     from emu.export.diffusers import export_diffusers
 
+    from emu.export.card import model_card
+
+    dit = module(DIT, tiny_autoencoder, tiny_clip, tiny_t5, parameterization="flow", p_mean=0.0, p_std=1.0)
     with pytest.raises(ValueError, match="network is a dit"):
-        export_diffusers(module(DIT, tiny_autoencoder, tiny_clip, tiny_t5), tmp_path / "diffusers")
+        export_diffusers(dit, tmp_path / "diffusers")
+    card = model_card(dit, "run/last.ckpt", "safetensors", "ema")
+    assert "* **DiT**: " in card and "2x2 patches, 2 blocks of width 32" in card
+    assert "rectified flow (velocity target), logit-normal t (mean 0.0, std 1.0)" in card
 
 
 def test_config_validation_knows_each_network(tiny_autoencoder, tmp_path):
@@ -160,7 +168,7 @@ def test_config_validation_knows_each_network(tiny_autoencoder, tmp_path):
         validate(cfg)
     assert "model.unet.block_channels is not a setting of DiT" in str(e.value)
     assert "DiT patch 3x" in str(e.value) and "model.unet.width" not in str(e.value)
-    cfg = compose_train(["experiment=mini/stage1_pixel", "data.resolution=36"])
+    cfg = compose_train(["experiment=mini/stage1_pixel", "data.resolution=34"])
     with pytest.raises(ConfigError, match=r"autoencoder f=1 x U-Net 4x"):
         validate(cfg)
 
@@ -245,6 +253,7 @@ def test_generality_report_judges_each_arm(tmp_path):
     from emu.demo.driver import load_scale
     from emu.demo.generality import plan
     from emu.demo.generality_report import faithfulness_kept, write_generality
+    from emu.demo.report import Targets, section_generality
 
     def paired(win, loss, half=0.05):
         return {"win": win, "win_ci": [win - half, win + half], "tie": 1 - win - loss, "tie_ci": [0, 1], "loss": loss,
@@ -275,4 +284,8 @@ def test_generality_report_judges_each_arm(tmp_path):
     assert met[("dit", "the")] is False  # the aesthetic head disagrees with the judge's appeal
     assert met[("pixel", "appeal")] is None and "no picture yet" in report
     assert faithfulness_kept({"win": 0.2, "loss": 0.28, "win_ci": [0.1, 0.3], "loss_ci": [0.2, 0.36]})
-    assert (ROOT / "conf" / "experiment" / "mini" / "stage1_dit.yaml").is_file()
+    table = Targets()  # REPORT.md: the other architectures' targets join its table, with a link
+    lines = section_generality(tmp_path, table)
+    assert "[GENERALITY.md](GENERALITY.md)" in " ".join(lines)
+    assert sum("generality: dit" in row for row in table.markdown()) == 3
+    assert not any("generality: unet" in row for row in table.markdown())  # the headline is already there

@@ -202,6 +202,7 @@ def _peak_bytes(n: int, out) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow  # ~30 s: two corpus sizes through the funnel
 def test_the_funnels_memory_does_not_grow_with_the_corpus(tmp_path):
     """Five times the images, the same peak: tables and decisions are streamed a piece at a time. (Holding a row per
     image, as the funnel did before, grows by ~1.7 KB per image: +1.4 MB here.)"""

@@ -118,6 +118,7 @@ def _dry_run(out, budget_min: float) -> tuple[subprocess.CompletedProcess, dict]
     return r, json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow  # ~50 s: every step of the GPU check, dry, on the CPU
 def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     r, report = _dry_run(tmp_path, budget_min=5)
     steps = {s["step"]: s for s in report["steps"]}

@@ -1,7 +1,8 @@
 """The package layering: imports only point down (README's Layout), module-level and function-level alike.
 
 errors, utils, training at the bottom; then data; then autoencoder and text (which may use data but not each
-other); then diffusion; then curation and evaluation (not each other); the annotation app; then the miniature
+other); then diffusion; then the masked transformer (maskgit, which uses the DiT's blocks); then curation and
+evaluation (not each other); the annotation app; then the miniature
 (emu/mini) and demo on top. The real system (everything but emu/mini and emu/demo, and the entry points) reaches the
 miniature only through configs (``_target_``, named sets), never by import.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 LAYERS = [("errors", "paper"), ("utils",), ("training",), ("data",), ("autoencoder", "text"), ("diffusion",),
-          ("curation", "evaluation", "export", "plan"), ("annotate",), ("mini",), ("demo",)]  # fmt: skip
+          ("maskgit",), ("curation", "evaluation", "export", "plan"), ("annotate",), ("mini",), ("demo",)]  # fmt: skip
 MINIATURE = ("mini", "demo")  # the only packages that may import emu.mini
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

@@ -129,3 +129,20 @@ def test_every_paper_experiment_rehearses_on_two_cpu_processes(rehearsal):
 
     model = load_diffusion(select / "best")
     assert model.exported_weights == "ema" and torch.isfinite(next(model.unet.parameters())).all()
+
+
+@pytest.mark.parametrize("experiment, rehearse", [("stage1_dit", "cpu_dit"), ("stage1_pixel", "cpu_pixel")])
+def test_other_architectures_rehearse_on_two_cpu_processes(rehearsal, experiment, rehearse):
+    """experiment=stage1_dit (the DiT by rectified flow) and stage1_pixel (pixel space) as written, networks shrunk:
+    FSDP over 2 CPU processes with activation checkpointing, killed after step 2 and resumed, a sample grid logged."""
+    from tests.conftest import save_tiny_autoencoder
+
+    root, models, data = rehearsal["root"], rehearsal["models"], rehearsal["data"]
+    if not (models / "autoencoder").exists():  # stage 0's export when the chain above ran first; else a tiny one
+        save_tiny_autoencoder(models / "autoencoder")
+    out = root / experiment
+    _killed_and_resumed(out, [f"experiment={experiment}", f"+rehearsal={rehearse}", f"rehearsal.dir={models}", *data],
+                        last_step=4)  # fmt: skip
+    _grid(out, "val_samples")
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2, "FSDP: one shard file per rank"

@@ -458,6 +458,20 @@ def section_ablations(out: Path, targets: Targets) -> list[str]:
     return [*lines, ""]
 
 
+def section_generality(out: Path, targets: Targets) -> list[str]:
+    """When ``make generality`` has run: its targets join the table above, and a link to ``GENERALITY.md``."""
+    if not (out / "GENERALITY.md").is_file():
+        return []
+    rows = (_load(out / "generality" / "targets.json") or {}).get("targets", [])
+    for r in rows:
+        if r["arch"] != "unet":  # the demo's own U-Net is the headline above
+            targets.add(f"generality: {r['target']}", r["measured"], r["met"])
+    return ["## Other architectures", "",
+            "A diffusion transformer trained by rectified flow and a pixel-space U-Net, each pre-trained on the same "
+            "corpus, quality-tuned on the same curated set and compared with its own pre-trained model: "
+            "[GENERALITY.md](GENERALITY.md) (`make generality`).", ""]  # fmt: skip
+
+
 SIMULATED = """## What is simulated and what is real
 
 - **Simulated**: the *domain* (the haystack: procedural scenes with hidden quality attributes standing in for web
@@ -501,7 +515,7 @@ def section_human_ab(out: Path) -> list[str]:
 def write_report(out: Path, scale: dict[str, Any], state: dict[str, Any], stages: list[Stage]) -> Path:
     targets = Targets()
     body = section_autoencoder(out, targets) + section_curation(out, targets) + section_quality_tuning(out, targets)
-    body += section_human_ab(out) + section_ablations(out, targets)
+    body += section_human_ab(out) + section_ablations(out, targets) + section_generality(out, targets)
     wall = wall_clock(state)
     total = wall[0] if wall else sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
     lines = [

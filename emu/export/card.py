@@ -27,6 +27,18 @@ def _network_line(net) -> str:
     return (f"* **U-Net**: {_params(net) / 1e6:.1f}M parameters, widths {c['block_channels']}, attention depth "
             f"{c['transformer_depth']}, context {c['context_dim']}, {pooled}.")  # fmt: skip
 
+def _objective(hp) -> str:
+    """The training objective in words: rectified flow and EDM by their noise distribution, eps / v by their schedule."""
+    if hp.parameterization == "flow":
+        return f"rectified flow (velocity target), logit-normal t (mean {hp.p_mean}, std {hp.p_std})"
+    if hp.parameterization == "edm":
+        return f"EDM preconditioning, log-normal sigma (mean {hp.p_mean}, std {hp.p_std}), sigma_data {hp.sigma_data}"
+    schedule = dict(hp.noise_schedule or {})
+    return (f"{hp.parameterization}-prediction, scaled-linear schedule of {schedule.get('steps', 1000)} steps "
+            f"({schedule.get('beta_start', 0.00085)} to {schedule.get('beta_end', 0.012)}, zero terminal SNR "
+            f"{schedule.get('zero_terminal_snr', False)})")  # fmt: skip
+
+
 def run_config(ckpt: str | Path) -> dict[str, Any] | None:
     """The Hydra config of the run that wrote a checkpoint (``<run>/.hydra/config.yaml`` beside ``<run>/checkpoints``),
     or None when the checkpoint travelled without its run folder."""
@@ -68,7 +80,6 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
     encoders = ", ".join(f"{n} (`{e.name_or_path}`, {e.kind}, {e.max_length} tokens)"
                          for n, e in module.conditioner.encoders.items())  # fmt: skip
     ae = module.autoencoder.config
-    schedule = dict(hp.noise_schedule or {})
     lines = [
         "---",
         f"library_name: {'diffusers' if fmt == 'diffusers' else 'emu'}",
@@ -77,7 +88,8 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
         "license: # left to you: the licenses of the training data and of the text encoders apply",
         "---",
         "",
-        "# Text-to-image latent diffusion model trained with emu",
+        f"# Text-to-image {'pixel-space' if isinstance(module.autoencoder, PixelSpace) else 'latent'} diffusion model "
+        "trained with emu",
         "",
         f"Exported by `python -m emu.export {fmt}` from `{source}` ({weights.upper()} weights).",
         "",
@@ -92,9 +104,7 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
         f", Fourier features {ae['fourier_frequencies'] or 'none'}, "
         f"patch shortcut {ae.get('patch_shortcut', False)}; latents "
         f"normalised {LATENT_SCALING_WORDS.get(hp.latent_scaling, hp.latent_scaling)}.",
-        f"* **Diffusion**: {hp.parameterization}-prediction, scaled-linear schedule of {schedule.get('steps', 1000)} "
-        f"steps ({schedule.get('beta_start', 0.00085)} to {schedule.get('beta_end', 0.012)}, zero terminal SNR "
-        f"{schedule.get('zero_terminal_snr', False)}), {hp.weighting} loss weighting, noise offset {hp.noise_offset}.",
+        f"* **Diffusion**: {_objective(hp)}, {hp.weighting} loss weighting, noise offset {hp.noise_offset}.",
         f"* **Optimisation**: AdamW lr {hp.lr}, {hp.lr_schedule} after {hp.warmup_steps} warm-up steps, EMA half-life "
         f"{hp.ema_half_life_images} images.",
         "",

@@ -41,6 +41,7 @@ def tiny(tiny_autoencoder, tiny_clip, tiny_t5):
     return tiny_autoencoder, tiny_clip, tiny_t5
 
 
+@pytest.mark.slow  # ~50 s: two loggers, a SIGKILL and a resume
 def test_csv_and_tensorboard_histories_survive_a_sigkill_and_resume(tmp_path, tiny):
     """Killed in step 7, the run resumes from step 6's last.ckpt, saved again after step 6's validation
     (LastAfterValidation): the continuation is exact as well, and rows 0-5 can only come from the killed attempt's

@@ -80,7 +80,9 @@ def test_stage1_resumes_exactly_after_sigkill(tmp_path, tiny):
     _assert_same_continuation(*_kill_and_resume(tmp_path, stage_overrides("stage1", tiny)))
 
 
-@pytest.mark.parametrize("case", list(EPOCH_END_CASES))
+# the validation-end case is slow (~25 s; make test-all): the last-batch case covers the same epoch boundary
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.startswith("validation_end") else c
+                                  for c in EPOCH_END_CASES])  # fmt: skip
 def test_a_checkpoint_from_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path, tiny, case):
     kill, extra, injected = EPOCH_END_CASES[case]
     _assert_same_continuation(*_kill_and_resume(tmp_path, [*stage_overrides("stage1", tiny), *extra], kill, **injected))
