@@ -396,9 +396,9 @@ def _encode_transient(ae: nn.Module, batch: int, h: int, w: int, amp: bool) -> f
 def _inference_transient(unet_cfg: dict[str, Any], batch: int, latent_hw: tuple[int, int]) -> float:
     """No-grad sampling holds only a few live activations: ~4 of the widest level's feature maps (CFG: 2x batch); a
     DiT's: ~4 of its token maps."""
-    if unet_cfg.get("arch") == "dit":
-        p = unet_cfg["patch_size"]
-        return 4 * 2 * batch * (latent_hw[0] // p) * (latent_hw[1] // p) * unet_cfg["width"] * 4
+    if unet_cfg.get("arch") == "dit":  # (DiT's defaults where the config leaves them out)
+        p, width = unet_cfg.get("patch_size", 2), unet_cfg.get("width", 1152)
+        return 4 * 2 * batch * (latent_hw[0] // p) * (latent_hw[1] // p) * width * 4
     c = unet_cfg["block_channels"]
     return 4 * 2 * batch * max(ch * (latent_hw[0] >> i) * (latent_hw[1] >> i) for i, ch in enumerate(c)) * 4
 

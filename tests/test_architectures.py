@@ -71,7 +71,10 @@ def test_dit_patchifies_starts_at_zero_and_masks_padding_tokens():
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     t = torch.tensor([10.0, 500.0])
     out = net(x, t, ctx, mask, pooled)
-    assert out.shape == x.shape and out.abs().max() == 0  # adaLN-Zero gates and the output projection start at 0
+    assert out.shape == x.shape and out.abs().max() == 0  # the output projection starts at 0
+    c = torch.randn(2, TINY_DIT["width"])
+    for block in net.blocks:  # adaLN-Zero: every shift, scale and gate starts at 0, whatever the conditioning
+        assert block.adaLN_modulation(c).abs().max() == 0
     for p in net.parameters():  # trained-like weights: the padding of a caption changes nothing, its words do
         torch.nn.init.normal_(p, std=0.05)
     changed = ctx.clone()
@@ -95,14 +98,17 @@ def test_dit_overfits_one_batch(tiny_autoencoder, tiny_clip, tiny_t5, parameteri
 
 def test_dit_lora_targets_its_attention(tiny_autoencoder, tiny_clip, tiny_t5, tmp_path):
     """LoRA's default targets (to_q, to_k, to_v, to_out.0) are the DiT's attention projections too."""
-    from emu.diffusion.lora import trainable_count
-
     from emu.diffusion.export import save_export
+    from emu.diffusion.lora import trainable_count
 
     base = save_export(module(DIT, tiny_autoencoder, tiny_clip, tiny_t5), tmp_path / "base", copy_frozen=False)
     tuned = module(DIT, tiny_autoencoder, tiny_clip, tiny_t5, init_from=str(base), lora={"rank": 2})
     per_block = 2 * 2 * (2 * 32 + 32 + 32) + 2 * 2 * (2 * 32 + 32 + 32)  # self + cross attention: rank x (in + out)
     assert trainable_count(tuned.trained_modules().values()) == TINY_DIT["depth"] * per_block
+    from emu.export.lora import export_lora
+
+    with pytest.raises(ValueError, match="no diffusers LoRA file can hold its adapters"):
+        export_lora(tuned, tmp_path / "lora")
 
 
 # ------------------------------------------------------------------------------------------ pixel space
@@ -118,7 +124,9 @@ def test_pixel_space_is_the_identity_and_round_trips_as_an_export(tmp_path):
     again = load_autoencoder(folder)
     assert isinstance(again, PixelSpace) and torch.equal(again.encode(x).mode(), x)
     with pytest.raises(ValueError, match="only `channels`"):
-        PixelSpace(latent_channels=4)
+        PixelSpace(channels=3, latent_channels=4)
+    gray = load_autoencoder(PixelSpace(channels=1).save_pretrained(tmp_path / "gray"))  # rebuilt from its own config
+    assert gray.latent_channels == 1 and gray.encode(x[:, :1]).mode().shape == (2, 1, 8, 8)
 
 
 def test_pixel_model_overfits_samples_and_exports(tiny_clip, tiny_t5, tmp_path):
@@ -140,13 +148,14 @@ def test_pixel_model_overfits_samples_and_exports(tiny_clip, tiny_t5, tmp_path):
     with pytest.raises(ValueError, match="pixel-space model has no autoencoder"):
         export_diffusers(m, tmp_path / "diffusers")
     card = model_card(loaded, str(folder), "safetensors", "raw")
-    assert "# Text-to-image pixel-space diffusion model" in card and "* **Autoencoder**: none, diffusion on pixels" in card
+    assert (
+        "# Text-to-image pixel-space diffusion model" in card and "* **Autoencoder**: none, diffusion on pixels" in card
+    )
 
 
 def test_diffusers_export_refuses_a_dit(tiny_autoencoder, tiny_clip, tiny_t5, tmp_path):
-    from emu.export.diffusers import export_diffusers
-
     from emu.export.card import model_card
+    from emu.export.diffusers import export_diffusers
 
     dit = module(DIT, tiny_autoencoder, tiny_clip, tiny_t5, parameterization="flow", p_mean=0.0, p_std=1.0)
     with pytest.raises(ValueError, match="network is a dit"):
@@ -170,6 +179,18 @@ def test_config_validation_knows_each_network(tiny_autoencoder, tmp_path):
     assert "DiT patch 3x" in str(e.value) and "model.unet.width" not in str(e.value)
     cfg = compose_train(["experiment=mini/stage1_pixel", "data.resolution=34"])
     with pytest.raises(ConfigError, match=r"autoencoder f=1 x U-Net 4x"):
+        validate(cfg)
+    validate(compose_train(["experiment=mini/stage1_pixel", "+model.unet.arch=unet"]))  # the default, said aloud
+
+
+def test_validation_refuses_initialising_one_network_from_the_other(tmp_path, tiny_stage1_checkpoint,
+                                                                    tiny_autoencoder):  # fmt: skip
+    from emu.utils.validate import validate
+    from tests.test_train import compose_train
+
+    cfg = compose_train(["experiment=mini/stage2_quality_tune_dit", f"model.autoencoder={tiny_autoencoder}",
+                         f"model.init_from={tiny_stage1_checkpoint}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.unet is a dit but model\.init_from's network is a unet"):
         validate(cfg)
 
 
@@ -246,6 +267,12 @@ def test_generality_plans_each_arm_from_the_finished_demo(tmp_path):
     assert [s.needs for s in rows[1].stage.steps] == [(), ("dit/stage1",), ("dit/stage2",)]
     with pytest.raises(SystemExit, match="unknown arm"):
         plan({**scale, "generality": {"arms": ["muse"]}})
+    (tmp_path / "latents").mkdir()  # a demo folder without the precomputed latents: the DiT arm makes them first
+    first = plan(scale, tmp_path)[1].stage.steps[0]
+    assert first.name == "dit/latents" and "emu.diffusion.precompute" in " ".join(first.argv)
+    (tmp_path / "latents" / "precompute.json").write_text("{}")
+    assert plan(scale, tmp_path)[1].stage.steps[0].name == "dit/stage1"
+    assert plan(scale, tmp_path)[2].stage.steps[0].name == "pixel/stage1"  # it reads the images
 
 
 def test_generality_report_judges_each_arm(tmp_path):
@@ -262,6 +289,7 @@ def test_generality_report_judges_each_arm(tmp_path):
     def metrics(appeal, faith, aesthetic, clip):
         models = {"tuned": {"clip_score": clip[0]}, "pretrained": {"clip_score": clip[1]}}
         return {"n_prompts": 256, "prompts": "haystack:256", "models": models,
+                "config": {"name_a": "tuned", "name_b": "pretrained"},
                 "paired": {"appeal": paired(*appeal), "faithfulness": paired(*faith),
                            "aesthetic": paired(*aesthetic)}}  # fmt: skip
 

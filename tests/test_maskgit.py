@@ -3,6 +3,7 @@ decoding with classifier-free guidance, each against hand-computed values."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -66,6 +67,9 @@ def test_decoding_fills_every_token_in_the_stated_steps_following_the_schedule()
     assert out.shape == (B, N) and (out < K).all() and (out >= 0).all()  # every token filled, never the mask id
     assert calls == [True, False] * steps  # guided: the conditional and unconditional pass at each step
     assert left == [masked_after(t, steps, N) for t in range(steps)]  # the schedule, step by step
+    left.clear()  # more steps than the schedule can give tokens: MaskGIT's clamp decides at least one a step
+    decode(logits_fn, 1, 4, mask_id=K, steps=6, callback=lambda step, t: left.append(int((t == K).sum())))
+    assert [masked_after(t, 6, 4) for t in range(6)] == [3, 3, 2, 2, 1, 0] and left == [3, 2, 1, 0, 0, 0]
 
 
 def test_decoding_keeps_decided_tokens_and_guidance_one_is_the_conditional_model():
@@ -80,7 +84,7 @@ def test_decoding_keeps_decided_tokens_and_guidance_one_is_the_conditional_model
 
     out = decode(logits_fn, 2, N, mask_id=K, steps=4, guidance=1.0, temperature=0.0)
     assert torch.equal(out, torch.full((2, N), 2)) and len(seen) == 4  # one pass a step without guidance
-    for before, after in zip(seen, seen[1:]):
+    for before, after in itertools.pairwise(seen):
         kept = before != K
         assert torch.equal(after[kept], before[kept])  # a token once decided is never masked again
     steered = decode(logits_fn, 2, N, mask_id=K, steps=4, guidance=0.0, temperature=0.0)

@@ -76,7 +76,8 @@ def test_mini_experiment_survives_fast_dev_run(experiment, tmp_path, request):
     extra = []
     if "stage" in experiment:  # the demo's encoders, autoencoder and runs do not exist in CI: use tiny ones
         extra = tiny_stage1_overrides(
-            *(request.getfixturevalue(f) for f in ("tiny_autoencoder", "tiny_clip", "tiny_t5")), arch=arch_of(experiment)
+            *(request.getfixturevalue(f) for f in ("tiny_autoencoder", "tiny_clip", "tiny_t5")),
+            arch=arch_of(experiment),
         )
     if "stage2" in experiment:
         ckpt, folder = request.getfixturevalue("tiny_stage1_checkpoint"), request.getfixturevalue("tiny_curated")

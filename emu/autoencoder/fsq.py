@@ -38,7 +38,8 @@ class FSQ(nn.Module):
         if not levels or min(levels) < 2:
             raise ValueError(f"FSQ levels must be at least 2 each, got {levels}")
         self.levels, self.eps = levels, eps
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float64), persistent=False)
+        # int64 buffers: a module cast (.to(bfloat16)) leaves them exact
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
         basis = torch.cumprod(torch.tensor([1, *levels[:-1]], dtype=torch.int64), 0)  # mixed radix, first digit fastest
         self.register_buffer("_basis", basis, persistent=False)
 
@@ -55,32 +56,35 @@ class FSQ(nn.Module):
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """Each channel squashed into ``(-(L-1)/2, (L-1)/2)``, offset by 1/2 for even ``L``."""
-        levels = self._view(self._levels, z.ndim)
+        levels = self._view(self._levels, z.ndim).double()
         half = (levels - 1) * (1 + self.eps) / 2
         offset = torch.where(levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
         return ((z.double() + shift).tanh() * half - offset).to(z.dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Quantized ``z`` (``B x d x ...``), each channel on its ``L`` values in [-1, 1]; straight-through gradients."""
+        """Quantized ``z`` (``B x d x ...``), each channel on its ``L`` values in [-1, 1]; straight-through
+        gradients."""
         if z.shape[1] != self.dim:
             raise ValueError(f"FSQ over {self.dim} channels got {z.shape[1]}")
         half_width = self._view(self._levels // 2, z.ndim).to(z.dtype)
         return round_ste(self.bound(z)) / half_width
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """Quantized values (``B x d x ...``, from :meth:`forward`) -> tokens (``B x ...``, int64 in [0, prod(levels)))."""
+        """Quantized values (``B x d x ...``, from :meth:`forward`) -> tokens (``B x ...``, int64 in
+        [0, prod(levels)))."""
         half_width = self._view(self._levels // 2, codes.ndim)
         digits = (codes.double() * half_width + half_width).round().long()  # 0 .. L-1 per channel
         return (digits * self._view(self._basis, codes.ndim)).sum(1)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Tokens (``B x ...``) -> quantized values (``B x d x ...``, float32), the inverse of :meth:`codes_to_indices`."""
+        """Tokens (``B x ...``) -> quantized values (``B x d x ...``, float32), the inverse of
+        :meth:`codes_to_indices`."""
         if indices.min() < 0 or indices.max() >= self.codebook_size:
             raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got {int(indices.min())}.."
                              f"{int(indices.max())}")  # fmt: skip
         idx = indices.long().unsqueeze(1)
-        levels, basis = self._view(self._levels, idx.ndim).long(), self._view(self._basis, idx.ndim)
+        levels, basis = self._view(self._levels, idx.ndim), self._view(self._basis, idx.ndim)
         digits = (idx // basis) % levels
         half_width = (levels // 2).float()
         return (digits.float() - half_width) / half_width

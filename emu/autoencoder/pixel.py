@@ -22,8 +22,9 @@ class PixelSpace(AutoencoderKL):
 
     diffusers_layout = False  # no diffusers AutoencoderKL holds it: diffusers exports refuse pixel models
 
-    def __init__(self, channels: int = 3, **config):
+    def __init__(self, channels: int | None = None, **config):
         nn.Module.__init__(self)  # none of AutoencoderKL's networks: only its latent statistics and their methods
+        channels = int(channels or config.get("latent_channels", PIXEL_CONFIG["latent_channels"]))  # a stored config's
         given = {**PIXEL_CONFIG, "in_channels": channels, "out_channels": channels, "latent_channels": channels}
         unknown = set(config) - set(given)
         if unknown or any(config[k] != given[k] for k in config):

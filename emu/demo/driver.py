@@ -285,7 +285,7 @@ def run_generality(out: Path, scale: dict[str, Any], force: bool = False, report
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = State(folder / "generality_state.json")
-    rows = generality_plan(scale)
+    rows = generality_plan(scale, out)
     if not report_only:
         state.data["scale"] = scale["name"]
         state.data.setdefault("started", _now())

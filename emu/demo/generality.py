@@ -22,10 +22,11 @@ A scale's ``generality:`` section lists the arms (``arms``). Nothing here trains
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from emu.demo.stages import Stage, _step, eval_args
+from emu.demo.stages import Stage, _step, demo_stages, eval_args
 
 ARCHITECTURES = {  # name -> (what it is, in words; its eval's extra overrides)
     "dit": ("diffusion transformer, rectified flow (SD3-like), on the latents", "sampling.sampler=euler"),
@@ -60,8 +61,9 @@ def settings(scale: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def arm_steps(scale: dict[str, Any], name: str) -> Stage:
-    """Stage 1, stage 2 and eval of architecture ``name`` into ``<demo>/generality/<name>/``."""
+def arm_steps(scale: dict[str, Any], name: str, latents: bool = False) -> Stage:
+    """Stage 1, stage 2 and eval of architecture ``name`` into ``<demo>/generality/<name>/``; ``latents``: first the
+    demo's precompute of the corpus's latents (a demo folder may lack them: its stage 1 ran before they existed)."""
     base = f"generality/{name}"
     train = dict(resumable=True, follows_threads=True)
     stage1 = _step(f"{name}/stage1", f"train.py experiment=mini/stage1_{name}", f"{base}/stage1/checkpoints/last.ckpt",
@@ -69,23 +71,32 @@ def arm_steps(scale: dict[str, Any], name: str) -> Stage:
     stage2 = _step(f"{name}/stage2", f"train.py experiment=mini/stage2_quality_tune_{name}",
                    f"{base}/stage2/checkpoints/select/selection.json", run_dir=f"{base}/stage2", like="stage2",
                    **train)  # fmt: skip
-    ev = eval_args(scale, f"{{out}}/{base}/stage2/checkpoints/select/best.ckpt", f"{name}_quality_tuned",
-                   f"{{out}}/{base}/eval", accuracy=False, b=f"{{out}}/{base}/stage1/checkpoints/last.ckpt")  # fmt: skip
+    arm = f"{{out}}/{base}"
+    ev = eval_args(scale, f"{arm}/stage2/checkpoints/select/best.ckpt", f"{name}_quality_tuned", f"{arm}/eval",
+                   accuracy=False, b=f"{arm}/stage1/checkpoints/last.ckpt")  # fmt: skip
     evaluation = _step(f"{name}/eval", f"{ev} {ARCHITECTURES[name][1]}".strip(), f"{base}/eval/metrics.json",
                        run_dir=f"{base}/eval", like="eval")  # fmt: skip
     steps = [stage1, stage2, evaluation]
+    if latents:
+        step = next(s for stage in demo_stages(scale) for s in stage.steps if s.name == "latents")
+        steps.insert(0, replace(step, name=f"{name}/latents", intermediate=False))
     for i, step in enumerate(steps):  # an arm reads only the finished demo and its own steps: arms run side by side
         step.needs = (steps[i - 1].name,) if i else ()
     return Stage(name, f"generality: {name}", steps)
 
 
-def plan(scale: dict[str, Any]) -> list[Arch]:
-    """The rows for ``scale``: the demo's own latent U-Net, then each arm of its ``generality:`` section."""
+def plan(scale: dict[str, Any], out: Path | None = None) -> list[Arch]:
+    """The rows for ``scale``: the demo's own latent U-Net, then each arm of its ``generality:`` section; an arm on the
+    latents precomputes them first where the demo folder ``out`` lacks them."""
     rows = [Arch("unet", "latent U-Net (the demo's own)", "stage1/checkpoints/last.ckpt",
                  "stage2/checkpoints/select/selection.json", "eval/metrics.json")]  # fmt: skip
     for name in settings(scale)["arms"]:
         base = f"generality/{name}"
         rows.append(Arch(name, ARCHITECTURES[name][0], f"{base}/stage1/checkpoints/last.ckpt",
                          f"{base}/stage2/checkpoints/select/selection.json", f"{base}/eval/metrics.json",
-                         arm_steps(scale, name)))  # fmt: skip
+                         arm_steps(scale, name, latents=_lacks_latents(name, out))))  # fmt: skip
     return rows
+
+
+def _lacks_latents(name: str, out: Path | None) -> bool:
+    return CORPUS[name] == "latents" and out is not None and not (out / "latents" / "precompute.json").is_file()

@@ -56,17 +56,27 @@ def faithfulness_kept(r: dict[str, Any] | None) -> bool | None:
     return r["loss"] - r["win"] <= half
 
 
+def _clip_scores(m: dict[str, Any]) -> tuple[float, float] | None:
+    """(quality-tuned, pre-trained) CLIP scores of an eval's ``metrics.json`` (its a and b), where both were
+    measured."""
+    names, models = m.get("config", {}), m.get("models", {})
+    a, b = models.get(names.get("name_a"), {}), models.get(names.get("name_b"), {})
+    if "clip_score" not in a or "clip_score" not in b:
+        return None
+    return float(a["clip_score"]), float(b["clip_score"])
+
+
 def judges_agree(m: dict[str, Any] | None) -> bool | None:
     """The second judges agree with the evaluation's in direction: the aesthetic head's win - loss has the sign of
     the judge's appeal win - loss, and the CLIP score moves as the judge's faithfulness. None when not measured."""
     if not m or "appeal" not in m.get("paired", {}) or "aesthetic" not in m["paired"]:
         return None
-    paired, models = m["paired"], list(m.get("models", {}).values())
+    paired, clip = m["paired"], _clip_scores(m)
     sign = lambda x: (x > 0) - (x < 0)
     agree = sign(paired["appeal"]["win"] - paired["appeal"]["loss"]) == sign(
         paired["aesthetic"]["win"] - paired["aesthetic"]["loss"])  # fmt: skip
-    if len(models) == 2 and "faithfulness" in paired and all("clip_score" in x for x in models):
-        clip = models[0]["clip_score"] - models[1]["clip_score"]  # a (quality-tuned) minus b (pre-trained)
+    if clip is not None and "faithfulness" in paired:
+        clip = clip[0] - clip[1]
         faith = paired["faithfulness"]["win"] - paired["faithfulness"]["loss"]
         agree = agree and (sign(faith) == 0 or sign(clip) == sign(faith))
     return agree
@@ -75,25 +85,28 @@ def judges_agree(m: dict[str, Any] | None) -> bool | None:
 def _second(m: dict[str, Any] | None) -> str:
     if not m or "aesthetic" not in m.get("paired", {}):
         return "n/a"
-    a = m["paired"]["aesthetic"]
-    models = list(m.get("models", {}).values())
-    clip = ""
-    if len(models) == 2 and all("clip_score" in x for x in models):
-        clip = f"; CLIP score {models[1]['clip_score']:.1f} -> {models[0]['clip_score']:.1f}"
-    return f"{_faith(a)}{clip}"
+    clip = _clip_scores(m)
+    return _faith(m["paired"]["aesthetic"]) + (f"; CLIP score {clip[1]:.1f} -> {clip[0]:.1f}" if clip else "")
 
 
 def judge(arch: Arch, m: dict[str, Any] | None) -> list[tuple[str, str, bool | None]]:
     """``(target, measured, met)`` rows of one architecture."""
     paired = (m or {}).get("paired", {})
     ap, fa = paired.get("appeal"), paired.get("faithfulness")
-    rows = [(f"{arch.name}: appeal win's 95% interval above {_pct(TARGETS['appeal_low'])}, win >= "
-             f"{_pct(TARGETS['appeal_win'])}", format_win_rate(ap) if ap else "not measured",
-             None if not ap else bool(ap["win_ci"][0] > TARGETS["appeal_low"] and ap["win"] >= TARGETS["appeal_win"])),
-            (f"{arch.name}: faithfulness kept (losses not above wins by more than the interval)",
-             _faith(fa) if fa else "not measured",
-             faithfulness_kept(fa)),
-            (f"{arch.name}: the aesthetic head and the CLIP score agree in direction", _second(m), judges_agree(m))]
+    rows = [
+        (
+            f"{arch.name}: appeal win's 95% interval above {_pct(TARGETS['appeal_low'])}, win >= "
+            f"{_pct(TARGETS['appeal_win'])}",
+            format_win_rate(ap) if ap else "not measured",
+            None if not ap else bool(ap["win_ci"][0] > TARGETS["appeal_low"] and ap["win"] >= TARGETS["appeal_win"]),
+        ),
+        (
+            f"{arch.name}: faithfulness kept (losses not above wins by more than the interval)",
+            _faith(fa) if fa else "not measured",
+            faithfulness_kept(fa),
+        ),
+        (f"{arch.name}: the aesthetic head and the CLIP score agree in direction", _second(m), judges_agree(m)),
+    ]
     return rows  # fmt: skip
 
 
@@ -104,14 +117,18 @@ def write_generality(out: Path, scale: dict[str, Any], rows: list[Arch], state: 
     head = metrics.get(rows[0].name) or {}
     total = sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
     wall = wall_clock(state)
-    took = f"**{total / 60:.1f} min**" if wall is None else (
-        f"**{wall[0] / 60:.1f} min** wall clock, architectures side by side (they add up to {total / 60:.1f} min)")
+    took = f"**{total / 60:.1f} min**"
+    if wall is not None:
+        took = (
+            f"**{wall[0] / 60:.1f} min** wall clock, architectures side by side (they add up to {total / 60:.1f} min)"
+        )
     lines = [
         "# Quality-tuning other architectures: the paper's generality claim, in miniature",
         "",
-        f"Scale `{scale['name']}`. Each architecture is pre-trained on the demo's corpus as long as the demo's stage 1, "
-        "quality-tuned on the demo's curated set with the demo's checkpoint selection, and its selected checkpoint is "
-        f"compared with **its own pre-trained model** on the same {head.get('n_prompts', 'n/a')} held-out prompts and "
+        f"Scale `{scale['name']}`. Each architecture is pre-trained on the demo's corpus as long as the demo's "
+        "stage 1, quality-tuned on the demo's curated set with the demo's checkpoint selection, and its selected "
+        f"checkpoint is compared with **its own pre-trained model** on the same {head.get('n_prompts', 'n/a')} "
+        "held-out prompts and "
         f"seeds ({head.get('prompts', 'n/a')}) by the same pixel judge and tie band; paired win / tie / loss with 95% "
         f"bootstrap intervals over prompts. Wall time of the architectures run here: {took} "
         f"({state.get('finished', 'not finished')}). Samples: `generality/<arch>/eval/samples_*/` (the U-Net's: "
@@ -133,7 +150,7 @@ def write_generality(out: Path, scale: dict[str, Any], rows: list[Arch], state: 
         best = (sel.get("best") or {}).get("step")
         s1, s2 = _seconds(arch, "stage1", state, demo_state), _seconds(arch, "stage2", state, demo_state)
         fa = paired.get("faithfulness")
-        lines.append(  # fmt: skip
+        lines.append(
             f"| {arch.name}: {arch.what} | {f'{n:,}' if n is not None else 'n/a'} | {_minutes(s1)} | {_minutes(s2)} "
             f"({best if best is not None else 'n/a'}) | "
             f"{format_win_rate(paired['appeal']) if 'appeal' in paired else 'not run'} | "
@@ -149,8 +166,8 @@ def write_generality(out: Path, scale: dict[str, Any], rows: list[Arch], state: 
     for arch in rows:
         picture = f"{arch.folder}/eval/side_by_side.png".removeprefix("./")
         if (out / picture).is_file():
-            lines += [f"**{arch.name}**: the same prompts and seeds, quality-tuned (top) over pre-trained (bottom).", "",
-                      f"![{arch.name}: quality-tuned over pre-trained]({picture})", ""]  # fmt: skip
+            lines += [f"**{arch.name}**: the same prompts and seeds, quality-tuned (top) over pre-trained (bottom).",
+                      "", f"![{arch.name}: quality-tuned over pre-trained]({picture})", ""]  # fmt: skip
         else:
             lines += [f"**{arch.name}**: no picture yet (its eval has not run).", ""]
     lines += [

@@ -5,12 +5,14 @@ DiT's and SD3's ``PatchEmbed``), with fixed 2D sine-cosine position embeddings c
 bucket's aspect ratio works). Each block is DiT's adaLN-Zero block with PixArt-alpha's cross-attention to the text
 (Chen et al. 2023): self-attention and the feed-forward are modulated (shift, scale, gate) by the time embedding plus
 the pooled text embedding, and the text context enters by cross-attention between them, masked like the U-Net's.
-The gates and the output projection start at zero, so a new model is the identity in each block and predicts zero.
+The adaLN gates and the output projection start at zero (adaLN-Zero): a new block adds only its ungated
+cross-attention to its input, and a new model predicts zero.
 
 It takes the U-Net's call, ``net(x, t, context, context_mask, pooled)``, so the same denoiser, conditioner, samplers,
-EMA, LoRA targets (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) and checkpoints serve both; ``model.unet.arch=dit``
-picks it (:func:`emu.diffusion.networks.build_network`). Trained by rectified flow (``model.parameterization=flow``)
-it is an SD3-like model with cross- instead of joint attention.
+EMA, LoRA targets (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) and checkpoints serve both; a ``model.unet`` config
+with ``arch: dit`` builds it (:func:`emu.diffusion.networks.build_network`; ``model=dit`` or ``model/unet=dit_xl``).
+Trained by rectified flow (``model.parameterization=flow``) it is an SD3-like model with cross- instead of joint
+attention.
 """
 
 from __future__ import annotations
@@ -158,4 +160,3 @@ class DiT(nn.Module):
         shift, scale = self.adaLN_out(c).chunk(2, dim=-1)
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
-

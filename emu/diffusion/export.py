@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.diffusion.lora import Adapters, is_adapter_key
+from emu.utils.autoencoder_paths import PIXELS
 
 CLASS_NAME = "emu.DiffusionModel"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -131,7 +132,9 @@ def save_export(module, folder: str | Path, ema: bool = True, step: int | None =
 
 
 def _absolute(name_or_path: str) -> str:
-    """A local path made absolute; a hub id (nothing at that path here) as it is."""
+    """A local path made absolute; a hub id (nothing at that path here) and ``pixels`` (no autoencoder) as they are."""
+    if name_or_path == PIXELS:
+        return name_or_path
     local = Path(name_or_path).expanduser()
     return str(local.resolve()) if local.exists() else name_or_path
 

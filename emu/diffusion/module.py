@@ -34,11 +34,11 @@ from emu.diffusion.denoiser import CONTINUOUS, Denoiser, weighting_problem
 from emu.diffusion.ema import EMA
 from emu.diffusion.frozen import FrozenNetworks
 from emu.diffusion.lora import add_lora, base_fingerprint, lora_settings, merged_copy
+from emu.diffusion.networks import SHARDED_BLOCKS, build_network
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
 from emu.diffusion.precompute import check_precomputed
 from emu.diffusion.prompts import read_prompts
-from emu.diffusion.networks import SHARDED_BLOCKS, build_network
 from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
 from emu.text.conditioner import TextConditioner
@@ -239,8 +239,9 @@ class DiffusionModule(L.LightningModule):
         return {"unet": self.unet, "text_proj": self.conditioner.proj}
 
     def configure_model(self) -> None:
-        """Under :class:`~emu.training.distributed.FSDPStrategy`: shard the U-Net (its ResNet and transformer blocks as
-        units), the text projections and the EMA's copies of both; the frozen networks stay replicated."""
+        """Under :class:`~emu.training.distributed.FSDPStrategy`: shard the network (the U-Net's ResNet and transformer
+        blocks, or the DiT's blocks, as units: :data:`~emu.diffusion.networks.SHARDED_BLOCKS`), the text projections
+        and the EMA's copies of both; the frozen networks stay replicated."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         sharded = isinstance(strategy, FSDPStrategy)
         if self.hparams.channels_last and not sharded:  # FSDP2 refuses non-contiguous parameters
@@ -276,7 +277,8 @@ class DiffusionModule(L.LightningModule):
     @property
     def downsampling(self) -> str:
         """What :attr:`resolution_multiple` is made of, for error messages."""
-        return f"autoencoder f={self.autoencoder.downsample_factor} x U-Net {self.unet.downsample_factor}x"
+        net = "DiT patch" if self.unet.config.get("arch") == "dit" else "U-Net"
+        return f"autoencoder f={self.autoencoder.downsample_factor} x {net} {self.unet.downsample_factor}x"
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -75,7 +75,7 @@ def check_precomputed(manifest: dict[str, Any], model) -> None:
     bad = [s for s in shapes if s and (s[1] % factor or s[2] % factor)]
     if bad:
         raise ConfigError("data.source.shards", f"the precomputed latents of shapes {bad} do not divide by the "
-                          f"U-Net's downsampling ({factor}x): precompute with buckets whose sides are multiples of "
+                          f"network's downsampling ({factor}x): precompute with buckets whose sides are multiples of "
                           f"{model.resolution_multiple}")  # fmt: skip
     encoders = model.conditioner.encoders
     ours = {n: e.max_length for n, e in encoders.items()}

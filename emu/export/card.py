@@ -15,7 +15,6 @@ LATENT_SCALING_WORDS = {"channel": "per channel", "global": "per model (one scal
                         "factor": "by the autoencoder's shift_factor / scaling_factor (as diffusers)"}  # fmt: skip
 
 
-
 def _network_line(net) -> str:
     """The card's line on the denoising network: a U-Net's widths and attention, or a DiT's patches and blocks."""
     c = net.config
@@ -27,8 +26,10 @@ def _network_line(net) -> str:
     return (f"* **U-Net**: {_params(net) / 1e6:.1f}M parameters, widths {c['block_channels']}, attention depth "
             f"{c['transformer_depth']}, context {c['context_dim']}, {pooled}.")  # fmt: skip
 
+
 def _objective(hp) -> str:
-    """The training objective in words: rectified flow and EDM by their noise distribution, eps / v by their schedule."""
+    """The training objective in words: rectified flow and EDM by their noise distribution, eps / v by their
+    schedule."""
     if hp.parameterization == "flow":
         return f"rectified flow (velocity target), logit-normal t (mean {hp.p_mean}, std {hp.p_std})"
     if hp.parameterization == "edm":
@@ -99,9 +100,10 @@ def model_card(module, source: str, fmt: str, weights: str, metrics_path: str | 
         f"optimizer steps at {module.train_resolution or 'unknown'} px.",
         _network_line(module.unet),
         f"* **Text encoders** (frozen): {encoders}; uncond: {hp.text.get('uncond', 'empty')}.",
-        "* **Autoencoder**: none, diffusion on pixels." if isinstance(module.autoencoder, PixelSpace) else
-        f"* **Autoencoder** (frozen): {ae['latent_channels']} latent channels, f={module.autoencoder.downsample_factor}"
-        f", Fourier features {ae['fourier_frequencies'] or 'none'}, "
+        "* **Autoencoder**: none, diffusion on pixels."
+        if isinstance(module.autoencoder, PixelSpace)
+        else f"* **Autoencoder** (frozen): {ae['latent_channels']} latent channels, "
+        f"f={module.autoencoder.downsample_factor}, Fourier features {ae['fourier_frequencies'] or 'none'}, "
         f"patch shortcut {ae.get('patch_shortcut', False)}; latents "
         f"normalised {LATENT_SCALING_WORDS.get(hp.latent_scaling, hp.latent_scaling)}.",
         f"* **Diffusion**: {_objective(hp)}, {hp.weighting} loss weighting, noise offset {hp.noise_offset}.",

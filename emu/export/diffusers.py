@@ -39,16 +39,24 @@ def _hub_module(name: str):
     return importlib.import_module(f"emu.export.hub.{Path(name).stem}")
 
 
+def not_a_latent_unet(module) -> str | None:
+    """Why ``module`` has no diffusers form (a ``UNet2DConditionModel`` over an ``AutoencoderKL``, what the pipelines
+    and LoRA files hold): a DiT, or pixel space; None for a latent U-Net."""
+    arch = module.unet.config.get("arch", "unet")
+    if arch != "unet":
+        return f"diffusers' pipelines and LoRA files hold a UNet2DConditionModel; this model's network is a {arch}"
+    if isinstance(module.autoencoder, PixelSpace):
+        return "a pixel-space model has no autoencoder for a diffusers pipeline's vae"
+    return None
+
+
 def check_exportable(module) -> None:
     """Refuse, with the reason, what diffusers' schedulers and emu's pipeline (a ``UNet2DConditionModel`` over an
     autoencoder) cannot express."""
     hp = module.hparams
-    if module.unet.config.get("arch", "unet") != "unet":
-        raise ValueError(f"the diffusers export holds a UNet2DConditionModel; this model's network is a "
-                         f"{module.unet.config['arch']} (export it with `python -m emu.export safetensors`)")  # fmt: skip
-    if isinstance(module.autoencoder, PixelSpace):
-        raise ValueError("a pixel-space model has no autoencoder for a diffusers pipeline's vae (export it with "
-                         "`python -m emu.export safetensors`)")  # fmt: skip
+    problem = not_a_latent_unet(module)
+    if problem:
+        raise ValueError(f"{problem} (export it with `python -m emu.export safetensors`)")
     if hp.parameterization not in PREDICTION_TYPES:
         raise ValueError(f"a {hp.parameterization}-parameterised model has no diffusers scheduler with emu's "
                          "preconditioning; eps and v export")  # fmt: skip

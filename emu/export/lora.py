@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from emu.diffusion.lora import lora_state_dict, peft_config
+from emu.export.diffusers import not_a_latent_unet
 
 LAYOUTS = ("diffusers", "kohya")
 WEIGHT_NAMES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
@@ -43,6 +44,10 @@ def export_lora(module, folder: str | Path, layout: str = "diffusers") -> Path:
     if module.adapters is None:
         raise ValueError("this model has no LoRA adapters (it was trained without model.lora): export it whole with "
                          "`python -m emu.export diffusers` or `safetensors`")  # fmt: skip
+    problem = not_a_latent_unet(module)
+    if problem:  # the adapters stay in emu's checkpoints and safetensors exports (merged)
+        raise ValueError(f"{problem}: no diffusers LoRA file can hold its adapters (export the model merged with "
+                         "`python -m emu.export safetensors`)")  # fmt: skip
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = module.hparams.lora

@@ -2,7 +2,8 @@
 
 Every token starts masked. At each of ``steps`` steps the network predicts every masked token at once; a token is
 drawn for each from its (guided, temperature-scaled) distribution, and the least confident draws are masked again so
-that :func:`~emu.maskgit.schedule.masked_after` tokens stay masked; tokens kept once are never revisited. Confidence
+that :func:`~emu.maskgit.schedule.masked_after` tokens stay masked (clamped as MaskGIT does: each step but the last
+decides at least one token and leaves at least one); tokens kept once are never revisited. Confidence
 is the drawn token's probability plus Gumbel noise scaled by ``choice_temperature`` annealed to zero over the steps
 (MaskGIT's randomised choice). After the last step no token is masked.
 
@@ -56,6 +57,9 @@ def decode(logits_fn: LogitsFn, batch: int, n_tokens: int, mask_id: int, steps: 
         probs = logits.softmax(-1).gather(-1, drawn[..., None])[..., 0]
         drawn = torch.where(masked, drawn, tokens)
         keep_masked = masked_after(step, steps, n_tokens)
+        if step < steps - 1:  # MaskGIT's clamp: decide at least one token a step, leave one for the next
+            n_masked = int(masked.sum(1).min())
+            keep_masked = max(1, min(keep_masked, n_masked - 1)) if n_masked > 1 else 0
         if keep_masked > 0:
             anneal = choice_temperature * (1.0 - (step + 1) / steps)
             confidence = probs.log() + anneal * _gumbel(probs.shape, generator, probs.device)

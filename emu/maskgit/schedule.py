@@ -20,7 +20,7 @@ def cosine_schedule(r: torch.Tensor | float) -> torch.Tensor:
 
 def masked_after(step: int, steps: int, n_tokens: int) -> int:
     """Tokens still masked after decoding step ``step`` (0-based) of ``steps``: 0 after the last."""
-    return int(math.floor(float(cosine_schedule((step + 1) / steps)) * n_tokens))
+    return math.floor(float(cosine_schedule((step + 1) / steps)) * n_tokens)
 
 
 def training_mask(batch: int, n_tokens: int, generator: torch.Generator | None = None,

@@ -51,8 +51,14 @@ class MaskedTokenTransformer(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        grid: tuple[int, int],
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``tokens`` B x N ids (N = h * w, row-major; the mask id where masked), ``context`` B x L x D,
         ``context_mask`` B x L (True: a real token), ``pooled`` B x P -> B x N x codebook_size logits."""
         h, w = grid

@@ -48,7 +48,8 @@ def _accepted(target: str) -> set[str] | None:
     return {n for n in sig.parameters if n != "self"}
 
 
-def _unknown(node: DictConfig, path: str, target: str, problems: list[tuple[str, str]]) -> None:
+def _unknown(node: DictConfig, path: str, target: str, problems: list[tuple[str, str]],
+             also: frozenset[str] = frozenset()) -> None:  # fmt: skip
     try:
         accepted = _accepted(target)
         renamed = getattr(get_object(target), "RENAMED", {})  # old key -> new key, where a class keeps that record
@@ -57,7 +58,7 @@ def _unknown(node: DictConfig, path: str, target: str, problems: list[tuple[str,
     if accepted is None:
         return
     for key in node:
-        if key in HYDRA_KEYS or key in accepted:
+        if key in HYDRA_KEYS or key in accepted or key in also:
             continue
         if key in renamed:
             problems.append((f"{path}.{key}", f"is now called {renamed[key]!r}; set {path}.{renamed[key]} instead"))
@@ -76,10 +77,11 @@ def _walk(node: Any, path: str, problems: list[tuple[str, str]]) -> None:
         for key, sub_target in KWARG_NODES.get(target, {}).items():
             sub = node.get(key)
             if isinstance(sub, DictConfig):
+                also = frozenset()
                 if isinstance(sub_target, dict):  # the class its arch names (unknown arches: the model says so)
-                    sub_target = sub_target.get(str(sub.get("arch", "unet")))
+                    sub_target, also = sub_target.get(str(sub.get("arch", "unet"))), frozenset({"arch"})
                 if sub_target:
-                    _unknown(sub, f"{path}.{key}", sub_target, problems)
+                    _unknown(sub, f"{path}.{key}", sub_target, problems, also)
     for key in node:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
@@ -143,8 +145,8 @@ def _diffusion_links(cfg: DictConfig, problems: list[tuple[str, str]]) -> None:
                                  f"{ae['latent_channels']} latent channels; set model.unet.{key}="
                                  f"{ae['latent_channels']}"))  # fmt: skip
         ae_f = downsample_factor(ae)
-        if unet.get("arch") == "dit":  # one token per patch (emu.diffusion.dit)
-            unet_f, net = int(unet.get("patch_size", 1)), "DiT patch"
+        if unet.get("arch") == "dit":  # one token per patch (emu.diffusion.dit; its default patch is 2)
+            unet_f, net = int(unet.get("patch_size", 2)), "DiT patch"
         else:
             unet_f, net = 2 ** (len(unet.get("block_channels", [0])) - 1), "U-Net"
         res = OmegaConf.select(cfg, "data.resolution")
@@ -183,6 +185,11 @@ def _init_from_links(model: DictConfig, unet: DictConfig | dict, problems: list[
         problems.append(("model.init_from", f"no checkpoint at '{path}'"))
         return
     theirs = read_header(path).get("unet_config", {})  # a file, or an FSDP run's sharded folder
+    ours = unet if isinstance(unet, dict) else OmegaConf.to_container(unet, resolve=True)
+    if theirs and theirs.get("arch", "unet") != ours.get("arch", "unet"):
+        problems.append(("model.unet", f"is a {ours.get('arch', 'unet')} but model.init_from's network is a "
+                         f"{theirs.get('arch', 'unet')}; set model.unet (or model=...) to match"))  # fmt: skip
+        return
     for key, value in (unet if isinstance(unet, dict) else OmegaConf.to_container(unet, resolve=True)).items():
         if key in theirs and key != "gradient_checkpointing" and not _same(theirs[key], value):
             problems.append((f"model.unet.{key}", f"is {value} but model.init_from's U-Net has {theirs[key]}; "
