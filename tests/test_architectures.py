@@ -317,3 +317,41 @@ def test_generality_report_judges_each_arm(tmp_path):
     assert "[GENERALITY.md](GENERALITY.md)" in " ".join(lines)
     assert sum("generality: dit" in row for row in table.markdown()) == 3
     assert not any("generality: unet" in row for row in table.markdown())  # the headline is already there
+
+
+def test_generality_runs_every_arm_then_skips_and_resumes(tmp_path, monkeypatch):
+    """The demo driver's machinery under --generality: each architecture's steps in order (the DiT's latents first,
+    which this demo lacks), nothing again once finished, an interrupted stage 1 resumed from its own last.ckpt; then
+    GENERALITY.md and a REPORT.md that links it; an unfinished demo is refused."""
+    from emu.demo import driver, generality_report
+    from tests.test_ablations import _fake_demo
+
+    with pytest.raises(SystemExit, match=r"\[generality\] .* not a finished demo"):
+        driver.run_generality(tmp_path, driver.load_scale("tiny"))
+    _fake_demo(tmp_path)
+    scale = driver.load_scale("tiny")
+    calls: list[list[str]] = []
+
+    def run_step(step, argv, log_path, env=None, echo=True):
+        calls.append(argv)
+        done = tmp_path / step.done
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text("{}")
+
+    monkeypatch.setattr(driver, "run_step", run_step)
+    monkeypatch.setattr(generality_report, "network_parameters", lambda path: None)  # the fake checkpoints are empty
+    report = driver.run_generality(tmp_path, scale)
+    assert report.name == "GENERALITY.md" and "GENERALITY.md" in (tmp_path / "REPORT.md").read_text()
+    commands = [" ".join(c) for c in calls]
+    assert len(calls) == 7 and "emu.diffusion.precompute" in commands[0]  # latents, then 3 steps per architecture
+    assert "mini/stage1_dit" in commands[1] and "mini/stage2_quality_tune_pixel" in commands[5]
+
+    calls.clear()
+    driver.run_generality(tmp_path, scale)
+    assert calls == []  # every architecture finished: nothing reruns
+    state_file = tmp_path / "generality" / "generality_state.json"
+    state = json.loads(state_file.read_text())
+    del state["steps"]["pixel/stage1"]  # killed mid-run, its last.ckpt left behind
+    state_file.write_text(json.dumps(state))
+    driver.run_generality(tmp_path, scale)
+    assert len(calls) == 1 and "mini/stage1_pixel" in " ".join(calls[0]) and calls[0][-1] == "ckpt_path=last"

@@ -54,7 +54,7 @@ def settings(scale: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **(scale.get("ablations") or {})}
 
 
-def demo_facts(out: Path) -> dict[str, Any]:
+def demo_facts(out: Path, who: str = "ablations") -> dict[str, Any]:
     """What the plan needs of a finished demo: the curated set's size, the funnel's last automatic stage and the
     stage-2 selection; a clear error naming what is missing otherwise."""
     need = {
@@ -66,7 +66,7 @@ def demo_facts(out: Path) -> dict[str, Any]:
     }
     missing = [f"{path} ({stage})" for path, stage in need.items() if not (out / path).is_file()]
     if missing:
-        raise SystemExit(f"[ablations] {out} is not a finished demo: missing {', '.join(missing)}. Run the demo first "
+        raise SystemExit(f"[{who}] {out} is not a finished demo: missing {', '.join(missing)}. Run the demo first "
                          f"(make demo, or python -m emu.demo --out {out}) at the same scale.")  # fmt: skip
     curated = sum(1 for line in (out / "curate/curated/metadata.jsonl").open() if line.strip())
     funnel = json.loads((out / "curate/funnel.json").read_text())

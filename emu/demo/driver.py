@@ -239,34 +239,53 @@ def run(out: Path, scale: dict[str, Any], force: bool = False, only: list[str] |
     return report
 
 
+def _on_top_of_demo(out: Path, scale: dict[str, Any], name: str, state_file: str, force: bool, report_only: bool):
+    """What ``--ablations`` and ``--generality`` share before they run: the finished demo in ``out`` at this scale
+    (:func:`~emu.demo.ablations.demo_facts`, a clear error otherwise), their folder ``<out>/<name>/`` (emptied by
+    ``force``) and its state. Returns ``(out, the demo's state, the demo's facts, the folder, its state)``."""
+    out = out.resolve()
+    demo = State(out / "demo_state.json")
+    if demo.data.get("scale") not in (None, scale["name"]):
+        raise SystemExit(f"[{name}] {out} holds a '{demo.data['scale']}' demo; this is '{scale['name']}': use "
+                         f"--scale {demo.data['scale']}")  # fmt: skip
+    facts = demo_facts(out, name)
+    folder = out / name
+    if force and not report_only and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return out, demo, facts, folder, State(folder / state_file)
+
+
+def _run_parts(out: Path, scale: dict[str, Any], name: str, folder: Path, state: State, parts: list, jobs: int,
+               noun: str) -> None:  # fmt: skip
+    """Run the stages of ``parts`` (ablation arms, architectures: each ``.name`` and ``.stage``, None for the demo's
+    own) into ``out``, skipping and resuming as the demo does; the log is ``<folder>/<name>.log``."""
+    state.data["scale"] = scale["name"]
+    state.data.setdefault("started", _now())
+    state.save()
+    print(f"[{name}] {len(parts) - 1} {noun} on top of {out}: " + ", ".join(p.name for p in parts[1:]), flush=True)
+    run_stages(out, scale, [p.stage for p in parts if p.stage], state, folder / f"{name}.log", jobs=jobs)
+
+
+def _finish(out: Path, scale: dict[str, Any], name: str, report: Path, demo: State) -> Path:
+    """``REPORT.md`` again (it links the extension's report and shows its targets), and the report printed."""
+    write_report(out, scale, demo.data, demo_stages(scale))
+    print("\n" + report.read_text())
+    print(f"[{name}] report: {report}")
+    return report
+
+
 def run_ablations(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False,
                   jobs: int = 1) -> Path:  # fmt: skip
     """``--ablations``: the arms of :mod:`emu.demo.ablations` on top of the finished demo in ``out`` (into
     ``<out>/ablations/``, skip / resume as the demo), then ``ABLATIONS.md`` and ``REPORT.md`` again (``report_only``:
     just the reports, from what is there)."""
-    out = out.resolve()
-    demo = State(out / "demo_state.json")
-    if demo.data.get("scale") not in (None, scale["name"]):
-        raise SystemExit(f"[ablations] {out} holds a '{demo.data['scale']}' demo; this is '{scale['name']}': use "
-                         f"--scale {demo.data['scale']}")  # fmt: skip
-    facts = demo_facts(out)
-    folder = out / "ablations"
-    if force and not report_only and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = State(folder / "ablation_state.json")
+    out, demo, facts, folder, state = _on_top_of_demo(out, scale, "ablations", "ablation_state.json", force,
+                                                      report_only)  # fmt: skip
     arms = plan(scale, facts)
     if not report_only:
-        state.data["scale"] = scale["name"]
-        state.data.setdefault("started", _now())
-        state.save()
-        print(f"[ablations] {len(arms) - 1} arms on top of {out}: " + ", ".join(a.name for a in arms[1:]), flush=True)
-        run_stages(out, scale, [a.stage for a in arms if a.stage], state, folder / "ablations.log", jobs=jobs)
-    report = write_ablations(out, scale, arms, state.data, demo.data)
-    write_report(out, scale, demo.data, demo_stages(scale))
-    print("\n" + report.read_text())
-    print(f"[ablations] report: {report}")
-    return report
+        _run_parts(out, scale, "ablations", folder, state, arms, jobs, "arms")
+    return _finish(out, scale, "ablations", write_ablations(out, scale, arms, state.data, demo.data), demo)
 
 
 def run_generality(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False,
@@ -274,30 +293,12 @@ def run_generality(out: Path, scale: dict[str, Any], force: bool = False, report
     """``--generality``: the architectures of :mod:`emu.demo.generality` on top of the finished demo in ``out`` (into
     ``<out>/generality/``, skip / resume as the demo), then ``GENERALITY.md`` and ``REPORT.md`` again
     (``report_only``: just the reports, from what is there)."""
-    out = out.resolve()
-    demo = State(out / "demo_state.json")
-    if demo.data.get("scale") not in (None, scale["name"]):
-        raise SystemExit(f"[generality] {out} holds a '{demo.data['scale']}' demo; this is '{scale['name']}': use "
-                         f"--scale {demo.data['scale']}")  # fmt: skip
-    demo_facts(out)  # a finished demo, or a clear error naming what is missing
-    folder = out / "generality"
-    if force and not report_only and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = State(folder / "generality_state.json")
+    out, demo, _, folder, state = _on_top_of_demo(out, scale, "generality", "generality_state.json", force,
+                                                  report_only)  # fmt: skip
     rows = generality_plan(scale, out)
     if not report_only:
-        state.data["scale"] = scale["name"]
-        state.data.setdefault("started", _now())
-        state.save()
-        print(f"[generality] {len(rows) - 1} architectures on top of {out}: " + ", ".join(r.name for r in rows[1:]),
-              flush=True)  # fmt: skip
-        run_stages(out, scale, [r.stage for r in rows if r.stage], state, folder / "generality.log", jobs=jobs)
-    report = write_generality(out, scale, rows, state.data, demo.data)
-    write_report(out, scale, demo.data, demo_stages(scale))
-    print("\n" + report.read_text())
-    print(f"[generality] report: {report}")
-    return report
+        _run_parts(out, scale, "generality", folder, state, rows, jobs, "architectures")
+    return _finish(out, scale, "generality", write_generality(out, scale, rows, state.data, demo.data), demo)
 
 
 def main(argv: list[str] | None = None) -> None:

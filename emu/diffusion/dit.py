@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from emu.diffusion.unet import Attention, FeedForward, TimestepEmbedding, timestep_embedding
+from emu.diffusion.unet import Attention, FeedForward, TimestepEmbedding, context_bias, timestep_embedding
 
 ARCH = "dit"
 
@@ -145,9 +145,7 @@ class DiT(nn.Module):
             if pooled is None:
                 raise ValueError("this DiT adds a pooled text embedding to the time embedding: pass `pooled`")
             c = c + self.class_embedding(pooled.to(x.dtype))
-        bias = None
-        if context_mask is not None:  # additive, like the U-Net's: a fully masked row stays finite
-            bias = ((~context_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
+        bias = context_bias(context_mask, x.dtype)
         context = context.to(x.dtype)
         h, w = x.shape[-2] // p, x.shape[-1] // p
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")

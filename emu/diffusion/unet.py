@@ -41,6 +41,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def context_bias(context_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Cross-attention's additive bias from a B x L text mask (True: a real token): -10000 on padding, as diffusers
+    (a fully masked row stays finite); None without a mask."""
+    if context_mask is None:
+        return None
+    return ((~context_mask.bool()).to(dtype) * -10000.0)[:, None, None, :]
+
+
 class TimestepEmbedding(nn.Module):
     """``linear_1 -> SiLU -> linear_2`` (diffusers' ``TimestepEmbedding``)."""
 
@@ -396,9 +404,7 @@ class UNet(nn.Module):
         if self.add_embedding is not None:  # SDXL's text_time: [pooled, embedded ids] through one MLP
             emb = timestep_embedding(size_cond.flatten().float(), self.config["addition_time_embed_dim"])
             temb = temb + self.add_embedding(torch.cat([pooled.to(x.dtype), emb.view(x.shape[0], -1).to(x.dtype)], -1))
-        bias = None
-        if context_mask is not None:  # additive, like diffusers: a fully masked row stays finite
-            bias = ((~context_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
+        bias = context_bias(context_mask, x.dtype)
         context = context.to(x.dtype)
 
         h = self.conv_in(x)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from emu.diffusion.dit import DiTBlock, modulate, sincos_2d
-from emu.diffusion.unet import TimestepEmbedding
+from emu.diffusion.unet import TimestepEmbedding, context_bias
 
 
 class MaskedTokenTransformer(nn.Module):
@@ -71,9 +71,7 @@ class MaskedTokenTransformer(nn.Module):
             if pooled is None:
                 raise ValueError("this transformer is modulated by the pooled text embedding: pass `pooled`")
             c = self.class_embedding(pooled.to(x.dtype))
-        bias = None
-        if context_mask is not None:  # additive, like the U-Net's: a fully masked row stays finite
-            bias = ((~context_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
+        bias = context_bias(context_mask, x.dtype)
         context = context.to(x.dtype)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
