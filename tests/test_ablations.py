@@ -347,20 +347,26 @@ def _fake_demo(out: Path) -> None:
     (out / "demo_state.json").write_text(json.dumps({"scale": "tiny", "stages": {}, "steps": {}}))
 
 
+def record_steps(out: Path, monkeypatch) -> list[list[str]]:
+    """The driver's steps recorded instead of run (each leaves its ``done`` file in ``out``): their argvs, in order."""
+    calls: list[list[str]] = []
+
+    def run_step(step, argv, log_path, env=None, echo=True):
+        calls.append(argv)
+        done = out / step.done
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text("{}")
+
+    monkeypatch.setattr(driver, "run_step", run_step)
+    return calls
+
+
 def test_ablations_run_every_arm_then_skip_and_resume(tmp_path, monkeypatch):
     """The demo driver's machinery: every arm's steps in order, nothing again once finished, an interrupted stage-2
     run resumed from its own last.ckpt; then ABLATIONS.md and a REPORT.md that links it."""
     _fake_demo(tmp_path)
     scale = driver.load_scale("tiny")
-    calls: list[list[str]] = []
-
-    def run_step(step, argv, log_path, env=None, echo=True):
-        calls.append(argv)
-        done = tmp_path / step.done
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text("{}")
-
-    monkeypatch.setattr(driver, "run_step", run_step)
+    calls = record_steps(tmp_path, monkeypatch)
     report = driver.run_ablations(tmp_path, scale)
     arms = plan(scale, driver.demo_facts(tmp_path))
     assert len(calls) == sum(len(a.stage.steps) for a in arms if a.stage)

@@ -324,21 +324,13 @@ def test_generality_runs_every_arm_then_skips_and_resumes(tmp_path, monkeypatch)
     which this demo lacks), nothing again once finished, an interrupted stage 1 resumed from its own last.ckpt; then
     GENERALITY.md and a REPORT.md that links it; an unfinished demo is refused."""
     from emu.demo import driver, generality_report
-    from tests.test_ablations import _fake_demo
+    from tests.test_ablations import _fake_demo, record_steps
 
     with pytest.raises(SystemExit, match=r"\[generality\] .* not a finished demo"):
         driver.run_generality(tmp_path, driver.load_scale("tiny"))
     _fake_demo(tmp_path)
     scale = driver.load_scale("tiny")
-    calls: list[list[str]] = []
-
-    def run_step(step, argv, log_path, env=None, echo=True):
-        calls.append(argv)
-        done = tmp_path / step.done
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text("{}")
-
-    monkeypatch.setattr(driver, "run_step", run_step)
+    calls = record_steps(tmp_path, monkeypatch)
     monkeypatch.setattr(generality_report, "network_parameters", lambda path: None)  # the fake checkpoints are empty
     report = driver.run_generality(tmp_path, scale)
     assert report.name == "GENERALITY.md" and "GENERALITY.md" in (tmp_path / "REPORT.md").read_text()
