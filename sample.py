@@ -15,10 +15,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
+from emu.maskgit.module import load_text_to_image
 from emu.utils import named_sets
 from emu.utils.config import check_required, config_errors_as_messages
 from emu.utils.images import image_grid
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> Path:
                           ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
     overrides = {"autoencoder": cfg.autoencoder} if cfg.autoencoder else {}
     try:
-        module = load_for_sampling(cfg.ckpt, device, ema=sampling.ema, **overrides)
+        module = load_text_to_image(cfg.ckpt, device, ema=sampling.ema, **overrides)
     except ConfigError:
         raise
     except (FileNotFoundError, ValueError) as e:

@@ -321,15 +321,24 @@ SDXL_TINY_UNET = {**TINY_UNET, "context_dim": 80, "pooled_dim": 40, "addition_ti
 TINY_DIT = dict(patch_size=2, width=32, depth=2, heads=2, context_dim=32, pooled_dim=24)
 
 
+# The tests' masked transformer (emu/maskgit/transformer.py) over the same tiny models and the tiny tokenizer.
+TINY_MASKGIT = dict(width=32, depth=2, heads=2, context_dim=32, pooled_dim=24, mlp_ratio=2)
+
+
 def arch_of(experiment: str) -> str:
-    """The network family a mini experiment trains: ``dit``, ``pixel`` (make generality's arms) or ``unet``."""
-    return next((a for a in ("dit", "pixel") if experiment.endswith(f"_{a}")), "unet")
+    """The network family a mini experiment trains: ``dit``, ``pixel``, ``maskgit`` (make generality's arms) or
+    ``unet``."""
+    return next((a for a in ("dit", "pixel", "maskgit") if experiment.endswith(f"_{a}")), "unet")
 
 
-def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path, arch: str = "unet") -> list[str]:
+def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path, arch: str = "unet",
+                          tokenizer: Path | None = None) -> list[str]:  # fmt: skip
     """Hydra overrides that point the mini stage-1 model at the tiny test models; ``arch``: the network family of
-    the experiment (:func:`arch_of`): a DiT gets the tiny DiT's widths, a pixel model keeps its autoencoder (none)."""
-    if arch == "dit":
+    the experiment (:func:`arch_of`): a DiT gets the tiny DiT's widths, a pixel model keeps its autoencoder (none), a
+    masked transformer gets its widths and ``tokenizer`` (the ``tiny_tokenizer`` fixture's)."""
+    if arch == "maskgit":
+        net = [f"model.transformer.{k}={v}" for k, v in TINY_MASKGIT.items()] + [f"model.tokenizer={tokenizer}"]
+    elif arch == "dit":
         net = [f"model.unet.{k}={v}" for k, v in TINY_DIT.items()]
     else:  # the tiny U-Net's widths (0.46M parameters, ~7 MB checkpoints; the mini U-Net's checkpoints are ~100 MB
         # with their EMA and Adam state, and the fault tests keep one per step); the mini config's attention depth stays
@@ -344,6 +353,22 @@ def tiny_stage1_overrides(tiny_autoencoder: Path, tiny_clip: Path, tiny_t5: Path
         *net,
         "model.val_sampling.steps=2",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_autoencoder, tmp_path_factory) -> Path:
+    """A ``mini/tokenizer`` checkpoint over the tiny autoencoder, 30 steps on 64 haystack images."""
+    from hydra import compose, initialize_config_dir
+
+    import train
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    overrides = ["experiment=mini/tokenizer", f"paths.output_dir={out}", "trainer.max_steps=30",
+                 "trainer.limit_val_batches=0", "data.batch_size=16", "data.num_workers=0", "data.source.n_train=64",
+                 f"model.autoencoder={tiny_autoencoder}", "model.warmup_steps=1"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train.train(compose("train", overrides=overrides))
+    return out / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="session")

@@ -210,17 +210,19 @@ def test_paper_scale_configs_build_the_networks_they_describe():
 
 
 # ------------------------------------------------------------------------------------------ each arm's chain
-@pytest.mark.parametrize("arch", ["dit", "pixel"])
+@pytest.mark.parametrize("arch", ["dit", "pixel", "maskgit"])
 def test_each_architecture_runs_stage1_stage2_and_eval(arch, tmp_path, tiny_autoencoder, tiny_clip, tiny_t5,
-                                                       tiny_curated, aesthetic_head, tiny_judge):  # fmt: skip
+                                                       tiny_curated, aesthetic_head, tiny_judge, request):  # fmt: skip
     """make generality's chain, tiny: mini/stage1_<arch> -> mini/stage2_quality_tune_<arch> (checkpoint selection) ->
-    eval.py of the selected checkpoint against the arm's own pre-trained one."""
+    eval.py of the selected checkpoint against the arm's own pre-trained one (the masked transformer over the
+    tiny tokenizer that mini/tokenizer trained)."""
     import eval as eval_py
     import train
     from tests.test_evaluation import compose_eval
     from tests.test_train import compose_train
 
-    tiny = tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5, arch=arch)
+    tokenizer = request.getfixturevalue("tiny_tokenizer") if arch == "maskgit" else None
+    tiny = tiny_stage1_overrides(tiny_autoencoder, tiny_clip, tiny_t5, arch=arch, tokenizer=tokenizer)
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
     train.train(compose_train([f"experiment=mini/stage1_{arch}", f"paths.output_dir={s1}", "trainer.max_steps=2",
                                "trainer.limit_val_batches=0", "data.batch_size=4", "data.num_workers=0",
@@ -241,7 +243,7 @@ def test_each_architecture_runs_stage1_stage2_and_eval(arch, tmp_path, tiny_auto
         "checks.judge_accuracy.n=0", "checks.clip_accuracy.n=0", "checks.headroom.n=0",
         "fid.reference=haystack_needles:4", "fid.inception=false", f"fid.cache_dir={tmp_path}/cache",
         f"out={tmp_path}/eval", "bootstrap=50", "logger=csv",
-        *(["sampling.sampler=euler"] if arch == "dit" else [])]))  # fmt: skip
+        *({"dit": ["sampling.sampler=euler"], "maskgit": ["sampling.sampler=maskgit"]}.get(arch, []))]))  # fmt: skip
     m = json.loads((out / "metrics.json").read_text())
     size = 32 if arch == "pixel" else 64  # the pixel U-Net trains (and so samples) at 32 px
     assert m["models"][f"{arch}_quality_tuned"]["settings"]["resolution"] == size

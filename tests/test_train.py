@@ -68,7 +68,8 @@ def test_experiment_composes(experiment, tmp_path):
 
 
 # make generality's stage-2 arms start from their own stage 1: tests/test_architectures.py runs each arm's chain
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("mini/")
+# mini/common/ holds what the stage files share (they run here)
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("mini/") and "/common/" not in e
                                         and not (e.startswith("mini/stage2") and arch_of(e) != "unet")])  # fmt: skip
 def test_mini_experiment_survives_fast_dev_run(experiment, tmp_path, request):
     import train
@@ -78,7 +79,10 @@ def test_mini_experiment_survives_fast_dev_run(experiment, tmp_path, request):
         extra = tiny_stage1_overrides(
             *(request.getfixturevalue(f) for f in ("tiny_autoencoder", "tiny_clip", "tiny_t5")),
             arch=arch_of(experiment),
+            tokenizer=request.getfixturevalue("tiny_tokenizer") if arch_of(experiment) == "maskgit" else None,
         )
+    if experiment == "mini/tokenizer":
+        extra = [f"model.autoencoder={request.getfixturevalue('tiny_autoencoder')}"]
     if "stage2" in experiment:
         ckpt, folder = request.getfixturevalue("tiny_stage1_checkpoint"), request.getfixturevalue("tiny_curated")
         extra += [f"model.init_from={ckpt}", f"data.source.root={folder}", "data.source.val_fraction=0.25",

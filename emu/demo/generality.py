@@ -15,7 +15,10 @@ The first row is the demo's own latent U-Net (its stage 1, 2 and eval: nothing r
 
 - ``dit``: a diffusion transformer trained by rectified flow (SD3-like; conf/model/dit_mini.yaml) on the demo's
   precomputed latents, sampled by Euler on the flow's time grid;
-- ``pixel``: a pixel-space U-Net (Imagen-like; conf/model/pixel_mini.yaml) at 32 px on the corpus's images.
+- ``pixel``: a pixel-space U-Net (Imagen-like; conf/model/pixel_mini.yaml) at 32 px on the corpus's images;
+- ``maskgit``: a masked generative transformer (Muse-like; conf/model/maskgit_mini.yaml) over FSQ tokens of the demo's
+  latents; its tokenizer (``tokenizer``: ``train.py experiment=mini/tokenizer``) trains first, on the precomputed
+  latents, and its samples are decoded in 12 parallel steps.
 
 A scale's ``generality:`` section lists the arms (``arms``). Nothing here trains or measures: it says what to run.
 """
@@ -31,9 +34,15 @@ from emu.demo.stages import Stage, _step, demo_stages, eval_args
 ARCHITECTURES = {  # name -> (what it is, in words; its eval's extra overrides)
     "dit": ("diffusion transformer, rectified flow (SD3-like), on the latents", "sampling.sampler=euler"),
     "pixel": ("pixel-space U-Net (Imagen-like), 32 px, no autoencoder", ""),
+    "maskgit": (
+        "masked generative transformer (Muse-like), FSQ tokens of the latents",
+        "sampling.sampler=maskgit sampling.steps=12",
+    ),
 }
 DEFAULTS = {"arms": list(ARCHITECTURES)}
-CORPUS = {"dit": "latents", "pixel": "images"}  # stage 1 reads the precomputed latents, or the images themselves
+# stage 1 reads the precomputed latents, or the images themselves
+CORPUS = {"dit": "latents", "pixel": "images", "maskgit": "latents"}
+TOKENIZED = ("maskgit",)  # arms whose stage 1 reads the tokens of a tokenizer they train first
 
 
 @dataclass
@@ -62,8 +71,9 @@ def settings(scale: dict[str, Any]) -> dict[str, Any]:
 
 
 def arm_steps(scale: dict[str, Any], name: str, latents: bool = False) -> Stage:
-    """Stage 1, stage 2 and eval of architecture ``name`` into ``<demo>/generality/<name>/``; ``latents``: first the
-    demo's precompute of the corpus's latents (a demo folder may lack them: its stage 1 ran before they existed)."""
+    """Stage 1, stage 2 and eval of architecture ``name`` into ``<demo>/generality/<name>/`` (a tokenized arm's
+    tokenizer before them); ``latents``: first the demo's precompute of the corpus's latents (a demo folder may lack
+    them: its stage 1 ran before they existed)."""
     base = f"generality/{name}"
     train = dict(resumable=True, follows_threads=True)
     stage1 = _step(f"{name}/stage1", f"train.py experiment=mini/stage1_{name}", f"{base}/stage1/checkpoints/last.ckpt",
@@ -77,6 +87,10 @@ def arm_steps(scale: dict[str, Any], name: str, latents: bool = False) -> Stage:
     evaluation = _step(f"{name}/eval", f"{ev} {ARCHITECTURES[name][1]}".strip(), f"{base}/eval/metrics.json",
                        run_dir=f"{base}/eval", like="eval")  # fmt: skip
     steps = [stage1, stage2, evaluation]
+    if name in TOKENIZED:
+        steps.insert(0, _step(f"{name}/tokenizer", "train.py experiment=mini/tokenizer",
+                              f"{base}/tokenizer/checkpoints/last.ckpt", run_dir=f"{base}/tokenizer", corpus="latents",
+                              like="tokenizer", **train))  # fmt: skip
     if latents:
         step = next(s for stage in demo_stages(scale) for s in stage.steps if s.name == "latents")
         steps.insert(0, replace(step, name=f"{name}/latents", intermediate=False))

@@ -26,11 +26,15 @@ PAPER = ("significant gains in visual appeal and text faithfulness for an Imagen
 
 
 def network_parameters(path: Path) -> int | None:
-    """The denoising network's parameters (U-Net or DiT) of a checkpoint; None when it is missing."""
+    """The generating network's parameters (U-Net, DiT or masked transformer) of a checkpoint; None when it is
+    missing."""
     from emu.diffusion.checkpoints import load_diffusion
+    from emu.maskgit.module import is_maskgit_checkpoint, load_maskgit
 
     if not path.is_file():
         return None
+    if is_maskgit_checkpoint(path):
+        return sum(p.numel() for p in load_maskgit(path).transformer.parameters())
     return sum(p.numel() for p in load_diffusion(path).unet.parameters())
 
 

@@ -14,20 +14,16 @@ The frozen networks and where they live: :mod:`emu.diffusion.frozen`; what check
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from emu.autoencoder.model import LATENT_SCALINGS, DiagonalGaussian
+from emu.autoencoder.model import LATENT_SCALINGS
 from emu.autoencoder.module import load_autoencoder
 from emu.data.batches import trains_on_good_samples
-from emu.data.buckets import check_buckets
 from emu.data.samples import size_conditions
+from emu.diffusion.base import TextToImageModule, build_conditioner, plain, read_val_prompts
 from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
 from emu.diffusion.convert import read_unet_kwargs
 from emu.diffusion.denoiser import CONTINUOUS, Denoiser, weighting_problem
@@ -37,32 +33,15 @@ from emu.diffusion.lora import add_lora, base_fingerprint, lora_settings, merged
 from emu.diffusion.networks import SHARDED_BLOCKS, build_network
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import SamplingSettings, generate
-from emu.diffusion.precompute import check_precomputed
-from emu.diffusion.prompts import read_prompts
 from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
-from emu.text.conditioner import TextConditioner
-from emu.text.encoders import FrozenTextEncoder
 from emu.training.distributed import FSDPStrategy, shard_modules
-from emu.training.optim import images_per_step, weight_decay_groups
+from emu.training.optim import images_per_step
 from emu.utils.checkpoint_header import diffusers_unet_folder
-from emu.utils.images import image_grid, log_image
-from emu.utils.resolution import check_resolution
-from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
+from emu.utils.schedules import LR_SCALINGS
 
 
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
-
-
-def build_conditioner(text: dict[str, Any], context_dim: int) -> TextConditioner:
-    """A :class:`TextConditioner` from ``{encoders: {name: {name_or_path, kind, max_length, dtype}}, dropout, ...}``."""
-    text = dict(text)
-    encoders = {name: FrozenTextEncoder(**cfg) for name, cfg in dict(text.pop("encoders")).items()}
-    return TextConditioner(encoders, context_dim=context_dim, **text)
-
-
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(TextToImageModule):
     """Trains a denoising network (the U-Net of :mod:`emu.diffusion.unet`, or the DiT of :mod:`emu.diffusion.dit`) as a
     k-diffusion-style denoiser.
 
@@ -152,14 +131,14 @@ class DiffusionModule(L.LightningModule):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        unet, text, noise_schedule = _plain(unet), _plain(text), _plain(noise_schedule) or {}  # plain containers
+        unet, text, noise_schedule = plain(unet), plain(text), plain(noise_schedule) or {}  # plain containers
         if isinstance(unet, str):  # a diffusers U-Net folder: its config, as kwargs (the checkpoint keeps those)
             unet = read_unet_kwargs(unet)
-        val_prompts, val_seeds, betas = _plain(val_prompts), _plain(val_seeds), tuple(_plain(betas))  # in checkpoints
+        val_prompts, val_seeds, betas = plain(val_prompts), plain(val_seeds), tuple(plain(betas))  # in checkpoints
         if isinstance(val_prompts, str):  # a file or a named set: the checkpoint keeps the prompts, not where they were
-            val_prompts = _read_prompts(val_prompts)
-        val_sampling = SamplingSettings.from_config(_plain(val_sampling), "model.val_sampling").as_dict()
-        lora = lora_settings(_plain(lora))  # completed (alpha, targets) in checkpoints
+            val_prompts = read_val_prompts(val_prompts)
+        val_sampling = SamplingSettings.from_config(plain(val_sampling), "model.val_sampling").as_dict()
+        lora = lora_settings(plain(lora))  # completed (alpha, targets) in checkpoints
         if lora and not init_from:
             raise ConfigError("model.lora", "trains adapters over a base model: set model.init_from (an emu checkpoint "
                               "or export, or a diffusers U-Net or pipeline folder such as SDXL-base)")  # fmt: skip
@@ -205,7 +184,7 @@ class DiffusionModule(L.LightningModule):
                                  p_mean, p_std)  # fmt: skip
         self.val_sampling = SamplingSettings(**val_sampling)
         self.ema: EMA | None = None
-        self.val_prompts = _read_prompts(val_prompts)
+        self.val_prompts = read_val_prompts(val_prompts)
         self.val_seeds = list(val_seeds) if val_seeds else list(range(len(self.val_prompts)))
         if len(self.val_seeds) != len(self.val_prompts):
             raise ConfigError("model.val_seeds", f"has {len(self.val_seeds)} seeds for {len(self.val_prompts)} prompts")
@@ -265,11 +244,6 @@ class DiffusionModule(L.LightningModule):
             self.unet.compile()  # in place: parameter names (and checkpoints) stay as they are
             self._compiled = True
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.frozen.eval()
-        return self
-
     @property
     def resolution_multiple(self) -> int:
         return self.autoencoder.downsample_factor * self.unet.downsample_factor
@@ -279,50 +253,6 @@ class DiffusionModule(L.LightningModule):
         """What :attr:`resolution_multiple` is made of, for error messages."""
         net = "DiT patch" if self.unet.config.get("arch") == "dit" else "U-Net"
         return f"autoencoder f={self.autoencoder.downsample_factor} x {net} {self.unet.downsample_factor}x"
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        res = getattr(dm, "resolution", None)
-        manifest = getattr(getattr(dm, "source", None), "manifest", None)
-        if manifest is not None:
-            check_precomputed(manifest, self)
-            self.frozen.offload()  # training reads their outputs: the frozen networks stay on the CPU
-            named = [*self.named_parameters(), *self.named_buffers()]  # DDP neither syncs them nor sees two devices
-            self._ddp_params_and_buffers_to_ignore = [n for n, _ in named if n.startswith(self.frozen.prefixes)]
-        if res is not None:
-            self.train_resolution = int(res)
-        if res is not None:
-            check_resolution(res, self.resolution_multiple, "data.resolution", self.downsampling)
-        if getattr(dm, "buckets", None):
-            check_buckets(dm.buckets, self.resolution_multiple, self.downsampling)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Every move and cast (``.to(device)``, ``.cuda()``, ``.to(dtype)`` ...) runs this: while :attr:`frozen` is
-        offloaded (training on precomputed latents and embeddings) it passes the frozen networks by, on the CPU (see
-        :mod:`emu.diffusion.frozen`)."""
-        frozen = self.__dict__.get("frozen")  # None while __init__ builds the networks
-        if recurse and frozen is not None and frozen.offloaded:
-            return frozen.apply_around(self, fn)
-        return super()._apply(fn, recurse)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.latents_from(self.autoencoder.encode(images.to(self.device)), generator)
-
-    def latents_from(self, posterior: DiagonalGaussian, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = posterior.sample(generator) if self.hparams.sample_latents else posterior.mode()
-        return self.autoencoder.normalize(z, self.hparams.latent_scaling)
-
-    def batch_latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised latents of a batch: from its precomputed posterior moments, else by encoding its images."""
-        if "latent" in batch:
-            return self.latents_from(DiagonalGaussian(batch["latent"].to(self.device, torch.float32)), generator)
-        return self.encode_images(batch["image"], generator)
-
-    def conditioning(self, captions: list[str], drop: bool, embeddings=None) -> dict[str, torch.Tensor | None]:
-        """The U-Net's text inputs, from precomputed frozen-encoder ``embeddings`` when given."""
-        c = self.conditioner(embeddings or self.conditioner.encode(list(captions)), drop=drop)
-        return {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
 
     def size_condition(self, metas: list[dict[str, Any]], drop: bool, generator: torch.Generator | None = None):
         """The batch's size and crop conditioning (B x 6); with ``drop``, each sample's is zeroed with probability
@@ -354,70 +284,11 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer's step, then the EMA's: both are done before any ``on_train_batch_end`` hook, so a
-        checkpoint taken there (ModelCheckpoint, preemption) holds the EMA of the weights it holds."""
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            beta = self.ema.update(self.trained_modules(), self._images_per_step)
-            self.log("train/ema_beta", beta, batch_size=1)
-
-    def learning_rate(self) -> float:
-        """``lr`` scaled from ``lr_reference_batch`` to the run's global batch (per-rank batch x ranks x
-        accumulation), as ``lr_scaling`` says."""
-        hp = self.hparams
-        if hp.lr_scaling == "none":
-            return hp.lr
-        batch = images_per_step(self.trainer) if self.trainer is not None else None
-        if batch is None:
-            raise ConfigError("model.lr_scaling", "scales the rate by the batch, which needs a DataModule with a "
-                              "batch_size: use lr_scaling=none to give the rate itself")  # fmt: skip
-        lr = scaled_lr(hp.lr, hp.lr_scaling, batch, hp.lr_reference_batch)
-        rank_zero_info(f"learning rate {hp.lr:g} at {hp.lr_reference_batch} images per step, scaled ({hp.lr_scaling}) "
-                       f"to {batch}: {lr:.3g}")  # fmt: skip
-        return lr
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = weight_decay_groups(self.trained_modules().values(), hp.weight_decay)
-        opt = torch.optim.AdamW(
-            groups, lr=self.learning_rate(), betas=tuple(hp.betas), fused=self.device.type == "cuda"
-        )
-        total = lambda: max(1, self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        if hp.lr_schedule == "cosine":
-            fn = partial(warmup_cosine, warmup=hp.warmup_steps, total=total())
-        elif hp.cooldown_steps:
-            fn = partial(warmup_constant_cooldown, warmup=hp.warmup_steps, total=total(), cooldown=hp.cooldown_steps)
-        else:
-            fn = partial(warmup_constant, warmup=hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
     # ------------------------------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self) -> None:
-        if self.ema is not None:
-            self._ema_ctx = self.ema.swapped(self.trained_modules())
-            self._ema_ctx.__enter__()
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator().manual_seed(10_000 + batch_idx)  # the same noise every validation
         loss = self.diffusion_loss(batch, generator=g, drop=False)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        swapped = self.ema is not None
-        try:
-            if self.val_prompts and not self.trainer.sanity_checking:
-                if swapped and not self.val_sampling.ema:  # model.val_sampling.ema=false: sample the raw weights
-                    self._ema_ctx.__exit__(None, None, None)
-                    swapped = False
-                images = self.sample(self.val_prompts, self.val_seeds)  # on every rank: sharded weights need all
-                if self.trainer.is_global_zero:
-                    caption = " | ".join(self.val_prompts)
-                    log_image(self.trainer, "val/samples", image_grid(images, nrow=min(8, len(images))), caption)
-        finally:
-            if swapped:
-                self._ema_ctx.__exit__(None, None, None)
 
     def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings | None = None,
                **kw) -> torch.Tensor:  # fmt: skip
@@ -469,11 +340,3 @@ class DiffusionModule(L.LightningModule):
         self.conditioner.proj.requires_grad_(True)
         self.ema = None
         self.hparams["lora"] = None
-
-
-def _read_prompts(prompts: list[str] | str | None) -> list[str]:
-    if prompts is None:
-        return []
-    if isinstance(prompts, str):
-        return read_prompts(prompts, "model.val_prompts")
-    return [str(p) for p in prompts]

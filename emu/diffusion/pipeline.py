@@ -34,6 +34,9 @@ from emu.utils.resolution import check_resolution
 SPACINGS = ("auto", "karras", "discrete")  # how the sampler's noise levels are spaced
 
 
+TOKEN_DECODERS = ("maskgit",)  # how a masked token model (emu.maskgit) samples; diffusion models refuse it
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How images are generated: one object for ``sample.py``, ``eval.py``, validation samples and checkpoint
@@ -42,7 +45,8 @@ class SamplingSettings:
 
     Args:
         sampler: a k-diffusion-style sampler of :mod:`emu.diffusion.sampling` (``euler``, ``heun``, ``dpmpp_2m``,
-            ``ddim``).
+            ``ddim``), or for a masked token model (:mod:`emu.maskgit`) ``maskgit``: iterative parallel decoding in
+            ``steps`` steps with classifier-free ``guidance`` (its spacing, eta and guidance interval do not apply).
         steps: sampler steps.
         spacing: how the sampler's noise levels (sigmas) are spaced: ``karras`` (Karras et al., rho 7), ``discrete``
             (the model's own timesteps, trailing; eps / v models only) or ``auto`` (``discrete`` for zero-terminal-SNR
@@ -107,7 +111,7 @@ class SamplingSettings:
 
     def check(self) -> None:
         checks = {
-            "sampler": (self.sampler in SAMPLERS, f"must be one of {list(SAMPLERS)}"),
+            "sampler": (self.sampler in (*SAMPLERS, *TOKEN_DECODERS), f"must be one of {[*SAMPLERS, *TOKEN_DECODERS]}"),
             "spacing": (self.spacing in SPACINGS, f"must be one of {list(SPACINGS)}"),
             "eta": (0 <= float(self.eta) < math.inf, "must be a number >= 0"),
             "steps": (isinstance(self.steps, int) and 1 <= self.steps <= 1000, "must be in 1..1000"),
@@ -229,6 +233,9 @@ def generate(
     f_ae, f_unet = autoencoder.downsample_factor, getattr(denoiser.net, "downsample_factor", 1)
     for side in {height, width}:
         check_resolution(side, f_ae * f_unet, "resolution", f"autoencoder f={f_ae} x U-Net {f_unet}x")
+    if sampler in TOKEN_DECODERS:
+        raise ConfigError("sampling.sampler", f"{sampler!r} decodes a masked token model's tokens; a diffusion model "
+                          f"samples with one of {list(SAMPLERS)}")  # fmt: skip
     sample_fn = get_sampler(sampler)
     sigma_levels = sampling_sigmas(denoiser, steps, spacing)
     cfg = CFGDenoiser(denoiser, guidance, guidance_rescale, guidance_interval)

@@ -65,18 +65,21 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 def check_precomputed(manifest: dict[str, Any], model) -> None:
     """Refuse precomputed shards (their ``manifest``) made with another autoencoder or text encoders than ``model``'s
-    (a :class:`~emu.diffusion.module.DiffusionModule` about to train on them), or of latents its U-Net cannot take."""
+    (a :class:`~emu.diffusion.base.TextToImageModule` about to train on them), or of latents its network cannot
+    take."""
     if manifest.get("autoencoder_fingerprint") != fingerprint(model.autoencoder):
         raise ConfigError("data.source.shards", f"the precomputed latents were made with the autoencoder "
                           f"'{manifest.get('autoencoder')}', whose weights differ from model.autoencoder="
                           f"'{model.hparams.autoencoder}'; precompute again or use that autoencoder")  # fmt: skip
-    factor = model.unet.downsample_factor
+    factor = model.resolution_multiple // model.autoencoder.downsample_factor  # the network's own
     shapes = manifest.get("latent_shapes") or [manifest.get("latent_shape")]
     bad = [s for s in shapes if s and (s[1] % factor or s[2] % factor)]
     if bad:
         raise ConfigError("data.source.shards", f"the precomputed latents of shapes {bad} do not divide by the "
                           f"network's downsampling ({factor}x): precompute with buckets whose sides are multiples of "
                           f"{model.resolution_multiple}")  # fmt: skip
+    if getattr(model, "conditioner", None) is None:  # a tokenizer reads the latents alone
+        return
     encoders = model.conditioner.encoders
     ours = {n: e.max_length for n, e in encoders.items()}
     theirs = {n: e["max_length"] for n, e in manifest.get("encoders", {}).items()}

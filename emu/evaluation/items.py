@@ -1,7 +1,7 @@
-"""What ``eval.py`` evaluates: an *item* is a stage-1/2 checkpoint (its images are generated here, through the same
-:func:`~emu.diffusion.pipeline.generate` as ``sample.py``), a sample folder (:mod:`emu.utils.sample_folder`), or a
-stage-0 autoencoder (checkpoint or export folder; reconstruction metrics instead). Two text-to-image items are
-compared pair by pair on the same prompts and seeds.
+"""What ``eval.py`` evaluates: an *item* is a stage-1/2 checkpoint (its images are generated here as ``sample.py``
+does: a diffusion model's through :func:`~emu.diffusion.pipeline.generate`, a masked transformer's by its decoding),
+a sample folder (:mod:`emu.utils.sample_folder`), or a stage-0 autoencoder (checkpoint or export folder;
+reconstruction metrics instead). Two text-to-image items are compared pair by pair on the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.export import is_export
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
+from emu.maskgit.module import load_text_to_image
 from emu.utils.checkpoint_header import header
 from emu.utils.sample_folder import is_sample_folder, read_sample_folder, write_sample_folder
 
@@ -34,7 +34,8 @@ class Generated:
 
 
 def item_kind(path: str | Path) -> str:
-    """``samples`` (a sample.py folder), ``diffusion`` or ``autoencoder`` (a checkpoint or an export folder)."""
+    """``samples`` (a sample.py folder), ``diffusion``, ``maskgit`` or ``autoencoder`` (a checkpoint or an export
+    folder)."""
     path = Path(path).expanduser()
     if path.is_dir():
         if is_sample_folder(path):
@@ -51,8 +52,8 @@ def item_kind(path: str | Path) -> str:
     except Exception as e:
         raise ConfigError("a/b", f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
     kind = header(ckpt).get("kind")
-    if kind not in ("diffusion", "autoencoder"):
-        raise ConfigError("a/b", f"'{path}' is a {kind or 'non-emu'} checkpoint; eval.py takes diffusion or "
+    if kind not in ("diffusion", "maskgit", "autoencoder"):
+        raise ConfigError("a/b", f"'{path}' is a {kind or 'non-emu'} checkpoint; eval.py takes diffusion, maskgit or "
                           "autoencoder checkpoints, or sample.py folders")  # fmt: skip
     return kind
 
@@ -66,8 +67,9 @@ def load_samples(folder: str | Path, name: str) -> Generated:
 
 def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], seeds: list[int],
                              sampling: SamplingSettings, device: torch.device) -> Generated:  # fmt: skip
-    """Images of a stage-1/2 checkpoint with ``sampling`` (EMA weights unless ``sampling.ema`` is false)."""
-    module = load_for_sampling(path, device, ema=sampling.ema)
+    """Images of a stage-1/2 checkpoint (diffusion or maskgit) with ``sampling`` (EMA weights unless ``sampling.ema``
+    is false)."""
+    module = load_text_to_image(path, device, ema=sampling.ema)
     sampling = replace(sampling, ema=module.sampled_weights == "ema")  # what was used (an export holds one set)
     res = int(sampling.resolution or module.train_resolution or 64)
     height, width = sampling.image_size(res, module.resolution_multiple, module.downsampling)

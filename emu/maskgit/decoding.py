@@ -23,20 +23,25 @@ from emu.maskgit.schedule import masked_after
 LogitsFn = Callable[[torch.Tensor, bool], torch.Tensor]
 
 
-def _gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator).clamp(1e-20, 1.0)
+def _gumbel(shape, generator: torch.Generator | list[torch.Generator] | None, device) -> torch.Tensor:
+    if isinstance(generator, list | tuple):  # one generator per image: its draws depend on its own seed alone
+        u = torch.stack([torch.rand(tuple(shape[1:]), generator=g) for g in generator]).clamp(1e-20, 1.0)
+    else:
+        u = torch.rand(shape, generator=generator).clamp(1e-20, 1.0)
     return (-torch.log(-torch.log(u))).to(device)
 
 
 @torch.no_grad()
 def decode(logits_fn: LogitsFn, batch: int, n_tokens: int, mask_id: int, steps: int = 12, guidance: float = 1.0,
-           temperature: float = 1.0, choice_temperature: float = 4.5, generator: torch.Generator | None = None,
+           temperature: float = 1.0, choice_temperature: float = 4.5,
+           generator: torch.Generator | list[torch.Generator] | None = None,
            device: torch.device | str = "cpu", callback: Callable[[int, torch.Tensor], None] | None = None,
            ) -> torch.Tensor:  # fmt: skip
     """``batch x n_tokens`` token ids decoded in ``steps`` network passes (twice that with ``guidance != 1``).
 
     ``temperature`` scales the logits before drawing (0: the most likely token); ``generator`` draws every random
-    choice on the CPU, so a seed gives the same tokens on any device; ``callback(step, tokens)`` sees the tokens after
+    choice on the CPU, so a seed gives the same tokens on any device (a list: one generator per image, so that an
+    image's tokens depend on its own seed, not on its batch); ``callback(step, tokens)`` sees the tokens after
     each step (the mask id where still masked).
     """
     if steps < 1 or n_tokens < 1:
