@@ -211,11 +211,11 @@ def save_t5(folder: Path, d_model: int = 32, d_kv: int = 8, d_ff: int = 64, num_
     return folder
 
 
-def save_tiny_autoencoder(folder: Path) -> Path:
-    """A random 16-channel f=8 autoencoder export folder (widths 8)."""
+def save_tiny_autoencoder(folder: Path, seed: int = 0) -> Path:
+    """A random 16-channel f=8 autoencoder export folder (widths 8), its weights drawn with ``seed``."""
     from emu.autoencoder.model import AutoencoderKL
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ae = AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     return ae.save_pretrained(folder)
 

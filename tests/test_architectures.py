@@ -259,7 +259,7 @@ def test_generality_plans_each_arm_from_the_finished_demo(tmp_path):
 
     scale = load_scale("tiny")
     rows = plan(scale)
-    assert [r.name for r in rows] == ["unet", "dit", "pixel"] and rows[0].stage is None
+    assert [r.name for r in rows] == ["unet", "dit", "pixel", "maskgit"] and rows[0].stage is None
     dit = [" ".join(command(s, tmp_path, scale, resume=False)) for s in rows[1].stage.steps]
     assert "experiment=mini/stage1_dit" in dit[0] and "data=latents" in dit[0] and "trainer.max_steps=4" in dit[0]
     assert "experiment=mini/stage2_quality_tune_dit" in dit[1] and "callbacks.selection.every_n_steps=2" in dit[1]
@@ -267,11 +267,21 @@ def test_generality_plans_each_arm_from_the_finished_demo(tmp_path):
     pixel = " ".join(command(rows[2].stage.steps[0], tmp_path, scale, resume=False))
     assert "experiment=mini/stage1_pixel" in pixel and "data=webdataset" in pixel
     assert [s.needs for s in rows[1].stage.steps] == [(), ("dit/stage1",), ("dit/stage2",)]
+    maskgit = [" ".join(command(s, tmp_path, scale, resume=False)) for s in rows[3].stage.steps]
+    assert "experiment=mini/tokenizer" in maskgit[0] and "data=latents" in maskgit[0]  # its tokenizer first
+    assert "trainer.max_steps=4" in maskgit[0] and "val_sampling" not in maskgit[0]  # the scale's tokenizer overrides
+    assert "experiment=mini/stage1_maskgit" in maskgit[1] and "data=latents" in maskgit[1]
+    assert "sampling.sampler=maskgit" in maskgit[3]
+    assert [s.needs for s in rows[3].stage.steps] == [(), ("maskgit/tokenizer",), ("maskgit/stage1",),
+                                                      ("maskgit/stage2",)]  # fmt: skip
     with pytest.raises(SystemExit, match="unknown arm"):
         plan({**scale, "generality": {"arms": ["muse"]}})
     (tmp_path / "latents").mkdir()  # a demo folder without the precomputed latents: the DiT arm makes them first
-    first = plan(scale, tmp_path)[1].stage.steps[0]
+    lacking = plan(scale, tmp_path)
+    first = lacking[1].stage.steps[0]
     assert first.name == "dit/latents" and "emu.diffusion.precompute" in " ".join(first.argv)
+    assert lacking[3].stage.steps[0].name == "maskgit/tokenizer"  # one precompute, for both arms:
+    assert lacking[3].stage.steps[0].needs == ("dit/latents",)  # the masked transformer's waits for the DiT's
     (tmp_path / "latents" / "precompute.json").write_text("{}")
     assert plan(scale, tmp_path)[1].stage.steps[0].name == "dit/stage1"
     assert plan(scale, tmp_path)[2].stage.steps[0].name == "pixel/stage1"  # it reads the images
@@ -303,9 +313,11 @@ def test_generality_report_judges_each_arm(tmp_path):
         path = tmp_path / row.metrics
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(written[row.name]))
-    state = {"steps": {"dit/stage1": {"seconds": 600.0}, "dit/stage2": {"seconds": 300.0}}}
+    state = {"steps": {"dit/stage1": {"seconds": 600.0}, "dit/stage2": {"seconds": 300.0},
+                       "maskgit/tokenizer": {"seconds": 120.0}, "maskgit/stage1": {"seconds": 600.0}}}  # fmt: skip
     report = write_generality(tmp_path, scale, rows, state, {"steps": {"stage1": {"seconds": 1200.0}}}).read_text()
     assert "| dit: diffusion transformer" in report and "| 10.0 min | 5.0 min (n/a) |" in report
+    assert "| 12.0 min (tokenizer 2.0) | not run (n/a) |" in report  # a masked transformer's stage 1: and tokenizer
     targets = json.loads((tmp_path / "generality" / "targets.json").read_text())["targets"]
     met = {(t["arch"], t["target"].split(": ")[1].split(" ")[0]): t["met"] for t in targets}
     assert met[("unet", "appeal")] and met[("unet", "faithfulness")] and met[("unet", "the")]
@@ -337,8 +349,10 @@ def test_generality_runs_every_arm_then_skips_and_resumes(tmp_path, monkeypatch)
     report = driver.run_generality(tmp_path, scale)
     assert report.name == "GENERALITY.md" and "GENERALITY.md" in (tmp_path / "REPORT.md").read_text()
     commands = [" ".join(c) for c in calls]
-    assert len(calls) == 7 and "emu.diffusion.precompute" in commands[0]  # latents, then 3 steps per architecture
+    # the latents, then 3 steps per architecture (the masked transformer's tokenizer before its 3)
+    assert len(calls) == 11 and "emu.diffusion.precompute" in commands[0]
     assert "mini/stage1_dit" in commands[1] and "mini/stage2_quality_tune_pixel" in commands[5]
+    assert "mini/tokenizer" in commands[7] and "mini/stage1_maskgit" in commands[8]
 
     calls.clear()
     driver.run_generality(tmp_path, scale)

@@ -1,5 +1,6 @@
-"""The masked generative transformer's parts (issue 42): FSQ tokens, MaskGIT's cosine schedule and its parallel
-decoding with classifier-free guidance, each against hand-computed values."""
+"""The masked generative transformer (issue 42): FSQ tokens, MaskGIT's cosine schedule and its parallel decoding with
+classifier-free guidance, each against hand-computed values; the tokenizer's round trip; the LightningModule's
+overfitting, sampling, checkpoints and exact resume."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import pytest
 import torch
 
 from emu.autoencoder.fsq import FSQ
+from emu.autoencoder.module import load_autoencoder
+from emu.diffusion.pipeline import SamplingSettings
+from emu.errors import ConfigError
 from emu.maskgit.decoding import decode
+from emu.maskgit.module import MaskGITModule, load_text_to_image, masked_cross_entropy
 from emu.maskgit.schedule import cosine_schedule, masked_after, training_mask
+from emu.maskgit.tokenizer import LatentTokenizer
+from emu.utils.checkpoint_header import header
+from tests.conftest import TINY_MASKGIT, haystack_batch, save_tiny_autoencoder
+from tests.test_stage1 import text_config
 
 
 def test_fsq_rounds_each_channel_to_its_levels_and_every_token_round_trips():
@@ -129,3 +138,136 @@ def test_token_transformer_overfits_masked_tokens_of_one_batch():
     out = decode(lambda t, cond: net(t, (h, w), context, None, pooled), 4, h * w, net.mask_id, steps=6,
                  temperature=0.0)  # fmt: skip
     assert (out == tokens).float().mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------ the trained model
+def test_decoding_with_one_generator_per_image_gives_each_image_its_own_tokens_whatever_its_batch():
+    K, N = 6, 9
+
+    def logits_fn(tokens, cond):  # flat logits: every choice is the draws'
+        return torch.zeros(tokens.shape[0], N, K)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = decode(logits_fn, 2, N, mask_id=K, steps=3, generator=gens([7, 8]))
+    alone = decode(logits_fn, 1, N, mask_id=K, steps=3, generator=gens([8]))
+    assert torch.equal(both[1:], alone) and not torch.equal(both[0], both[1])
+
+
+def test_masked_cross_entropy_counts_the_masked_tokens_only():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]]])
+    tokens, mask = torch.tensor([[0, 1, 1]]), torch.tensor([[True, True, False]])
+    expected = (math.log(1 + math.exp(-2.0)) + math.log(2.0)) / 2  # the third position is not masked: not counted
+    assert float(masked_cross_entropy(logits, tokens, mask)) == pytest.approx(expected, rel=1e-6)
+    smoothed = masked_cross_entropy(logits, tokens, mask, label_smoothing=0.1)  # 0.95 / 0.05 targets
+    p0 = torch.log_softmax(torch.tensor([2.0, 0.0]), 0)
+    by_hand = (-(0.95 * p0[0] + 0.05 * p0[1]) + math.log(2.0)) / 2
+    assert float(smoothed) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+def _latents(tiny_autoencoder, n=64, resolution=32):
+    ae = load_autoencoder(str(tiny_autoencoder))
+    with torch.no_grad():
+        return ae.normalize(ae.encode(haystack_batch(n, resolution)["image"]).mode(), "channel")
+
+
+def test_tokenizer_round_trips_latents_within_the_stated_error(tiny_autoencoder):
+    """Trained on the tiny autoencoder's latents of 64 haystack images, the tokenizer's reconstruction error is below
+    half their variance (untrained: about their variance); the tokens hold everything its decoder sees (tokens ->
+    latents is the forward pass exactly) and a token per latent position."""
+    torch.manual_seed(0)
+    z = _latents(tiny_autoencoder)
+    tok = LatentTokenizer(16, levels=[8, 5, 5, 5], hidden=64)
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+
+    def relative_mse():
+        with torch.no_grad():
+            return float(((tok(z)[0] - z) ** 2).mean() / z.var())
+
+    before = relative_mse()
+    for _ in range(300):
+        loss = ((tok(z)[0] - z) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = relative_mse()
+    assert after < 0.5 and after < 0.5 * before, (before, after)
+    tokens = tok.tokenize(z)
+    assert tokens.shape == (64, 4, 4) and tokens.dtype == torch.int64 and int(tokens.max()) < 1000
+    with torch.no_grad():
+        assert torch.allclose(tok.detokenize(tokens), tok(z)[0], atol=1e-5)
+
+
+def _module(tiny_autoencoder, tiny_clip, tiny_t5, tokenizer, cfg_dropout=0.0, **kw):
+    torch.manual_seed(0)
+    defaults = dict(lr=2e-3, warmup_steps=0, weight_decay=0.0, ema_half_life_images=64, ema_ramp=None,
+                    label_smoothing=0.0, val_prompts=["a large red circle in the center"])  # fmt: skip
+    text = text_config(tiny_clip, tiny_t5, cfg_dropout)
+    return MaskGITModule(TINY_MASKGIT, text, str(tiny_autoencoder), str(tokenizer), **{**defaults, **kw})
+
+
+def test_maskgit_module_overfits_one_batch_and_samples_from_its_seeds(tiny_autoencoder, tiny_clip, tiny_t5,
+                                                                      tiny_tokenizer):  # fmt: skip
+    m = _module(tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer)
+    batch = haystack_batch(4, 32)
+    tokens = m.tokens(batch)
+    assert tokens.shape == (4, 4, 4)  # one token per latent position of the f=8 autoencoder
+
+    def fixed_loss():
+        with torch.no_grad():
+            return float(m.masked_token_loss(batch, torch.Generator().manual_seed(0), drop=False))
+
+    opt = m.configure_optimizers()["optimizer"]
+    before = fixed_loss()
+    for _ in range(150):
+        loss = m.masked_token_loss(batch, drop=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.3 * before, (before, after)
+    m.eval()
+    settings = SamplingSettings(sampler="maskgit", steps=4, guidance=2.0, resolution=32)
+    images = m.sample(["a", "b", "c"], [1, 2, 3], settings)
+    assert images.shape == (3, 3, 32, 32) and images.abs().max() <= 1
+    # an image depends on its prompt and seed alone (its tokens; the decoders' batched arithmetic differs by ~1e-6)
+    assert torch.allclose(m.sample(["b"], [2], settings), images[1:2], atol=1e-4)
+    with pytest.raises(ConfigError, match=r"sampling\.sampler: is 'euler', a diffusion sampler"):
+        m.sample(["a"], [0], SamplingSettings(sampler="euler"))
+
+
+def test_maskgit_checkpoints_resume_exactly_load_for_sampling_and_refuse_a_mismatched_tokenizer(
+        tmp_path, tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer):  # fmt: skip
+    """Four steps in one run equal two, a checkpoint and two more: the weights, the EMA and the training step's draws
+    (masks, CFG dropout: ExactResume) continue exactly; the checkpoint references the frozen networks by path."""
+    from tests.test_lora import _Data, _trainer
+
+    def fit(root, steps, ckpt=None):
+        module = _module(tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer, val_prompts=None,
+                         cfg_dropout=0.5)  # fmt: skip
+        _trainer(root, steps).fit(module, datamodule=_Data(), ckpt_path=ckpt)
+        return root / "ckpt" / "last.ckpt"
+
+    path = fit(tmp_path / "straight", 4)
+    fit(tmp_path / "split", 2)
+    split_path = fit(tmp_path / "split", 4, tmp_path / "split" / "ckpt" / "last.ckpt")
+    straight, split = (torch.load(p, weights_only=False) for p in (path, split_path))
+    assert straight["global_step"] == split["global_step"] == 4
+    assert header(straight)["kind"] == "maskgit" and header(straight)["resolution"] == 32
+    frozen = ("tokenizer.", "autoencoder.", "conditioner.encoders.")  # referenced by path, not copied
+    assert not any(k.startswith(frozen) for k in straight["state_dict"])
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, split["state_dict"][k]), k  # the weights and the EMA, as if never stopped
+
+    m = load_text_to_image(path)
+    assert isinstance(m, MaskGITModule) and m.sampled_weights == "ema" and m.trained_steps == 4
+    assert torch.equal(m.transformer.state_dict()["proj_out.weight"],
+                       straight["state_dict"]["ema.shadow.transformer.proj_out.weight"])  # fmt: skip
+    assert m.sample(["a"], [0], SamplingSettings(sampler="maskgit", steps=2)).shape[-1] == 32  # its own resolution
+    other = tmp_path / "other_ae"
+    save_tiny_autoencoder(other, seed=1)
+    with pytest.raises(ConfigError, match=r"model\.tokenizer: .* whose weights differ from model\.autoencoder"):
+        _module(other, tiny_clip, tiny_t5, tiny_tokenizer)
+    with pytest.raises(ConfigError, match="is a maskgit checkpoint, not a tokenizer checkpoint"):
+        _module(tiny_autoencoder, tiny_clip, tiny_t5, path)

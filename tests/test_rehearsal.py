@@ -146,3 +146,29 @@ def test_other_architectures_rehearse_on_two_cpu_processes(rehearsal, experiment
     _grid(out, "val_samples")
     last = out / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2, "FSDP: one shard file per rank"
+
+
+def test_the_masked_transformer_rehearses_its_tokenizer_then_stage1_on_two_cpu_processes(rehearsal):
+    """experiment=tokenizer (DDP) and then experiment=stage1_maskgit over its checkpoint (FSDP with activation
+    checkpointing) as written, networks shrunk: each killed after step 2 and resumed; the transformer logs its sample
+    grid, and its sharded checkpoint, consolidated, samples."""
+    from emu.diffusion.pipeline import SamplingSettings
+    from emu.maskgit.module import load_text_to_image
+    from emu.training.distributed import consolidate
+    from tests.conftest import save_tiny_autoencoder
+
+    root, models, data = rehearsal["root"], rehearsal["models"], rehearsal["data"]
+    if not (models / "autoencoder").exists():  # stage 0's export when the chain above ran first; else a tiny one
+        save_tiny_autoencoder(models / "autoencoder")
+    common = [f"rehearsal.dir={models}", *data]
+    tokenizer = root / "tokenizer"
+    _killed_and_resumed(tokenizer, ["experiment=tokenizer", "+rehearsal=cpu_tokenizer", *common], last_step=4)
+    shutil.copy(tokenizer / "checkpoints" / "last.ckpt", models / "tokenizer.ckpt")
+    out = root / "stage1_maskgit"
+    _killed_and_resumed(out, ["experiment=stage1_maskgit", "+rehearsal=cpu_maskgit", *common], last_step=4)
+    _grid(out, "val_samples")
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2, "FSDP: one shard file per rank"
+    model = load_text_to_image(consolidate(last))
+    images = model.sample(["a red circle"], [0], SamplingSettings(sampler="maskgit", steps=2))
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()

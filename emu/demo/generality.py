@@ -70,10 +70,11 @@ def settings(scale: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def arm_steps(scale: dict[str, Any], name: str, latents: bool = False) -> Stage:
+def arm_steps(scale: dict[str, Any], name: str, latents: bool = False, after: str | None = None) -> Stage:
     """Stage 1, stage 2 and eval of architecture ``name`` into ``<demo>/generality/<name>/`` (a tokenized arm's
     tokenizer before them); ``latents``: first the demo's precompute of the corpus's latents (a demo folder may lack
-    them: its stage 1 ran before they existed)."""
+    them: its stage 1 ran before they existed); ``after``: a step of another arm the first step waits for (that arm's
+    precompute of the latents)."""
     base = f"generality/{name}"
     train = dict(resumable=True, follows_threads=True)
     stage1 = _step(f"{name}/stage1", f"train.py experiment=mini/stage1_{name}", f"{base}/stage1/checkpoints/last.ckpt",
@@ -95,20 +96,25 @@ def arm_steps(scale: dict[str, Any], name: str, latents: bool = False) -> Stage:
         step = next(s for stage in demo_stages(scale) for s in stage.steps if s.name == "latents")
         steps.insert(0, replace(step, name=f"{name}/latents", intermediate=False))
     for i, step in enumerate(steps):  # an arm reads only the finished demo and its own steps: arms run side by side
-        step.needs = (steps[i - 1].name,) if i else ()
+        step.needs = (steps[i - 1].name,) if i else ((after,) if after else ())
     return Stage(name, f"generality: {name}", steps)
 
 
 def plan(scale: dict[str, Any], out: Path | None = None) -> list[Arch]:
-    """The rows for ``scale``: the demo's own latent U-Net, then each arm of its ``generality:`` section; an arm on the
-    latents precomputes them first where the demo folder ``out`` lacks them."""
+    """The rows for ``scale``: the demo's own latent U-Net, then each arm of its ``generality:`` section; where the
+    demo folder ``out`` lacks the latents, the first arm on them precomputes them and the others wait for it."""
     rows = [Arch("unet", "latent U-Net (the demo's own)", "stage1/checkpoints/last.ckpt",
                  "stage2/checkpoints/select/selection.json", "eval/metrics.json")]  # fmt: skip
+    precompute = None  # the arm that precomputes missing latents: the others on latents wait for it
     for name in settings(scale)["arms"]:
         base = f"generality/{name}"
+        lacks = _lacks_latents(name, out)
+        steps = arm_steps(scale, name, latents=lacks and precompute is None, after=precompute if lacks else None)
+        if lacks and precompute is None:
+            precompute = f"{name}/latents"
         rows.append(Arch(name, ARCHITECTURES[name][0], f"{base}/stage1/checkpoints/last.ckpt",
                          f"{base}/stage2/checkpoints/select/selection.json", f"{base}/eval/metrics.json",
-                         arm_steps(scale, name, latents=_lacks_latents(name, out))))  # fmt: skip
+                         steps))  # fmt: skip
     return rows
 
 

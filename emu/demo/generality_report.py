@@ -39,7 +39,7 @@ def network_parameters(path: Path) -> int | None:
 
 
 def _seconds(arch: Arch, which: str, state: dict[str, Any], demo_state: dict[str, Any]) -> float | None:
-    """A run's wall time: ``which`` is ``stage1``, ``stage2`` or ``eval``."""
+    """A run's wall time: ``which`` is ``stage1``, ``stage2``, ``eval`` or (a tokenized arm's) ``tokenizer``."""
     if arch.stage is None:
         info = demo_state.get("steps", {}).get(which)
     else:
@@ -153,9 +153,11 @@ def write_generality(out: Path, scale: dict[str, Any], rows: list[Arch], state: 
         sel = _load(out / arch.selection) or {}
         best = (sel.get("best") or {}).get("step")
         s1, s2 = _seconds(arch, "stage1", state, demo_state), _seconds(arch, "stage2", state, demo_state)
+        tok = _seconds(arch, "tokenizer", state, demo_state)
+        stage1 = _minutes(s1) if tok is None or s1 is None else f"{_minutes(s1 + tok)} (tokenizer {tok / 60:.1f})"
         fa = paired.get("faithfulness")
         lines.append(
-            f"| {arch.name}: {arch.what} | {f'{n:,}' if n is not None else 'n/a'} | {_minutes(s1)} | {_minutes(s2)} "
+            f"| {arch.name}: {arch.what} | {f'{n:,}' if n is not None else 'n/a'} | {stage1} | {_minutes(s2)} "
             f"({best if best is not None else 'n/a'}) | "
             f"{format_win_rate(paired['appeal']) if 'appeal' in paired else 'not run'} | "
             f"{_faith(fa) if fa else 'not run'} | {_second(m)} |"
@@ -164,7 +166,10 @@ def write_generality(out: Path, scale: dict[str, Any], rows: list[Arch], state: 
             targets.add(what, measured, met)
             records.append({"arch": arch.name, "target": what, "measured": measured, "met": met})
     lines += ["", "Wall times are each run's own, with whatever ran beside it (the U-Net's are the demo's; its stage 1 "
-              "trains on latents precomputed once, as the DiT's does). ", "", "## Targets", ""]  # fmt: skip
+              "trains on latents precomputed once, as the DiT's and the masked transformer's do). A masked "
+              "transformer's stage 1 includes its tokenizer's training; its network parameters are the transformer's.",
+              "",
+              "## Targets", ""]  # fmt: skip
     lines += targets.markdown()
     lines += ["## Pictures", ""]
     for arch in rows:
@@ -177,7 +182,7 @@ def write_generality(out: Path, scale: dict[str, Any], rows: list[Arch], state: 
     lines += [
         "Simulated: the raters are the pixel judge, the haystack stands in for web images (see REPORT.md). The "
         "aesthetic head is the curation's (checkpoint selection scores with it too): a second opinion on direction, "
-        "not an independent one. The paper's masked generative transformer is not here yet.",
+        "not an independent one.",
         "",
     ]
     atomic_write_text(out / "generality" / "targets.json", json.dumps({"targets": records}, indent=2))

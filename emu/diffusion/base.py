@@ -31,7 +31,7 @@ from emu.text.encoders import FrozenTextEncoder
 from emu.training.optim import images_per_step, weight_decay_groups
 from emu.utils.images import image_grid, log_image
 from emu.utils.resolution import check_resolution
-from emu.utils.schedules import scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
+from emu.utils.schedules import LR_SCALINGS, scaled_lr, warmup_constant, warmup_constant_cooldown, warmup_cosine
 
 
 def plain(x):
@@ -44,6 +44,18 @@ def build_conditioner(text: dict[str, Any], context_dim: int) -> TextConditioner
     text = dict(text)
     encoders = {name: FrozenTextEncoder(**cfg) for name, cfg in dict(text.pop("encoders")).items()}
     return TextConditioner(encoders, context_dim=context_dim, **text)
+
+
+def check_schedule(lr_schedule: str, lr_scaling: str, lr_reference_batch: int, cooldown_steps: int) -> None:
+    """Refuse learning-rate settings :meth:`TextToImageModule.configure_optimizers` cannot follow, naming the key."""
+    if lr_schedule not in ("constant", "cosine"):
+        raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if lr_scaling not in LR_SCALINGS or lr_reference_batch < 1:
+        raise ConfigError("model.lr_scaling", f"must be one of {list(LR_SCALINGS)} with lr_reference_batch >= 1, "
+                          f"got {lr_scaling!r} and {lr_reference_batch}")  # fmt: skip
+    if cooldown_steps < 0 or (cooldown_steps and lr_schedule != "constant"):
+        raise ConfigError("model.cooldown_steps", f"must be >= 0, and only with lr_schedule=constant (cosine "
+                          f"decays already), got {cooldown_steps} with {lr_schedule}")  # fmt: skip
 
 
 class TextToImageModule(L.LightningModule):

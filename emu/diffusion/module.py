@@ -23,7 +23,7 @@ from emu.autoencoder.model import LATENT_SCALINGS
 from emu.autoencoder.module import load_autoencoder
 from emu.data.batches import trains_on_good_samples
 from emu.data.samples import size_conditions
-from emu.diffusion.base import TextToImageModule, build_conditioner, plain, read_val_prompts
+from emu.diffusion.base import TextToImageModule, build_conditioner, check_schedule, plain, read_val_prompts
 from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
 from emu.diffusion.convert import read_unet_kwargs
 from emu.diffusion.denoiser import CONTINUOUS, Denoiser, weighting_problem
@@ -38,7 +38,6 @@ from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy, shard_modules
 from emu.training.optim import images_per_step
 from emu.utils.checkpoint_header import diffusers_unet_folder
-from emu.utils.schedules import LR_SCALINGS
 
 
 class DiffusionModule(TextToImageModule):
@@ -145,14 +144,7 @@ class DiffusionModule(TextToImageModule):
         if lora:  # the base is read again wherever the adapters load: by absolute path
             init_from = str(Path(init_from).expanduser().absolute())
         self.save_hyperparameters()
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError("model.lr_schedule", f"must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if lr_scaling not in LR_SCALINGS or lr_reference_batch < 1:
-            raise ConfigError("model.lr_scaling", f"must be one of {list(LR_SCALINGS)} with lr_reference_batch >= 1, "
-                              f"got {lr_scaling!r} and {lr_reference_batch}")  # fmt: skip
-        if cooldown_steps < 0 or (cooldown_steps and lr_schedule != "constant"):
-            raise ConfigError("model.cooldown_steps", f"must be >= 0, and only with lr_schedule=constant (cosine "
-                              f"decays already), got {cooldown_steps} with {lr_schedule}")  # fmt: skip
+        check_schedule(lr_schedule, lr_scaling, lr_reference_batch, cooldown_steps)
         if weighting_problem(weighting):  # before any network is built (an old config's "uniform" says its new name)
             raise ConfigError("model.weighting", weighting_problem(weighting))
         if latent_scaling not in LATENT_SCALINGS:

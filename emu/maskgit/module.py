@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from emu.autoencoder.module import load_autoencoder
 from emu.data.batches import trains_on_good_samples
-from emu.diffusion.base import TextToImageModule, build_conditioner, plain, read_val_prompts
+from emu.diffusion.base import TextToImageModule, build_conditioner, check_schedule, plain, read_val_prompts
 from emu.diffusion.checkpoints import load_for_sampling
 from emu.diffusion.ema import EMA
 from emu.diffusion.frozen import FrozenNetworks
+from emu.diffusion.networks import SHARDED_BLOCKS
 from emu.diffusion.pipeline import TOKEN_DECODERS, SamplingSettings, negative_conditioning
 from emu.diffusion.precompute import fingerprint
 from emu.errors import ConfigError
@@ -37,8 +38,9 @@ from emu.maskgit.decoding import decode
 from emu.maskgit.schedule import training_mask
 from emu.maskgit.tokenizer import load_tokenizer
 from emu.maskgit.transformer import MaskedTokenTransformer
+from emu.training.distributed import FSDPStrategy, shard_modules
 from emu.training.optim import images_per_step
-from emu.utils.checkpoint_header import header, write_header
+from emu.utils.checkpoint_header import header, is_sharded_checkpoint, read_header, write_header
 
 KIND = "maskgit"
 DEFAULT_SAMPLING = {"sampler": "maskgit", "steps": 12, "guidance": 2.0}
@@ -69,6 +71,7 @@ class MaskGITModule(TextToImageModule):
             ``maskgit``: ``steps`` decoding steps, ``guidance``).
         temperature, choice_temperature: the decoding's token temperature and MaskGIT's annealed choice temperature.
         init_from: a ``kind: maskgit`` checkpoint whose EMA (else raw) weights initialise this model (stage 2).
+        compile: ``torch.compile`` the transformer (after sharding, under FSDP).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class MaskGITModule(TextToImageModule):
         temperature: float = 1.0,
         choice_temperature: float = 4.5,
         init_from: str | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         transformer, text, betas = plain(transformer), plain(text), tuple(plain(betas))
@@ -112,6 +116,7 @@ class MaskGITModule(TextToImageModule):
         latent_scaling = info["latent_scaling"]
         val_sampling = val_sampling.as_dict()
         self.save_hyperparameters()
+        check_schedule(lr_schedule, lr_scaling, lr_reference_batch, cooldown_steps)
         self.autoencoder = load_autoencoder(autoencoder)
         if fingerprint(self.autoencoder) != info.get("autoencoder_fingerprint"):
             raise ConfigError("model.tokenizer", f"'{tokenizer}' was trained on the latents of "
@@ -156,6 +161,21 @@ class MaskGITModule(TextToImageModule):
         super().train(mode)
         self.tokenizer.eval()
         return self
+
+    def configure_model(self) -> None:
+        """Under :class:`~emu.training.distributed.FSDPStrategy`: shard the transformer (its blocks as units), the text
+        projections and the EMA's copies of both; the frozen networks and the tokenizer stay replicated."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            if strategy.activation_checkpointing:
+                self.transformer.set_gradient_checkpointing(True)
+            parts = [self.transformer, *self.conditioner.proj.values()]
+            if self.ema is not None:
+                parts += [self.ema.shadow["transformer"], *self.ema.shadow["text_proj"].values()]
+            shard_modules(parts, wrap=SHARDED_BLOCKS, strategy=strategy)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.transformer.compile()  # in place: parameter names (and checkpoints) stay as they are
+            self._compiled = True
 
     def tokens(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """B x h x w token ids of a batch's images (or precomputed latents)."""
@@ -233,10 +253,13 @@ class MaskGITModule(TextToImageModule):
         return (*self.frozen.prefixes, "tokenizer.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(self._not_saved())]:
-            del sd[k]
+        """The frozen networks' and the tokenizer's weights out (under FSDP, which loads by the model's own keys, they
+        stay) and the header in."""
         trainer = self._trainer
+        sd = checkpoint["state_dict"]
+        if trainer is None or not isinstance(trainer.strategy, FSDPStrategy):
+            for k in [k for k in sd if k.startswith(self._not_saved())]:
+                del sd[k]
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         data = dm.describe() if hasattr(dm, "describe") else self.trained_on
         write_header(checkpoint, KIND, transformer_config=self.transformer.config, resolution=self.train_resolution,
@@ -246,8 +269,9 @@ class MaskGITModule(TextToImageModule):
         kind = header(checkpoint).get("kind")
         if kind != KIND:
             raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a masked transformer (maskgit) checkpoint")
-        own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self._not_saved())})
+        if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
+            own = self.state_dict()
+            checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self._not_saved())})
 
     def initialise_from(self, path: str) -> None:
         """The transformer's and text projections' weights (their EMA where the checkpoint has one) from a ``kind:
@@ -273,6 +297,9 @@ def check_decoder(settings: SamplingSettings, key: str) -> None:
 
 def _read(path: str | Path, key: str) -> dict[str, Any]:
     path = Path(path).expanduser()
+    if is_sharded_checkpoint(path):
+        raise ConfigError(key, f"'{path}' is a sharded (FSDP) checkpoint: make one file of it first "
+                          f"(python -m emu.training.distributed consolidate {path})")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at '{path}'")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -296,7 +323,10 @@ def load_maskgit(path: str | Path, map_location: str | torch.device = "cpu", **o
 
 
 def is_maskgit_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a masked transformer's checkpoint (one file, or a sharded FSDP folder)."""
     path = Path(path).expanduser()
+    if is_sharded_checkpoint(path):
+        return read_header(path).get("kind") == KIND
     if not path.is_file():
         return False
     try:

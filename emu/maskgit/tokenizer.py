@@ -22,7 +22,7 @@ from torch import nn
 from emu.autoencoder.fsq import FSQ
 from emu.autoencoder.model import LATENT_SCALINGS
 from emu.autoencoder.module import load_autoencoder
-from emu.diffusion.base import TextToImageModule, plain
+from emu.diffusion.base import TextToImageModule, check_schedule, plain
 from emu.diffusion.frozen import FrozenNetworks
 from emu.diffusion.precompute import fingerprint
 from emu.errors import ConfigError
@@ -81,8 +81,8 @@ class LatentTokenizer(nn.Module):
 class TokenizerModule(TextToImageModule):
     """Trains a :class:`LatentTokenizer` on the frozen ``autoencoder``'s normalised latents (``latent_scaling``) by
     MSE. Validation logs the latent MSE relative to the latents' variance (``val/relative_mse``), the share of the
-    tokens a validation pass uses (``val/codebook_usage``), and the PSNR of the images decoded from the tokens against
-    the autoencoder's own decoding (``val/psnr_vs_autoencoder``, first batch).
+    tokens a validation batch uses (``val/codebook_usage``, averaged over batches), and the PSNR of the images decoded
+    from the tokens against the autoencoder's own decoding (``val/psnr_vs_autoencoder``, first batch).
 
     Args:
         tokenizer: :class:`LatentTokenizer`'s keyword arguments (``latent_channels`` from the autoencoder).
@@ -100,6 +100,7 @@ class TokenizerModule(TextToImageModule):
         super().__init__()
         tokenizer, betas = plain(tokenizer), tuple(plain(betas))
         self.save_hyperparameters()
+        check_schedule(lr_schedule, lr_scaling, lr_reference_batch, cooldown_steps)
         if latent_scaling not in LATENT_SCALINGS:
             raise ConfigError("model.latent_scaling", f"must be one of {LATENT_SCALINGS}, got {latent_scaling!r}")
         self.autoencoder = load_autoencoder(autoencoder)
