@@ -249,6 +249,22 @@ def test_each_architecture_runs_stage1_stage2_and_eval(arch, tmp_path, tiny_auto
     assert m["models"][f"{arch}_quality_tuned"]["settings"]["resolution"] == size
     assert "appeal" in m["paired"] and (out / f"samples_{arch}_quality_tuned").is_dir()
     assert (out / "side_by_side.png").is_file()
+    if arch == "maskgit":  # sample.py loads a masked transformer's checkpoint too, and refuses a diffusion sampler
+        from hydra import compose, initialize_config_dir
+
+        import sample
+        from tests.conftest import ROOT
+
+        def sample_cfg(*extra):
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                return compose("sample", overrides=[f"ckpt={best}", "prompt=a red circle", "sampling.steps=2",
+                                                    f"out={tmp_path}/sample", f"paths.output_dir={tmp_path}",
+                                                    *extra])  # fmt: skip
+
+        sample.run(sample_cfg("sampling.sampler=maskgit", "grid_guidance=[1.0,3.0]"))
+        assert (tmp_path / "sample" / "guidance_3" / "metadata.jsonl").is_file()
+        with pytest.raises(ConfigError, match=r"sampling\.sampler: is 'dpmpp_2m', a diffusion sampler"):
+            sample.run(sample_cfg())
 
 
 # ------------------------------------------------------------------------------------------ make generality

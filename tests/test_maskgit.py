@@ -271,3 +271,35 @@ def test_maskgit_checkpoints_resume_exactly_load_for_sampling_and_refuse_a_misma
         _module(other, tiny_clip, tiny_t5, tiny_tokenizer)
     with pytest.raises(ConfigError, match="is a maskgit checkpoint, not a tokenizer checkpoint"):
         _module(tiny_autoencoder, tiny_clip, tiny_t5, path)
+
+
+def test_the_image_loss_adds_the_decoded_images_error_and_eval_measures_a_tokenizer_as_an_autoencoder(
+        tiny_autoencoder, tiny_tokenizer):  # fmt: skip
+    """``image_weight`` adds exactly that weight times the MSE of the decoded reconstruction against the decoded
+    latents; eval.py takes a tokenizer checkpoint as an autoencoder item: its images' round trip through both."""
+    from emu.evaluation.items import item_kind, load_reconstructor
+    from emu.evaluation.reconstruction import reconstruction_metrics
+    from emu.maskgit.tokenizer import TokenizerModule, TokenRoundTrip
+
+    torch.manual_seed(0)
+    tokenizer = {"levels": [8, 5, 5, 5], "hidden": 16, "depth": 1}
+    plain, weighted = (TokenizerModule(tokenizer, str(tiny_autoencoder), image_weight=w) for w in (0.0, 5.0))
+    weighted.tokenizer.load_state_dict(plain.tokenizer.state_dict())
+    assert plain.offloads_frozen and not weighted.offloads_frozen  # the image loss needs the decoder at every step
+    z = _latents(tiny_autoencoder, n=8)
+    with torch.no_grad():
+        base, recon = plain.reconstruction_loss(z)
+        images = torch.nn.functional.mse_loss(plain.decoded(recon), plain.decoded(z))
+        assert torch.allclose(weighted.reconstruction_loss(z)[0], base + 5.0 * images)
+    with pytest.raises(ConfigError, match=r"model\.image_weight"):
+        TokenizerModule(tokenizer, str(tiny_autoencoder), image_weight=-1.0)
+
+    assert item_kind(tiny_tokenizer) == "autoencoder"
+    round_trip = load_reconstructor(tiny_tokenizer)
+    assert isinstance(round_trip, TokenRoundTrip) and round_trip.latent_channels == 16
+    x = haystack_batch(4, 32)["image"]
+    with torch.no_grad():
+        ae, tok = round_trip.autoencoder, round_trip.tokenizer
+        by_hand = ae.decode(ae.denormalize(tok.detokenize(tok.tokenize(ae.normalize(ae.encode(x).mode()))), "channel"))
+        assert torch.allclose(round_trip(x), by_hand)
+    assert reconstruction_metrics(round_trip, x)["psnr"] > 0

@@ -62,6 +62,7 @@ class TextToImageModule(L.LightningModule):
     """The shared parts of emu's text-to-image LightningModules (see the module doc); not trained by itself."""
 
     train_resolution: int | None = None
+    offloads_frozen = True  # on precomputed data, the frozen networks stay on the CPU (a subclass may need them)
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         """What the optimizer and the EMA see, by name."""
@@ -77,6 +78,13 @@ class TextToImageModule(L.LightningModule):
         """What :attr:`resolution_multiple` is made of, for error messages."""
         raise NotImplementedError
 
+    def set_validation_prompts(self, prompts: list[str] | str | None, seeds: list[int] | None) -> None:
+        """``val_prompts`` (a list, a file or a named set) and their ``val_seeds`` (default ``0..n-1``), checked."""
+        self.val_prompts = read_val_prompts(prompts)
+        self.val_seeds = list(seeds) if seeds else list(range(len(self.val_prompts)))
+        if len(self.val_seeds) != len(self.val_prompts):
+            raise ConfigError("model.val_seeds", f"has {len(self.val_seeds)} seeds for {len(self.val_prompts)} prompts")
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.frozen.eval()
@@ -88,7 +96,8 @@ class TextToImageModule(L.LightningModule):
         manifest = getattr(getattr(dm, "source", None), "manifest", None)
         if manifest is not None:
             check_precomputed(manifest, self)
-            self.frozen.offload()  # training reads their outputs: the frozen networks stay on the CPU
+            if self.offloads_frozen:
+                self.frozen.offload()  # training reads their outputs: the frozen networks stay on the CPU
             named = [*self.named_parameters(), *self.named_buffers()]  # DDP neither syncs them nor sees two devices
             self._ddp_params_and_buffers_to_ignore = [n for n, _ in named if n.startswith(self.frozen.prefixes)]
         if res is not None:

@@ -176,10 +176,7 @@ class DiffusionModule(TextToImageModule):
                                  p_mean, p_std)  # fmt: skip
         self.val_sampling = SamplingSettings(**val_sampling)
         self.ema: EMA | None = None
-        self.val_prompts = read_val_prompts(val_prompts)
-        self.val_seeds = list(val_seeds) if val_seeds else list(range(len(self.val_prompts)))
-        if len(self.val_seeds) != len(self.val_prompts):
-            raise ConfigError("model.val_seeds", f"has {len(self.val_seeds)} seeds for {len(self.val_prompts)} prompts")
+        self.set_validation_prompts(val_prompts, val_seeds)
         self.train_resolution: int | None = None  # set from the datamodule at setup; stored in checkpoints
         self.trained_steps: int | None = None  # set when loaded (load_diffusion)
         self.exported_weights: str | None = None  # "ema" / "raw" when loaded from an export folder

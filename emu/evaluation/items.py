@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from emu.autoencoder.module import load_autoencoder
 from emu.diffusion.export import is_export
 from emu.diffusion.pipeline import SamplingSettings
 from emu.errors import ConfigError
 from emu.maskgit.module import load_text_to_image
+from emu.maskgit.tokenizer import is_tokenizer_checkpoint, load_round_trip
 from emu.utils.checkpoint_header import header
 from emu.utils.sample_folder import is_sample_folder, read_sample_folder, write_sample_folder
 
@@ -35,7 +37,7 @@ class Generated:
 
 def item_kind(path: str | Path) -> str:
     """``samples`` (a sample.py folder), ``diffusion``, ``maskgit`` or ``autoencoder`` (a checkpoint or an export
-    folder)."""
+    folder; a masked transformer's tokenizer checkpoint is one too: :func:`load_reconstructor`)."""
     path = Path(path).expanduser()
     if path.is_dir():
         if is_sample_folder(path):
@@ -52,10 +54,18 @@ def item_kind(path: str | Path) -> str:
     except Exception as e:
         raise ConfigError("a/b", f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
     kind = header(ckpt).get("kind")
+    if kind == "tokenizer":  # measured as an autoencoder: images through it and the autoencoder under it
+        return "autoencoder"
     if kind not in ("diffusion", "maskgit", "autoencoder"):
-        raise ConfigError("a/b", f"'{path}' is a {kind or 'non-emu'} checkpoint; eval.py takes diffusion, maskgit or "
-                          "autoencoder checkpoints, or sample.py folders")  # fmt: skip
+        raise ConfigError("a/b", f"'{path}' is a {kind or 'non-emu'} checkpoint; eval.py takes diffusion, maskgit, "
+                          "autoencoder or tokenizer checkpoints, or sample.py folders")  # fmt: skip
     return kind
+
+
+def load_reconstructor(path: str | Path) -> torch.nn.Module:
+    """What maps an image to its reconstruction for an ``autoencoder`` item: a stage-0 autoencoder, or a tokenizer's
+    round trip through its autoencoder (:class:`~emu.maskgit.tokenizer.TokenRoundTrip`)."""
+    return load_round_trip(path) if is_tokenizer_checkpoint(path) else load_autoencoder(path)
 
 
 def load_samples(folder: str | Path, name: str) -> Generated:

@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from emu.autoencoder.module import load_autoencoder
 from emu.evaluation import fid as fidlib
-from emu.evaluation.items import Generated
+from emu.evaluation.items import Generated, load_reconstructor
 from emu.evaluation.prompt_following import torchmetrics_clip_score
 from emu.evaluation.reconstruction import reconstruct, reconstruction_metrics
 from emu.evaluation.references import reference_set
@@ -88,7 +87,7 @@ def autoencoder_metrics(path: str | Path, images: torch.Tensor, extractors: list
     """PSNR / SSIM (torchmetrics), LPIPS (when its AlexNet weights are on disk) and rFID-style Fréchet distances
     of reconstructions to the originals; with a judge, its appeal of the originals and of the reconstructions
     (what the decoder lets a text-to-image model reach at best)."""
-    ae = load_autoencoder(path).eval()
+    ae = load_reconstructor(path).eval()
     m: dict[str, Any] = {"source": str(path), "latent_channels": ae.latent_channels,
                          **reconstruction_metrics(ae, images)}  # fmt: skip
     recon = reconstruct(ae, images)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from emu.autoencoder.module import load_autoencoder
-from emu.evaluation.items import Generated
+from emu.evaluation.items import Generated, load_reconstructor
 from emu.evaluation.reconstruction import reconstruct
 from emu.utils.images import image_grid
 
@@ -33,7 +32,7 @@ def side_by_side(a: Generated, b: Generated, n: int = 16, columns: int = 8) -> I
 def reconstruction_grid(images: torch.Tensor, paths: list[str], names: list[str], columns: int = 16) -> Image.Image:
     """Originals in the first row, then each autoencoder's reconstructions of them, one row each, named."""
     images = images[:columns]
-    rows = [images] + [reconstruct(load_autoencoder(p).eval(), images) for p in paths]
+    rows = [images] + [reconstruct(load_reconstructor(p).eval(), images) for p in paths]
     grid = image_grid(torch.cat(rows), nrow=len(images))
     label_w = 64
     canvas = Image.new("RGB", (grid.width + label_w, grid.height), "white")

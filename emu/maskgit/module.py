@@ -131,10 +131,7 @@ class MaskGITModule(TextToImageModule):
         encoders = {f"conditioner.encoders.{name}": encoder for name, encoder in self.conditioner.encoders.items()}
         self.frozen = FrozenNetworks({"autoencoder": self.autoencoder, **encoders})
         self.val_sampling = SamplingSettings(**val_sampling)
-        self.val_prompts = read_val_prompts(val_prompts)
-        self.val_seeds = list(val_seeds) if val_seeds else list(range(len(self.val_prompts)))
-        if len(self.val_seeds) != len(self.val_prompts):
-            raise ConfigError("model.val_seeds", f"has {len(self.val_seeds)} seeds for {len(self.val_prompts)} prompts")
+        self.set_validation_prompts(val_prompts, val_seeds)
         self.train_resolution: int | None = None
         self.trained_steps: int | None = None
         self.trained_on: dict[str, Any] | None = None

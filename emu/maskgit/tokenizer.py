@@ -7,6 +7,8 @@ rounds them (one token per position, ``prod(levels)`` tokens), and a decoder map
 It trains by latent MSE on the corpus's latents (precomputed ones included) with the autoencoder frozen, so an image
 is the autoencoder's decoding of the tokens' latents. :class:`TokenizerModule` trains it with ``train.py``
 (``experiment=mini/tokenizer``); its checkpoints have ``kind: tokenizer`` and :func:`load_tokenizer` reads them.
+:class:`TokenRoundTrip` is an image's way through both (what ``eval.py`` measures of a tokenizer checkpoint, as of an
+autoencoder: PSNR, SSIM, LPIPS, the judge's appeal of the reconstructions).
 """
 
 from __future__ import annotations
@@ -91,14 +93,21 @@ class TokenizerModule(TextToImageModule):
             transformer that reads the tokens uses the tokenizer's).
         lr, betas, weight_decay, warmup_steps, lr_schedule, lr_scaling, lr_reference_batch, cooldown_steps: AdamW and
             its schedule, as the diffusion model's.
+        image_weight: the weight of an image loss beside the latent MSE: the MSE of the autoencoder's decoding of the
+            reconstructed latents against its decoding of the latents (0: the latent MSE alone). The latent MSE weighs
+            every latent channel alike; the decoder does not, and the images are what the tokens are for.
     """
 
     def __init__(self, tokenizer: dict[str, Any], autoencoder: str, latent_scaling: str = "channel",
                  sample_latents: bool = False, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, warmup_steps: int = 100, lr_schedule: str = "constant",
-                 lr_scaling: str = "none", lr_reference_batch: int = 1, cooldown_steps: int = 0):  # fmt: skip
+                 lr_scaling: str = "none", lr_reference_batch: int = 1, cooldown_steps: int = 0,
+                 image_weight: float = 0.0):  # fmt: skip
         super().__init__()
         tokenizer, betas = plain(tokenizer), tuple(plain(betas))
+        if image_weight < 0:
+            raise ConfigError("model.image_weight", f"must be >= 0, got {image_weight}")
+        self.offloads_frozen = image_weight == 0  # an image loss decodes at every step: the decoder stays on the device
         self.save_hyperparameters()
         check_schedule(lr_schedule, lr_scaling, lr_reference_batch, cooldown_steps)
         if latent_scaling not in LATENT_SCALINGS:
@@ -128,10 +137,24 @@ class TokenizerModule(TextToImageModule):
     def downsampling(self) -> str:
         return f"autoencoder f={self.autoencoder.downsample_factor}"
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        z = self.batch_latents(batch)
+    def decoded(self, z: torch.Tensor) -> torch.Tensor:
+        """Images (the autoencoder's decoding) of normalised latents ``z``."""
+        return self.autoencoder.decode(self.autoencoder.denormalize(z, self.hparams.latent_scaling))
+
+    def reconstruction_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, reconstruction)``: the latent MSE, plus ``image_weight`` times the MSE of the decoded images
+        against the autoencoder's decoding of ``z``."""
         recon, _ = self.tokenizer(z)
         loss = F.mse_loss(recon, z)
+        if self.hparams.image_weight > 0:
+            with torch.no_grad():
+                target = self.decoded(z)
+            loss = loss + self.hparams.image_weight * F.mse_loss(self.decoded(recon), target)
+        return loss, recon
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        z = self.batch_latents(batch)
+        loss, _ = self.reconstruction_loss(z)
         self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
         return loss
 
@@ -139,15 +162,17 @@ class TokenizerModule(TextToImageModule):
         z = self.batch_latents(batch)
         recon, codes = self.tokenizer(z)
         bs = z.shape[0]
-        self.log("val/loss", F.mse_loss(recon, z), prog_bar=True, batch_size=bs, sync_dist=True)
+        if self.hparams.image_weight > 0:
+            with self.frozen.on(self.device):
+                self.log("val/loss", self.reconstruction_loss(z)[0], prog_bar=True, batch_size=bs, sync_dist=True)
+        else:
+            self.log("val/loss", F.mse_loss(recon, z), prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/relative_mse", F.mse_loss(recon, z) / z.var(), batch_size=bs, sync_dist=True)
         used = torch.unique(self.tokenizer.fsq.codes_to_indices(codes)).numel()
         self.log("val/codebook_usage", used / self.tokenizer.codebook_size, batch_size=bs, sync_dist=True)
         if batch_idx == 0:
             with self.frozen.on(self.device):
-                ae = self.autoencoder
-                ours = ae.decode(ae.denormalize(recon, self.hparams.latent_scaling)).clamp(-1, 1)
-                theirs = ae.decode(ae.denormalize(z, self.hparams.latent_scaling)).clamp(-1, 1)
+                ours, theirs = self.decoded(recon).clamp(-1, 1), self.decoded(z).clamp(-1, 1)
             mse = ((ours - theirs) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)  # [-1, 1]: peak-to-peak 2
             self.log("val/psnr_vs_autoencoder", (10 * torch.log10(4 / mse)).mean(), batch_size=bs, sync_dist=True)
 
@@ -164,6 +189,47 @@ class TokenizerModule(TextToImageModule):
             raise ValueError(f"this is a {header(checkpoint).get('kind') or 'non-emu'} checkpoint, not a tokenizer")
         own = self.state_dict()
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self.frozen.prefixes)})
+
+
+class TokenRoundTrip(nn.Module):
+    """Images through the autoencoder and the tokenizer and back: encode (the posterior's mode), normalise, tokenize,
+    detokenize, denormalise, decode. The best a masked transformer over these tokens can draw."""
+
+    def __init__(self, autoencoder: nn.Module, tokenizer: LatentTokenizer, latent_scaling: str = "channel"):
+        super().__init__()
+        self.autoencoder, self.tokenizer, self.latent_scaling = autoencoder, tokenizer, latent_scaling
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ae = self.autoencoder
+        z = ae.normalize(ae.encode(images).mode(), self.latent_scaling)
+        z = self.tokenizer.detokenize(self.tokenizer.tokenize(z))
+        return ae.decode(ae.denormalize(z, self.latent_scaling))
+
+
+def is_tokenizer_checkpoint(path: str | Path) -> bool:
+    path = Path(path).expanduser()
+    if not path.is_file() or path.suffix != ".ckpt":
+        return False
+    try:
+        return header(torch.load(path, map_location="cpu", weights_only=False, mmap=True)).get("kind") == KIND
+    except Exception:  # not a torch file: whoever loads it says what it is
+        return False
+
+
+def load_round_trip(path: str | Path) -> TokenRoundTrip:
+    """The :class:`TokenRoundTrip` of a tokenizer checkpoint, through the autoencoder it was trained on (its path in
+    the checkpoint, checked by fingerprint)."""
+    tokenizer, info = load_tokenizer(path)
+    autoencoder = load_autoencoder(info["autoencoder"])
+    if fingerprint(autoencoder) != info.get("autoencoder_fingerprint"):
+        raise ConfigError("a/b", f"the autoencoder at '{info['autoencoder']}' is not the one the tokenizer '{path}' "
+                          "was trained on (its weights changed since)")  # fmt: skip
+    return TokenRoundTrip(autoencoder.eval(), tokenizer, info["latent_scaling"]).eval()
 
 
 def load_tokenizer(path: str | Path) -> tuple[LatentTokenizer, dict[str, Any]]:
