@@ -47,8 +47,8 @@ ablations: install  ## the ablations on top of the demo (SCALE=mini|tiny|gpu; FO
 	$(PY) -m emu.demo --ablations --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
 
 # Quality-tuning other architectures (emu/demo/generality.py) on top of the demo, which runs (or is skipped) first: a
-# diffusion transformer trained by rectified flow and a pixel-space U-Net, each pre-trained, quality-tuned and
-# evaluated against its own pre-trained model -> $(DEMO)/GENERALITY.md. Finished arms are skipped; FORCE=1 reruns them.
+# diffusion transformer trained by rectified flow, a pixel-space U-Net and a masked generative transformer, each
+# pre-trained, quality-tuned and evaluated against its own pre-trained model -> $(DEMO)/GENERALITY.md. Finished arms are skipped; FORCE=1 reruns them.
 generality: install  ## other architectures quality-tuned on top of the demo (SCALE=mini|tiny|gpu; FORCE=1 reruns)
 	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(JOBS),--jobs $(JOBS))
 	$(PY) -m emu.demo --generality --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))

@@ -238,13 +238,17 @@ def test_maskgit_module_overfits_one_batch_and_samples_from_its_seeds(tiny_autoe
 
 
 def test_maskgit_checkpoints_resume_exactly_load_for_sampling_and_refuse_a_mismatched_tokenizer(
-        tmp_path, tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer):  # fmt: skip
+        tmp_path, tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer, tiny_stage1_checkpoint):  # fmt: skip
     """Four steps in one run equal two, a checkpoint and two more: the weights, the EMA and the training step's draws
     (masks, CFG dropout: ExactResume) continue exactly; the checkpoint references the frozen networks by path."""
+    import shutil
+
     from tests.test_lora import _Data, _trainer
 
+    tokenizer = shutil.copy(tiny_tokenizer, tmp_path / "tokenizer.ckpt")  # rewritten below
+
     def fit(root, steps, ckpt=None):
-        module = _module(tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer, val_prompts=None,
+        module = _module(tiny_autoencoder, tiny_clip, tiny_t5, tokenizer, val_prompts=None,
                          cfg_dropout=0.5)  # fmt: skip
         _trainer(root, steps).fit(module, datamodule=_Data(), ckpt_path=ckpt)
         return root / "ckpt" / "last.ckpt"
@@ -271,6 +275,17 @@ def test_maskgit_checkpoints_resume_exactly_load_for_sampling_and_refuse_a_misma
         _module(other, tiny_clip, tiny_t5, tiny_tokenizer)
     with pytest.raises(ConfigError, match="is a maskgit checkpoint, not a tokenizer checkpoint"):
         _module(tiny_autoencoder, tiny_clip, tiny_t5, path)
+    with pytest.raises(ConfigError, match=r"a/b: .* is a diffusion checkpoint, not a masked transformer"):
+        from emu.maskgit.module import load_maskgit
+
+        load_maskgit(tiny_stage1_checkpoint, key="a/b")
+    retrained = torch.load(tokenizer, weights_only=False)  # the tokenizer's run trained on: other tokens, same shapes
+    retrained["state_dict"] = {k: v + 0.1 if v.is_floating_point() else v for k, v in retrained["state_dict"].items()}
+    torch.save(retrained, tokenizer)
+    with pytest.raises(ConfigError, match=r"model\.tokenizer: the checkpoint was trained on the tokens of another"):
+        load_text_to_image(path)
+    with pytest.raises(ConfigError, match=r"model\.tokenizer: .* \(model\.init_from\) was trained on the tokens"):
+        _module(tiny_autoencoder, tiny_clip, tiny_t5, tokenizer, init_from=str(path))
 
 
 def test_the_image_loss_adds_the_decoded_images_error_and_eval_measures_a_tokenizer_as_an_autoencoder(
@@ -293,6 +308,13 @@ def test_the_image_loss_adds_the_decoded_images_error_and_eval_measures_a_tokeni
         assert torch.allclose(weighted.reconstruction_loss(z)[0], base + 5.0 * images)
     with pytest.raises(ConfigError, match=r"model\.image_weight"):
         TokenizerModule(tokenizer, str(tiny_autoencoder), image_weight=-1.0)
+    from types import SimpleNamespace
+
+    from emu.training.distributed import FSDPStrategy
+
+    plain._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ConfigError, match=r"trainer: a tokenizer is small enough for every GPU"):
+        plain.configure_model()
 
     assert item_kind(tiny_tokenizer) == "autoencoder"
     round_trip = load_reconstructor(tiny_tokenizer)
@@ -302,4 +324,21 @@ def test_the_image_loss_adds_the_decoded_images_error_and_eval_measures_a_tokeni
         ae, tok = round_trip.autoencoder, round_trip.tokenizer
         by_hand = ae.decode(ae.denormalize(tok.detokenize(tok.tokenize(ae.normalize(ae.encode(x).mode()))), "channel"))
         assert torch.allclose(round_trip(x), by_hand)
-    assert reconstruction_metrics(round_trip, x)["psnr"] > 0
+    mse = float((((round_trip(x).clamp(-1, 1) + 1) / 2 - (x + 1) / 2) ** 2).mean())
+    assert reconstruction_metrics(round_trip, x)["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-4)
+
+
+def test_each_kind_of_model_refuses_the_others_sampler_and_selection_keeps_full_checkpoints_of_a_maskgit_model(
+        tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer, tmp_path):  # fmt: skip
+    from emu.diffusion.selection import CheckpointSelection
+    from tests.test_architectures import DIT, module
+
+    with pytest.raises(ConfigError, match=r"model\.val_sampling\.sampler: is 'maskgit', a masked token model's"):
+        module(DIT, tiny_autoencoder, tiny_clip, tiny_t5, val_sampling={"sampler": "maskgit"})
+    with pytest.raises(ConfigError, match=r"model\.val_sampling\.sampler: is 'euler', a diffusion sampler"):
+        _module(tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer, val_sampling={"sampler": "euler"})
+    m = _module(tiny_autoencoder, tiny_clip, tiny_t5, tiny_tokenizer)
+    selection = CheckpointSelection(judge=object(), prompts=["a"], dirpath=tmp_path, keep="ema")
+    with pytest.raises(ConfigError, match=r"callbacks\.selection\.keep: 'ema' keeps export folders"):
+        selection.setup(None, m, "fit")
+    CheckpointSelection(judge=object(), prompts=["a"], dirpath=tmp_path, keep="full").setup(None, m, "fit")

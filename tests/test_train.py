@@ -36,6 +36,7 @@ def test_there_are_experiments():
         "mini/curate"
     ]
     assert not {"mini/eval", "mini/curate"} & set(EXPERIMENTS)
+    assert not [e for e in EXPERIMENTS if "common/" in e]  # what the stages share (common/) is not an experiment
 
 
 @pytest.mark.parametrize("entry, config, needs", [

@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--generality",
         action="store_true",
-        help="quality-tune other architectures (a DiT trained by rectified flow, a pixel-space U-Net) on top of the "
-        "finished demo in --out (into <out>/generality/, then GENERALITY.md); with --force, only they start over",
+        help="quality-tune other architectures (a DiT trained by rectified flow, a pixel-space U-Net, a masked "
+        "transformer) on top of the finished demo in --out (into <out>/generality/, then GENERALITY.md); with --force, "
+        "only they start over",
     )
     p.add_argument("--jobs", type=int, help="steps run side by side when their inputs allow, sharing the cores "
                    "(default: the scale's jobs, else 2 on 2 or more cores; 1: one by one, as listed)")  # fmt: skip

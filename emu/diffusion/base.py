@@ -102,7 +102,6 @@ class TextToImageModule(L.LightningModule):
             self._ddp_params_and_buffers_to_ignore = [n for n, _ in named if n.startswith(self.frozen.prefixes)]
         if res is not None:
             self.train_resolution = int(res)
-        if res is not None:
             check_resolution(res, self.resolution_multiple, "data.resolution", self.downsampling)
         if getattr(dm, "buckets", None):
             check_buckets(dm.buckets, self.resolution_multiple, self.downsampling)

@@ -32,7 +32,8 @@ from emu.diffusion.frozen import FrozenNetworks
 from emu.diffusion.lora import add_lora, base_fingerprint, lora_settings, merged_copy
 from emu.diffusion.networks import SHARDED_BLOCKS, build_network
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
-from emu.diffusion.pipeline import SamplingSettings, generate
+from emu.diffusion.pipeline import TOKEN_DECODERS, SamplingSettings, generate
+from emu.diffusion.sampling import SAMPLERS
 from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
 from emu.training.distributed import FSDPStrategy, shard_modules
@@ -137,6 +138,9 @@ class DiffusionModule(TextToImageModule):
         if isinstance(val_prompts, str):  # a file or a named set: the checkpoint keeps the prompts, not where they were
             val_prompts = read_val_prompts(val_prompts)
         val_sampling = SamplingSettings.from_config(plain(val_sampling), "model.val_sampling").as_dict()
+        if val_sampling["sampler"] in TOKEN_DECODERS:
+            raise ConfigError("model.val_sampling.sampler", f"is {val_sampling['sampler']!r}, a masked token model's "
+                              f"decoding; a diffusion model samples with one of {list(SAMPLERS)}")  # fmt: skip
         lora = lora_settings(plain(lora))  # completed (alpha, targets) in checkpoints
         if lora and not init_from:
             raise ConfigError("model.lora", "trains adapters over a base model: set model.init_from (an emu checkpoint "

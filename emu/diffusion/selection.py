@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from emu.diffusion.export import plain_json, save_export, trained_state
+from emu.diffusion.module import DiffusionModule
 from emu.diffusion.pipeline import SamplingSettings
 from emu.diffusion.prompts import read_prompts
 from emu.errors import ConfigError
@@ -105,6 +106,9 @@ class CheckpointSelection(L.Callback):
             raise ConfigError(
                 "callbacks.selection.keep", "'ema' needs a model with an EMA (model.ema_half_life_images)"
             )
+        if self.keep == "ema" and not isinstance(pl_module, DiffusionModule):
+            raise ConfigError("callbacks.selection.keep", f"'ema' keeps export folders, which diffusion models write; "
+                              f"a {type(pl_module).__name__} keeps full checkpoints: set keep=full")  # fmt: skip
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and self.baseline is None:

@@ -79,7 +79,7 @@ def generate_from_checkpoint(path: str | Path, name: str, prompts: list[str], se
                              sampling: SamplingSettings, device: torch.device) -> Generated:  # fmt: skip
     """Images of a stage-1/2 checkpoint (diffusion or maskgit) with ``sampling`` (EMA weights unless ``sampling.ema``
     is false)."""
-    module = load_text_to_image(path, device, ema=sampling.ema)
+    module = load_text_to_image(path, device, ema=sampling.ema, key="a/b")
     sampling = replace(sampling, ema=module.sampled_weights == "ema")  # what was used (an export holds one set)
     res = int(sampling.resolution or module.train_resolution or 64)
     height, width = sampling.image_size(res, module.resolution_multiple, module.downsampling)

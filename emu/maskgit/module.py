@@ -260,12 +260,13 @@ class MaskGITModule(TextToImageModule):
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         data = dm.describe() if hasattr(dm, "describe") else self.trained_on
         write_header(checkpoint, KIND, transformer_config=self.transformer.config, resolution=self.train_resolution,
-                     data=data)  # fmt: skip
+                     data=data, tokenizer_fingerprint=fingerprint(self.tokenizer))  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         kind = header(checkpoint).get("kind")
         if kind != KIND:
             raise ValueError(f"this is a {kind or 'non-emu'} checkpoint, not a masked transformer (maskgit) checkpoint")
+        self.check_tokenizer(header(checkpoint).get("tokenizer_fingerprint"), "the checkpoint")
         if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
             own = self.state_dict()
             checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(self._not_saved())})
@@ -274,6 +275,7 @@ class MaskGITModule(TextToImageModule):
         """The transformer's and text projections' weights (their EMA where the checkpoint has one) from a ``kind:
         maskgit`` checkpoint: initialisation (stage 2), not resume."""
         ckpt = _read(path, "model.init_from")
+        self.check_tokenizer(header(ckpt).get("tokenizer_fingerprint"), f"'{path}' (model.init_from)")
         sd = ckpt["state_dict"]
         for name, part in self.trained_modules().items():
             prefix = f"ema.shadow.{name}."
@@ -284,6 +286,14 @@ class MaskGITModule(TextToImageModule):
             except RuntimeError as e:
                 raise ConfigError("model.init_from", f"the {name} weights of '{path}' do not fit this model's: "
                                   f"{str(e).splitlines()[-1].strip()}") from e  # fmt: skip
+
+    def check_tokenizer(self, expected: str | None, what: str) -> None:
+        """Refuse weights learnt over other tokens than this model's tokenizer gives (its checkpoint rewritten
+        since: the same shapes, other tokens)."""
+        if expected is not None and expected != fingerprint(self.tokenizer):
+            raise ConfigError("model.tokenizer", f"{what} was trained on the tokens of another tokenizer than the "
+                              f"one now at '{self.hparams.tokenizer}' (fingerprint {fingerprint(self.tokenizer)}, "
+                              f"expected {expected}): put that tokenizer back there")  # fmt: skip
 
 
 def check_decoder(settings: SamplingSettings, key: str) -> None:
@@ -306,10 +316,11 @@ def _read(path: str | Path, key: str) -> dict[str, Any]:
     return ckpt
 
 
-def load_maskgit(path: str | Path, map_location: str | torch.device = "cpu", **overrides) -> MaskGITModule:
+def load_maskgit(path: str | Path, map_location: str | torch.device = "cpu", key: str = "ckpt",
+                 **overrides) -> MaskGITModule:  # fmt: skip
     """A :class:`MaskGITModule` from its checkpoint (EMA kept apart); ``trained_steps``, ``train_resolution`` and
-    ``trained_on`` from the checkpoint."""
-    ckpt = _read(path, "ckpt")
+    ``trained_on`` from the checkpoint; ``key``: the setting that named it, for errors."""
+    ckpt = _read(path, key)
     module = MaskGITModule.load_from_checkpoint(path, map_location=map_location, init_from=None, weights_only=False,
                                                 **overrides)  # fmt: skip
     module.hparams["init_from"] = (ckpt.get("hyper_parameters") or {}).get("init_from")  # a record of stage 2's start
@@ -332,13 +343,14 @@ def is_maskgit_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def load_text_to_image(path: str | Path, device: str | torch.device = "cpu", ema: bool = True, **overrides):
+def load_text_to_image(path: str | Path, device: str | torch.device = "cpu", ema: bool = True, key: str = "ckpt",
+                       **overrides):  # fmt: skip
     """Either kind of text-to-image model, ready to sample (on ``device``, eval mode, EMA weights copied in unless
     ``ema`` is false): a masked transformer's checkpoint, else what
-    :func:`~emu.diffusion.checkpoints.load_for_sampling` loads."""
+    :func:`~emu.diffusion.checkpoints.load_for_sampling` loads. ``key``: the setting that named it, for errors."""
     if not is_maskgit_checkpoint(path):
         return load_for_sampling(path, device, ema=ema, **overrides)
-    module = load_maskgit(path, map_location="cpu", **overrides).to(device).eval()
+    module = load_maskgit(path, map_location="cpu", key=key, **overrides).to(device).eval()
     if ema and module.ema is not None:
         module.ema.copy_to(module.trained_modules())
     module.sampled_weights = "ema" if ema and module.ema is not None else "raw"

@@ -24,10 +24,12 @@ from torch import nn
 from emu.autoencoder.fsq import FSQ
 from emu.autoencoder.model import LATENT_SCALINGS
 from emu.autoencoder.module import load_autoencoder
+from emu.data.batches import trains_on_good_samples
 from emu.diffusion.base import TextToImageModule, check_schedule, plain
 from emu.diffusion.frozen import FrozenNetworks
 from emu.diffusion.precompute import fingerprint
 from emu.errors import ConfigError
+from emu.training.distributed import FSDPStrategy
 from emu.utils.checkpoint_header import header, write_header
 
 KIND = "tokenizer"
@@ -71,8 +73,10 @@ class LatentTokenizer(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, z: torch.Tensor) -> torch.Tensor:
-        """B x h x w token ids (int64) of latents ``z``."""
-        return self.fsq.codes_to_indices(self.fsq(self.encoder(z)))
+        """B x h x w token ids (int64) of latents ``z``, in float32 whatever the autocast around it (a value near a
+        level's edge rounds the same in training, sampling and evaluation)."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.fsq.codes_to_indices(self.fsq(self.encoder(z.float())))
 
     def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
         """Latents (B x C x h x w) of token ids (B x h x w)."""
@@ -152,6 +156,12 @@ class TokenizerModule(TextToImageModule):
             loss = loss + self.hparams.image_weight * F.mse_loss(self.decoded(recon), target)
         return loss, recon
 
+    def configure_model(self) -> None:
+        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+            raise ConfigError("trainer", "a tokenizer is small enough for every GPU: train it with trainer=ddp, not "
+                              "FSDP (experiment=tokenizer does)")  # fmt: skip
+
+    @trains_on_good_samples  # a batch with no good sample is skipped (emu.data.batches)
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         z = self.batch_latents(batch)
         loss, _ = self.reconstruction_loss(z)
@@ -224,7 +234,7 @@ def is_tokenizer_checkpoint(path: str | Path) -> bool:
 def load_round_trip(path: str | Path) -> TokenRoundTrip:
     """The :class:`TokenRoundTrip` of a tokenizer checkpoint, through the autoencoder it was trained on (its path in
     the checkpoint, checked by fingerprint)."""
-    tokenizer, info = load_tokenizer(path)
+    tokenizer, info = load_tokenizer(path, "a/b")
     autoencoder = load_autoencoder(info["autoencoder"])
     if fingerprint(autoencoder) != info.get("autoencoder_fingerprint"):
         raise ConfigError("a/b", f"the autoencoder at '{info['autoencoder']}' is not the one the tokenizer '{path}' "
@@ -232,17 +242,17 @@ def load_round_trip(path: str | Path) -> TokenRoundTrip:
     return TokenRoundTrip(autoencoder.eval(), tokenizer, info["latent_scaling"]).eval()
 
 
-def load_tokenizer(path: str | Path) -> tuple[LatentTokenizer, dict[str, Any]]:
+def load_tokenizer(path: str | Path, key: str = "model.tokenizer") -> tuple[LatentTokenizer, dict[str, Any]]:
     """The tokenizer of a ``kind: tokenizer`` checkpoint (frozen, eval mode) and its header (``latent_scaling``,
     ``autoencoder_fingerprint``, ...)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError("model.tokenizer", f"no tokenizer checkpoint at '{path}' (train one with "
+        raise ConfigError(key, f"no tokenizer checkpoint at '{path}' (train one with "
                           "`python train.py experiment=mini/tokenizer`)")  # fmt: skip
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     info = header(ckpt)
     if info.get("kind") != KIND:
-        raise ConfigError("model.tokenizer", f"'{path}' is a {info.get('kind') or 'non-emu'} checkpoint, not a "
+        raise ConfigError(key, f"'{path}' is a {info.get('kind') or 'non-emu'} checkpoint, not a "
                           "tokenizer checkpoint")  # fmt: skip
     tokenizer = LatentTokenizer(**info["tokenizer_config"])
     prefix = "tokenizer."

@@ -100,9 +100,11 @@ def _missing_message(err: MissingMandatoryValue) -> str:
 
 def experiments(conf_dir: str | Path, entry: str = "train") -> list[str]:
     """The experiments (conf/experiment/) of an entry point: eval.py's are named ``.../eval``, curate.py's
-    ``.../curate``; the rest are train.py's."""
+    ``.../curate``; the rest are train.py's. Files under a ``common/`` folder are what experiments share, not
+    experiments."""
     root = Path(conf_dir) / "experiment"
-    names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    names = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")
+                   if "common" not in p.relative_to(root).parts[:-1])  # fmt: skip  # common/: what stages share
     own = {"eval": "eval", "curate": "curate"}
     if entry in own:
         return [n for n in names if n.rsplit("/", 1)[-1] == own[entry]]

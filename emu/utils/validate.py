@@ -36,6 +36,11 @@ KWARG_NODES = {  # config nodes passed as plain dicts to a class, by the model t
         "val_sampling": "emu.diffusion.pipeline.SamplingSettings",
     },
     "emu.diffusion.selection.CheckpointSelection": {"sampling": "emu.diffusion.pipeline.SamplingSettings"},
+    "emu.maskgit.module.MaskGITModule": {
+        "transformer": "emu.maskgit.transformer.MaskedTokenTransformer",
+        "val_sampling": "emu.diffusion.pipeline.SamplingSettings",
+    },
+    "emu.maskgit.tokenizer.TokenizerModule": {"tokenizer": "emu.maskgit.tokenizer.LatentTokenizer"},
 }
 
 
