@@ -114,7 +114,8 @@ def _overrides(out, tiny_clip, aesthetic_head, cells=0):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("cells", [0, 3])  # 0: one ordered search on rank 0; 3: the cells shared by the ranks
+@pytest.mark.parametrize("cells", [pytest.param(0, marks=pytest.mark.slow), 3])  # 0: one ordered search on rank 0
+# (slow: make test-all); 3: the cells shared by the ranks
 def test_two_ranks_curate_what_one_process_curates(tmp_path, tiny_clip, aesthetic_head, cells):
     from hydra import compose, initialize_config_dir
 

@@ -37,11 +37,14 @@ def test_scales_exist():
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_step_of_every_scale_composes(scale, tmp_path):
     """Each Hydra step's overrides name real config keys: a typo in a scale file fails here, not an hour in."""
+    from emu.demo.generality import plan
+
     s = driver.load_scale(scale)
-    names = {step.name for stage in demo_stages(s) for step in stage.steps}
+    stages = demo_stages(s) + [row.stage for row in plan(s) if row.stage is not None]  # make generality's arms too
+    names = {step.like or step.name for stage in stages for step in stage.steps}
     assert set(s.get("overrides") or {}) <= names, "overrides for steps that do not exist"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for stage in demo_stages(s):
+        for stage in stages:
             for step in stage.steps:
                 if not step.hydra:
                     continue

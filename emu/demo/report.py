@@ -467,8 +467,9 @@ def section_generality(out: Path, targets: Targets) -> list[str]:
         if r["arch"] != "unet":  # the demo's own U-Net is the headline above
             targets.add(f"generality: {r['target']}", r["measured"], r["met"])
     return ["## Other architectures", "",
-            "A diffusion transformer trained by rectified flow and a pixel-space U-Net, each pre-trained on the same "
-            "corpus, quality-tuned on the same curated set and compared with its own pre-trained model: "
+            "A diffusion transformer trained by rectified flow, a pixel-space U-Net and a masked generative "
+            "transformer, each pre-trained on the same corpus, quality-tuned on the same curated set and compared with "
+            "its own pre-trained model: "
             "[GENERALITY.md](GENERALITY.md) (`make generality`).", ""]  # fmt: skip
 
 
