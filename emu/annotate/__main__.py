@@ -5,9 +5,12 @@
     python -m emu.annotate serve outputs/ab_appeal                  # http://127.0.0.1:8765 (this machine only)
     python -m emu.annotate serve outputs/ab_appeal --host 0.0.0.0   # a shared server: a token is made and required
     python -m emu.annotate results outputs/ab_appeal                # win / tie / loss, agreement, per-rater stats
+    python -m emu.annotate pair-task SAMPLES outputs/pairs_task     # which of a prompt's two images (sample.py n=2)?
+    python -m emu.annotate export-pairs outputs/pairs_task outputs/pairs --budget 1000   # confident pairs: DPO's data
 
 Curation labels land in ``<task>/labels.jsonl`` (``curate.py stages.<stage>.labels=<task>/labels.jsonl``), votes in
-``<task>/votes.jsonl`` (``eval.py human_votes=<task>``).
+``<task>/votes.jsonl`` (``eval.py human_votes=<task>``); a pair task's votes become Diffusion-DPO's pairs
+(``data=pairs data.source.root=<pairs>``; the rules: :mod:`emu.annotate.pairs`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from emu.annotate.tasks import load_task, make_ab_task, make_curation_task
+from emu.annotate.pairs import export_pairs
+from emu.annotate.tasks import load_task, make_ab_task, make_curation_task, make_pair_task
 from emu.evaluation.human_votes import QUESTIONS, read_votes
 from emu.evaluation.human_votes import human_results as vote_results
 from emu.utils.files import atomic_write_text
@@ -74,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     ab.add_argument("--name-b", default="b")
     ab.add_argument("--repeat-checks", type=int, default=2)
     ab.add_argument("--broken-checks", type=int, default=2)
+    pt = sub.add_parser("pair-task", help="which of a prompt's two images (one sample folder, sample.py n=2)")
+    pt.add_argument("samples", type=Path)
+    pt.add_argument("out", type=Path)
+    pt.add_argument("--raters-per-pair", type=int, default=3)
+    pt.add_argument("--repeat-checks", type=int, default=2)
+    pt.add_argument("--broken-checks", type=int, default=2)
+    ep = sub.add_parser("export-pairs", help="a pair task's confident pairs as Pick-a-Pic-layout DPO data")
+    ep.add_argument("task", type=Path)
+    ep.add_argument("out", type=Path)
+    ep.add_argument("--budget", type=int, default=None, help="only the first pairs whose votes sum to at most this")
+    ep.add_argument("--min-agreement", type=float, default=2 / 3, help="the winner's share of a pair's votes")
+    ep.add_argument("--min-votes", type=int, default=1)
+    ep.add_argument("--max-failed-checks", type=int, default=1, help="raters failing more checks are left out")
     s = sub.add_parser("serve", help="serve a task to raters")
     s.add_argument("task", type=Path)
     s.add_argument("--host", default="127.0.0.1", help="default: this machine only")
@@ -91,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             out = make_ab_task(args.a, args.b, args.out, args.question, per, args.name_a, args.name_b,
                                args.repeat_checks, args.broken_checks)  # fmt: skip
             print(f"task ready in {out}")
+        elif args.command == "pair-task":
+            out = make_pair_task(args.samples, args.out, "appeal", args.raters_per_pair, args.repeat_checks,
+                                 args.broken_checks)  # fmt: skip
+            print(f"task ready in {out}")
+        elif args.command == "export-pairs":
+            acc = export_pairs(args.task, args.out, args.budget, args.min_agreement, args.min_votes,
+                               args.max_failed_checks)  # fmt: skip
+            print(f"{acc['confident']} confident pairs from {acc['votes']} votes on {acc['pairs_voted']} pairs "
+                  f"({acc['ties']} ties, {acc['unconfident']} unconfident) in {args.out}")  # fmt: skip
         elif args.command == "serve":
             serve(args.task, args.host, args.port, args.token)
         else:

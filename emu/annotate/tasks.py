@@ -126,6 +126,52 @@ def make_ab_task(a: str | Path, b: str | Path, out: str | Path, question: str = 
         pairs.append({"pair": pid, "prompt": r["prompt"], "seed": int(r["seed"]), **names})
     if not pairs:
         raise ValueError(f"'{a}' and '{b}' share no (prompt, seed): nothing to compare")
+    task = {"kind": "ab", "question": question, "show_prompt": question == "faithfulness", "pairs": pairs,
+            "checks": _checks(pairs, out, seed, repeat_checks, broken_checks), "raters_per_pair": raters_per_pair,
+            "names": {"a": name_a, "b": name_b}, "sources": {"a": str(a.resolve()), "b": str(b.resolve())},
+            "seed": seed, "answers": "votes.jsonl"}  # fmt: skip
+    atomic_write_text(out / TASK_FILE, json.dumps(task, indent=1))
+    return out
+
+
+def make_pair_task(samples: str | Path, out: str | Path, question: str = "appeal", raters_per_pair: int = 3,
+                   repeat_checks: int = 2, broken_checks: int = 2, seed: int = 0) -> Path:  # fmt: skip
+    """A pairwise task from one sample folder with two images per prompt (``sample.py n=2``: two seeds of one model):
+    which of the two do people prefer? Its votes become preference pairs (:func:`emu.annotate.pairs.export_pairs`);
+    sides ``a`` / ``b`` are a prompt's first and second seed. The pairs keep the folder's prompt order."""
+    if question not in QUESTIONS:
+        raise ValueError(f"question must be one of {QUESTIONS}, got {question!r}")
+    if raters_per_pair < 1:
+        raise ValueError(f"raters_per_pair must be >= 1, got {raters_per_pair}")
+    samples, out = Path(samples), Path(out)
+    by_prompt: dict[str, list[dict]] = {}
+    for r in _read_samples(samples):
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for prompt, rows in by_prompt.items():
+        if len(rows) < 2:
+            continue
+        first, second = sorted(rows, key=lambda r: int(r["seed"]))[:2]
+        pid = _opaque(seed, "pair", len(pairs))
+        names = {side: f"{_opaque(seed, 'image', pid, side)}.png" for side in "ab"}
+        shutil.copy(samples / first["file"], out / "images" / names["a"])
+        shutil.copy(samples / second["file"], out / "images" / names["b"])
+        pairs.append({"pair": pid, "prompt": prompt, "seed": int(first["seed"]), "seed_b": int(second["seed"]),
+                      **names})  # fmt: skip
+    if not pairs:
+        raise ValueError(f"'{samples}' has no prompt with two images: sample it with n=2")
+    task = {"kind": "ab", "question": question, "show_prompt": question == "faithfulness", "pairs": pairs,
+            "checks": _checks(pairs, out, seed, repeat_checks, broken_checks), "raters_per_pair": raters_per_pair,
+            "names": {"a": "first_seed", "b": "second_seed"}, "sources": {"a": str(samples.resolve()),
+            "b": str(samples.resolve())}, "seed": seed, "answers": "votes.jsonl", "preference_pairs": True}  # fmt: skip
+    atomic_write_text(out / TASK_FILE, json.dumps(task, indent=1))
+    return out
+
+
+def _checks(pairs: list[dict], out: Path, seed: int, repeat_checks: int, broken_checks: int) -> list[dict]:
+    """A task's attention checks: ``repeat_checks`` pairs again with the sides swapped, ``broken_checks`` pairs with one
+    image broken (written into ``out/images``)."""
     rng = random.Random(seed)
     checks = []
     for i, p in enumerate(rng.sample(pairs, min(repeat_checks, len(pairs)))):
@@ -138,12 +184,7 @@ def make_ab_task(a: str | Path, b: str | Path, out: str | Path, question: str = 
         checks.append({"pair": _opaque(seed, "broken", i, "pair"), "check": "broken", "prompt": p["prompt"],
                        "expect": "b" if side == "a" else "a", "a": name if side == "a" else p["a"],
                        "b": name if side == "b" else p["b"]})  # fmt: skip
-    task = {"kind": "ab", "question": question, "show_prompt": question == "faithfulness", "pairs": pairs,
-            "checks": checks, "raters_per_pair": raters_per_pair, "names": {"a": name_a, "b": name_b},
-            "sources": {"a": str(a.resolve()), "b": str(b.resolve())}, "seed": seed,
-            "answers": "votes.jsonl"}  # fmt: skip
-    atomic_write_text(out / TASK_FILE, json.dumps(task, indent=1))
-    return out
+    return checks
 
 
 def vote_key(row: dict) -> tuple:

@@ -163,14 +163,15 @@ class SamplePreparer:
         """The (width, height) an image of this size becomes: its bucket, or the square resolution."""
         return nearest_bucket(width, height, self.buckets) if self.buckets else (self.resolution, self.resolution)
 
-    def resize_crop(self, img: Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
-        """uint8 C x H x W of the image resized to cover its target and cropped to it, with the crop's record
-        (``original_size``, ``crop_top_left``, ``target_size``)."""
+    def resize_crop(self, img: Image.Image,
+                    origin: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+        """uint8 C x H x W of the image resized to cover its target and cropped to it (at ``origin``, top and left, when
+        given), with the crop's record (``original_size``, ``crop_top_left``, ``target_size``)."""
         target = self.target(*img.size)
         size = cover_size(*img.size, target)
         x = v2.functional.resize(v2.functional.pil_to_tensor(img), [size[1], size[0]],
                                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True)  # fmt: skip
-        top, left = crop_origin(size, target, self.crop == "random")
+        top, left = origin if origin is not None else crop_origin(size, target, self.crop == "random")
         x = x[:, top : top + target[1], left : left + target[0]]
         return x, {"original_size": [img.size[1], img.size[0]], "crop_top_left": [top, left],
                    "target_size": [target[1], target[0]]}  # fmt: skip
@@ -195,22 +196,38 @@ class SamplePreparer:
         pixels, record = self.resize_crop(img)
         meta.update(record)
         image = self._normalize(pixels).clamp_(-1.0, 1.0)
+        other = self._other(raw, img.size, record["crop_top_left"]) if "image_l" in raw else None
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             image = image.flip(-1)
+            other = None if other is None else other.flip(-1)
             meta["flipped"] = True
             mirror_crop(meta)
             if self.flip_captions:
                 caption = swap_left_right(caption)
-        return {"image": image, "caption": caption, "key": key, "meta": meta}
+        out = {"image": image, "caption": caption, "key": key, "meta": meta}
+        return out if other is None else {**out, "image_l": other}
+
+    def _other(self, raw: Mapping[str, Any], size: tuple[int, int], origin: list[int]) -> torch.Tensor:
+        """A preference pair's other image (``image_l``, :class:`~emu.data.pairs.PairSource`), cropped and flipped as
+        the preferred one: it must have its size (``pair_mismatch`` otherwise)."""
+        if raw.get("image_l") is None:
+            raise BadSample("missing_image", "the pair's other image")
+        img = decode_image(raw["image_l"])
+        if img.size != size:
+            raise BadSample("pair_mismatch", f"the pair's images are {size} and {img.size}: a pair shares its size")
+        return self._normalize(self.resize_crop(img, tuple(origin))[0]).clamp_(-1.0, 1.0)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch dict: ``image`` B x 3 x H x W, and ``caption``, ``key``, ``meta`` lists."""
+    """Batch dict: ``image`` B x 3 x H x W (and a preference pair's other images, ``image_l``), and ``caption``,
+    ``key``, ``meta`` lists."""
     shapes = {tuple(s["image"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"a batch mixes image shapes {sorted(shapes)} (keys {[s['key'] for s in samples][:4]}...): "
                          "with data.buckets the source's image_sizes() must agree with its decoded images")  # fmt: skip
+    pairs = {"image_l": torch.stack([s["image_l"] for s in samples])} if "image_l" in samples[0] else {}
     return {
+        **pairs,
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],

@@ -61,6 +61,7 @@ SKIP_REASONS = (
     "missing_shard",
     "truncated_shard",
     "shard_error",
+    "pair_mismatch",
     "other",
 )
 

@@ -129,9 +129,11 @@ class TextToImageModule(L.LightningModule):
             return self.latents_from(DiagonalGaussian(batch["latent"].to(self.device, torch.float32)), generator)
         return self.encode_images(batch["image"], generator)
 
-    def conditioning(self, captions: list[str], drop: bool, embeddings=None) -> dict[str, torch.Tensor | None]:
-        """The network's text inputs, from precomputed frozen-encoder ``embeddings`` when given."""
-        c = self.conditioner(embeddings or self.conditioner.encode(list(captions)), drop=drop)
+    def conditioning(self, captions: list[str], drop: bool, embeddings=None,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor | None]:  # fmt: skip
+        """The network's text inputs, from precomputed frozen-encoder ``embeddings`` when given; ``generator`` draws the
+        CFG dropout (default: the global RNG)."""
+        c = self.conditioner(embeddings or self.conditioner.encode(list(captions)), drop=drop, generator=generator)
         return {"context": c.context, "context_mask": c.mask, "pooled": c.pooled}
 
     # -------------------------------------------------------------------------------------- training

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from emu.diffusion.module import DiffusionModule
 
 KIND = "diffusion"
+REFERENCE = "reference."  # the preference objectives' frozen reference weights (not saved)
 
 
 # ---------------------------------------------------------------------------------------------- the module's hooks
@@ -46,8 +47,8 @@ def on_save(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
     sd = checkpoint["state_dict"]
     trainer = module._trainer  # None outside a Trainer
     sharded = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
-    for k in [k for k in sd if k.startswith(module.frozen.prefixes) and not sharded]:
-        del sd[k]
+    for k in [k for k in sd if k.startswith((*module.frozen.prefixes, REFERENCE)) and not sharded]:
+        del sd[k]  # (the preference objectives' reference: init_from gives it again)
     if module.adapters is not None:  # the adapters, not the base U-Net under them (hparams.init_from names it)
         for k in [k for k in sd if k.startswith("unet.") and not is_adapter_key(k)]:
             del sd[k]
@@ -66,7 +67,8 @@ def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
     check_lora_base(module, header(checkpoint).get("lora_base"))
     if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
         own = module.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(module.frozen.prefixes)})
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith((*module.frozen.prefixes,
+                                                                                       REFERENCE))})  # fmt: skip
         if module.adapters is not None:  # a LoRA checkpoint: the base U-Net is the one init_from loaded
             base = {k: v for k, v in own.items() if k.startswith("unet.") and not is_adapter_key(k)}
             checkpoint["state_dict"].update({k: v for k, v in base.items() if k not in checkpoint["state_dict"]})

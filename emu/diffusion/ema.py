@@ -31,14 +31,13 @@ def ema_beta(images_per_step: float, half_life_images: float, images_seen: float
     return 0.5 ** (images_per_step / max(half_life, 1e-8))
 
 
-class EMA(nn.Module):
-    """Averaged copies of ``modules`` (name -> module); :meth:`update` after each step, :meth:`swapped` to use them."""
+class WeightCopy(nn.Module):
+    """Frozen copies of ``modules`` (name -> module) that :meth:`swapped` puts in place of the live weights: the base of
+    :class:`EMA`, and by itself the preference objectives' reference model (:mod:`emu.diffusion.preference`)."""
 
-    def __init__(self, modules: dict[str, nn.Module], half_life_images: float, ramp: float | None = 0.05):
+    def __init__(self, modules: dict[str, nn.Module]):
         super().__init__()
         self.shadow = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in modules.items()})
-        self.half_life_images, self.ramp = float(half_life_images), ramp
-        self.register_buffer("images_seen", torch.zeros((), dtype=torch.float64))
 
     def train(self, mode: bool = True):  # the shadow never trains (dropout off)
         return super().train(False)
@@ -53,21 +52,13 @@ class EMA(nn.Module):
         return live, avg
 
     @torch.no_grad()
-    def update(self, modules: dict[str, nn.Module], images: int) -> float:
-        self.images_seen += images
-        beta = ema_beta(images, self.half_life_images, float(self.images_seen), self.ramp)
-        live, avg = self._pairs(modules)
-        torch._foreach_lerp_(avg, [p.to(a.dtype) for p, a in zip(live, avg, strict=True)], 1.0 - beta)
-        return beta
-
-    @torch.no_grad()
     def copy_to(self, modules: dict[str, nn.Module]) -> None:
         live, avg = self._pairs(modules)
         torch._foreach_copy_(live, avg)
 
     @contextmanager
     def swapped(self, modules: dict[str, nn.Module]) -> Iterator[None]:
-        """Use the averaged weights inside the block; the live weights come back after it, even on error."""
+        """Use the copied weights inside the block; the live weights come back after it, even on error."""
         live, _ = self._pairs(modules)
         backup = [p.clone() for p in live]
         self.copy_to(modules)
@@ -76,3 +67,20 @@ class EMA(nn.Module):
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(live, backup)
+
+
+class EMA(WeightCopy):
+    """Averaged copies of ``modules`` (name -> module); :meth:`update` after each step, :meth:`swapped` to use them."""
+
+    def __init__(self, modules: dict[str, nn.Module], half_life_images: float, ramp: float | None = 0.05):
+        super().__init__(modules)
+        self.half_life_images, self.ramp = float(half_life_images), ramp
+        self.register_buffer("images_seen", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], images: int) -> float:
+        self.images_seen += images
+        beta = ema_beta(images, self.half_life_images, float(self.images_seen), self.ramp)
+        live, avg = self._pairs(modules)
+        torch._foreach_lerp_(avg, [p.to(a.dtype) for p, a in zip(live, avg, strict=True)], 1.0 - beta)
+        return beta

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -109,6 +110,20 @@ class Adapters(nn.Module):
 
     def train(self, mode: bool = True):  # the network's train() / eval() decide (dropout): the view changes nothing
         return self
+
+
+@contextmanager
+def adapters_off(net: nn.Module) -> Iterator[None]:
+    """The base network inside the block (every adapter bypassed, peft's ``enable_adapters(False)``), the adapters back
+    after it, even on error: the preference objectives' reference model under LoRA, at no memory cost."""
+    layers = list(lora_layers(net).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def is_adapter_key(key: str) -> bool:

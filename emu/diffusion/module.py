@@ -27,12 +27,13 @@ from emu.diffusion.base import TextToImageModule, build_conditioner, check_sched
 from emu.diffusion.checkpoints import on_load, on_save, read_init_weights
 from emu.diffusion.convert import read_unet_kwargs
 from emu.diffusion.denoiser import CONTINUOUS, Denoiser, weighting_problem
-from emu.diffusion.ema import EMA
+from emu.diffusion.ema import EMA, WeightCopy
 from emu.diffusion.frozen import FrozenNetworks
-from emu.diffusion.lora import add_lora, base_fingerprint, lora_settings, merged_copy
+from emu.diffusion.lora import adapters_off, add_lora, base_fingerprint, lora_settings, merged_copy
 from emu.diffusion.networks import SHARDED_BLOCKS, build_network
 from emu.diffusion.noise import DiscreteSchedule, offset_noise, scaled_linear_alphas_cumprod
 from emu.diffusion.pipeline import TOKEN_DECODERS, SamplingSettings, generate
+from emu.diffusion.preference import dpo_logits, dpo_loss, kto_loss, kto_reference_point, preference_settings
 from emu.diffusion.sampling import SAMPLERS
 from emu.diffusion.unet import takes_size_cond
 from emu.errors import ConfigError
@@ -93,6 +94,13 @@ class DiffusionModule(TextToImageModule):
         gradient_checkpointing: recompute the U-Net's blocks' activations in the backward pass (as
             ``unet.gradient_checkpointing``, for a ``model.unet`` given as a diffusers folder; under FSDP the strategy's
             ``activation_checkpointing`` does it).
+        objective: ``sft``: the denoising loss on the data (pre-training, Emu's quality-tuning); ``dpo``:
+            Diffusion-DPO on preference pairs (``image`` preferred to ``image_l``: :class:`~emu.data.pairs.PairSource`);
+            ``kto``: Diffusion-KTO on images labelled desirable or not (``meta["label"]``). Both compare with a frozen
+            reference, the weights ``init_from`` gave (under LoRA: the base with the adapters bypassed); see
+            :mod:`emu.diffusion.preference`.
+        preference: the preference objectives' settings: ``beta`` (the reward scale; the paper's 5000), and KTO's
+            ``desirable_weight`` / ``undesirable_weight`` (lambda_D / lambda_U).
     """
 
     def __init__(
@@ -129,6 +137,8 @@ class DiffusionModule(TextToImageModule):
         size_cond_dropout: float = 0.1,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        objective: str = "sft",
+        preference: dict[str, float] | None = None,
     ):
         super().__init__()
         unet, text, noise_schedule = plain(unet), plain(text), plain(noise_schedule) or {}  # plain containers
@@ -142,6 +152,7 @@ class DiffusionModule(TextToImageModule):
             raise ConfigError("model.val_sampling.sampler", f"is {val_sampling['sampler']!r}, a masked token model's "
                               f"decoding; a diffusion model samples with one of {list(SAMPLERS)}")  # fmt: skip
         lora = lora_settings(plain(lora))  # completed (alpha, targets) in checkpoints
+        preference = preference_settings(objective, plain(preference))  # completed in checkpoints
         if lora and not init_from:
             raise ConfigError("model.lora", "trains adapters over a base model: set model.init_from (an emu checkpoint "
                               "or export, or a diffusers U-Net or pipeline folder such as SDXL-base)")  # fmt: skip
@@ -200,6 +211,11 @@ class DiffusionModule(TextToImageModule):
             self.base_fingerprint = base_fingerprint(base)
             object.__setattr__(self, "adapters", add_lora(self.unet, lora))
             self.conditioner.proj.requires_grad_(False)
+        # the preference objectives' reference: the weights init_from gave (LoRA: the base, adapters bypassed); not in
+        # checkpoints (init_from gives it again), nor where init_from is not read (loaded for sampling)
+        self.reference = None
+        if objective != "sft" and init_from and not lora:
+            self.reference = WeightCopy(self.trained_modules())
         if ema_half_life_images > 0:
             self.ema = EMA(self.trained_modules(), ema_half_life_images, ema_ramp)
 
@@ -230,8 +246,9 @@ class DiffusionModule(TextToImageModule):
             if strategy.activation_checkpointing:
                 self.unet.set_gradient_checkpointing(True)
             parts = [self.unet, *self.conditioner.proj.values()]  # the projections run one by one: each is a unit
-            if self.ema is not None:
-                parts += [self.ema.shadow["unet"], *self.ema.shadow["text_proj"].values()]
+            for copy in (self.ema, self.reference):
+                if copy is not None:
+                    parts += [copy.shadow["unet"], *copy.shadow["text_proj"].values()]
             shard_modules(parts, wrap=SHARDED_BLOCKS, strategy=strategy)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.unet.compile()  # in place: parameter names (and checkpoints) stay as they are
@@ -259,6 +276,15 @@ class DiffusionModule(TextToImageModule):
 
     # ------------------------------------------------------------------------------------------ training
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, drop: bool = True):
+        """The objective's loss on ``batch`` (``model.objective``: :meth:`objective_terms`)."""
+        return self.objective_terms(batch, generator, drop)["loss"]
+
+    def objective_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                        drop: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+        """``{"loss": ...}`` and what else the objective logs: the denoising loss (``sft``), or a preference
+        objective's (:meth:`preference_terms`)."""
+        if self.hparams.get("objective", "sft") != "sft":
+            return self.preference_terms(batch, generator, drop)
         z = self.batch_latents(batch, generator)
         if self.hparams.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
@@ -267,21 +293,91 @@ class DiffusionModule(TextToImageModule):
             cond["size_cond"] = self.size_condition(batch["meta"], drop, generator)
         noise = offset_noise(z, self.hparams.noise_offset, generator)
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
-        return self.denoiser.loss(z, noise, sigma, **cond).mean()
+        return {"loss": self.denoiser.loss(z, noise, sigma, **cond).mean()}
+
+    def reference_weights(self):
+        """A context in which the network is the preference objectives' frozen reference: the weights ``init_from``
+        gave (swapped in), or under LoRA the base with its adapters bypassed."""
+        if self.adapters is not None:
+            return adapters_off(self.unet)
+        if self.reference is None:
+            raise ConfigError("model.init_from", f"model.objective={self.hparams.objective} compares the model with "
+                              "a frozen reference, the weights model.init_from gives: set it (stage 1's "
+                              "checkpoint)")  # fmt: skip
+        return self.reference.swapped(self.trained_modules())
+
+    def preference_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                         drop: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Diffusion-DPO on a batch of pairs (``image`` preferred over ``image_l``, one caption each) or Diffusion-KTO
+        on labelled images (``meta["label"]``): the per-sample denoising errors of the model and of its reference
+        (:meth:`reference_weights`) on the same noisy latents, with the same CFG drops (a pair shares its noise,
+        noise level and text), into :mod:`emu.diffusion.preference`'s loss."""
+        hp, pairs = self.hparams, self.hparams.objective == "dpo"
+        if "latent" in batch:
+            raise ConfigError("model.objective", f"{hp.objective} encodes its images itself: train on images (data="
+                              f"{'pairs' if pairs else 'folder'}), not precomputed latents")  # fmt: skip
+        if pairs and "image_l" not in batch:
+            raise ConfigError("model.objective", "dpo trains on preference pairs: data=pairs (a folder of pairs.jsonl, "
+                              "Pick-a-Pic's columns: caption, jpg_0, jpg_1, label_0)")  # fmt: skip
+        n = len(batch["caption"])
+        z = self.encode_images(batch["image"], generator)
+        if pairs:
+            z = torch.cat([z, self.encode_images(batch["image_l"], generator)])
+        if hp.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        embeddings = batch.get("text") or self.conditioner.encode(list(batch["caption"]))
+        drop_seed = int(torch.randint(2**62, (), generator=generator))  # the same CFG drops for model and reference
+        size = self.size_condition(batch["meta"], drop, generator) if takes_size_cond(self.unet.config) else None
+        noise = offset_noise(z[:n], hp.noise_offset, generator)
+        sigma = self.denoiser.sample_sigmas(n, generator).to(self.device)
+        twice = (lambda t: None if t is None else torch.cat([t, t])) if pairs else (lambda t: t)
+        noise, sigma, size = twice(noise), twice(sigma), twice(size)
+
+        def errors() -> torch.Tensor:
+            cond = self.conditioning([], drop=drop, embeddings=embeddings,
+                                     generator=torch.Generator().manual_seed(drop_seed))  # fmt: skip
+            if size is not None:
+                cond["size_cond"] = size
+            return self.denoiser.loss(z, noise, sigma, **{k: twice(v) for k, v in cond.items()})
+
+        with torch.no_grad(), self.reference_weights():
+            ref = errors()
+        err = errors()
+        beta = hp.preference["beta"]
+        if pairs:
+            logits = dpo_logits(err[:n], err[n:], ref[:n], ref[n:], beta)
+            return {"loss": dpo_loss(err[:n], err[n:], ref[:n], ref[n:], beta).mean(),
+                    "accuracy": (logits > 0).float().mean(), "logits": logits.mean().detach()}  # fmt: skip
+        desirable = torch.tensor([_label(meta) for meta in batch["meta"]], device=err.device)
+        z0 = kto_reference_point(err, ref)
+        loss = kto_loss(err, ref, desirable, beta, z0, hp.preference["desirable_weight"],
+                        hp.preference["undesirable_weight"])  # fmt: skip
+        return {"loss": loss.mean(), "reference_point": z0, "desirable": desirable.float().mean()}
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.get("objective", "sft") != "sft":
+            self.reference_weights()  # a clear error now, not at the first step, when there is no reference
 
     @trains_on_good_samples  # a batch with no good sample is skipped (emu.data.batches)
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
+        terms = self.objective_terms(batch)
+        loss = terms.pop("loss")
         bs = len(batch["caption"])
         self._images_per_step = images_per_step(self.trainer, bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in terms.items():  # a preference objective's accuracy, reference point ...
+            self.log(f"train/{name}", value, batch_size=bs)
         return loss
 
     # ------------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator().manual_seed(10_000 + batch_idx)  # the same noise every validation
-        loss = self.diffusion_loss(batch, generator=g, drop=False)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
+        terms = self.objective_terms(batch, generator=g, drop=False)
+        bs = len(batch["caption"])
+        self.log("val/loss", terms.pop("loss"), prog_bar=True, batch_size=bs, sync_dist=True)
+        for name, value in terms.items():
+            self.log(f"val/{name}", value, batch_size=bs, sync_dist=True)
 
     def sample(self, prompts: list[str], seeds: list[int], settings: SamplingSettings | None = None,
                **kw) -> torch.Tensor:  # fmt: skip
@@ -333,3 +429,12 @@ class DiffusionModule(TextToImageModule):
         self.conditioner.proj.requires_grad_(True)
         self.ema = None
         self.hparams["lora"] = None
+
+
+def _label(meta: dict[str, Any]) -> bool:
+    """A KTO sample's label from its metadata: ``label`` true (desirable) or false, or 1 / 0."""
+    label = meta.get("label")
+    if isinstance(label, bool) or label in (0, 1):
+        return bool(label)
+    raise ConfigError("model.objective", f"kto needs every image labelled: a 'label' of true (desirable) or false in "
+                      f"its metadata.jsonl row, got {label!r}")  # fmt: skip
