@@ -8,7 +8,8 @@ generalists' ``any``, the specialists' 4 of 5, say; or one rule given for all). 
 pass that judged it kept it, **undesirable** when one rejected it: a later pass sees only what the earlier ones kept,
 so an image the specialists rejected is undesirable even though the generalists kept it. The output is a folder of
 images with a ``metadata.jsonl`` (``file_name``, ``text``, ``label``) that ``data=folder`` reads (the label lands in
-each sample's ``meta``), and ``likes.json``: the counts, and the human labels behind them (the judgments a comparison charges).
+each sample's ``meta``), and ``likes.json``: the counts, and the human labels behind them (what a comparison
+charges).
 
     python -m emu.curation.likes outputs/demo/curate --out outputs/likes
 """

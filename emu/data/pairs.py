@@ -51,7 +51,7 @@ class PairSource(IndexedSource):
         files = sorted(self.root.rglob(PAIRS_FILE))
         if not files:
             raise ConfigError("data.source.root", f"'{self.root}' holds no {PAIRS_FILE} (Pick-a-Pic's columns: "
-                              "caption, jpg_0, jpg_1, label_0; python -m emu.annotate export-pairs writes one)")  # fmt: skip
+                              "caption, jpg_0, jpg_1, label_0; emu.annotate export-pairs writes one)")  # fmt: skip
         self.val_fraction, self.ties, self.malformed = val_fraction, 0, 0
         pairs: list[dict[str, Any]] = []
         for jsonl in files:
