@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= outputs/demo$(if $(filter-out mini,$(SCALE)),_$(SCALE))
 SCALE ?= mini
 
-.PHONY: install test test-all rehearsal lint format demo ablations generality bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
+.PHONY: install test test-all rehearsal lint format demo ablations generality preference bench gpu-check gpu-wheels gpu-rehearsal gpu-stack clean
 
 install: $(STAMP)
 
@@ -52,6 +52,14 @@ ablations: install  ## the ablations on top of the demo (SCALE=mini|tiny|gpu; FO
 generality: install  ## other architectures quality-tuned on top of the demo (SCALE=mini|tiny|gpu; FORCE=1 reruns)
 	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(JOBS),--jobs $(JOBS))
 	$(PY) -m emu.demo --generality --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
+
+# Beyond quality-tuning (emu/demo/preference.py) on top of the demo, which runs (or is skipped) first: Diffusion-DPO
+# from simulated votes in the annotation app's pair task at several budgets, Diffusion-KTO from the curation's human
+# labels, quality-tuning on fewer curated images and quality-tuning followed by DPO, each evaluated against the
+# pre-trained model with the human judgments it used -> $(DEMO)/PREFERENCE.md. Finished arms are skipped.
+preference: install  ## DPO / KTO vs quality-tuning per human judgment, on top of the demo (SCALE=...; FORCE=1 reruns)
+	$(PY) -m emu.demo --scale $(SCALE) --out $(DEMO) $(if $(JOBS),--jobs $(JOBS))
+	$(PY) -m emu.demo --preference --scale $(SCALE) --out $(DEMO) $(if $(FORCE),--force) $(if $(JOBS),--jobs $(JOBS))
 
 # The CPU benchmarks (each about a minute on 2 cores); the GPU commands are in each script's docstring.
 bench: install  ## data pipeline, U-Net and autoencoder training step vs diffusers, sampling s/image

@@ -18,6 +18,7 @@ ENTRY_CONFIGS = {
     "train.py": "train",
     "eval.py": "eval",
     "curate.py": "curate",
+    "sample.py": "sample",
     "bench/data_throughput.py": "train",
     "emu.diffusion.precompute": "train",
     "emu.curation.subset": "curate",

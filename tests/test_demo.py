@@ -38,9 +38,12 @@ def test_scales_exist():
 def test_every_step_of_every_scale_composes(scale, tmp_path):
     """Each Hydra step's overrides name real config keys: a typo in a scale file fails here, not an hour in."""
     from emu.demo.generality import plan
+    from emu.demo.preference import plan as preference_plan
 
     s = driver.load_scale(scale)
     stages = demo_stages(s) + [row.stage for row in plan(s) if row.stage is not None]  # make generality's arms too
+    data, arms = preference_plan(s, curated=180)  # and make preference's
+    stages += [data] + [arm.stage for arm in arms if arm.stage is not None]
     names = {step.like or step.name for stage in stages for step in stage.steps}
     assert set(s.get("overrides") or {}) <= names, "overrides for steps that do not exist"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -163,3 +163,122 @@ def SamplingSteps():
     from emu.diffusion.pipeline import SamplingSettings
 
     return SamplingSettings(steps=2, resolution=32)
+
+
+# ------------------------------------------------------------------------------------------------------------ the data
+def _png(path, color, size=(40, 40)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, color)
+    img.paste((255, 255, 255), (0, 0, size[0] // 4, size[1]))  # a white band on the left: a flip shows
+    img.save(path)
+
+
+def test_pick_a_pic_pairs_read_preferred_first_skip_ties_and_count_bad_pairs(tmp_path):
+    from emu.data.datamodule import EmuDataModule
+    from emu.data.pairs import PairSource
+
+    for name, color in (("r", (255, 0, 0)), ("g", (0, 255, 0)), ("b", (0, 0, 255))):
+        _png(tmp_path / "img" / f"{name}.png", color)
+    _png(tmp_path / "img" / "small.png", (0, 0, 0), size=(32, 32))
+    rows = [{"caption": "red over green", "jpg_0": "img/r.png", "jpg_1": "img/g.png", "label_0": 1},
+            {"caption": "blue over red", "jpg_0": "img/r.png", "jpg_1": "img/b.png", "label_0": 0, "votes": 3},
+            {"caption": "a tie", "jpg_0": "img/r.png", "jpg_1": "img/b.png", "label_0": 0.5},
+            {"caption": "sizes differ", "jpg_0": "img/r.png", "jpg_1": "img/small.png", "label_0": 1},
+            {"caption": "no label", "jpg_0": "img/r.png", "jpg_1": "img/g.png"}]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = PairSource(str(tmp_path), val_fraction=0.0)
+    assert (source.size("train"), source.ties, source.malformed) == (3, 1, 1)
+    dm = EmuDataModule(source, resolution=32, batch_size=3, hflip=1.0, drop_last=False)
+    batch = next(iter(dm.dataloader("train", shuffle=False)))
+    assert batch["caption"] == ["red over green", "blue over red"]  # the mismatched pair is skipped, not fed
+    assert dm.skipped["train"] == {"pair_mismatch": 1}
+    w, other = batch["image"], batch["image_l"]
+    assert w[0, 0].mean() > 0.5 and other[0, 1].mean() > 0.5  # red preferred to green
+    assert w[1, 2].mean() > 0.5 and other[1, 0].mean() > 0.5  # label_0 = 0: blue (image 1) preferred to red
+    assert batch["meta"][1]["votes"] == 3 and batch["meta"][0]["flipped"]
+    assert (w[:, :, :, -4:] > 0.9).all() and (other[:, :, :, -4:] > 0.9).all()  # both flipped: the band went right
+    with pytest.raises(ConfigError, match=r"data\.source\.root"):
+        PairSource(str(tmp_path / "img"))  # no pairs.jsonl
+
+
+@pytest.fixture
+def pair_task(tmp_path):
+    from emu.annotate.tasks import make_pair_task
+    from emu.utils.sample_folder import write_sample_folder
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [f"a red circle number {i}" for i in range(6) for _ in range(2)]  # two images a prompt
+    write_sample_folder(tmp_path / "samples", torch.rand(12, 3, 16, 16, generator=g) * 2 - 1, prompts,
+                        list(range(12)), guidance=2.0)  # fmt: skip
+    return make_pair_task(tmp_path / "samples", tmp_path / "task", raters_per_pair=3, repeat_checks=1,
+                          broken_checks=1)  # fmt: skip
+
+
+def test_a_pair_tasks_votes_become_confident_pairs_by_the_stated_rules(pair_task, tmp_path):
+    from emu.annotate.__main__ import main as annotate_main
+    from emu.annotate.pairs import confident_pairs
+    from emu.annotate.tasks import load_task
+    from emu.data.pairs import PairSource
+    from emu.mini.raters import simulate_votes
+
+    task = load_task(pair_task)
+    assert len(task["pairs"]) == 6 and all(p["seed_b"] == p["seed"] + 1 for p in task["pairs"])
+    # pairs 0-1: a clearly better; 2-3: b clearly better; 4-5: the same score (the raters see noise or a tie)
+    score = {p["pair"]: (2.0, 0.0) if i < 2 else (0.0, 2.0) if i < 4 else (1.0, 1.0) for i, p in
+             enumerate(task["pairs"])}  # fmt: skip
+    cast = simulate_votes(pair_task, lambda pair, side: score[pair["pair"]][side == "b"], raters=3, noise=0.1)
+    assert cast == 6 * 3 + 3 * 2  # every pair's quota, and each rater's two checks
+    assert annotate_main(["export-pairs", str(pair_task), str(tmp_path / "pairs")]) == 0
+    acc = json.loads((tmp_path / "pairs" / "pairs.json").read_text())
+    assert (acc["votes"], acc["pairs_voted"], acc["confident"], acc["ties"]) == (18, 6, 4, 2)
+    assert acc["simulated"] and acc["raters_dropped"] == []
+    source = PairSource(str(tmp_path / "pairs"), val_fraction=0.0)
+    labels = {r["id"]: r["label_0"] for r in map(json.loads, (tmp_path / "pairs" / "pairs.jsonl").open())}
+    assert [labels[p["pair"]] for p in task["pairs"][:4]] == [1, 1, 0, 0] and source.size("train") == 4
+    # the budget buys the first pairs whole; a 2-1 split is confident at 2/3, not at 0.8
+    votes = [json.loads(line) for line in (pair_task / "votes.jsonl").read_text().splitlines()]
+    assert confident_pairs(task, votes, budget=8)[1]["pairs_voted"] == 2  # 2 pairs x 3 votes: a third would pass 8
+    first = task["pairs"][0]["pair"]
+    flipped = [{**v, "choice": {"left": "right", "right": "left"}[v["choice"]]}
+               if v["pair"] == first and v["rater"] == "sim0" else v for v in votes]  # fmt: skip
+    assert confident_pairs(task, flipped)[1]["confident"] == 4
+    assert confident_pairs(task, flipped, min_agreement=0.8)[1]["unconfident"] == 1
+    # a rater who failed both checks is left out
+    failing = [{**v, "choice": {"left": "right", "right": "left"}.get(v["choice"], v["choice"])}
+               if v["rater"] == "sim2" and v.get("check") else v for v in votes]  # fmt: skip
+    rows, acc = confident_pairs(task, failing)
+    assert acc["raters_dropped"] == ["sim2"] and acc["votes"] == 12 and all(r["votes"] == 2 for r in rows)
+
+
+def test_the_curations_human_passes_become_kto_likes(tmp_path):
+    from emu.curation.likes import export_likes
+    from emu.data.sources import FolderSource
+
+    curate = tmp_path / "curate"
+    labels = {"generalist": {"k1": [1, 0], "k2": [0, 0], "k3": [1, 1]},  # the generalists keep with any vote
+              "specialist": {"k1": [1, 0], "k3": [1, 1]}}  # the specialists with all votes: k1 out, k3 kept
+    for stage, keys in labels.items():
+        folder = curate / "human" / stage
+        rows, label_rows = [], []
+        for i, (key, keeps) in enumerate(keys.items()):
+            _png(folder / "candidates" / f"c{i}.png", (i * 80, 0, 0))
+            rows.append({"key": key, "file": f"c{i}.png"})
+            label_rows += [{"key": key, "annotator": f"{stage}_{j}", "keep": k} for j, k in enumerate(keeps)]
+        (folder / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows))
+    (curate / ".hydra").mkdir()
+    (curate / ".hydra" / "config.yaml").write_text("stages:\n  generalist: {combine: any, annotators: []}\n"
+                                                   "  specialist: {combine: all, annotators: []}\n")  # fmt: skip
+    (curate / "index.jsonl").write_text("".join(json.dumps({"key": k, "caption": f"caption {k}"}) + "\n"
+                                                for k in ("k1", "k2", "k3", "k4")))  # fmt: skip
+    summary = export_likes(curate, tmp_path / "likes")
+    assert (summary["desirable"], summary["undesirable"], summary["labels"]) == (1, 2, 10)
+    assert summary["passes"] == {"generalist": ["any", 0.5], "specialist": ["all", 0.5]}
+    source = FolderSource(str(tmp_path / "likes"), val_fraction=0.0)
+    got = {source.raw("train", i)["caption"]: source.raw("train", i)["meta"]["label"] for i in range(3)}
+    assert got == {"caption k1": False, "caption k2": False, "caption k3": True}
+    assert export_likes(curate, tmp_path / "likes1", undesirable_ratio=1.0)["undesirable"] == 1
+    majority = export_likes(curate, tmp_path / "likes_majority", rule="majority")  # one rule for every pass
+    assert majority["desirable"] == 1 and majority["passes"]["generalist"] == ["majority", 0.5]

@@ -149,16 +149,10 @@ def make_pair_task(samples: str | Path, out: str | Path, question: str = "appeal
         by_prompt.setdefault(r["prompt"], []).append(r)
     (out / "images").mkdir(parents=True, exist_ok=True)
     pairs = []
-    for prompt, rows in by_prompt.items():
-        if len(rows) < 2:
-            continue
-        first, second = sorted(rows, key=lambda r: int(r["seed"]))[:2]
-        pid = _opaque(seed, "pair", len(pairs))
-        names = {side: f"{_opaque(seed, 'image', pid, side)}.png" for side in "ab"}
-        shutil.copy(samples / first["file"], out / "images" / names["a"])
-        shutil.copy(samples / second["file"], out / "images" / names["b"])
-        pairs.append({"pair": pid, "prompt": prompt, "seed": int(first["seed"]), "seed_b": int(second["seed"]),
-                      **names})  # fmt: skip
+    for prompt, rows in by_prompt.items():  # a prompt's images by seed, two by two (an odd one out is left)
+        rows = sorted(rows, key=lambda r: int(r["seed"]))
+        for first, second in zip(rows[0::2], rows[1::2], strict=False):
+            pairs.append(_pair(samples, out, seed, len(pairs), prompt, first, second))
     if not pairs:
         raise ValueError(f"'{samples}' has no prompt with two images: sample it with n=2")
     task = {"kind": "ab", "question": question, "show_prompt": question == "faithfulness", "pairs": pairs,
@@ -167,6 +161,15 @@ def make_pair_task(samples: str | Path, out: str | Path, question: str = "appeal
             "b": str(samples.resolve())}, "seed": seed, "answers": "votes.jsonl", "preference_pairs": True}  # fmt: skip
     atomic_write_text(out / TASK_FILE, json.dumps(task, indent=1))
     return out
+
+
+def _pair(samples: Path, out: Path, seed: int, index: int, prompt: str, first: dict, second: dict) -> dict:
+    """Pair ``index`` of a pair task: two sample rows of one prompt, their images copied in under opaque names."""
+    pid = _opaque(seed, "pair", index)
+    names = {side: f"{_opaque(seed, 'image', pid, side)}.png" for side in "ab"}
+    shutil.copy(samples / first["file"], out / "images" / names["a"])
+    shutil.copy(samples / second["file"], out / "images" / names["b"])
+    return {"pair": pid, "prompt": prompt, "seed": int(first["seed"]), "seed_b": int(second["seed"]), **names}
 
 
 def _checks(pairs: list[dict], out: Path, seed: int, repeat_checks: int, broken_checks: int) -> list[dict]:

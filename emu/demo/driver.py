@@ -7,6 +7,7 @@
     python -m emu.demo --only-report         # rewrite REPORT.md from what is there
     python -m emu.demo --ablations           # then the paper's ablations on top of it (emu/demo/ablations.py)
     python -m emu.demo --generality          # or quality-tuning other architectures on top of it (generality.py)
+    python -m emu.demo --preference          # or DPO / KTO from people's judgments beside it (preference.py)
 
 A step whose output exists and which finished (``demo_state.json`` records it) is skipped, so an interrupted demo
 resumes where it stopped; an interrupted training run resumes from its ``last.ckpt``. Each stage prints its wall
@@ -26,6 +27,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -34,6 +36,8 @@ from emu.demo.ablation_report import write_ablations
 from emu.demo.ablations import demo_facts, plan
 from emu.demo.generality import plan as generality_plan
 from emu.demo.generality_report import write_generality
+from emu.demo.preference import plan as preference_plan
+from emu.demo.preference_report import write_preference
 from emu.demo.report import write_report
 from emu.demo.schedule import Job, available_cores, check_needs, run_scheduled, step_log
 from emu.demo.stages import Stage, Step, command, demo_stages
@@ -301,6 +305,21 @@ def run_generality(out: Path, scale: dict[str, Any], force: bool = False, report
     return _finish(out, scale, "generality", write_generality(out, scale, rows, state.data, demo.data), demo)
 
 
+def run_preference(out: Path, scale: dict[str, Any], force: bool = False, report_only: bool = False,
+                   jobs: int = 1) -> Path:  # fmt: skip
+    """``--preference``: the data and arms of :mod:`emu.demo.preference` on top of the finished demo in ``out`` (into
+    ``<out>/preference/``, skip / resume as the demo), then ``PREFERENCE.md`` and ``REPORT.md`` again
+    (``report_only``: just the reports, from what is there)."""
+    out, demo, facts, folder, state = _on_top_of_demo(out, scale, "preference", "preference_state.json", force,
+                                                      report_only)  # fmt: skip
+    data, arms = preference_plan(scale, int(facts["curated"]))
+    if not report_only:
+        parts = [arms[0], SimpleNamespace(name="data", stage=data), *arms[1:]]
+        _run_parts(out, scale, "preference", folder, state, parts, jobs, "parts (the data, then the arms)")
+    report = write_preference(out, scale, arms, state.data, demo.data, int(facts["curated"]))
+    return _finish(out, scale, "preference", report, demo)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m emu.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="the demo folder (default outputs/demo)")
@@ -326,6 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         "transformer) on top of the finished demo in --out (into <out>/generality/, then GENERALITY.md); with --force, "
         "only they start over",
     )
+    p.add_argument(
+        "--preference",
+        action="store_true",
+        help="Diffusion-DPO from votes in the annotation app and KTO from the curation's labels, beside quality-tuning, "
+        "on top of the finished demo in --out (into <out>/preference/, then PREFERENCE.md); with --force, only they "
+        "start over",
+    )
     p.add_argument("--jobs", type=int, help="steps run side by side when their inputs allow, sharing the cores "
                    "(default: the scale's jobs, else 2 on 2 or more cores; 1: one by one, as listed)")  # fmt: skip
     args = p.parse_args(argv)
@@ -334,8 +360,13 @@ def main(argv: list[str] | None = None) -> None:
     scale = load_scale(args.scale)
     args.jobs = args.jobs or default_jobs(scale)
     out = Path(args.out)
-    if args.ablations and args.generality:
-        p.error("--ablations and --generality run one at a time")
+    if sum((args.ablations, args.generality, args.preference)) > 1:
+        p.error("--ablations, --generality and --preference run one at a time")
+    if args.preference:
+        if args.only:
+            p.error("--preference runs on its own: finish the demo first, then run --preference")
+        run_preference(out, scale, force=args.force, report_only=args.only_report, jobs=args.jobs)
+        return
     if args.generality:
         if args.only:
             p.error("--generality runs on its own: finish the demo first, then run --generality")
