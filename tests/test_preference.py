@@ -82,7 +82,7 @@ def test_dpo_starts_at_log_2_learns_the_pairs_and_keeps_its_reference(tiny_stage
     module = dpo_module(tiny_stage1_checkpoint, lr=2e-3)
     start = {k: v.clone() for k, v in module.unet.state_dict().items()}
     batch = pair_batch()
-    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(1)
     terms = module.objective_terms(batch, g(), drop=False)
     assert terms["loss"].item() == pytest.approx(math.log(2), abs=1e-6)  # the model is its reference, noise shared
     opt = torch.optim.Adam([p for m in module.trained_modules().values() for p in m.parameters()], lr=2e-3)
@@ -257,8 +257,10 @@ def test_the_curations_human_passes_become_kto_likes(tmp_path):
     from emu.data.sources import FolderSource
 
     curate = tmp_path / "curate"
-    labels = {"generalist": {"k1": [1, 0], "k2": [0, 0], "k3": [1, 1]},  # the generalists keep with any vote
-              "specialist": {"k1": [1, 0], "k3": [1, 1]}}  # the specialists with all votes: k1 out, k3 kept
+    labels = {
+        "generalist": {"k1": [1, 0], "k2": [0, 0], "k3": [1, 1]},  # the generalists keep with any vote
+        "specialist": {"k1": [1, 0], "k3": [1, 1]},
+    }  # the specialists with all votes: k1 out, k3 kept
     for stage, keys in labels.items():
         folder = curate / "human" / stage
         rows, label_rows = [], []

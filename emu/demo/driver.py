@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--preference",
         action="store_true",
-        help="Diffusion-DPO from votes in the annotation app and KTO from the curation's labels, beside quality-tuning, "
+        help="Diffusion-DPO from votes in the annotation app and KTO from the curation's labels, beside quality-"
+        "tuning, "
         "on top of the finished demo in --out (into <out>/preference/, then PREFERENCE.md); with --force, only they "
         "start over",
     )
