@@ -284,3 +284,66 @@ def test_the_curations_human_passes_become_kto_likes(tmp_path):
     assert export_likes(curate, tmp_path / "likes1", undesirable_ratio=1.0)["undesirable"] == 1
     majority = export_likes(curate, tmp_path / "likes_majority", rule="majority")  # one rule for every pass
     assert majority["desirable"] == 1 and majority["passes"]["generalist"] == ["majority", 0.5]
+
+
+# ------------------------------------------------------------------------------------------------- make preference
+def test_the_plan_runs_the_data_then_each_arm_from_its_own_inputs():
+    from emu.demo import driver
+    from emu.demo.preference import plan, settings
+
+    scale = driver.load_scale("mini")
+    s = settings(scale)
+    assert s["votes"] == [250, 500, 1000, 2000] and s["prompts"] == 734  # 2000 / 3 pairs, and 10% for repeats
+    data, arms = plan(scale, curated=183)
+    names = [a.name for a in arms]
+    assert names == ["qt_183", "qt_100", "dpo_250", "dpo_500", "dpo_1000", "dpo_2000", "kto", "qt_dpo"]
+    assert arms[0].stage is None and arms[0].metrics == "eval/metrics.json"  # the demo's own: nothing runs
+    steps = {st.name: st for st in data.steps}
+    assert "haystack:734@0" in " ".join(steps["candidates"].argv)  # training captions, never the held-out ones
+    assert "--curation-judge" in steps["pair_votes"].argv  # never the evaluation's judge
+    assert steps["pairs_500"].needs == ("pair_votes",) and "--budget" in steps["pairs_500"].argv
+    dpo = {a.name: a for a in arms}["dpo_500"].stage.steps
+    assert dpo[0].needs == ("pairs_500",) and dpo[1].needs == (dpo[0].name,)
+    assert "experiment=mini/stage2_dpo" in dpo[0].argv and "data.source.root={out}/preference/pairs_500" in dpo[0].argv
+    qt_dpo = {a.name: a for a in arms}["qt_dpo"].stage.steps[0].argv
+    assert "model.init_from={out}/stage2/checkpoints/select/best.ckpt" in qt_dpo
+    assert all("b={out}/stage1/checkpoints/last.ckpt" in a.stage.steps[1].argv for a in arms[1:])  # the same baseline
+    _, small = plan(scale, curated=90)
+    assert "qt_100" not in [a.name for a in small]  # a subset must be smaller than the curated set
+
+
+def test_the_report_counts_each_arms_judgments_and_plots_appeal_per_judgment(tmp_path):
+    import numpy as np
+
+    from emu.demo import driver
+    from emu.demo.preference import plan
+    from emu.demo.preference_report import write_preference
+    from emu.evaluation.winrate import compare
+
+    out = tmp_path
+    for stage, n in (("generalist", 30), ("specialist", 10)):
+        (out / "curate" / "human" / stage).mkdir(parents=True)
+        (out / "curate" / "human" / stage / "labels.jsonl").write_text("{}\n" * n)
+    scale = {**driver.load_scale("mini"), "preference": {"votes": [30, 60], "curated": [5], "qt_dpo": False}}
+    _, arms = plan(scale, curated=10)
+    rng = np.random.default_rng(0)
+    for i, arm in enumerate(arms):
+        if arm.name == "kto":
+            continue  # not run yet
+        a, b = rng.normal(5 + i, 1, 64), rng.normal(5, 1, 64)
+        paired = {"appeal": compare(a, b, 0.25, n_boot=100), "faithfulness": compare(b, b, 0.0, n_boot=100)}
+        (out / arm.metrics).parent.mkdir(parents=True, exist_ok=True)
+        (out / arm.metrics).write_text(json.dumps({"prompts": "haystack:64", "n_prompts": 64, "paired": paired}))
+    for v, confident in ((30, 8), (60, 15)):
+        (out / "preference" / f"pairs_{v}").mkdir(parents=True)
+        (out / "preference" / f"pairs_{v}" / "pairs.json").write_text(json.dumps(
+            {"votes": v, "pairs_voted": v // 3, "confident": confident, "ties": 2, "unconfident": 0, "budget": v,
+             "min_agreement": 2 / 3, "raters_dropped": []}))  # fmt: skip
+    report = write_preference(out, scale, arms, {"stages": {"preference_data": {"seconds": 60}}}, {}, 10)
+    text = report.read_text()
+    results = {r["arm"]: r for r in json.loads((out / "preference" / "results.json").read_text())["arms"]}
+    assert results["qt_10"]["judgments"] == 40 and results["qt_5"]["judgments"] == 20  # half the passes: estimated
+    assert results["dpo_60"]["judgments"] == 60 and "15 confident pairs" in results["dpo_60"]["judgments_what"]
+    assert results["kto"]["appeal"] is None and "| kto |" in text and "not run" in text
+    assert (out / "preference" / "curve.png").is_file() and "simulated" in text
+    assert "the data from people 1.0 min" in text

@@ -130,6 +130,25 @@ def test_every_paper_experiment_rehearses_on_two_cpu_processes(rehearsal):
     model = load_diffusion(select / "best")
     assert model.exported_weights == "ema" and torch.isfinite(next(model.unet.parameters())).all()
 
+    # stage 2 by Diffusion-DPO: from 1024's checkpoint on pairs of the curated images in Pick-a-Pic's layout (each image
+    # preferred to the next), its reference a second sharded copy; 2 micro-batches a step, not the config's 64
+    rows = [json.loads(line) for line in (rehearsal["curated"] / "metadata.jsonl").read_text().splitlines()]
+    pairs = root / "pairs"
+    pairs.mkdir()
+    (pairs / "pairs.jsonl").write_text("".join(json.dumps(
+        {"caption": a["text"], "jpg_0": str(rehearsal["curated"] / a["file_name"]),
+         "jpg_1": str(rehearsal["curated"] / b["file_name"]), "label_0": 1}) + "\n"
+        for a, b in zip(rows[0::2], rows[1::2], strict=True)))  # fmt: skip
+    out = root / "stage2_dpo"
+    _killed_and_resumed(out, ["experiment=stage2_dpo", "+rehearsal=cpu", *common, f"data.source.root={pairs}",
+                              f"model.init_from={previous}", "trainer.max_steps=12",
+                              "trainer.accumulate_grad_batches=2"], last_step=4)  # fmt: skip
+    summary = json.loads((out / "checkpoints" / "select" / "selection.json").read_text())
+    assert [r["step"] for r in summary["rows"]] == [0, 2, 4] and summary["keep"] == "ema"
+    logged = (next(out.glob("csv/**/metrics.csv"))).read_text()
+    assert "train/accuracy" in logged and "train/logits" in logged
+    assert load_diffusion(out / "checkpoints" / "select" / "best").hparams.objective == "dpo"
+
 
 @pytest.mark.parametrize("experiment, rehearse", [("stage1_dit", "cpu_dit"), ("stage1_pixel", "cpu_pixel")])
 def test_other_architectures_rehearse_on_two_cpu_processes(rehearsal, experiment, rehearse):

@@ -56,6 +56,11 @@ def _seconds(arm: Arm, state: dict[str, Any], demo_state: dict[str, Any]) -> flo
     return None if info is None else float(info["seconds"])
 
 
+def _data_minutes(state: dict[str, Any]) -> str:
+    seconds = state.get("stages", {}).get("preference_data", {}).get("seconds")
+    return "not run" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def _aesthetic(m: dict[str, Any] | None) -> str:
     if not m or "aesthetic" not in m.get("paired", {}):
         return "n/a"
@@ -118,12 +123,14 @@ def write_preference(out: Path, scale: dict[str, Any], arms: list[Arm], state: d
     lines = [
         "# Beyond quality-tuning: Diffusion-DPO and KTO from people's judgments, per judgment spent",
         "",
-        f"Scale `{scale['name']}`. Every arm starts from the demo's pre-trained model, trains with stage 2's recipe "
-        "(rate, warm-up, EMA, batch of 64 images, checkpoint selection by the curation's judge) and differs in its "
-        "data and loss only; its selected checkpoint is compared with the pre-trained model on the same "
+        f"Scale `{scale['name']}`. Every arm starts from the demo's pre-trained model (`qt_dpo` from its "
+        "quality-tuned one), trains with stage 2's recipe (rate, warm-up, EMA, images per step, checkpoint selection "
+        "by the curation's judge) and differs in its data and loss only; its selected checkpoint is compared with the "
+        "pre-trained model on the same "
         f"{head.get('n_prompts', 'n/a')} held-out prompts and seeds ({head.get('prompts', 'n/a')}) by the demo's pixel "
         "judge and tie band: paired win / tie / loss with 95% bootstrap intervals over prompts. "
-        f"Wall time of the runs here: {took} ({state.get('finished', 'not finished')}). Samples: "
+        f"Wall time of the runs here: {took}, the data from people {_data_minutes(state)} of it "
+        f"({state.get('finished', 'not finished')}). Samples: "
         f"`{BASE}/<arm>/eval/samples_*/` (the demo's own: `eval/`).",
         "",
         "| arm | recipe: trains on | human judgments used | stage 2 (selected step) | appeal: win / tie / loss, 95% | "

@@ -473,6 +473,21 @@ def section_generality(out: Path, targets: Targets) -> list[str]:
             "[GENERALITY.md](GENERALITY.md) (`make generality`).", ""]  # fmt: skip
 
 
+def section_preference(out: Path) -> list[str]:
+    """When ``make preference`` has run: each arm's appeal and judgments, and a link to ``PREFERENCE.md``."""
+    if not (out / "PREFERENCE.md").is_file():
+        return []
+    rows = (_load(out / "preference" / "results.json") or {}).get("arms", [])
+    lines = ["## Beyond quality-tuning: DPO and KTO", "",
+             "Diffusion-DPO from votes in the annotation app and Diffusion-KTO from the curation's labels, beside "
+             "quality-tuning, each against the same pre-trained model with the human judgments it used: "
+             "[PREFERENCE.md](PREFERENCE.md) (`make preference`).", ""]  # fmt: skip
+    for r in rows:
+        if r.get("appeal"):
+            lines.append(f"- {r['arm']} ({r['recipe']}, {r['judgments_what']}): appeal {format_win_rate(r['appeal'])}")
+    return [*lines, ""] if rows else lines
+
+
 SIMULATED = """## What is simulated and what is real
 
 - **Simulated**: the *domain* (the haystack: procedural scenes with hidden quality attributes standing in for web
@@ -517,6 +532,7 @@ def write_report(out: Path, scale: dict[str, Any], state: dict[str, Any], stages
     targets = Targets()
     body = section_autoencoder(out, targets) + section_curation(out, targets) + section_quality_tuning(out, targets)
     body += section_human_ab(out) + section_ablations(out, targets) + section_generality(out, targets)
+    body += section_preference(out)
     wall = wall_clock(state)
     total = wall[0] if wall else sum(v.get("seconds", 0.0) for v in state.get("stages", {}).values())
     lines = [
