@@ -133,8 +133,28 @@ def test_preference_objectives_refuse_what_they_cannot_train(tiny_stage1_checkpo
         module.objective_terms({**pair_batch(), "latent": torch.zeros(4, 8, 4, 4)}, drop=False)
     hp = dict(torch.load(tiny_stage1_checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"])
     orphan = type(module)(**{**hp, "objective": "dpo", "init_from": None, "val_prompts": None})
-    with pytest.raises(ConfigError, match=r"model\.init_from"):
-        orphan.reference_weights()
+    with pytest.raises(ConfigError, match=r"model\.init_from"), orphan.reference_weights():
+        pass
+
+
+def test_fsdp_keeping_gathered_weights_is_refused_and_the_reference_runs_without_dropout(tiny_stage1_checkpoint):
+    """Swapping the reference in under FSDP with reshard_after_forward=false would leave its gathered weights in place
+    for the model's own pass; and the reference runs in eval mode, as a frozen copy would (no dropout)."""
+    from types import SimpleNamespace
+
+    from emu.training.distributed import FSDPStrategy
+
+    module = dpo_module(tiny_stage1_checkpoint)
+    strategy = object.__new__(FSDPStrategy)  # no process group needed to refuse
+    strategy.reshard_after_forward = False
+    module._trainer = SimpleNamespace(strategy=strategy)
+    with pytest.raises(ConfigError, match=r"reshard_after_forward"):
+        module.configure_model()
+    module._trainer = None
+    module.train()
+    with module.reference_weights():
+        assert not module.unet.training and not module.conditioner.proj.training
+    assert module.unet.training and module.conditioner.proj.training
 
 
 def test_dpo_checkpoints_leave_the_reference_out_load_for_sampling_and_resume_exactly(tiny_stage1_checkpoint,
@@ -249,7 +269,8 @@ def test_a_pair_tasks_votes_become_confident_pairs_by_the_stated_rules(pair_task
     failing = [{**v, "choice": {"left": "right", "right": "left"}.get(v["choice"], v["choice"])}
                if v["rater"] == "sim2" and v.get("check") else v for v in votes]  # fmt: skip
     rows, acc = confident_pairs(task, failing)
-    assert acc["raters_dropped"] == ["sim2"] and acc["votes"] == 12 and all(r["votes"] == 2 for r in rows)
+    assert acc["raters_dropped"] == ["sim2"] and all(r["votes"] == 2 for r in rows)
+    assert acc["votes"] == 18 and acc["check_votes"] == 6  # a left-out rater's votes were paid for all the same
 
 
 def test_the_curations_human_passes_become_kto_likes(tmp_path):

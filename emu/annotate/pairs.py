@@ -10,7 +10,8 @@ The rules, stated once:
 * **Agreement**: a pair is confident, and kept, when at least ``min_agreement`` of its votes chose its winner (with
   three raters: 2 of 3) and it has at least ``min_votes`` votes.
 * **Budget**: with ``budget``, only the task's first pairs (in task order, whole) whose votes sum to at most
-  ``budget``: what a smaller collection would have bought. The judgments charged are those votes, confident or not.
+  ``budget``: what a smaller collection would have bought. The judgments charged are all those votes, confident or
+  not, a left-out rater's too; the attention checks' votes are counted apart (``check_votes``, the whole task's).
 """
 
 from __future__ import annotations
@@ -31,19 +32,25 @@ def confident_pairs(task: dict, votes: list[dict], budget: int | None = None, mi
     question = task["question"]
     stats = rater_stats(votes, question, {})
     dropped = sorted(r for r, s in stats.items() if s["checks_failed"] > max_failed_checks)
-    counted: dict[str, list[int]] = {}
+    cast: dict[str, int] = {}  # every vote on a pair, what the budget pays for
+    counted: dict[str, list[int]] = {}  # those that count: not a left-out rater's
     for v in votes:
-        if v["question"] == question and not v.get("check") and v["rater"] not in dropped:
-            counted.setdefault(v["pair"], []).append(outcome(v))
+        if v["question"] == question and not v.get("check"):
+            cast[v["pair"]] = cast.get(v["pair"], 0) + 1
+            if v["rater"] not in dropped:
+                counted.setdefault(v["pair"], []).append(outcome(v))
     rows, spent, within, ties, unsure = [], 0, 0, 0, 0
     for p in task["pairs"]:
+        if not cast.get(p["pair"]):
+            continue
+        if budget is not None and spent + cast[p["pair"]] > budget:
+            break
+        spent += cast[p["pair"]]
+        within += 1
         outcomes = counted.get(p["pair"], [])
         if not outcomes:
+            unsure += 1
             continue
-        if budget is not None and spent + len(outcomes) > budget:
-            break
-        spent += len(outcomes)
-        within += 1
         winner = majority(outcomes)
         agreement = outcomes.count(winner) / len(outcomes)
         if winner == 0:
@@ -57,6 +64,7 @@ def confident_pairs(task: dict, votes: list[dict], budget: int | None = None, mi
     accounting = {"votes": spent, "pairs_voted": within, "confident": len(rows), "ties": ties, "unconfident": unsure,
                   "raters_dropped": dropped, "min_agreement": min_agreement, "min_votes": min_votes,
                   "max_failed_checks": max_failed_checks, "budget": budget,
+                  "check_votes": sum(1 for v in votes if v["question"] == question and v.get("check")),
                   "simulated": any(v.get("simulated") for v in votes)}  # fmt: skip
     return rows, accounting
 

@@ -96,7 +96,9 @@ def _data_lines(out: Path) -> list[str]:
                      f"rater, {len(task['checks'])} attention checks each).")  # fmt: skip
     if results and "appeal" in results:
         r = results["appeal"]
-        lines.append(f"  All votes: {r['votes']:,} on {r['pairs']} pairs, Krippendorff's alpha {r['alpha']:.2f}.")
+        checks = sum(s["checks"] for s in r["raters"].values())
+        lines.append(f"  All votes: {r['votes']:,} on {r['pairs']} pairs and {checks} on attention checks, "
+                     f"Krippendorff's alpha {r['alpha']:.2f}.")  # fmt: skip
     for f in sorted((out / BASE).glob("pairs_*/pairs.json"), key=lambda p: int(p.parent.name.split("_")[1])):
         p = json.loads(f.read_text())
         lines.append(f"  - budget {p['budget']}: {p['votes']} votes on {p['pairs_voted']} pairs -> "

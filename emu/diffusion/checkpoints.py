@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from emu.diffusion.module import DiffusionModule
 
 KIND = "diffusion"
-REFERENCE = "reference."  # the preference objectives' frozen reference weights (not saved)
+REFERENCE = "reference."  # the preference objectives' frozen reference (init_from gives it; sharded: kept, as all keys)
 
 
 # ---------------------------------------------------------------------------------------------- the module's hooks

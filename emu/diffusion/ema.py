@@ -39,7 +39,7 @@ class WeightCopy(nn.Module):
         super().__init__()
         self.shadow = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in modules.items()})
 
-    def train(self, mode: bool = True):  # the shadow never trains (dropout off)
+    def train(self, mode: bool = True):  # the shadow itself never trains (dropout off); swapped in, see the user
         return super().train(False)
 
     def _pairs(self, modules: dict[str, nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -14,6 +14,8 @@ The frozen networks and where they live: :mod:`emu.diffusion.frozen`; what check
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +214,8 @@ class DiffusionModule(TextToImageModule):
             object.__setattr__(self, "adapters", add_lora(self.unet, lora))
             self.conditioner.proj.requires_grad_(False)
         # the preference objectives' reference: the weights init_from gave (LoRA: the base, adapters bypassed); not in
-        # checkpoints (init_from gives it again), nor where init_from is not read (loaded for sampling)
+        # single-file checkpoints (init_from gives it again; a sharded FSDP checkpoint holds every key of the model),
+        # nor built where init_from is not read (loaded for sampling)
         self.reference = None
         if objective != "sft" and init_from and not lora:
             self.reference = WeightCopy(self.trained_modules())
@@ -242,6 +245,13 @@ class DiffusionModule(TextToImageModule):
             )
         if self.hparams.get("gradient_checkpointing"):
             self.unet.set_gradient_checkpointing(True)
+        if sharded and self.reference is not None and not strategy.reshard_after_forward:
+            raise ConfigError(
+                "trainer.strategy.reshard_after_forward",
+                f"is false, but model.objective={self.hparams.objective} swaps its reference's weights in for one "
+                "pass a step: gathered weights kept after that pass would be the reference's in the model's own pass; "
+                "keep it true (or train LoRA adapters, whose reference is their base)",
+            )
         if sharded:
             if strategy.activation_checkpointing:
                 self.unet.set_gradient_checkpointing(True)
@@ -295,16 +305,25 @@ class DiffusionModule(TextToImageModule):
         sigma = self.denoiser.sample_sigmas(z.shape[0], generator).to(self.device)
         return {"loss": self.denoiser.loss(z, noise, sigma, **cond).mean()}
 
-    def reference_weights(self):
-        """A context in which the network is the preference objectives' frozen reference: the weights ``init_from``
-        gave (swapped in), or under LoRA the base with its adapters bypassed."""
-        if self.adapters is not None:
-            return adapters_off(self.unet)
-        if self.reference is None:
-            raise ConfigError("model.init_from", f"model.objective={self.hparams.objective} compares the model with "
-                              "a frozen reference, the weights model.init_from gives: set it (stage 1's "
-                              "checkpoint)")  # fmt: skip
-        return self.reference.swapped(self.trained_modules())
+    @contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """A context in which the network is the preference objectives' frozen reference, in eval mode (no dropout,
+        as a frozen copy would run): the weights ``init_from`` gave (swapped in), or under LoRA the base with its
+        adapters bypassed. The trained modules' weights and modes come back after it."""
+        if self.adapters is None and self.reference is None:
+            raise self._no_reference()
+        modules = [self.unet, self.conditioner.proj]
+        modes = [m.training for m in modules]
+        weights = adapters_off(self.unet) if self.adapters is not None else self.reference.swapped(
+            self.trained_modules())  # fmt: skip
+        try:
+            with weights:
+                for m in modules:
+                    m.train(False)
+                yield
+        finally:
+            for m, mode in zip(modules, modes, strict=True):
+                m.train(mode)
 
     def preference_terms(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                          drop: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -356,15 +375,22 @@ class DiffusionModule(TextToImageModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.hparams.get("objective", "sft") != "sft":
-            self.reference_weights()  # a clear error now, not at the first step, when there is no reference
+        preference = self.hparams.get("objective", "sft") != "sft"
+        if stage == "fit" and preference and self.adapters is None and self.reference is None:
+            raise self._no_reference()  # now, not at the first step
+
+    def _no_reference(self) -> ConfigError:
+        return ConfigError("model.init_from", f"model.objective={self.hparams.objective} compares the model with a "
+                           "frozen reference, the weights model.init_from gives: set it (stage 1's "
+                           "checkpoint)")  # fmt: skip
 
     @trains_on_good_samples  # a batch with no good sample is skipped (emu.data.batches)
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.objective_terms(batch)
         loss = terms.pop("loss")
         bs = len(batch["caption"])
-        self._images_per_step = images_per_step(self.trainer, bs)
+        pairs = 2 if "image_l" in batch else 1  # the EMA's half-life counts images: a pair is two
+        self._images_per_step = images_per_step(self.trainer, bs) * pairs
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():  # a preference objective's accuracy, reference point ...
             self.log(f"train/{name}", value, batch_size=bs)

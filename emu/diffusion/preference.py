@@ -10,9 +10,9 @@ Wallace et al.'s ELBO approximation at one noise level) is::
     r = (ref - err) / 2
 
 * **DPO** on a pair (preferred ``w``, other ``l``, one prompt, shared noise): ``-log sigmoid(beta (r_w - r_l))``, which
-  is ``-log sigmoid(-beta/2 ((err_w - ref_w) - (err_l - ref_l)))``, diffusers' ``train_diffusion_dpo.py`` term (it
-  averages the term over the batch before the log-sigmoid; this averages the per-pair losses, the paper's
-  expectation). The paper's beta: 5000 for SD 1.5 and SDXL on per-element mean errors.
+  is ``-log sigmoid(-beta/2 ((err_w - ref_w) - (err_l - ref_l)))``, the term of diffusers' research script
+  ``train_diffusion_dpo.py``; averaged over pairs, the paper's expectation (some ports take the log-sigmoid of the
+  batch's mean term instead). The paper's beta: 5000 for SD 1.5 and SDXL on per-element mean errors.
 * **KTO** on single samples labelled desirable or not (Ethayarajh et al. 2024's utility, Diffusion-KTO's rewards):
   ``lambda_y - v`` with ``v = lambda_D sigmoid(beta (r - z0))`` for a desirable sample and
   ``lambda_U sigmoid(beta (z0 - r))`` for an undesirable one; ``z0`` is the reference point, KTO's KL estimate: here
