@@ -404,6 +404,22 @@ def tiny_curated(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_preference_data(tiny_curated, tmp_path_factory) -> dict[str, Path]:
+    """The curated folder's images as DPO pairs (``pairs``: each preferred to the next, Pick-a-Pic's layout) and as KTO
+    likes (``likes``: every other one desirable)."""
+    rows = [json.loads(line) for line in (tiny_curated / "metadata.jsonl").read_text().splitlines()]
+    pairs, likes = tmp_path_factory.mktemp("pairs"), tmp_path_factory.mktemp("likes")
+    (pairs / "pairs.jsonl").write_text("".join(json.dumps(
+        {"caption": a["text"], "jpg_0": str(tiny_curated / a["file_name"]), "jpg_1": str(tiny_curated / b["file_name"]),
+         "label_0": 1}) + "\n" for a, b in zip(rows[0::2], rows[1::2], strict=True)))  # fmt: skip
+    for r in rows:
+        (likes / r["file_name"]).write_bytes((tiny_curated / r["file_name"]).read_bytes())
+    (likes / "metadata.jsonl").write_text("".join(json.dumps({**r, "label": i % 2 == 0}) + "\n"
+                                                  for i, r in enumerate(rows)))  # fmt: skip
+    return {"pairs": pairs, "likes": likes}
+
+
+@pytest.fixture(scope="session")
 def tiny_judge(tmp_path_factory) -> Path:
     """A random pixel judge (HaystackJudge on a tiny timm backbone) saved as a Lightning checkpoint."""
     import lightning as L

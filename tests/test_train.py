@@ -86,6 +86,8 @@ def test_mini_experiment_survives_fast_dev_run(experiment, tmp_path, request):
         extra = [f"model.autoencoder={request.getfixturevalue('tiny_autoencoder')}"]
     if "stage2" in experiment:
         ckpt, folder = request.getfixturevalue("tiny_stage1_checkpoint"), request.getfixturevalue("tiny_curated")
+        if experiment.endswith(("_dpo", "_kto")):  # preference pairs, or images labelled desirable or not
+            folder = request.getfixturevalue("tiny_preference_data")["pairs" if "dpo" in experiment else "likes"]
         extra += [f"model.init_from={ckpt}", f"data.source.root={folder}", "data.source.val_fraction=0.25",
                   f"callbacks.selection.judge.clip={request.getfixturevalue('tiny_clip')}",
                   f"callbacks.selection.judge.head={request.getfixturevalue('aesthetic_head')}",
