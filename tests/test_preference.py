@@ -175,6 +175,10 @@ def test_dpo_checkpoints_leave_the_reference_out_load_for_sampling_and_resume_ex
     assert ckpt["hyper_parameters"]["objective"] == "dpo"
     model = load_for_sampling(tmp_path / "a/ckpt/last.ckpt")
     assert model.reference is None  # sampling needs none
+    reference = {f"reference.{k}": v for k, v in straight.reference.state_dict().items()}
+    consolidated = {**ckpt, "state_dict": {**ckpt["state_dict"], **reference}}
+    torch.save(consolidated, tmp_path / "consolidated.ckpt")  # as a sharded (FSDP) checkpoint consolidated holds it
+    assert load_for_sampling(tmp_path / "consolidated.ckpt").reference is None
     images = model.sample(["a red circle"], [0], SamplingSteps())
     assert images.shape[0] == 1 and torch.isfinite(images).all()
 

@@ -67,6 +67,9 @@ def on_load(module: DiffusionModule, checkpoint: dict[str, Any]) -> None:
     check_lora_base(module, header(checkpoint).get("lora_base"))
     if "state_dict" in checkpoint:  # absent when FSDP restores a sharded checkpoint itself
         own = module.state_dict()
+        if module.reference is None:  # a consolidated FSDP checkpoint holds its reference: not needed to sample
+            for k in [k for k in checkpoint["state_dict"] if k.startswith(REFERENCE)]:
+                del checkpoint["state_dict"][k]
         checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith((*module.frozen.prefixes,
                                                                                        REFERENCE))})  # fmt: skip
         if module.adapters is not None:  # a LoRA checkpoint: the base U-Net is the one init_from loaded

@@ -389,7 +389,7 @@ class DiffusionModule(TextToImageModule):
         terms = self.objective_terms(batch)
         loss = terms.pop("loss")
         bs = len(batch["caption"])
-        pairs = 2 if "image_l" in batch else 1  # the EMA's half-life counts images: a pair is two
+        pairs = 2 if self.hparams.objective == "dpo" else 1  # the EMA's half-life counts images: a pair is two
         self._images_per_step = images_per_step(self.trainer, bs) * pairs
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():  # a preference objective's accuracy, reference point ...
