@@ -170,6 +170,7 @@ def test_dpo_checkpoints_leave_the_reference_out_load_for_sampling_and_resume_ex
     _trainer(tmp_path / "b", 4).fit(resumed, datamodule=data, ckpt_path=tmp_path / "b/ckpt/last.ckpt")
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert float(straight.ema.images_seen) == 4 * 4 * 2  # 4 steps of 4 pairs: the EMA counts images
     ckpt = torch.load(tmp_path / "a/ckpt/last.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["objective"] == "dpo"

@@ -62,6 +62,7 @@ class TextToImageModule(L.LightningModule):
     """The shared parts of emu's text-to-image LightningModules (see the module doc); not trained by itself."""
 
     train_resolution: int | None = None
+    images_per_sample = 1  # images in one training sample (a preference pair: 2), what the EMA and records count
     offloads_frozen = True  # on precomputed data, the frozen networks stay on the CPU (a subclass may need them)
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:

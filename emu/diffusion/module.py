@@ -265,6 +265,11 @@ class DiffusionModule(TextToImageModule):
             self._compiled = True
 
     @property
+    def images_per_sample(self) -> int:
+        """A DPO sample is a pair: two images (the EMA's half-life and selection's records count images)."""
+        return 2 if self.hparams.get("objective") == "dpo" else 1
+
+    @property
     def resolution_multiple(self) -> int:
         return self.autoencoder.downsample_factor * self.unet.downsample_factor
 
@@ -389,8 +394,7 @@ class DiffusionModule(TextToImageModule):
         terms = self.objective_terms(batch)
         loss = terms.pop("loss")
         bs = len(batch["caption"])
-        pairs = 2 if self.hparams.objective == "dpo" else 1  # the EMA's half-life counts images: a pair is two
-        self._images_per_step = images_per_step(self.trainer, bs) * pairs
+        self._images_per_step = images_per_step(self.trainer, bs) * self.images_per_sample  # the EMA counts images
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in terms.items():  # a preference objective's accuracy, reference point ...
             self.log(f"train/{name}", value, batch_size=bs)

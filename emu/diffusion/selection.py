@@ -149,7 +149,7 @@ class CheckpointSelection(L.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         row = {
             "step": step,
-            "images_seen": step * (images_per_step(trainer) or 0),
+            "images_seen": step * (images_per_step(trainer) or 0) * getattr(pl_module, "images_per_sample", 1),
             "appeal": float(np.nanmean(scores["appeal"].numpy())),
             "faithfulness": float(np.nanmean(scores["faithfulness"].numpy())),
             "train_loss": float(loss) if loss is not None else None,
